@@ -1,0 +1,31 @@
+"""Run a click command so that every user error is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from moeplan.errors import MoeplanError
+
+
+def run(cli: click.Command, prog: str) -> None:
+    try:
+        cli.main(prog_name=prog, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo(f"{prog}: aborted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.UsageError as e:
+        ctx = f"{e.ctx.command_path}" if e.ctx else prog
+        click.echo(f"{ctx}: error: {e.format_message()} (see --help)", err=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        click.echo(f"{prog}: error: {e.format_message()}", err=True)
+        sys.exit(2)
+    except MoeplanError as e:
+        click.echo(f"{prog}: error: {e}", err=True)
+        sys.exit(2)
+    except BrokenPipeError:
+        sys.exit(1)

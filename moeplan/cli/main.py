@@ -1,0 +1,140 @@
+"""`moeplan`: search for a plan, list the model zoo and clusters, print schemas."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from moeplan import __version__
+from moeplan.cli.errors import run
+from moeplan.errors import ConfigError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="moeplan")
+def cli() -> None:
+    """Plan DeepSpeed-MoE style parallelism per layer, predict its cost, and check it."""
+
+
+def _load_cluster(cluster: str | None, profile: str | None):
+    from moeplan.profiles import load_cluster
+
+    if cluster and profile:
+        raise ConfigError("give --cluster or --profile, not both")
+    if profile:
+        if not Path(profile).is_file():
+            raise ConfigError(f"--profile {profile}: no such file")
+        return load_cluster(str(Path(profile)))
+    return load_cluster(cluster or "ndv4-a100-40gb")
+
+
+@cli.command()
+@click.option("--model", "model_name", default="1.3b-pr-moe", show_default=True,
+              help="Zoo name (see `moeplan models`) or a ModelSpec JSON file.")
+@click.option("--gpus", type=int, default=64, show_default=True, help="Total GPUs.")
+@click.option("--cluster", default=None,
+              help="Built-in cluster (see `moeplan clusters`) [default: ndv4-a100-40gb].")
+@click.option("--profile", default=None, help="ClusterProfile JSON file (e.g. from `moeplan profile`).")
+@click.option("--mode", type=click.Choice(["train", "infer"]), default="train", show_default=True)
+@click.option("--global-batch", type=click.IntRange(min=1), default=None,
+              help="Sequences per step (train, default 512) or in flight (infer, default = GPUs; "
+                   "searched for --objective throughput).")
+@click.option("--micro-batch", type=click.IntRange(min=1), default=None,
+              help="Sequences per data-parallel rank per pass (train) [default: searched].")
+@click.option("--seq-len", type=click.IntRange(min=1), default=None,
+              help="Training sequence length [default: the model's, 2048].")
+@click.option("--prompt-len", type=click.IntRange(min=1), default=None,
+              help="Inference prompt tokens [default: 512].")
+@click.option("--gen-len", type=click.IntRange(min=1), default=None,
+              help="Inference generated tokens [default: 128].")
+@click.option("--objective", type=click.Choice(["throughput", "latency"]), default=None,
+              help="train: throughput; infer: latency (default) or throughput (under --slo-ms).")
+@click.option("--slo-ms", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Infer throughput: the per-token latency limit in ms.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+              help="[default: the cluster's]")
+@click.option("--zero", "zero_stage", type=click.Choice(["0", "1", "2"]), default="1",
+              show_default=True, help="ZeRO stage for training (optimizer / gradient partitioning).")
+@click.option("--out", type=click.Path(dir_okay=False), default="plan.json", show_default=True,
+              help="Where to write the plan.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of a table.")
+def search(model_name, gpus, cluster, profile, mode, global_batch, micro_batch, seq_len,
+           prompt_len, gen_len, objective, slo_ms, dtype, zero_stage, out, as_json) -> None:
+    """Find the fastest per-layer plan that fits, and write it as plan.json."""
+    import time
+
+    from moeplan.cli import render
+    from moeplan.planner.planning import Request, plan
+    from moeplan.profiles import load_model
+
+    t0 = time.perf_counter()
+    spec = load_model(model_name)
+    cl = _load_cluster(cluster, profile)
+    req = Request(gpus=gpus, mode=mode, objective=objective, slo_ms=slo_ms,
+                  global_batch=global_batch, micro_batch=micro_batch, seq_len=seq_len,
+                  prompt_len=prompt_len, gen_len=gen_len, dtype=dtype, zero_stage=int(zero_stage))
+    the_plan, result = plan(spec, cl, req)
+    _write_atomic(Path(out), the_plan.to_json())
+    elapsed = time.perf_counter() - t0
+    if as_json:
+        click.echo(json.dumps(render.summary(the_plan, result, out, elapsed), indent=2,
+                              sort_keys=True))
+    else:
+        render.print_plan(the_plan, result, out, elapsed)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e.strerror}") from None
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models(as_json: bool) -> None:
+    """List the built-in model zoo with computed parameter counts."""
+    from moeplan.cli import render
+
+    rows = render.model_rows()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+    else:
+        render.print_models(rows)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def clusters(as_json: bool) -> None:
+    """List the built-in cluster profiles."""
+    from moeplan.cli import render
+
+    rows = render.cluster_rows()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+    else:
+        render.print_clusters(rows)
+
+
+@cli.command()
+@click.argument("what", type=click.Choice(["plan", "model", "cluster"]))
+def schema(what: str) -> None:
+    """Print the JSON Schema of a plan, model spec or cluster profile."""
+    from moeplan.planner.plan import Plan
+    from moeplan.profiles import ClusterProfile, ModelSpec
+
+    cls = {"plan": Plan, "model": ModelSpec, "cluster": ClusterProfile}[what]
+    click.echo(json.dumps(cls.model_json_schema(), indent=2, sort_keys=True))
+
+
+def main() -> None:
+    run(cli, "moeplan")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

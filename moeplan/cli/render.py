@@ -1,0 +1,172 @@
+"""Human tables (rich) and JSON summaries for the CLI. Formatting only — the numbers come from
+the plan and the search result."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from moeplan.planner.diagnose import describe_layers
+from moeplan.planner.plan import Plan, LayerPlan
+
+GiB = 2.0 ** 30
+
+
+def _console():
+    from rich.console import Console
+
+    import shutil
+
+    width = shutil.get_terminal_size((120, 24)).columns
+    return Console(highlight=False, width=max(width, 120))
+
+
+def _table(title: str, columns: list[str]):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, c in enumerate(columns):
+        table.add_column(c, justify="left" if i < 2 else "right")
+    return table
+
+
+def _seconds(t: float) -> str:
+    if t >= 1:
+        return f"{t:.3f} s"
+    if t >= 1e-3:
+        return f"{t * 1e3:.2f} ms"
+    return f"{t * 1e6:.1f} us"
+
+
+def _signature(layer: LayerPlan) -> tuple:
+    return (layer.kind, layer.experts, layer.ep, layer.es, layer.edp, layer.a2a,
+            layer.a2a_tp_coordinated, round(layer.predicted.time_s, 12))
+
+
+def layer_groups(p: Plan) -> list[tuple[list[int], LayerPlan]]:
+    """Identical layers (same kind, degrees and predicted time) grouped, in first-layer order."""
+    groups: OrderedDict[tuple, list[LayerPlan]] = OrderedDict()
+    for layer in p.layers:
+        groups.setdefault(_signature(layer), []).append(layer)
+    return [([l.index for l in ls], ls[0]) for ls in groups.values()]
+
+
+def _a2a_text(layer: LayerPlan) -> str:
+    if layer.kind == "dense":
+        return "-"
+    return layer.a2a + (" +tp" if layer.a2a_tp_coordinated else "")
+
+
+def summary(p: Plan, result, out: str, elapsed_s: float) -> dict:
+    groups = []
+    for numbers, layer in layer_groups(p):
+        g = {"layers": numbers, "kind": layer.kind, "time_s_per_layer": layer.predicted.time_s,
+             "memory_bytes_per_layer": sum(layer.predicted.memory_bytes.values())}
+        if layer.kind == "moe":
+            g.update(experts=layer.experts, ep=layer.ep, es=layer.es, edp=layer.edp, a2a=layer.a2a,
+                     a2a_tp_coordinated=layer.a2a_tp_coordinated, runner_up=layer.runner_up)
+        groups.append(g)
+    return {
+        "plan": out, "model": p.model.name, "cluster": p.cluster.name, "gpus": p.cluster.gpus,
+        "mode": p.workload.mode, "objective": p.objective.model_dump(),
+        "workload": p.workload.model_dump(), "parallel": p.parallel.model_dump(),
+        "layer_groups": groups, "predicted": p.predicted.model_dump(),
+        "search": {**p.search.model_dump(), "elapsed_s": result.stats.elapsed_s,
+                   "wall_s": elapsed_s,
+                   "layer_options_per_s": result.stats.layer_options / result.stats.elapsed_s,
+                   "plans_covered_per_s": result.stats.plans_covered / result.stats.elapsed_s},
+    }
+
+
+def print_plan(p: Plan, result, out: str, elapsed_s: float) -> None:
+    con = _console()
+    w, par = p.workload, p.parallel
+    per = "step" if w.mode == "train" else "token"
+    head = (f"{p.model.name} on {p.cluster.gpus} x {p.cluster.device} ({p.cluster.name}, "
+            f"{p.cluster.nodes} node{'s' * (p.cluster.nodes > 1)}) - {w.mode}, objective "
+            f"{p.objective.name}")
+    table = _table(head, ["layers", "kind", "experts", "ep", "es", "edp", "all-to-all",
+                          f"time/{per}/layer", "memory/layer"])
+    for numbers, layer in layer_groups(p):
+        moe = layer.kind == "moe"
+        table.add_row(describe_layers(numbers), layer.kind, str(layer.experts or "-"),
+                      str(layer.ep) if moe else "-", str(layer.es) if moe else "-",
+                      str(layer.edp) if moe else "-", _a2a_text(layer),
+                      _seconds(layer.predicted.time_s),
+                      f"{sum(layer.predicted.memory_bytes.values()) / GiB:.2f} GiB")
+    con.print(table)
+    batch = (f"global batch {w.global_batch} x {w.seq_len} tokens, micro-batch {w.micro_batch}"
+             if w.mode == "train" else
+             f"{w.global_batch} sequences ({w.micro_batch} per dp rank), prompt {w.prompt_len}, "
+             f"generate {w.gen_len}")
+    con.print(f"non-expert: tp={par.tp} dp={par.dp}"
+              f"{', activation checkpointing' if par.activation_checkpointing else ''}; {batch}")
+    pr = p.predicted
+    if w.mode == "train":
+        con.print(f"predicted step time {_seconds(pr.step_time_s)}, "
+                  f"{pr.tokens_per_s:,.0f} tokens/s")
+    else:
+        con.print(f"predicted per-token latency {_seconds(pr.latency_s)}, prefill "
+                  f"{_seconds(pr.prefill_s)}, {pr.tokens_per_s:,.0f} tokens/s")
+    terms = sorted(pr.memory_breakdown_bytes.items(), key=lambda kv: -kv[1])[:4]
+    con.print(f"memory per GPU {pr.memory_per_gpu_bytes / GiB:.1f} GiB ("
+              + ", ".join(f"{k.replace('_', ' ')} {v / GiB:.1f}" for k, v in terms) + ")")
+    reasons = [(n, l.runner_up) for n, l in layer_groups(p) if l.runner_up]
+    for numbers, why in reasons:
+        con.print(f"  layers {describe_layers(numbers)}: next best {why}")
+    st = result.stats
+    con.print(f"searched {st.settings} global settings, {st.layer_options} layer options "
+              f"covering {float(st.plans_covered):.3g} plans exactly in {st.elapsed_s:.2f} s; "
+              f"wrote {out}")
+
+
+def model_rows() -> list[dict]:
+    from moeplan.cost_models.params import active_params, total_params
+    from moeplan.profiles import load_model, model_names
+
+    rows = []
+    for name in model_names():
+        m = load_model(name)
+        counts = sorted({e for e in m.experts if e})
+        rows.append({"name": name, "layers": m.num_layers, "hidden": m.hidden, "heads": m.heads,
+                     "moe_layers": len(m.moe_layers), "experts": counts,
+                     "residual": m.residual, "total_params": total_params(m),
+                     "active_params": active_params(m), "reported_params": m.reported_params,
+                     "description": m.description})
+    return rows
+
+
+def print_models(rows: list[dict]) -> None:
+    table = _table("moeplan model zoo (parameter counts computed from each spec)",
+                   ["name", "description", "layers", "hidden", "MoE layers", "experts",
+                    "params", "active", "paper"])
+    for r in rows:
+        table.add_row(r["name"], r["description"], str(r["layers"]), str(r["hidden"]),
+                      str(r["moe_layers"]), "/".join(map(str, r["experts"])) or "-",
+                      f"{r['total_params'] / 1e9:.2f}B", f"{r['active_params'] / 1e9:.2f}B",
+                      f"{r['reported_params'] / 1e9:g}B" if r["reported_params"] else "-")
+    _console().print(table)
+
+
+def cluster_rows() -> list[dict]:
+    from moeplan.profiles import cluster_names, load_cluster
+
+    rows = []
+    for name in cluster_names():
+        c = load_cluster(name)
+        rows.append({"name": name, "device": c.device.name, "gpus_per_node": c.gpus_per_node,
+                     "memory_bytes": c.device.memory_bytes,
+                     "peak_flops": c.device.peak_flops[c.default_dtype], "dtype": c.default_dtype,
+                     "intra_Bps": c.intra.bandwidth_Bps, "inter_Bps_per_gpu": c.inter_Bps_per_gpu,
+                     "description": c.description})
+    return rows
+
+
+def print_clusters(rows: list[dict]) -> None:
+    table = _table("moeplan built-in clusters", ["name", "device", "GPUs/node", "memory",
+                                                 "peak", "NVLink/GPU", "network/GPU"])
+    for r in rows:
+        table.add_row(r["name"], r["device"], str(r["gpus_per_node"]),
+                      f"{r['memory_bytes'] / GiB:.0f} GiB",
+                      f"{r['peak_flops'] / 1e12:.0f} TFLOP/s {r['dtype']}",
+                      f"{r['intra_Bps'] / 1e9:.0f} GB/s", f"{r['inter_Bps_per_gpu'] / 1e9:.0f} GB/s")
+    _console().print(table)

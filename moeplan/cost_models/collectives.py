@@ -1,0 +1,116 @@
+"""Collective times: alpha-beta per link tier, for groups laid out over nodes.
+
+A group is `size` ranks with a fixed `stride` in a world whose ranks fill nodes of G GPUs in order.
+`GroupSpan` says how many of them share a node (g) and how many nodes they cover (n).
+
+Bandwidths: intra-node is the per-GPU NVLink port; inter-node is the node's NIC bandwidth divided by
+its G GPUs, because every GPU of a node runs the same collective of the same layer at the same time,
+so they share the NICs. Where `moeplan profile` fitted a collective on a tier, the fit replaces the
+link constants (its bandwidth is already effective, so no efficiency is applied).
+
+All functions return seconds; `nbytes` is per rank and named for what it measures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import ceil
+
+from moeplan.profiles.cluster import ClusterProfile
+
+
+@dataclass(frozen=True)
+class GroupSpan:
+    size: int
+    per_node: int
+    nodes: int
+
+
+def group_span(size: int, stride: int, gpus_per_node: int) -> GroupSpan:
+    """Span of ranks r0, r0+stride, …, r0+(size-1)·stride with r0 aligned to size·stride."""
+    per_node = max(1, min(size, gpus_per_node // stride)) if stride <= gpus_per_node else 1
+    return GroupSpan(size=size, per_node=per_node, nodes=ceil(size / per_node))
+
+
+def _tier(cluster: ClusterProfile, collective: str, tier: str) -> tuple[float, float]:
+    """(latency_s, effective bytes/s per GPU) for one collective on one tier."""
+    fit = cluster.fitted_for(collective, tier)
+    if fit is not None:
+        return fit.latency_s, fit.bandwidth_Bps
+    if tier == "intra":
+        link = cluster.intra
+        return link.latency_s, link.bandwidth_Bps * link.efficiency
+    return cluster.inter.latency_s, cluster.inter_Bps_per_gpu * cluster.inter.efficiency
+
+
+def allgather_s(out_bytes: float, span: GroupSpan, cluster: ClusterProfile,
+                collective: str = "allgather") -> float:
+    """Hierarchical ring allgather of `out_bytes` (the gathered size) per rank.
+
+    Inside a node each GPU receives (g-1)/g of the buffer over NVLink with g-1 steps; across nodes
+    the g GPUs of a node share the (n-1)/n of the buffer that must cross, n-1 steps.
+    Reduce-scatter moves the same bytes in the opposite direction.
+    """
+    if span.size <= 1 or out_bytes <= 0:
+        return 0.0
+    g, n = span.per_node, span.nodes
+    t = 0.0
+    if g > 1:
+        lat, bw = _tier(cluster, collective, "intra")
+        t += (g - 1) * lat + out_bytes * (g - 1) / g / bw
+    if n > 1:
+        lat, bw = _tier(cluster, collective, "inter")
+        t += (n - 1) * lat + out_bytes * (n - 1) / n / g / bw
+    return t
+
+
+def reduce_scatter_s(in_bytes: float, span: GroupSpan, cluster: ClusterProfile) -> float:
+    return allgather_s(in_bytes, span, cluster, collective="reduce_scatter")
+
+
+def allreduce_s(nbytes: float, span: GroupSpan, cluster: ClusterProfile) -> float:
+    """Ring allreduce = reduce-scatter + allgather: 2(p-1)/p of the buffer per rank."""
+    return 2.0 * allgather_s(nbytes, span, cluster, collective="allreduce")
+
+
+def all_to_all_flat_s(nbytes: float, span: GroupSpan, cluster: ClusterProfile) -> float:
+    """Flat all-to-all of a `nbytes` buffer per rank (1/p of it to each of the p ranks).
+
+    One message per peer: latency grows with p (g-1 local peers, p-g remote ones); the local and the
+    remote bytes travel at once on their own tiers, so the slower tier sets the transfer time.
+    """
+    p, g = span.size, span.per_node
+    if p <= 1 or nbytes <= 0:
+        return 0.0
+    lat_i, bw_i = _tier(cluster, "all_to_all", "intra")
+    lat_e, bw_e = _tier(cluster, "all_to_all", "inter")
+    local_peers, remote_peers = g - 1, p - g
+    latency = local_peers * lat_i + remote_peers * lat_e
+    transfer = max(nbytes * local_peers / p / bw_i, nbytes * remote_peers / p / bw_e)
+    return latency + transfer
+
+
+def all_to_all_hierarchical_s(nbytes: float, span: GroupSpan, cluster: ClusterProfile) -> float:
+    """DeepSpeed-MoE hierarchical all-to-all: intra-node exchange, layout transform, inter-node.
+
+    Step 1 sends (g-1)/g of the buffer to the g-1 local peers so that each GPU holds what its node
+    owes GPUs of the same local index elsewhere; a local copy (read + write) regroups it by
+    destination node; step 2 sends (n-1)/n of it to the n-1 remote peers. Messages: (g-1) + (n-1)
+    instead of p-1, at the price of moving the buffer twice.
+    """
+    if span.nodes <= 1 or span.per_node <= 1:
+        return all_to_all_flat_s(nbytes, span, cluster)
+    g, n = span.per_node, span.nodes
+    lat_i, bw_i = _tier(cluster, "all_to_all", "intra")
+    lat_e, bw_e = _tier(cluster, "all_to_all", "inter")
+    device = cluster.device
+    intra = (g - 1) * lat_i + nbytes * (g - 1) / g / bw_i
+    transform = 2.0 * nbytes / (device.hbm_Bps * device.hbm_efficiency) + device.op_overhead_s
+    inter = (n - 1) * lat_e + nbytes * (n - 1) / n / bw_e
+    return intra + transform + inter
+
+
+def all_to_all_s(nbytes: float, span: GroupSpan, cluster: ClusterProfile, algorithm: str) -> float:
+    if algorithm == "hierarchical":
+        return all_to_all_hierarchical_s(nbytes, span, cluster)
+    return all_to_all_flat_s(nbytes, span, cluster)

@@ -1,0 +1,215 @@
+"""One transformer layer under one parallel choice: seconds per phase, bytes moved, memory.
+
+Shapes per GPU for a forward pass of T tokens per data-parallel rank (tensor-slicing degree tp):
+  attention   QKV (T×h)·(h×3h/tp), scores and values 2·(T×ctx)·h/tp, projection (T×h/tp)·(h/tp×h)
+  mlp         (T×h)·(h×f/tp), (T×f/tp)·(f/tp×h)          — dense layers and the PR-MoE residual MLP
+  gate        router (T_r×h)·(h×E) in fp32 softmax; T_r = ceil(T/tp) when the all-to-all is
+              TP-coordinated (each tensor-slicing rank routes 1/tp of the tokens), else T
+  capacity    C = max(ceil(k·cf·T_r/E), min_capacity)   (DeepSpeed TopKGate)
+  dispatch    gather into the [E, C, h] buffer; all-to-all over the ep group (stride es)
+  es_comm     expert slicing: allgather the received rows over es, reduce-scatter the partial outputs
+  experts     E/ep local experts, each on ep·es·C rows, FFN sliced f/es
+  combine     all-to-all back, weighted scatter to token order; TP-coordinated: allgather over tp
+
+Training runs each forward compute phase 1 + recompute times and backward at twice the forward
+FLOPs; each communication runs once per forward pass and once in backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import ceil
+
+from moeplan.cost_models import collectives as coll
+from moeplan.cost_models.compute import gemm_s, memory_s, roofline_s
+from moeplan.cost_models.memory import (
+    attention_activation_bytes,
+    kv_cache_bytes,
+    mlp_activation_bytes,
+    moe_activation_bytes,
+    optimizer_bytes_per_param,
+)
+from moeplan.cost_models.params import layer_params
+from moeplan.cost_models.workload import Setting, Workload
+from moeplan.profiles.cluster import DTYPE_BYTES, ClusterProfile
+from moeplan.profiles.model import ModelSpec
+
+COMPUTE_PHASES = ("attention", "mlp", "gate", "dispatch", "experts", "combine")
+COMM_PHASES = ("tp_comm", "dispatch_a2a", "es_comm", "combine_a2a")
+ADAM_BYTES_PER_PARAM = 28  # read fp16 grad + fp32 master, m, v; write master, m, v and fp16 weight
+
+
+@dataclass(frozen=True)
+class Env:
+    """The fixed inputs of a search: model, cluster, workload, world size."""
+
+    spec: ModelSpec
+    cluster: ClusterProfile
+    workload: Workload
+    gpus: int
+
+    @property
+    def gpus_per_node(self) -> int:
+        return min(self.cluster.gpus_per_node, self.gpus)
+
+    @property
+    def nodes(self) -> int:
+        return ceil(self.gpus / self.gpus_per_node)
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.workload.dtype]
+
+    def span(self, size: int, stride: int) -> coll.GroupSpan:
+        return coll.group_span(size, stride, self.gpus_per_node)
+
+
+@dataclass(frozen=True, order=True)
+class LayerChoice:
+    """Per-MoE-layer degrees; dense layers use `DENSE`."""
+
+    ep: int
+    es: int
+    a2a: str
+    coordinated: bool
+
+    def edp(self, gpus: int) -> int:
+        return gpus // (self.ep * self.es)
+
+
+DENSE = LayerChoice(ep=1, es=1, a2a="none", coordinated=False)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One forward pass: tokens per data-parallel rank and the attention context per token."""
+
+    tokens: int
+    context: int
+    decode: bool
+
+
+@dataclass
+class LayerCost:
+    phases: dict[str, float] = field(default_factory=dict)  # seconds (per step / per token)
+    comm_bytes: dict[str, float] = field(default_factory=dict)  # bytes per GPU per operation
+    memory: dict[str, float] = field(default_factory=dict)  # persistent bytes per GPU
+    transient_bytes: float = 0.0  # working memory while this layer runs
+
+    @property
+    def time_s(self) -> float:
+        return sum(self.phases.values())
+
+    @property
+    def memory_bytes(self) -> float:
+        return sum(self.memory.values())
+
+
+def capacity(spec: ModelSpec, experts: int, gate_tokens: int, train: bool) -> int:
+    cf = spec.capacity_factor if train else spec.eval_capacity_factor
+    return max(ceil(spec.top_k * cf * gate_tokens / experts), spec.min_capacity)
+
+
+def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerCost:
+    """Seconds per phase and bytes per communication for one forward pass of layer `index`."""
+    spec, dev, dt = env.spec, env.cluster.device, env.workload.dtype
+    h, f, tp, T, b = spec.hidden, spec.ffn_hidden, s.tp, p.tokens, env.dtype_bytes
+    E = spec.experts[index]
+    cost = LayerCost()
+    ph, cb = cost.phases, cost.comm_bytes
+
+    attn_flops_s = (gemm_s(T, 3 * h / tp, h, dev, dt) + gemm_s(T, h, h / tp, dev, dt)
+                    + 2 * gemm_s(T, p.context, h / tp, dev, dt))
+    kv_read = kv_cache_bytes(T, p.context, h, tp, b) if p.decode else 0.0
+    ph["attention"] = roofline_s(attn_flops_s, b * (4 * h * h / tp + 2 * T * h) + kv_read, dev, 6)
+
+    has_mlp = E == 0 or spec.residual
+    if has_mlp:
+        mlp_flops_s = gemm_s(T, f / tp, h, dev, dt) + gemm_s(T, h, f / tp, dev, dt)
+        ph["mlp"] = roofline_s(mlp_flops_s, b * (2 * h * f / tp + 2 * T * h), dev, 3)
+
+    tp_span = env.span(tp, 1)
+    cb["tp_allreduce"] = T * h * b
+    ph["tp_comm"] = (1 + has_mlp) * coll.allreduce_s(T * h * b, tp_span, env.cluster)
+    if E == 0:
+        return cost
+
+    T_r = ceil(T / tp) if c.coordinated else T
+    C = capacity(spec, E, T_r, train=env.workload.mode == "train")
+    rows = E * C
+    local = E // c.ep
+    expert_rows = c.ep * c.es * C
+    # DeepSpeed's TopKGate runs the router and softmax in fp32.
+    ph["gate"] = roofline_s(gemm_s(T_r, E, h, dev, "fp32"), 4 * T_r * (h + 3 * E), dev, 4)
+    ph["dispatch"] = memory_s(b * (T_r * h + rows * h), dev) + dev.op_overhead_s
+    a2a_bytes = rows * h * b
+    cb["a2a"] = a2a_bytes
+    ep_span = env.span(c.ep, c.es)
+    ph["dispatch_a2a"] = coll.all_to_all_s(a2a_bytes, ep_span, env.cluster, c.a2a)
+    ph["combine_a2a"] = ph["dispatch_a2a"]
+    if c.es > 1:
+        es_span = env.span(c.es, 1)
+        cb["es_gather"] = c.es * a2a_bytes
+        ph["es_comm"] = (coll.allgather_s(c.es * a2a_bytes, es_span, env.cluster)
+                         + coll.reduce_scatter_s(c.es * a2a_bytes, es_span, env.cluster))
+    # Expected local experts that receive at least one token (uniform routing); all of them once
+    # the pass carries many tokens, a few during decode — which is what makes decode cheaper on
+    # more GPUs: each holds fewer experts, so reads fewer weights per token.
+    routed = c.ep * c.es * T_r * spec.top_k
+    active = local * (1.0 - (1.0 - 1.0 / E) ** routed)
+    expert_flops_s = local * (gemm_s(expert_rows, f / c.es, h, dev, dt)
+                              + gemm_s(expert_rows, h, f / c.es, dev, dt))
+    expert_bytes = b * (active * 2 * h * f / c.es + local * expert_rows * 2 * h)
+    ph["experts"] = roofline_s(expert_flops_s, expert_bytes, dev, 3)
+    ph["combine"] = memory_s(b * (rows * h + T_r * h), dev) + dev.op_overhead_s
+    if c.coordinated and tp > 1:
+        cb["tp_allgather"] = T * h * b
+        ph["tp_comm"] += coll.allgather_s(T * h * b, tp_span, env.cluster)
+    return cost
+
+
+def activation_bytes(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> float:
+    """Activations one forward pass of this layer keeps for backward (or needs as workspace)."""
+    spec, b, tp, T = env.spec, env.dtype_bytes, s.tp, p.tokens
+    E = spec.experts[index]
+    total = attention_activation_bytes(T, p.context, spec.hidden, spec.heads, tp, b)
+    if E == 0 or spec.residual:
+        total += mlp_activation_bytes(T, spec.hidden, tp, b)
+    if E:
+        T_r = ceil(T / tp) if c.coordinated else T
+        C = capacity(spec, E, T_r, train=env.workload.mode == "train")
+        total += moe_activation_bytes(spec, E, T, T_r, E * C, c.es * E * C, c.es, b)
+    return total
+
+
+def weight_memory(env: Env, s: Setting, index: int, c: LayerChoice) -> dict[str, float]:
+    """Weights, gradients and optimizer states of this layer on one GPU."""
+    lp = layer_params(env.spec, index)
+    b, zero = env.dtype_bytes, env.workload.zero_stage
+    non_expert = lp.non_expert / s.tp
+    expert = (lp.experts // c.ep) * lp.per_expert / c.es if lp.experts else 0.0
+    edp = c.edp(env.gpus)
+    mem = {"weights": b * non_expert, "expert_weights": b * expert}
+    if env.workload.mode == "train":
+        opt = optimizer_bytes_per_param(b)
+        mem["gradients"] = b * non_expert / (s.dp if zero >= 2 else 1)
+        mem["expert_gradients"] = b * expert / (edp if zero >= 2 else 1)
+        mem["optimizer_states"] = opt * non_expert / (s.dp if zero >= 1 else 1)
+        mem["expert_optimizer_states"] = opt * expert / (edp if zero >= 1 else 1)
+    return {k: v for k, v in mem.items() if v}
+
+
+def grad_sync_s(env: Env, nbytes: float, size: int, stride: int) -> float:
+    """Gradient synchronisation by ZeRO stage: allreduce (0), + parameter allgather (1),
+    reduce-scatter + allgather (2), over a group of `size` ranks with `stride`."""
+    span = env.span(size, stride)
+    if env.workload.zero_stage == 0:
+        return coll.allreduce_s(nbytes, span, env.cluster)
+    gather = coll.allgather_s(nbytes, span, env.cluster)
+    if env.workload.zero_stage == 1:
+        return coll.allreduce_s(nbytes, span, env.cluster) + gather
+    return coll.reduce_scatter_s(nbytes, span, env.cluster) + gather
+
+
+def optimizer_s(env: Env, local_params: float) -> float:
+    return memory_s(ADAM_BYTES_PER_PARAM * local_params, env.cluster.device)

@@ -1,0 +1,131 @@
+"""Whole-step costs: a layer's phases per training step or per generated token, and the
+embedding/LM-head part that every plan shares.
+
+Training step = micro_steps × (forward·(1 + recompute) + backward) per layer, then gradient
+synchronisation (non-expert parameters over dp, each MoE layer's experts over its edp) and the
+optimizer. Inference = prefill of the prompt once, then one decode pass per generated token with the
+attention context at its mean length (prompt + gen/2); the plan's latency is the decode pass.
+"""
+
+from __future__ import annotations
+
+from math import ceil
+
+from moeplan.cost_models import collectives as coll
+from moeplan.cost_models.compute import gemm_s, memory_s, roofline_s
+from moeplan.cost_models.layer import (
+    COMM_PHASES,
+    COMPUTE_PHASES,
+    Env,
+    LayerChoice,
+    LayerCost,
+    Pass,
+    activation_bytes,
+    forward,
+    grad_sync_s,
+    optimizer_s,
+    weight_memory,
+)
+from moeplan.cost_models.memory import kv_cache_bytes, optimizer_bytes_per_param
+from moeplan.cost_models.params import embedding_params, layer_params
+from moeplan.cost_models.workload import Setting
+
+
+def train_pass(env: Env, s: Setting) -> Pass:
+    w = env.workload
+    return Pass(tokens=s.micro_batch * w.seq_len, context=w.seq_len, decode=False)
+
+
+def decode_pass(env: Env, s: Setting) -> Pass:
+    w = env.workload
+    return Pass(tokens=s.micro_batch, context=w.prompt_len + ceil(w.gen_len / 2), decode=True)
+
+
+def prefill_pass(env: Env, s: Setting) -> Pass:
+    w = env.workload
+    return Pass(tokens=s.micro_batch * w.prompt_len, context=w.prompt_len, decode=False)
+
+
+def train_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> LayerCost:
+    p = train_pass(env, s)
+    fwd = forward(env, s, index, c, p)
+    steps, r = s.micro_steps(env.workload), int(s.recompute)
+    cost = LayerCost(comm_bytes=fwd.comm_bytes)
+    for name, t in fwd.phases.items():
+        passes = (3 + r) if name in COMPUTE_PHASES else (2 + r)
+        cost.phases[name] = steps * passes * t
+    lp = layer_params(env.spec, index)
+    b = env.dtype_bytes
+    non_expert = lp.non_expert / s.tp
+    expert = (lp.experts // c.ep) * lp.per_expert / c.es if lp.experts else 0.0
+    edp = c.edp(env.gpus)
+    sync = grad_sync_s(env, b * non_expert, s.dp, s.tp)
+    if expert:
+        sync += grad_sync_s(env, b * expert, edp, c.ep * c.es)
+    cost.phases["grad_sync"] = sync
+    zero = env.workload.zero_stage >= 1
+    cost.phases["optimizer"] = optimizer_s(
+        env, non_expert / (s.dp if zero else 1) + expert / (edp if zero else 1))
+    cost.memory = weight_memory(env, s, index, c)
+    act = activation_bytes(env, s, index, c, p)
+    if s.recompute:  # keep the layer input; rebuild the rest one layer at a time in backward
+        cost.memory["activations"] = p.tokens * env.spec.hidden * b
+        cost.transient_bytes = act
+    else:
+        cost.memory["activations"] = act
+    return cost
+
+
+def infer_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> tuple[LayerCost, LayerCost]:
+    """(decode cost per generated token, prefill cost once per batch) of one layer."""
+    decode = forward(env, s, index, c, decode_pass(env, s))
+    prefill_p = prefill_pass(env, s)
+    prefill = forward(env, s, index, c, prefill_p)
+    decode.memory = weight_memory(env, s, index, c)
+    w = env.workload
+    decode.memory["kv_cache"] = kv_cache_bytes(s.micro_batch, w.seq_len, env.spec.hidden, s.tp,
+                                               env.dtype_bytes)
+    decode.transient_bytes = activation_bytes(env, s, index, c, prefill_p)
+    return decode, prefill
+
+
+def head_cost(env: Env, s: Setting) -> LayerCost:
+    """Token/position embedding and the tied LM head (vocabulary-parallel over tp)."""
+    spec, dev, dt, b = env.spec, env.cluster.device, env.workload.dtype, env.dtype_bytes
+    h, V = spec.hidden, spec.vocab_size
+    params = embedding_params(spec) / s.tp
+    tp_span = env.span(s.tp, 1)
+    cost = LayerCost()
+    cost.memory["weights"] = b * params
+    if env.workload.mode == "train":
+        p = train_pass(env, s)
+        steps = s.micro_steps(env.workload)
+        fwd = (roofline_s(gemm_s(p.tokens, V / s.tp, h, dev, dt), b * V * h / s.tp, dev, 3)
+               + coll.allreduce_s(p.tokens * h * b, tp_span, env.cluster))
+        cost.phases["head"] = steps * 3 * fwd
+        cost.phases["grad_sync"] = grad_sync_s(env, b * params, s.dp, s.tp)
+        zero = env.workload.zero_stage
+        cost.phases["optimizer"] = optimizer_s(env, params / (s.dp if zero >= 1 else 1))
+        cost.memory["gradients"] = b * params / (s.dp if zero >= 2 else 1)
+        cost.memory["optimizer_states"] = (optimizer_bytes_per_param(b) * params
+                                           / (s.dp if zero >= 1 else 1))
+        cost.memory["logits"] = 4.0 * p.tokens * V / s.tp  # fp32 logits for the loss
+        return cost
+    # Inference: logits only for the newest token of each sequence.
+    tokens = s.micro_batch
+    cost.phases["head"] = (roofline_s(gemm_s(tokens, V / s.tp, h, dev, dt), b * V * h / s.tp,
+                                      dev, 3)
+                           + coll.allgather_s(tokens * V * b, tp_span, env.cluster))
+    cost.transient_bytes = 4.0 * tokens * V / s.tp
+    return cost
+
+
+def prefill_head_s(env: Env, s: Setting) -> float:
+    """The prompt pass embeds every prompt token and reads the head once for the last one."""
+    dev = env.cluster.device
+    return memory_s(env.dtype_bytes * s.micro_batch * env.workload.prompt_len * env.spec.hidden,
+                    dev) + head_cost(env, s).phases["head"]
+
+
+__all__ = ["COMM_PHASES", "COMPUTE_PHASES", "train_layer", "infer_layer", "head_cost",
+           "prefill_head_s"]

@@ -1,0 +1,55 @@
+"""`Workload`: what is run (train or infer, batch, lengths, dtype) and `Setting`: the global degrees.
+
+Batch convention (Megatron/DeepSpeed): `global_batch` sequences per optimizer step (train) or in
+flight (infer); `micro_batch` sequences per data-parallel rank per forward pass. Training runs
+global_batch / (dp · micro_batch) micro-batches per step (gradient accumulation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Workload(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: Literal["train", "infer"]
+    global_batch: int = Field(gt=0)
+    micro_batch: int = Field(gt=0)
+    seq_len: int = Field(gt=0)
+    dtype: Literal["fp32", "fp16", "bf16"] = "bf16"
+    zero_stage: Literal[0, 1, 2] = 1
+    prompt_len: int | None = Field(None, gt=0)
+    gen_len: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Workload":
+        if self.mode == "infer":
+            if self.prompt_len is None or self.gen_len is None:
+                raise ValueError("infer workloads need prompt_len and gen_len")
+            if self.prompt_len + self.gen_len != self.seq_len:
+                raise ValueError("seq_len must equal prompt_len + gen_len for infer")
+        if self.global_batch % self.micro_batch:
+            raise ValueError("global_batch must be a multiple of micro_batch")
+        return self
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens processed per training step, or generated per decode step (infer)."""
+        return self.global_batch * (self.seq_len if self.mode == "train" else 1)
+
+
+@dataclass(frozen=True, order=True)
+class Setting:
+    """One global choice: tensor-slicing, data-parallel degree, micro-batch, recomputation."""
+
+    tp: int
+    dp: int
+    micro_batch: int
+    recompute: bool
+
+    def micro_steps(self, workload: Workload) -> int:
+        return workload.global_batch // (self.dp * self.micro_batch)

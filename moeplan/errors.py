@@ -1,0 +1,21 @@
+"""Typed exceptions for errors a user can cause; the CLI turns each into one line and exit code 2."""
+
+
+class MoeplanError(Exception):
+    """Base class: a user-facing error whose message is one self-contained line."""
+
+
+class UnknownNameError(MoeplanError):
+    """A model or cluster name that is neither built in nor a readable file."""
+
+
+class SpecError(MoeplanError):
+    """A model, cluster or plan file that is malformed or inconsistent."""
+
+
+class ConfigError(MoeplanError):
+    """Options that contradict each other or the model/cluster (e.g. GPUs that do not divide)."""
+
+
+class InfeasibleError(MoeplanError):
+    """No parallel configuration fits the model on the cluster; the message says which term broke it."""

@@ -1,0 +1,145 @@
+"""`Plan`: the contract between planner and runtime (versioned pydantic model, deterministic JSON).
+
+Layer numbers in a plan are 1-based, as in the paper ("MoE on layers 2, 4, …, 24").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from moeplan import __version__
+from moeplan.cost_models.layer import Env
+from moeplan.cost_models.workload import Workload
+from moeplan.profiles.cluster import ClusterProfile
+from moeplan.profiles.model import ModelSpec
+
+SCHEMA_VERSION = 1
+
+
+def digest(obj: BaseModel | dict) -> str:
+    data = obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ClusterRef(_Frozen):
+    name: str
+    device: str
+    gpus: int = Field(gt=0)
+    gpus_per_node: int = Field(gt=0)
+    nodes: int = Field(gt=0)
+    profile_digest: str
+
+
+class Objective(_Frozen):
+    name: Literal["throughput", "latency"]
+    slo_ms: float | None = None
+
+
+class Parallel(_Frozen):
+    tp: int = Field(gt=0, description="tensor-slicing degree of non-expert weights")
+    dp: int = Field(gt=0, description="data-parallel degree of non-expert weights")
+    activation_checkpointing: bool = False
+
+
+class LayerPrediction(_Frozen):
+    time_s: float
+    phases_s: dict[str, float]
+    comm_bytes: dict[str, float]
+    memory_bytes: dict[str, float]
+    transient_bytes: float
+    prefill_s: float | None = None
+
+
+class LayerPlan(_Frozen):
+    index: int = Field(gt=0, description="1-based layer number")
+    kind: Literal["dense", "moe"]
+    experts: int | None = None
+    ep: int | None = None
+    es: int | None = None
+    edp: int | None = None
+    a2a: Literal["flat", "hierarchical"] | None = None
+    a2a_tp_coordinated: bool | None = None
+    predicted: LayerPrediction
+    runner_up: str | None = Field(None, description="next-best choice and how much slower it is")
+
+
+class Predicted(_Frozen):
+    step_time_s: float | None = None
+    latency_s: float | None = Field(None, description="decode time per generated token")
+    prefill_s: float | None = None
+    tokens_per_s: float
+    memory_per_gpu_bytes: float
+    memory_breakdown_bytes: dict[str, float]
+    head_phases_s: dict[str, float]
+
+
+class SearchSummary(_Frozen):
+    settings: int
+    layer_options: int
+    plans_covered: int
+
+
+class Provenance(_Frozen):
+    moeplan_version: str
+    inputs_digest: str
+
+
+class Plan(_Frozen):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    model: ModelSpec
+    cluster: ClusterRef
+    workload: Workload
+    objective: Objective
+    parallel: Parallel
+    layers: list[LayerPlan]
+    predicted: Predicted
+    search: SearchSummary
+    provenance: Provenance
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Plan":
+        N = self.cluster.gpus
+        if self.parallel.tp * self.parallel.dp != N:
+            raise ValueError(f"tp {self.parallel.tp} × dp {self.parallel.dp} != {N} GPUs")
+        if len(self.layers) != self.model.num_layers:
+            raise ValueError(f"{len(self.layers)} layers for a {self.model.num_layers}-layer model")
+        for i, layer in enumerate(self.layers, start=1):
+            E = self.model.experts[i - 1]
+            if layer.index != i or (layer.kind == "moe") != (E > 0):
+                raise ValueError(f"layer {i} does not match the model (index/kind)")
+            if layer.kind == "moe":
+                if layer.experts != E or None in (layer.ep, layer.es, layer.edp, layer.a2a):
+                    raise ValueError(f"layer {i}: experts/ep/es/edp/a2a missing or wrong")
+                if E % layer.ep or layer.ep * layer.es * layer.edp != N:
+                    raise ValueError(f"layer {i}: ep {layer.ep} × es {layer.es} × edp "
+                                     f"{layer.edp} must equal {N} GPUs and ep divide {E}")
+        return self
+
+    def to_json(self) -> str:
+        """Deterministic bytes: sorted keys, fixed indentation, trailing newline."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, indent=2) + "\n"
+
+
+def inputs_digest(env: Env, objective: Objective) -> str:
+    return digest({"model": env.spec.model_dump(mode="json"),
+                   "cluster": digest(env.cluster), "gpus": env.gpus,
+                   "workload": env.workload.model_dump(mode="json"),
+                   "objective": objective.model_dump(mode="json")})
+
+
+def cluster_ref(cluster: ClusterProfile, env: Env) -> ClusterRef:
+    return ClusterRef(name=cluster.name, device=cluster.device.name, gpus=env.gpus,
+                      gpus_per_node=env.gpus_per_node, nodes=env.nodes,
+                      profile_digest=digest(cluster))
+
+
+__all__ = ["Plan", "LayerPlan", "Parallel", "Predicted", "digest", "SCHEMA_VERSION", "ModelSpec"]

@@ -1,0 +1,164 @@
+"""From a request to a `Plan`: validate the inputs, search, and write the plan's predictions.
+
+This is the library entry point behind `moeplan search`; the CLI only parses and prints.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from moeplan import __version__
+from moeplan.cost_models.layer import Env
+from moeplan.cost_models.workload import Workload
+from moeplan.errors import ConfigError
+from moeplan.planner import plan as P
+from moeplan.planner.search import Candidate, Objective, SearchResult, search
+from moeplan.profiles.cluster import ClusterProfile
+from moeplan.profiles.model import ModelSpec
+
+DEFAULT_TRAIN_BATCH = 512
+DEFAULT_PROMPT_LEN = 512
+DEFAULT_GEN_LEN = 128
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the user asked for; None means 'choose for me'."""
+
+    gpus: int
+    mode: str = "train"
+    objective: str | None = None
+    slo_ms: float | None = None
+    global_batch: int | None = None
+    micro_batch: int | None = None
+    seq_len: int | None = None
+    prompt_len: int | None = None
+    gen_len: int | None = None
+    dtype: str | None = None
+    zero_stage: int = 1
+
+
+def _check(spec: ModelSpec, cluster: ClusterProfile, r: Request) -> None:
+    G = cluster.gpus_per_node
+    if r.gpus <= 0:
+        raise ConfigError(f"--gpus must be a positive number of GPUs, got {r.gpus}")
+    if r.gpus > G and r.gpus % G:
+        raise ConfigError(f"--gpus {r.gpus} is not a whole number of {G}-GPU nodes of {cluster.name}")
+    if r.gpus < G and G % r.gpus:
+        raise ConfigError(f"--gpus {r.gpus} must divide the {G} GPUs of a {cluster.name} node")
+    nodes = -(-r.gpus // G)
+    if cluster.max_nodes is not None and nodes > cluster.max_nodes:
+        raise ConfigError(f"--gpus {r.gpus} needs {nodes} nodes; {cluster.name} has {cluster.max_nodes}")
+    if r.mode == "train":
+        if r.objective == "latency":
+            raise ConfigError("--objective latency applies to --mode infer; training maximises throughput")
+        if r.slo_ms is not None:
+            raise ConfigError("--slo-ms applies to --mode infer")
+        if r.prompt_len is not None or r.gen_len is not None:
+            raise ConfigError("--prompt-len/--gen-len apply to --mode infer; use --seq-len for training")
+        if (r.seq_len or spec.max_seq_len) > spec.max_seq_len:
+            raise ConfigError(f"--seq-len {r.seq_len} exceeds {spec.name}'s {spec.max_seq_len} positions")
+    else:
+        if r.micro_batch is not None:
+            raise ConfigError("--micro-batch applies to training; for inference set --global-batch "
+                              "(sequences in flight)")
+        if r.seq_len is not None:
+            raise ConfigError("--seq-len applies to training; for inference use --prompt-len and --gen-len")
+        if r.slo_ms is not None and (r.objective or "latency") == "latency":
+            raise ConfigError("--slo-ms needs --objective throughput (latency already minimises it)")
+        total = (r.prompt_len or DEFAULT_PROMPT_LEN) + (r.gen_len or DEFAULT_GEN_LEN)
+        if total > spec.max_seq_len:
+            raise ConfigError(f"--prompt-len + --gen-len = {total} exceeds {spec.name}'s "
+                              f"{spec.max_seq_len} positions")
+    dtype = r.dtype or cluster.default_dtype
+    if dtype not in cluster.device.peak_flops:
+        raise ConfigError(f"{cluster.device.name} has no {dtype} peak in profile {cluster.name}")
+
+
+def make_env(spec: ModelSpec, cluster: ClusterProfile, r: Request) -> tuple[Env, Objective]:
+    _check(spec, cluster, r)
+    dtype = r.dtype or cluster.default_dtype
+    if r.mode == "train":
+        batch = r.global_batch or DEFAULT_TRAIN_BATCH
+        w = Workload(mode="train", global_batch=batch, micro_batch=r.micro_batch or 1,
+                     seq_len=r.seq_len or spec.max_seq_len, dtype=dtype, zero_stage=r.zero_stage)
+        objective = Objective("throughput")
+    else:
+        prompt, gen = r.prompt_len or DEFAULT_PROMPT_LEN, r.gen_len or DEFAULT_GEN_LEN
+        name = r.objective or "latency"
+        batch = r.global_batch or (r.gpus if name == "latency" else 1)
+        w = Workload(mode="infer", global_batch=batch, micro_batch=1, seq_len=prompt + gen,
+                     prompt_len=prompt, gen_len=gen, dtype=dtype, zero_stage=0)
+        objective = Objective(name, r.slo_ms / 1e3 if r.slo_ms is not None else None)
+    return Env(spec, cluster, w, r.gpus), objective
+
+
+def plan(spec: ModelSpec, cluster: ClusterProfile, r: Request) -> tuple[P.Plan, SearchResult]:
+    env, objective = make_env(spec, cluster, r)
+    free_batch = r.mode == "infer" and objective.name == "throughput" and r.global_batch is None
+    batch = None if free_batch else env.workload.global_batch
+    result = search(env, objective, batch, r.micro_batch if r.mode == "train" else None)
+    return to_plan(env, objective, result), result
+
+
+def _runner_up_text(result: SearchResult, i: int) -> str | None:
+    if i not in result.runner_up:
+        return None
+    c, dt = result.runner_up[i]
+    coord = ", tp-coordinated" if c.coordinated else ""
+    return f"ep={c.ep} es={c.es} {c.a2a}{coord}: +{dt * 1e3:.3f} ms"
+
+
+def to_plan(env: Env, objective: Objective, result: SearchResult) -> P.Plan:
+    best: Candidate = result.best
+    s, w = best.setting, env.workload
+    if w.mode == "infer":
+        w = w.model_copy(update={"global_batch": best.global_batch, "micro_batch": s.micro_batch})
+    else:
+        w = w.model_copy(update={"micro_batch": s.micro_batch})
+    final_env = Env(env.spec, env.cluster, w, env.gpus)
+    layers, breakdown = [], defaultdict(float)
+    transient = best.head.transient_bytes
+    for k, v in best.head.memory.items():
+        breakdown[k] += v
+    for i, ev in enumerate(best.layers):
+        c, cost = ev.choice, ev.cost
+        for k, v in cost.memory.items():
+            breakdown[k] += v
+        transient = max(transient, cost.transient_bytes)
+        pred = P.LayerPrediction(time_s=cost.time_s, phases_s=dict(cost.phases),
+                                 comm_bytes=dict(cost.comm_bytes), memory_bytes=dict(cost.memory),
+                                 transient_bytes=cost.transient_bytes,
+                                 prefill_s=ev.prefill_s if w.mode == "infer" else None)
+        E = env.spec.experts[i]
+        if E:
+            layers.append(P.LayerPlan(index=i + 1, kind="moe", experts=E, ep=c.ep, es=c.es,
+                                      edp=c.edp(env.gpus), a2a=c.a2a,
+                                      a2a_tp_coordinated=c.coordinated, predicted=pred,
+                                      runner_up=_runner_up_text(result, i)))
+        else:
+            layers.append(P.LayerPlan(index=i + 1, kind="dense", predicted=pred))
+    if transient:
+        breakdown["workspace"] = transient
+    tokens_per_s = best.tokens_per_s(final_env)
+    if w.mode == "train":
+        timing = {"step_time_s": best.time_s}
+    else:
+        from moeplan.cost_models.step import prefill_head_s
+        prefill = sum(ev.prefill_s for ev in best.layers) + prefill_head_s(final_env, s)
+        timing = {"latency_s": best.time_s, "prefill_s": prefill}
+    predicted = P.Predicted(tokens_per_s=tokens_per_s, memory_per_gpu_bytes=best.memory_bytes,
+                            memory_breakdown_bytes=dict(sorted(breakdown.items())),
+                            head_phases_s=dict(best.head.phases), **timing)
+    obj = P.Objective(name=objective.name,
+                      slo_ms=objective.slo_s * 1e3 if objective.slo_s is not None else None)
+    return P.Plan(
+        model=env.spec, cluster=P.cluster_ref(env.cluster, env), workload=w, objective=obj,
+        parallel=P.Parallel(tp=s.tp, dp=s.dp, activation_checkpointing=s.recompute),
+        layers=layers, predicted=predicted,
+        search=P.SearchSummary(settings=result.stats.settings,
+                               layer_options=result.stats.layer_options,
+                               plans_covered=result.stats.plans_covered),
+        provenance=P.Provenance(moeplan_version=__version__,
+                                inputs_digest=P.inputs_digest(env, obj)))

@@ -1,0 +1,186 @@
+"""The exact per-layer search.
+
+For every valid global setting (tp, dp, micro-batch, recomputation) the non-MoE part of the cost is
+fixed; the MoE layers are coupled only through memory, so each MoE layer's options are costed once
+per distinct expert count (identical layers share them) and the exact knapsack in `knapsack.py`
+picks one per layer. The best setting wins under the objective:
+  train                 least step time (= most tokens/s at the fixed global batch)
+  infer, latency        least decode time per token at the given batch
+  infer, throughput     most tokens/s whose per-token latency is within the SLO (if one is given),
+                        the batch per data-parallel rank searched when no global batch is given
+A setting whose lower bound cannot beat the best found is skipped — a bound, never a guess.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from math import prod
+
+from moeplan.cost_models import step
+from moeplan.cost_models.layer import DENSE, Env, LayerChoice, LayerCost
+from moeplan.cost_models.workload import Setting
+from moeplan.errors import ConfigError, InfeasibleError
+from moeplan.planner import knapsack
+from moeplan.planner.space import layer_choices, settings
+
+INFER_BATCHES = [2 ** i for i in range(11)]  # per data-parallel rank, throughput search: 1..1024
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str  # throughput | latency
+    slo_s: float | None = None
+
+
+@dataclass
+class Evaluated:
+    """One costed option of one layer under one setting."""
+
+    choice: LayerChoice
+    cost: LayerCost
+    prefill_s: float = 0.0
+
+    @property
+    def item(self) -> knapsack.Item:
+        return knapsack.Item(self.cost.time_s, self.cost.memory_bytes, self.cost.transient_bytes)
+
+
+@dataclass
+class Candidate:
+    """A complete plan: one setting, one evaluated option per layer, the head."""
+
+    setting: Setting
+    layers: list[Evaluated]
+    head: LayerCost
+    time_s: float
+    memory_bytes: float
+
+    @property
+    def global_batch(self) -> int:
+        return self.setting.dp * self.setting.micro_batch
+
+    def tokens_per_s(self, env: Env) -> float:
+        if env.workload.mode == "train":
+            return env.workload.global_batch * env.workload.seq_len / self.time_s
+        return self.global_batch / self.time_s
+
+
+@dataclass
+class SearchStats:
+    settings: int = 0
+    layer_options: int = 0
+    plans_covered: int = 0
+    elapsed_s: float = 0.0
+
+
+@dataclass
+class SearchResult:
+    best: Candidate
+    stats: SearchStats
+    runner_up: dict[int, tuple[LayerChoice, float]] = field(default_factory=dict)
+
+
+def _evaluate(env: Env, s: Setting, index: int, choice: LayerChoice) -> Evaluated:
+    if env.workload.mode == "train":
+        return Evaluated(choice, step.train_layer(env, s, index, choice))
+    decode, prefill = step.infer_layer(env, s, index, choice)
+    return Evaluated(choice, decode, prefill.time_s)
+
+
+def layer_options(env: Env, s: Setting) -> dict[int, list[Evaluated]]:
+    """Costed options for every layer index (identical layers share one list)."""
+    by_experts: dict[int, list[Evaluated]] = {}
+    out = {}
+    for index, E in enumerate(env.spec.experts):
+        if E not in by_experts:
+            choices = [DENSE] if E == 0 else layer_choices(env, s, E)
+            by_experts[E] = [_evaluate(env, s, index, c) for c in choices]
+        out[index] = by_experts[E]
+    return out
+
+
+def best_for_setting(env: Env, s: Setting, stats: SearchStats,
+                     bound_s: float = float("inf")) -> Candidate | None:
+    options = layer_options(env, s)
+    stats.settings += 1
+    stats.layer_options += sum(len(v) for v in {id(v): v for v in options.values()}.values())
+    stats.plans_covered += prod(len(options[i]) for i in options)
+    head = step.head_cost(env, s)
+    budget = env.cluster.device.usable_bytes - head.memory_bytes
+    items = [[o.item for o in options[i]] for i in range(env.spec.num_layers)]
+    sol = knapsack.solve(items, budget, floor_transient=head.transient_bytes,
+                         bound_s=bound_s - head.time_s)
+    if sol is None:
+        return None
+    layers = [options[i][k] for i, k in enumerate(sol.picks)]
+    return Candidate(setting=s, layers=layers, head=head, time_s=sol.time_s + head.time_s,
+                     memory_bytes=sol.memory_bytes + head.memory_bytes)
+
+
+def _better(a: Candidate, b: Candidate | None, env: Env, objective: Objective) -> bool:
+    if b is None:
+        return True
+    if env.workload.mode == "infer" and objective.name == "throughput":
+        return (a.tokens_per_s(env), -a.time_s) > (b.tokens_per_s(env), -b.time_s)
+    return a.time_s < b.time_s
+
+
+def search(env: Env, objective: Objective, global_batch: int | None,
+           micro_batch: int | None) -> SearchResult:
+    """Search every setting; raise `InfeasibleError` with the reason when nothing qualifies."""
+    t0 = time.perf_counter()
+    stats = SearchStats()
+    candidates = settings(env, global_batch, micro_batch, INFER_BATCHES)
+    if not candidates:
+        raise ConfigError(_no_setting_reason(env, global_batch, micro_batch))
+    throughput_infer = env.workload.mode == "infer" and objective.name == "throughput"
+    best: Candidate | None = None
+    fastest: Candidate | None = None  # for the SLO message
+    for s in candidates:
+        bound = float("inf") if (throughput_infer or best is None) else best.time_s
+        cand = best_for_setting(env, s, stats, bound)
+        if cand is None:
+            continue
+        if fastest is None or cand.time_s < fastest.time_s:
+            fastest = cand
+        if objective.slo_s is not None and cand.time_s > objective.slo_s:
+            continue
+        if _better(cand, best, env, objective):
+            best = cand
+    stats.elapsed_s = time.perf_counter() - t0
+    if best is None:
+        if fastest is not None:
+            raise InfeasibleError(
+                f"no plan meets --slo-ms {objective.slo_s * 1e3:g}: the fastest takes "
+                f"{fastest.time_s * 1e3:.3g} ms per token")
+        from moeplan.planner.diagnose import why_infeasible
+        raise InfeasibleError(why_infeasible(env, candidates))
+    return SearchResult(best=best, stats=stats, runner_up=runner_up(env, best))
+
+
+def runner_up(env: Env, best: Candidate) -> dict[int, tuple[LayerChoice, float]]:
+    """For each MoE layer, the fastest other option under the chosen setting and how much slower
+    it is (seconds) — the cost model's reason for the choice."""
+    options = layer_options(env, best.setting)
+    out = {}
+    for i, chosen in enumerate(best.layers):
+        if env.spec.experts[i] == 0:
+            continue
+        others = [o for o in options[i] if o.choice != chosen.choice]
+        if others:
+            o = min(others, key=lambda o: (o.cost.time_s, o.choice))
+            out[i] = (o.choice, o.cost.time_s - chosen.cost.time_s)
+    return out
+
+
+def _no_setting_reason(env: Env, global_batch: int | None, micro_batch: int | None) -> str:
+    mode = env.workload.mode
+    if mode == "train":
+        return (f"--global-batch {global_batch} cannot be split over {env.gpus} GPUs with "
+                f"micro-batch {micro_batch or 'any'}: it must be a multiple of dp × micro-batch "
+                f"for some tensor-slicing degree dividing {env.gpus_per_node} and the "
+                f"{env.spec.heads} heads")
+    return (f"--global-batch {global_batch} cannot be spread over {env.gpus} GPUs: it must be a "
+            f"multiple of dp = GPUs / tp for some tensor-slicing degree dividing "
+            f"{env.gpus_per_node} and the {env.spec.heads} heads")

@@ -1,0 +1,143 @@
+"""`ClusterProfile`: the hardware as data (device, node shape, link tiers, fitted collectives).
+
+Every constant carries its source in a `source` field. `topology_graph` turns a profile and a node
+count into a networkx graph (GPUs, NVSwitch, NICs, fabric) for the simulator; networkx is imported
+only there, so `moeplan search` starts fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:  # pragma: no cover
+    import networkx
+
+Dtype = Literal["fp32", "fp16", "bf16"]
+DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+class EfficiencyCurve(BaseModel):
+    """Achieved fraction of peak FLOP/s for a GEMM of `flops` operations.
+
+    efficiency(flops) = max_efficiency · flops / (flops + half_flops): small GEMMs are latency- and
+    tile-bound, large ones approach `max_efficiency`. `moeplan profile` fits both parameters.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_efficiency: float = Field(gt=0, le=1)
+    half_flops: float = Field(ge=0)
+    source: str = ""
+
+
+class Device(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    memory_bytes: int = Field(gt=0)
+    reserved_bytes: int = Field(0, ge=0)
+    peak_flops: dict[str, float]
+    hbm_Bps: float = Field(gt=0)
+    hbm_efficiency: float = Field(gt=0, le=1)
+    gemm_efficiency: EfficiencyCurve
+    op_overhead_s: float = Field(0.0, ge=0)
+    source: str = ""
+
+    @property
+    def usable_bytes(self) -> int:
+        return self.memory_bytes - self.reserved_bytes
+
+
+class LinkTier(BaseModel):
+    """One tier of the interconnect: per-port unidirectional bandwidth, per-message latency."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    bandwidth_Bps: float = Field(gt=0)
+    latency_s: float = Field(ge=0)
+    efficiency: float = Field(gt=0, le=1)
+    source: str = ""
+
+
+class FittedCollective(BaseModel):
+    """alpha-beta fit of one collective on one tier, measured by `moeplan profile`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    collective: Literal["allreduce", "allgather", "reduce_scatter", "all_to_all"]
+    tier: Literal["intra", "inter"]
+    latency_s: float = Field(ge=0)
+    bandwidth_Bps: float = Field(gt=0)
+    r2: float | None = None
+    source: str = ""
+
+
+class ClusterProfile(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    description: str = ""
+    source: str = ""
+    device: Device
+    gpus_per_node: int = Field(gt=0)
+    max_nodes: int | None = Field(None, gt=0)
+    intra: LinkTier
+    inter: LinkTier
+    host: LinkTier
+    nics_per_node: int = Field(gt=0)
+    fitted: list[FittedCollective] = Field(default_factory=list)
+    default_dtype: Dtype = "bf16"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ClusterProfile":
+        for dtype in {self.default_dtype, "fp32"}:
+            if dtype not in self.device.peak_flops:
+                raise ValueError(f"device.peak_flops has no entry for {dtype}")
+        if self.device.reserved_bytes >= self.device.memory_bytes:
+            raise ValueError("reserved_bytes must be smaller than memory_bytes")
+        return self
+
+    @property
+    def inter_Bps_per_gpu(self) -> float:
+        """A node's NIC bandwidth shared by its GPUs, all of which run the same collective at once."""
+        return self.nics_per_node * self.inter.bandwidth_Bps / self.gpus_per_node
+
+    def fitted_for(self, collective: str, tier: str) -> FittedCollective | None:
+        for f in self.fitted:
+            if f.collective == collective and f.tier == tier:
+                return f
+        return None
+
+
+def topology_graph(profile: ClusterProfile, num_nodes: int) -> "networkx.Graph":
+    """The cluster as a graph: GPU -- NVSwitch inside a node, GPU -- PCIe -- NIC -- fabric.
+
+    NICs are assigned to GPUs round-robin (GPU-NIC affinity as on NDv4/DGX nodes).
+
+    Edge attribute `bandwidth_Bps` is the unidirectional capacity of that link; node attribute
+    `kind` is one of gpu, switch, nic, fabric. GPU nodes are named by global rank ("gpu{r}").
+    """
+    import networkx as nx
+
+    g = nx.Graph(name=profile.name)
+    g.add_node("fabric", kind="fabric")
+    G = profile.gpus_per_node
+    for n in range(num_nodes):
+        switch = f"node{n}/switch"
+        g.add_node(switch, kind="switch", node=n)
+        nics = [f"node{n}/nic{k}" for k in range(profile.nics_per_node)]
+        for nic in nics:
+            g.add_node(nic, kind="nic", node=n)
+            g.add_edge(nic, "fabric", bandwidth_Bps=profile.inter.bandwidth_Bps,
+                       latency_s=profile.inter.latency_s, tier="inter")
+        for local in range(G):
+            gpu = f"gpu{n * G + local}"
+            g.add_node(gpu, kind="gpu", node=n, local=local)
+            g.add_edge(gpu, switch, bandwidth_Bps=profile.intra.bandwidth_Bps,
+                       latency_s=profile.intra.latency_s, tier="intra")
+            g.add_edge(gpu, nics[local % len(nics)], bandwidth_Bps=profile.host.bandwidth_Bps,
+                       latency_s=profile.host.latency_s, tier="host")
+    return g

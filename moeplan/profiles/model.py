@@ -1,0 +1,84 @@
+"""`ModelSpec`: the model as data (layers, widths, per-layer expert counts, gating settings).
+
+A spec says nothing about parallelism or hardware; parameter counts and FLOPs are computed from it
+in `moeplan.cost_models`, never by walking module names.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Distillation(BaseModel):
+    """Staged knowledge distillation of a Mixture-of-Students (DeepSpeed-MoE §4.2).
+
+    loss = CE + alpha · KL(teacher ‖ student) · T², and KD is switched off after `stop_step`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    teacher: str
+    alpha: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    stop_step: int | None = Field(None, ge=0)
+    source: str = ""
+
+
+class ModelSpec(BaseModel):
+    """A GPT-style decoder whose FFN layers may be Mixture-of-Experts layers.
+
+    `experts[i]` is the expert count of transformer layer i (0-based); 0 means a dense FFN.
+    `residual` makes every MoE layer a Residual-MoE: out = moe(x)·c0 + mlp(x)·c1.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    description: str = ""
+    source: str = ""
+    num_layers: int = Field(gt=0)
+    hidden: int = Field(gt=0)
+    heads: int = Field(gt=0)
+    ffn_hidden: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    max_seq_len: int = Field(gt=0)
+    experts: list[int]
+    residual: bool = False
+    top_k: Literal[1, 2] = 1
+    capacity_factor: float = Field(1.0, gt=0)
+    eval_capacity_factor: float = Field(1.0, gt=0)
+    min_capacity: int = Field(4, ge=0)
+    drop_tokens: bool = True
+    aux_loss_coef: float = Field(0.01, ge=0)
+    tied_embeddings: bool = True
+    reported_params: float | None = Field(None, gt=0)
+    distillation: Distillation | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSpec":
+        if len(self.experts) != self.num_layers:
+            raise ValueError(
+                f"experts has {len(self.experts)} entries but num_layers is {self.num_layers}"
+            )
+        if any(e < 0 or e == 1 for e in self.experts):
+            raise ValueError("every expert count must be 0 (dense) or at least 2")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
+        if self.top_k == 2 and any(0 < e < 2 for e in self.experts):
+            raise ValueError("top-2 gating needs at least 2 experts per MoE layer")
+        return self
+
+    @property
+    def is_moe(self) -> bool:
+        return any(self.experts)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """0-based indices of the MoE layers."""
+        return [i for i, e in enumerate(self.experts) if e]
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads

@@ -51,13 +51,26 @@ def undominated(items: Sequence[Item]) -> list[int]:
 
 
 def _frontier(layers: Sequence[Sequence[tuple[int, Item]]], cap: float):
-    """Pareto frontier of (memory, time, picks) over all layers, memory within `cap`."""
-    frontier: list[tuple[float, float, tuple[int, ...]]] = [(0.0, 0.0, ())]
+    """Pareto frontier of (memory, time, picks) over all layers, memory within `cap`.
+
+    Sums are kept rounded to a milli-byte and a femtosecond so that sums equal up to the order of
+    addition tie; ties go to the lexicographically first picks, so the output is stable.
+    """
+    fixed = [(k, it) for opts in layers if len(opts) == 1 for k, it in opts]
+    m0 = sum(it.memory_bytes for _, it in fixed)
+    t0 = sum(it.time_s for _, it in fixed)
+    if m0 > cap:
+        return []
+    frontier: list[tuple[float, float, tuple[int, ...]]] = [(m0, t0, ())]
     for options in layers:
-        merged = [(m + it.memory_bytes, t + it.time_s, picks + (k,))
+        if len(options) == 1:  # already in (m0, t0): record the pick only
+            k = options[0][0]
+            frontier = [(m, t, picks + (k,)) for m, t, picks in frontier]
+            continue
+        merged = [(round(m + it.memory_bytes, 3), round(t + it.time_s, 15), picks + (k,))
                   for m, t, picks in frontier for k, it in options
                   if m + it.memory_bytes <= cap]
-        merged.sort(key=lambda x: (x[0], x[1], x[2]))
+        merged.sort()
         frontier, best_t = [], float("inf")
         for point in merged:
             if point[1] < best_t:

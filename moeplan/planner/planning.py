@@ -105,9 +105,15 @@ def plan(spec: ModelSpec, cluster: ClusterProfile, r: Request) -> tuple[P.Plan, 
 def _runner_up_text(result: SearchResult, i: int) -> str | None:
     if i not in result.runner_up:
         return None
-    c, dt = result.runner_up[i]
-    coord = ", tp-coordinated" if c.coordinated else ""
-    return f"ep={c.ep} es={c.es} {c.a2a}{coord}: +{dt * 1e3:.3f} ms"
+    chosen, other = result.runner_up[i]
+    c = other.choice
+    name = f"ep={c.ep} es={c.es} {c.a2a}{', tp-coordinated' if c.coordinated else ''}"
+    dt = other.cost.time_s - chosen.cost.time_s
+    if dt >= 0:
+        return f"{name}: {dt * 1e3:.3f} ms slower"
+    dm = other.cost.memory_bytes + other.cost.transient_bytes - (
+        chosen.cost.memory_bytes + chosen.cost.transient_bytes)
+    return f"{name}: {-dt * 1e3:.3f} ms faster but {dm / 2**30:.2f} GiB larger, which does not fit"
 
 
 def to_plan(env: Env, objective: Objective, result: SearchResult) -> P.Plan:

@@ -78,7 +78,7 @@ class SearchStats:
 class SearchResult:
     best: Candidate
     stats: SearchStats
-    runner_up: dict[int, tuple[LayerChoice, float]] = field(default_factory=dict)
+    runner_up: dict[int, tuple[Evaluated, Evaluated]] = field(default_factory=dict)
 
 
 def _evaluate(env: Env, s: Setting, index: int, choice: LayerChoice) -> Evaluated:
@@ -159,18 +159,15 @@ def search(env: Env, objective: Objective, global_batch: int | None,
     return SearchResult(best=best, stats=stats, runner_up=runner_up(env, best))
 
 
-def runner_up(env: Env, best: Candidate) -> dict[int, tuple[LayerChoice, float]]:
-    """For each MoE layer, the fastest other option under the chosen setting and how much slower
-    it is (seconds) — the cost model's reason for the choice."""
+def runner_up(env: Env, best: Candidate) -> dict[int, tuple[Evaluated, Evaluated]]:
+    """For each MoE layer, (chosen, fastest other option) under the chosen setting — the cost
+    model's reason for the choice: the other is slower, or faster but larger."""
     options = layer_options(env, best.setting)
     out = {}
     for i, chosen in enumerate(best.layers):
-        if env.spec.experts[i] == 0:
-            continue
         others = [o for o in options[i] if o.choice != chosen.choice]
-        if others:
-            o = min(others, key=lambda o: (o.cost.time_s, o.choice))
-            out[i] = (o.choice, o.cost.time_s - chosen.cost.time_s)
+        if env.spec.experts[i] and others:
+            out[i] = (chosen, min(others, key=lambda o: (o.cost.time_s, o.choice)))
     return out
 
 

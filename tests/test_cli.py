@@ -1,0 +1,132 @@
+"""CLI: every bad input is one line on stderr and exit code 2; good runs write a valid plan."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moeplan.cli import main as moeplan_cli
+from moeplan.cli import moerun as moerun_cli
+from moeplan.planner.plan import Plan
+
+
+def invoke(entry, argv, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["prog", *argv])
+    with pytest.raises(SystemExit) as e:
+        entry.main()
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+@pytest.fixture
+def run(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+
+    def _run(*argv, entry=moeplan_cli):
+        return invoke(entry, list(argv), monkeypatch, capsys)
+    return _run
+
+
+BAD = [
+    (["search", "--model", "1.3b-pr-mo"], "unknown model '1.3b-pr-mo'"),
+    (["search", "--cluster", "dgx-z100"], "unknown cluster"),
+    (["search", "--gpus", "0"], "--gpus must be a positive"),
+    (["search", "--gpus", "-8"], "--gpus must be a positive"),
+    (["search", "--gpus", "12"], "not a whole number of 8-GPU nodes"),
+    (["search", "--gpus", "3"], "must divide the 8 GPUs"),
+    (["search", "--gpus", "abc"], "'abc' is not a valid integer"),
+    (["search", "--model", "1.3b-moe-128", "--gpus", "2"], "does not fit on 2 x A100"),
+    (["search", "--cluster", "ndv4-a100-40gb", "--profile", "p.json"], "not both"),
+    (["search", "--profile", "missing.json"], "no such file"),
+    (["search", "--slo-ms", "10"], "--slo-ms applies to --mode infer"),
+    (["search", "--objective", "latency"], "applies to --mode infer"),
+    (["search", "--mode", "infer", "--micro-batch", "2"], "--micro-batch applies to training"),
+    (["search", "--mode", "infer", "--slo-ms", "10"], "--slo-ms needs --objective throughput"),
+    (["search", "--mode", "infer", "--objective", "throughput", "--slo-ms", "0.001"],
+     "no plan meets --slo-ms"),
+    (["search", "--global-batch", "100"], "--global-batch 100 cannot be split"),
+    (["search", "--global-batch", "0"], "0 is not in the range"),
+    (["search", "--seq-len", "4096"], "exceeds 1.3b-pr-moe's 2048 positions"),
+    (["search", "--mode", "infer", "--prompt-len", "2000", "--gen-len", "100"], "exceeds"),
+    (["search", "--mode", "bogus"], "'bogus' is not one of"),
+    (["search", "--no-such-option"], "No such option"),
+    (["frobnicate"], "No such command"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_and_exit_2(run, argv, message):
+    code, out, err = run(*argv)
+    assert code == 2
+    assert err.count("\n") == 1 and message in err, err
+    assert "Traceback" not in err
+
+
+def test_malformed_spec_files(run, tmp_path):
+    (tmp_path / "broken.json").write_text("{")
+    code, _, err = run("search", "--model", "broken.json")
+    assert code == 2 and "not valid JSON" in err and err.count("\n") == 1
+    (tmp_path / "wrong.json").write_text(json.dumps({"name": "x"}))
+    code, _, err = run("search", "--model", "wrong.json")
+    assert code == 2 and "not a valid ModelSpec" in err and err.count("\n") == 1
+    (tmp_path / "prof.json").write_text(json.dumps({"name": "x"}))
+    code, _, err = run("search", "--profile", "prof.json")
+    assert code == 2 and "not a valid ClusterProfile" in err
+
+
+def test_search_writes_plan_and_json_summary(run, tmp_path):
+    code, out, err = run("search", "--model", "1.3b-pr-moe", "--gpus", "64", "--json",
+                         "--out", "p.json")
+    assert code == 0, err
+    summary = json.loads(out)
+    plan = Plan.model_validate_json((tmp_path / "p.json").read_text())
+    assert summary["parallel"] == plan.parallel.model_dump()
+    assert sum(len(g["layers"]) for g in summary["layer_groups"]) == 24
+    assert summary["search"]["layer_options_per_s"] > 0
+    assert not (tmp_path / "p.json.tmp").exists()
+
+
+def test_search_table_and_infer_mode(run, tmp_path):
+    code, out, _ = run("search", "--mode", "infer", "--gpus", "16", "--out", "i.json")
+    assert code == 0
+    plan = Plan.model_validate_json((tmp_path / "i.json").read_text())
+    assert plan.predicted.latency_s > 0 and plan.workload.mode == "infer"
+    assert "per-token latency" in out and "wrote i.json" in out
+
+
+def test_models_clusters_schema(run):
+    code, out, _ = run("models", "--json")
+    assert code == 0 and len(json.loads(out)) == 13
+    code, out, _ = run("clusters", "--json")
+    assert code == 0 and {r["name"] for r in json.loads(out)} >= {"ndv4-a100-40gb"}
+    code, out, _ = run("schema", "plan")
+    schema = json.loads(out)
+    assert code == 0 and {"layers", "parallel", "predicted", "provenance"} <= set(
+        schema["properties"])
+
+
+def test_moerun_checks_the_plan(run, tmp_path):
+    code, _, err = run("--plan", "nope.json", entry=moerun_cli)
+    assert code == 2 and ("does not exist" in err or "cannot read" in err)
+    assert run("search", "--gpus", "8", "--model", "350m-pr-moe")[0] == 0
+    code, _, err = run("--plan", "plan.json", "--nproc", "4", entry=moerun_cli)
+    assert code == 2 and "for 8 ranks" in err
+
+
+def test_search_path_never_imports_torch_and_is_byte_stable(tmp_path):
+    """Two fresh processes with different hash seeds: same bytes, and no torch in sys.modules."""
+    code = ("import sys; from moeplan.cli.main import main; sys.argv=['moeplan','search',"
+            "'--out','{out}','--json']\ntry: main()\nexcept SystemExit: pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    outs = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"plan{seed}.json"
+        subprocess.run([sys.executable, "-c", code.format(out=out)], check=True,
+                       env={"PYTHONHASHSEED": seed, "PATH": "/usr/bin:/bin"},
+                       capture_output=True)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]

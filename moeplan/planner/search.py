@@ -160,12 +160,14 @@ def search(env: Env, objective: Objective, global_batch: int | None,
 
 
 def runner_up(env: Env, best: Candidate) -> dict[int, tuple[Evaluated, Evaluated]]:
-    """For each MoE layer, (chosen, fastest other option) under the chosen setting — the cost
-    model's reason for the choice: the other is slower, or faster but larger."""
+    """For each MoE layer, (chosen, fastest option with another expert-parallel degree) under the
+    chosen setting — the cost model's reason for the degree: the other is slower, or faster but
+    too large. Where ep has no alternative, the fastest other option of any kind."""
     options = layer_options(env, best.setting)
     out = {}
     for i, chosen in enumerate(best.layers):
-        others = [o for o in options[i] if o.choice != chosen.choice]
+        others = [o for o in options[i] if o.choice.ep != chosen.choice.ep] or [
+            o for o in options[i] if o.choice != chosen.choice]
         if env.spec.experts[i] and others:
             out[i] = (chosen, min(others, key=lambda o: (o.cost.time_s, o.choice)))
     return out

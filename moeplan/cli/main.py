@@ -95,30 +95,30 @@ def _write_atomic(path: Path, text: str) -> None:
         raise ConfigError(f"cannot write {path}: {e.strerror}") from None
 
 
+def _listing(kind: str, as_json: bool) -> None:
+    from moeplan.cli import render
+
+    rows = render.model_rows() if kind == "models" else render.cluster_rows()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+    elif kind == "models":
+        render.print_models(rows)
+    else:
+        render.print_clusters(rows)
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def models(as_json: bool) -> None:
     """List the built-in model zoo with computed parameter counts."""
-    from moeplan.cli import render
-
-    rows = render.model_rows()
-    if as_json:
-        click.echo(json.dumps(rows, indent=2, sort_keys=True))
-    else:
-        render.print_models(rows)
+    _listing("models", as_json)
 
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def clusters(as_json: bool) -> None:
     """List the built-in cluster profiles."""
-    from moeplan.cli import render
-
-    rows = render.cluster_rows()
-    if as_json:
-        click.echo(json.dumps(rows, indent=2, sort_keys=True))
-    else:
-        render.print_clusters(rows)
+    _listing("clusters", as_json)
 
 
 @cli.command()

@@ -23,7 +23,8 @@ PUBLISHED = {
 
 
 def test_zoo_has_every_model_of_the_design():
-    assert set(PUBLISHED) == set(model_names())
+    # The paper's models plus the runtime's laptop-sized demo model.
+    assert set(model_names()) == set(PUBLISHED) | {"tiny-pr-moe"}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

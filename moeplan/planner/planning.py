@@ -168,3 +168,41 @@ def to_plan(env: Env, objective: Objective, result: SearchResult) -> P.Plan:
                                plans_covered=result.stats.plans_covered),
         provenance=P.Provenance(moeplan_version=__version__,
                                 inputs_digest=P.inputs_digest(env, obj)))
+
+
+def fixed_plan(spec: ModelSpec, cluster: ClusterProfile, r: Request, tp: int,
+               choices: dict[int, "LayerChoice"], micro_batch: int | None = None,
+               recompute: bool = False) -> P.Plan:
+    """A plan with the given degrees (0-based layer index -> choice; MoE layers not named get
+    ep = E capped at the world size), costed by the same model as the search. For tests,
+    validation grids and users who want to predict a configuration of their own."""
+    from moeplan.cost_models.layer import DENSE, LayerChoice
+    from moeplan.cost_models.step import head_cost
+    from moeplan.cost_models.workload import Setting
+    from moeplan.planner.search import Candidate, SearchStats, _evaluate
+    from moeplan.planner.space import layer_choices
+
+    env, objective = make_env(spec, cluster, r)
+    dp = env.gpus // tp
+    if r.mode == "train":
+        mb = micro_batch or env.workload.global_batch // dp
+    else:
+        mb = env.workload.global_batch // dp
+    s = Setting(tp=tp, dp=dp, micro_batch=mb, recompute=recompute)
+    layers = []
+    for i, E in enumerate(spec.experts):
+        if E == 0:
+            c = DENSE
+        else:
+            c = choices.get(i) or LayerChoice(ep=min(E, env.gpus), es=1, a2a="flat",
+                                              coordinated=False)
+            if c not in layer_choices(env, s, E):
+                raise ConfigError(f"layer {i + 1}: {c} is not valid for {E} experts on "
+                                  f"{env.gpus} GPUs with tp={tp}")
+        layers.append(_evaluate(env, s, i, c))
+    head = head_cost(env, s)
+    cand = Candidate(setting=s, layers=layers, head=head,
+                     time_s=head.time_s + sum(e.cost.time_s for e in layers),
+                     memory_bytes=head.memory_bytes + sum(e.cost.memory_bytes for e in layers)
+                     + max([head.transient_bytes] + [e.cost.transient_bytes for e in layers]))
+    return to_plan(env, objective, SearchResult(best=cand, stats=SearchStats()))

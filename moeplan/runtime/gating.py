@@ -1,0 +1,107 @@
+"""Top-k gating with DeepSpeed TopKGate semantics — the torch reference.
+
+Legend: T tokens, E experts, K choices per token (1 or 2), C capacity per expert.
+
+  probs_TE      fp32 softmax of the router logits
+  choice 1      argmax; choice 2 (top-2) argmax of the logits with choice 1 masked — deterministic
+                (DeepSpeed adds Gumbel noise here; we do not, so runs are reproducible)
+  slots         position of each choice in its expert's buffer by a prefix sum in token order;
+                all first choices come before all second choices (DeepSpeed's locations2 offset)
+  capacity      from the caller (ceil(k·cf·T/E), at least min_capacity); choices at or past it are
+                dropped, earliest tokens first kept
+  weights       the chosen expert's probability (top-2: the kept ones renormalised to sum to 1)
+  aux loss      E · Σ_e mean_T(probs_e) · mean_T(first-choice mask_e), before dropping
+The statistics of the aux loss are sums over tokens that may be completed over a tensor-slicing
+group (`reduce_stats`), so that a TP-coordinated gate sees the same loss as an uncoordinated one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import ceil
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Routing:
+    expert_TK: torch.Tensor  # int64 expert id per choice
+    slot_TK: torch.Tensor  # int64 position in the expert's buffer
+    keep_TK: torch.Tensor  # bool: within capacity
+    weight_TK: torch.Tensor  # combine weight (0 where dropped)
+    capacity: int
+    aux_loss: torch.Tensor
+    dropped: int  # choices dropped for capacity
+
+    @property
+    def tokens(self) -> int:
+        return self.expert_TK.shape[0]
+
+
+def capacity(tokens: int, experts: int, top_k: int, capacity_factor: float,
+             min_capacity: int) -> int:
+    return max(ceil(top_k * capacity_factor * tokens / experts), min_capacity)
+
+
+def gate(logits_TE: torch.Tensor, top_k: int, cap: int, valid_T: torch.Tensor | None = None,
+         reduce_stats: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Routing:
+    """Route tokens; `valid_T` marks real tokens (padding never takes a slot or counts)."""
+    T, E = logits_TE.shape
+    logits_TE = logits_TE.float()
+    probs_TE = F.softmax(logits_TE, dim=-1)
+    valid = torch.ones(T, dtype=torch.bool, device=logits_TE.device) if valid_T is None else valid_T
+    first_T = probs_TE.argmax(dim=-1)
+    mask1_TE = F.one_hot(first_T, E) * valid[:, None]
+    experts = [first_T]
+    masks = [mask1_TE]
+    if top_k == 2:
+        second_T = logits_TE.masked_fill(mask1_TE.bool(), float("-inf")).argmax(dim=-1)
+        masks.append(F.one_hot(second_T, E) * valid[:, None])
+        experts.append(second_T)
+    # aux loss from first choices, before capacity
+    n_valid = valid.sum().to(probs_TE.dtype)
+    stats = torch.cat([(probs_TE * valid[:, None]).sum(0), mask1_TE.sum(0).to(probs_TE.dtype),
+                       n_valid.reshape(1)])
+    if reduce_stats is not None:
+        stats = reduce_stats(stats)
+    me, ce, count = stats[:E], stats[E:2 * E], stats[-1].clamp(min=1)
+    aux = E * torch.sum((me / count) * (ce / count))
+    offset = torch.zeros(E, dtype=torch.long, device=logits_TE.device)
+    slots, keeps = [], []
+    for mask_TE in masks:
+        loc_TE = torch.cumsum(mask_TE, dim=0) - 1 + offset
+        offset = offset + mask_TE.sum(0)
+        slot_T = (loc_TE * mask_TE).sum(-1)
+        slots.append(slot_T)
+        keeps.append((slot_T < cap) & valid)
+    expert_TK = torch.stack(experts, dim=1)
+    slot_TK = torch.stack(slots, dim=1)
+    keep_TK = torch.stack(keeps, dim=1)
+    weight_TK = probs_TE.gather(1, expert_TK) * keep_TK
+    if top_k == 2:
+        denom = weight_TK.sum(-1, keepdim=True).clamp(min=torch.finfo(weight_TK.dtype).eps)
+        weight_TK = weight_TK / denom
+    dropped = int((valid[:, None] & ~keep_TK).sum())
+    return Routing(expert_TK, slot_TK, keep_TK, weight_TK, cap, aux, dropped)
+
+
+def dispatch(x_TH: torch.Tensor, r: Routing, experts: int) -> torch.Tensor:
+    """Gather tokens into the expert-major buffer [E, C, H] (empty slots are zero). O(T·K·H)."""
+    T, H = x_TH.shape
+    keep = r.keep_TK.reshape(-1)
+    pos = (r.expert_TK * r.capacity + r.slot_TK).reshape(-1)[keep]
+    tok = torch.arange(T, device=x_TH.device).repeat_interleave(r.expert_TK.shape[1])[keep]
+    buf = x_TH.new_zeros(experts * r.capacity, H).index_copy(0, pos, x_TH[tok])
+    return buf.view(experts, r.capacity, H)
+
+
+def combine(y_ECH: torch.Tensor, r: Routing) -> torch.Tensor:
+    """Weighted scatter of expert outputs back to token order (top-2: the sum of two). O(T·K·H)."""
+    E, C, H = y_ECH.shape
+    keep = r.keep_TK.reshape(-1)
+    pos = (r.expert_TK * C + r.slot_TK).reshape(-1)[keep]
+    tok = torch.arange(r.tokens, device=y_ECH.device).repeat_interleave(r.expert_TK.shape[1])[keep]
+    rows = y_ECH.reshape(E * C, H)[pos] * r.weight_TK.reshape(-1)[keep, None].to(y_ECH.dtype)
+    return y_ECH.new_zeros(r.tokens, H).index_add(0, tok, rows)

@@ -1,0 +1,101 @@
+"""`parallelize(model, plan, groups)`: the single-device model, sharded as the plan says.
+
+Order (fixed): tensor-slicing of attention and dense/residual MLPs over tp; then, per MoE layer,
+expert parallelism over its ep group (each rank keeps E/ep experts), expert slicing over es, and its
+all-to-all (flat or hierarchical, TP-coordinated or not). Weights are cut from the full model by
+the modules' own `slices()`, so the sharded model computes the same function.
+
+Gradient synchronisation (`GradSync`), derived from which ranks saw which tokens:
+  non-expert parameters   sum over dp, / dp       (tp ranks hold identical or disjoint slices)
+  router, TP-coordinated  sum over tp first       (each tp rank routed 1/tp of the tokens)
+  experts of layer l      sum over edp_l, / (dp · t), t = tp unless the layer is TP-coordinated
+                          (uncoordinated, every tp rank dispatches the same tokens again)
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from moeplan.planner.plan import Plan
+from moeplan.runtime.a2a import FlatExchange, HierarchicalExchange
+from moeplan.runtime.comm import Comm, allreduce_
+from moeplan.runtime.groups import Groups
+from moeplan.runtime.model import GPT, MoEParallel, Parallel
+
+
+def cut(full: torch.Tensor, spec: tuple) -> torch.Tensor:
+    for dim, start, stop in spec:
+        full = full.narrow(dim, start, stop - start)
+    return full
+
+
+def load_full_state(model: GPT, full: dict[str, torch.Tensor]) -> None:
+    """Copy a full (single-device) state into a possibly sharded model."""
+    slices = model.slices()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name not in full:
+                raise KeyError(f"checkpoint has no parameter {name}")
+            src = cut(full[name], slices.get(name, ()))
+            if src.shape != p.shape:
+                raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} does not fit "
+                                 f"{tuple(p.shape)}")
+            p.copy_(src)
+
+
+def parallel_context(plan: Plan, groups: Groups) -> Parallel:
+    moe = {}
+    for index, g in groups.moe.items():
+        exchange = (HierarchicalExchange(g.intra, g.inter) if g.intra is not None
+                    else FlatExchange(g.ep))
+        moe[index] = MoEParallel(ep=g.ep, es=g.es, exchange=exchange,
+                                 coordinated=g.coordinated and groups.tp.size > 1)
+    return Parallel(tp=groups.tp, moe=moe)
+
+
+def parallelize(model: GPT, plan: Plan, groups: Groups) -> GPT:
+    sharded = GPT(model.spec, parallel_context(plan, groups))
+    load_full_state(sharded, model.state_dict())
+    return sharded
+
+
+class GradSync:
+    """Buckets of gradients that share a reduction; one flat allreduce per bucket."""
+
+    def __init__(self, model: GPT, groups: Groups):
+        tp, dp = groups.tp, groups.dp
+        buckets: OrderedDict[tuple, list] = OrderedDict()
+        for name, p in model.named_parameters():
+            parts = name.split(".")
+            index = int(parts[1]) if parts[0] == "blocks" else None
+            g = groups.moe.get(index) if index is not None else None
+            coordinated = bool(g and g.coordinated and tp.size > 1)
+            if g is not None and parts[3] == "experts":
+                key = (None, g.edp, 1.0 / (dp.size * (1 if coordinated else tp.size)))
+            elif g is not None and parts[3] == "router" and coordinated:
+                key = (tp, dp, 1.0 / dp.size)
+            else:
+                key = (None, dp, 1.0 / dp.size)
+            buckets.setdefault(key, []).append(p)
+        self.buckets = list(buckets.items())
+
+    def __call__(self) -> None:
+        for (pre, comm, scale), params in self.buckets:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            if pre is not None:
+                allreduce_(flat, pre)
+            allreduce_(flat, comm)
+            flat.mul_(scale)
+            offset = 0
+            for p in params:
+                n = p.numel()
+                p.grad = flat[offset:offset + n].view_as(p).clone()
+                offset += n
+
+
+def solo_groups() -> Groups:
+    solo = Comm.solo()
+    return Groups(rank=0, world=1, tp=solo, dp=solo)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -38,11 +39,14 @@ def run_world(target: str, world: int, timeout_s: float = 240) -> list[dict]:
         store = os.path.join(tmp, "store")
         ctx = mp.start_processes(_worker, args=(world, target, store, tmp), nprocs=world,
                                  join=False, start_method="spawn")
-        if not ctx.join(timeout=timeout_s):
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise TimeoutError(f"{target} on {world} ranks did not finish in {timeout_s} s")
+        deadline = time.monotonic() + timeout_s
+        # join() returns False while some ranks are still running; it raises if one failed
+        while not ctx.join(timeout=max(deadline - time.monotonic(), 0.01)):
+            if time.monotonic() >= deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                raise TimeoutError(f"{target} on {world} ranks did not finish in {timeout_s} s")
         results = [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False)
                    for r in range(world)]
     for r, res in enumerate(results):

@@ -1,0 +1,315 @@
+"""Benchmark one MoE layer, forward + backward, on CPU ranks (gloo): moeplan vs DeepSpeed-MoE.
+
+Both implementations run in the same torch.distributed world, one after the other (their timed
+repeats interleaved), on identical inputs, with the same hidden size, expert FFN (h -> f -> h,
+GELU, biases), number of experts E, expert-parallel size ep (= world size), top-k and capacity
+factor. DeepSpeed's layer gets moeplan's router and expert weights copied in, so both route the
+same tokens; `check` in each record gives the forward difference between the two.
+
+Loss per step: out.sum() + aux_loss_coef * aux_loss, backward into the input, the router and the
+experts. Step time of one repeat = the slowest rank's wall time over `--iters` steps / iters;
+tokens/s = world * tokens_per_rank / median step time. ratio = moeplan / deepspeed tokens/s
+(> 1: moeplan faster).
+
+Prints one JSON object on stdout (progress goes to stderr). DeepSpeed runs with
+DS_ACCELERATOR=cpu (set here unless already set); when it cannot be imported or set up, its
+entries say why and moeplan's figures are still printed.
+
+Run:  python bench/bench_moe_layer.py [--world 2 4] [--iters 3] [--repeats 5] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+import traceback
+from datetime import timedelta
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------
+# the two layers
+
+
+def build_moeplan(a, k: int, cf: float, world: int, rank: int, group):
+    from moeplan.profiles.model import ModelSpec
+    from moeplan.runtime.a2a import FlatExchange
+    from moeplan.runtime.comm import Comm
+    from moeplan.runtime.model import MoE, MoEParallel
+
+    spec = ModelSpec(name="bench-moe-layer", num_layers=1, hidden=a.hidden, heads=a.hidden // 64,
+                     ffn_hidden=a.ffn, vocab_size=256, max_seq_len=a.seq, experts=[a.experts],
+                     residual=False, top_k=k, capacity_factor=cf, eval_capacity_factor=cf,
+                     min_capacity=a.min_capacity, drop_tokens=True)
+    ep = Comm(group=group, ranks=tuple(range(world)), rank_in_group=rank)
+    par = MoEParallel(ep=ep, es=Comm.solo(), exchange=FlatExchange(ep), coordinated=False)
+    torch.manual_seed(a.seed + rank)  # experts differ by rank (each rank holds E/ep of them)
+    mod = MoE(spec, a.experts, Comm.solo(), par)
+    with torch.no_grad():  # the router is replicated, as in data-parallel training
+        dist.broadcast(mod.router.weight, src=0, group=group)
+    return mod, spec
+
+
+def build_deepspeed(a, k: int, cf: float, world: int, ref):
+    """DeepSpeed's MoE with the same shapes and gating switches, weights copied from `ref`."""
+    from deepspeed.moe.layer import MoE as DSMoE
+
+    expert = nn.Sequential(nn.Linear(a.hidden, a.ffn), nn.GELU(), nn.Linear(a.ffn, a.hidden))
+    mod = DSMoE(a.hidden, expert=expert, num_experts=a.experts, ep_size=world, k=k,
+                capacity_factor=cf, eval_capacity_factor=cf, min_capacity=a.min_capacity,
+                use_residual=False, noisy_gate_policy=None, drop_tokens=True, use_rts=False,
+                use_tutel=False, enable_expert_tensor_parallelism=False,
+                top2_2nd_expert_sampling=False)
+    mod.set_deepspeed_parallelism()
+    with torch.no_grad():
+        mod.deepspeed_moe.gate.wg.weight.copy_(ref.router.weight)
+        ex = ref.experts
+        for i, e in enumerate(mod.deepspeed_moe.experts.deepspeed_experts):
+            e[0].weight.copy_(ex.w1[i].t())
+            e[0].bias.copy_(ex.b1[i])
+            e[2].weight.copy_(ex.w2[i].t())
+            e[2].bias.copy_(ex.b2[i])
+    return mod
+
+
+def _fwd(impl: str, mod, x):
+    if impl == "moeplan":
+        out, aux = mod(x)
+    else:
+        out, aux, _counts = mod(x)
+    return out, aux
+
+
+def _step(impl: str, mod, x, coef: float) -> None:
+    mod.zero_grad(set_to_none=True)
+    x.grad = None
+    out, aux = _fwd(impl, mod, x)
+    (out.sum() + coef * aux).backward()
+
+
+def _timed(impl: str, mod, x, coef: float, iters: int) -> float:
+    """Slowest rank's seconds per step over `iters` steps."""
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        _step(impl, mod, x, coef)
+    t = torch.tensor([(time.perf_counter() - t0) / iters], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def _check(mp_mod, ds_mod, x) -> dict:
+    """Forward difference moeplan vs DeepSpeed on the same input (same weights)."""
+    with torch.no_grad():
+        o1, a1 = _fwd("moeplan", mp_mod, x)
+        o2, a2 = _fwd("deepspeed", ds_mod, x)
+    r = mp_mod.last
+    diff = torch.tensor([(o1 - o2).abs().max().item(), (a1 - a2).abs().item()],
+                        dtype=torch.float64)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    drop = torch.tensor([r.dropped, r.keep_TK.numel()], dtype=torch.float64)
+    dist.all_reduce(drop)
+    return {"out_max_abs_diff": float(diff[0]), "aux_abs_diff": float(diff[1]),
+            "moeplan_dropped_fraction": round(float(drop[0] / drop[1]), 4),
+            "capacity": r.capacity}
+
+
+def _profile(impl: str, mod, x, coef: float, rows: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            _step(impl, mod, x, coef)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+# --------------------------------------------------------------------------------------------
+# one rank
+
+
+def worker(rank: int, world: int, a, port: int, queue) -> None:
+    os.dup2(2, 1)  # anything printed by the libraries goes to stderr; stdout is the JSON
+    sys.stdout = sys.stderr
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=a.timeout))
+    group = dist.new_group(list(range(world)))
+
+    ds_error = None
+    try:
+        import logging
+
+        import deepspeed
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        ds_version = deepspeed.__version__
+    except BaseException as e:  # noqa: BLE001 - any failure means "unavailable", with the reason
+        ds_error, ds_version = f"{type(e).__name__}: {e}".strip()[:500], None
+    ok = torch.tensor([0 if ds_error else 1])
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if ds_error is None and not ok.item():
+        ds_error = "deepspeed failed to import or initialise on another rank"
+
+    tokens = a.batch * a.seq
+    records = []
+    for k in a.k:
+        for cf in a.cf:
+            rec = {"world": world, "ep": world, "hidden": a.hidden, "ffn": a.ffn,
+                   "experts": a.experts, "local_experts": a.experts // world, "top_k": k,
+                   "capacity_factor": cf, "min_capacity": a.min_capacity,
+                   "tokens_per_rank": tokens, "batch": a.batch, "seq": a.seq}
+            mp_mod, spec = build_moeplan(a, k, cf, world, rank, group)
+            coef = spec.aux_loss_coef
+            mp_mod.train()
+            g = torch.Generator().manual_seed(a.seed * 1000 + rank)
+            x = torch.randn(a.batch, a.seq, a.hidden, generator=g).requires_grad_(True)
+            impls = {"moeplan": mp_mod}
+            if ds_error is None:
+                try:
+                    ds_mod = build_deepspeed(a, k, cf, world, mp_mod)
+                    ds_mod.train()
+                    impls["deepspeed"] = ds_mod
+                    rec["check"] = _check(mp_mod, ds_mod, x)
+                except Exception as e:  # noqa: BLE001
+                    rec["deepspeed"] = {"unavailable": f"{type(e).__name__}: {e}"[:500]}
+                    if rank == 0:
+                        traceback.print_exc()
+            else:
+                rec["deepspeed"] = {"unavailable": ds_error}
+            for name, mod in impls.items():
+                for _ in range(a.warmup):
+                    _step(name, mod, x, coef)
+            times = {name: [] for name in impls}
+            for _ in range(a.repeats):  # interleaved, so drift hits both alike
+                for name, mod in impls.items():
+                    times[name].append(_timed(name, mod, x, coef, a.iters))
+            for name, ts in times.items():
+                med = statistics.median(ts)
+                rec[name] = {"tokens_per_s": round(world * tokens / med, 1),
+                             "tokens_per_s_per_rank": round(tokens / med, 1),
+                             "step_ms_median": round(med * 1e3, 3),
+                             "step_ms_min": round(min(ts) * 1e3, 3),
+                             "step_ms_all": [round(t * 1e3, 3) for t in ts]}
+            if "tokens_per_s" in rec.get("deepspeed", {}):
+                rec["ratio_moeplan_over_deepspeed"] = round(
+                    rec["moeplan"]["tokens_per_s"] / rec["deepspeed"]["tokens_per_s"], 3)
+            if a.profile and rank == 0:
+                for name, mod in impls.items():
+                    print(f"\n=== profile rank 0, world {world}, k={k}, cf={cf}: {name} ===\n"
+                          + _profile(name, mod, x, coef, a.profile_rows), file=sys.stderr)
+            elif a.profile:
+                for name, mod in impls.items():
+                    for _ in range(2):
+                        _step(name, mod, x, coef)
+            if rank == 0:
+                print(f"[world {world}] k={k} cf={cf}: moeplan "
+                      f"{rec['moeplan']['tokens_per_s']:.0f} tok/s, deepspeed "
+                      f"{rec.get('deepspeed', {}).get('tokens_per_s', 'n/a')} tok/s",
+                      file=sys.stderr, flush=True)
+            records.append(rec)
+    if rank == 0:
+        queue.put({"records": records, "deepspeed_version": ds_version,
+                   "deepspeed_error": ds_error})
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world", type=int, nargs="+", default=[2, 4],
+                    help="world sizes (ranks; ep = world), one world each (default: 2 4)")
+    ap.add_argument("--iters", type=int, default=3, help="timed steps per repeat (default 3)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats; median reported")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation")
+    ap.add_argument("--quick", action="store_true",
+                    help="k=1 and k=2 at cf 1.0 only, 1 timed step x 3 repeats, 1 warm-up")
+    ap.add_argument("--k", type=int, nargs="+", default=[1, 2], choices=[1, 2])
+    ap.add_argument("--cf", type=float, nargs="+", default=[1.0, 1.25],
+                    help="capacity factors (train and eval alike)")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--ffn", type=int, default=1024)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--min-capacity", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=int, default=300, help="process-group timeout, seconds")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print a torch.profiler table per implementation (rank 0, stderr)")
+    ap.add_argument("--profile-rows", type=int, default=25)
+    a = ap.parse_args()
+    if a.quick:
+        a.cf, a.iters, a.repeats, a.warmup = [1.0], 1, 3, 1
+    for w in a.world:
+        if w < 1 or a.experts % w:
+            ap.error(f"--experts {a.experts} is not divisible by world size {w}")
+    if a.hidden % 64:
+        ap.error("--hidden must be a multiple of 64 (ModelSpec needs hidden % heads == 0)")
+
+    cores = os.cpu_count() or 1
+    notes = ["CPU only, gloo, torch.set_num_threads(1) per rank; ep = world size, es = tp = 1.",
+             "Weights: moeplan's router and experts copied into DeepSpeed's layer, so both route "
+             "the same tokens; the input is identical for both (different per rank).",
+             "DeepSpeed: use_rts=False, drop_tokens=True, noisy_gate_policy=None, "
+             "top2_2nd_expert_sampling=False (no Gumbel noise), use_tutel=False."]
+    over = [w for w in a.world if w > cores]
+    if over:
+        notes.append(f"world size(s) {over} oversubscribe this machine's {cores} cores: ranks "
+                     "time-share cores, so those figures measure contention as much as the layer.")
+
+    out = {"bench": "moe_layer_fwd_bwd_cpu", "torch": torch.__version__,
+           "python": platform.python_version(), "cpu_cores": cores,
+           "settings": {"iters": a.iters, "repeats": a.repeats, "warmup": a.warmup,
+                        "k": a.k, "capacity_factor": a.cf, "hidden": a.hidden, "ffn": a.ffn,
+                        "experts": a.experts, "batch": a.batch, "seq": a.seq,
+                        "min_capacity": a.min_capacity,
+                        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR")},
+           "notes": notes, "results": []}
+    t_all = time.perf_counter()
+    ctx = mp.get_context("spawn")
+    for w in a.world:
+        queue = ctx.SimpleQueue()
+        t0 = time.perf_counter()
+        try:
+            mp.spawn(worker, args=(w, a, _free_port(), queue), nprocs=w, join=True)
+        except Exception as e:  # noqa: BLE001
+            out["results"].append({"world": w, "error": f"{type(e).__name__}: {e}"[:2000]})
+            continue
+        got = queue.get()
+        out["deepspeed_version"] = got["deepspeed_version"] or out.get("deepspeed_version")
+        if got["deepspeed_error"]:
+            out["deepspeed_unavailable"] = got["deepspeed_error"]
+        out["results"].extend(got["records"])
+        out.setdefault("wall_s_per_world", {})[str(w)] = round(time.perf_counter() - t0, 1)
+    out["wall_s"] = round(time.perf_counter() - t_all, 1)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

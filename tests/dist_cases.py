@@ -1,0 +1,163 @@
+"""Rank-side bodies of the multi-process runtime tests (run by `dist_harness.run_world`).
+
+Each body runs many cases in one world and returns plain numbers; the tests assert on them.
+Reference: the single-device model with the same weights, run on each data-parallel shard
+separately (gating capacity depends on the tokens of one gate call), its loss averaged over the
+shards — which is what data parallelism computes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from moeplan.cost_models.layer import LayerChoice
+from moeplan.planner.planning import Request, fixed_plan
+from moeplan.profiles import load_cluster, load_model
+from moeplan.runtime.a2a import FlatExchange, HierarchicalExchange
+from moeplan.runtime.groups import build_groups
+from moeplan.runtime.infer import generate
+from moeplan.runtime.model import GPT
+from moeplan.runtime.parallel import GradSync, cut, parallelize
+
+SEQ = 16
+PER_SHARD = 2  # sequences per data-parallel shard
+
+
+def choice(ep, es=1, a2a="flat", coordinated=False):
+    return LayerChoice(ep=ep, es=es, a2a=a2a, coordinated=coordinated)
+
+
+def make_plan(world: int, tp: int, choices: dict, spec=None):
+    spec = spec or load_model("tiny-pr-moe")
+    req = Request(gpus=world, mode="train", global_batch=PER_SHARD * world // tp, seq_len=SEQ)
+    return fixed_plan(spec, load_cluster("local-cpu"), req, tp, choices)
+
+
+def _batch(dp: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (dp, PER_SHARD, SEQ + 1), generator=g)
+
+
+def _full_model(spec, seed: int = 0, skew_layer: int | None = None) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(spec)
+    if skew_layer is not None:  # all tokens tie -> expert 0; the other experts receive none
+        with torch.no_grad():
+            model.blocks[skew_layer].ffn.router.weight.zero_()
+    return model
+
+
+def parity(plan, rank: int, world: int, skew_layer: int | None = None) -> dict:
+    """Forward logits, loss and synchronised gradients vs the single-device model."""
+    groups = build_groups(plan, rank, world)
+    full = _full_model(plan.model, skew_layer=skew_layer)
+    model = parallelize(full, plan, groups)
+    data = _batch(groups.dp.size)
+    shard = data[groups.dp.rank_in_group]
+    loss, _ = model.loss(shard[:, :-1], shard[:, 1:])
+    logits, _ = model(shard[:, :-1])
+    loss.backward()
+    GradSync(model, groups)()
+    dropped = sum(b.ffn.last.dropped for b in model.blocks if hasattr(b.ffn, "last"))
+
+    ref_loss = 0.0
+    for d in range(groups.dp.size):
+        l, _ = full.loss(data[d, :, :-1], data[d, :, 1:])
+        (l / groups.dp.size).backward()
+        ref_loss += float(l.detach()) / groups.dp.size
+        if d == groups.dp.rank_in_group:
+            ref_logits, _ = full(data[d, :, :-1])
+    loss_t = torch.tensor([float(loss)])
+    dist.all_reduce(loss_t, group=groups.dp.group) if groups.dp.size > 1 else None
+    slices = model.slices()
+    full_params = dict(full.named_parameters())
+    worst, worst_name = 0.0, ""
+    for name, p in model.named_parameters():
+        if name.endswith("experts.b2") and not model.get_submodule(name[:-3]).es_rank0:
+            continue  # added by the first expert slice only; unused here
+        diff = float((p.grad - cut(full_params[name].grad, slices.get(name, ()))).abs().max())
+        if diff > worst:
+            worst, worst_name = diff, name
+    return {"logits": float((logits - ref_logits).abs().max()),
+            "loss": abs(float(loss_t) / groups.dp.size - ref_loss),
+            "grad": worst, "grad_name": worst_name, "dropped": dropped,
+            "grad_scale": max(float(p.grad.abs().max()) for p in full.parameters())}
+
+
+def exchange_exact(rank: int, world: int) -> dict:
+    """Hierarchical vs flat all-to-all on 2 emulated nodes of 2: bitwise, forward and backward."""
+    plan = make_plan(world, 1, {5: choice(4, a2a="hierarchical")})
+    groups = build_groups(plan, rank, world)
+    g = groups.moe[5]
+    torch.manual_seed(100 + rank)
+    x = torch.randn(world, 3, 5, 7, requires_grad=True)
+    dy = torch.randn(world, 3, 5, 7)
+    out = {}
+    for name, ex in (("flat", FlatExchange(g.ep)), ("hier", HierarchicalExchange(g.intra, g.inter))):
+        x.grad = None
+        y = ex(x)
+        y.backward(dy)
+        out[name] = (y.detach().clone(), x.grad.clone())
+    return {"forward_equal": torch.equal(out["flat"][0], out["hier"][0]),
+            "backward_equal": torch.equal(out["flat"][1], out["hier"][1]),
+            "moved": not torch.equal(out["flat"][0], x.detach())}
+
+
+def generation(plan, rank: int, world: int) -> dict:
+    groups = build_groups(plan, rank, world)
+    full = _full_model(plan.model)
+    model = parallelize(full, plan, groups)
+    g = torch.Generator().manual_seed(7)
+    prompts = torch.randint(0, 256, (groups.dp.size, 3, 10), generator=g)
+    mine = prompts[groups.dp.rank_in_group]
+    got = generate(model, mine, 12)
+    want = generate(full, mine, 12)
+    return {"equal": torch.equal(got, want), "tokens": got.numel()}
+
+
+def _cases4(spec) -> dict:
+    top2 = spec.model_copy(update={"top_k": 2, "capacity_factor": 1.0, "min_capacity": 1})
+    roomy = spec.model_copy(update={"capacity_factor": 4.0, "eval_capacity_factor": 4.0})
+    return {
+        "ep=E flat": make_plan(4, 1, {1: choice(2), 3: choice(2), 5: choice(4), 7: choice(4)}),
+        "ep<E mixed, hierarchical": make_plan(4, 1, {1: choice(1), 3: choice(2),
+                                                     5: choice(2), 7: choice(4, a2a="hierarchical")}),
+        "tp=2 uncoordinated": make_plan(4, 2, {1: choice(2), 5: choice(4), 7: choice(2)}),
+        "tp=2 coordinated hierarchical": make_plan(
+            4, 2, {1: choice(2, coordinated=True), 3: choice(2),
+                   5: choice(4, a2a="hierarchical", coordinated=True),
+                   7: choice(4, coordinated=True)}, spec=roomy),
+        "es=2": make_plan(4, 1, {1: choice(2, es=2), 3: choice(2, es=2), 5: choice(4)}),
+        "es=2 with tp=2": make_plan(4, 2, {1: choice(2, es=2), 3: choice(2, es=2, coordinated=True)},
+                                    spec=roomy),
+        "top-2 with drops": make_plan(4, 1, {1: choice(2), 5: choice(2),
+                                             7: choice(4, a2a="hierarchical")}, spec=top2),
+    }
+
+
+def world4(rank: int, world: int) -> dict:
+    spec = load_model("tiny-pr-moe")
+    results = {name: parity(plan, rank, world) for name, plan in _cases4(spec).items()}
+    results["skewed router (zero tokens for some experts)"] = parity(
+        make_plan(4, 1, {5: choice(4)}), rank, world, skew_layer=5)
+    results["exchange"] = exchange_exact(rank, world)
+    results["generate tp=1"] = generation(
+        make_plan(4, 1, {1: choice(2), 5: choice(4, a2a="hierarchical")}), rank, world)
+    results["generate tp=2"] = generation(make_plan(4, 2, {5: choice(4)}), rank, world)
+    return results
+
+
+def world2(rank: int, world: int) -> dict:
+    spec = load_model("tiny-pr-moe")
+    return {
+        "ep=E": parity(make_plan(2, 1, {}), rank, world),
+        "ep=1": parity(make_plan(2, 1, {i: choice(1) for i in (1, 3, 5, 7)}), rank, world),
+        "tp=2": parity(make_plan(2, 2, {}), rank, world),
+        "tp=2 coordinated": parity(make_plan(2, 2, {i: choice(2, coordinated=True)
+                                                    for i in (1, 3)},
+                                             spec=spec.model_copy(update={"capacity_factor": 4.0})),
+                                   rank, world),
+        "generate": generation(make_plan(2, 1, {}), rank, world),
+        "spec": spec.name,
+    }

@@ -145,6 +145,7 @@ def world4(rank: int, world: int) -> dict:
     results["generate tp=1"] = generation(
         make_plan(4, 1, {1: choice(2), 5: choice(4, a2a="hierarchical")}), rank, world)
     results["generate tp=2"] = generation(make_plan(4, 2, {5: choice(4)}), rank, world)
+    results["checkpoints"] = checkpoints(rank, world)
     return results
 
 
@@ -159,5 +160,62 @@ def world2(rank: int, world: int) -> dict:
                                              spec=spec.model_copy(update={"capacity_factor": 4.0})),
                                    rank, world),
         "generate": generation(make_plan(2, 1, {}), rank, world),
-        "spec": spec.name,
+        "training": training(rank, world),
     }
+
+
+def _shared_tmpdir(world: int) -> str:
+    import tempfile
+
+    box = [tempfile.mkdtemp(prefix="moeplan-ckpt-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def checkpoints(rank: int, world: int) -> dict:
+    """Save under one plan, load under others (different ep, es, tp, a2a): same outputs."""
+    from moeplan.runtime import checkpoint
+    from moeplan.runtime.run import RunConfig, build_model
+
+    root = _shared_tmpdir(world)
+    plans = {
+        "A tp=1 ep=E": make_plan(4, 1, {1: choice(2), 5: choice(4)}),
+        "B tp=2 es=2": make_plan(4, 2, {1: choice(2, es=2), 3: choice(2, es=2), 5: choice(2)}),
+        "C tp=1 ep=1/hier": make_plan(4, 1, {1: choice(1), 3: choice(1),
+                                             5: choice(4, a2a="hierarchical"), 7: choice(1)}),
+    }
+    x = _batch(1, seed=3)[0, :, :-1]
+    # move the weights away from the seeded initialisation, as training would
+    source = build_model(plans["A tp=1 ep=E"], build_groups(plans["A tp=1 ep=E"], rank, world),
+                         RunConfig(mode="train"))
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    checkpoint.save(source, f"{root}/ckpt", step=1, plan_digest="test", rank=rank, world=world)
+    full, _ = checkpoint.load_full(f"{root}/ckpt")
+    ref = GPT(plans["A tp=1 ep=E"].model)
+    from moeplan.runtime.parallel import load_full_state
+
+    load_full_state(ref, full)
+    ref.eval()
+    want, _ = ref(x)
+    out = {}
+    for name, plan in plans.items():
+        groups = build_groups(plan, rank, world)
+        model = build_model(plan, groups, RunConfig(mode="infer", load=f"{root}/ckpt"))
+        model.eval()
+        got, _ = model(x)
+        out[name] = float((got - want).abs().max())
+    source.eval()
+    out["source"] = float((source(x)[0] - want).abs().max())
+    return out
+
+
+def training(rank: int, world: int) -> dict:
+    from moeplan.runtime.run import RunConfig, execute
+
+    plan = make_plan(world, 1, {})
+    record = execute(plan, RunConfig(mode="train", steps=30, warmup=1, lr=3e-3), rank, world,
+                     log=lambda *_: None)
+    return {"losses": record.losses if record else None,
+            "comparison": len(record.comparison) if record else None}

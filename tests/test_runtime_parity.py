@@ -68,3 +68,18 @@ def test_distributed_generation_equals_single_process(world4, case):
 
 def test_distributed_generation_world2(world2):
     assert all(rank["generate"]["equal"] for rank in world2)
+
+
+def test_checkpoint_loads_under_other_plans_with_identical_outputs(world4):
+    for rank in world4:
+        c = rank["checkpoints"]
+        assert set(c) == {"A tp=1 ep=E", "B tp=2 es=2", "C tp=1 ep=1/hier", "source"}
+        assert all(v <= TOL for v in c.values()), c
+
+
+def test_training_loss_goes_down(world2):
+    losses = world2[0]["training"]["losses"]
+    assert len(losses) == 30
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.5, losses
+    assert world2[0]["training"]["comparison"] > 10  # the record carries its comparison

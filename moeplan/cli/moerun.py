@@ -1,9 +1,17 @@
-"""`moerun`: execute a plan. This release checks a plan file against its schema and world size;
-execution with torch.distributed is the runtime's work (see README, "Status")."""
+"""`moerun`: execute a plan with PyTorch on this host, then compare measured with predicted.
+
+Ranks are started by PyTorch's own elastic launcher (torch.distributed.run, i.e. torchrun) running
+`moeplan.runtime.worker`; `--print-torchrun` prints the same launch for several nodes.
+Everything the user can get wrong is checked here, before any rank starts.
+"""
 
 from __future__ import annotations
 
+import os
+import shlex
 import sys
+import tempfile
+from pathlib import Path
 
 import click
 
@@ -11,23 +19,120 @@ from moeplan.cli.errors import run
 from moeplan.errors import ConfigError
 
 
+def _load_plan(path: str, mode: str | None):
+    from moeplan.planner.plan import Plan
+    from moeplan.planner.planning import recost
+    from moeplan.profiles.zoo import parse_file
+
+    plan = parse_file(Path(path), Plan)
+    if mode is not None and mode != plan.workload.mode:
+        plan = recost(plan, mode)
+    return plan
+
+
+def _worker_args(plan_file: str, mode: str, steps: int, warmup: int, out: str, lr: float,
+                 seed: int, save: str | None, load: str | None, timeout: float,
+                 fault: str | None) -> list[str]:
+    args = ["--plan", plan_file, "--mode", mode, "--steps", str(steps), "--warmup", str(warmup),
+            "--out", out, "--lr", str(lr), "--seed", str(seed), "--timeout", str(timeout)]
+    for flag, value in (("--save", save), ("--load", load), ("--fault", fault)):
+        if value:
+            args += [flag, value]
+    return args
+
+
+def _launch(nproc: int, worker_args: list[str]) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run as torchrun
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # CPU ranks share the host's cores
+    os.environ.setdefault("LOGLEVEL", "ERROR")
+    args = get_args_parser().parse_args(
+        ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts", "0",
+         "--monitor-interval", "0.2", "--module", "moeplan.runtime.worker", *worker_args])
+    try:
+        torchrun(args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode
+        why = "killed by a signal" if code < 0 else f"exit code {code}"
+        raise click.ClickException(
+            f"rank {rank} failed ({why}); the job was stopped on all {nproc} ranks "
+            "(see that rank's message above)") from None
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False), default="plan.json",
               show_default=True, help="Plan written by `moeplan search`.")
+@click.option("--mode", type=click.Choice(["train", "infer"]), default=None,
+              help="Train or serve [default: the plan's mode; the other mode is re-costed with "
+                   "the same degrees].")
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Measured training steps, or measured generations (infer).")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Steps (generations) run first and left out of the measurements.")
+@click.option("--out", type=click.Path(dir_okay=False), default="run.json", show_default=True,
+              help="Where to write the measurements next to the predictions.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
               help="Ranks to start on this host [default: the plan's GPU count].")
-def cli(plan_path: str, nproc: int | None) -> None:
-    """Check PLAN and execute it with PyTorch (execution: not in this release)."""
-    from pathlib import Path
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3,
+              show_default=True, help="AdamW learning rate (after a linear warm-up).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Weight initialisation and data order.")
+@click.option("--save", type=click.Path(file_okay=False), default=None,
+              help="Write a plan-independent checkpoint here at the end.")
+@click.option("--load", type=click.Path(file_okay=False), default=None,
+              help="Start from a checkpoint written under any plan of the same model.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
+              help="Seconds a collective may wait for a peer before the job fails.")
+@click.option("--print-torchrun", is_flag=True,
+              help="Print the equivalent multi-node torchrun command and exit.")
+@click.option("--fault", default=None, hidden=True, help="RANK:STEP: that rank exits (tests).")
+def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeout,
+        print_torchrun, fault) -> None:
+    """Execute PLAN with torch.distributed (gloo on CPU, NCCL on CUDA), measure every layer and
+    phase, write OUT, and print measured against predicted."""
+    plan = _load_plan(plan_path, mode)
+    mode = plan.workload.mode
+    world = plan.cluster.gpus
+    if nproc is not None and nproc != world:
+        raise ConfigError(f"plan {plan_path} is for {world} ranks, --nproc is {nproc}")
+    if load:
+        from moeplan.runtime.checkpoint import read_manifest
 
-    from moeplan.planner.plan import Plan
-    from moeplan.profiles.zoo import parse_file
+        manifest = read_manifest(load)
+        if manifest["model"] != plan.model.model_dump(mode="json"):
+            raise ConfigError(f"checkpoint {load} holds model {manifest['model'].get('name')}, "
+                              f"the plan has {plan.model.name}")
+    if fault is not None and (len(fault.split(":")) != 2
+                              or not all(x.isdigit() for x in fault.split(":"))):
+        raise ConfigError(f"--fault must be RANK:STEP, got {fault!r}")
+    with tempfile.TemporaryDirectory(prefix="moerun-") as tmp:
+        plan_file = plan_path
+        if mode != _load_plan(plan_path, None).workload.mode:  # re-costed: ranks read this one
+            plan_file = str(Path(tmp) / "plan.json")
+            Path(plan_file).write_text(plan.to_json())
+        wargs = _worker_args(plan_file, mode, steps, warmup, out, lr, seed, save, load, timeout,
+                             fault)
+        if print_torchrun:
+            G, nodes = plan.cluster.gpus_per_node, plan.cluster.nodes
+            per_node = min(G, world)
+            click.echo(shlex.join(
+                ["torchrun", "--nnodes", str(nodes), "--nproc-per-node", str(per_node),
+                 "--rdzv-backend", "c10d", "--rdzv-endpoint", "${MASTER_ADDR}:29500",
+                 "--rdzv-id", "moerun", "-m", "moeplan.runtime.worker", *wargs]).replace(
+                     "'${MASTER_ADDR}:29500'", "${MASTER_ADDR}:29500"))
+            return
+        click.echo(f"moerun: {mode} {plan.model.name} on {world} ranks "
+                   f"(tp={plan.parallel.tp} dp={plan.parallel.dp}), {steps} measured "
+                   f"{'steps' if mode == 'train' else 'generations'} after {warmup} warm-up",
+                   err=True)
+        _launch(world, wargs)
+    from moeplan.cli.render import print_comparison
+    from moeplan.planner.record import RunRecord
 
-    p = parse_file(Path(plan_path), Plan)
-    if nproc is not None and nproc != p.cluster.gpus:
-        raise ConfigError(f"plan {plan_path} is for {p.cluster.gpus} ranks, --nproc is {nproc}")
-    raise ConfigError(f"plan {plan_path} is valid ({p.cluster.gpus} ranks, tp={p.parallel.tp}); "
-                      "executing plans is not implemented in this release")
+    record = RunRecord.model_validate_json(Path(out).read_text())
+    print_comparison(plan, record, out)
 
 
 def main() -> None:

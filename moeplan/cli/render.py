@@ -37,6 +37,14 @@ def _seconds(t: float) -> str:
     return f"{t * 1e6:.1f} us"
 
 
+def _bytes(n: float) -> str:
+    """Binary units, picked so that small models do not print 0.00 GiB."""
+    for unit, size in (("GiB", GiB), ("MiB", 2.0 ** 20), ("KiB", 2.0 ** 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
 def _signature(layer: LayerPlan) -> tuple:
     return (layer.kind, layer.experts, layer.ep, layer.es, layer.edp, layer.a2a,
             layer.a2a_tp_coordinated, round(layer.predicted.time_s, 12))
@@ -92,7 +100,7 @@ def print_plan(p: Plan, result, out: str, elapsed_s: float) -> None:
                       str(layer.ep) if moe else "-", str(layer.es) if moe else "-",
                       str(layer.edp) if moe else "-", _a2a_text(layer),
                       _seconds(layer.predicted.time_s),
-                      f"{sum(layer.predicted.memory_bytes.values()) / GiB:.2f} GiB")
+                      _bytes(sum(layer.predicted.memory_bytes.values())))
     con.print(table)
     batch = (f"global batch {w.global_batch} x {w.seq_len} tokens, micro-batch {w.micro_batch}"
              if w.mode == "train" else
@@ -108,8 +116,8 @@ def print_plan(p: Plan, result, out: str, elapsed_s: float) -> None:
         con.print(f"predicted per-token latency {_seconds(pr.latency_s)}, prefill "
                   f"{_seconds(pr.prefill_s)}, {pr.tokens_per_s:,.0f} tokens/s")
     terms = sorted(pr.memory_breakdown_bytes.items(), key=lambda kv: -kv[1])[:4]
-    con.print(f"memory per GPU {pr.memory_per_gpu_bytes / GiB:.1f} GiB ("
-              + ", ".join(f"{k.replace('_', ' ')} {v / GiB:.1f}" for k, v in terms) + ")")
+    con.print(f"memory per GPU {_bytes(pr.memory_per_gpu_bytes)} ("
+              + ", ".join(f"{k.replace('_', ' ')} {_bytes(v)}" for k, v in terms) + ")")
     reasons = [(n, l.runner_up) for n, l in layer_groups(p) if l.runner_up]
     for numbers, why in reasons:
         con.print(f"  layers {describe_layers(numbers)}: next best {why}")
@@ -170,3 +178,27 @@ def print_clusters(rows: list[dict]) -> None:
                       f"{r['peak_flops'] / 1e12:.0f} TFLOP/s {r['dtype']}",
                       f"{r['intra_Bps'] / 1e9:.0f} GB/s", f"{r['inter_Bps_per_gpu'] / 1e9:.0f} GB/s")
     _console().print(table)
+
+
+def print_comparison(p: Plan, record, out: str) -> None:
+    """moerun's closing table: each measured figure beside the plan's prediction."""
+    con = _console()
+    unit = "per step" if record.mode == "train" else "per generated token"
+    table = _table(f"{p.model.name}, {record.world} ranks, {record.device}/{record.backend}: "
+                   f"measured vs predicted {unit}",
+                   ["scope", "figure", "predicted", "measured", "error"])
+    for row in record.comparison:
+        fmt = (lambda v: f"{v:,.0f}") if row.phase == "tokens/s" else _seconds
+        err = "-" if row.rel_error is None else f"{row.rel_error * 100:+.0f}%"
+        table.add_row(row.scope, row.phase, fmt(row.predicted), fmt(row.measured), err)
+    con.print(table)
+    m = record.measured
+    drops = [(l.index, l.dropped, l.routed) for l in record.layers if l.kind == "moe"]
+    con.print("dropped tokens: " + ", ".join(
+        f"layer {i} {d}/{r} ({100 * d / r:.1f}%)" if r else f"layer {i} -" for i, d, r in drops))
+    con.print(f"peak memory {_bytes(m.peak_memory_bytes)} ({m.memory_kind}); predicted "
+              f"{_bytes(p.predicted.memory_per_gpu_bytes)} per GPU")
+    if record.losses:
+        con.print(f"loss {record.losses[0]:.4f} -> {record.losses[-1]:.4f} over "
+                  f"{len(record.losses)} steps; held-out loss {record.eval_loss:.4f}")
+    con.print(f"wrote {out}")

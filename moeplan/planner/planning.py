@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from moeplan import __version__
 from moeplan.cost_models.layer import Env
 from moeplan.cost_models.workload import Workload
-from moeplan.errors import ConfigError
+from moeplan.errors import ConfigError, MoeplanError
 from moeplan.planner import plan as P
 from moeplan.planner.search import Candidate, Objective, SearchResult, search
 from moeplan.profiles.cluster import ClusterProfile
@@ -37,6 +37,17 @@ class Request:
     gen_len: int | None = None
     dtype: str | None = None
     zero_stage: int = 1
+
+
+def infer_lengths(spec: ModelSpec, r: Request) -> tuple[int, int]:
+    """(prompt, generated) lengths: as asked, else 512 + 128, scaled to 3/4 + 1/4 of the model's
+    positions for models with fewer than 640."""
+    if r.prompt_len is not None or r.gen_len is not None:
+        return r.prompt_len or DEFAULT_PROMPT_LEN, r.gen_len or DEFAULT_GEN_LEN
+    if DEFAULT_PROMPT_LEN + DEFAULT_GEN_LEN <= spec.max_seq_len:
+        return DEFAULT_PROMPT_LEN, DEFAULT_GEN_LEN
+    prompt = spec.max_seq_len * 3 // 4
+    return prompt, spec.max_seq_len - prompt
 
 
 def _check(spec: ModelSpec, cluster: ClusterProfile, r: Request) -> None:
@@ -67,7 +78,7 @@ def _check(spec: ModelSpec, cluster: ClusterProfile, r: Request) -> None:
             raise ConfigError("--seq-len applies to training; for inference use --prompt-len and --gen-len")
         if r.slo_ms is not None and (r.objective or "latency") == "latency":
             raise ConfigError("--slo-ms needs --objective throughput (latency already minimises it)")
-        total = (r.prompt_len or DEFAULT_PROMPT_LEN) + (r.gen_len or DEFAULT_GEN_LEN)
+        total = sum(infer_lengths(spec, r))
         if total > spec.max_seq_len:
             raise ConfigError(f"--prompt-len + --gen-len = {total} exceeds {spec.name}'s "
                               f"{spec.max_seq_len} positions")
@@ -85,7 +96,7 @@ def make_env(spec: ModelSpec, cluster: ClusterProfile, r: Request) -> tuple[Env,
                      seq_len=r.seq_len or spec.max_seq_len, dtype=dtype, zero_stage=r.zero_stage)
         objective = Objective("throughput")
     else:
-        prompt, gen = r.prompt_len or DEFAULT_PROMPT_LEN, r.gen_len or DEFAULT_GEN_LEN
+        prompt, gen = infer_lengths(spec, r)
         name = r.objective or "latency"
         batch = r.global_batch or (r.gpus if name == "latency" else 1)
         w = Workload(mode="infer", global_batch=batch, micro_batch=1, seq_len=prompt + gen,
@@ -206,3 +217,25 @@ def fixed_plan(spec: ModelSpec, cluster: ClusterProfile, r: Request, tp: int,
                      memory_bytes=head.memory_bytes + sum(e.cost.memory_bytes for e in layers)
                      + max([head.transient_bytes] + [e.cost.transient_bytes for e in layers]))
     return to_plan(env, objective, SearchResult(best=cand, stats=SearchStats()))
+
+
+def recost(p: P.Plan, mode: str) -> P.Plan:
+    """The same degrees costed for another mode (train <-> infer), with that mode's defaults.
+
+    Needs the cluster profile the plan was made with: a built-in one, matched by name and digest."""
+    from moeplan.cost_models.layer import LayerChoice
+    from moeplan.profiles.zoo import load_cluster
+
+    try:
+        cluster = load_cluster(p.cluster.name)
+    except MoeplanError:
+        cluster = None
+    if cluster is None or P.digest(cluster) != p.cluster.profile_digest:
+        raise ConfigError(f"the plan is for --mode {p.workload.mode} on profile {p.cluster.name}, "
+                          f"which is not built in; run `moeplan search --mode {mode}` with that "
+                          "profile for a plan to run")
+    choices = {layer.index - 1: LayerChoice(ep=layer.ep, es=layer.es, a2a=layer.a2a,
+                                            coordinated=bool(layer.a2a_tp_coordinated))
+               for layer in p.layers if layer.kind == "moe"}
+    r = Request(gpus=p.cluster.gpus, mode=mode)
+    return fixed_plan(p.model, cluster, r, p.parallel.tp, choices)

@@ -34,6 +34,7 @@ class Routing:
     capacity: int
     aux_loss: torch.Tensor
     dropped: int  # choices dropped for capacity
+    routed: int  # choices of real tokens (tokens × k)
 
     @property
     def tokens(self) -> int:
@@ -84,7 +85,8 @@ def gate(logits_TE: torch.Tensor, top_k: int, cap: int, valid_T: torch.Tensor | 
         denom = weight_TK.sum(-1, keepdim=True).clamp(min=torch.finfo(weight_TK.dtype).eps)
         weight_TK = weight_TK / denom
     dropped = int((valid[:, None] & ~keep_TK).sum())
-    return Routing(expert_TK, slot_TK, keep_TK, weight_TK, cap, aux, dropped)
+    routed = int(valid.sum()) * top_k
+    return Routing(expert_TK, slot_TK, keep_TK, weight_TK, cap, aux, dropped, routed)
 
 
 def dispatch(x_TH: torch.Tensor, r: Routing, experts: int) -> torch.Tensor:

@@ -4,6 +4,9 @@ parameterised by a `Parallel` context that `parallelize` fills in.
 Legend: B batch, S sequence, H hidden, F FFN width, A local heads, D head dim, T tokens (B·S),
 E experts (global), L local experts, C capacity, P expert-parallel group size.
 
+`self.timer.to(x, phase)` marks where one cost-model phase ends and the next begins (see
+timers.py); the default timer does nothing.
+
 Every module reports `slices()`: for each parameter, how its local tensor is cut from the full
 (single-device) one — a tuple of (dim, start, stop). That is the one description used to shard a
 full model, to compare sharded gradients with single-device ones, and to write and read
@@ -24,6 +27,7 @@ from moeplan.runtime import comm as C
 from moeplan.runtime import gating
 from moeplan.runtime.a2a import FlatExchange
 from moeplan.runtime.comm import Comm
+from moeplan.runtime.timers import NULL_TIMER
 
 Slice = tuple[tuple[int, int, int], ...]
 
@@ -56,6 +60,8 @@ def _part(n: int, comm: Comm) -> tuple[int, int]:
 class Attention(nn.Module):
     """Causal self-attention; heads split over tp (q/k/v by rows, projection by columns)."""
 
+    timer = NULL_TIMER
+
     def __init__(self, h: int, heads: int, tp: Comm):
         super().__init__()
         self.tp, self.d = tp, h // heads
@@ -73,7 +79,8 @@ class Attention(nn.Module):
 
     def forward(self, x_BSH: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         B, S, _ = x_BSH.shape
-        x = C.copy_to(x_BSH, self.tp)
+        t = self.timer
+        x = t.to(C.copy_to(t.to(x_BSH, "tp_comm"), self.tp), "attention")
         q, k, v = (m(x).view(B, S, -1, self.d).transpose(1, 2) for m in (self.q, self.k, self.v))
         past = cache is not None and "k" in cache
         if past:
@@ -85,11 +92,13 @@ class Attention(nn.Module):
         # a single new token attends to the whole cache; a prompt attends causally
         y_BASD = F.scaled_dot_product_attention(q, k, v, is_causal=not past and S > 1)
         y = self.proj(y_BASD.transpose(1, 2).reshape(B, S, -1))
-        return C.reduce_from(y, self.tp) + self.proj_bias
+        return t.to(C.reduce_from(t.to(y, "tp_comm"), self.tp), "attention") + self.proj_bias
 
 
 class MLP(nn.Module):
     """h -> F -> h with GELU; F split over tp (fc1 by rows, fc2 by columns)."""
+
+    timer = NULL_TIMER
 
     def __init__(self, h: int, f: int, tp: Comm):
         super().__init__()
@@ -105,8 +114,10 @@ class MLP(nn.Module):
                 "fc2_bias": ()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc2(F.gelu(self.fc1(C.copy_to(x, self.tp))))
-        return C.reduce_from(y, self.tp) + self.fc2_bias
+        t = self.timer
+        x = t.to(C.copy_to(t.to(x, "tp_comm"), self.tp), "mlp")
+        y = self.fc2(F.gelu(self.fc1(x)))
+        return t.to(C.reduce_from(t.to(y, "tp_comm"), self.tp), "mlp") + self.fc2_bias
 
 
 class Experts(nn.Module):
@@ -137,6 +148,8 @@ class Experts(nn.Module):
 
 class MoE(nn.Module):
     """Router + experts + (optionally) the PR-MoE residual MLP and its mixing coefficient."""
+
+    timer = NULL_TIMER
 
     def __init__(self, spec: ModelSpec, experts: int, tp: Comm, par: MoEParallel):
         super().__init__()
@@ -175,12 +188,13 @@ class MoE(nn.Module):
         logits_TE = F.linear(xr_TH.float(), self.router.weight.float())  # fp32 router
         r = gating.gate(logits_TE, self.spec.top_k, cap, valid_T, reduce)
         self.last = r
-        buf_ECH = gating.dispatch(xr_TH, r, self.E)
-        y_ECH = self._experts(buf_ECH)
+        t = self.timer
+        buf_ECH = gating.dispatch(t.to(xr_TH, "dispatch"), r, self.E)
+        y_ECH = t.to(self._experts(buf_ECH), "combine")
         out_TH = gating.combine(y_ECH, r)
         if self.par.coordinated and self.tp.size > 1:
-            out_TH = C.gather_from(out_TH, self.tp, dim=0)[: B * S]
-        out = out_TH.view(B, S, H)
+            out_TH = C.gather_from(t.to(out_TH, "tp_comm"), self.tp, dim=0)[: B * S]
+        out = t.to(out_TH, "mlp").view(B, S, H)
         if self.residual is not None:
             c = F.softmax(self.coef(x_BSH), dim=-1)
             out = out * c[..., :1] + self.residual(x_BSH) * c[..., 1:]
@@ -191,17 +205,22 @@ class MoE(nn.Module):
         P, es = self.par.ep.size, self.par.es
         E, Cap, H = buf_ECH.shape
         L = E // P
-        recv = self.par.exchange(buf_ECH.reshape(P, L, Cap, H))  # [source, L, C, H]
-        x_LMH = recv.transpose(0, 1).reshape(L, P * Cap, H)
-        x_LMH = C.gather_rows(x_LMH, es, dim=1)
-        y_LMH = C.reduce_scatter_rows(self.experts(x_LMH), es, dim=1)
-        back = y_LMH.reshape(L, P, Cap, H).transpose(0, 1).contiguous()
+        t = self.timer
+        recv = self.par.exchange(t.to(buf_ECH.reshape(P, L, Cap, H), "dispatch_a2a"))
+        x_LMH = recv.transpose(0, 1).reshape(L, P * Cap, H)  # [source, L, C, H] -> [L, P·C, H]
+        x_LMH = t.to(C.gather_rows(t.to(x_LMH, "es_comm"), es, dim=1), "experts")
+        y_LMH = self.experts(x_LMH)
+        y_LMH = C.reduce_scatter_rows(t.to(y_LMH, "es_comm"), es, dim=1)
+        back = t.to(y_LMH, "combine_a2a").reshape(L, P, Cap, H).transpose(0, 1).contiguous()
         return self.par.exchange(back).reshape(E, Cap, H)
 
 
 class Block(nn.Module):
+    timer = NULL_TIMER
+
     def __init__(self, spec: ModelSpec, index: int, par: Parallel):
         super().__init__()
+        self.index = index
         h = spec.hidden
         self.ln1, self.ln2 = nn.LayerNorm(h), nn.LayerNorm(h)
         self.attn = Attention(h, spec.heads, par.tp)
@@ -215,14 +234,18 @@ class Block(nn.Module):
         return out
 
     def forward(self, x, cache=None):
+        self.timer.layer = self.index
+        x = self.timer.to(x, "attention")
         x = x + self.attn(self.ln1(x), cache)
-        y = self.ffn(self.ln2(x))
+        y = self.ffn(self.ln2(self.timer.to(x, "gate" if isinstance(self.ffn, MoE) else "mlp")))
         if isinstance(y, tuple):
             return x + y[0], y[1]
         return x + y, None
 
 
 class GPT(nn.Module):
+    timer = NULL_TIMER
+
     def __init__(self, spec: ModelSpec, par: Parallel | None = None):
         super().__init__()
         par = par or Parallel()
@@ -250,6 +273,8 @@ class GPT(nn.Module):
             x, a = block(x, None if caches is None else caches[i])
             if a is not None:
                 aux = aux + a
+        self.timer.layer = "head"
+        x = self.timer.to(x, "head")
         logits = F.linear(self.ln_f(x), self.wte.weight)  # tied LM head
         return logits, aux
 

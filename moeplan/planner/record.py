@@ -1,0 +1,111 @@
+"""`RunRecord` (run.json): what a run measured, and its comparison with the plan's predictions.
+
+Pure (no torch) so that reports and validation can read runs without the runtime. Times are
+seconds per training step (train) or per generated token (infer), as in the plan; per-phase
+figures are the mean over ranks (the max is kept beside it: the slowest rank sets the pace).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from moeplan.planner.plan import Plan
+
+RUN_SCHEMA_VERSION = 1
+
+
+class LayerMeasure(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    index: int  # 1-based, as in the plan
+    kind: Literal["dense", "moe"]
+    phases_s: dict[str, float]
+    phases_max_s: dict[str, float]
+    dropped: int = 0  # choices dropped for capacity, summed over ranks and measured passes
+    routed: int = 0  # choices routed (tokens × k), summed likewise
+
+
+class Measured(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    step_time_s: float | None = None
+    latency_s: float | None = None
+    prefill_s: float | None = None
+    tokens_per_s: float
+    grad_sync_s: float | None = None
+    optimizer_s: float | None = None
+    peak_memory_bytes: float
+    memory_kind: str  # "cuda max allocated" or "cpu peak rss (whole process)"
+    head_phases_s: dict[str, float]
+
+
+class Comparison(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    scope: str  # "step", "layer 2", "layers (sum)"
+    phase: str
+    predicted: float
+    measured: float
+    rel_error: float | None  # (measured - predicted) / predicted
+
+
+class RunRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    schema_version: Literal[1] = RUN_SCHEMA_VERSION
+    plan_digest: str
+    mode: Literal["train", "infer"]
+    world: int
+    backend: str
+    device: str
+    measured_steps: int
+    warmup_steps: int
+    measured: Measured
+    layers: list[LayerMeasure]
+    losses: list[float] = []
+    eval_loss: float | None = None
+    comparison: list[Comparison] = []
+
+
+def rel_error(predicted: float, measured: float) -> float | None:
+    return (measured - predicted) / predicted if predicted > 0 else None
+
+
+def _row(scope: str, phase: str, predicted: float, measured: float) -> Comparison:
+    return Comparison(scope=scope, phase=phase, predicted=predicted, measured=measured,
+                      rel_error=rel_error(predicted, measured))
+
+
+def compare(plan: Plan, run: RunRecord) -> list[Comparison]:
+    """Rows: the headline figure, each phase summed over layers, then each layer's total."""
+    pred, meas = plan.predicted, run.measured
+    rows: list[Comparison] = []
+    if run.mode == "train":
+        rows.append(_row("step", "step time", pred.step_time_s or 0.0, meas.step_time_s or 0.0))
+    else:
+        rows.append(_row("token", "decode latency", pred.latency_s or 0.0, meas.latency_s or 0.0))
+        rows.append(_row("batch", "prefill", pred.prefill_s or 0.0, meas.prefill_s or 0.0))
+    rows.append(_row("step", "tokens/s", pred.tokens_per_s, meas.tokens_per_s))
+    predicted_phase: dict[str, float] = {}
+    measured_phase: dict[str, float] = {}
+    for lp, lm in zip(plan.layers, run.layers):
+        for k, v in lp.predicted.phases_s.items():
+            predicted_phase[k] = predicted_phase.get(k, 0.0) + v
+        for k, v in lm.phases_s.items():
+            measured_phase[k] = measured_phase.get(k, 0.0) + v
+    if run.mode == "train":
+        measured_phase["grad_sync"] = meas.grad_sync_s or 0.0
+        measured_phase["optimizer"] = meas.optimizer_s or 0.0
+        for k in ("grad_sync", "optimizer"):
+            predicted_phase[k] = predicted_phase.get(k, 0.0) + pred.head_phases_s.get(k, 0.0)
+    predicted_phase["head"] = pred.head_phases_s.get("head", 0.0)
+    measured_phase["head"] = meas.head_phases_s.get("head", 0.0)
+    for k in sorted(set(predicted_phase) | set(measured_phase)):
+        p, m = predicted_phase.get(k, 0.0), measured_phase.get(k, 0.0)
+        if p > 0 or m > 0:
+            rows.append(_row("all layers", k, p, m))
+    for lp, lm in zip(plan.layers, run.layers):
+        p = sum(v for k, v in lp.predicted.phases_s.items()
+                if k not in ("grad_sync", "optimizer"))
+        m = sum(v for k, v in lm.phases_s.items())
+        rows.append(_row(f"layer {lp.index}", f"{lp.kind} forward+backward" if run.mode == "train"
+                         else f"{lp.kind} per token", p, m))
+    return rows

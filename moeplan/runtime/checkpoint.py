@@ -1,0 +1,120 @@
+"""Plan-independent checkpoints, written in parallel and atomically.
+
+Layout of a checkpoint directory:
+  manifest.json   format, step, model spec, full shape of every parameter, the writing plan
+  rank{r}.pt      {name: (slices, tensor)} for the pieces that rank r owns
+Every parameter is described by the `slices()` of the modules that hold it: a tensor-sliced weight
+is a range of rows or columns of the full one, expert weights are ranges of the expert dimension —
+so a piece is keyed by global expert id and position, never by the writer's ranks. Each distinct
+piece is written once (by the lowest rank that holds it). Loading assembles the full tensors from
+all pieces and cuts what the reading plan needs, whatever its ep / es / tp / dp.
+
+Atomicity: ranks write into `<dir>.tmp`, rank 0 writes the manifest last and renames the directory
+into place (replacing an older checkpoint only after the new one is complete).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moeplan.errors import ConfigError
+from moeplan.runtime.model import GPT
+
+FORMAT = "moeplan-checkpoint-1"
+
+
+def _pieces(model: GPT) -> dict[str, tuple[tuple, torch.Tensor]]:
+    slices = model.slices()
+    out = {}
+    for name, p in model.named_parameters():
+        spec = slices.get(name, ())
+        if name.endswith("experts.b2") and not model.get_submodule(name[:-3]).es_rank0:
+            spec = spec + (("unused",),)  # only the first expert slice adds b2
+        out[name] = (spec, p.detach().cpu().clone())
+    return out
+
+
+def _owned(mine: dict, rank: int, world: int) -> dict:
+    """The pieces no lower rank holds (keys compared across ranks by their slice description)."""
+    keys = {name: spec for name, (spec, _) in mine.items()}
+    everyone = [None] * world
+    if world > 1:
+        dist.all_gather_object(everyone, keys)
+    else:
+        everyone = [keys]
+    taken = set()
+    for r in range(rank):
+        taken |= set(everyone[r].items())
+    return {name: piece for name, piece in mine.items()
+            if (name, piece[0]) not in taken and piece[0][-1:] != (("unused",),)}
+
+
+def save(model: GPT, directory: str | Path, step: int, plan_digest: str, rank: int,
+         world: int) -> Path:
+    final = Path(directory)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if world > 1:
+        dist.barrier()
+    torch.save(_owned(_pieces(model), rank, world), tmp / f"rank{rank}.pt")
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        full_shapes = {}
+        for name, p in GPT(model.spec).named_parameters():
+            full_shapes[name] = list(p.shape)
+        manifest = {"format": FORMAT, "step": step, "world": world, "plan_digest": plan_digest,
+                    "model": model.spec.model_dump(mode="json"), "shapes": full_shapes}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        old = final.with_name(final.name + ".old")
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+    return final
+
+
+def read_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / "manifest.json"
+    if not path.is_file():
+        raise ConfigError(f"no checkpoint at {directory} (missing {path.name})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"checkpoint manifest {path} is not JSON: {e.msg}") from None
+    if manifest.get("format") != FORMAT:
+        raise ConfigError(f"{path} is not a {FORMAT} manifest")
+    return manifest
+
+
+def load_full(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The full (single-device) state and the manifest."""
+    manifest = read_manifest(directory)
+    full = {name: torch.zeros(shape) for name, shape in manifest["shapes"].items()}
+    covered = {name: torch.zeros(shape, dtype=torch.bool) for name, shape in
+               manifest["shapes"].items()}
+    for r in range(manifest["world"]):
+        path = Path(directory) / f"rank{r}.pt"
+        if not path.is_file():
+            raise ConfigError(f"checkpoint {directory} is incomplete: {path.name} is missing")
+        for name, (spec, tensor) in torch.load(path, weights_only=True).items():
+            view, mask = full[name], covered[name]
+            for dim, start, stop in spec:
+                view = view.narrow(dim, start, stop - start)
+                mask = mask.narrow(dim, start, stop - start)
+            view.copy_(tensor)
+            mask.fill_(True)
+    for name, mask in covered.items():
+        if not mask.all():
+            raise ConfigError(f"checkpoint {directory} does not cover all of {name}")
+    return full, manifest

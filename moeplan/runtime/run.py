@@ -1,0 +1,285 @@
+"""Execute a plan on this rank: build groups and the sharded model, train or serve, measure.
+
+Called by the worker that `moerun` launches (one per rank); returns the `RunRecord` on rank 0.
+Measurement: a `PhaseTimer` attributes forward and backward time to (layer, phase); step time,
+gradient sync and optimizer are timed around their calls after a barrier; every figure is gathered
+to rank 0, which reports the mean over ranks (and the max, for the slowest rank).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass
+from statistics import median
+
+import torch
+import torch.distributed as dist
+
+from moeplan.errors import ConfigError
+from moeplan.planner.plan import Plan, digest
+from moeplan.planner.record import LayerMeasure, Measured, RunRecord, compare
+from moeplan.runtime import checkpoint
+from moeplan.runtime.data import Batches, stdlib_corpus
+from moeplan.runtime.groups import Groups, build_groups
+from moeplan.runtime.infer import generate
+from moeplan.runtime.model import GPT, MoE
+from moeplan.runtime.parallel import GradSync, load_full_state, parallel_context
+from moeplan.runtime.timers import NULL_TIMER, PhaseTimer, instrument
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    mode: str
+    steps: int = 10
+    warmup: int = 1
+    lr: float = 3e-3
+    clip: float = 1.0
+    seed: int = 0
+    save: str | None = None
+    load: str | None = None
+    fault: tuple[int, int] | None = None  # (rank, step): that rank exits there (tests)
+
+
+def build_model(plan: Plan, groups: Groups, cfg: RunConfig) -> GPT:
+    """The sharded model: weights from a checkpoint, or the seeded single-device initialisation
+    (identical on every rank, so the sharded model equals the single-device one)."""
+    if cfg.load:
+        full, manifest = checkpoint.load_full(cfg.load)
+        if manifest["model"] != plan.model.model_dump(mode="json"):
+            spec = manifest["model"].get("name", "?")
+            raise ConfigError(f"checkpoint {cfg.load} holds model {spec}, the plan has "
+                              f"{plan.model.name} (or a different configuration of it)")
+    else:
+        torch.manual_seed(cfg.seed)
+        full = GPT(plan.model).state_dict()
+    model = GPT(plan.model, parallel_context(plan, groups))
+    load_full_state(model, full)
+    return model
+
+
+def _moe_layers(model: GPT) -> dict[int, MoE]:
+    return {i: b.ffn for i, b in enumerate(model.blocks) if isinstance(b.ffn, MoE)}
+
+
+class _Drops:
+    def __init__(self, model: GPT):
+        self.moe = _moe_layers(model)
+        self.dropped: dict[int, int] = defaultdict(int)
+        self.routed: dict[int, int] = defaultdict(int)
+
+    def add(self) -> None:
+        for i, m in self.moe.items():
+            r = m.last
+            self.dropped[i] += r.dropped
+            self.routed[i] += r.routed
+
+
+def _clip(model: GPT, full_numel: dict[str, int], world: int, max_norm: float) -> float:
+    """Clip by the global norm; a piece replicated on n ranks counts 1/n on each."""
+    sq = torch.zeros(1, dtype=torch.float64)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            replicas = world * p.numel() / full_numel[name]
+            sq += p.grad.double().pow(2).sum() / replicas
+    if world > 1:
+        dist.all_reduce(sq)
+    norm = math.sqrt(float(sq))
+    if norm > max_norm:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _peak_memory(cuda: bool) -> tuple[float, str]:
+    if cuda:
+        return float(torch.cuda.max_memory_allocated()), "cuda max allocated"
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), \
+        "cpu peak rss (whole process)"
+
+
+def _gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> dict:
+    w = plan.workload
+    cuda = next(model.parameters()).is_cuda
+    dev = next(model.parameters()).device
+    data = Batches(stdlib_corpus(), w.seq_len, seed=cfg.seed)
+    micro_steps = w.global_batch // (plan.parallel.dp * w.micro_batch)
+    sync = GradSync(model, groups)
+    full_numel = {n: p.numel() for n, p in GPT(plan.model).named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    warm = max(1, cfg.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    timer = PhaseTimer(cuda)
+    instrument(model, timer)
+    drops = _Drops(model)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    losses, step_s, sync_s, opt_s = [], [], [], []
+    model.train()
+    for step in range(cfg.steps):
+        if cfg.fault and cfg.fault == (groups.rank, step):
+            os._exit(17)
+        measured = step >= cfg.warmup
+        if step == cfg.warmup:
+            timer.reset()
+            drops = _Drops(model)
+        _barrier(groups.world)
+        t0 = time.perf_counter()
+        total = 0.0
+        for m in range(micro_steps):
+            batch = data.batch(step, m, groups.dp.rank_in_group, w.micro_batch).to(dev)
+            timer.begin()
+            with autocast:
+                loss, _ = model.loss(batch[:, :-1], batch[:, 1:])
+            timer.end()
+            timer.begin_backward()
+            (loss / micro_steps).backward()
+            timer.end_backward()
+            drops.add()
+            total += float(loss.detach()) / micro_steps
+        t1 = timer._now()
+        sync()
+        t2 = timer._now()
+        _clip(model, full_numel, groups.world, cfg.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        t3 = timer._now()
+        losses.append(total)
+        if measured:
+            step_s.append(t3 - t0)
+            sync_s.append(t2 - t1)
+            opt_s.append(t3 - t2)
+        log(f"step {step + 1}/{cfg.steps}  loss {total:.4f}  {t3 - t0:.3f} s"
+            + ("" if measured else "  (warm-up)"))
+    n = max(1, cfg.steps - cfg.warmup)
+    with torch.no_grad():
+        model.eval()
+        batch = data.eval_batch(w.micro_batch).to(dev)
+        eval_loss = float(model.loss(batch[:, :-1], batch[:, 1:])[0])
+    instrument(model, NULL_TIMER)
+    return {"phases": {k: v / n for k, v in timer.totals().items()},
+            "step_s": median(step_s) if step_s else float("nan"),
+            "grad_sync_s": median(sync_s) if sync_s else 0.0,
+            "optimizer_s": median(opt_s) if opt_s else 0.0,
+            "dropped": dict(drops.dropped), "routed": dict(drops.routed),
+            "losses": losses, "eval_loss": eval_loss, "steps": n}
+
+
+def infer(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> dict:
+    w = plan.workload
+    cuda = next(model.parameters()).is_cuda
+    dev = next(model.parameters()).device
+    data = Batches(stdlib_corpus(), w.seq_len, seed=cfg.seed)
+    prompts = data.prompts(w.micro_batch, w.prompt_len, groups.dp.rank_in_group).to(dev)
+    timer = PhaseTimer(cuda)
+    instrument(model, timer)
+    drops = _Drops(model)
+    stamps: list[float] = []
+
+    def on_token(i: int) -> None:
+        stamps.append(timer._now())
+        if i == 0:  # decode phases only from here on
+            timer.reset()
+            timer.begin()
+            drops.__init__(model)
+        else:
+            drops.add()
+
+    latencies, prefills = [], []
+    for rep in range(cfg.warmup + max(1, cfg.steps)):
+        if cfg.fault and cfg.fault == (groups.rank, rep):
+            os._exit(17)
+        _barrier(groups.world)
+        stamps.clear()
+        timer.begin()
+        t0 = timer._now()
+        out = generate(model, prompts, w.gen_len, on_token)
+        if rep >= cfg.warmup:
+            prefills.append(stamps[0] - t0)
+            latencies.append((stamps[-1] - stamps[0]) / max(1, w.gen_len - 1))
+        log(f"generation {rep + 1}: {out.shape[0]} x {out.shape[1]} tokens, prefill "
+            f"{(stamps[0] - t0) * 1e3:.1f} ms, {latencies[-1] * 1e3 if latencies else 0:.2f} "
+            f"ms/token" + ("  (warm-up)" if rep < cfg.warmup else ""))
+    # the timer holds the phases of the last generation's decode tokens
+    per_token = max(1, w.gen_len - 1)
+    return {"phases": {k: v / per_token for k, v in timer.totals().items()},
+            "latency_s": median(latencies), "prefill_s": median(prefills),
+            "dropped": dict(drops.dropped), "routed": dict(drops.routed),
+            "sample": bytes(out[0].clamp(0, 255).tolist()).decode("utf-8", "replace")}
+
+
+def execute(plan: Plan, cfg: RunConfig, rank: int, world: int, log=print) -> RunRecord | None:
+    cuda = torch.cuda.is_available()
+    groups = build_groups(plan, rank, world)
+    model = build_model(plan, groups, cfg)
+    if cuda:
+        model = model.cuda()
+    say = log if rank == 0 else (lambda *_: None)
+    result = (train if cfg.mode == "train" else infer)(plan, model, groups, cfg, say)
+    if cfg.save:
+        checkpoint.save(model, cfg.save, cfg.steps, digest(plan), rank, world)
+        say(f"saved checkpoint {cfg.save}")
+    peak, kind = _peak_memory(cuda)
+    everyone = _gather({**result, "peak": peak}, world)
+    if rank != 0:
+        return None
+    return _record(plan, cfg, everyone, kind, "nccl" if cuda else "gloo",
+                   torch.cuda.get_device_name() if cuda else "cpu")
+
+
+def _record(plan: Plan, cfg: RunConfig, ranks: list[dict], memory_kind: str, backend: str,
+            device: str) -> RunRecord:
+    world = len(ranks)
+    layers = []
+    for lp in plan.layers:
+        i = lp.index - 1
+        keys = {ph for r in ranks for (layer, ph) in r["phases"] if layer == i}
+        mean = {ph: sum(r["phases"].get((i, ph), 0.0) for r in ranks) / world for ph in keys}
+        worst = {ph: max(r["phases"].get((i, ph), 0.0) for r in ranks) for ph in keys}
+        layers.append(LayerMeasure(
+            index=lp.index, kind=lp.kind, phases_s=dict(sorted(mean.items())),
+            phases_max_s=dict(sorted(worst.items())),
+            dropped=sum(r["dropped"].get(i, 0) for r in ranks),
+            routed=sum(r["routed"].get(i, 0) for r in ranks)))
+    head = sum(r["phases"].get(("head", "head"), 0.0) for r in ranks) / world
+    w = plan.workload
+    r0 = ranks[0]
+    if cfg.mode == "train":
+        step = max(r["step_s"] for r in ranks)
+        measured = Measured(step_time_s=step, tokens_per_s=w.global_batch * w.seq_len / step,
+                            grad_sync_s=sum(r["grad_sync_s"] for r in ranks) / world,
+                            optimizer_s=sum(r["optimizer_s"] for r in ranks) / world,
+                            peak_memory_bytes=max(r["peak"] for r in ranks),
+                            memory_kind=memory_kind, head_phases_s={"head": head})
+        extra = {"losses": r0["losses"], "eval_loss": r0["eval_loss"],
+                 "measured_steps": r0["steps"]}
+    else:
+        latency = max(r["latency_s"] for r in ranks)
+        measured = Measured(latency_s=latency, prefill_s=max(r["prefill_s"] for r in ranks),
+                            tokens_per_s=w.global_batch / latency,
+                            peak_memory_bytes=max(r["peak"] for r in ranks),
+                            memory_kind=memory_kind, head_phases_s={"head": head})
+        extra = {"measured_steps": max(1, cfg.steps)}
+    record = RunRecord(plan_digest=digest(plan), mode=cfg.mode, world=world, backend=backend,
+                       device=device, warmup_steps=cfg.warmup, measured=measured, layers=layers,
+                       **extra)
+    record.comparison = compare(plan, record)
+    return record

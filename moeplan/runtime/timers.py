@@ -1,0 +1,106 @@
+"""Per-layer, per-phase timers for forward and backward.
+
+The model calls `timer.to(x, phase)` where one phase ends and the next begins (the names are the
+cost model's: attention, tp_comm, gate, dispatch, dispatch_a2a, es_comm, experts, combine_a2a,
+combine, mlp; `head` for embedding, LM head and loss). In forward that closes the running phase.
+The call also threads `x` through an identity autograd function whose backward closes the running
+backward phase and switches back to the phase that preceded the marker in forward — so backward
+time is attributed at the same boundaries, measured, not scaled from forward.
+On CUDA every boundary synchronises the device first (timing is then exact but slower); on CPU the
+gloo collectives are synchronous, so wall-clock stamps are exact already.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+
+Key = tuple[object, str]  # (0-based layer index or "head", phase)
+HEAD: Key = ("head", "head")
+
+
+class NullTimer:
+    """The default: no bookkeeping, no synchronisation."""
+
+    layer: object = "head"
+
+    def to(self, x: torch.Tensor, phase: str) -> torch.Tensor:
+        return x
+
+
+NULL_TIMER = NullTimer()
+
+
+class _Mark(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, timer, prev):
+        ctx.timer, ctx.prev = timer, prev
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.timer._switch_backward(ctx.prev)
+        return g, None, None
+
+
+class PhaseTimer:
+    def __init__(self, cuda: bool = False):
+        self.cuda = cuda
+        self.layer: object = "head"
+        self.forward_s: dict[Key, float] = defaultdict(float)
+        self.backward_s: dict[Key, float] = defaultdict(float)
+        self._cur, self._t0 = HEAD, 0.0
+        self._bcur, self._bt0 = HEAD, 0.0
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def reset(self) -> None:
+        self.forward_s.clear()
+        self.backward_s.clear()
+
+    # forward -----------------------------------------------------------------------------
+    def begin(self) -> None:
+        self.layer, self._cur, self._t0 = "head", HEAD, self._now()
+
+    def to(self, x: torch.Tensor, phase: str) -> torch.Tensor:
+        now = self._now()
+        self.forward_s[self._cur] += now - self._t0
+        prev, self._cur, self._t0 = self._cur, (self.layer, phase), now
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _Mark.apply(x, self, prev)
+        return x
+
+    def end(self) -> None:
+        self.forward_s[self._cur] += self._now() - self._t0
+        self.layer, self._cur = "head", HEAD
+
+    # backward ----------------------------------------------------------------------------
+    def begin_backward(self) -> None:
+        self._bcur, self._bt0 = HEAD, self._now()
+
+    def _switch_backward(self, prev: Key) -> None:
+        now = self._now()
+        self.backward_s[self._bcur] += now - self._bt0
+        self._bcur, self._bt0 = prev, now
+
+    def end_backward(self) -> None:
+        self._switch_backward(HEAD)
+
+    def totals(self) -> dict[Key, float]:
+        out: dict[Key, float] = defaultdict(float)
+        for table in (self.forward_s, self.backward_s):
+            for k, v in table.items():
+                out[k] += v
+        return dict(out)
+
+
+def instrument(model: torch.nn.Module, timer) -> None:
+    """Give every module that marks phases the same timer (NULL_TIMER to switch off)."""
+    for m in model.modules():
+        if hasattr(type(m), "timer"):
+            m.timer = timer

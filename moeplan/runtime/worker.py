@@ -1,0 +1,78 @@
+"""The per-rank entry point that `moerun` starts through torch.distributed.run (torchrun).
+
+    torchrun --nproc-per-node N -m moeplan.runtime.worker --plan plan.json --out run.json
+
+Reads RANK / WORLD_SIZE / LOCAL_RANK from the launcher, joins the process group with a bounded
+timeout (a dead or stuck peer ends the job instead of hanging it), runs the plan and, on rank 0,
+writes run.json atomically. A user error ends the rank with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moeplan.errors import MoeplanError
+from moeplan.planner.plan import Plan
+from moeplan.runtime.run import RunConfig, execute
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="moeplan.runtime.worker")
+    p.add_argument("--plan", required=True)
+    p.add_argument("--mode", choices=["train", "infer"], required=True)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="run.json")
+    p.add_argument("--save")
+    p.add_argument("--load")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--fault", help="RANK:STEP - that rank exits at that step (for tests)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        torch.set_num_threads(1)
+    try:
+        plan = Plan.model_validate_json(Path(a.plan).read_text())
+        fault = tuple(int(x) for x in a.fault.split(":")) if a.fault else None
+        cfg = RunConfig(mode=a.mode, steps=a.steps, warmup=a.warmup, lr=a.lr, seed=a.seed,
+                        save=a.save, load=a.load, fault=fault)
+        if world > 1:
+            dist.init_process_group("nccl" if cuda else "gloo",
+                                    timeout=timedelta(seconds=a.timeout))
+        record = execute(plan, cfg, rank, world, log=lambda m: print(m, flush=True))
+        if record is not None:
+            out = Path(a.out)
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(record.model_dump_json(indent=2) + "\n")
+            tmp.replace(out)
+        if world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+    except MoeplanError as e:
+        print(f"moerun rank {rank}: {e}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as e:  # a peer died or a collective timed out: say so on one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"moerun rank {rank}: {type(e).__name__}: {first}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

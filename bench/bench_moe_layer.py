@@ -125,15 +125,19 @@ def _step(impl: str, mod, x, coef: float) -> None:
     (out.sum() + coef * aux).backward()
 
 
-def _timed(impl: str, mod, x, coef: float, iters: int) -> float:
-    """Slowest rank's seconds per step over `iters` steps."""
+def _timed(impl: str, mod, x, coef: float, iters: int) -> tuple[float, float]:
+    """(slowest rank's wall seconds per step, mean over ranks of the process's CPU seconds per
+    step) over `iters` steps. CPU time (all threads of a rank, gloo's included) does not count
+    time spent preempted or blocked, so it is steadier than wall time on a busy machine."""
     dist.barrier()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(iters):
         _step(impl, mod, x, coef)
-    t = torch.tensor([(time.perf_counter() - t0) / iters], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
+    wall = torch.tensor([(time.perf_counter() - t0) / iters], dtype=torch.float64)
+    cpu = torch.tensor([(time.process_time() - c0) / iters], dtype=torch.float64)
+    dist.all_reduce(wall, op=dist.ReduceOp.MAX)
+    dist.all_reduce(cpu)
+    return float(wall), float(cpu) / dist.get_world_size()
 
 
 def _check(mp_mod, ds_mod, x, coef: float) -> dict:
@@ -232,22 +236,30 @@ def worker(rank: int, world: int, a, port: int, queue) -> None:
                 for _ in range(a.warmup):
                     _step(name, mod, x, coef)
             times = {name: [] for name in impls}
+            cpus = {name: [] for name in impls}
             for _ in range(a.repeats):  # interleaved, so drift hits both alike
                 for name, mod in impls.items():
-                    times[name].append(_timed(name, mod, x, coef, a.iters))
+                    wall, cpu = _timed(name, mod, x, coef, a.iters)
+                    times[name].append(wall)
+                    cpus[name].append(cpu)
             for name, ts in times.items():
                 med = statistics.median(ts)
                 rec[name] = {"tokens_per_s": round(world * tokens / med, 1),
                              "tokens_per_s_per_rank": round(tokens / med, 1),
                              "step_ms_median": round(med * 1e3, 3),
                              "step_ms_min": round(min(ts) * 1e3, 3),
-                             "step_ms_all": [round(t * 1e3, 3) for t in ts]}
+                             "step_ms_all": [round(t * 1e3, 3) for t in ts],
+                             "cpu_ms_per_step_per_rank_median":
+                                 round(statistics.median(cpus[name]) * 1e3, 3)}
             if "tokens_per_s" in rec.get("deepspeed", {}):
                 m, d = rec["moeplan"], rec["deepspeed"]
                 rec["ratio_moeplan_over_deepspeed"] = round(m["tokens_per_s"] / d["tokens_per_s"],
                                                             3)
                 # from the fastest repeat of each: less sensitive to other load on the machine
                 rec["ratio_best_repeat"] = round(d["step_ms_min"] / m["step_ms_min"], 3)
+                # CPU cost per step (deepspeed / moeplan): > 1 means moeplan needs less CPU
+                rec["ratio_cpu_time"] = round(d["cpu_ms_per_step_per_rank_median"]
+                                              / m["cpu_ms_per_step_per_rank_median"], 3)
             if a.profile and rank == 0:
                 for name, mod in impls.items():
                     print(f"\n=== profile rank 0, world {world}, k={k}, cf={cf}: {name} ===\n"

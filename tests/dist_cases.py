@@ -215,7 +215,7 @@ def training(rank: int, world: int) -> dict:
     from moeplan.runtime.run import RunConfig, execute
 
     plan = make_plan(world, 1, {})
-    record = execute(plan, RunConfig(mode="train", steps=30, warmup=1, lr=3e-3), rank, world,
+    record = execute(plan, RunConfig(mode="train", steps=29, warmup=1, lr=3e-3), rank, world,
                      log=lambda *_: None)
     return {"losses": record.losses if record else None,
             "comparison": len(record.comparison) if record else None}

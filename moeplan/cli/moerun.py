@@ -7,6 +7,7 @@ Everything the user can get wrong is checked here, before any rank starts.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import sys
@@ -42,11 +43,12 @@ def _worker_args(plan_file: str, mode: str, steps: int, warmup: int, out: str, l
 
 
 def _launch(nproc: int, worker_args: list[str]) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # CPU ranks share the host's cores
+    os.environ.setdefault("LOGLEVEL", "ERROR")  # read by torchrun's logger when it is imported
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run as torchrun
 
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # CPU ranks share the host's cores
-    os.environ.setdefault("LOGLEVEL", "ERROR")
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
     args = get_args_parser().parse_args(
         ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts", "0",
          "--monitor-interval", "0.2", "--module", "moeplan.runtime.worker", *worker_args])
@@ -56,9 +58,9 @@ def _launch(nproc: int, worker_args: list[str]) -> None:
         rank, failure = e.get_first_failure()
         code = failure.exitcode
         why = "killed by a signal" if code < 0 else f"exit code {code}"
-        raise click.ClickException(
-            f"rank {rank} failed ({why}); the job was stopped on all {nproc} ranks "
-            "(see that rank's message above)") from None
+        click.echo(f"moerun: error: rank {rank} failed ({why}); the job was stopped on all "
+                   f"{nproc} ranks (see that rank's message above)", err=True)
+        sys.exit(2 if code == 2 else 1)  # 2: the rank refused its input; 1: it failed running
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -68,7 +70,7 @@ def _launch(nproc: int, worker_args: list[str]) -> None:
               help="Train or serve [default: the plan's mode; the other mode is re-costed with "
                    "the same degrees].")
 @click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Measured training steps, or measured generations (infer).")
+              help="Measured training steps, or measured generations (infer), after warm-up.")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
               help="Steps (generations) run first and left out of the measurements.")
 @click.option("--out", type=click.Path(dir_okay=False), default="run.json", show_default=True,
@@ -98,12 +100,9 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
     if nproc is not None and nproc != world:
         raise ConfigError(f"plan {plan_path} is for {world} ranks, --nproc is {nproc}")
     if load:
-        from moeplan.runtime.checkpoint import read_manifest
+        from moeplan.runtime.checkpoint import check_model, read_manifest
 
-        manifest = read_manifest(load)
-        if manifest["model"] != plan.model.model_dump(mode="json"):
-            raise ConfigError(f"checkpoint {load} holds model {manifest['model'].get('name')}, "
-                              f"the plan has {plan.model.name}")
+        check_model(read_manifest(load), plan.model, load)
     if fault is not None and (len(fault.split(":")) != 2
                               or not all(x.isdigit() for x in fault.split(":"))):
         raise ConfigError(f"--fault must be RANK:STEP, got {fault!r}")

@@ -118,3 +118,13 @@ def load_full(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         if not mask.all():
             raise ConfigError(f"checkpoint {directory} does not cover all of {name}")
     return full, manifest
+
+
+def check_model(manifest: dict, spec, directory: str | Path) -> None:
+    """Refuse a checkpoint of another model, naming the first field that differs."""
+    want = spec.model_dump(mode="json")
+    have = manifest.get("model", {})
+    for key in sorted(set(want) | set(have)):
+        if want.get(key) != have.get(key):
+            raise ConfigError(f"checkpoint {directory} is of another model: {key} "
+                              f"{have.get(key)!r} there, {want.get(key)!r} in the plan")

@@ -20,7 +20,6 @@ from statistics import median
 import torch
 import torch.distributed as dist
 
-from moeplan.errors import ConfigError
 from moeplan.planner.plan import Plan, digest
 from moeplan.planner.record import LayerMeasure, Measured, RunRecord, compare
 from moeplan.runtime import checkpoint
@@ -49,11 +48,8 @@ def build_model(plan: Plan, groups: Groups, cfg: RunConfig) -> GPT:
     """The sharded model: weights from a checkpoint, or the seeded single-device initialisation
     (identical on every rank, so the sharded model equals the single-device one)."""
     if cfg.load:
-        full, manifest = checkpoint.load_full(cfg.load)
-        if manifest["model"] != plan.model.model_dump(mode="json"):
-            spec = manifest["model"].get("name", "?")
-            raise ConfigError(f"checkpoint {cfg.load} holds model {spec}, the plan has "
-                              f"{plan.model.name} (or a different configuration of it)")
+        checkpoint.check_model(checkpoint.read_manifest(cfg.load), plan.model, cfg.load)
+        full, _ = checkpoint.load_full(cfg.load)
     else:
         torch.manual_seed(cfg.seed)
         full = GPT(plan.model).state_dict()
@@ -125,7 +121,8 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> dict:
     sync = GradSync(model, groups)
     full_numel = {n: p.numel() for n, p in GPT(plan.model).named_parameters()}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
-    warm = max(1, cfg.steps // 10)
+    total_steps = cfg.warmup + cfg.steps
+    warm = max(1, total_steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     timer = PhaseTimer(cuda)
     instrument(model, timer)
@@ -133,7 +130,7 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     losses, step_s, sync_s, opt_s = [], [], [], []
     model.train()
-    for step in range(cfg.steps):
+    for step in range(total_steps):
         if cfg.fault and cfg.fault == (groups.rank, step):
             os._exit(17)
         measured = step >= cfg.warmup
@@ -167,9 +164,9 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> dict:
             step_s.append(t3 - t0)
             sync_s.append(t2 - t1)
             opt_s.append(t3 - t2)
-        log(f"step {step + 1}/{cfg.steps}  loss {total:.4f}  {t3 - t0:.3f} s"
+        log(f"step {step + 1}/{total_steps}  loss {total:.4f}  {t3 - t0:.3f} s"
             + ("" if measured else "  (warm-up)"))
-    n = max(1, cfg.steps - cfg.warmup)
+    n = cfg.steps
     with torch.no_grad():
         model.eval()
         batch = data.eval_batch(w.micro_batch).to(dev)
@@ -204,7 +201,7 @@ def infer(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> dict:
             drops.add()
 
     latencies, prefills = [], []
-    for rep in range(cfg.warmup + max(1, cfg.steps)):
+    for rep in range(cfg.warmup + cfg.steps):
         if cfg.fault and cfg.fault == (groups.rank, rep):
             os._exit(17)
         _barrier(groups.world)
@@ -277,7 +274,7 @@ def _record(plan: Plan, cfg: RunConfig, ranks: list[dict], memory_kind: str, bac
                             tokens_per_s=w.global_batch / latency,
                             peak_memory_bytes=max(r["peak"] for r in ranks),
                             memory_kind=memory_kind, head_phases_s={"head": head})
-        extra = {"measured_steps": max(1, cfg.steps)}
+        extra = {"measured_steps": cfg.steps}
     record = RunRecord(plan_digest=digest(plan), mode=cfg.mode, world=world, backend=backend,
                        device=device, warmup_steps=cfg.warmup, measured=measured, layers=layers,
                        **extra)

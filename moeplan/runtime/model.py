@@ -15,7 +15,6 @@ plan-independent checkpoints.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -133,8 +132,8 @@ class Experts(nn.Module):
         self.b1 = nn.Parameter(torch.zeros(L, Fl))
         self.w2 = nn.Parameter(torch.empty(L, Fl, h))
         self.b2 = nn.Parameter(torch.zeros(L, h))
-        for w, fan_in in ((self.w1, h), (self.w2, f)):
-            nn.init.uniform_(w, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        nn.init.normal_(self.w1, std=0.02)
+        nn.init.normal_(self.w2, std=0.02)
 
     def slices(self) -> dict[str, Slice]:
         e, f = (0, self.e0, self.e1), (self.f0, self.f1)
@@ -254,6 +253,13 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(spec.max_seq_len, spec.hidden)
         self.blocks = nn.ModuleList(Block(spec, i, par) for i in range(spec.num_layers))
         self.ln_f = nn.LayerNorm(spec.hidden)
+        # GPT-2 initialisation: N(0, 0.02) weights, zero biases (a shared bias would give every
+        # token the same preferred expert at step 0)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         nn.init.normal_(self.wte.weight, std=0.02)
         nn.init.normal_(self.wpe.weight, std=0.02)
 

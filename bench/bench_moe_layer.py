@@ -8,14 +8,22 @@ same tokens; `check` in each record gives the forward difference between the two
 
 Loss per step: out.sum() + aux_loss_coef * aux_loss, backward into the input, the router and the
 experts. Step time of one repeat = the slowest rank's wall time over `--iters` steps / iters;
-tokens/s = world * tokens_per_rank / median step time. ratio = moeplan / deepspeed tokens/s
-(> 1: moeplan faster).
+tokens/s = world * tokens_per_rank / median step time over `--repeats` repeats (after
+`--warmup` untimed steps). Per configuration:
+  ratio_moeplan_over_deepspeed  moeplan / deepspeed tokens/s from the medians (> 1: moeplan faster)
+  ratio_best_repeat             the same from each side's fastest repeat
+  ratio_cpu_time                deepspeed / moeplan CPU seconds per step per rank (process time,
+                                gloo threads included; not inflated by time spent preempted)
+  check                         output / aux-loss / input-gradient differences between the two
+foreign_cpu_share is the share of the machine's CPU time used by other processes during each
+world's run; when it is not near 0 the wall-clock medians are disturbed.
 
 Prints one JSON object on stdout (progress goes to stderr). DeepSpeed runs with
 DS_ACCELERATOR=cpu (set here unless already set); when it cannot be imported or set up, its
 entries say why and moeplan's figures are still printed.
 
-Run:  python bench/bench_moe_layer.py [--world 2 4] [--iters 3] [--repeats 5] [--quick]
+Run:  python bench/bench_moe_layer.py [--world 2 4] [--iters 2] [--repeats 7] [--quick]
+      [--k 1 2] [--cf 1.0 1.25] [--profile]
 """
 
 from __future__ import annotations

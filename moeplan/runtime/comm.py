@@ -68,92 +68,43 @@ def _slice(x: torch.Tensor, comm: Comm, dim: int) -> torch.Tensor:
     return x.chunk(comm.size, dim=dim)[comm.rank_in_group].contiguous()
 
 
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, comm):
-        ctx.comm = comm
-        return _a2a(x, comm)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _a2a(g, ctx.comm), None
+def _identity(x: torch.Tensor, comm: Comm, dim: int) -> torch.Tensor:
+    return x.view_as(x)
 
 
-class _CopyTo(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, comm):
-        ctx.comm = comm
-        return x.view_as(x)
+def _conjugate(name: str, forward, backward) -> type:
+    """An autograd Function whose forward and backward are the given collectives."""
 
-    @staticmethod
-    def backward(ctx, g):
-        return _allreduce(g, ctx.comm), None
-
-
-class _ReduceFrom(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, comm):
-        return _allreduce(x, comm)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
-
-
-class _GatherFrom(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, comm, dim):
+    def fwd(ctx, x, comm, dim):
         ctx.comm, ctx.dim = comm, dim
-        return _allgather(x, comm, dim)
+        return forward(x, comm, dim)
 
-    @staticmethod
-    def backward(ctx, g):
-        return _slice(g, ctx.comm, ctx.dim), None, None
+    def bwd(ctx, g):
+        return backward(g, ctx.comm, ctx.dim), None, None
 
-
-class _SplitTo(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, comm, dim):
-        ctx.comm, ctx.dim = comm, dim
-        return _slice(x, comm, dim)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _allgather(g, ctx.comm, ctx.dim), None, None
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd),
+                                                   "backward": staticmethod(bwd)})
 
 
-class _GatherRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, comm, dim):
-        ctx.comm, ctx.dim = comm, dim
-        return _allgather(x, comm, dim)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _reduce_scatter(g, ctx.comm, ctx.dim), None, None
-
-
-class _ReduceScatterRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, comm, dim):
-        ctx.comm, ctx.dim = comm, dim
-        return _reduce_scatter(x, comm, dim)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _allgather(g, ctx.comm, ctx.dim), None, None
+_AllToAll = _conjugate("_AllToAll", lambda x, c, d: _a2a(x, c), lambda g, c, d: _a2a(g, c))
+_CopyTo = _conjugate("_CopyTo", _identity, lambda g, c, d: _allreduce(g, c))
+_ReduceFrom = _conjugate("_ReduceFrom", lambda x, c, d: _allreduce(x, c), _identity)
+_GatherFrom = _conjugate("_GatherFrom", _allgather, _slice)
+_SplitTo = _conjugate("_SplitTo", _slice, _allgather)
+_GatherRows = _conjugate("_GatherRows", _allgather, _reduce_scatter)
+_ReduceScatterRows = _conjugate("_ReduceScatterRows", _reduce_scatter, _allgather)
 
 
 def all_to_all(x: torch.Tensor, comm: Comm) -> torch.Tensor:
-    return x if comm.size == 1 else _AllToAll.apply(x, comm)
+    return x if comm.size == 1 else _AllToAll.apply(x, comm, 0)
 
 
 def copy_to(x: torch.Tensor, comm: Comm) -> torch.Tensor:
-    return x if comm.size == 1 else _CopyTo.apply(x, comm)
+    return x if comm.size == 1 else _CopyTo.apply(x, comm, 0)
 
 
 def reduce_from(x: torch.Tensor, comm: Comm) -> torch.Tensor:
-    return x if comm.size == 1 else _ReduceFrom.apply(x, comm)
+    return x if comm.size == 1 else _ReduceFrom.apply(x, comm, 0)
 
 
 def gather_from(x: torch.Tensor, comm: Comm, dim: int = 0) -> torch.Tensor:

@@ -123,3 +123,24 @@ def test_print_torchrun(work, monkeypatch, capsys):
     assert code == 0
     assert out.startswith("torchrun --nnodes 1 --nproc-per-node 2 --rdzv-backend c10d")
     assert "-m moeplan.runtime.worker --plan plan.json --mode train" in out
+
+
+def test_validate_compares_and_refuses_foreign_runs(work, monkeypatch, capsys):
+    from moeplan.cli import main as moeplan_cli
+
+    d, _ = work
+    monkeypatch.chdir(d)
+    code, out, _ = invoke(moeplan_cli, ["validate", "plan.json", "run.json", "--json"],
+                          monkeypatch, capsys)
+    assert code == 0
+    report = json.loads(out)
+    assert report["summary"]["step"]["count"] == 1
+    assert report["summary"]["phases"]["median_abs_error"] >= 0
+    assert any(r["phase"] == "step time" for r in report["rows"])
+    # the inference run was measured for the re-costed plan moerun wrote beside it
+    assert (d / "infer.plan.json").exists()
+    code, _, _ = invoke(moeplan_cli, ["validate", "infer.plan.json", "infer.json"], monkeypatch,
+                        capsys)
+    assert code == 0
+    code, _, err = invoke(moeplan_cli, ["validate", "plan.json", "infer.json"], monkeypatch, capsys)
+    assert code == 2 and "measured for another plan" in err

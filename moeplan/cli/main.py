@@ -132,6 +132,30 @@ def schema(what: str) -> None:
     click.echo(json.dumps(cls.model_json_schema(), indent=2, sort_keys=True))
 
 
+@cli.command()
+@click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False))
+@click.argument("run_path", metavar="RUN", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def validate(plan_path: str, run_path: str, as_json: bool) -> None:
+    """Compare what RUN (run.json from moerun) measured with what PLAN predicted."""
+    from moeplan.cli import render
+    from moeplan.planner.plan import Plan
+    from moeplan.planner.record import RunRecord, check_pair, compare, summarize
+    from moeplan.profiles.zoo import parse_file
+
+    plan = parse_file(Path(plan_path), Plan)
+    record = parse_file(Path(run_path), RunRecord)
+    check_pair(plan, record)
+    rows = compare(plan, record)
+    summary = summarize(rows)
+    if as_json:
+        click.echo(json.dumps({"plan": plan_path, "run": run_path, "summary": summary,
+                               "rows": [r.model_dump() for r in rows]}, indent=2, sort_keys=True))
+        return
+    render.print_comparison(plan, record.model_copy(update={"comparison": rows}), None)
+    render.print_error_summary(summary)
+
+
 def main() -> None:
     run(cli, "moeplan")
 

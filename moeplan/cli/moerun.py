@@ -11,7 +11,6 @@ import logging
 import os
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -106,27 +105,28 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
     if fault is not None and (len(fault.split(":")) != 2
                               or not all(x.isdigit() for x in fault.split(":"))):
         raise ConfigError(f"--fault must be RANK:STEP, got {fault!r}")
-    with tempfile.TemporaryDirectory(prefix="moerun-") as tmp:
-        plan_file = plan_path
-        if mode != _load_plan(plan_path, None).workload.mode:  # re-costed: ranks read this one
-            plan_file = str(Path(tmp) / "plan.json")
-            Path(plan_file).write_text(plan.to_json())
-        wargs = _worker_args(plan_file, mode, steps, warmup, out, lr, seed, save, load, timeout,
-                             fault)
-        if print_torchrun:
-            G, nodes = plan.cluster.gpus_per_node, plan.cluster.nodes
-            per_node = min(G, world)
-            click.echo(shlex.join(
-                ["torchrun", "--nnodes", str(nodes), "--nproc-per-node", str(per_node),
-                 "--rdzv-backend", "c10d", "--rdzv-endpoint", "${MASTER_ADDR}:29500",
-                 "--rdzv-id", "moerun", "-m", "moeplan.runtime.worker", *wargs]).replace(
-                     "'${MASTER_ADDR}:29500'", "${MASTER_ADDR}:29500"))
-            return
-        click.echo(f"moerun: {mode} {plan.model.name} on {world} ranks "
-                   f"(tp={plan.parallel.tp} dp={plan.parallel.dp}), {steps} measured "
-                   f"{'steps' if mode == 'train' else 'generations'} after {warmup} warm-up",
-                   err=True)
-        _launch(world, wargs)
+    plan_file = plan_path
+    if mode != _load_plan(plan_path, None).workload.mode:
+        # re-costed: the ranks, and `moeplan validate` later, read this plan
+        plan_file = str(Path(out).with_suffix(".plan.json"))
+        Path(plan_file).write_text(plan.to_json())
+        click.echo(f"moerun: the plan re-costed for --mode {mode} is {plan_file}", err=True)
+    wargs = _worker_args(plan_file, mode, steps, warmup, out, lr, seed, save, load, timeout,
+                         fault)
+    if print_torchrun:
+        G, nodes = plan.cluster.gpus_per_node, plan.cluster.nodes
+        per_node = min(G, world)
+        click.echo(shlex.join(
+            ["torchrun", "--nnodes", str(nodes), "--nproc-per-node", str(per_node),
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", "${MASTER_ADDR}:29500",
+             "--rdzv-id", "moerun", "-m", "moeplan.runtime.worker", *wargs]).replace(
+                 "'${MASTER_ADDR}:29500'", "${MASTER_ADDR}:29500"))
+        return
+    click.echo(f"moerun: {mode} {plan.model.name} on {world} ranks "
+               f"(tp={plan.parallel.tp} dp={plan.parallel.dp}), {steps} measured "
+               f"{'steps' if mode == 'train' else 'generations'} after {warmup} warm-up",
+               err=True)
+    _launch(world, wargs)
     from moeplan.cli.render import print_comparison
     from moeplan.planner.record import RunRecord
 

@@ -180,7 +180,7 @@ def print_clusters(rows: list[dict]) -> None:
     _console().print(table)
 
 
-def print_comparison(p: Plan, record, out: str) -> None:
+def print_comparison(p: Plan, record, out: str | None) -> None:
     """moerun's closing table: each measured figure beside the plan's prediction."""
     con = _console()
     unit = "per step" if record.mode == "train" else "per generated token"
@@ -201,4 +201,15 @@ def print_comparison(p: Plan, record, out: str) -> None:
     if record.losses:
         con.print(f"loss {record.losses[0]:.4f} -> {record.losses[-1]:.4f} over "
                   f"{len(record.losses)} steps; held-out loss {record.eval_loss:.4f}")
-    con.print(f"wrote {out}")
+    if out:
+        con.print(f"wrote {out}")
+
+
+def print_error_summary(summary: dict) -> None:
+    con = _console()
+    for name, label in (("step", "step / token time"), ("phases", "phases (all layers)"),
+                        ("layers", "layers")):
+        s = summary[name]
+        if s["count"]:
+            con.print(f"{label}: median |error| {s['median_abs_error'] * 100:.1f}%, worst "
+                      f"{s['worst_abs_error'] * 100:.1f}% over {s['count']} figures")

@@ -109,3 +109,32 @@ def compare(plan: Plan, run: RunRecord) -> list[Comparison]:
         rows.append(_row(f"layer {lp.index}", f"{lp.kind} forward+backward" if run.mode == "train"
                          else f"{lp.kind} per token", p, m))
     return rows
+
+
+def summarize(rows: list[Comparison]) -> dict:
+    """Median and worst |relative error| of the step figure, the phases and the layers."""
+    def stats(selected: list[Comparison]) -> dict:
+        errs = sorted(abs(r.rel_error) for r in selected if r.rel_error is not None)
+        if not errs:
+            return {"count": 0, "median_abs_error": None, "worst_abs_error": None}
+        mid = len(errs) // 2
+        med = errs[mid] if len(errs) % 2 else (errs[mid - 1] + errs[mid]) / 2
+        return {"count": len(errs), "median_abs_error": med, "worst_abs_error": errs[-1]}
+
+    headline = [r for r in rows if r.phase in ("step time", "decode latency")]
+    phases = [r for r in rows if r.scope == "all layers"]
+    layers = [r for r in rows if r.scope.startswith("layer ")]
+    return {"step": stats(headline), "phases": stats(phases), "layers": stats(layers),
+            "all": stats(rows)}
+
+
+def check_pair(plan: Plan, run: RunRecord) -> None:
+    """Refuse a run that was not measured for this plan."""
+    from moeplan.errors import ConfigError
+    from moeplan.planner.plan import digest
+
+    if run.plan_digest != digest(plan):
+        raise ConfigError(f"the run was measured for another plan (run {run.plan_digest[:19]}…, "
+                          f"plan {digest(plan)[:19]}…)")
+    if run.world != plan.cluster.gpus:
+        raise ConfigError(f"the run used {run.world} ranks, the plan {plan.cluster.gpus}")

@@ -2,7 +2,9 @@
 
 Compares moeplan's index-based dispatch/combine (gating.dispatch / gating.combine: O(S·k·M) data
 movement plus zero-filling the [E, C, M] buffer the experts need anyway) with the one-hot einsum
-formulation of GShard / DeepSpeed's TopKGate (a dense [S, E, C] combine tensor: O(S·E·C·M)),
+formulation of GShard and of the gating DeepSpeed-MoE's kernels replaced (a dense [S, E, C] combine
+tensor: O(S·E·C·M); recent DeepSpeed releases gather sparsely instead — bench_moe_layer.py
+compares with the installed DeepSpeed itself),
 forward and forward+backward, on this machine's CPU, in two sweeps:
   capacity factor   C = k·cf·S/E shrinks as E grows, so E·C is constant (training)
   fixed capacity    C held (min_capacity / small decode batches), so E·C grows with E

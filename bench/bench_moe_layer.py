@@ -232,8 +232,8 @@ def worker(rank: int, world: int, a, port: int, queue) -> None:
                 try:
                     ds_mod = build_deepspeed(a, k, cf, world, mp_mod)
                     ds_mod.train()
-                    impls["deepspeed"] = ds_mod
                     rec["check"] = _check(mp_mod, ds_mod, x, coef)
+                    impls["deepspeed"] = ds_mod
                 except Exception as e:  # noqa: BLE001
                     rec["deepspeed"] = {"unavailable": f"{type(e).__name__}: {e}"[:500]}
                     if rank == 0:

@@ -133,6 +133,66 @@ def schema(what: str) -> None:
 
 
 @cli.command()
+@click.option("--out", type=click.Path(dir_okay=False), default="profile.json", show_default=True,
+              help="Where to write the measured ClusterProfile.")
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Ranks to measure with [default: the GPUs NVML sees, or 4 CPU ranks].")
+@click.option("--gpus-per-node", type=click.IntRange(min=1), default=None,
+              help="Ranks per (emulated) node [default: the GPUs NVML sees; on CPU 2].")
+@click.option("--backend", type=click.Choice(["auto", "nccl", "gloo"]), default="auto",
+              show_default=True, help="auto: NCCL when CUDA is available, else gloo.")
+@click.option("--base", default=None,
+              help="Profile to take unmeasured constants from [default: local-cpu on CPU, "
+                   "ndv4-a100-40gb on GPUs].")
+@click.option("--name", default=None, help="Name of the profile [default: measured-HOST].")
+@click.option("--quick", is_flag=True, help="Fewer sizes and repeats (about 4x faster).")
+def profile(out, nproc, gpus_per_node, backend, base, name, quick) -> None:
+    """Measure this host's GPUs (or CPU ranks): NVML topology, GEMM, memory and collective
+    microbenchmarks, fitted into a ClusterProfile for `moeplan search --profile`."""
+    import platform
+
+    from moeplan.cli.launch import launch
+    from moeplan.profiles import load_cluster
+    from moeplan.profiles.nvml import topology
+
+    topo = topology()
+    gpus = len(topo["gpus"]) if topo["available"] else 0
+    if topo["available"]:
+        click.echo(f"NVML: {gpus} x {topo['gpus'][0]['name']}, driver {topo['driver']}", err=True)
+    else:
+        click.echo(f"NVML: {topo['reason']}; profiling CPU ranks with gloo", err=True)
+        if backend == "nccl":
+            raise ConfigError("--backend nccl needs GPUs, and NVML sees none")
+    use_gpu = gpus > 0 and backend != "gloo"
+    nproc = nproc or (gpus if use_gpu else 4)
+    if use_gpu and nproc > gpus:
+        raise ConfigError(f"--nproc {nproc} exceeds the {gpus} GPUs NVML sees")
+    G = gpus_per_node or (min(gpus, nproc) if use_gpu else min(2, nproc))
+    if nproc % G:
+        raise ConfigError(f"--nproc {nproc} is not a whole number of {G}-rank nodes")
+    base = base or ("ndv4-a100-40gb" if use_gpu else "local-cpu")
+    load_cluster(base)  # an unknown base fails here, in one line, before any rank starts
+    name = name or f"measured-{platform.node() or 'host'}"
+    click.echo(f"profiling {nproc} ranks as {nproc // G} node(s) of {G}"
+               f"{' (quick)' if quick else ''}; writing {out}", err=True)
+    args = ["--out", out, "--gpus-per-node", str(G), "--base", base, "--name", name,
+            "--backend", backend]
+    if topo["available"]:
+        import json as _json
+        import tempfile
+
+        tf = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+        _json.dump(topo, tf)
+        tf.close()
+        args += ["--topology", tf.name]
+    launch(nproc, "moeplan.profiles.measure", args + (["--quick"] if quick else []),
+           "moeplan profile")
+    from moeplan.cli import render
+
+    render.print_profile(load_cluster(out))
+
+
+@cli.command()
 @click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False))
 @click.argument("run_path", metavar="RUN", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")

@@ -7,8 +7,6 @@ Everything the user can get wrong is checked here, before any rank starts.
 
 from __future__ import annotations
 
-import logging
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -16,6 +14,7 @@ from pathlib import Path
 import click
 
 from moeplan.cli.errors import run
+from moeplan.cli.launch import launch
 from moeplan.errors import ConfigError
 
 
@@ -39,27 +38,6 @@ def _worker_args(plan_file: str, mode: str, steps: int, warmup: int, out: str, l
         if value:
             args += [flag, value]
     return args
-
-
-def _launch(nproc: int, worker_args: list[str]) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # CPU ranks share the host's cores
-    os.environ.setdefault("LOGLEVEL", "ERROR")  # read by torchrun's logger when it is imported
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run as torchrun
-
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
-    args = get_args_parser().parse_args(
-        ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts", "0",
-         "--monitor-interval", "0.2", "--module", "moeplan.runtime.worker", *worker_args])
-    try:
-        torchrun(args)
-    except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        code = failure.exitcode
-        why = "killed by a signal" if code < 0 else f"exit code {code}"
-        click.echo(f"moerun: error: rank {rank} failed ({why}); the job was stopped on all "
-                   f"{nproc} ranks (see that rank's message above)", err=True)
-        sys.exit(2 if code == 2 else 1)  # 2: the rank refused its input; 1: it failed running
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -126,7 +104,7 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
                f"(tp={plan.parallel.tp} dp={plan.parallel.dp}), {steps} measured "
                f"{'steps' if mode == 'train' else 'generations'} after {warmup} warm-up",
                err=True)
-    _launch(world, wargs)
+    launch(world, "moeplan.runtime.worker", wargs, "moerun")
     from moeplan.cli.render import print_comparison
     from moeplan.planner.record import RunRecord
 

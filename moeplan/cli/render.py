@@ -213,3 +213,20 @@ def print_error_summary(summary: dict) -> None:
         if s["count"]:
             con.print(f"{label}: median |error| {s['median_abs_error'] * 100:.1f}%, worst "
                       f"{s['worst_abs_error'] * 100:.1f}% over {s['count']} figures")
+
+
+def print_profile(c) -> None:
+    """What `moeplan profile` measured: device figures and each collective fit."""
+    con = _console()
+    d = c.device
+    con.print(f"{c.name}: {d.name}, {c.gpus_per_node} ranks per node")
+    dtype = c.default_dtype
+    con.print(f"  GEMM {d.peak_flops[dtype] / 1e9:.2f} GFLOP/s {dtype} at size, half-efficiency at "
+              f"{d.gemm_efficiency.half_flops / 1e6:.2f} MFLOP; memory {d.hbm_Bps / 1e9:.2f} GB/s; "
+              f"op overhead {_seconds(d.op_overhead_s)}")
+    table = _table("collective fits (t = steps x latency + bytes / bandwidth)",
+                   ["collective", "tier", "latency", "bandwidth", "r2"])
+    for f in c.fitted:
+        table.add_row(f.collective, f.tier, _seconds(f.latency_s), f"{f.bandwidth_Bps / 1e9:.2f} GB/s",
+                      f"{f.r2:.3f}" if f.r2 is not None else "-")
+    con.print(table)

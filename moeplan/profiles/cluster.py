@@ -90,6 +90,8 @@ class ClusterProfile(BaseModel):
     nics_per_node: int = Field(gt=0)
     fitted: list[FittedCollective] = Field(default_factory=list)
     default_dtype: Dtype = "bf16"
+    topology: dict | None = Field(None, description="what NVML reported when this profile was "
+                                                    "measured (GPUs, NVLink peers, affinity)")
 
     @model_validator(mode="after")
     def _check(self) -> "ClusterProfile":

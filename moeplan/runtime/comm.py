@@ -19,6 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+# torch >= 2.13 names them *_single (the *_tensor spellings warn); older releases lack them
+all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 @dataclass(frozen=True)
 class Comm:
@@ -52,7 +56,7 @@ def _allgather(x: torch.Tensor, comm: Comm, dim: int) -> torch.Tensor:
     x = x.movedim(dim, 0).contiguous()
     out = torch.empty((comm.size * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype,
                       device=x.device)
-    dist.all_gather_into_tensor(out, x, group=comm.group)
+    all_gather_tensor(out, x, group=comm.group)
     return out.movedim(0, dim)
 
 
@@ -60,7 +64,7 @@ def _reduce_scatter(x: torch.Tensor, comm: Comm, dim: int) -> torch.Tensor:
     x = x.movedim(dim, 0).contiguous()
     out = torch.empty((x.shape[0] // comm.size,) + tuple(x.shape[1:]), dtype=x.dtype,
                       device=x.device)
-    dist.reduce_scatter_tensor(out, x, group=comm.group)
+    reduce_scatter_tensor(out, x, group=comm.group)
     return out.movedim(0, dim)
 
 

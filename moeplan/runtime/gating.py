@@ -89,21 +89,32 @@ def gate(logits_TE: torch.Tensor, top_k: int, cap: int, valid_T: torch.Tensor | 
     return Routing(expert_TK, slot_TK, keep_TK, weight_TK, cap, aux, dropped, routed)
 
 
+def slot_positions(r: Routing) -> torch.Tensor:
+    """[T, K] position of each choice in the flattened [E·C] buffer (dropped: clamped to 0)."""
+    return torch.where(r.keep_TK, r.expert_TK * r.capacity + r.slot_TK, 0)
+
+
 def dispatch(x_TH: torch.Tensor, r: Routing, experts: int) -> torch.Tensor:
-    """Gather tokens into the expert-major buffer [E, C, H] (empty slots are zero). O(T·K·H)."""
+    """Gather tokens into the expert-major buffer [E, C, H] (empty slots are zero).
+
+    The routing table is inverted into a source token per slot (T, a zero row, for empty slots),
+    so the buffer is one indexed gather of O(E·C·H) = O(k·cf·T·H); its backward is one
+    index-add into the token gradients."""
     T, H = x_TH.shape
-    keep = r.keep_TK.reshape(-1)
-    pos = (r.expert_TK * r.capacity + r.slot_TK).reshape(-1)[keep]
-    tok = torch.arange(T, device=x_TH.device).repeat_interleave(r.expert_TK.shape[1])[keep]
-    buf = x_TH.new_zeros(experts * r.capacity, H).index_copy(0, pos, x_TH[tok])
-    return buf.view(experts, r.capacity, H)
+    src = torch.full((experts * r.capacity,), T, dtype=torch.long, device=x_TH.device)
+    tok = torch.arange(T, device=x_TH.device)[:, None].expand_as(r.keep_TK)
+    src[slot_positions(r)[r.keep_TK]] = tok[r.keep_TK]
+    padded = torch.cat([x_TH, x_TH.new_zeros(1, H)])
+    return padded.index_select(0, src).view(experts, r.capacity, H)
 
 
 def combine(y_ECH: torch.Tensor, r: Routing) -> torch.Tensor:
-    """Weighted scatter of expert outputs back to token order (top-2: the sum of two). O(T·K·H)."""
+    """Weighted sum of each token's expert outputs (top-2: of two), O(T·K·H): one gather of
+    the rows the token's choices occupy; dropped choices carry weight 0."""
     E, C, H = y_ECH.shape
-    keep = r.keep_TK.reshape(-1)
-    pos = (r.expert_TK * C + r.slot_TK).reshape(-1)[keep]
-    tok = torch.arange(r.tokens, device=y_ECH.device).repeat_interleave(r.expert_TK.shape[1])[keep]
-    rows = y_ECH.reshape(E * C, H)[pos] * r.weight_TK.reshape(-1)[keep, None].to(y_ECH.dtype)
-    return y_ECH.new_zeros(r.tokens, H).index_add(0, tok, rows)
+    pos = slot_positions(r)
+    rows = y_ECH.reshape(E * C, H).index_select(0, pos.reshape(-1)).view(r.tokens, -1, H)
+    w = r.weight_TK.to(y_ECH.dtype)
+    if rows.shape[1] == 1:
+        return rows[:, 0] * w
+    return rows[:, 0] * w[:, :1] + rows[:, 1] * w[:, 1:]

@@ -60,9 +60,14 @@ def _load_cluster(cluster: str | None, profile: str | None):
               show_default=True, help="ZeRO stage for training (optimizer / gradient partitioning).")
 @click.option("--out", type=click.Path(dir_okay=False), default="plan.json", show_default=True,
               help="Where to write the plan.")
+@click.option("--simulate-top", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Re-rank this many analytically best plans with the flow simulator (0: off).")
+@click.option("--routing-skew", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Expert-load skew the simulator samples (0: uniform routing).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of a table.")
 def search(model_name, gpus, cluster, profile, mode, global_batch, micro_batch, seq_len,
-           prompt_len, gen_len, objective, slo_ms, dtype, zero_stage, out, as_json) -> None:
+           prompt_len, gen_len, objective, slo_ms, dtype, zero_stage, simulate_top, routing_skew,
+           out, as_json) -> None:
     """Find the fastest per-layer plan that fits, and write it as plan.json."""
     import time
 
@@ -75,7 +80,8 @@ def search(model_name, gpus, cluster, profile, mode, global_batch, micro_batch, 
     cl = _load_cluster(cluster, profile)
     req = Request(gpus=gpus, mode=mode, objective=objective, slo_ms=slo_ms,
                   global_batch=global_batch, micro_batch=micro_batch, seq_len=seq_len,
-                  prompt_len=prompt_len, gen_len=gen_len, dtype=dtype, zero_stage=int(zero_stage))
+                  prompt_len=prompt_len, gen_len=gen_len, dtype=dtype, zero_stage=int(zero_stage),
+                  simulate_top=simulate_top, routing_skew=routing_skew)
     the_plan, result = plan(spec, cl, req)
     _write_atomic(Path(out), the_plan.to_json())
     elapsed = time.perf_counter() - t0

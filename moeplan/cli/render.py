@@ -115,6 +115,14 @@ def print_plan(p: Plan, result, out: str, elapsed_s: float) -> None:
     else:
         con.print(f"predicted per-token latency {_seconds(pr.latency_s)}, prefill "
                   f"{_seconds(pr.prefill_s)}, {pr.tokens_per_s:,.0f} tokens/s")
+    if pr.simulated_time_s is not None:
+        drops = [l.predicted.dropped_fraction for l in p.layers
+                 if l.predicted.dropped_fraction is not None]
+        con.print(f"simulated {_seconds(pr.simulated_time_s)} (flows over the topology, routing "
+                  f"skew {pr.routing_skew:g}; best of {pr.simulated_candidates} candidates"
+                  f"{', chosen over the analytic best' if result.analytic_best_changed else ''})"
+                  + (f"; expected dropped tokens up to {max(drops) * 100:.1f}% per layer"
+                     if drops else ""))
     terms = sorted(pr.memory_breakdown_bytes.items(), key=lambda kv: -kv[1])[:4]
     con.print(f"memory per GPU {_bytes(pr.memory_per_gpu_bytes)} ("
               + ", ".join(f"{k.replace('_', ' ')} {_bytes(v)}" for k, v in terms) + ")")

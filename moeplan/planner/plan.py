@@ -57,6 +57,9 @@ class LayerPrediction(_Frozen):
     memory_bytes: dict[str, float]
     transient_bytes: float
     prefill_s: float | None = None
+    simulated_s: float | None = Field(None, description="the simulator's time for this layer")
+    dropped_fraction: float | None = Field(
+        None, description="expected share of routed tokens dropped for capacity (simulated)")
 
 
 class LayerPlan(_Frozen):
@@ -80,6 +83,10 @@ class Predicted(_Frozen):
     memory_per_gpu_bytes: float
     memory_breakdown_bytes: dict[str, float]
     head_phases_s: dict[str, float]
+    simulated_time_s: float | None = Field(
+        None, description="step time (train) or per-token latency (infer) by the simulator")
+    simulated_candidates: int = 0
+    routing_skew: float | None = None
 
 
 class SearchSummary(_Frozen):

@@ -37,6 +37,8 @@ class Request:
     gen_len: int | None = None
     dtype: str | None = None
     zero_stage: int = 1
+    simulate_top: int = 16  # analytic best candidates re-ranked by the simulator (0: none)
+    routing_skew: float = 0.0
 
 
 def infer_lengths(spec: ModelSpec, r: Request) -> tuple[int, int]:
@@ -109,7 +111,8 @@ def plan(spec: ModelSpec, cluster: ClusterProfile, r: Request) -> tuple[P.Plan, 
     env, objective = make_env(spec, cluster, r)
     free_batch = r.mode == "infer" and objective.name == "throughput" and r.global_batch is None
     batch = None if free_batch else env.workload.global_batch
-    result = search(env, objective, batch, r.micro_batch if r.mode == "train" else None)
+    result = search(env, objective, batch, r.micro_batch if r.mode == "train" else None,
+                    simulate_top=r.simulate_top, skew=r.routing_skew)
     return to_plan(env, objective, result), result
 
 
@@ -144,10 +147,14 @@ def to_plan(env: Env, objective: Objective, result: SearchResult) -> P.Plan:
         for k, v in cost.memory.items():
             breakdown[k] += v
         transient = max(transient, cost.transient_bytes)
+        sim = result.simulated
         pred = P.LayerPrediction(time_s=cost.time_s, phases_s=dict(cost.phases),
                                  comm_bytes=dict(cost.comm_bytes), memory_bytes=dict(cost.memory),
                                  transient_bytes=cost.transient_bytes,
-                                 prefill_s=ev.prefill_s if w.mode == "infer" else None)
+                                 prefill_s=ev.prefill_s if w.mode == "infer" else None,
+                                 simulated_s=sum(sim.layers[i].values()) if sim else None,
+                                 dropped_fraction=(sim.dropped_fraction[i]
+                                                   if sim and env.spec.experts[i] else None))
         E = env.spec.experts[i]
         if E:
             layers.append(P.LayerPlan(index=i + 1, kind="moe", experts=E, ep=c.ep, es=c.es,
@@ -167,7 +174,10 @@ def to_plan(env: Env, objective: Objective, result: SearchResult) -> P.Plan:
         timing = {"latency_s": best.time_s, "prefill_s": prefill}
     predicted = P.Predicted(tokens_per_s=tokens_per_s, memory_per_gpu_bytes=best.memory_bytes,
                             memory_breakdown_bytes=dict(sorted(breakdown.items())),
-                            head_phases_s=dict(best.head.phases), **timing)
+                            head_phases_s=dict(best.head.phases), **timing,
+                            simulated_time_s=result.simulated.time_s if result.simulated else None,
+                            simulated_candidates=result.simulated_candidates,
+                            routing_skew=result.skew if result.simulated else None)
     obj = P.Objective(name=objective.name,
                       slo_ms=objective.slo_s * 1e3 if objective.slo_s is not None else None)
     return P.Plan(
@@ -216,7 +226,11 @@ def fixed_plan(spec: ModelSpec, cluster: ClusterProfile, r: Request, tp: int,
                      time_s=head.time_s + sum(e.cost.time_s for e in layers),
                      memory_bytes=head.memory_bytes + sum(e.cost.memory_bytes for e in layers)
                      + max([head.transient_bytes] + [e.cost.transient_bytes for e in layers]))
-    return to_plan(env, objective, SearchResult(best=cand, stats=SearchStats()))
+    from moeplan.planner.simulate import simulate
+
+    return to_plan(env, objective, SearchResult(best=cand, stats=SearchStats(),
+                                                simulated=simulate(env, cand, r.routing_skew),
+                                                simulated_candidates=1, skew=r.routing_skew))
 
 
 def recost(p: P.Plan, mode: str) -> P.Plan:

@@ -79,6 +79,10 @@ class SearchResult:
     best: Candidate
     stats: SearchStats
     runner_up: dict[int, tuple[Evaluated, Evaluated]] = field(default_factory=dict)
+    simulated: object | None = None  # simulate.SimResult of `best`, when simulated
+    simulated_candidates: int = 0
+    analytic_best_changed: bool = False  # the simulation picked another plan than the formulas
+    skew: float = 0.0
 
 
 def _evaluate(env: Env, s: Setting, index: int, choice: LayerChoice) -> Evaluated:
@@ -127,18 +131,23 @@ def _better(a: Candidate, b: Candidate | None, env: Env, objective: Objective) -
 
 
 def search(env: Env, objective: Objective, global_batch: int | None,
-           micro_batch: int | None) -> SearchResult:
-    """Search every setting; raise `InfeasibleError` with the reason when nothing qualifies."""
+           micro_batch: int | None, simulate_top: int = 0, skew: float = 0.0) -> SearchResult:
+    """Search every setting; raise `InfeasibleError` with the reason when nothing qualifies.
+
+    Every candidate is costed analytically; the best `simulate_top` (one per global setting) are
+    then simulated (`simulate.py`) and the best by simulation is chosen."""
     t0 = time.perf_counter()
     stats = SearchStats()
     candidates = settings(env, global_batch, micro_batch, INFER_BATCHES)
     if not candidates:
         raise ConfigError(_no_setting_reason(env, global_batch, micro_batch))
     throughput_infer = env.workload.mode == "infer" and objective.name == "throughput"
-    best: Candidate | None = None
+    keep = max(1, simulate_top)
+    top: list[Candidate] = []  # the best `keep`, best first
     fastest: Candidate | None = None  # for the SLO message
     for s in candidates:
-        bound = float("inf") if (throughput_infer or best is None) else best.time_s
+        full = len(top) >= keep
+        bound = float("inf") if (throughput_infer or not full) else top[-1].time_s
         cand = best_for_setting(env, s, stats, bound)
         if cand is None:
             continue
@@ -146,8 +155,12 @@ def search(env: Env, objective: Objective, global_batch: int | None,
             fastest = cand
         if objective.slo_s is not None and cand.time_s > objective.slo_s:
             continue
-        if _better(cand, best, env, objective):
-            best = cand
+        top = _insert(top, cand, keep, env, objective)
+    best = top[0] if top else None
+    result_extra = {}
+    if best is not None and simulate_top > 0:
+        result_extra = _by_simulation(env, objective, top, skew)
+        best = result_extra.pop("best")
     stats.elapsed_s = time.perf_counter() - t0
     if best is None:
         if fastest is not None:
@@ -156,7 +169,35 @@ def search(env: Env, objective: Objective, global_batch: int | None,
                 f"{fastest.time_s * 1e3:.3g} ms per token")
         from moeplan.planner.diagnose import why_infeasible
         raise InfeasibleError(why_infeasible(env, candidates))
-    return SearchResult(best=best, stats=stats, runner_up=runner_up(env, best))
+    return SearchResult(best=best, stats=stats, runner_up=runner_up(env, best), **result_extra)
+
+
+def _insert(top: list[Candidate], cand: Candidate, keep: int, env: Env,
+            objective: Objective) -> list[Candidate]:
+    i = 0
+    while i < len(top) and not _better(cand, top[i], env, objective):
+        i += 1
+    return (top[:i] + [cand] + top[i:])[:keep]
+
+
+def _by_simulation(env: Env, objective: Objective, top: list[Candidate], skew: float) -> dict:
+    """Simulate the analytic top candidates; the best by simulated time (or tokens/s) wins."""
+    from dataclasses import replace
+
+    from moeplan.planner.simulate import Simulator, simulate
+
+    sim = Simulator(env)
+    results = [(c, simulate(env, c, skew=skew, sim=sim)) for c in top]
+    if objective.slo_s is not None:
+        results = [(c, r) for c, r in results if r.time_s <= objective.slo_s] or results[:1]
+    throughput_infer = env.workload.mode == "infer" and objective.name == "throughput"
+
+    def key(item):
+        c, r = item
+        return (-c.global_batch / r.time_s, r.time_s) if throughput_infer else (r.time_s,)
+    best, res = min(results, key=key)
+    return {"best": replace(best), "simulated": res, "simulated_candidates": len(results),
+            "analytic_best_changed": best is not top[0], "skew": skew}
 
 
 def runner_up(env: Env, best: Candidate) -> dict[int, tuple[Evaluated, Evaluated]]:

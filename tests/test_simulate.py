@@ -1,0 +1,106 @@
+"""Flow simulator: max-min fairness, shortest paths on the topology graph, agreement with the
+analytic model where nothing is shared, and slower where links are shared or routing is skewed."""
+
+from __future__ import annotations
+
+import random
+
+import networkx as nx
+import pytest
+
+from moeplan.cost_models import collectives as coll
+from moeplan.cost_models.layer import Env
+from moeplan.cost_models.workload import Workload
+from moeplan.planner import layout as L
+from moeplan.planner.planning import Request, plan
+from moeplan.planner.simulate import (Simulator, links_for, max_min_rates, sample_loads,
+                                      transfer_s)
+from moeplan.profiles import load_cluster, load_model
+from moeplan.profiles.cluster import topology_graph
+
+
+def env_for(cluster: str, gpus: int, **changes) -> Env:
+    c = load_cluster(cluster)
+    if changes:
+        c = c.model_validate({**c.model_dump(), **changes})
+    w = Workload(mode="train", global_batch=gpus, micro_batch=1, seq_len=2048, dtype="bf16")
+    return Env(load_model("1.3b-pr-moe"), c, w, gpus)
+
+
+def test_max_min_fair_rates():
+    # two flows share link 0 (capacity 10); flow 1 also crosses link 1 (capacity 2)
+    rates = max_min_rates([(0,), (0, 1)], [10.0, 2.0], [0, 1])
+    assert rates[1] == pytest.approx(2.0) and rates[0] == pytest.approx(8.0)
+
+
+def test_paths_are_shortest_paths_of_the_topology_graph():
+    env = env_for("ndv4-a100-40gb", 16)
+    links = links_for(env)
+    g = topology_graph(env.cluster, 2)
+    for a, b in [(0, 5), (0, 8), (3, 12), (15, 7)]:
+        hops = len(links.path(a, b))
+        assert hops == nx.shortest_path_length(g, f"gpu{a}", f"gpu{b}")
+
+
+@pytest.mark.parametrize("gpus, ep, algo", [(8, 8, "flat"), (64, 64, "flat"),
+                                              (64, 64, "hierarchical"), (64, 16, "flat")])
+def test_contention_free_all_to_all_equals_the_analytic_model(gpus, ep, algo):
+    env = env_for("ndv4-a100-40gb", gpus)
+    sim = Simulator(env)
+    nbytes = 32e6
+    analytic = coll.all_to_all_s(nbytes, env.span(ep, 1), env.cluster, algo)
+    simulated = sim.all_to_all_s(L.ep_groups(gpus, ep, 1), nbytes, algo)
+    assert simulated == pytest.approx(analytic, rel=1e-6)
+
+
+def test_ring_allreduce_equals_the_analytic_model():
+    env = env_for("ndv4-a100-40gb", 32)
+    sim = Simulator(env)
+    for groups, size, stride in [(L.tp_groups(32, 8), 8, 1), (L.dp_groups(32, 1), 32, 1)]:
+        analytic = coll.allreduce_s(64e6, env.span(size, stride), env.cluster)
+        assert sim.allreduce_s(groups, 64e6) == pytest.approx(analytic, rel=1e-6)
+
+
+def test_shared_links_make_the_simulation_slower():
+    # PCIe between GPU and NIC slower than the NIC share: the analytic model does not see it
+    slow_host = {"host": {**load_cluster("ndv4-a100-40gb").host.model_dump(),
+                          "bandwidth_Bps": 5e9}}
+    env = env_for("ndv4-a100-40gb", 64, **slow_host)
+    sim = Simulator(env)
+    analytic = coll.all_to_all_s(32e6, env.span(64, 1), env.cluster, "flat")
+    assert sim.all_to_all_s(L.ep_groups(64, 64, 1), 32e6, "flat") > 1.5 * analytic
+    # one NIC for the 8 GPUs of a node: eight flows through it take eight times as long
+    flows = [(r, 8 + r, 1e6) for r in range(8)]
+    links = links_for(env_for("ndv4-a100-40gb", 16, nics_per_node=1))
+    assert transfer_s(flows, links) == pytest.approx(8 * transfer_s(flows[:1], links))
+
+
+def test_skewed_routing_drops_more_and_slows_dropless_models():
+    rng = random.Random(0)
+    uniform = sample_loads(64, 64_000, 0.0, rng)
+    skewed = sample_loads(64, 64_000, 2.0, rng)
+    assert max(skewed) > 2 * max(uniform)
+    spec = load_model("350m-pr-moe")
+    cluster = load_cluster("ndv4-a100-40gb")
+    r = Request(gpus=16, global_batch=64, seq_len=1024)
+    base, _ = plan(spec, cluster, r)
+    skew, _ = plan(spec, cluster, Request(gpus=16, global_batch=64, seq_len=1024,
+                                          routing_skew=2.0))
+    assert max(l.predicted.dropped_fraction or 0 for l in skew.layers) > max(
+        l.predicted.dropped_fraction or 0 for l in base.layers)
+    dropless = spec.model_copy(update={"drop_tokens": False})
+    p0, _ = plan(dropless, cluster, r)
+    p1, _ = plan(dropless, cluster, Request(gpus=16, global_batch=64, seq_len=1024,
+                                            routing_skew=2.0))
+    assert p1.predicted.simulated_time_s > 1.05 * p0.predicted.simulated_time_s
+
+
+def test_plan_records_both_predictions():
+    p, result = plan(load_model("1.3b-pr-moe"), load_cluster("ndv4-a100-40gb"), Request(gpus=64))
+    assert p.predicted.simulated_time_s == pytest.approx(p.predicted.step_time_s, rel=0.05)
+    assert p.predicted.simulated_candidates == 16
+    assert all(l.predicted.simulated_s is not None for l in p.layers)
+    assert result.simulated is not None
+    off, _ = plan(load_model("1.3b-pr-moe"), load_cluster("ndv4-a100-40gb"),
+                  Request(gpus=64, simulate_top=0))
+    assert off.predicted.simulated_time_s is None

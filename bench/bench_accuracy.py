@@ -1,0 +1,128 @@
+"""Prediction accuracy on this machine: profile, plan, run, compare — over a grid of plans.
+
+    python bench/bench_accuracy.py [--nproc-profile 4] [--quick] [--out accuracy.json]
+
+1. `moeplan profile --nproc 4` measures this host (CPU ranks, gloo) into a profile.
+2. For every grid point (tiny and small PR-MoE; 2 and 4 ranks; train and infer; flat and
+   hierarchical all-to-all where the layout allows it), a plan with those degrees is costed on
+   that profile (`fixed_plan`, with its simulation), run with `moerun`, and compared.
+3. Prints JSON: per plan the relative error of step time (train) or per-token latency (infer),
+   for the analytic model and for the simulator, and of each phase (analytic); then the median
+   and worst |error| over the grid.
+Nothing is asserted; the figures are what they are on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+from moeplan.cost_models.layer import LayerChoice
+from moeplan.planner.planning import Request, fixed_plan
+from moeplan.planner.record import RunRecord, compare, summarize
+from moeplan.profiles import load_cluster, load_model
+
+HERE = Path(__file__).parent
+MOEPLAN = [sys.executable, "-c", "from moeplan.cli.main import main; main()"]
+MOERUN = [sys.executable, "-c", "from moeplan.cli.moerun import main; main()"]
+
+
+def grid(quick: bool) -> list[dict]:
+    points = []
+    for model in ("tiny-pr-moe", str(HERE / "data" / "small-pr-moe.json")):
+        for ranks in (2, 4):
+            for mode in ("train", "infer"):
+                for a2a in (("flat", "hierarchical") if ranks == 4 else ("flat",)):
+                    points.append({"model": model, "ranks": ranks, "mode": mode, "a2a": a2a})
+    return points[:8] if quick else points
+
+
+def make_plan(point: dict, profile: str):
+    spec = load_model(point["model"])
+    cluster = load_cluster(profile)
+    N = point["ranks"]
+    choices = {i: LayerChoice(ep=min(E, N), es=1, a2a=point["a2a"] if min(E, N) == 4 else "flat",
+                              coordinated=False)
+               for i, E in enumerate(spec.experts) if E}
+    if point["mode"] == "train":
+        r = Request(gpus=N, mode="train", global_batch=4 * N, seq_len=64)
+    else:
+        r = Request(gpus=N, mode="infer", global_batch=2 * N, prompt_len=48, gen_len=16)
+    return fixed_plan(spec, cluster, r, 1, choices)
+
+
+def run_point(point: dict, profile: str, work: Path, steps: int) -> dict:
+    plan = make_plan(point, profile)
+    tag = f"{Path(point['model']).stem}-{point['ranks']}-{point['mode']}-{point['a2a']}"
+    plan_path, run_path = work / f"{tag}.plan.json", work / f"{tag}.run.json"
+    plan_path.write_text(plan.to_json())
+    t0 = time.perf_counter()
+    r = subprocess.run(MOERUN + ["--plan", str(plan_path), "--out", str(run_path), "--steps",
+                                 str(steps), "--warmup", "2"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return {**point, "tag": tag, "error": r.stderr.strip().splitlines()[-1:]}
+    run = RunRecord.model_validate_json(run_path.read_text())
+    rows = compare(plan, run)
+    measured = run.measured.step_time_s if point["mode"] == "train" else run.measured.latency_s
+    analytic = plan.predicted.step_time_s if point["mode"] == "train" else plan.predicted.latency_s
+    simulated = plan.predicted.simulated_time_s
+    phases = {row.phase: row.rel_error for row in rows
+              if row.scope == "all layers" and row.rel_error is not None}
+    return {**point, "tag": tag, "measured_s": measured, "analytic_s": analytic,
+            "simulated_s": simulated, "analytic_error": (analytic - measured) / measured,
+            "simulated_error": (simulated - measured) / measured,
+            "phase_errors": phases, "summary": summarize(rows),
+            "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def stats(values: list[float]) -> dict:
+    a = [abs(v) for v in values]
+    return {"median_abs": median(a), "worst_abs": max(a), "n": len(a)} if a else {}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nproc-profile", type=int, default=4)
+    p.add_argument("--profile", help="use this profile instead of measuring one")
+    p.add_argument("--quick", action="store_true", help="8 grid points, quick profile")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    a = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="moeplan-accuracy-"))
+    profile = a.profile
+    t0 = time.perf_counter()
+    if profile is None:
+        profile = str(work / "local.json")
+        cmd = MOEPLAN + ["profile", "--nproc", str(a.nproc_profile), "--out", profile]
+        subprocess.run(cmd + (["--quick"] if a.quick else []), check=True, capture_output=True)
+    profile_s = time.perf_counter() - t0
+    results = []
+    for point in grid(a.quick):
+        res = run_point(point, profile, work, a.steps)
+        print(json.dumps({k: res.get(k) for k in ("tag", "measured_s", "analytic_error",
+                                                  "simulated_error", "error")}), file=sys.stderr)
+        results.append(res)
+    ok = [r for r in results if "error" not in r]
+    key_phases = ("attention", "experts", "dispatch_a2a", "combine_a2a", "grad_sync")
+    out = {
+        "bench": "prediction_accuracy", "profile": profile, "profile_s": round(profile_s, 1),
+        "plans": len(results), "failed": [r["tag"] for r in results if "error" in r],
+        "step_or_token_time": {"analytic": stats([r["analytic_error"] for r in ok]),
+                               "simulated": stats([r["simulated_error"] for r in ok])},
+        "phases_analytic": stats([e for r in ok for ph, e in r["phase_errors"].items()
+                                  if ph in key_phases]),
+        "results": results, "work_dir": str(work)}
+    text = json.dumps(out, indent=2)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

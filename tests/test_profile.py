@@ -1,0 +1,125 @@
+"""`moeplan profile`: fits recover known parameters, profiles round-trip and drive the search,
+bad profiles are refused in one line, NVML's absence is handled, and a real CPU run works."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moeplan.cli import main as moeplan_cli
+from moeplan.profiles import fit, load_cluster
+from moeplan.profiles.build import build_profile
+from moeplan.profiles.cluster import ClusterProfile
+
+from test_cli import invoke
+
+
+def noisy(t: float, rng: random.Random, outlier: bool = False) -> float:
+    return t * (1 + rng.uniform(-0.02, 0.02)) * (5.0 if outlier else 1.0)
+
+
+def test_robust_median_ignores_outliers():
+    assert fit.robust_median([1.0, 1.01, 0.99, 1.02, 50.0]) == pytest.approx(1.005, rel=1e-3)
+
+
+def test_alpha_beta_fit_recovers_latency_and_bandwidth():
+    rng = random.Random(0)
+    lat, bw, p = 20e-6, 5e9, 4
+    sizes = [2 ** k for k in range(12, 25)]
+    steps = [p - 1] * len(sizes)
+    vols = [s * (p - 1) / p for s in sizes]
+    times = [noisy(st * lat + v / bw, rng) for st, v in zip(steps, vols)]
+    got_lat, got_bw, r2 = fit.fit_alpha_beta(steps, vols, times)
+    assert got_lat == pytest.approx(lat, rel=0.1) and got_bw == pytest.approx(bw, rel=0.05)
+    assert r2 > 0.99
+
+
+def test_gemm_and_memory_fits():
+    rng = random.Random(1)
+    peak, half = 80e9, 2e6
+    flops = [2.0 * m * 256 * 256 for m in (16, 32, 64, 128, 256, 512, 1024, 2048)]
+    times = [noisy((f + half) / peak, rng) for f in flops]
+    got_peak, got_half, _ = fit.fit_gemm(flops, times)
+    assert got_peak == pytest.approx(peak, rel=0.05) and got_half == pytest.approx(half, rel=0.15)
+    sizes = [2.0 ** k for k in range(13, 26)]
+    bw, overhead, _ = fit.fit_memory(sizes, [noisy(3e-6 + s / 20e9, rng) for s in sizes])
+    assert bw == pytest.approx(20e9, rel=0.05) and overhead == pytest.approx(3e-6, rel=0.2)
+
+
+def synthetic_measurements(rng: random.Random) -> dict:
+    sizes = [2.0 ** k for k in range(12, 24)]
+    coll = []
+    for tier, lat, bw in (("intra", 30e-6, 4e9), ("inter", 80e-6, 1e9)):
+        for name in ("allreduce", "allgather", "reduce_scatter", "all_to_all"):
+            m = 2 if name == "allreduce" else 1
+            for s in sizes:
+                coll.append({"collective": name, "tier": tier, "group_size": 2, "bytes": s,
+                             "time_s": noisy(m * (lat + s / 2 / bw), rng)})
+    gemm = [{"flops": 2.0 * m * 256 * 256, "time_s": (2.0 * m * 256 * 256 + 1e6) / 40e9}
+            for m in (16, 64, 256, 1024)]
+    copy = [{"bytes": s, "time_s": 2e-6 + s / 10e9} for s in sizes]
+    return {"gemm": gemm, "copy": copy, "op_overhead_s": 15e-6, "collectives": coll}
+
+
+def test_built_profile_round_trips_and_drives_the_search(tmp_path, monkeypatch, capsys):
+    info = {"host": "test", "ranks": 4, "backend": "gloo", "date": "2026-11-23",
+            "device": "cpu", "dtype": "fp32"}
+    prof = build_profile("local-cpu", "synthetic", 2, info, synthetic_measurements(
+        random.Random(2)))
+    a2a = prof.fitted_for("all_to_all", "inter")
+    assert a2a.bandwidth_Bps == pytest.approx(1e9, rel=0.1)
+    assert a2a.latency_s == pytest.approx(80e-6, rel=0.2)
+    assert prof.intra.latency_s == pytest.approx(30e-6, rel=0.2)
+    assert prof.device.peak_flops["fp32"] == pytest.approx(40e9, rel=0.01)
+    path = tmp_path / "p.json"
+    path.write_text(prof.model_dump_json(indent=2))
+    assert ClusterProfile.model_validate_json(path.read_text()) == prof
+    monkeypatch.chdir(tmp_path)
+    code, out, err = invoke(moeplan_cli, ["search", "--model", "tiny-pr-moe", "--gpus", "4",
+                                          "--profile", "p.json", "--json"], monkeypatch, capsys)
+    assert code == 0, err
+    assert json.loads(out)["cluster"] == "synthetic"
+
+
+def test_bad_profiles_are_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    good = json.loads(load_cluster("local-cpu").model_dump_json())
+    cases = {"notjson.json": "{", "negative.json": json.dumps(
+        {**good, "intra": {**good["intra"], "bandwidth_Bps": -1}}),
+        "extra.json": json.dumps({**good, "bogus": 1})}
+    for name, text in cases.items():
+        Path(name).write_text(text)
+        code, _, err = invoke(moeplan_cli, ["search", "--model", "tiny-pr-moe", "--gpus", "4",
+                                            "--profile", name], monkeypatch, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and name in err, err
+
+
+def test_nvml_absent_is_reported_not_raised(monkeypatch):
+    from moeplan.profiles import nvml
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
+    topo = nvml.topology()
+    assert topo["available"] is False and "nvidia-ml-py" in topo["reason"]
+    monkeypatch.undo()
+    topo = nvml.topology()  # this machine has no driver: the CPU path, with a reason
+    assert topo["available"] in (True, False) and ("reason" in topo or "gpus" in topo)
+
+
+def test_profile_on_cpu_ranks_end_to_end(tmp_path):
+    cmd = [sys.executable, "-c", "from moeplan.cli.main import main; main()", "profile",
+           "--nproc", "2", "--gpus-per-node", "1", "--quick", "--out", "local.json"]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    prof = load_cluster(str(tmp_path / "local.json"))
+    assert prof.gpus_per_node == 1 and prof.device.peak_flops["fp32"] > 1e8
+    assert {(f.collective, f.tier) for f in prof.fitted} == {
+        (c, "inter") for c in ("allreduce", "allgather", "reduce_scatter", "all_to_all")}
+    assert "not measured" in prof.intra.source  # one rank per node: no intra-node groups
+    assert "NVML" in r.stderr
+    raw = json.loads((tmp_path / "local.raw.json").read_text())
+    assert raw["gemm"] and raw["collectives"]

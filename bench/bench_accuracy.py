@@ -2,7 +2,8 @@
 
     python bench/bench_accuracy.py [--nproc-profile 4] [--quick] [--out accuracy.json]
 
-1. `moeplan profile --nproc 4` measures this host (CPU ranks, gloo) into a profile.
+1. `moeplan profile --nproc N` measures this host (CPU ranks, gloo) for each rank count N of the
+   grid: on a host with fewer cores than ranks the contention, and so every figure, depends on N.
 2. For every grid point (tiny and small PR-MoE; 2 and 4 ranks; train and infer; flat and
    hierarchical all-to-all where the layout allows it), a plan with those degrees is costed on
    that profile (`fixed_plan`, with its simulation), run with `moerun`, and compared.
@@ -51,7 +52,8 @@ def make_plan(point: dict, profile: str):
                               coordinated=False)
                for i, E in enumerate(spec.experts) if E}
     if point["mode"] == "train":
-        r = Request(gpus=N, mode="train", global_batch=4 * N, seq_len=64)
+        # ZeRO 0: the runtime keeps whole optimizer states on every rank
+        r = Request(gpus=N, mode="train", global_batch=4 * N, seq_len=64, zero_stage=0)
     else:
         r = Request(gpus=N, mode="infer", global_batch=2 * N, prompt_len=48, gen_len=16)
     return fixed_plan(spec, cluster, r, 1, choices)
@@ -88,30 +90,32 @@ def stats(values: list[float]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--nproc-profile", type=int, default=4)
-    p.add_argument("--profile", help="use this profile instead of measuring one")
+    p.add_argument("--profile", help="use this profile for every plan instead of measuring")
     p.add_argument("--quick", action="store_true", help="8 grid points, quick profile")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="moeplan-accuracy-"))
-    profile = a.profile
+    profiles = {}
     t0 = time.perf_counter()
-    if profile is None:
-        profile = str(work / "local.json")
-        cmd = MOEPLAN + ["profile", "--nproc", str(a.nproc_profile), "--out", profile]
+    for ranks in sorted({pt["ranks"] for pt in grid(a.quick)}):
+        if a.profile:
+            profiles[ranks] = a.profile
+            continue
+        profiles[ranks] = str(work / f"local-{ranks}.json")
+        cmd = MOEPLAN + ["profile", "--nproc", str(ranks), "--out", profiles[ranks]]
         subprocess.run(cmd + (["--quick"] if a.quick else []), check=True, capture_output=True)
     profile_s = time.perf_counter() - t0
     results = []
     for point in grid(a.quick):
-        res = run_point(point, profile, work, a.steps)
+        res = run_point(point, profiles[point["ranks"]], work, a.steps)
         print(json.dumps({k: res.get(k) for k in ("tag", "measured_s", "analytic_error",
                                                   "simulated_error", "error")}), file=sys.stderr)
         results.append(res)
     ok = [r for r in results if "error" not in r]
     key_phases = ("attention", "experts", "dispatch_a2a", "combine_a2a", "grad_sync")
     out = {
-        "bench": "prediction_accuracy", "profile": profile, "profile_s": round(profile_s, 1),
+        "bench": "prediction_accuracy", "profiles": profiles, "profile_s": round(profile_s, 1),
         "plans": len(results), "failed": [r["tag"] for r in results if "error" in r],
         "step_or_token_time": {"analytic": stats([r["analytic_error"] for r in ok]),
                                "simulated": stats([r["simulated_error"] for r in ok])},

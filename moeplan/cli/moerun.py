@@ -100,6 +100,11 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
              "--rdzv-id", "moerun", "-m", "moeplan.runtime.worker", *wargs]).replace(
                  "'${MASTER_ADDR}:29500'", "${MASTER_ADDR}:29500"))
         return
+    if mode == "train" and plan.workload.zero_stage > 0:
+        click.echo(f"moerun: note: the runtime keeps whole optimizer states on every rank (ZeRO "
+                   f"0); the plan's ZeRO-{plan.workload.zero_stage} figures for grad sync, "
+                   "optimizer and memory assume they are partitioned (search with --zero 0 to "
+                   "compare like with like)", err=True)
     click.echo(f"moerun: {mode} {plan.model.name} on {world} ranks "
                f"(tp={plan.parallel.tp} dp={plan.parallel.dp}), {steps} measured "
                f"{'steps' if mode == 'train' else 'generations'} after {warmup} warm-up",

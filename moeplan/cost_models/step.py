@@ -23,12 +23,16 @@ from moeplan.cost_models.layer import (
     activation_bytes,
     forward,
     grad_sync_s,
+    layer_tensors,
+    ops,
     optimizer_s,
     weight_memory,
 )
 from moeplan.cost_models.memory import kv_cache_bytes, optimizer_bytes_per_param
 from moeplan.cost_models.params import embedding_params, layer_params
 from moeplan.cost_models.workload import Setting
+
+HEAD_TENSORS = 4  # token and position embeddings, final layer norm weight and bias
 
 
 def train_pass(env: Env, s: Setting) -> Pass:
@@ -65,7 +69,8 @@ def train_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> LayerCost:
     cost.phases["grad_sync"] = sync
     zero = env.workload.zero_stage >= 1
     cost.phases["optimizer"] = optimizer_s(
-        env, non_expert / (s.dp if zero else 1) + expert / (edp if zero else 1))
+        env, non_expert / (s.dp if zero else 1) + expert / (edp if zero else 1),
+        layer_tensors(env.spec, index))
     cost.memory = weight_memory(env, s, index, c)
     act = activation_bytes(env, s, index, c, p)
     if s.recompute:  # keep the layer input; rebuild the rest one layer at a time in backward
@@ -100,12 +105,14 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
     if env.workload.mode == "train":
         p = train_pass(env, s)
         steps = s.micro_steps(env.workload)
-        fwd = (roofline_s(gemm_s(p.tokens, V / s.tp, h, dev, dt), b * V * h / s.tp, dev, 3)
+        fwd = (roofline_s(gemm_s(p.tokens, V / s.tp, h, dev, dt), b * V * h / s.tp, dev,
+                          ops("head", p, True))
                + coll.allreduce_s(p.tokens * h * b, tp_span, env.cluster))
         cost.phases["head"] = steps * 3 * fwd
         cost.phases["grad_sync"] = grad_sync_s(env, b * params, s.dp, s.tp)
         zero = env.workload.zero_stage
-        cost.phases["optimizer"] = optimizer_s(env, params / (s.dp if zero >= 1 else 1))
+        cost.phases["optimizer"] = optimizer_s(env, params / (s.dp if zero >= 1 else 1),
+                                               HEAD_TENSORS)
         cost.memory["gradients"] = b * params / (s.dp if zero >= 2 else 1)
         cost.memory["optimizer_states"] = (optimizer_bytes_per_param(b) * params
                                            / (s.dp if zero >= 1 else 1))
@@ -114,7 +121,7 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
     # Inference: logits only for the newest token of each sequence.
     tokens = s.micro_batch
     cost.phases["head"] = (roofline_s(gemm_s(tokens, V / s.tp, h, dev, dt), b * V * h / s.tp,
-                                      dev, 3)
+                                      dev, ops("head", decode_pass(env, s), False))
                            + coll.allgather_s(tokens * V * b, tp_span, env.cluster))
     cost.transient_bytes = 4.0 * tokens * V / s.tp
     return cost

@@ -1,0 +1,192 @@
+"""An emulated multi-node cluster on one host: network namespaces as nodes, rate-limited links.
+
+    sudo python bench/emulated_cluster.py [--nodes 2] [--ranks-per-node 2] [--rate 200mbit]
+                                          [--configs 10] [--out emulated.json]
+
+Creates namespaces moeplan-node0..N-1, each with one veth (eth0 inside, 10.77.0.(i+1)/24) to a
+bridge moeplan-br0 in its own namespace, and a token-bucket filter (`tc ... tbf`) on every node's
+egress — the inter-node link (netem is not available in every kernel, so no added delay). Ranks
+of one node talk over the namespace's loopback, unlimited. Then:
+  1. `moeplan profile` across the nodes (torchrun per namespace, c10d rendezvous),
+  2. for each configuration (model, tokens), a flat and a hierarchical plan are run with moerun's
+     worker across the nodes, and the planner's choice (search on the measured profile) is
+     compared with the one that measured faster.
+Everything is torn down at the end, also on failure or Ctrl-C. Only addresses inside the
+namespaces this script made are used. Without the privileges for `ip netns`, it says so and
+exits 0 (skipped). Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PREFIX = "moeplan-node"
+BRIDGE_NS = "moeplan-br"
+SUBNET = "10.77.0"
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+def can_use_netns() -> str | None:
+    probe = "moeplan-probe"
+    r = sh("ip", "netns", "add", probe, check=False)
+    if r.returncode != 0:
+        return r.stderr.strip() or "ip netns add failed"
+    sh("ip", "netns", "del", probe, check=False)
+    return None
+
+
+def up(nodes: int, rate: str) -> None:
+    sh("ip", "netns", "add", BRIDGE_NS)
+    sh("ip", "netns", "exec", BRIDGE_NS, "ip", "link", "add", "br0", "type", "bridge")
+    sh("ip", "netns", "exec", BRIDGE_NS, "ip", "link", "set", "br0", "up")
+    for i in range(nodes):
+        ns = f"{PREFIX}{i}"
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", f"mp{i}a", "type", "veth", "peer", "name", f"mp{i}b")
+        sh("ip", "link", "set", f"mp{i}a", "netns", ns)
+        sh("ip", "link", "set", f"mp{i}b", "netns", BRIDGE_NS)
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", f"mp{i}a", "name", "eth0")
+        sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{SUBNET}.{i + 1}/24", "dev", "eth0")
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", "eth0", "up")
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        sh("ip", "netns", "exec", BRIDGE_NS, "ip", "link", "set", f"mp{i}b", "master", "br0")
+        sh("ip", "netns", "exec", BRIDGE_NS, "ip", "link", "set", f"mp{i}b", "up")
+        # the inter-node link: a token bucket on the node's egress
+        sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf",
+           "rate", rate, "burst", "256kb", "latency", "50ms")
+
+
+def down(nodes: int) -> None:
+    for i in range(nodes):
+        sh("ip", "netns", "del", f"{PREFIX}{i}", check=False)
+    sh("ip", "netns", "del", BRIDGE_NS, check=False)
+
+
+def across_nodes(nodes: int, per_node: int, module_args: list[str], port: int,
+                 timeout: float = 600) -> None:
+    """torchrun in every namespace, one c10d rendezvous on node 0's address."""
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1",
+           "LOGLEVEL": "ERROR"}
+    procs = []
+    for i in range(nodes):
+        cmd = ["ip", "netns", "exec", f"{PREFIX}{i}", sys.executable, "-m",
+               "torch.distributed.run", "--nnodes", str(nodes), "--nproc-per-node", str(per_node),
+               "--node-rank", str(i), "--master-addr", f"{SUBNET}.1", "--master-port", str(port),
+               "--max-restarts", "0", *module_args]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + timeout
+    errors = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise RuntimeError("a node did not finish in time") from None
+        if p.returncode != 0:
+            errors.append(err.strip().splitlines()[-1:] if err.strip() else [f"exit {p.returncode}"])
+    if errors:
+        raise RuntimeError(f"a node failed: {errors}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nodes", type=int, default=2)
+    ap.add_argument("--ranks-per-node", type=int, default=2)
+    ap.add_argument("--rate", default="200mbit", help="inter-node link rate (tc tbf)")
+    ap.add_argument("--configs", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="quick profile")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    why = can_use_netns()
+    if why:
+        print(json.dumps({"bench": "emulated_cluster", "skipped": True,
+                          "reason": f"cannot create network namespaces here ({why}); run as "
+                                    "root or with CAP_NET_ADMIN"}))
+        return 0
+    from moeplan.cost_models.layer import LayerChoice
+    from moeplan.planner.planning import Request, fixed_plan, plan
+    from moeplan.planner.record import RunRecord
+    from moeplan.profiles import load_cluster, load_model
+
+    N, G = a.nodes, a.ranks_per_node
+    world = N * G
+    work = Path(tempfile.mkdtemp(prefix="moeplan-emulated-"))
+    os.chmod(work, 0o755)
+    out: dict = {"bench": "emulated_cluster", "nodes": N, "ranks_per_node": G, "rate": a.rate}
+    down(N)  # leftovers of an interrupted run
+    try:
+        up(N, a.rate)
+        t0 = time.perf_counter()
+        profile = work / "emulated.json"
+        across_nodes(N, G, ["-m", "moeplan.profiles.measure", "--out", str(profile),
+                            "--gpus-per-node", str(G), "--base", "local-cpu", "--name",
+                            "emulated", "--backend", "gloo"] + (["--quick"] if a.quick else []),
+                     port=29511)
+        out["profile_s"] = round(time.perf_counter() - t0, 1)
+        cluster = load_cluster(str(profile))
+        out["inter_all_to_all"] = cluster.fitted_for("all_to_all", "inter").model_dump()
+        configs = []
+        for model in ("tiny-pr-moe", str(Path(__file__).parent / "data" / "small-pr-moe.json")):
+            for seq in (16, 32, 64, 96, 128):
+                configs.append((model, seq))
+        rows = []
+        for k, (model, seq) in enumerate(configs[:a.configs]):
+            spec = load_model(model)
+            req = Request(gpus=world, mode="train", global_batch=world, seq_len=seq,
+                          zero_stage=0, simulate_top=0)
+            measured = {}
+            predicted = {}
+            for algo in ("flat", "hierarchical"):
+                choices = {i: LayerChoice(ep=min(E, world), es=1,
+                                          a2a=algo if min(E, world) == world else "flat",
+                                          coordinated=False)
+                           for i, E in enumerate(spec.experts) if E}
+                p = fixed_plan(spec, cluster, req, 1, choices)
+                pf, rf = work / f"c{k}-{algo}.plan.json", work / f"c{k}-{algo}.run.json"
+                pf.write_text(p.to_json())
+                across_nodes(N, G, ["-m", "moeplan.runtime.worker", "--plan", str(pf), "--mode",
+                                    "train", "--steps", str(a.steps), "--warmup", "1", "--out",
+                                    str(rf)], port=29520 + k)
+                run = RunRecord.model_validate_json(rf.read_text())
+                measured[algo] = sum(l.phases_s.get("dispatch_a2a", 0) + l.phases_s.get(
+                    "combine_a2a", 0) for l in run.layers)
+                predicted[algo] = sum(l.predicted.phases_s.get("dispatch_a2a", 0)
+                                      + l.predicted.phases_s.get("combine_a2a", 0)
+                                      for l in p.layers)
+            best, _ = plan(spec, cluster, Request(gpus=world, mode="train", global_batch=world,
+                                                  seq_len=seq, zero_stage=0, micro_batch=1))
+            chosen = {l.a2a for l in best.layers if l.kind == "moe" and l.ep == world} or {"flat"}
+            faster = min(measured, key=measured.get)
+            gap = abs(measured["flat"] - measured["hierarchical"]) / min(measured.values())
+            rows.append({"model": Path(model).stem, "seq_len": seq, "measured_a2a_s": measured,
+                         "predicted_a2a_s": predicted, "planner_chose": sorted(chosen),
+                         "measured_faster": faster, "gap": round(gap, 3),
+                         "agrees": faster in chosen})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+        decisive = [r for r in rows if r["gap"] > 0.10]
+        out.update(configs=rows, decisive=len(decisive),
+                   agreement=sum(r["agrees"] for r in decisive))
+    finally:
+        down(N)
+    text = json.dumps(out, indent=2)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

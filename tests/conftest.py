@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from moeplan.profiles import ClusterProfile, ModelSpec, load_cluster
+# Triton kernels run on CPU through Triton's interpreter in the tests. It must be chosen before
+# anything imports triton (torch.optim may, through torch._dynamo), so here, first.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from moeplan.profiles import ClusterProfile, ModelSpec, load_cluster  # noqa: E402
 
 GiB = 2 ** 30
 

@@ -48,11 +48,15 @@ def _full_model(spec, seed: int = 0, skew_layer: int | None = None) -> GPT:
     return model
 
 
-def parity(plan, rank: int, world: int, skew_layer: int | None = None) -> dict:
+def parity(plan, rank: int, world: int, skew_layer: int | None = None, kernels=None) -> dict:
     """Forward logits, loss and synchronised gradients vs the single-device model."""
     groups = build_groups(plan, rank, world)
     full = _full_model(plan.model, skew_layer=skew_layer)
     model = parallelize(full, plan, groups)
+    if kernels is not None:  # the distributed model on these kernels, the reference on torch's
+        from moeplan.runtime.kernels import use_kernels
+
+        use_kernels(model, kernels)
     data = _batch(groups.dp.size)
     shard = data[groups.dp.rank_in_group]
     loss, _ = model.loss(shard[:, :-1], shard[:, 1:])
@@ -68,7 +72,7 @@ def parity(plan, rank: int, world: int, skew_layer: int | None = None) -> dict:
         ref_loss += float(l.detach()) / groups.dp.size
         if d == groups.dp.rank_in_group:
             ref_logits, _ = full(data[d, :, :-1])
-    loss_t = torch.tensor([float(loss)])
+    loss_t = torch.tensor([loss.item()])
     dist.all_reduce(loss_t, group=groups.dp.group) if groups.dp.size > 1 else None
     slices = model.slices()
     full_params = dict(full.named_parameters())
@@ -150,6 +154,10 @@ def world4(rank: int, world: int) -> dict:
 
 
 def world2(rank: int, world: int) -> dict:
+    import os
+
+    # before anything imports triton (torch.optim may, through torch._dynamo)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
     spec = load_model("tiny-pr-moe")
     return {
         "ep=E": parity(make_plan(2, 1, {}), rank, world),
@@ -161,6 +169,7 @@ def world2(rank: int, world: int) -> dict:
                                    rank, world),
         "generate": generation(make_plan(2, 1, {}), rank, world),
         "training": training(rank, world),
+        "ep=E, triton kernels": _triton_parity(rank, world),
     }
 
 
@@ -219,3 +228,16 @@ def training(rank: int, world: int) -> dict:
                      log=lambda *_: None)
     return {"losses": record.losses if record else None,
             "comparison": len(record.comparison) if record else None}
+
+
+def _triton_parity(rank: int, world: int) -> dict:
+    """The parity case on the Triton kernels (CPU interpreter), when triton is installed."""
+    import os
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    from moeplan.runtime.kernels import triton_available, triton_kernels
+
+    if not triton_available():
+        return {"skipped": "triton is not installed"}
+    spec = load_model("tiny-pr-moe").model_copy(update={"top_k": 2})
+    return parity(make_plan(2, 1, {}, spec=spec), rank, world, kernels=triton_kernels())

@@ -83,3 +83,11 @@ def test_training_loss_goes_down(world2):
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.5, losses
     assert world2[0]["training"]["comparison"] > 10  # the record carries its comparison
+
+
+def test_parity_with_triton_kernels(world2):
+    for rank in world2:
+        result = rank["ep=E, triton kernels"]
+        if "skipped" in result:
+            pytest.skip(result["skipped"])
+        _check(result, "ep=E, triton kernels")

@@ -58,7 +58,7 @@ def gate(logits_TE: torch.Tensor, top_k: int, cap: int, valid_T: torch.Tensor | 
     experts = [first_T]
     masks = [mask1_TE]
     if top_k == 2:
-        second_T = logits_TE.masked_fill(mask1_TE.bool(), float("-inf")).argmax(dim=-1)
+        second_T = logits_TE.masked_fill(F.one_hot(first_T, E).bool(), float("-inf")).argmax(-1)
         masks.append(F.one_hot(second_T, E) * valid[:, None])
         experts.append(second_T)
     # aux loss from first choices, before capacity
@@ -113,7 +113,8 @@ def combine(y_ECH: torch.Tensor, r: Routing) -> torch.Tensor:
     the rows the token's choices occupy; dropped choices carry weight 0."""
     E, C, H = y_ECH.shape
     pos = slot_positions(r)
-    rows = y_ECH.reshape(E * C, H).index_select(0, pos.reshape(-1)).view(r.tokens, -1, H)
+    K = pos.shape[1]
+    rows = y_ECH.reshape(E * C, H).index_select(0, pos.reshape(-1)).view(r.tokens, K, H)
     w = r.weight_TK.to(y_ECH.dtype)
     if rows.shape[1] == 1:
         return rows[:, 0] * w

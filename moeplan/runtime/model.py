@@ -26,6 +26,7 @@ from moeplan.runtime import comm as C
 from moeplan.runtime import gating
 from moeplan.runtime.a2a import FlatExchange
 from moeplan.runtime.comm import Comm
+from moeplan.runtime.kernels import REFERENCE, ffn_loop
 from moeplan.runtime.timers import NULL_TIMER
 
 Slice = tuple[tuple[int, int, int], ...]
@@ -139,30 +140,17 @@ class Experts(nn.Module):
         e, f = (0, self.e0, self.e1), (self.f0, self.f1)
         return {"w1": (e, (2, *f)), "b1": (e, (1, *f)), "w2": (e, (1, *f)), "b2": (e,)}
 
-    def forward(self, x_PLCH: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_PLCH: torch.Tensor, ffn=ffn_loop) -> torch.Tensor:
         """[P, L, C, H] as received (source rank, local expert, slot) -> the same layout out.
-
-        One GEMM pair per local expert, biases folded into the GEMMs, writing its output straight
-        into the [P, L, C, H] result (no transpose back); the GELU works on one expert's block at
-        a time (a
-        batched GEMM over all local experts measured slower on CPU: its intermediate does not
-        stay in cache). `unbind`, not indexing: its backward stacks the pieces instead of
-        zero-filling a full gradient per expert."""
-        P, _, C, H = x_PLCH.shape
-        out = []
-        for x, w1, b1, w2, b2 in zip(x_PLCH.unbind(1), self.w1.unbind(0), self.b1.unbind(0),
-                                     self.w2.unbind(0), self.b2.unbind(0)):
-            h = F.gelu(torch.addmm(b1, x.reshape(P * C, H), w1))
-            # the output bias is added once per expert: by the first slice, before the es sum
-            y = torch.addmm(b2, h, w2) if self.es_rank0 else h.mm(w2)
-            out.append(y.view(P, C, H))
-        return torch.stack(out, dim=1)
+        The output bias is added once per expert: by the first slice, before the es sum."""
+        return ffn(x_PLCH, self.w1, self.b1, self.w2, self.b2, self.es_rank0)
 
 
 class MoE(nn.Module):
     """Router + experts + (optionally) the PR-MoE residual MLP and its mixing coefficient."""
 
     timer = NULL_TIMER
+    kernels = REFERENCE  # gating / dispatch / combine; kernels.use_kernels swaps in Triton
 
     def __init__(self, spec: ModelSpec, experts: int, tp: Comm, par: MoEParallel):
         super().__init__()
@@ -199,12 +187,12 @@ class MoE(nn.Module):
         cap = gating.capacity(gate_tokens, self.E, self.spec.top_k, cf, self.spec.min_capacity)
         reduce = (lambda t: C.reduce_from(t, self.tp)) if self.par.coordinated else None
         logits_TE = F.linear(xr_TH.float(), self.router.weight.float())  # fp32 router
-        r = gating.gate(logits_TE, self.spec.top_k, cap, valid_T, reduce)
+        r = self.kernels.gate(logits_TE, self.spec.top_k, cap, valid_T, reduce)
         self.last = r
         t = self.timer
-        buf_ECH = gating.dispatch(t.to(xr_TH, "dispatch"), r, self.E)
+        buf_ECH = self.kernels.dispatch(t.to(xr_TH, "dispatch"), r, self.E)
         y_ECH = t.to(self._experts(buf_ECH), "combine")
-        out_TH = gating.combine(y_ECH, r)
+        out_TH = self.kernels.combine(y_ECH, r)
         if self.par.coordinated and self.tp.size > 1:
             out_TH = C.gather_from(t.to(out_TH, "tp_comm"), self.tp, dim=0)[: B * S]
         out = t.to(out_TH, "mlp").view(B, S, H)
@@ -222,7 +210,8 @@ class MoE(nn.Module):
         recv = self.par.exchange(t.to(buf_ECH.reshape(P, L, Cap, H), "dispatch_a2a"))
         # expert slicing: every slice of an expert sees the tokens of all es ranks
         x_PLCH = t.to(C.gather_rows(t.to(recv, "es_comm"), es, dim=0), "experts")
-        y_PLCH = C.reduce_scatter_rows(t.to(self.experts(x_PLCH), "es_comm"), es, dim=0)
+        y_PLCH = self.experts(x_PLCH, self.kernels.ffn)
+        y_PLCH = C.reduce_scatter_rows(t.to(y_PLCH, "es_comm"), es, dim=0)
         return self.par.exchange(t.to(y_PLCH, "combine_a2a")).reshape(E, Cap, H)
 
 

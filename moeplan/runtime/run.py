@@ -26,6 +26,7 @@ from moeplan.runtime import checkpoint
 from moeplan.runtime.data import Batches, stdlib_corpus
 from moeplan.runtime.groups import Groups, build_groups
 from moeplan.runtime.infer import generate
+from moeplan.runtime.kernels import select, use_kernels
 from moeplan.runtime.model import GPT, MoE
 from moeplan.runtime.parallel import GradSync, load_full_state, parallel_context
 from moeplan.runtime.timers import NULL_TIMER, PhaseTimer, instrument
@@ -229,6 +230,7 @@ def execute(plan: Plan, cfg: RunConfig, rank: int, world: int, log=print) -> Run
     model = build_model(plan, groups, cfg)
     if cuda:
         model = model.cuda()
+    use_kernels(model, select(next(model.parameters()).device))
     say = log if rank == 0 else (lambda *_: None)
     result = (train if cfg.mode == "train" else infer)(plan, model, groups, cfg, say)
     if cfg.save:

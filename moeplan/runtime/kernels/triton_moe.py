@@ -1,0 +1,230 @@
+"""Triton kernels for top-k gating, dispatch and combine, with the semantics of `gating.py`.
+
+Legend: T tokens, E experts, K choices per token, C capacity, H hidden.
+
+  _softmax_topk   one program per block of tokens: fp32 softmax of the router logits, the first
+                  choice (argmax of the probabilities) and, for top-2, the second (argmax of the
+                  logits with the first masked) — ties to the lowest index, as torch.argmax
+  _slots          one program per expert: a prefix scan over the tokens in order (first choices,
+                  then second choices), giving each choice its slot in the expert's buffer and
+                  the expert's first-choice count for the aux loss — O(T) per expert, no one-hot
+  _scatter_rows   row (t, k) -> buffer row expert·C + slot, scaled: dispatch (scale 1) and the
+                  backward of combine (scale = combine weight)
+  _gather_rows    token row t <- Σ_k scale_tk · buffer row of (t, k): combine (scale = weight)
+                  and the backward of dispatch (scale = keep)
+Every token row is read or written K times and no buffer row twice: O(T·K·H), no atomics. The
+dense table (expert, slot, keep, weight per choice) is `gating.Routing`, as in the reference.
+Backward: softmax by its Jacobian-vector product; the weights and aux loss are torch expressions
+of the probabilities, so autograd differentiates them exactly as in the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+from moeplan.runtime.gating import Routing
+
+
+@triton.jit
+def _softmax_topk(logits_ptr, probs_ptr, first_ptr, second_ptr, T, E,
+                  TOP2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    rmask, cmask = rows < T, cols < E
+    m2 = rmask[:, None] & cmask[None, :]
+    x = tl.load(logits_ptr + rows[:, None] * E + cols[None, :], mask=m2, other=float("-inf"))
+    x = tl.where(rmask[:, None], x, 0.0)  # rows past T: finite, never stored
+    ex = tl.where(m2, tl.exp(x - tl.max(x, 1)[:, None]), 0.0)
+    p = ex / tl.maximum(tl.sum(ex, 1), 1e-30)[:, None]
+    tl.store(probs_ptr + rows[:, None] * E + cols[None, :], p, mask=m2)
+    first = tl.argmax(tl.where(cmask[None, :], p, -1.0), 1)
+    tl.store(first_ptr + rows, first, mask=rmask)
+    if TOP2:
+        masked = tl.where(cols[None, :] == first[:, None], float("-inf"), x)
+        tl.store(second_ptr + rows, tl.argmax(masked, 1), mask=rmask)
+
+
+@triton.jit
+def _scan_choice(choice_ptr, valid_ptr, slot_ptr, e, T, running, BLOCK: tl.constexpr):
+    for start in range(0, T, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < T
+        ids = tl.load(choice_ptr + offs, mask=m, other=-1)
+        ok = tl.load(valid_ptr + offs, mask=m, other=0)
+        hit = ((ids == e) & (ok != 0)).to(tl.int32)
+        c = tl.cumsum(hit, 0)
+        tl.store(slot_ptr + offs, running + c - 1, mask=m & (hit != 0))
+        running += tl.sum(hit, 0)
+    return running
+
+
+@triton.jit
+def _slots(first_ptr, second_ptr, valid_ptr, slot1_ptr, slot2_ptr, counts_ptr, T,
+           TOP2: tl.constexpr, BLOCK: tl.constexpr):
+    e = tl.program_id(0)
+    running = tl.zeros((), dtype=tl.int32)
+    running = _scan_choice(first_ptr, valid_ptr, slot1_ptr, e, T, running, BLOCK)
+    tl.store(counts_ptr + e, running)
+    if TOP2:
+        _scan_choice(second_ptr, valid_ptr, slot2_ptr, e, T, running, BLOCK)
+
+
+@triton.jit
+def _scatter_rows(src_ptr, pos_ptr, keep_ptr, scale_ptr, out_ptr, H,
+                  K: tl.constexpr, BLOCK_H: tl.constexpr):
+    tk = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    if tl.load(keep_ptr + tk) != 0:
+        pos = tl.load(pos_ptr + tk)
+        w = tl.load(scale_ptr + tk)
+        v = tl.load(src_ptr + (tk // K) * H + cols, mask=cols < H, other=0.0).to(tl.float32)
+        tl.store(out_ptr + pos * H + cols, (v * w).to(out_ptr.dtype.element_ty), mask=cols < H)
+
+
+@triton.jit
+def _gather_rows(src_ptr, pos_ptr, keep_ptr, scale_ptr, out_ptr, H,
+                 K: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for k in tl.static_range(K):
+        if tl.load(keep_ptr + t * K + k) != 0:
+            pos = tl.load(pos_ptr + t * K + k)
+            w = tl.load(scale_ptr + t * K + k)
+            acc += w * tl.load(src_ptr + pos * H + cols, mask=cols < H, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < H)
+
+
+def _block(n: int, cap: int = 1024) -> int:
+    return min(cap, triton.next_power_of_2(max(n, 1)))
+
+
+class _SoftmaxTopK(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_TE: torch.Tensor, top_k: int):
+        T, E = logits_TE.shape
+        logits_TE = logits_TE.contiguous()
+        probs = torch.empty_like(logits_TE)
+        first = torch.zeros(T, dtype=torch.int64, device=logits_TE.device)
+        second = torch.zeros(T, dtype=torch.int64, device=logits_TE.device)
+        if T:
+            bt = 16
+            _softmax_topk[(triton.cdiv(T, bt),)](logits_TE, probs, first, second, T, E,
+                                                  TOP2=top_k == 2, BLOCK_T=bt,
+                                                  BLOCK_E=_block(E, 1 << 16))
+        ctx.save_for_backward(probs)
+        ctx.mark_non_differentiable(first, second)
+        return probs, first, second
+
+    @staticmethod
+    def backward(ctx, g_probs, _g1, _g2):
+        (p,) = ctx.saved_tensors
+        return p * (g_probs - (g_probs * p).sum(-1, keepdim=True)), None
+
+
+def gate(logits_TE: torch.Tensor, top_k: int, cap: int, valid_T: torch.Tensor | None = None,
+         reduce_stats: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Routing:
+    """`gating.gate` with the softmax, top-k and capacity scan in Triton."""
+    T, E = logits_TE.shape
+    dev = logits_TE.device
+    probs_TE, first, second = _SoftmaxTopK.apply(logits_TE.float(), top_k)
+    valid = torch.ones(T, dtype=torch.bool, device=dev) if valid_T is None else valid_T
+    slot1 = torch.zeros(T, dtype=torch.int32, device=dev)
+    slot2 = torch.zeros(T, dtype=torch.int32, device=dev)
+    counts = torch.zeros(E, dtype=torch.int32, device=dev)
+    _slots[(E,)](first, second, valid.to(torch.int8), slot1, slot2, counts, T,
+                 TOP2=top_k == 2, BLOCK=_block(T))
+    experts = [first, second][:top_k]
+    slots = [slot1.long(), slot2.long()][:top_k]
+    n_valid = valid.sum().to(probs_TE.dtype)
+    stats = torch.cat([(probs_TE * valid[:, None]).sum(0), counts.to(probs_TE.dtype),
+                       n_valid.reshape(1)])
+    if reduce_stats is not None:
+        stats = reduce_stats(stats)
+    me, ce, count = stats[:E], stats[E:2 * E], stats[-1].clamp(min=1)
+    aux = E * torch.sum((me / count) * (ce / count))
+    expert_TK = torch.stack(experts, dim=1)
+    slot_TK = torch.stack(slots, dim=1)
+    keep_TK = (slot_TK < cap) & valid[:, None]
+    weight_TK = probs_TE.gather(1, expert_TK) * keep_TK
+    if top_k == 2:
+        denom = weight_TK.sum(-1, keepdim=True).clamp(min=torch.finfo(weight_TK.dtype).eps)
+        weight_TK = weight_TK / denom
+    dropped = int((valid[:, None] & ~keep_TK).sum())
+    return Routing(expert_TK, slot_TK, keep_TK, weight_TK, cap, aux, dropped,
+                   int(valid.sum()) * top_k)
+
+
+def _positions(r: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    pos = (r.expert_TK * r.capacity + r.slot_TK).reshape(-1).contiguous()
+    return pos, r.keep_TK.reshape(-1).to(torch.int8).contiguous()
+
+
+def _scatter(src_TH, pos, keep, scale, rows: int, K: int) -> torch.Tensor:
+    H = src_TH.shape[1]
+    out = src_TH.new_zeros(rows, H)
+    if pos.numel():
+        bh = _block(H, 256)
+        _scatter_rows[(pos.numel(), triton.cdiv(H, bh))](src_TH.contiguous(), pos, keep,
+                                                         scale.contiguous(), out, H, K=K,
+                                                         BLOCK_H=bh)
+    return out
+
+
+def _gather(src_RH, pos, keep, scale, tokens: int, K: int) -> torch.Tensor:
+    H = src_RH.shape[1]
+    out = src_RH.new_empty(tokens, H)
+    if tokens:
+        bh = _block(H, 256)
+        _gather_rows[(tokens, triton.cdiv(H, bh))](src_RH.contiguous(), pos, keep,
+                                                  scale.contiguous(), out, H, K=K, BLOCK_H=bh)
+    return out
+
+
+class _Dispatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TH, pos, keep, rows: int, K: int):
+        ones = torch.ones(pos.numel(), dtype=torch.float32, device=x_TH.device)
+        ctx.save_for_backward(pos, keep, ones)
+        ctx.K, ctx.T = K, x_TH.shape[0]
+        return _scatter(x_TH, pos, keep, ones, rows, K)
+
+    @staticmethod
+    def backward(ctx, g_RH):
+        pos, keep, ones = ctx.saved_tensors
+        return _gather(g_RH, pos, keep, ones, ctx.T, ctx.K), None, None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_RH, weight, pos, keep, tokens: int, K: int):
+        w = weight.reshape(-1).float().contiguous()
+        ctx.save_for_backward(y_RH, w, pos, keep)
+        ctx.K, ctx.tokens = K, tokens
+        return _gather(y_RH, pos, keep, w, tokens, K)
+
+    @staticmethod
+    def backward(ctx, g_TH):
+        y_RH, w, pos, keep = ctx.saved_tensors
+        g_y = _scatter(g_TH, pos, keep, w, y_RH.shape[0], ctx.K)
+        rows = y_RH.index_select(0, torch.where(keep.bool(), pos, 0)).float()
+        g_TH_k = g_TH.float().repeat_interleave(ctx.K, dim=0)
+        g_w = ((rows * g_TH_k).sum(-1) * keep).view(ctx.tokens, ctx.K)
+        return g_y, g_w, None, None, None, None
+
+
+def dispatch(x_TH: torch.Tensor, r: Routing, experts: int) -> torch.Tensor:
+    pos, keep = _positions(r)
+    buf = _Dispatch.apply(x_TH, pos, keep, experts * r.capacity, r.expert_TK.shape[1])
+    return buf.view(experts, r.capacity, x_TH.shape[1])
+
+
+def combine(y_ECH: torch.Tensor, r: Routing) -> torch.Tensor:
+    E, C, H = y_ECH.shape
+    pos, keep = _positions(r)
+    return _Combine.apply(y_ECH.reshape(E * C, H), r.weight_TK, pos, keep, r.tokens,
+                          r.expert_TK.shape[1])

@@ -95,9 +95,36 @@ def across_nodes(nodes: int, per_node: int, module_args: list[str], port: int,
                 q.kill()
             raise RuntimeError("a node did not finish in time") from None
         if p.returncode != 0:
-            errors.append(err.strip().splitlines()[-1:] if err.strip() else [f"exit {p.returncode}"])
+            lines = [l for l in err.strip().splitlines() if l.strip(" =")]
+            said = [l for l in lines if "moerun rank" in l or "Error" in l]
+            errors.append((said or lines or [f"exit {p.returncode}"])[-1][:300])
     if errors:
         raise RuntimeError(f"a node failed: {errors}")
+
+
+def _both(spec, cluster, req, world: int, work: Path, k: int, N: int, G: int, steps: int):
+    """Measured and predicted all-to-all seconds per step of the flat and hierarchical plans."""
+    from moeplan.cost_models.layer import LayerChoice
+    from moeplan.planner.planning import fixed_plan
+    from moeplan.planner.record import RunRecord
+
+    measured, predicted = {}, {}
+    for algo in ("flat", "hierarchical"):
+        choices = {i: LayerChoice(ep=min(E, world), es=1,
+                                  a2a=algo if min(E, world) == world else "flat",
+                                  coordinated=False)
+                   for i, E in enumerate(spec.experts) if E}
+        p = fixed_plan(spec, cluster, req, 1, choices)
+        pf, rf = work / f"c{k}-{algo}.plan.json", work / f"c{k}-{algo}.run.json"
+        pf.write_text(p.to_json())
+        across_nodes(N, G, ["-m", "moeplan.runtime.worker", "--plan", str(pf), "--mode",
+                            "train", "--steps", str(steps), "--warmup", "1", "--out", str(rf)],
+                     port=29520 + 2 * k + (algo == "flat"))
+        run = RunRecord.model_validate_json(rf.read_text())
+        a2a = ("dispatch_a2a", "combine_a2a")
+        measured[algo] = sum(l.phases_s.get(ph, 0) for l in run.layers for ph in a2a)
+        predicted[algo] = sum(l.predicted.phases_s.get(ph, 0) for l in p.layers for ph in a2a)
+    return measured, predicted
 
 
 def main() -> int:
@@ -116,9 +143,7 @@ def main() -> int:
                           "reason": f"cannot create network namespaces here ({why}); run as "
                                     "root or with CAP_NET_ADMIN"}))
         return 0
-    from moeplan.cost_models.layer import LayerChoice
-    from moeplan.planner.planning import Request, fixed_plan, plan
-    from moeplan.planner.record import RunRecord
+    from moeplan.planner.planning import Request, plan
     from moeplan.profiles import load_cluster, load_model
 
     N, G = a.nodes, a.ranks_per_node
@@ -149,23 +174,11 @@ def main() -> int:
                           zero_stage=0, simulate_top=0)
             measured = {}
             predicted = {}
-            for algo in ("flat", "hierarchical"):
-                choices = {i: LayerChoice(ep=min(E, world), es=1,
-                                          a2a=algo if min(E, world) == world else "flat",
-                                          coordinated=False)
-                           for i, E in enumerate(spec.experts) if E}
-                p = fixed_plan(spec, cluster, req, 1, choices)
-                pf, rf = work / f"c{k}-{algo}.plan.json", work / f"c{k}-{algo}.run.json"
-                pf.write_text(p.to_json())
-                across_nodes(N, G, ["-m", "moeplan.runtime.worker", "--plan", str(pf), "--mode",
-                                    "train", "--steps", str(a.steps), "--warmup", "1", "--out",
-                                    str(rf)], port=29520 + k)
-                run = RunRecord.model_validate_json(rf.read_text())
-                measured[algo] = sum(l.phases_s.get("dispatch_a2a", 0) + l.phases_s.get(
-                    "combine_a2a", 0) for l in run.layers)
-                predicted[algo] = sum(l.predicted.phases_s.get("dispatch_a2a", 0)
-                                      + l.predicted.phases_s.get("combine_a2a", 0)
-                                      for l in p.layers)
+            try:
+                measured, predicted = _both(spec, cluster, req, world, work, k, N, G, a.steps)
+            except RuntimeError as e:  # one configuration failing does not end the benchmark
+                rows.append({"model": Path(model).stem, "seq_len": seq, "error": str(e)})
+                continue
             best, _ = plan(spec, cluster, Request(gpus=world, mode="train", global_batch=world,
                                                   seq_len=seq, zero_stage=0, micro_batch=1))
             chosen = {l.a2a for l in best.layers if l.kind == "moe" and l.ep == world} or {"flat"}
@@ -176,7 +189,7 @@ def main() -> int:
                          "measured_faster": faster, "gap": round(gap, 3),
                          "agrees": faster in chosen})
             print(json.dumps(rows[-1]), file=sys.stderr)
-        decisive = [r for r in rows if r["gap"] > 0.10]
+        decisive = [r for r in rows if "error" not in r and r["gap"] > 0.10]
         out.update(configs=rows, decisive=len(decisive),
                    agreement=sum(r["agrees"] for r in decisive))
     finally:

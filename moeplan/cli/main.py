@@ -11,6 +11,7 @@ import click
 from moeplan import __version__
 from moeplan.cli.errors import run
 from moeplan.errors import ConfigError
+from moeplan.files import write_atomic
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -83,22 +84,13 @@ def search(model_name, gpus, cluster, profile, mode, global_batch, micro_batch, 
                   prompt_len=prompt_len, gen_len=gen_len, dtype=dtype, zero_stage=int(zero_stage),
                   simulate_top=simulate_top, routing_skew=routing_skew)
     the_plan, result = plan(spec, cl, req)
-    _write_atomic(Path(out), the_plan.to_json())
+    write_atomic(out, the_plan.to_json())
     elapsed = time.perf_counter() - t0
     if as_json:
         click.echo(json.dumps(render.summary(the_plan, result, out, elapsed), indent=2,
                               sort_keys=True))
     else:
         render.print_plan(the_plan, result, out, elapsed)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    except OSError as e:
-        raise ConfigError(f"cannot write {path}: {e.strerror}") from None
 
 
 def _listing(kind: str, as_json: bool) -> None:

@@ -268,7 +268,7 @@ def simulate(env: Env, cand, skew: float = 0.0, seed: int = 0,
 
     sim = sim or Simulator(env)
     s, spec = cand.setting, env.spec
-    N, G, tp = env.gpus, env.gpus_per_node, s.tp
+    N, tp = env.gpus, s.tp
     rng = random.Random(seed)
     train = env.workload.mode == "train"
     p = train_pass(env, s) if train else decode_pass(env, s)

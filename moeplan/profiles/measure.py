@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from moeplan.files import write_atomic
 from moeplan.profiles import fit
 from moeplan.runtime.comm import all_gather_tensor, reduce_scatter_tensor
 
@@ -200,9 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
         out.with_suffix(".raw.json").write_text(json.dumps({"info": info, **raw}, indent=1))
         profile = build_profile(a.base, a.name, a.gpus_per_node, info, raw)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(profile.model_dump_json(indent=2) + "\n")
-        tmp.replace(out)
+        write_atomic(out, profile.model_dump_json(indent=2) + "\n")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

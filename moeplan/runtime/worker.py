@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from moeplan.errors import MoeplanError
+from moeplan.files import write_atomic
 from moeplan.planner.plan import Plan
 from moeplan.runtime.run import RunConfig, execute
 
@@ -57,10 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                                     timeout=timedelta(seconds=a.timeout))
         record = execute(plan, cfg, rank, world, log=lambda m: print(m, flush=True))
         if record is not None:
-            out = Path(a.out)
-            tmp = out.with_name(out.name + ".tmp")
-            tmp.write_text(record.model_dump_json(indent=2) + "\n")
-            tmp.replace(out)
+            write_atomic(a.out, record.model_dump_json(indent=2) + "\n")
         if world > 1:
             dist.barrier()
             dist.destroy_process_group()

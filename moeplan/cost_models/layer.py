@@ -37,11 +37,16 @@ from moeplan.profiles.model import ModelSpec
 COMPUTE_PHASES = ("attention", "mlp", "gate", "dispatch", "experts", "combine")
 COMM_PHASES = ("tp_comm", "dispatch_a2a", "es_comm", "combine_a2a")
 # Framework operations per layer (forward, backward) of moeplan's runtime, each paying the
-# device's per-operation overhead. Source: aten ops (views excluded) counted with a
-# TorchDispatchMode over tiny-pr-moe, torch 2.13 (tests/test_cost_models.py recounts them);
-# experts: 1 + 3·L forward and 5 + 7·L backward for L local experts.
+# device's per-operation overhead. CPU (the torch reference): aten ops, views excluded, counted
+# with a TorchDispatchMode over tiny-pr-moe, torch 2.13 (tests/test_cost_models.py recounts them);
+# experts: 1 + 3·L forward and 5 + 7·L backward for L local experts (a loop).
 RUNTIME_OPS = {"attention": (8, 18), "mlp": (6, 8), "residual_mlp": (11, 19), "gate": (43, 32),
                "dispatch": (10, 2), "combine": (5, 5), "head": (12, 11)}
+# CUDA (Triton gating / dispatch / combine, one grouped expert GEMM pair): kernel launches and
+# torch ops around them, counted by reading runtime/kernels/triton_moe.py — not yet traced on a
+# GPU (none was available); the other phases launch one kernel per aten op, as on CPU.
+CUDA_OPS = {**RUNTIME_OPS, "gate": (35, 24), "dispatch": (7, 2), "combine": (8, 11),
+            "experts": (4, 8)}
 OPTIMIZER_OPS_PER_TENSOR = 16  # AdamW single-tensor step 10.2, clipping + zero_grad 5.3 (same)
 ADAM_BYTES_PER_PARAM = 28  # read fp16 grad + fp32 master, m, v; write master, m, v and fp16 weight
 
@@ -117,12 +122,17 @@ def capacity(spec: ModelSpec, experts: int, gate_tokens: int, train: bool) -> in
     return max(ceil(spec.top_k * cf * gate_tokens / experts), spec.min_capacity)
 
 
-def ops(name: str, p: Pass, train: bool, local_experts: int = 0) -> float:
+def ops(env: Env, name: str, p: Pass, local_experts: int = 0) -> float:
     """Operations one forward pass of a phase is charged: its forward count for inference; for
     training a third of forward + backward, since training charges compute phases three
     passes (see `step.train_layer`)."""
-    fwd, bwd = ((1 + 3 * local_experts, 5 + 7 * local_experts) if name == "experts"
-                else RUNTIME_OPS[name])
+    train = env.workload.mode == "train"
+    if env.cluster.device.kind == "gpu":
+        fwd, bwd = CUDA_OPS[name]
+    elif name == "experts":
+        fwd, bwd = 1 + 3 * local_experts, 5 + 7 * local_experts
+    else:
+        fwd, bwd = RUNTIME_OPS[name]
     return (fwd + bwd) / 3 if train and not p.decode else fwd
 
 
@@ -133,19 +143,18 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     E = spec.experts[index]
     cost = LayerCost()
     ph, cb = cost.phases, cost.comm_bytes
-    train = env.workload.mode == "train"
 
     attn_flops_s = (gemm_s(T, 3 * h / tp, h, dev, dt) + gemm_s(T, h, h / tp, dev, dt)
                     + 2 * gemm_s(T, p.context, h / tp, dev, dt))
     kv_read = kv_cache_bytes(T, p.context, h, tp, b) if p.decode else 0.0
     ph["attention"] = roofline_s(attn_flops_s, b * (4 * h * h / tp + 2 * T * h) + kv_read, dev,
-                                 ops("attention", p, train))
+                                 ops(env, "attention", p))
 
     has_mlp = E == 0 or spec.residual
     if has_mlp:
         mlp_flops_s = gemm_s(T, f / tp, h, dev, dt) + gemm_s(T, h, f / tp, dev, dt)
         ph["mlp"] = roofline_s(mlp_flops_s, b * (2 * h * f / tp + 2 * T * h), dev,
-                               ops("residual_mlp" if E else "mlp", p, train))
+                               ops(env, "residual_mlp" if E else "mlp", p))
 
     tp_span = env.span(tp, 1)
     cb["tp_allreduce"] = T * h * b
@@ -160,8 +169,8 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     expert_rows = c.ep * c.es * C
     # DeepSpeed's TopKGate runs the router and softmax in fp32.
     ph["gate"] = roofline_s(gemm_s(T_r, E, h, dev, "fp32"), 4 * T_r * (h + 3 * E), dev,
-                            ops("gate", p, train))
-    ph["dispatch"] = memory_s(b * (T_r * h + rows * h), dev) + ops("dispatch", p, train) * \
+                            ops(env, "gate", p))
+    ph["dispatch"] = memory_s(b * (T_r * h + rows * h), dev) + ops(env, "dispatch", p) * \
         dev.op_overhead_s
     a2a_bytes = rows * h * b
     cb["a2a"] = a2a_bytes
@@ -181,8 +190,8 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     expert_flops_s = local * (gemm_s(expert_rows, f / c.es, h, dev, dt)
                               + gemm_s(expert_rows, h, f / c.es, dev, dt))
     expert_bytes = b * (active * 2 * h * f / c.es + local * expert_rows * 2 * h)
-    ph["experts"] = roofline_s(expert_flops_s, expert_bytes, dev, ops("experts", p, train, local))
-    ph["combine"] = memory_s(b * (rows * h + T_r * h), dev) + ops("combine", p, train) * \
+    ph["experts"] = roofline_s(expert_flops_s, expert_bytes, dev, ops(env, "experts", p, local))
+    ph["combine"] = memory_s(b * (rows * h + T_r * h), dev) + ops(env, "combine", p) * \
         dev.op_overhead_s
     if c.coordinated and tp > 1:
         cb["tp_allgather"] = T * h * b

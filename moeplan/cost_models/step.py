@@ -106,7 +106,7 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
         p = train_pass(env, s)
         steps = s.micro_steps(env.workload)
         fwd = (roofline_s(gemm_s(p.tokens, V / s.tp, h, dev, dt), b * V * h / s.tp, dev,
-                          ops("head", p, True))
+                          ops(env, "head", p))
                + coll.allreduce_s(p.tokens * h * b, tp_span, env.cluster))
         cost.phases["head"] = steps * 3 * fwd
         cost.phases["grad_sync"] = grad_sync_s(env, b * params, s.dp, s.tp)
@@ -121,7 +121,7 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
     # Inference: logits only for the newest token of each sequence.
     tokens = s.micro_batch
     cost.phases["head"] = (roofline_s(gemm_s(tokens, V / s.tp, h, dev, dt), b * V * h / s.tp,
-                                      dev, ops("head", decode_pass(env, s), False))
+                                      dev, ops(env, "head", decode_pass(env, s)))
                            + coll.allgather_s(tokens * V * b, tp_span, env.cluster))
     cost.transient_bytes = 4.0 * tokens * V / s.tp
     return cost

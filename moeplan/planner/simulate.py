@@ -247,13 +247,19 @@ class SimResult:
 
 
 def sample_loads(experts: int, tokens: int, skew: float, rng: random.Random) -> list[int]:
-    """Tokens per expert: multinomial over Dirichlet(1/skew) shares (uniform when skew = 0)."""
+    """Tokens per expert: multinomial over Dirichlet(1/skew) shares (uniform when skew = 0).
+
+    Beyond 2048 tokens each count is drawn from the normal approximation of its binomial
+    (mean n·s, variance n·s·(1-s)), which keeps a search with many large layers fast."""
     if skew <= 0:
         shares = [1.0 / experts] * experts
     else:
         draws = [rng.gammavariate(1.0 / skew, 1.0) for _ in range(experts)]
         total = sum(draws)
         shares = [d / total for d in draws]
+    if tokens > 2048:
+        return [max(0, round(rng.gauss(tokens * s, (tokens * s * (1 - s)) ** 0.5)))
+                for s in shares]
     counts = [0] * experts
     for e in rng.choices(range(experts), weights=shares, k=tokens):
         counts[e] += 1

@@ -50,7 +50,7 @@ def build_profile(base: str, name: str, gpus_per_node: int, info: dict,
     bw, _, r2_m = fit.fit_memory([r["bytes"] for r in m["copy"]], [r["time_s"] for r in m["copy"]])
     dtype = info["dtype"]
     dev = base_p.device.model_copy(update={
-        "name": info["device"],
+        "name": info["device"], "kind": "gpu" if info["backend"] == "nccl" else "cpu",
         "peak_flops": {**base_p.device.peak_flops, dtype: peak},
         "gemm_efficiency": EfficiencyCurve(
             max_efficiency=1.0, half_flops=half,

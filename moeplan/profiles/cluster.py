@@ -36,6 +36,9 @@ class Device(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
+    kind: Literal["gpu", "cpu"] = Field(
+        "gpu", description="what the runtime executes on: CUDA (Triton kernels, grouped expert "
+                           "GEMM) or CPU (the torch reference) — it sets the operation counts")
     memory_bytes: int = Field(gt=0)
     reserved_bytes: int = Field(0, ge=0)
     peak_flops: dict[str, float]

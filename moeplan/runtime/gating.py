@@ -52,40 +52,39 @@ def gate(logits_TE: torch.Tensor, top_k: int, cap: int, valid_T: torch.Tensor | 
     T, E = logits_TE.shape
     logits_TE = logits_TE.float()
     probs_TE = F.softmax(logits_TE, dim=-1)
-    valid = torch.ones(T, dtype=torch.bool, device=logits_TE.device) if valid_T is None else valid_T
     first_T = probs_TE.argmax(dim=-1)
-    mask1_TE = F.one_hot(first_T, E) * valid[:, None]
     experts = [first_T]
-    masks = [mask1_TE]
     if top_k == 2:
-        second_T = logits_TE.masked_fill(F.one_hot(first_T, E).bool(), float("-inf")).argmax(-1)
-        masks.append(F.one_hot(second_T, E) * valid[:, None])
-        experts.append(second_T)
+        experts.append(logits_TE.masked_fill(F.one_hot(first_T, E).bool(), float("-inf"))
+                       .argmax(-1))
+    # one-hot masks of real tokens (padding rows all zero; no mask work when there is none)
+    masks = [F.one_hot(e, E) if valid_T is None else F.one_hot(e, E) * valid_T[:, None]
+             for e in experts]
     # aux loss from first choices, before capacity
-    n_valid = valid.sum().to(probs_TE.dtype)
-    stats = torch.cat([(probs_TE * valid[:, None]).sum(0), mask1_TE.sum(0).to(probs_TE.dtype),
-                       n_valid.reshape(1)])
+    real_probs = probs_TE if valid_T is None else probs_TE * valid_T[:, None]
+    n_valid = probs_TE.new_full((1,), T) if valid_T is None else valid_T.sum().to(
+        probs_TE.dtype).reshape(1)
+    stats = torch.cat([real_probs.sum(0), masks[0].sum(0).to(probs_TE.dtype), n_valid])
     if reduce_stats is not None:
         stats = reduce_stats(stats)
     me, ce, count = stats[:E], stats[E:2 * E], stats[-1].clamp(min=1)
     aux = E * torch.sum((me / count) * (ce / count))
     offset = torch.zeros(E, dtype=torch.long, device=logits_TE.device)
-    slots, keeps = [], []
-    for mask_TE in masks:
-        loc_TE = torch.cumsum(mask_TE, dim=0) - 1 + offset
+    slots = []
+    for e, mask_TE in zip(experts, masks):
+        loc_TE = torch.cumsum(mask_TE, dim=0) - 1 + offset  # position in token order
         offset = offset + mask_TE.sum(0)
-        slot_T = (loc_TE * mask_TE).sum(-1)
-        slots.append(slot_T)
-        keeps.append((slot_T < cap) & valid)
+        slots.append(loc_TE.gather(1, e[:, None])[:, 0])
     expert_TK = torch.stack(experts, dim=1)
     slot_TK = torch.stack(slots, dim=1)
-    keep_TK = torch.stack(keeps, dim=1)
+    keep_TK = slot_TK < cap if valid_T is None else (slot_TK < cap) & valid_T[:, None]
     weight_TK = probs_TE.gather(1, expert_TK) * keep_TK
     if top_k == 2:
         denom = weight_TK.sum(-1, keepdim=True).clamp(min=torch.finfo(weight_TK.dtype).eps)
         weight_TK = weight_TK / denom
-    dropped = int((valid[:, None] & ~keep_TK).sum())
-    routed = int(valid.sum()) * top_k
+    n_real = T if valid_T is None else int(valid_T.sum())
+    dropped = n_real * top_k - int(keep_TK.sum())
+    routed = n_real * top_k
     return Routing(expert_TK, slot_TK, keep_TK, weight_TK, cap, aux, dropped, routed)
 
 

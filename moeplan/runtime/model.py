@@ -168,11 +168,12 @@ class MoE(nn.Module):
             out.update({f"residual.{k}": v for k, v in self.residual.slices().items()})
         return out
 
-    def _tokens(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Tokens this rank routes: all, or its 1/tp share (padded) when TP-coordinated."""
+    def _tokens(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Tokens this rank routes: all (no padding mask), or its 1/tp share, padded, with the
+        mask of real tokens, when TP-coordinated."""
         T = x_TH.shape[0]
         if not self.par.coordinated or self.tp.size == 1:
-            return x_TH, torch.ones(T, dtype=torch.bool, device=x_TH.device), T
+            return x_TH, None, T
         per = -(-T // self.tp.size)
         pad = per * self.tp.size - T
         valid = torch.arange(per * self.tp.size, device=x_TH.device) < T

@@ -40,7 +40,7 @@ COMM_PHASES = ("tp_comm", "dispatch_a2a", "es_comm", "combine_a2a")
 # device's per-operation overhead. CPU (the torch reference): aten ops, views excluded, counted
 # with a TorchDispatchMode over tiny-pr-moe, torch 2.13 (tests/test_cost_models.py recounts them);
 # experts: 1 + 3·L forward and 5 + 7·L backward for L local experts (a loop).
-RUNTIME_OPS = {"attention": (8, 18), "mlp": (6, 8), "residual_mlp": (11, 19), "gate": (43, 32),
+RUNTIME_OPS = {"attention": (8, 18), "mlp": (6, 8), "residual_mlp": (11, 19), "gate": (33, 31),
                "dispatch": (10, 2), "combine": (5, 5), "head": (12, 11)}
 # CUDA (Triton gating / dispatch / combine, one grouped expert GEMM pair): kernel launches and
 # torch ops around them, counted by reading runtime/kernels/triton_moe.py — not yet traced on a

@@ -7,7 +7,8 @@
 2. For every grid point (tiny and small PR-MoE; 2 and 4 ranks; train and infer; flat and
    hierarchical all-to-all where the layout allows it), a plan with those degrees is costed on
    that profile (`fixed_plan`, with its simulation), run with `moerun`, and compared.
-3. Prints JSON: per plan the relative error of step time (train) or per-token latency (infer),
+3. Prints JSON: per plan the prediction error (predicted − measured) / measured of step time
+   (train) or per-token latency (infer),
    for the analytic model and for the simulator, and of each phase (analytic); then the median
    and worst |error| over the grid.
 Nothing is asserted; the figures are what they are on this machine.

@@ -55,7 +55,7 @@ def test_train_run_writes_measurements_beside_predictions(work):
             ("layer 2", "moe forward+backward")} <= figures
     step = next(row for row in record.comparison if row.phase == "step time")
     assert step.predicted == plan.predicted.step_time_s
-    assert step.rel_error == pytest.approx((step.measured - step.predicted) / step.predicted)
+    assert step.rel_error == pytest.approx((step.predicted - step.measured) / step.measured)
     assert "measured vs predicted" in r.stdout and "dropped tokens" in r.stdout
     manifest = json.loads((d / "ckpt" / "manifest.json").read_text())
     assert manifest["world"] == 2 and not (d / "ckpt.tmp").exists()

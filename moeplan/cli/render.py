@@ -194,7 +194,7 @@ def print_comparison(p: Plan, record, out: str | None) -> None:
     unit = "per step" if record.mode == "train" else "per generated token"
     table = _table(f"{p.model.name}, {record.world} ranks, {record.device}/{record.backend}: "
                    f"measured vs predicted {unit}",
-                   ["scope", "figure", "predicted", "measured", "error"])
+                   ["scope", "figure", "predicted", "measured", "prediction error"])
     for row in record.comparison:
         fmt = (lambda v: f"{v:,.0f}") if row.phase == "tokens/s" else _seconds
         err = "-" if row.rel_error is None else f"{row.rel_error * 100:+.0f}%"

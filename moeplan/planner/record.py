@@ -45,7 +45,7 @@ class Comparison(BaseModel):
     phase: str
     predicted: float
     measured: float
-    rel_error: float | None  # (measured - predicted) / predicted
+    rel_error: float | None  # (predicted - measured) / measured
 
 
 class RunRecord(BaseModel):
@@ -66,7 +66,8 @@ class RunRecord(BaseModel):
 
 
 def rel_error(predicted: float, measured: float) -> float | None:
-    return (measured - predicted) / predicted if predicted > 0 else None
+    """The prediction's error relative to what was measured: (predicted − measured) / measured."""
+    return (predicted - measured) / measured if measured > 0 else None
 
 
 def _row(scope: str, phase: str, predicted: float, measured: float) -> Comparison:

@@ -123,3 +123,18 @@ def test_profile_on_cpu_ranks_end_to_end(tmp_path):
     assert "NVML" in r.stderr
     raw = json.loads((tmp_path / "local.raw.json").read_text())
     assert raw["gemm"] and raw["collectives"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nproc", "3"], "not a whole number of 2-rank nodes"),
+    (["--base", "nope"], "unknown cluster 'nope'"),
+    (["--backend", "nccl"], "--backend nccl needs GPUs"),
+    (["--nproc", "0"], "--nproc"),
+])
+def test_profile_bad_inputs_are_one_line(argv, message, monkeypatch, capsys, tmp_path):
+    from moeplan.profiles import nvml
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(nvml, "topology", lambda: {"available": False, "reason": "no driver"})
+    code, _, err = invoke(moeplan_cli, ["profile", *argv], monkeypatch, capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -155,12 +155,8 @@ def profile(out, nproc, gpus_per_node, backend, base, name, quick) -> None:
 
     topo = topology()
     gpus = len(topo["gpus"]) if topo["available"] else 0
-    if topo["available"]:
-        click.echo(f"NVML: {gpus} x {topo['gpus'][0]['name']}, driver {topo['driver']}", err=True)
-    else:
-        click.echo(f"NVML: {topo['reason']}; profiling CPU ranks with gloo", err=True)
-        if backend == "nccl":
-            raise ConfigError("--backend nccl needs GPUs, and NVML sees none")
+    if not topo["available"] and backend == "nccl":
+        raise ConfigError(f"--backend nccl needs GPUs, and NVML sees none ({topo['reason']})")
     use_gpu = gpus > 0 and backend != "gloo"
     nproc = nproc or (gpus if use_gpu else 4)
     if use_gpu and nproc > gpus:
@@ -171,6 +167,10 @@ def profile(out, nproc, gpus_per_node, backend, base, name, quick) -> None:
     base = base or ("ndv4-a100-40gb" if use_gpu else "local-cpu")
     load_cluster(base)  # an unknown base fails here, in one line, before any rank starts
     name = name or f"measured-{platform.node() or 'host'}"
+    if topo["available"]:
+        click.echo(f"NVML: {gpus} x {topo['gpus'][0]['name']}, driver {topo['driver']}", err=True)
+    else:
+        click.echo(f"NVML: {topo['reason']}; profiling CPU ranks with gloo", err=True)
     click.echo(f"profiling {nproc} ranks as {nproc // G} node(s) of {G}"
                f"{' (quick)' if quick else ''}; writing {out}", err=True)
     args = ["--out", out, "--gpus-per-node", str(G), "--base", base, "--name", name,

@@ -8,10 +8,7 @@ its G GPUs, because every GPU of a node runs the same collective of the same lay
 so they share the NICs. Where `moeplan profile` fitted a collective on a tier, the fit replaces the
 link constants (its bandwidth is already effective, so no efficiency is applied).
 
-All functions return seconds; `nbytes` is per rank and named for what it measures. Every
-collective call also pays the profile's `sync_wait_s`: inside a step the ranks arrive at it at
-different times and the exchange waits for the last (0 in datasheet profiles; measured by
-`moeplan profile`).
+All functions return seconds; `nbytes` is per rank and named for what it measures.
 """
 
 from __future__ import annotations
@@ -47,7 +44,7 @@ def _tier(cluster: ClusterProfile, collective: str, tier: str) -> tuple[float, f
 
 
 def allgather_s(out_bytes: float, span: GroupSpan, cluster: ClusterProfile,
-                collective: str = "allgather", wait: bool = True) -> float:
+                collective: str = "allgather") -> float:
     """Hierarchical ring allgather of `out_bytes` (the gathered size) per rank.
 
     Inside a node each GPU receives (g-1)/g of the buffer over NVLink with g-1 steps; across nodes
@@ -64,7 +61,7 @@ def allgather_s(out_bytes: float, span: GroupSpan, cluster: ClusterProfile,
     if n > 1:
         lat, bw = _tier(cluster, collective, "inter")
         t += (n - 1) * lat + out_bytes * (n - 1) / n / g / bw
-    return t + (cluster.sync_wait_s if wait else 0.0)
+    return t
 
 
 def reduce_scatter_s(in_bytes: float, span: GroupSpan, cluster: ClusterProfile) -> float:
@@ -73,9 +70,7 @@ def reduce_scatter_s(in_bytes: float, span: GroupSpan, cluster: ClusterProfile) 
 
 def allreduce_s(nbytes: float, span: GroupSpan, cluster: ClusterProfile) -> float:
     """Ring allreduce = reduce-scatter + allgather: 2(p-1)/p of the buffer per rank."""
-    if span.size <= 1 or nbytes <= 0:
-        return 0.0
-    return 2.0 * allgather_s(nbytes, span, cluster, "allreduce", wait=False) + cluster.sync_wait_s
+    return 2.0 * allgather_s(nbytes, span, cluster, collective="allreduce")
 
 
 def all_to_all_flat_s(nbytes: float, span: GroupSpan, cluster: ClusterProfile) -> float:
@@ -92,7 +87,7 @@ def all_to_all_flat_s(nbytes: float, span: GroupSpan, cluster: ClusterProfile) -
     local_peers, remote_peers = g - 1, p - g
     latency = local_peers * lat_i + remote_peers * lat_e
     transfer = max(nbytes * local_peers / p / bw_i, nbytes * remote_peers / p / bw_e)
-    return latency + transfer + cluster.sync_wait_s
+    return latency + transfer
 
 
 def all_to_all_hierarchical_s(nbytes: float, span: GroupSpan, cluster: ClusterProfile) -> float:
@@ -112,7 +107,7 @@ def all_to_all_hierarchical_s(nbytes: float, span: GroupSpan, cluster: ClusterPr
     intra = (g - 1) * lat_i + nbytes * (g - 1) / g / bw_i
     transform = 2.0 * nbytes / (device.hbm_Bps * device.hbm_efficiency) + device.op_overhead_s
     inter = (n - 1) * lat_e + nbytes * (n - 1) / n / bw_e
-    return intra + transform + inter + 2 * cluster.sync_wait_s  # two exchanges, each waits
+    return intra + transform + inter
 
 
 def all_to_all_s(nbytes: float, span: GroupSpan, cluster: ClusterProfile, algorithm: str) -> float:

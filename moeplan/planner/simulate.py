@@ -176,8 +176,8 @@ class Simulator:
             self.cache[key] = fn()
         return self.cache[key]
 
-    def allgather_s(self, groups: L.Groups, out_bytes: float, collective: str = "allgather",
-                    wait: bool = True) -> float:
+    def allgather_s(self, groups: L.Groups, out_bytes: float, collective: str = "allgather"
+                    ) -> float:
         """Hierarchical ring allgather (or reduce-scatter) of `out_bytes` per rank."""
         if len(groups[0]) <= 1 or out_bytes <= 0:
             return 0.0
@@ -190,14 +190,10 @@ class Simulator:
             lat_i, _ = coll._tier(self.env.cluster, collective, "intra")
             lat_e, _ = coll._tier(self.env.cluster, collective, "inter")
             return t + (span.per_node - 1) * lat_i + (span.nodes - 1) * lat_e
-        ring = self._cached(("ring", collective, _sig(groups), out_bytes), run)
-        return ring + (self.env.cluster.sync_wait_s if wait else 0.0)
+        return self._cached(("ring", collective, _sig(groups), out_bytes), run)
 
     def allreduce_s(self, groups: L.Groups, nbytes: float) -> float:
-        if len(groups[0]) <= 1 or nbytes <= 0:
-            return 0.0
-        return (2.0 * self.allgather_s(groups, nbytes, "allreduce", wait=False)
-                + self.env.cluster.sync_wait_s)
+        return 2.0 * self.allgather_s(groups, nbytes, "allreduce")
 
     def all_to_all_s(self, groups: L.Groups, nbytes: float, algorithm: str) -> float:
         if len(groups[0]) <= 1 or nbytes <= 0:
@@ -215,7 +211,7 @@ class Simulator:
                 p = len(groups[0])
                 flows = [(a, b, nbytes / p) for g in chosen for a in g for b in g]
                 return (transfer_s(flows, self.links) + (span.per_node - 1) * lat_i
-                        + (p - span.per_node) * lat_e + c.sync_wait_s)
+                        + (p - span.per_node) * lat_e)
             g_, n = span.per_node, span.nodes
             intra, inter = [], []
             for grp in chosen:
@@ -227,7 +223,7 @@ class Simulator:
             dev = c.device
             transform = 2.0 * nbytes / (dev.hbm_Bps * dev.hbm_efficiency) + dev.op_overhead_s
             return (transfer_s(intra, self.links) + (g_ - 1) * lat_i + transform
-                    + transfer_s(inter, self.links) + (n - 1) * lat_e + 2 * c.sync_wait_s)
+                    + transfer_s(inter, self.links) + (n - 1) * lat_e)
         return self._cached(("a2a", hier, _sig(groups), nbytes), run)
 
 

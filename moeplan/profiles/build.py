@@ -77,7 +77,6 @@ def build_profile(base: str, name: str, gpus_per_node: int, info: dict,
         "name": name, "description": f"measured by moeplan profile {where}",
         "source": f"moeplan profile {where}; base profile {base} for what is not measured",
         "gpus_per_node": gpus_per_node,
-        "sync_wait_s": m.get("sync_wait", {}).get("wait_s", 0.0),
         "default_dtype": dtype, "max_nodes": None, "topology": info.get("topology"),
         "intra": tiers["intra"].model_dump(), "inter": tiers["inter"].model_dump(),
         "device": dev.model_dump(), "fitted": [f.model_dump() for f in fits]}})

@@ -95,9 +95,6 @@ class ClusterProfile(BaseModel):
     default_dtype: Dtype = "bf16"
     topology: dict | None = Field(None, description="what NVML reported when this profile was "
                                                     "measured (GPUs, NVLink peers, affinity)")
-    sync_wait_s: float = Field(0.0, ge=0, description=(
-        "extra time each collective waits inside a step for ranks that arrive late (scheduling, "
-        "contention), measured by `moeplan profile`; 0 for datasheet profiles"))
 
     @model_validator(mode="after")
     def _check(self) -> "ClusterProfile":

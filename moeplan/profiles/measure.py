@@ -140,37 +140,6 @@ def collectives(b: Bench, gpus_per_node: int, quick: bool, progress) -> list[dic
     return rows
 
 
-def sync_wait(b: Bench, repeats: int = 12) -> dict:
-    """Per-collective waiting inside a step: an all-to-all timed alone in lock-step, and the same
-    all-to-all timed right after a GEMM of a few milliseconds on every rank — as in a layer. Ranks
-    leave the GEMM at different times (scheduling, contention), so the in-step exchange also
-    waits for the last one. Mean over ranks of the median per-call difference."""
-    if b.world < 2:
-        return {"lockstep_s": 0.0, "in_step_s": 0.0, "wait_s": 0.0}
-    x, out = torch.ones(16384, device=b.device), torch.empty(16384, device=b.device)
-    m = torch.randn(512, 256, device=b.device)
-    w = torch.randn(256, 256, device=b.device)
-
-    def exchange():
-        dist.all_to_all_single(out, x)
-
-    lockstep = b.time(exchange)
-    samples = []
-    dist.barrier()
-    for _ in range(repeats):
-        for _ in range(8):
-            m @ w
-        b._sync()
-        t0 = time.perf_counter()
-        exchange()
-        b._sync()
-        samples.append(time.perf_counter() - t0)
-    mine = torch.tensor([fit.robust_median(samples)], dtype=torch.float64)
-    dist.all_reduce(mine)
-    in_step = float(mine) / b.world
-    return {"lockstep_s": lockstep, "in_step_s": in_step, "wait_s": max(0.0, in_step - lockstep)}
-
-
 def op_overhead(b: Bench) -> float:
     """One small operation with autograd: the floor under every phase of a tiny model."""
     x = torch.ones(8, device=b.device, requires_grad=True)
@@ -204,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
     n_coll = (4 * len(_sizes(1 << 12, (1 << 20) if quick else (1 << 23)))
               * ((a.gpus_per_node > 1) + (world // a.gpus_per_node > 1)))
-    with Progress(rank == 0, total=3 + n_coll) as bar:  # (sync wait rides on the third step)
+    with Progress(rank == 0, total=3 + n_coll) as bar:
         dtype = torch.bfloat16 if cuda else torch.float32
         g = gemms(b, dtype, quick)
         bar.step("GEMM sweep")
@@ -212,7 +181,6 @@ def main(argv: list[str] | None = None) -> int:
         bar.step("memory bandwidth")
         ov = op_overhead(b)
         bar.step("operation overhead")
-        wait = sync_wait(b)
         coll = collectives(b, a.gpus_per_node, quick, lambda: bar.step("collectives"))
     if rank == 0:
         from moeplan.profiles.build import build_profile
@@ -227,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             info["topology"] = json.loads(Path(a.topology).read_text())
         if cuda:
             info["memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
-        raw = {"gemm": g, "copy": c, "op_overhead_s": ov, "collectives": coll, "sync_wait": wait}
+        raw = {"gemm": g, "copy": c, "op_overhead_s": ov, "collectives": coll}
         out = Path(a.out)
         import json
 

@@ -1,0 +1,49 @@
+"""Phase timers: every forward and backward interval lands in a (layer, phase) of the cost model,
+and the intervals tile the measured span (nothing counted twice)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from moeplan.profiles import load_model
+from moeplan.runtime.model import GPT
+from moeplan.runtime.timers import HEAD, NULL_TIMER, PhaseTimer, instrument
+
+
+def test_forward_and_backward_are_attributed_to_the_cost_model_phases():
+    torch.manual_seed(0)
+    spec = load_model("tiny-pr-moe")
+    model, timer = GPT(spec), PhaseTimer()
+    instrument(model, timer)
+    x = torch.randint(0, 256, (2, 33))
+    t0 = time.perf_counter()
+    timer.begin()
+    loss, _ = model.loss(x[:, :-1], x[:, 1:])
+    timer.end()
+    timer.begin_backward()
+    loss.backward()
+    timer.end_backward()
+    wall = time.perf_counter() - t0
+    for table in (timer.forward_s, timer.backward_s):
+        for i, E in enumerate(spec.experts):
+            phases = {ph for (layer, ph) in table if layer == i}
+            want = ({"attention", "gate", "dispatch", "dispatch_a2a", "experts", "combine_a2a",
+                     "combine", "mlp"} if E else {"attention", "mlp"})
+            assert want <= phases, (i, phases)
+        assert HEAD in table
+    total = sum(timer.totals().values())
+    assert 0 < total <= wall  # contiguous intervals inside the span, none counted twice
+    assert all(v >= 0 for v in timer.totals().values())
+
+
+def test_null_timer_adds_no_graph_nodes():
+    x = torch.ones(3, requires_grad=True)
+    assert NULL_TIMER.to(x, "gate") is x
+    timer = PhaseTimer()
+    timer.begin()
+    y = timer.to(x, "gate")
+    assert y is not x and y.grad_fn is not None  # the backward marker
+    with torch.no_grad():
+        assert timer.to(x, "mlp") is x

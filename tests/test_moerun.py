@@ -144,3 +144,13 @@ def test_validate_compares_and_refuses_foreign_runs(work, monkeypatch, capsys):
     assert code == 0
     code, _, err = invoke(moeplan_cli, ["validate", "plan.json", "infer.json"], monkeypatch, capsys)
     assert code == 2 and "measured for another plan" in err
+
+
+def test_validate_never_imports_torch(work):
+    d, _ = work
+    code = ("import sys; from moeplan.cli.main import main; "
+            "sys.argv=['moeplan','validate','plan.json','run.json','--json']\n"
+            "try: main()\nexcept SystemExit as e: assert not e.code, e.code\n"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    r = subprocess.run([sys.executable, "-c", code], cwd=d, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -100,6 +100,10 @@ def test_plan_records_both_predictions():
     assert p.predicted.simulated_time_s == pytest.approx(p.predicted.step_time_s, rel=0.05)
     assert p.predicted.simulated_candidates == 16
     assert all(l.predicted.simulated_s is not None for l in p.layers)
+    path = p.predicted.simulated_critical_path
+    seconds = [float(entry.split()[1]) / 1e3 for entry in path]
+    assert seconds == sorted(seconds, reverse=True)
+    assert sum(seconds) == pytest.approx(p.predicted.simulated_time_s, rel=1e-3)
     assert result.simulated is not None
     off, _ = plan(load_model("1.3b-pr-moe"), load_cluster("ndv4-a100-40gb"),
                   Request(gpus=64, simulate_top=0))

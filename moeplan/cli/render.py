@@ -123,6 +123,8 @@ def print_plan(p: Plan, result, out: str, elapsed_s: float) -> None:
                   f"{', chosen over the analytic best' if result.analytic_best_changed else ''})"
                   + (f"; expected dropped tokens up to {max(drops) * 100:.1f}% per layer"
                      if drops else ""))
+        if pr.simulated_critical_path:
+            con.print("  critical path by phase: " + ", ".join(pr.simulated_critical_path[:5]))
     terms = sorted(pr.memory_breakdown_bytes.items(), key=lambda kv: -kv[1])[:4]
     con.print(f"memory per GPU {_bytes(pr.memory_per_gpu_bytes)} ("
               + ", ".join(f"{k.replace('_', ' ')} {_bytes(v)}" for k, v in terms) + ")")

@@ -87,6 +87,10 @@ class Predicted(_Frozen):
         None, description="step time (train) or per-token latency (infer) by the simulator")
     simulated_candidates: int = 0
     routing_skew: float | None = None
+    simulated_critical_path: list[str] = Field(
+        default_factory=list, description="where the simulated step goes: each phase summed over "
+                                          "the layers, largest first (every rank runs the same "
+                                          "sequence, so this is its critical path)")
 
 
 class SearchSummary(_Frozen):

@@ -177,7 +177,11 @@ def to_plan(env: Env, objective: Objective, result: SearchResult) -> P.Plan:
                             head_phases_s=dict(best.head.phases), **timing,
                             simulated_time_s=result.simulated.time_s if result.simulated else None,
                             simulated_candidates=result.simulated_candidates,
-                            routing_skew=result.skew if result.simulated else None)
+                            routing_skew=result.skew if result.simulated else None,
+                            simulated_critical_path=[
+                                f"{ph} {t * 1e3:.3f} ms ({100 * t / result.simulated.time_s:.0f}%)"
+                                for ph, t in (result.simulated.critical_path
+                                              if result.simulated else [])])
     obj = P.Objective(name=objective.name,
                       slo_ms=objective.slo_s * 1e3 if objective.slo_s is not None else None)
     return P.Plan(

@@ -241,7 +241,7 @@ def _span(group: list[int], G: int) -> coll.GroupSpan:
 class SimResult:
     time_s: float  # step (train) or per-token decode (infer) time
     layers: list[dict[str, float]]  # per layer: phase -> seconds (same units as the plan)
-    critical_path: list[tuple[int, str, float]] = field(default_factory=list)
+    critical_path: list[tuple[str, float]] = field(default_factory=list)  # phase, seconds
     load_factor: list[float] = field(default_factory=list)  # busiest expert / mean, per layer
     dropped_fraction: list[float] = field(default_factory=list)
 
@@ -324,8 +324,14 @@ def simulate(env: Env, cand, skew: float = 0.0, seed: int = 0,
         out.load_factor.append(factor)
         out.dropped_fraction.append(dropped)
         out.time_s += sum(phases.values())
-    crit = [(i + 1, ph, t) for i, phases in enumerate(out.layers) for ph, t in phases.items()]
-    out.critical_path = sorted(crit, key=lambda x: -x[2])[:5]
+    # every rank runs the same sequence of phases, so the step's critical path is that sequence;
+    # report where its time goes: each phase summed over the layers (and the head), largest first
+    totals: dict[str, float] = {}
+    for phases in out.layers + [cand.head.phases]:
+        for ph, t in phases.items():
+            totals[ph] = totals.get(ph, 0.0) + t
+    out.critical_path = sorted(((ph, t) for ph, t in totals.items() if t > 0),
+                               key=lambda x: (-x[1], x[0]))
     return out
 
 

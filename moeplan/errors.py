@@ -19,3 +19,12 @@ class ConfigError(MoeplanError):
 
 class InfeasibleError(MoeplanError):
     """No parallel configuration fits the model on the cluster; the message says which term broke it."""
+
+
+class RankFailedError(MoeplanError):
+    """A rank of a launched job failed; the job was stopped. Exit code 2 when the rank refused its
+    input (it said why on one line), 1 when it failed while running."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -26,6 +26,6 @@ def run(cli: click.Command, prog: str) -> None:
         sys.exit(2)
     except MoeplanError as e:
         click.echo(f"{prog}: error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))
     except BrokenPipeError:
         sys.exit(1)

@@ -149,7 +149,7 @@ def profile(out, nproc, gpus_per_node, backend, base, name, quick) -> None:
     microbenchmarks, fitted into a ClusterProfile for `moeplan search --profile`."""
     import platform
 
-    from moeplan.cli.launch import launch
+    from moeplan.runtime.launch import launch
     from moeplan.profiles import load_cluster
     from moeplan.profiles.nvml import topology
 
@@ -183,8 +183,7 @@ def profile(out, nproc, gpus_per_node, backend, base, name, quick) -> None:
         _json.dump(topo, tf)
         tf.close()
         args += ["--topology", tf.name]
-    launch(nproc, "moeplan.profiles.measure", args + (["--quick"] if quick else []),
-           "moeplan profile")
+    launch(nproc, "moeplan.profiles.measure", args + (["--quick"] if quick else []))
     from moeplan.cli import render
 
     render.print_profile(load_cluster(out))

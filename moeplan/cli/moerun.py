@@ -14,19 +14,19 @@ from pathlib import Path
 import click
 
 from moeplan.cli.errors import run
-from moeplan.cli.launch import launch
 from moeplan.errors import ConfigError
 
 
 def _load_plan(path: str, mode: str | None):
+    """(plan to run, whether it was re-costed for `mode`)."""
     from moeplan.planner.plan import Plan
     from moeplan.planner.planning import recost
     from moeplan.profiles.zoo import parse_file
 
     plan = parse_file(Path(path), Plan)
     if mode is not None and mode != plan.workload.mode:
-        plan = recost(plan, mode)
-    return plan
+        return recost(plan, mode), True
+    return plan, False
 
 
 def _worker_args(plan_file: str, mode: str, steps: int, warmup: int, out: str, lr: float,
@@ -71,7 +71,7 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
         print_torchrun, fault) -> None:
     """Execute PLAN with torch.distributed (gloo on CPU, NCCL on CUDA), measure every layer and
     phase, write OUT, and print measured against predicted."""
-    plan = _load_plan(plan_path, mode)
+    plan, recosted = _load_plan(plan_path, mode)
     mode = plan.workload.mode
     world = plan.cluster.gpus
     if nproc is not None and nproc != world:
@@ -84,7 +84,7 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
                               or not all(x.isdigit() for x in fault.split(":"))):
         raise ConfigError(f"--fault must be RANK:STEP, got {fault!r}")
     plan_file = plan_path
-    if mode != _load_plan(plan_path, None).workload.mode:
+    if recosted:
         # re-costed: the ranks, and `moeplan validate` later, read this plan
         plan_file = str(Path(out).with_suffix(".plan.json"))
         Path(plan_file).write_text(plan.to_json())
@@ -109,7 +109,9 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
                f"(tp={plan.parallel.tp} dp={plan.parallel.dp}), {steps} measured "
                f"{'steps' if mode == 'train' else 'generations'} after {warmup} warm-up",
                err=True)
-    launch(world, "moeplan.runtime.worker", wargs, "moerun")
+    from moeplan.runtime.launch import launch
+
+    launch(world, "moeplan.runtime.worker", wargs)
     from moeplan.cli.render import print_comparison
     from moeplan.planner.record import RunRecord
 

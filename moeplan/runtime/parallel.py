@@ -90,9 +90,9 @@ class GradSync:
             allreduce_(flat, comm)
             flat.mul_(scale)
             offset = 0
-            for p in params:
+            for p in params:  # views of the reduced buffer: no copy back
                 n = p.numel()
-                p.grad = flat[offset:offset + n].view_as(p).clone()
+                p.grad = flat[offset:offset + n].view_as(p)
                 offset += n
 
 

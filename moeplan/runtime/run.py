@@ -66,6 +66,9 @@ def _moe_layers(model: GPT) -> dict[int, MoE]:
 class _Drops:
     def __init__(self, model: GPT):
         self.moe = _moe_layers(model)
+        self.reset()
+
+    def reset(self) -> None:
         self.dropped: dict[int, int] = defaultdict(int)
         self.routed: dict[int, int] = defaultdict(int)
 
@@ -137,7 +140,7 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> dict:
         measured = step >= cfg.warmup
         if step == cfg.warmup:
             timer.reset()
-            drops = _Drops(model)
+            drops.reset()
         _barrier(groups.world)
         t0 = time.perf_counter()
         total = 0.0
@@ -152,14 +155,14 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> dict:
             timer.end_backward()
             drops.add()
             total += float(loss.detach()) / micro_steps
-        t1 = timer._now()
+        t1 = timer.now()
         sync()
-        t2 = timer._now()
+        t2 = timer.now()
         _clip(model, full_numel, groups.world, cfg.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
-        t3 = timer._now()
+        t3 = timer.now()
         losses.append(total)
         if measured:
             step_s.append(t3 - t0)
@@ -193,11 +196,11 @@ def infer(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> dict:
     stamps: list[float] = []
 
     def on_token(i: int) -> None:
-        stamps.append(timer._now())
+        stamps.append(timer.now())
         if i == 0:  # decode phases only from here on
             timer.reset()
             timer.begin()
-            drops.__init__(model)
+            drops.reset()
         else:
             drops.add()
 
@@ -208,7 +211,7 @@ def infer(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> dict:
         _barrier(groups.world)
         stamps.clear()
         timer.begin()
-        t0 = timer._now()
+        t0 = timer.now()
         out = generate(model, prompts, w.gen_len, on_token)
         if rep >= cfg.warmup:
             prefills.append(stamps[0] - t0)

@@ -54,7 +54,7 @@ class PhaseTimer:
         self._cur, self._t0 = HEAD, 0.0
         self._bcur, self._bt0 = HEAD, 0.0
 
-    def _now(self) -> float:
+    def now(self) -> float:
         if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
@@ -65,10 +65,10 @@ class PhaseTimer:
 
     # forward -----------------------------------------------------------------------------
     def begin(self) -> None:
-        self.layer, self._cur, self._t0 = "head", HEAD, self._now()
+        self.layer, self._cur, self._t0 = "head", HEAD, self.now()
 
     def to(self, x: torch.Tensor, phase: str) -> torch.Tensor:
-        now = self._now()
+        now = self.now()
         self.forward_s[self._cur] += now - self._t0
         prev, self._cur, self._t0 = self._cur, (self.layer, phase), now
         if torch.is_grad_enabled() and x.requires_grad:
@@ -76,15 +76,15 @@ class PhaseTimer:
         return x
 
     def end(self) -> None:
-        self.forward_s[self._cur] += self._now() - self._t0
+        self.forward_s[self._cur] += self.now() - self._t0
         self.layer, self._cur = "head", HEAD
 
     # backward ----------------------------------------------------------------------------
     def begin_backward(self) -> None:
-        self._bcur, self._bt0 = HEAD, self._now()
+        self._bcur, self._bt0 = HEAD, self.now()
 
     def _switch_backward(self, prev: Key) -> None:
-        now = self._now()
+        now = self.now()
         self.backward_s[self._bcur] += now - self._bt0
         self._bcur, self._bt0 = prev, now
 

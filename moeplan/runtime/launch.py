@@ -1,19 +1,18 @@
 """Start ranks on this host through PyTorch's elastic launcher (torch.distributed.run / torchrun).
 
 Shared by `moerun` and `moeplan profile`: one rank per process, no restarts, a fast monitor so
-that a dead rank stops the job at once; a failure becomes one line and a non-zero exit.
+that a dead rank stops the job at once; a failure becomes a `RankFailedError` (one line).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 
-import click
+from moeplan.errors import RankFailedError
 
 
-def launch(nproc: int, module: str, args: list[str], prog: str) -> None:
+def launch(nproc: int, module: str, args: list[str]) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # CPU ranks share the host's cores
     os.environ.setdefault("LOGLEVEL", "ERROR")  # read by torchrun's logger when it is imported
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -29,6 +28,6 @@ def launch(nproc: int, module: str, args: list[str], prog: str) -> None:
         rank, failure = e.get_first_failure()
         code = failure.exitcode
         why = "killed by a signal" if code < 0 else f"exit code {code}"
-        click.echo(f"{prog}: error: rank {rank} failed ({why}); the job was stopped on all "
-                   f"{nproc} ranks (see that rank's message above)", err=True)
-        sys.exit(2 if code == 2 else 1)  # 2: the rank refused its input; 1: it failed running
+        raise RankFailedError(f"rank {rank} failed ({why}); the job was stopped on all {nproc} "
+                              "ranks (see that rank's message above)",
+                              exit_code=2 if code == 2 else 1) from None

@@ -3,7 +3,8 @@
 Called by the worker that `moerun` launches (one per rank); returns the `RunRecord` on rank 0.
 Measurement: a `PhaseTimer` attributes forward and backward time to (layer, phase); step time,
 gradient sync and optimizer are timed around their calls after a barrier; every figure is gathered
-to rank 0, which reports the mean over ranks (and the max, for the slowest rank).
+to rank 0, which reports the mean over ranks (and the max, for the slowest rank). Phase times are
+the median over measured steps (generations) of each step's total.
 """
 
 from __future__ import annotations
@@ -79,6 +80,13 @@ class _Drops:
             self.routed[i] += r.routed
 
 
+def _median_phases(per_step: list[dict]) -> dict:
+    """Per (layer, phase): the median over measured steps (or generations) — one slow step
+    (a scheduler hiccup on an oversubscribed host) does not move it, as it would a mean."""
+    keys = {k for d in per_step for k in d}
+    return {k: median(d.get(k, 0.0) for d in per_step) for k in keys}
+
+
 def _clip(model: GPT, full_numel: dict[str, int], world: int, max_norm: float) -> float:
     """Clip by the global norm; a piece replicated on n ranks counts 1/n on each."""
     sq = torch.zeros(1, dtype=torch.float64)
@@ -133,13 +141,14 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> dict:
     drops = _Drops(model)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     losses, step_s, sync_s, opt_s = [], [], [], []
+    step_phases: list[dict] = []
     model.train()
     for step in range(total_steps):
         if cfg.fault and cfg.fault == (groups.rank, step):
             os._exit(17)
         measured = step >= cfg.warmup
+        timer.reset()
         if step == cfg.warmup:
-            timer.reset()
             drops.reset()
         _barrier(groups.world)
         t0 = time.perf_counter()
@@ -165,18 +174,19 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> dict:
         t3 = timer.now()
         losses.append(total)
         if measured:
+            step_phases.append(timer.totals())
             step_s.append(t3 - t0)
             sync_s.append(t2 - t1)
             opt_s.append(t3 - t2)
         log(f"step {step + 1}/{total_steps}  loss {total:.4f}  {t3 - t0:.3f} s"
             + ("" if measured else "  (warm-up)"))
     n = cfg.steps
+    instrument(model, NULL_TIMER)  # the evaluation pass is not a training step
     with torch.no_grad():
         model.eval()
         batch = data.eval_batch(w.micro_batch).to(dev)
         eval_loss = float(model.loss(batch[:, :-1], batch[:, 1:])[0])
-    instrument(model, NULL_TIMER)
-    return {"phases": {k: v / n for k, v in timer.totals().items()},
+    return {"phases": _median_phases(step_phases),
             "step_s": median(step_s) if step_s else float("nan"),
             "grad_sync_s": median(sync_s) if sync_s else 0.0,
             "optimizer_s": median(opt_s) if opt_s else 0.0,
@@ -204,7 +214,8 @@ def infer(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> dict:
         else:
             drops.add()
 
-    latencies, prefills = [], []
+    latencies, prefills, token_phases = [], [], []
+    per_token = max(1, w.gen_len - 1)  # decode tokens between the first and the last stamp
     for rep in range(cfg.warmup + cfg.steps):
         if cfg.fault and cfg.fault == (groups.rank, rep):
             os._exit(17)
@@ -215,13 +226,13 @@ def infer(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> dict:
         out = generate(model, prompts, w.gen_len, on_token)
         if rep >= cfg.warmup:
             prefills.append(stamps[0] - t0)
-            latencies.append((stamps[-1] - stamps[0]) / max(1, w.gen_len - 1))
+            latencies.append((stamps[-1] - stamps[0]) / per_token)
+            token_phases.append({k: v / per_token for k, v in timer.totals().items()})
         log(f"generation {rep + 1}: {out.shape[0]} x {out.shape[1]} tokens, prefill "
             f"{(stamps[0] - t0) * 1e3:.1f} ms, {latencies[-1] * 1e3 if latencies else 0:.2f} "
             f"ms/token" + ("  (warm-up)" if rep < cfg.warmup else ""))
-    # the timer holds the phases of the last generation's decode tokens
-    per_token = max(1, w.gen_len - 1)
-    return {"phases": {k: v / per_token for k, v in timer.totals().items()},
+    instrument(model, NULL_TIMER)
+    return {"phases": _median_phases(token_phases),
             "latency_s": median(latencies), "prefill_s": median(prefills),
             "dropped": dict(drops.dropped), "routed": dict(drops.routed),
             "sample": bytes(out[0].clamp(0, 255).tolist()).decode("utf-8", "replace")}

@@ -107,6 +107,9 @@ class LayerCost:
     comm_bytes: dict[str, float] = field(default_factory=dict)  # bytes per GPU per operation
     memory: dict[str, float] = field(default_factory=dict)  # persistent bytes per GPU
     transient_bytes: float = 0.0  # working memory while this layer runs
+    # the framework's fixed seconds inside each communication phase (same units as `phases`),
+    # kept apart so the simulator rescales only the collective itself
+    fixed: dict[str, float] = field(default_factory=dict)
 
     @property
     def time_s(self) -> float:
@@ -136,6 +139,47 @@ def ops(env: Env, name: str, p: Pass, local_experts: int = 0) -> float:
     return (fwd + bwd) / 3 if train and not p.decode else fwd
 
 
+def fixed_s(env: Env, key: str, p: Pass, local_experts: int = 0) -> float:
+    """Framework seconds one pass of a phase is charged whatever its size; `key` is
+    "dense.<phase>", "moe.<phase>" or "head".
+
+    Measured (`device.framework`, from the runtime's own modules) where the profile has it;
+    otherwise the counted operations times `op_overhead_s`, and communication wrappers cost
+    nothing beyond their collective. Training charges compute phases three passes and
+    communication phases two (`step.train_layer`), so one pass carries that share of the
+    measured forward + backward."""
+    dev = env.cluster.device
+    phase = key.rpartition(".")[2]
+    comm = phase in COMM_PHASES
+    fw = dev.framework
+    if fw is None:
+        if comm:
+            return 0.0
+        name = "residual_mlp" if key == "moe.mlp" else phase
+        return ops(env, name, p, local_experts) * dev.op_overhead_s
+    train = env.workload.mode == "train" and not p.decode
+
+    def one(k: str) -> float:
+        o = fw.phases.get(k)
+        if o is None:
+            return 0.0
+        return (o.forward_s + o.backward_s) / (2 if comm else 3) if train else o.infer_s
+
+    t = one(key)
+    if key == "moe.experts":
+        t += local_experts * one("moe.experts_per_local")
+    return t
+
+
+def work_scale(env: Env, key: str, p: Pass) -> float:
+    """How far a phase's kernels run from the roofline in training passes (and the prompt
+    pass), where the profile measured it; decode passes and unmeasured profiles: 1."""
+    fw = env.cluster.device.framework
+    if fw is None or p.decode or key not in fw.phases:
+        return 1.0
+    return fw.phases[key].work_scale
+
+
 def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerCost:
     """Seconds per phase and bytes per communication for one forward pass of layer `index`."""
     spec, dev, dt = env.spec, env.cluster.device, env.workload.dtype
@@ -147,18 +191,30 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     attn_flops_s = (gemm_s(T, 3 * h / tp, h, dev, dt) + gemm_s(T, h, h / tp, dev, dt)
                     + 2 * gemm_s(T, p.context, h / tp, dev, dt))
     kv_read = kv_cache_bytes(T, p.context, h, tp, b) if p.decode else 0.0
+    kind = "moe" if E else "dense"
+
+    def fixed(phase: str, local_experts: int = 0) -> float:
+        t = fixed_s(env, f"{kind}.{phase}", p, local_experts)
+        if phase in COMM_PHASES:
+            cost.fixed[phase] = t
+        return t
+
+    def scale(phase: str) -> float:
+        return work_scale(env, f"{kind}.{phase}", p)
+
     ph["attention"] = roofline_s(attn_flops_s, b * (4 * h * h / tp + 2 * T * h) + kv_read, dev,
-                                 ops(env, "attention", p))
+                                 fixed("attention"), scale("attention"))
 
     has_mlp = E == 0 or spec.residual
     if has_mlp:
         mlp_flops_s = gemm_s(T, f / tp, h, dev, dt) + gemm_s(T, h, f / tp, dev, dt)
-        ph["mlp"] = roofline_s(mlp_flops_s, b * (2 * h * f / tp + 2 * T * h), dev,
-                               ops(env, "residual_mlp" if E else "mlp", p))
+        ph["mlp"] = roofline_s(mlp_flops_s, b * (2 * h * f / tp + 2 * T * h), dev, fixed("mlp"),
+                               scale("mlp"))
 
     tp_span = env.span(tp, 1)
     cb["tp_allreduce"] = T * h * b
-    ph["tp_comm"] = (1 + has_mlp) * coll.allreduce_s(T * h * b, tp_span, env.cluster)
+    ph["tp_comm"] = ((1 + has_mlp) * coll.allreduce_s(T * h * b, tp_span, env.cluster)
+                     + fixed("tp_comm"))
     if E == 0:
         return cost
 
@@ -169,19 +225,24 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     expert_rows = c.ep * c.es * C
     # DeepSpeed's TopKGate runs the router and softmax in fp32.
     ph["gate"] = roofline_s(gemm_s(T_r, E, h, dev, "fp32"), 4 * T_r * (h + 3 * E), dev,
-                            ops(env, "gate", p))
-    ph["dispatch"] = memory_s(b * (T_r * h + rows * h), dev) + ops(env, "dispatch", p) * \
-        dev.op_overhead_s
+                            fixed("gate"), scale("gate"))
+    ph["dispatch"] = (scale("dispatch") * memory_s(b * (T_r * h + rows * h), dev)
+                      + fixed("dispatch"))
     a2a_bytes = rows * h * b
     cb["a2a"] = a2a_bytes
     ep_span = env.span(c.ep, c.es)
-    ph["dispatch_a2a"] = coll.all_to_all_s(a2a_bytes, ep_span, env.cluster, c.a2a)
-    ph["combine_a2a"] = ph["dispatch_a2a"]
+    a2a_s = coll.all_to_all_s(a2a_bytes, ep_span, env.cluster, c.a2a)
+    ph["dispatch_a2a"] = a2a_s + fixed("dispatch_a2a")
+    ph["combine_a2a"] = a2a_s + fixed("combine_a2a")
+    es_s = 0.0
     if c.es > 1:
         es_span = env.span(c.es, 1)
         cb["es_gather"] = c.es * a2a_bytes
-        ph["es_comm"] = (coll.allgather_s(c.es * a2a_bytes, es_span, env.cluster)
-                         + coll.reduce_scatter_s(c.es * a2a_bytes, es_span, env.cluster))
+        es_s = (coll.allgather_s(c.es * a2a_bytes, es_span, env.cluster)
+                + coll.reduce_scatter_s(c.es * a2a_bytes, es_span, env.cluster))
+    es_fixed = fixed("es_comm")
+    if es_s or es_fixed:
+        ph["es_comm"] = es_s + es_fixed
     # Expected local experts that receive at least one token (uniform routing); all of them once
     # the pass carries many tokens, a few during decode — which is what makes decode cheaper on
     # more GPUs: each holds fewer experts, so reads fewer weights per token.
@@ -190,9 +251,9 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     expert_flops_s = local * (gemm_s(expert_rows, f / c.es, h, dev, dt)
                               + gemm_s(expert_rows, h, f / c.es, dev, dt))
     expert_bytes = b * (active * 2 * h * f / c.es + local * expert_rows * 2 * h)
-    ph["experts"] = roofline_s(expert_flops_s, expert_bytes, dev, ops(env, "experts", p, local))
-    ph["combine"] = memory_s(b * (rows * h + T_r * h), dev) + ops(env, "combine", p) * \
-        dev.op_overhead_s
+    ph["experts"] = roofline_s(expert_flops_s, expert_bytes, dev, fixed("experts", local),
+                               scale("experts"))
+    ph["combine"] = scale("combine") * memory_s(b * (rows * h + T_r * h), dev) + fixed("combine")
     if c.coordinated and tp > 1:
         cb["tp_allgather"] = T * h * b
         ph["tp_comm"] += coll.allgather_s(T * h * b, tp_span, env.cluster)
@@ -245,8 +306,9 @@ def grad_sync_s(env: Env, nbytes: float, size: int, stride: int) -> float:
 def optimizer_s(env: Env, local_params: float, tensors: int) -> float:
     """Adam's memory traffic over the local parameters plus its per-tensor operations."""
     dev = env.cluster.device
-    return (memory_s(ADAM_BYTES_PER_PARAM * local_params, dev)
-            + tensors * OPTIMIZER_OPS_PER_TENSOR * dev.op_overhead_s)
+    per_tensor = (dev.framework.optimizer_tensor_s if dev.framework
+                  else OPTIMIZER_OPS_PER_TENSOR * dev.op_overhead_s)
+    return memory_s(ADAM_BYTES_PER_PARAM * local_params, dev) + tensors * per_tensor
 
 
 def layer_tensors(spec, index: int) -> int:

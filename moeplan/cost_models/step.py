@@ -21,10 +21,10 @@ from moeplan.cost_models.layer import (
     LayerCost,
     Pass,
     activation_bytes,
+    fixed_s,
     forward,
     grad_sync_s,
     layer_tensors,
-    ops,
     optimizer_s,
     weight_memory,
 )
@@ -58,6 +58,8 @@ def train_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> LayerCost:
     for name, t in fwd.phases.items():
         passes = (3 + r) if name in COMPUTE_PHASES else (2 + r)
         cost.phases[name] = steps * passes * t
+        if name in fwd.fixed:
+            cost.fixed[name] = steps * passes * fwd.fixed[name]
     lp = layer_params(env.spec, index)
     b = env.dtype_bytes
     non_expert = lp.non_expert / s.tp
@@ -106,7 +108,7 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
         p = train_pass(env, s)
         steps = s.micro_steps(env.workload)
         fwd = (roofline_s(gemm_s(p.tokens, V / s.tp, h, dev, dt), b * V * h / s.tp, dev,
-                          ops(env, "head", p))
+                          fixed_s(env, "head", p))
                + coll.allreduce_s(p.tokens * h * b, tp_span, env.cluster))
         cost.phases["head"] = steps * 3 * fwd
         cost.phases["grad_sync"] = grad_sync_s(env, b * params, s.dp, s.tp)
@@ -121,7 +123,7 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
     # Inference: logits only for the newest token of each sequence.
     tokens = s.micro_batch
     cost.phases["head"] = (roofline_s(gemm_s(tokens, V / s.tp, h, dev, dt), b * V * h / s.tp,
-                                      dev, ops(env, "head", decode_pass(env, s)))
+                                      dev, fixed_s(env, "head", decode_pass(env, s)))
                            + coll.allgather_s(tokens * V * b, tp_span, env.cluster))
     cost.transient_bytes = 4.0 * tokens * V / s.tp
     return cost

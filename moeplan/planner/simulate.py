@@ -291,7 +291,8 @@ def simulate(env: Env, cand, skew: float = 0.0, seed: int = 0,
             if c.coordinated:
                 extra_a = coll.allgather_s(tp_bytes, env.span(tp, 1), env.cluster)
                 extra = (sim.allgather_s(tp_groups, tp_bytes) - extra_a)
-            phases["tp_comm"] = _scaled(phases["tp_comm"], analytic, simulated, extra)
+            phases["tp_comm"] = _scaled(phases["tp_comm"], analytic, simulated, extra,
+                                        cost.fixed.get("tp_comm", 0.0))
         factor, dropped = 1.0, 0.0
         E = spec.experts[i]
         if E:
@@ -309,7 +310,8 @@ def simulate(env: Env, cand, skew: float = 0.0, seed: int = 0,
                                          env.span(c.ep, c.es), env.cluster, c.a2a)
             simulated = sim.all_to_all_s(eps, a2a, c.a2a)
             for ph in ("dispatch_a2a", "combine_a2a"):
-                phases[ph] = _scaled(phases[ph], analytic, simulated)
+                phases[ph] = _scaled(phases[ph], analytic, simulated,
+                                     fixed=cost.fixed.get(ph, 0.0))
             if c.es > 1 and "es_comm" in phases:
                 es_b = cost.comm_bytes.get("es_gather", 0.0)
                 es_g = L.es_groups(N, c.ep, c.es)
@@ -317,7 +319,8 @@ def simulate(env: Env, cand, skew: float = 0.0, seed: int = 0,
                       + coll.reduce_scatter_s(es_b, env.span(c.es, 1), env.cluster))
                 si = (sim.allgather_s(es_g, es_b * factor)
                       + sim.allgather_s(es_g, es_b * factor, "reduce_scatter"))
-                phases["es_comm"] = _scaled(phases["es_comm"], an, si)
+                phases["es_comm"] = _scaled(phases["es_comm"], an, si,
+                                            fixed=cost.fixed.get("es_comm", 0.0))
             for ph in ("experts", "dispatch", "combine"):
                 phases[ph] = phases.get(ph, 0.0) * factor
         out.layers.append(phases)
@@ -335,9 +338,11 @@ def simulate(env: Env, cand, skew: float = 0.0, seed: int = 0,
     return out
 
 
-def _scaled(phase_s: float, analytic: float, simulated: float, extra: float = 0.0) -> float:
-    """The plan's phase (per step: passes × micro-steps × one collective) with the collective's
-    analytic time replaced by the simulated one (`extra`: a second collective of the phase)."""
+def _scaled(phase_s: float, analytic: float, simulated: float, extra: float = 0.0,
+            fixed: float = 0.0) -> float:
+    """The plan's phase (per step: passes × micro-steps × one collective, plus the framework's
+    fixed seconds `fixed`) with the collective's analytic time replaced by the simulated one
+    (`extra`: a second collective of the phase)."""
     if analytic <= 0:
         return phase_s
-    return phase_s * (simulated + extra) / analytic
+    return (phase_s - fixed) * (simulated + extra) / analytic + fixed

@@ -4,6 +4,8 @@ The measured profile starts from a base profile (for what is not measured: node 
 host tier, NIC count) and replaces, each with `source` naming the measurement and its r²:
   device.peak_flops[dtype], gemm_efficiency   from the GEMM sweep (e_max = 1 at the fitted peak)
   device.hbm_Bps, op_overhead_s               from the copy sweep and the small-op benchmark
+  device.framework                            fixed seconds per layer phase and per optimizer
+                                              tensor, from the runtime's own modules (probe)
   intra / inter link latency and bandwidth    from the all-to-all fits of each tier
   fitted[]                                    every (collective, tier) fit, used by the cost model
 A tier that could not be measured (one node: no inter-node groups) keeps the base's constants and
@@ -13,8 +15,16 @@ says so in its source.
 from __future__ import annotations
 
 from moeplan.profiles import fit
-from moeplan.profiles.cluster import ClusterProfile, EfficiencyCurve, FittedCollective, LinkTier
-from moeplan.profiles.zoo import load_cluster
+from moeplan.profiles.cluster import (
+    ClusterProfile,
+    EfficiencyCurve,
+    FittedCollective,
+    FrameworkOverhead,
+    LinkTier,
+    PhaseOverhead,
+)
+from moeplan.profiles.model import ModelSpec
+from moeplan.profiles.zoo import load_cluster, load_model
 
 
 def _group(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
@@ -41,6 +51,107 @@ def fit_collectives(rows: list[dict], where: str) -> list[FittedCollective]:
     return fits
 
 
+PROBE_EXPERTS = (0, 2, 4)  # a dense layer, then MoE layers with 2 and 4 local experts
+# (hidden, heads, ffn, batch, sequence): at "fixed" all is framework; at "work" the arithmetic
+# shows how far each phase's kernels run from the GEMM/bandwidth roofline
+PROBE_SIZES = {"fixed": (8, 2, 16, 1, 8), "work": (64, 4, 256, 4, 64)}
+
+
+def probe_spec(size: str) -> ModelSpec:
+    """The model `moeplan profile` runs through the runtime to measure framework overhead."""
+    h, heads, f, _, S = PROBE_SIZES[size]
+    return load_model("tiny-pr-moe").model_copy(update={
+        "name": f"probe-{size}", "num_layers": len(PROBE_EXPERTS), "hidden": h, "heads": heads,
+        "ffn_hidden": f, "vocab_size": 16, "max_seq_len": max(16, S + 1),
+        "experts": list(PROBE_EXPERTS)})
+
+
+def _roofline(cluster: ClusterProfile, dtype: str) -> dict[str, float]:
+    """Seconds per training step of each compute phase of the "work" probe under the cost
+    model's roofline alone (no fixed part, no scale): keys "<layer>:<phase>"."""
+    from moeplan.cost_models.layer import COMPUTE_PHASES, DENSE, Env, LayerChoice, Pass, forward
+    from moeplan.cost_models.workload import Setting, Workload
+
+    spec = probe_spec("work")
+    _, _, _, B, S = PROBE_SIZES["work"]
+    bare = cluster.model_copy(update={"device": cluster.device.model_copy(
+        update={"framework": None, "op_overhead_s": 0.0})})
+    w = Workload(mode="train", global_batch=B, micro_batch=B, seq_len=S, dtype=dtype,
+                 zero_stage=0)
+    env = Env(spec=spec, cluster=bare, workload=w, gpus=1)
+    s, p = Setting(tp=1, dp=1, micro_batch=B, recompute=False), Pass(B * S, S, False)
+    out = {}
+    for i, E in enumerate(spec.experts):
+        c = LayerChoice(ep=1, es=1, a2a="flat", coordinated=False) if E else DENSE
+        for ph, t in forward(env, s, i, c, p).phases.items():
+            if ph in COMPUTE_PHASES:
+                out[f"{i}:{ph}"] = 3 * t  # forward + backward (twice the forward)
+    return out
+
+
+def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares intercept and slope, both clamped at zero (a cost is never negative)."""
+    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx) if sxx else 0.0
+    return max(0.0, my - slope * mx), slope
+
+
+def framework_overhead(fw: dict, roofline: dict[str, float], where: str) -> FrameworkOverhead:
+    """Per-phase fixed seconds from the probe's phase tables (keys "f|b:<layer>:<phase>"), and
+    per compute phase the work scale: (measured − fixed) at the "work" size over `roofline`.
+
+    Dense phases come from the dense probe layer, MoE phases are the mean over the MoE probe
+    layers, except `experts`, fitted as a + b·(local experts) over them."""
+    train, infer, tokens = fw["train"], fw["infer"], max(1, fw["decode_tokens"])
+    work = fw.get("work", {})
+    layers = list(PROBE_EXPERTS)
+
+    def one(i: object, phase: str) -> tuple[float, float, float]:
+        return (train.get(f"f:{i}:{phase}", 0.0), train.get(f"b:{i}:{phase}", 0.0),
+                infer.get(f"f:{i}:{phase}", 0.0) / tokens)
+
+    def scale(idx: list[int], phase: str, fixed: list[float]) -> float:
+        """Mean over layers of the measured work over the roofline; at least 1 (the roofline
+        is the fitted peak), 1 where the probe's roofline time is too small to tell."""
+        ratios = []
+        for i, fx in zip(idx, fixed):
+            roof = roofline.get(f"{i}:{phase}", 0.0)
+            measured = work.get(f"f:{i}:{phase}", 0.0) + work.get(f"b:{i}:{phase}", 0.0)
+            if roof > 1e-6 and measured:
+                ratios.append(max(1.0, (measured - fx) / roof))
+        return sum(ratios) / len(ratios) if ratios else 1.0
+
+    names = sorted({k.split(":")[2] for k in (*train, *infer)} - {"head"})
+    out: dict[str, PhaseOverhead] = {}
+    for kind, idx in (("dense", [i for i, E in enumerate(layers) if not E]),
+                      ("moe", [i for i, E in enumerate(layers) if E])):
+        for phase in names:
+            vals = [one(i, phase) for i in idx]
+            if not vals or not any(any(v) for v in vals):
+                continue
+            if kind == "moe" and phase == "experts":
+                fits = [_line([layers[i] for i in idx], [v[j] for v in vals]) for j in range(3)]
+                fixed = [sum(f[0] + f[1] * layers[i] for f in fits[:2]) for i in idx]
+                out["moe.experts"] = PhaseOverhead(
+                    forward_s=fits[0][0], backward_s=fits[1][0], infer_s=fits[2][0],
+                    work_scale=scale(idx, phase, fixed))
+                out["moe.experts_per_local"] = PhaseOverhead(
+                    forward_s=fits[0][1], backward_s=fits[1][1], infer_s=fits[2][1])
+                continue
+            mean = [sum(v[j] for v in vals) / len(vals) for j in range(3)]
+            out[f"{kind}.{phase}"] = PhaseOverhead(
+                forward_s=mean[0], backward_s=mean[1], infer_s=mean[2],
+                work_scale=scale(idx, phase, [v[0] + v[1] for v in vals]))
+    f, b_, i_ = one("head", "head")
+    out["head"] = PhaseOverhead(forward_s=f, backward_s=b_, infer_s=i_)
+    return FrameworkOverhead(
+        phases=out, optimizer_tensor_s=fw["optimizer_s"] / max(1, fw["tensors"]),
+        source=f"measured {where} on the runtime's own model at hidden 8 "
+               f"({len(layers)} layers: experts {layers}), training and greedy decoding; work "
+               f"scales at {PROBE_SIZES['work']} (hidden, heads, ffn, batch, sequence)")
+
+
 def build_profile(base: str, name: str, gpus_per_node: int, info: dict,
                   m: dict) -> ClusterProfile:
     base_p = load_cluster(base)
@@ -56,10 +167,14 @@ def build_profile(base: str, name: str, gpus_per_node: int, info: dict,
             max_efficiency=1.0, half_flops=half,
             source=f"fitted {where}: {len(m['gemm'])} GEMMs, r2={r2_g:.3f}"),
         "hbm_Bps": bw, "hbm_efficiency": 1.0, "op_overhead_s": m["op_overhead_s"],
+
         "memory_bytes": info.get("memory_bytes", base_p.device.memory_bytes),
         "source": f"measured {where}; peak = fitted GEMM throughput (r2={r2_g:.3f}), "
                   f"memory bandwidth from copies (r2={r2_m:.3f}), op overhead from a small "
-                  "autograd op"})
+                  "autograd op, framework overhead per phase from the runtime's own model"})
+    if "framework" in m:
+        roof = _roofline(base_p.model_copy(update={"device": dev}), dtype)
+        dev = dev.model_copy(update={"framework": framework_overhead(m["framework"], roof, where)})
     fits = fit_collectives(m["collectives"], where)
     tiers = {}
     for tier in ("intra", "inter"):

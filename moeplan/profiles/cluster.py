@@ -32,6 +32,39 @@ class EfficiencyCurve(BaseModel):
     source: str = ""
 
 
+class PhaseOverhead(BaseModel):
+    """Fixed seconds of one layer phase: forward and backward of a training pass (autograd on),
+    and one inference forward (no autograd)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    forward_s: float = Field(ge=0)
+    backward_s: float = Field(ge=0)
+    infer_s: float = Field(ge=0)
+    work_scale: float = Field(1.0, gt=0, description=(
+        "training passes: measured time above the fixed part over the phase's roofline time "
+        "(its kernels' distance from the fitted GEMM/bandwidth roofline: attention kernels, "
+        "GELU, layer norms, gathers)"))
+
+
+class FrameworkOverhead(BaseModel):
+    """What the runtime's framework costs per layer phase whatever the tensor sizes: Python and
+    module calls, autograd nodes, phase marks, kernel launches — measured by `moeplan profile` on
+    the runtime's own modules at a negligible size (hidden 8, 8 tokens).
+
+    Keys: `dense.<phase>` and `moe.<phase>` for a dense and a PR-MoE layer (`moe.experts` at no
+    local experts, plus `moe.experts_per_local` for each local expert), and `head` for embedding,
+    LM head and loss. Where a profile has none, the cost model charges counted operations times
+    `op_overhead_s` instead."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    phases: dict[str, PhaseOverhead]
+    optimizer_tensor_s: float = Field(ge=0, description="AdamW step, gradient clipping and "
+                                                        "zero_grad per parameter tensor")
+    source: str = ""
+
+
 class Device(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -46,6 +79,7 @@ class Device(BaseModel):
     hbm_efficiency: float = Field(gt=0, le=1)
     gemm_efficiency: EfficiencyCurve
     op_overhead_s: float = Field(0.0, ge=0)
+    framework: FrameworkOverhead | None = None
     source: str = ""
 
     @property

@@ -146,6 +146,118 @@ def op_overhead(b: Bench) -> float:
     return b.time(lambda: (x * 2).sum().backward()) / 4  # mul, sum, and their two backward ops
 
 
+def _probe_model(device: torch.device, size: str):
+    """The runtime's own GPT (one dense and two MoE layers) at one of `build.PROBE_SIZES`."""
+    from moeplan.profiles.build import probe_spec
+    from moeplan.runtime.model import GPT
+
+    torch.manual_seed(0)
+    return GPT(probe_spec(size)).to(device)
+
+
+def _slowest(b: Bench, values: dict) -> dict:
+    """Each value's maximum over ranks (every rank holds the same keys, in the same order)."""
+    keys = sorted(values, key=str)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    if b.world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return dict(zip(keys, t.tolist()))
+
+
+def _phase_table(b: Bench, run_once, inner: int) -> dict:
+    """Per (layer, phase): seconds per call of `run_once(timer)`, robust median over repeats of
+    `inner` calls (all ranks at once, slowest rank per repeat)."""
+    from moeplan.runtime.timers import PhaseTimer
+
+    samples: dict = {}
+    for rep in range(b.warmup + b.repeats):
+        if b.world > 1:
+            dist.barrier()
+        timer = PhaseTimer(b.device.type == "cuda")
+        for _ in range(inner):
+            run_once(timer)
+        if rep < b.warmup:
+            continue
+        tables = {f"{d}:{k[0]}:{k[1]}": v / inner
+                  for d, table in (("f", timer.forward_s), ("b", timer.backward_s))
+                  for k, v in table.items()}
+        for k, v in _slowest(b, tables).items():
+            samples.setdefault(k, []).append(v)
+    return {k: fit.robust_median(v) for k, v in samples.items()}
+
+
+def _train_table(b: Bench, size: str, inner: int) -> dict:
+    """Forward + backward with autograd, as `moerun` trains, timed by the runtime's timer."""
+    from moeplan.runtime.timers import NULL_TIMER, instrument
+
+    from moeplan.profiles.build import PROBE_SIZES
+
+    model = _probe_model(b.device, size)
+    _, _, _, B, S = PROBE_SIZES[size]
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 16, (B, S + 1), generator=g).to(b.device)
+
+    def train_once(timer) -> None:
+        instrument(model, timer)
+        timer.begin()
+        loss, _ = model.loss(idx[:, :-1], idx[:, 1:])
+        timer.end()
+        timer.begin_backward()
+        loss.backward()
+        timer.end_backward()
+        model.zero_grad(set_to_none=True)
+
+    table = _phase_table(b, train_once, inner)
+    instrument(model, NULL_TIMER)
+    return table
+
+
+def framework(b: Bench, quick: bool) -> dict:
+    """The runtime's fixed cost per layer phase and how its kernels compare with the roofline:
+    the probe model trained at both `PROBE_SIZES` and served (greedy decoding with the KV cache,
+    as `moerun --mode infer` serves) at the small one, timed by the runtime's own phase timer;
+    plus the optimizer (AdamW step, gradient clipping, zero_grad) per parameter tensor."""
+    from moeplan.runtime.infer import generate
+    from moeplan.runtime.run import clip_grads
+    from moeplan.runtime.timers import NULL_TIMER, instrument
+
+    inner = 10 if quick else 30
+    train = _train_table(b, "fixed", inner)
+    work = _train_table(b, "work", max(2, inner // 5))
+
+    model = _probe_model(b.device, "fixed")
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 16, (1, 9), generator=g).to(b.device)
+    new_tokens = 12
+
+    def infer_once(timer) -> None:
+        instrument(model, timer)
+
+        def on_token(i: int) -> None:
+            if i == 0:  # decode tokens only, as `moerun --mode infer` reports them
+                timer.reset()
+                timer.begin()
+
+        generate(model, idx[:, :2], new_tokens, on_token)
+
+    infer = _phase_table(b, infer_once, 1)  # the timer keeps the last generation's decode
+    instrument(model, NULL_TIMER)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    numel = {n: p.numel() for n, p in model.named_parameters()}
+    loss, _ = model.loss(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+
+    def optimizer() -> None:
+        clip_grads(model, numel, 1, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    opt_s = b.time(optimizer)
+    return {"train": train, "work": work, "infer": infer, "decode_tokens": new_tokens - 1,
+            "optimizer_s": opt_s, "tensors": len(numel)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="moeplan.profiles.measure")
     p.add_argument("--out", required=True)
@@ -180,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         c = copies(b, quick)
         bar.step("memory bandwidth")
         ov = op_overhead(b)
-        bar.step("operation overhead")
+        fw = framework(b, quick)
+        bar.step("framework overhead")
         coll = collectives(b, a.gpus_per_node, quick, lambda: bar.step("collectives"))
     if rank == 0:
         from moeplan.profiles.build import build_profile
@@ -195,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             info["topology"] = json.loads(Path(a.topology).read_text())
         if cuda:
             info["memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
-        raw = {"gemm": g, "copy": c, "op_overhead_s": ov, "collectives": coll}
+        raw = {"gemm": g, "copy": c, "op_overhead_s": ov, "framework": fw, "collectives": coll}
         out = Path(a.out)
         import json
 

@@ -87,7 +87,7 @@ def _median_phases(per_step: list[dict]) -> dict:
     return {k: median(d.get(k, 0.0) for d in per_step) for k in keys}
 
 
-def _clip(model: GPT, full_numel: dict[str, int], world: int, max_norm: float) -> float:
+def clip_grads(model: GPT, full_numel: dict[str, int], world: int, max_norm: float) -> float:
     """Clip by the global norm; a piece replicated on n ranks counts 1/n on each."""
     sq = torch.zeros(1, dtype=torch.float64)
     for name, p in model.named_parameters():
@@ -167,7 +167,7 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> dict:
         t1 = timer.now()
         sync()
         t2 = timer.now()
-        _clip(model, full_numel, groups.world, cfg.clip)
+        clip_grads(model, full_numel, groups.world, cfg.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()

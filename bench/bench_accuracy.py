@@ -66,6 +66,8 @@ def run_point(point: dict, profile: str, work: Path, steps: int) -> dict:
     plan_path, run_path = work / f"{tag}.plan.json", work / f"{tag}.run.json"
     plan_path.write_text(plan.to_json())
     t0 = time.perf_counter()
+    if point["mode"] == "infer":  # a generation is short and noisy: take more of them
+        steps = 2 * steps
     r = subprocess.run(MOERUN + ["--plan", str(plan_path), "--out", str(run_path), "--steps",
                                  str(steps), "--warmup", "2"], capture_output=True, text=True)
     if r.returncode != 0:
@@ -93,7 +95,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profile", help="use this profile for every plan instead of measuring")
     p.add_argument("--quick", action="store_true", help="8 grid points, quick profile")
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=6,
+                   help="measured training steps per plan (inference: twice as many generations)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="moeplan-accuracy-"))

@@ -122,7 +122,11 @@ def test_profile_on_cpu_ranks_end_to_end(tmp_path):
     assert "not measured" in prof.intra.source  # one rank per node: no intra-node groups
     assert "NVML" in r.stderr
     raw = json.loads((tmp_path / "local.raw.json").read_text())
-    assert raw["gemm"] and raw["collectives"]
+    assert raw["gemm"] and raw["collectives"] and raw["framework"]["work_all_ranks"]
+    fw = prof.device.framework  # the runtime's own model, measured
+    assert fw is not None and fw.ranks == 2 and fw.cores and fw.contention >= 1.0
+    assert {"dense.attention", "moe.gate", "moe.experts", "head"} <= set(fw.phases)
+    assert all(o.forward_s > 0 for k, o in fw.phases.items() if k != "moe.experts_per_local")
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -47,3 +47,12 @@ def test_null_timer_adds_no_graph_nodes():
     assert y is not x and y.grad_fn is not None  # the backward marker
     with torch.no_grad():
         assert timer.to(x, "mlp") is x
+
+
+def test_phase_figures_are_medians_over_steps():
+    from moeplan.runtime.run import _median_phases
+
+    steps = [{(0, "attention"): 1.0, (0, "mlp"): 2.0}, {(0, "attention"): 9.0},
+             {(0, "attention"): 2.0, (0, "mlp"): 4.0}]
+    # one slow step does not move the figure; a phase missing from a step counts as nothing
+    assert _median_phases(steps) == {(0, "attention"): 2.0, (0, "mlp"): 2.0}

@@ -27,8 +27,6 @@ def memory_s(nbytes: float, device: Device) -> float:
     return nbytes / (device.hbm_Bps * device.hbm_efficiency)
 
 
-def roofline_s(compute_s: float, nbytes: float, device: Device, fixed_s: float,
-               scale: float = 1.0) -> float:
-    """A phase bound by compute or by bytes moved (times `scale`, how far its kernels run from
-    that roofline where measured), plus its fixed framework seconds."""
-    return scale * max(compute_s, memory_s(nbytes, device)) + fixed_s
+def roofline_s(compute_s: float, nbytes: float, device: Device, fixed_s: float) -> float:
+    """A phase bound by compute or by bytes moved, plus its fixed framework seconds."""
+    return max(compute_s, memory_s(nbytes, device)) + fixed_s

@@ -18,7 +18,7 @@ FLOPs; each communication runs once per forward pass and once in backward.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from math import ceil
+from math import ceil, log
 
 from moeplan.cost_models import collectives as coll
 from moeplan.cost_models.compute import gemm_s, memory_s, roofline_s
@@ -171,13 +171,42 @@ def fixed_s(env: Env, key: str, p: Pass, local_experts: int = 0) -> float:
     return t
 
 
-def work_scale(env: Env, key: str, p: Pass) -> float:
+def sharing(env: Env) -> tuple[float, float]:
+    """(slowdown of compute while ranks run side by side, turns they take on shared cores).
+
+    Where ranks share CPU cores (a measured CPU profile, which has `cores`), `contention` was
+    measured with `ranks` ranks on the host: beyond one rank per core they take turns (a factor
+    ranks/cores), and what is left is the slowdown of ranks running side by side (SMT siblings,
+    memory bandwidth). A plan of N ranks, all on the profiled host as `moerun` starts them,
+    takes max(1, N/cores) turns: compute phases run at the side-by-side speed and the turns
+    show up as waiting at the next collective. Devices of their own: (1, 1)."""
+    fw = env.cluster.device.framework
+    if fw is None or not fw.cores:
+        return 1.0, 1.0
+    side_by_side = max(1.0, fw.contention / max(1.0, fw.ranks / fw.cores))
+    return side_by_side, max(1.0, env.gpus / fw.cores)
+
+
+def work_scale(env: Env, key: str, p: Pass, roofline: float) -> float:
     """How far a phase's kernels run from the roofline in training passes (and the prompt
-    pass), where the profile measured it; decode passes and unmeasured profiles: 1."""
+    pass), where the profile measured it: interpolated in log(roofline seconds) between the
+    probe sizes, the nearest one's outside them. Decode passes, unmeasured profiles: 1."""
     fw = env.cluster.device.framework
     if fw is None or p.decode or key not in fw.phases:
         return 1.0
-    return fw.phases[key].work_scale
+    o = fw.phases[key]
+    pts = sorted(o.work_points)
+    if not pts:
+        return o.work_scale
+    if roofline <= pts[0][0]:
+        return pts[0][1]
+    if roofline >= pts[-1][0]:
+        return pts[-1][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= roofline <= x1:
+            w = log(roofline / x0) / log(x1 / x0) if x1 > x0 else 0.0
+            return y0 + w * (y1 - y0)
+    return pts[-1][1]
 
 
 def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerCost:
@@ -199,24 +228,27 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
             cost.fixed[phase] = t
         return t
 
-    def scale(phase: str) -> float:
-        return work_scale(env, f"{kind}.{phase}", p)
+    def compute(phase: str, flops_s: float, nbytes: float, local_experts: int = 0) -> float:
+        """Roofline (bound by FLOPs or bytes) times the phase's measured work scale, plus its
+        fixed framework seconds."""
+        roof = roofline_s(flops_s, nbytes, dev, 0.0)
+        return (work_scale(env, f"{kind}.{phase}", p, roof) * roof
+                + fixed(phase, local_experts))
 
-    ph["attention"] = roofline_s(attn_flops_s, b * (4 * h * h / tp + 2 * T * h) + kv_read, dev,
-                                 fixed("attention"), scale("attention"))
+    ph["attention"] = compute("attention", attn_flops_s,
+                              b * (4 * h * h / tp + 2 * T * h) + kv_read)
 
     has_mlp = E == 0 or spec.residual
     if has_mlp:
         mlp_flops_s = gemm_s(T, f / tp, h, dev, dt) + gemm_s(T, h, f / tp, dev, dt)
-        ph["mlp"] = roofline_s(mlp_flops_s, b * (2 * h * f / tp + 2 * T * h), dev, fixed("mlp"),
-                               scale("mlp"))
+        ph["mlp"] = compute("mlp", mlp_flops_s, b * (2 * h * f / tp + 2 * T * h))
 
     tp_span = env.span(tp, 1)
     cb["tp_allreduce"] = T * h * b
     ph["tp_comm"] = ((1 + has_mlp) * coll.allreduce_s(T * h * b, tp_span, env.cluster)
                      + fixed("tp_comm"))
     if E == 0:
-        return cost
+        return _shared(env, cost)
 
     T_r = ceil(T / tp) if c.coordinated else T
     C = capacity(spec, E, T_r, train=env.workload.mode == "train")
@@ -224,10 +256,8 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     local = E // c.ep
     expert_rows = c.ep * c.es * C
     # DeepSpeed's TopKGate runs the router and softmax in fp32.
-    ph["gate"] = roofline_s(gemm_s(T_r, E, h, dev, "fp32"), 4 * T_r * (h + 3 * E), dev,
-                            fixed("gate"), scale("gate"))
-    ph["dispatch"] = (scale("dispatch") * memory_s(b * (T_r * h + rows * h), dev)
-                      + fixed("dispatch"))
+    ph["gate"] = compute("gate", gemm_s(T_r, E, h, dev, "fp32"), 4 * T_r * (h + 3 * E))
+    ph["dispatch"] = compute("dispatch", 0.0, b * (T_r * h + rows * h))
     a2a_bytes = rows * h * b
     cb["a2a"] = a2a_bytes
     ep_span = env.span(c.ep, c.es)
@@ -251,13 +281,54 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     expert_flops_s = local * (gemm_s(expert_rows, f / c.es, h, dev, dt)
                               + gemm_s(expert_rows, h, f / c.es, dev, dt))
     expert_bytes = b * (active * 2 * h * f / c.es + local * expert_rows * 2 * h)
-    ph["experts"] = roofline_s(expert_flops_s, expert_bytes, dev, fixed("experts", local),
-                               scale("experts"))
-    ph["combine"] = scale("combine") * memory_s(b * (rows * h + T_r * h), dev) + fixed("combine")
+    ph["experts"] = compute("experts", expert_flops_s, expert_bytes, local)
+    ph["combine"] = compute("combine", 0.0, b * (rows * h + T_r * h))
     if c.coordinated and tp > 1:
         cb["tp_allgather"] = T * h * b
         ph["tp_comm"] += coll.allgather_s(T * h * b, tp_span, env.cluster)
+    return _shared(env, cost)
+
+
+def _shared(env: Env, cost: LayerCost) -> LayerCost:
+    """Compute phases at the speed of ranks running side by side (`sharing`)."""
+    slow, _ = sharing(env)
+    if slow != 1.0:
+        for ph in COMPUTE_PHASES:
+            if ph in cost.phases:
+                cost.phases[ph] *= slow
     return cost
+
+
+def wait_factor(env: Env) -> float:
+    """Seconds a rank waits at collectives for its peers per second of its own compute: the
+    others' turns on shared cores (turns − 1), or at least the measured skew between ranks
+    running side by side. 0 without a measured profile."""
+    fw = env.cluster.device.framework
+    if fw is None or env.gpus == 1:
+        return 0.0
+    return max(sharing(env)[1] - 1.0, fw.skew)
+
+
+def add_turn_wait(env: Env, cost: LayerCost, train: bool) -> None:
+    """Ranks wait at the layer's collectives for their peers' compute (`wait_factor` × the
+    layer's compute): at the MoE all-to-alls, or as `wait` for a dense layer, which the plan
+    hands on to the next collective (where the runtime's timers see it). A forward pass waits
+    for the experts at the combine and for the rest at the dispatch; backward runs the layer the
+    other way round, so in training (backward twice the forward) the two all-to-alls wait about
+    equally."""
+    factor = wait_factor(env)
+    if factor <= 0.0:
+        return
+    compute = {ph: t for ph, t in cost.phases.items() if ph in COMPUTE_PHASES}
+    wait = factor * sum(compute.values())
+    if "dispatch_a2a" in cost.phases:
+        at_combine = (wait / 2 if train else
+                      wait * compute.get("experts", 0.0) / max(sum(compute.values()), 1e-30))
+        for ph, t in (("dispatch_a2a", wait - at_combine), ("combine_a2a", at_combine)):
+            cost.phases[ph] += t
+            cost.fixed[ph] = cost.fixed.get(ph, 0.0) + t
+    else:
+        cost.phases["wait"] = wait
 
 
 def activation_bytes(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> float:
@@ -291,9 +362,16 @@ def weight_memory(env: Env, s: Setting, index: int, c: LayerChoice) -> dict[str,
     return {k: v for k, v in mem.items() if v}
 
 
-def grad_sync_s(env: Env, nbytes: float, size: int, stride: int) -> float:
+def grad_sync_s(env: Env, nbytes: float, size: int, stride: int, latency: bool = True) -> float:
     """Gradient synchronisation by ZeRO stage: allreduce (0), + parameter allgather (1),
-    reduce-scatter + allgather (2), over a group of `size` ranks with `stride`."""
+    reduce-scatter + allgather (2), over a group of `size` ranks with `stride`.
+
+    The runtime reduces all gradients that share a group as one flat bucket, so a layer's
+    non-expert gradients add only bytes (`latency=False`); the bucket's latency is charged once,
+    with the embedding's gradients (`step.head_cost`)."""
+    if not latency:
+        return max(0.0, grad_sync_s(env, nbytes, size, stride)
+                   - grad_sync_s(env, 1e-9, size, stride))  # (0 bytes would cost nothing)
     span = env.span(size, stride)
     if env.workload.zero_stage == 0:
         return coll.allreduce_s(nbytes, span, env.cluster)
@@ -306,9 +384,13 @@ def grad_sync_s(env: Env, nbytes: float, size: int, stride: int) -> float:
 def optimizer_s(env: Env, local_params: float, tensors: int) -> float:
     """Adam's memory traffic over the local parameters plus its per-tensor operations."""
     dev = env.cluster.device
-    per_tensor = (dev.framework.optimizer_tensor_s if dev.framework
-                  else OPTIMIZER_OPS_PER_TENSOR * dev.op_overhead_s)
-    return memory_s(ADAM_BYTES_PER_PARAM * local_params, dev) + tensors * per_tensor
+    fw = dev.framework
+    if fw is not None:  # measured on one rank alone; every rank steps at once, no collective
+        slow, turns = sharing(env)
+        return slow * turns * (tensors * fw.optimizer_tensor_s
+                               + local_params * fw.optimizer_param_s)
+    return (memory_s(ADAM_BYTES_PER_PARAM * local_params, dev)
+            + tensors * OPTIMIZER_OPS_PER_TENSOR * dev.op_overhead_s)
 
 
 def layer_tensors(spec, index: int) -> int:

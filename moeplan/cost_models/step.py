@@ -21,12 +21,16 @@ from moeplan.cost_models.layer import (
     LayerCost,
     Pass,
     activation_bytes,
+    add_turn_wait,
     fixed_s,
     forward,
     grad_sync_s,
     layer_tensors,
     optimizer_s,
+    sharing,
+    wait_factor,
     weight_memory,
+    work_scale,
 )
 from moeplan.cost_models.memory import kv_cache_bytes, optimizer_bytes_per_param
 from moeplan.cost_models.params import embedding_params, layer_params
@@ -60,12 +64,13 @@ def train_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> LayerCost:
         cost.phases[name] = steps * passes * t
         if name in fwd.fixed:
             cost.fixed[name] = steps * passes * fwd.fixed[name]
+    add_turn_wait(env, cost, train=True)
     lp = layer_params(env.spec, index)
     b = env.dtype_bytes
     non_expert = lp.non_expert / s.tp
     expert = (lp.experts // c.ep) * lp.per_expert / c.es if lp.experts else 0.0
     edp = c.edp(env.gpus)
-    sync = grad_sync_s(env, b * non_expert, s.dp, s.tp)
+    sync = grad_sync_s(env, b * non_expert, s.dp, s.tp, latency=False)
     if expert:
         sync += grad_sync_s(env, b * expert, edp, c.ep * c.es)
     cost.phases["grad_sync"] = sync
@@ -86,8 +91,10 @@ def train_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> LayerCost:
 def infer_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> tuple[LayerCost, LayerCost]:
     """(decode cost per generated token, prefill cost once per batch) of one layer."""
     decode = forward(env, s, index, c, decode_pass(env, s))
+    add_turn_wait(env, decode, train=False)
     prefill_p = prefill_pass(env, s)
     prefill = forward(env, s, index, c, prefill_p)
+    add_turn_wait(env, prefill, train=False)
     decode.memory = weight_memory(env, s, index, c)
     w = env.workload
     decode.memory["kv_cache"] = kv_cache_bytes(s.micro_batch, w.seq_len, env.spec.hidden, s.tp,
@@ -102,16 +109,20 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
     h, V = spec.hidden, spec.vocab_size
     params = embedding_params(spec) / s.tp
     tp_span = env.span(s.tp, 1)
+    slow, _ = sharing(env)
     cost = LayerCost()
     cost.memory["weights"] = b * params
     if env.workload.mode == "train":
         p = train_pass(env, s)
         steps = s.micro_steps(env.workload)
-        fwd = (roofline_s(gemm_s(p.tokens, V / s.tp, h, dev, dt), b * V * h / s.tp, dev,
-                          fixed_s(env, "head", p))
+        roof = roofline_s(gemm_s(p.tokens, V / s.tp, h, dev, dt), b * V * h / s.tp, dev, 0.0)
+        fwd = (slow * (work_scale(env, "head", p, roof) * roof + fixed_s(env, "head", p))
                + coll.allreduce_s(p.tokens * h * b, tp_span, env.cluster))
         cost.phases["head"] = steps * 3 * fwd
-        cost.phases["grad_sync"] = grad_sync_s(env, b * params, s.dp, s.tp)
+        # ranks wait for each other's head compute at the next collectives (the first and the
+        # last all-to-all, the gradient sync); charged with the gradient sync
+        cost.phases["grad_sync"] = (grad_sync_s(env, b * params, s.dp, s.tp)
+                                    + wait_factor(env) * cost.phases["head"])
         zero = env.workload.zero_stage
         cost.phases["optimizer"] = optimizer_s(env, params / (s.dp if zero >= 1 else 1),
                                                HEAD_TENSORS)
@@ -122,9 +133,13 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
         return cost
     # Inference: logits only for the newest token of each sequence.
     tokens = s.micro_batch
-    cost.phases["head"] = (roofline_s(gemm_s(tokens, V / s.tp, h, dev, dt), b * V * h / s.tp,
-                                      dev, fixed_s(env, "head", decode_pass(env, s)))
+    cost.phases["head"] = (slow * roofline_s(gemm_s(tokens, V / s.tp, h, dev, dt),
+                                             b * V * h / s.tp, dev,
+                                             fixed_s(env, "head", decode_pass(env, s)))
                            + coll.allgather_s(tokens * V * b, tp_span, env.cluster))
+    wait = wait_factor(env) * cost.phases["head"]
+    if wait:  # at the next token's first collective: the plan hands it on
+        cost.phases["wait"] = wait
     cost.transient_bytes = 4.0 * tokens * V / s.tp
     return cost
 

@@ -130,6 +130,36 @@ def _runner_up_text(result: SearchResult, i: int) -> str | None:
     return f"{name}: {-dt * 1e3:.3f} ms faster but {dm / 2**30:.2f} GiB larger, which does not fit"
 
 
+def _hand_on_waits(layers: list[dict[str, float]], train: bool) -> list[dict[str, float]]:
+    """A dense layer's `wait` (ranks taking turns on shared cores) happens at the next
+    collective, where the runtime's timers see it. Forward: the next MoE layer's dispatch
+    all-to-all (past the last one: the backward's first, the last layer's combine). Backward,
+    two thirds of a training step's compute, runs the layers in reverse: the previous MoE
+    layer's combine all-to-all, before the first one the gradient synchronisation. With no MoE
+    layer at all it stays with the layer's gradient sync (training) or tensor-slicing phase."""
+    moe = [i for i, ph in enumerate(layers) if "dispatch_a2a" in ph]
+    for i, ph in enumerate(layers):
+        wait = ph.pop("wait", 0.0)
+        if not wait:
+            continue
+        if not moe:
+            ph["grad_sync" if train else "tp_comm"] = ph.get("grad_sync" if train else "tp_comm",
+                                                            0.0) + wait
+            continue
+        forward = wait / 3 if train else wait
+        after, before = [j for j in moe if j > i], [j for j in moe if j < i]
+        if after:
+            layers[after[0]]["dispatch_a2a"] += forward
+        else:
+            layers[moe[-1]]["combine_a2a"] += forward
+        if train:
+            if before:
+                layers[before[-1]]["combine_a2a"] += wait - forward
+            else:
+                ph["grad_sync"] = ph.get("grad_sync", 0.0) + wait - forward
+    return layers
+
+
 def to_plan(env: Env, objective: Objective, result: SearchResult) -> P.Plan:
     best: Candidate = result.best
     s, w = best.setting, env.workload
@@ -142,13 +172,17 @@ def to_plan(env: Env, objective: Objective, result: SearchResult) -> P.Plan:
     transient = best.head.transient_bytes
     for k, v in best.head.memory.items():
         breakdown[k] += v
+    head_phases = dict(best.head.phases)
+    phases = _hand_on_waits([{"wait": head_phases.pop("wait", 0.0)}]
+                            + [dict(ev.cost.phases) for ev in best.layers], w.mode == "train")
+    head_phases.update(phases.pop(0))  # what found no collective stays with the head
     for i, ev in enumerate(best.layers):
         c, cost = ev.choice, ev.cost
         for k, v in cost.memory.items():
             breakdown[k] += v
         transient = max(transient, cost.transient_bytes)
         sim = result.simulated
-        pred = P.LayerPrediction(time_s=cost.time_s, phases_s=dict(cost.phases),
+        pred = P.LayerPrediction(time_s=sum(phases[i].values()), phases_s=phases[i],
                                  comm_bytes=dict(cost.comm_bytes), memory_bytes=dict(cost.memory),
                                  transient_bytes=cost.transient_bytes,
                                  prefill_s=ev.prefill_s if w.mode == "infer" else None,
@@ -174,7 +208,7 @@ def to_plan(env: Env, objective: Objective, result: SearchResult) -> P.Plan:
         timing = {"latency_s": best.time_s, "prefill_s": prefill}
     predicted = P.Predicted(tokens_per_s=tokens_per_s, memory_per_gpu_bytes=best.memory_bytes,
                             memory_breakdown_bytes=dict(sorted(breakdown.items())),
-                            head_phases_s=dict(best.head.phases), **timing,
+                            head_phases_s=head_phases, **timing,
                             simulated_time_s=result.simulated.time_s if result.simulated else None,
                             simulated_candidates=result.simulated_candidates,
                             routing_skew=result.skew if result.simulated else None,

@@ -54,7 +54,9 @@ def fit_collectives(rows: list[dict], where: str) -> list[FittedCollective]:
 PROBE_EXPERTS = (0, 2, 4)  # a dense layer, then MoE layers with 2 and 4 local experts
 # (hidden, heads, ffn, batch, sequence): at "fixed" all is framework; at "work" the arithmetic
 # shows how far each phase's kernels run from the GEMM/bandwidth roofline
-PROBE_SIZES = {"fixed": (8, 2, 16, 1, 8), "work": (64, 4, 256, 4, 64)}
+PROBE_SIZES = {"fixed": (8, 2, 16, 1, 8), "work": (64, 4, 256, 4, 64),
+               "work2": (128, 4, 512, 4, 64)}
+WORK_SIZES = ("work", "work2")
 
 
 def probe_spec(size: str) -> ModelSpec:
@@ -62,18 +64,20 @@ def probe_spec(size: str) -> ModelSpec:
     h, heads, f, _, S = PROBE_SIZES[size]
     return load_model("tiny-pr-moe").model_copy(update={
         "name": f"probe-{size}", "num_layers": len(PROBE_EXPERTS), "hidden": h, "heads": heads,
-        "ffn_hidden": f, "vocab_size": 16, "max_seq_len": max(16, S + 1),
+        "ffn_hidden": f, "vocab_size": 16 if size == "fixed" else 256,
+        "max_seq_len": max(16, S + 1),
         "experts": list(PROBE_EXPERTS)})
 
 
-def _roofline(cluster: ClusterProfile, dtype: str) -> dict[str, float]:
-    """Seconds per training step of each compute phase of the "work" probe under the cost
+def _roofline(cluster: ClusterProfile, dtype: str, size: str) -> dict[str, float]:
+    """Seconds per training step of each compute phase of a "work" probe under the cost
     model's roofline alone (no fixed part, no scale): keys "<layer>:<phase>"."""
     from moeplan.cost_models.layer import COMPUTE_PHASES, DENSE, Env, LayerChoice, Pass, forward
+    from moeplan.cost_models.step import head_cost
     from moeplan.cost_models.workload import Setting, Workload
 
-    spec = probe_spec("work")
-    _, _, _, B, S = PROBE_SIZES["work"]
+    spec = probe_spec(size)
+    _, _, _, B, S = PROBE_SIZES[size]
     bare = cluster.model_copy(update={"device": cluster.device.model_copy(
         update={"framework": None, "op_overhead_s": 0.0})})
     w = Workload(mode="train", global_batch=B, micro_batch=B, seq_len=S, dtype=dtype,
@@ -86,6 +90,7 @@ def _roofline(cluster: ClusterProfile, dtype: str) -> dict[str, float]:
         for ph, t in forward(env, s, i, c, p).phases.items():
             if ph in COMPUTE_PHASES:
                 out[f"{i}:{ph}"] = 3 * t  # forward + backward (twice the forward)
+    out["head:head"] = head_cost(env, s).phases["head"]
     return out
 
 
@@ -97,30 +102,40 @@ def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return max(0.0, my - slope * mx), slope
 
 
-def framework_overhead(fw: dict, roofline: dict[str, float], where: str) -> FrameworkOverhead:
+def framework_overhead(fw: dict, roofline: dict[str, dict[str, float]], ranks: int,
+                       where: str) -> FrameworkOverhead:
     """Per-phase fixed seconds from the probe's phase tables (keys "f|b:<layer>:<phase>"), and
-    per compute phase the work scale: (measured − fixed) at the "work" size over `roofline`.
+    per compute phase and "work" size the work scale: (measured − fixed) over `roofline[size]`.
 
     Dense phases come from the dense probe layer, MoE phases are the mean over the MoE probe
     layers, except `experts`, fitted as a + b·(local experts) over them."""
     train, infer, tokens = fw["train"], fw["infer"], max(1, fw["decode_tokens"])
-    work = fw.get("work", {})
     layers = list(PROBE_EXPERTS)
 
     def one(i: object, phase: str) -> tuple[float, float, float]:
         return (train.get(f"f:{i}:{phase}", 0.0), train.get(f"b:{i}:{phase}", 0.0),
                 infer.get(f"f:{i}:{phase}", 0.0) / tokens)
 
-    def scale(idx: list[int], phase: str, fixed: list[float]) -> float:
-        """Mean over layers of the measured work over the roofline; at least 1 (the roofline
-        is the fitted peak), 1 where the probe's roofline time is too small to tell."""
-        ratios = []
-        for i, fx in zip(idx, fixed):
-            roof = roofline.get(f"{i}:{phase}", 0.0)
-            measured = work.get(f"f:{i}:{phase}", 0.0) + work.get(f"b:{i}:{phase}", 0.0)
-            if roof > 1e-6 and measured:
-                ratios.append(max(1.0, (measured - fx) / roof))
-        return sum(ratios) / len(ratios) if ratios else 1.0
+    def points(idx: list, phase: str, fixed: list[float]) -> list[tuple[float, float]]:
+        """(roofline seconds of one forward pass, mean work scale over the layers) per work
+        size; at least 1 (the roofline is the fitted peak); none where the probe's roofline
+        time is too small to tell."""
+        out = []
+        for size in WORK_SIZES:
+            work, roofs, ratios = fw.get(size, {}), [], []
+            for i, fx in zip(idx, fixed):
+                roof = roofline.get(size, {}).get(f"{i}:{phase}", 0.0)
+                measured = work.get(f"f:{i}:{phase}", 0.0) + work.get(f"b:{i}:{phase}", 0.0)
+                if roof > 1e-6 and measured:
+                    roofs.append(roof / 3)  # training charges three passes
+                    ratios.append(max(1.0, (measured - fx) / roof))
+            if ratios:
+                out.append((sum(roofs) / len(roofs), sum(ratios) / len(ratios)))
+        return out
+
+    def overhead(f: float, b_: float, i_: float, pts: list) -> PhaseOverhead:
+        return PhaseOverhead(forward_s=f, backward_s=b_, infer_s=i_,
+                             work_scale=pts[0][1] if pts else 1.0, work_points=pts)
 
     names = sorted({k.split(":")[2] for k in (*train, *infer)} - {"head"})
     out: dict[str, PhaseOverhead] = {}
@@ -133,23 +148,28 @@ def framework_overhead(fw: dict, roofline: dict[str, float], where: str) -> Fram
             if kind == "moe" and phase == "experts":
                 fits = [_line([layers[i] for i in idx], [v[j] for v in vals]) for j in range(3)]
                 fixed = [sum(f[0] + f[1] * layers[i] for f in fits[:2]) for i in idx]
-                out["moe.experts"] = PhaseOverhead(
-                    forward_s=fits[0][0], backward_s=fits[1][0], infer_s=fits[2][0],
-                    work_scale=scale(idx, phase, fixed))
+                out["moe.experts"] = overhead(fits[0][0], fits[1][0], fits[2][0],
+                                              points(idx, phase, fixed))
                 out["moe.experts_per_local"] = PhaseOverhead(
                     forward_s=fits[0][1], backward_s=fits[1][1], infer_s=fits[2][1])
                 continue
             mean = [sum(v[j] for v in vals) / len(vals) for j in range(3)]
-            out[f"{kind}.{phase}"] = PhaseOverhead(
-                forward_s=mean[0], backward_s=mean[1], infer_s=mean[2],
-                work_scale=scale(idx, phase, [v[0] + v[1] for v in vals]))
+            out[f"{kind}.{phase}"] = overhead(*mean,
+                                              points(idx, phase, [v[0] + v[1] for v in vals]))
     f, b_, i_ = one("head", "head")
-    out["head"] = PhaseOverhead(forward_s=f, backward_s=b_, infer_s=i_)
+    out["head"] = overhead(f, b_, i_, points(["head"], "head", [f + b_]))
+    solo, together = sum(fw.get("work", {}).values()), sum(fw.get("work_all_ranks", {}).values())
+    (t1, p1), (t2, p2) = fw["optimizer"]
+    per_param = max(0.0, (t2 - t1) / (p2 - p1)) if p2 > p1 else 0.0
     return FrameworkOverhead(
-        phases=out, optimizer_tensor_s=fw["optimizer_s"] / max(1, fw["tensors"]),
+        phases=out, optimizer_tensor_s=max(0.0, t1 - per_param * p1) / max(1, fw["tensors"]),
+        optimizer_param_s=per_param, ranks=fw.get("host_ranks", ranks), cores=fw.get("cores"),
+        contention=max(1.0, together / solo) if solo and together else 1.0,
+        skew=max(0.0, fw.get("skew", 0.0)),
         source=f"measured {where} on the runtime's own model at hidden 8 "
                f"({len(layers)} layers: experts {layers}), training and greedy decoding; work "
-               f"scales at {PROBE_SIZES['work']} (hidden, heads, ffn, batch, sequence)")
+               f"scales at (hidden, heads, ffn, batch, sequence) "
+               f"{', '.join(str(PROBE_SIZES[k]) for k in WORK_SIZES)}")
 
 
 def build_profile(base: str, name: str, gpus_per_node: int, info: dict,
@@ -173,8 +193,10 @@ def build_profile(base: str, name: str, gpus_per_node: int, info: dict,
                   f"memory bandwidth from copies (r2={r2_m:.3f}), op overhead from a small "
                   "autograd op, framework overhead per phase from the runtime's own model"})
     if "framework" in m:
-        roof = _roofline(base_p.model_copy(update={"device": dev}), dtype)
-        dev = dev.model_copy(update={"framework": framework_overhead(m["framework"], roof, where)})
+        roof = {size: _roofline(base_p.model_copy(update={"device": dev}), dtype, size)
+                for size in WORK_SIZES}
+        fw = framework_overhead(m["framework"], roof, gpus_per_node, where)
+        dev = dev.model_copy(update={"framework": fw})
     fits = fit_collectives(m["collectives"], where)
     tiers = {}
     for tier in ("intra", "inter"):

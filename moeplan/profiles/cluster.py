@@ -44,7 +44,10 @@ class PhaseOverhead(BaseModel):
     work_scale: float = Field(1.0, gt=0, description=(
         "training passes: measured time above the fixed part over the phase's roofline time "
         "(its kernels' distance from the fitted GEMM/bandwidth roofline: attention kernels, "
-        "GELU, layer norms, gathers)"))
+        "GELU, layer norms, gathers), at the first probe size"))
+    work_points: list[tuple[float, float]] = Field(default_factory=list, description=(
+        "(roofline seconds of one forward pass, work scale) at each probe size; the cost model "
+        "interpolates between them"))
 
 
 class FrameworkOverhead(BaseModel):
@@ -61,7 +64,19 @@ class FrameworkOverhead(BaseModel):
 
     phases: dict[str, PhaseOverhead]
     optimizer_tensor_s: float = Field(ge=0, description="AdamW step, gradient clipping and "
-                                                        "zero_grad per parameter tensor")
+                                                        "zero_grad per parameter tensor ...")
+    optimizer_param_s: float = Field(0.0, ge=0, description="... and per parameter (one rank "
+                                                            "alone)")
+    ranks: int = Field(1, ge=1, description="ranks on the measured host")
+    cores: int | None = Field(None, ge=1, description=(
+        "CPU cores the ranks share; a CPU profile describes one host that runs every rank, as "
+        "`moerun` does (None: each rank has a device of its own)"))
+    contention: float = Field(1.0, gt=0, description=(
+        "the probe's time with every rank of the node running it at once over its time on one "
+        "rank alone (others idle): ranks sharing cores, memory bandwidth, SMT siblings"))
+    skew: float = Field(0.0, ge=0, description=(
+        "how far the slowest rank trails the mean over one training step of the probe, all "
+        "ranks at once: what a rank waits at a collective for its peers, per second of compute"))
     source: str = ""
 
 

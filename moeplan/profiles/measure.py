@@ -2,12 +2,15 @@
 
     torchrun --nproc-per-node N -m moeplan.profiles.measure --out profile.json --gpus-per-node G
 
-All ranks run every benchmark at the same time (after a barrier), so what is measured includes the
-contention the plans will see: ranks sharing CPU cores, GPUs of a node sharing its NICs. Each
-figure is the slowest rank of a repeat, reduced over repeats by `fit.robust_median`.
-Benchmarks: GEMM sizes (efficiency curve), copy sizes (memory bandwidth and per-operation
-overhead), and allreduce / allgather / reduce-scatter / all-to-all over message sizes, on the
-intra-node groups (the G ranks of one node) and the inter-node groups (one rank per node).
+The device's own speed is measured on rank 0 alone (the others wait at a barrier): GEMM sizes
+(efficiency curve), copy sizes (memory bandwidth), one small operation (per-operation overhead),
+and the runtime's own model at two sizes (framework cost per layer phase, and how far each phase
+runs from the roofline). What ranks cost each other is measured with all of them at once: the
+same model on every rank (contention: ranks sharing CPU cores or memory bandwidth), the spread
+of their step times (skew), and allreduce / allgather / reduce-scatter / all-to-all over message
+sizes on the intra-node groups (the G ranks of one node) and the inter-node groups (one rank per
+node; GPUs of a node share its NICs). Each all-rank figure is the slowest rank of a repeat;
+repeats are reduced by `fit.robust_median`.
 Rank 0 fits them (`fit.py`) and writes a `ClusterProfile`.
 """
 
@@ -26,6 +29,7 @@ import torch.distributed as dist
 
 from moeplan.files import write_atomic
 from moeplan.profiles import fit
+from moeplan.profiles.build import PROBE_SIZES, probe_spec
 from moeplan.runtime.comm import all_gather_tensor, reduce_scatter_tensor
 
 COLLECTIVES = ("allreduce", "allgather", "reduce_scatter", "all_to_all")
@@ -148,7 +152,6 @@ def op_overhead(b: Bench) -> float:
 
 def _probe_model(device: torch.device, size: str):
     """The runtime's own GPT (one dense and two MoE layers) at one of `build.PROBE_SIZES`."""
-    from moeplan.profiles.build import probe_spec
     from moeplan.runtime.model import GPT
 
     torch.manual_seed(0)
@@ -164,33 +167,45 @@ def _slowest(b: Bench, values: dict) -> dict:
     return dict(zip(keys, t.tolist()))
 
 
-def _phase_table(b: Bench, run_once, inner: int) -> dict:
-    """Per (layer, phase): seconds per call of `run_once(timer)`, robust median over repeats of
-    `inner` calls (all ranks at once, slowest rank per repeat)."""
+def _phase_tables(b: Bench, cases: dict[str, tuple], repeats: int | None = None
+                  ) -> dict[str, dict]:
+    """Per case, per (layer, phase): seconds per call of `run_once(timer)`, robust median over
+    repeats of `inner` calls — on all ranks at once (slowest rank per repeat), or `solo` on rank
+    0 while the others wait at a barrier. `cases` maps a name to (run_once, inner, solo); every
+    repeat runs each case in turn, so a slow spell of the host touches all of them alike (the
+    fits take differences and ratios of cases)."""
     from moeplan.runtime.timers import PhaseTimer
 
-    samples: dict = {}
-    for rep in range(b.warmup + b.repeats):
-        if b.world > 1:
-            dist.barrier()
-        timer = PhaseTimer(b.device.type == "cuda")
-        for _ in range(inner):
-            run_once(timer)
-        if rep < b.warmup:
-            continue
-        tables = {f"{d}:{k[0]}:{k[1]}": v / inner
-                  for d, table in (("f", timer.forward_s), ("b", timer.backward_s))
-                  for k, v in table.items()}
-        for k, v in _slowest(b, tables).items():
-            samples.setdefault(k, []).append(v)
-    return {k: fit.robust_median(v) for k, v in samples.items()}
+    samples: dict[str, dict] = {name: {} for name in cases}
+    for rep in range(b.warmup + (repeats or b.repeats)):
+        for name, (run_once, inner, solo) in cases.items():
+            if b.world > 1:
+                dist.barrier()
+            timer = PhaseTimer(b.device.type == "cuda")
+            if not solo or b.rank == 0:
+                for _ in range(inner):
+                    run_once(timer)
+            if rep < b.warmup:
+                continue
+            tables = {f"{d}:{k[0]}:{k[1]}": v / inner
+                      for d, table in (("f", timer.forward_s), ("b", timer.backward_s))
+                      for k, v in table.items()}
+            if not solo:
+                tables = _slowest(b, tables)
+            elif b.world > 1:
+                box = [tables]
+                dist.broadcast_object_list(box, src=0)
+                tables = box[0]
+            for k, v in tables.items():
+                samples[name].setdefault(k, []).append(v)
+    return {name: {k: fit.robust_median(v) for k, v in table.items()}
+            for name, table in samples.items()}
 
 
-def _train_table(b: Bench, size: str, inner: int) -> dict:
-    """Forward + backward with autograd, as `moerun` trains, timed by the runtime's timer."""
-    from moeplan.runtime.timers import NULL_TIMER, instrument
-
-    from moeplan.profiles.build import PROBE_SIZES
+def _trainer(b: Bench, size: str):
+    """One training step of the probe (forward + backward with autograd, as `moerun` trains),
+    timed by the runtime's phase timer it is handed."""
+    from moeplan.runtime.timers import instrument
 
     model = _probe_model(b.device, size)
     _, _, _, B, S = PROBE_SIZES[size]
@@ -207,55 +222,114 @@ def _train_table(b: Bench, size: str, inner: int) -> dict:
         timer.end_backward()
         model.zero_grad(set_to_none=True)
 
-    table = _phase_table(b, train_once, inner)
+    return train_once
+
+
+def _skew(b: Bench, quick: bool) -> float:
+    """How far the slowest rank trails the mean when every rank runs the same training step
+    of the "work" probe at once (the wait at the collective that follows): robust median over
+    repeats of (max − mean) / mean of the ranks' step times."""
+    if b.world == 1:
+        return 0.0
+    from moeplan.runtime.timers import NULL_TIMER, instrument
+
+    model = _probe_model(b.device, "work")
     instrument(model, NULL_TIMER)
-    return table
+    _, _, _, B, S = PROBE_SIZES["work"]
+    idx = torch.randint(0, 16, (B, S + 1), generator=torch.Generator().manual_seed(0))
+    idx = idx.to(b.device)
+    samples = []
+    for rep in range(b.warmup + (3 if quick else 5) * b.repeats):
+        dist.barrier()
+        b._sync()
+        t0 = time.perf_counter()
+        loss, _ = model.loss(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        b._sync()
+        t = torch.tensor([time.perf_counter() - t0] * 2, dtype=torch.float64)
+        dist.all_reduce(t[:1], op=dist.ReduceOp.MAX)
+        dist.all_reduce(t[1:], op=dist.ReduceOp.SUM)
+        if rep >= b.warmup:
+            mean = float(t[1]) / b.world
+            samples.append((float(t[0]) - mean) / mean)
+    return fit.robust_median(samples)
+
+
+def _solo_time(b: Bench, fn) -> float:
+    """Seconds per call of `fn` on rank 0 alone (the others wait at a barrier)."""
+    t = torch.zeros(1, dtype=torch.float64)
+    if b.rank == 0:
+        t[0] = Bench(0, 1, b.device, b.warmup, b.repeats).time(fn)
+    if b.world > 1:
+        dist.broadcast(t, src=0)
+    return float(t)
 
 
 def framework(b: Bench, quick: bool) -> dict:
     """The runtime's fixed cost per layer phase and how its kernels compare with the roofline:
-    the probe model trained at both `PROBE_SIZES` and served (greedy decoding with the KV cache,
-    as `moerun --mode infer` serves) at the small one, timed by the runtime's own phase timer;
-    plus the optimizer (AdamW step, gradient clipping, zero_grad) per parameter tensor."""
+    the probe model trained at both `build.PROBE_SIZES` (one rank alone, and the "work" size
+    also on every rank at once: the contention) and served at the "work" size (greedy decoding
+    with the KV cache, as `moerun --mode infer` serves, decode tokens only), timed by the
+    runtime's own phase timer; plus the optimizer (AdamW step, gradient clipping, zero_grad) at
+    both sizes, for its cost per tensor and per parameter."""
     from moeplan.runtime.infer import generate
     from moeplan.runtime.run import clip_grads
     from moeplan.runtime.timers import NULL_TIMER, instrument
 
     inner = 10 if quick else 30
-    train = _train_table(b, "fixed", inner)
-    work = _train_table(b, "work", max(2, inner // 5))
+    fixed_step, work_step = _trainer(b, "fixed"), _trainer(b, "work")
+    tables = _phase_tables(b, {"train": (fixed_step, inner, True),
+                               "work": (work_step, max(2, inner // 5), True),
+                               "work2": (_trainer(b, "work2"), max(2, inner // 10), True),
+                               "work_all_ranks": (work_step, max(2, inner // 5), False)},
+                           repeats=2 * b.repeats)
+    skew = _skew(b, quick)
 
-    model = _probe_model(b.device, "fixed")
+    # decoding: the "work" model, a batch of prompts, then new tokens one at a time
+    model = _probe_model(b.device, "work")
+    _, _, _, B, S = PROBE_SIZES["work"]
     g = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, 16, (1, 9), generator=g).to(b.device)
-    new_tokens = 12
+    prompts = torch.randint(0, 16, (B, S // 4), generator=g).to(b.device)
+    new_tokens = S // 4
 
     def infer_once(timer) -> None:
         instrument(model, timer)
+        before = dict(timer.forward_s)
+        prefill: dict = {}
 
         def on_token(i: int) -> None:
             if i == 0:  # decode tokens only, as `moerun --mode infer` reports them
-                timer.reset()
+                prefill.update({k: v - before.get(k, 0.0) for k, v in timer.forward_s.items()})
                 timer.begin()
 
-        generate(model, idx[:, :2], new_tokens, on_token)
+        generate(model, prompts, new_tokens, on_token)
+        for k, v in prefill.items():
+            timer.forward_s[k] -= v
 
-    infer = _phase_table(b, infer_once, 1)  # the timer keeps the last generation's decode
+    infer = _phase_tables(b, {"infer": (infer_once, 2 if quick else 4, True)})["infer"]
     instrument(model, NULL_TIMER)
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    numel = {n: p.numel() for n, p in model.named_parameters()}
-    loss, _ = model.loss(idx[:, :-1], idx[:, 1:])
-    loss.backward()
+    optimizer = []  # (seconds, parameters) of one optimizer step at both probe sizes
+    idx = prompts[:1, :9]
+    for size in ("fixed", "work"):
+        m = _probe_model(b.device, size)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+        numel = {n: p.numel() for n, p in m.named_parameters()}
+        loss, _ = m.loss(idx[:, :-1], idx[:, 1:])
+        loss.backward()
 
-    def optimizer() -> None:
-        clip_grads(model, numel, 1, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=False)
+        def step(m=m, opt=opt, numel=numel) -> None:
+            clip_grads(m, numel, 1, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=False)
 
-    opt_s = b.time(optimizer)
-    return {"train": train, "work": work, "infer": infer, "decode_tokens": new_tokens - 1,
-            "optimizer_s": opt_s, "tensors": len(numel)}
+        optimizer.append((_solo_time(b, step), sum(numel.values())))
+    return {**tables, "skew": skew, "infer": infer,
+            "decode_tokens": new_tokens - 1, "optimizer": optimizer, "tensors": len(numel),
+            "host_ranks": int(os.environ.get("LOCAL_WORLD_SIZE", b.world)),
+            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,11 +361,18 @@ def main(argv: list[str] | None = None) -> int:
               * ((a.gpus_per_node > 1) + (world // a.gpus_per_node > 1)))
     with Progress(rank == 0, total=3 + n_coll) as bar:
         dtype = torch.bfloat16 if cuda else torch.float32
-        g = gemms(b, dtype, quick)
-        bar.step("GEMM sweep")
-        c = copies(b, quick)
-        bar.step("memory bandwidth")
-        ov = op_overhead(b)
+        # one rank alone (the others wait): the device's own speed; what ranks cost each other
+        # when they share cores is measured apart, as the framework's `contention`
+        g = c = ov = None
+        if rank == 0:
+            solo = Bench(0, 1, device, b.warmup, b.repeats)
+            g = gemms(solo, dtype, quick)
+            bar.step("GEMM sweep")
+            c = copies(solo, quick)
+            bar.step("memory bandwidth")
+            ov = op_overhead(solo)
+        if world > 1:
+            dist.barrier()
         fw = framework(b, quick)
         bar.step("framework overhead")
         coll = collectives(b, a.gpus_per_node, quick, lambda: bar.step("collectives"))

@@ -1,0 +1,209 @@
+"""Measured framework cost, work scales and rank sharing: the profile's fits recover what
+synthetic probe tables put in, and the cost model charges them (and only where measured)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from moeplan.cost_models.layer import (
+    DENSE,
+    Env,
+    LayerChoice,
+    Pass,
+    fixed_s,
+    forward,
+    sharing,
+    wait_factor,
+    work_scale,
+)
+from moeplan.cost_models.step import train_layer
+from moeplan.cost_models.workload import Setting, Workload
+from moeplan.planner.planning import Request, _hand_on_waits, fixed_plan
+from moeplan.profiles import load_cluster, load_model
+from moeplan.profiles.build import PROBE_EXPERTS, WORK_SIZES, _roofline, framework_overhead
+from moeplan.profiles.cluster import FrameworkOverhead, PhaseOverhead
+
+PHASES = ("attention", "mlp", "tp_comm")
+MOE_PHASES = ("attention", "mlp", "tp_comm", "gate", "dispatch", "dispatch_a2a", "experts",
+              "combine_a2a", "combine", "es_comm")
+
+
+def synthetic_tables(fwd: dict, bwd: dict, infer: dict, per_local: tuple, scale: dict,
+                     roof: dict) -> dict:
+    """Probe tables as `measure.framework` returns them, from known per-phase figures:
+    experts cost fwd/bwd/infer + per_local × local experts; each work size measures the fixed
+    part plus `scale[phase]` × the roofline."""
+    def table(which: str) -> dict:
+        out = {}
+        for i, E in enumerate(PROBE_EXPERTS):
+            for ph in (MOE_PHASES if E else PHASES):
+                f, b = fwd[ph], bwd[ph]
+                if ph == "experts":
+                    f, b = f + per_local[0] * E, b + per_local[1] * E
+                if which in WORK_SIZES and ph in scale:
+                    extra = scale[ph] * roof[which][f"{i}:{ph}"]
+                    f, b = f + extra / 3, b + 2 * extra / 3
+                out[f"f:{i}:{ph}"], out[f"b:{i}:{ph}"] = f, b
+        out["f:head:head"], out["b:head:head"] = fwd["head"], bwd["head"]
+        return out
+
+    tokens = 15
+    inf = {}
+    for i, E in enumerate(PROBE_EXPERTS):
+        for ph in (MOE_PHASES if E else PHASES):
+            v = infer[ph] + (per_local[2] * E if ph == "experts" else 0.0)
+            inf[f"f:{i}:{ph}"] = v * tokens
+    inf["f:head:head"] = infer["head"] * tokens
+    return {"train": table("train"), **{w: table(w) for w in WORK_SIZES},
+            "work_all_ranks": {k: 3.0 * v for k, v in table("work").items()},
+            "skew": 0.05, "infer": inf, "decode_tokens": tokens,
+            "optimizer": [(40 * 50e-6 + 1_000 * 2e-9, 1_000), (40 * 50e-6 + 500_000 * 2e-9,
+                                                                 500_000)],
+            "tensors": 40, "cores": 2, "host_ranks": 4}
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    names = set(MOE_PHASES) | {"head"}
+    fwd = {ph: 100e-6 + 10e-6 * k for k, ph in enumerate(sorted(names))}
+    bwd = {ph: 2 * v for ph, v in fwd.items()}
+    infer = {ph: v / 2 for ph, v in fwd.items()}
+    scale = {"attention": 3.0, "mlp": 2.0, "experts": 1.5}
+    cluster = load_cluster("local-cpu")
+    roof = {w: _roofline(cluster, "fp32", w) for w in WORK_SIZES}
+    fw = framework_overhead(synthetic_tables(fwd, bwd, infer, (7e-6, 11e-6, 5e-6), scale, roof),
+                            roof, 4, "test")
+    return fw, fwd, bwd, infer, scale, cluster
+
+
+def test_fits_recover_fixed_costs_per_phase_and_per_local_expert(fitted):
+    fw, fwd, bwd, infer, _, _ = fitted
+    for key, ph in (("dense.attention", "attention"), ("moe.gate", "gate"), ("head", "head"),
+                    ("moe.dispatch_a2a", "dispatch_a2a")):
+        o = fw.phases[key]
+        assert (o.forward_s, o.backward_s, o.infer_s) == pytest.approx(
+            (fwd[ph], bwd[ph], infer[ph]), rel=1e-9)
+    assert fw.phases["moe.experts"].forward_s == pytest.approx(fwd["experts"], rel=1e-9)
+    per = fw.phases["moe.experts_per_local"]
+    assert (per.forward_s, per.backward_s, per.infer_s) == pytest.approx((7e-6, 11e-6, 5e-6))
+
+
+def test_fits_recover_work_scales_contention_and_optimizer_costs(fitted):
+    fw, _, _, _, scale, _ = fitted
+    for key, ph in (("dense.attention", "attention"), ("dense.mlp", "mlp"),
+                    ("moe.experts", "experts")):
+        pts = fw.phases[key].work_points
+        assert len(pts) == len(WORK_SIZES) and pts[0][0] < pts[1][0]
+        assert [s for _, s in pts] == pytest.approx([scale[ph]] * 2, rel=1e-6)
+    assert fw.phases["moe.gate"].work_scale == 1.0  # measured no more than the roofline
+    assert fw.contention == pytest.approx(3.0) and fw.cores == 2 and fw.ranks == 4
+    assert fw.optimizer_tensor_s == pytest.approx(50e-6) and fw.optimizer_param_s == \
+        pytest.approx(2e-9)
+
+
+def env_with(cluster, fw: FrameworkOverhead | None, gpus: int = 4, mode: str = "train") -> Env:
+    dev = cluster.device.model_copy(update={"framework": fw})
+    c = cluster.model_copy(update={"device": dev})
+    w = (Workload(mode="train", global_batch=4 * gpus, micro_batch=4, seq_len=64, dtype="fp32",
+                  zero_stage=0) if mode == "train" else
+         Workload(mode="infer", global_batch=2 * gpus, micro_batch=2, seq_len=64, dtype="fp32",
+                  prompt_len=48, gen_len=16))
+    return Env(load_model("tiny-pr-moe"), c, w, gpus)
+
+
+def test_cost_model_charges_measured_fixed_costs_only_where_measured(fitted):
+    fw, fwd, bwd, infer, _, cluster = fitted
+    train, decode = Pass(256, 64, False), Pass(2, 56, True)
+    env = env_with(cluster, fw)
+    # training charges compute phases three passes, communication two
+    assert fixed_s(env, "dense.attention", train) == pytest.approx(
+        (fwd["attention"] + bwd["attention"]) / 3)
+    assert fixed_s(env, "moe.dispatch_a2a", train) == pytest.approx(
+        (fwd["dispatch_a2a"] + bwd["dispatch_a2a"]) / 2)
+    assert fixed_s(env, "moe.experts", train, 2) == pytest.approx(
+        (fwd["experts"] + bwd["experts"] + 2 * (7e-6 + 11e-6)) / 3)
+    assert fixed_s(env_with(cluster, fw, mode="infer"), "moe.gate", decode) == \
+        pytest.approx(infer["gate"])
+    bare = env_with(cluster, None)  # no measurement: counted operations, no wrapper cost
+    assert fixed_s(bare, "moe.dispatch_a2a", train) == 0.0
+    assert fixed_s(bare, "dense.attention", train) == pytest.approx(
+        (8 + 18) / 3 * cluster.device.op_overhead_s)
+
+
+def test_work_scale_interpolates_in_log_roofline_and_clamps():
+    o = PhaseOverhead(forward_s=0, backward_s=0, infer_s=0, work_scale=3.0,
+                      work_points=[(1e-4, 3.0), (4e-4, 2.0)])
+    fw = FrameworkOverhead(phases={"dense.mlp": o}, optimizer_tensor_s=0.0)
+    env = env_with(load_cluster("local-cpu"), fw)
+    p = Pass(256, 64, False)
+    assert work_scale(env, "dense.mlp", p, 1e-5) == 3.0
+    assert work_scale(env, "dense.mlp", p, 1e-3) == 2.0
+    assert work_scale(env, "dense.mlp", p, 2e-4) == pytest.approx(2.5)  # halfway in log
+    assert work_scale(env, "dense.mlp", Pass(2, 56, True), 2e-4) == 1.0  # decode: roofline
+    assert work_scale(env, "dense.attention", p, 2e-4) == 1.0  # not measured
+
+
+def test_ranks_sharing_cores_take_turns_and_wait_at_the_all_to_alls(fitted):
+    fw, *_, cluster = fitted
+    env = env_with(cluster, fw)  # 4 ranks, 2 cores, contention 3 measured with 4 ranks
+    slow, turns = sharing(env)
+    assert (slow, turns) == pytest.approx((1.5, 2.0))
+    assert wait_factor(env) == pytest.approx(1.0)
+    assert sharing(env_with(cluster, fw, gpus=2))[1] == 1.0
+    assert wait_factor(env_with(cluster, fw, gpus=2)) == pytest.approx(0.05)  # the skew
+    assert sharing(env_with(cluster, None)) == (1.0, 1.0)
+    s = Setting(tp=1, dp=4, micro_batch=4, recompute=False)
+    moe = train_layer(env, s, 1, LayerChoice(ep=2, es=1, a2a="flat", coordinated=False))
+    compute = sum(t for ph, t in moe.phases.items()
+                  if ph in ("attention", "mlp", "gate", "dispatch", "experts", "combine"))
+    one = forward(env, s, 1, LayerChoice(ep=2, es=1, a2a="flat", coordinated=False),
+                  Pass(256, 64, False))
+    a2a_alone = 2 * (one.phases["dispatch_a2a"] + one.phases["combine_a2a"])
+    waited = moe.phases["dispatch_a2a"] + moe.phases["combine_a2a"] - a2a_alone
+    assert waited == pytest.approx((turns - 1) * compute, rel=1e-9)
+    dense = train_layer(env, s, 0, DENSE)
+    assert dense.phases["wait"] == pytest.approx(
+        (turns - 1) * (dense.phases["attention"] + dense.phases["mlp"]))
+
+
+def test_dense_waits_move_to_the_collective_that_sees_them():
+    layers = [{"attention": 1.0, "wait": 3.0},                               # before any MoE
+              {"dispatch_a2a": 0.0, "combine_a2a": 0.0},
+              {"attention": 1.0, "wait": 6.0},
+              {"dispatch_a2a": 0.0, "combine_a2a": 0.0},
+              {"attention": 1.0, "wait": 9.0}]                               # after the last
+    out = _hand_on_waits([dict(x) for x in layers], train=True)
+    assert all("wait" not in x for x in out)
+    # forward third to the next dispatch, backward two thirds to the previous combine
+    assert out[1]["dispatch_a2a"] == pytest.approx(1.0) and out[0]["grad_sync"] == 2.0
+    assert out[3]["dispatch_a2a"] == pytest.approx(2.0)
+    assert out[1]["combine_a2a"] == pytest.approx(4.0)
+    assert out[3]["combine_a2a"] == pytest.approx(3.0 + 6.0)
+    assert math.fsum(v for x in out for v in x.values()) == pytest.approx(3 + 18)  # kept
+    inf = _hand_on_waits([dict(x) for x in layers], train=False)
+    assert inf[1]["dispatch_a2a"] == 3.0 and inf[3]["dispatch_a2a"] == 6.0
+    assert inf[3]["combine_a2a"] == 9.0
+    assert _hand_on_waits([{"wait": 2.0}], train=False) == [{"tp_comm": 2.0}]
+
+
+def test_plan_on_a_measured_profile_keeps_waits_in_runtime_phases(fitted):
+    fw, *_, cluster = fitted
+    c = cluster.model_copy(update={"device": cluster.device.model_copy(
+        update={"framework": fw}), "gpus_per_node": 2})
+    spec = load_model("tiny-pr-moe")
+    choices = {i: LayerChoice(ep=min(E, 4), es=1, a2a="flat", coordinated=False)
+               for i, E in enumerate(spec.experts) if E}
+    for r in (Request(gpus=4, mode="train", global_batch=16, seq_len=64, zero_stage=0),
+              Request(gpus=4, mode="infer", global_batch=8, prompt_len=48, gen_len=16)):
+        p = fixed_plan(spec, c, r, 1, choices)
+        for layer in p.layers:
+            assert "wait" not in layer.predicted.phases_s
+            assert layer.predicted.time_s == pytest.approx(sum(
+                layer.predicted.phases_s.values()))
+        assert "wait" not in p.predicted.head_phases_s
+        total = (sum(layer.predicted.time_s for layer in p.layers)
+                 + sum(p.predicted.head_phases_s.values()))
+        predicted = p.predicted.step_time_s if r.mode == "train" else p.predicted.latency_s
+        assert total == pytest.approx(predicted, rel=1e-9)

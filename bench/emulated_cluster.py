@@ -1,7 +1,7 @@
 """An emulated multi-node cluster on one host: network namespaces as nodes, rate-limited links.
 
     sudo python bench/emulated_cluster.py [--nodes 2] [--ranks-per-node 2] [--rate 200mbit]
-                                          [--configs 10] [--out emulated.json]
+                                          [--configs 10] [--rounds 3] [--out emulated.json]
 
 Creates namespaces moeplan-node0..N-1, each with one veth (eth0 inside, 10.77.0.(i+1)/24) to a
 bridge moeplan-br0 in its own namespace, and a token-bucket filter (`tc ... tbf`) on every node's
@@ -102,29 +102,40 @@ def across_nodes(nodes: int, per_node: int, module_args: list[str], port: int,
         raise RuntimeError(f"a node failed: {errors}")
 
 
-def _both(spec, cluster, req, world: int, work: Path, k: int, N: int, G: int, steps: int):
-    """Measured and predicted all-to-all seconds per step of the flat and hierarchical plans."""
+def _both(spec, cluster, req, world: int, work: Path, k: int, N: int, G: int, steps: int,
+          rounds: int):
+    """Measured and predicted all-to-all seconds per step of the flat and hierarchical plans;
+    the two run in turn for `rounds` rounds and each measurement is the median of its rounds
+    (ranks sharing cores make single runs noisy)."""
+    from statistics import median
+
     from moeplan.cost_models.layer import LayerChoice
     from moeplan.planner.planning import fixed_plan
     from moeplan.planner.record import RunRecord
 
-    measured, predicted = {}, {}
-    for algo in ("flat", "hierarchical"):
+    samples: dict[str, list[float]] = {"flat": [], "hierarchical": []}
+    predicted, plans = {}, {}
+    for algo in samples:
         choices = {i: LayerChoice(ep=min(E, world), es=1,
                                   a2a=algo if min(E, world) == world else "flat",
                                   coordinated=False)
                    for i, E in enumerate(spec.experts) if E}
         p = fixed_plan(spec, cluster, req, 1, choices)
-        pf, rf = work / f"c{k}-{algo}.plan.json", work / f"c{k}-{algo}.run.json"
-        pf.write_text(p.to_json())
-        across_nodes(N, G, ["-m", "moeplan.runtime.worker", "--plan", str(pf), "--mode",
-                            "train", "--steps", str(steps), "--warmup", "1", "--out", str(rf)],
-                     port=29520 + 2 * k + (algo == "flat"))
-        run = RunRecord.model_validate_json(rf.read_text())
+        plans[algo] = work / f"c{k}-{algo}.plan.json"
+        plans[algo].write_text(p.to_json())
         a2a = ("dispatch_a2a", "combine_a2a")
-        measured[algo] = sum(l.phases_s.get(ph, 0) for l in run.layers for ph in a2a)
         predicted[algo] = sum(l.predicted.phases_s.get(ph, 0) for l in p.layers for ph in a2a)
-    return measured, predicted
+    for r in range(rounds):
+        for algo, pf in plans.items():
+            rf = work / f"c{k}-{algo}-{r}.run.json"
+            across_nodes(N, G, ["-m", "moeplan.runtime.worker", "--plan", str(pf), "--mode",
+                                "train", "--steps", str(steps), "--warmup", "1", "--out",
+                                str(rf)],
+                         port=29520 + 2 * (rounds * k + r) + (algo == "flat"))
+            run = RunRecord.model_validate_json(rf.read_text())
+            samples[algo].append(sum(l.phases_s.get(ph, 0) for l in run.layers
+                                     for ph in ("dispatch_a2a", "combine_a2a")))
+    return {algo: median(v) for algo, v in samples.items()}, predicted
 
 
 def main() -> int:
@@ -133,7 +144,9 @@ def main() -> int:
     ap.add_argument("--ranks-per-node", type=int, default=2)
     ap.add_argument("--rate", default="200mbit", help="inter-node link rate (tc tbf)")
     ap.add_argument("--configs", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="runs of each plan, in turn; the median counts")
     ap.add_argument("--quick", action="store_true", help="quick profile")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -175,7 +188,8 @@ def main() -> int:
             measured = {}
             predicted = {}
             try:
-                measured, predicted = _both(spec, cluster, req, world, work, k, N, G, a.steps)
+                measured, predicted = _both(spec, cluster, req, world, work, k, N, G, a.steps,
+                                            a.rounds)
             except RuntimeError as e:  # one configuration failing does not end the benchmark
                 rows.append({"model": Path(model).stem, "seq_len": seq, "error": str(e)})
                 continue

@@ -58,7 +58,8 @@ def synthetic_tables(fwd: dict, bwd: dict, infer: dict, per_local: tuple, scale:
     inf["f:head:head"] = infer["head"] * tokens
     return {"train": table("train"), **{w: table(w) for w in WORK_SIZES},
             "work_all_ranks": {k: 3.0 * v for k, v in table("work").items()},
-            "skew": 0.05, "infer": inf, "decode_tokens": tokens,
+            "skew": 0.05, "infer": inf, "infer_all_ranks": {k: 2.0 * v for k, v in inf.items()},
+            "decode_tokens": tokens,
             "optimizer": [(40 * 50e-6 + 1_000 * 2e-9, 1_000), (40 * 50e-6 + 500_000 * 2e-9,
                                                                  500_000)],
             "tensors": 40, "cores": 2, "host_ranks": 4}
@@ -99,6 +100,7 @@ def test_fits_recover_work_scales_contention_and_optimizer_costs(fitted):
         assert [s for _, s in pts] == pytest.approx([scale[ph]] * 2, rel=1e-6)
     assert fw.phases["moe.gate"].work_scale == 1.0  # measured no more than the roofline
     assert fw.contention == pytest.approx(3.0) and fw.cores == 2 and fw.ranks == 4
+    assert fw.decode_contention == pytest.approx(2.0)
     assert fw.optimizer_tensor_s == pytest.approx(50e-6) and fw.optimizer_param_s == \
         pytest.approx(2e-9)
 
@@ -150,6 +152,7 @@ def test_ranks_sharing_cores_take_turns_and_wait_at_the_all_to_alls(fitted):
     env = env_with(cluster, fw)  # 4 ranks, 2 cores, contention 3 measured with 4 ranks
     slow, turns = sharing(env)
     assert (slow, turns) == pytest.approx((1.5, 2.0))
+    assert sharing(env, decode=True) == pytest.approx((1.0, 2.0))  # decoding: contention 2
     assert wait_factor(env) == pytest.approx(1.0)
     assert sharing(env_with(cluster, fw, gpus=2))[1] == 1.0
     assert wait_factor(env_with(cluster, fw, gpus=2)) == pytest.approx(0.05)  # the skew

@@ -171,7 +171,7 @@ def fixed_s(env: Env, key: str, p: Pass, local_experts: int = 0) -> float:
     return t
 
 
-def sharing(env: Env) -> tuple[float, float]:
+def sharing(env: Env, decode: bool = False) -> tuple[float, float]:
     """(slowdown of compute while ranks run side by side, turns they take on shared cores).
 
     Where ranks share CPU cores (a measured CPU profile, which has `cores`), `contention` was
@@ -179,11 +179,13 @@ def sharing(env: Env) -> tuple[float, float]:
     ranks/cores), and what is left is the slowdown of ranks running side by side (SMT siblings,
     memory bandwidth). A plan of N ranks, all on the profiled host as `moerun` starts them,
     takes max(1, N/cores) turns: compute phases run at the side-by-side speed and the turns
-    show up as waiting at the next collective. Devices of their own: (1, 1)."""
+    show up as waiting at the next collective. Decode passes (many small operations) use the
+    contention measured on decoding. Devices of their own: (1, 1)."""
     fw = env.cluster.device.framework
     if fw is None or not fw.cores:
         return 1.0, 1.0
-    side_by_side = max(1.0, fw.contention / max(1.0, fw.ranks / fw.cores))
+    contention = fw.decode_contention if decode else fw.contention
+    side_by_side = max(1.0, contention / max(1.0, fw.ranks / fw.cores))
     return side_by_side, max(1.0, env.gpus / fw.cores)
 
 
@@ -248,7 +250,7 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     ph["tp_comm"] = ((1 + has_mlp) * coll.allreduce_s(T * h * b, tp_span, env.cluster)
                      + fixed("tp_comm"))
     if E == 0:
-        return _shared(env, cost)
+        return _shared(env, cost, p)
 
     T_r = ceil(T / tp) if c.coordinated else T
     C = capacity(spec, E, T_r, train=env.workload.mode == "train")
@@ -286,12 +288,12 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     if c.coordinated and tp > 1:
         cb["tp_allgather"] = T * h * b
         ph["tp_comm"] += coll.allgather_s(T * h * b, tp_span, env.cluster)
-    return _shared(env, cost)
+    return _shared(env, cost, p)
 
 
-def _shared(env: Env, cost: LayerCost) -> LayerCost:
+def _shared(env: Env, cost: LayerCost, p: Pass) -> LayerCost:
     """Compute phases at the speed of ranks running side by side (`sharing`)."""
-    slow, _ = sharing(env)
+    slow, _ = sharing(env, p.decode)
     if slow != 1.0:
         for ph in COMPUTE_PHASES:
             if ph in cost.phases:

@@ -133,6 +133,7 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
         return cost
     # Inference: logits only for the newest token of each sequence.
     tokens = s.micro_batch
+    slow, _ = sharing(env, decode=True)
     cost.phases["head"] = (slow * roofline_s(gemm_s(tokens, V / s.tp, h, dev, dt),
                                              b * V * h / s.tp, dev,
                                              fixed_s(env, "head", decode_pass(env, s)))

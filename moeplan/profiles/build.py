@@ -94,6 +94,12 @@ def _roofline(cluster: ClusterProfile, dtype: str, size: str) -> dict[str, float
     return out
 
 
+def _ratio(together: dict, solo: dict) -> float:
+    """Contention: the tables' total with every rank at once over one rank alone (≥ 1)."""
+    a, b = sum(together.values()), sum(solo.values())
+    return max(1.0, a / b) if a and b else 1.0
+
+
 def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least-squares intercept and slope, both clamped at zero (a cost is never negative)."""
     n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
@@ -158,13 +164,13 @@ def framework_overhead(fw: dict, roofline: dict[str, dict[str, float]], ranks: i
                                               points(idx, phase, [v[0] + v[1] for v in vals]))
     f, b_, i_ = one("head", "head")
     out["head"] = overhead(f, b_, i_, points(["head"], "head", [f + b_]))
-    solo, together = sum(fw.get("work", {}).values()), sum(fw.get("work_all_ranks", {}).values())
     (t1, p1), (t2, p2) = fw["optimizer"]
     per_param = max(0.0, (t2 - t1) / (p2 - p1)) if p2 > p1 else 0.0
     return FrameworkOverhead(
         phases=out, optimizer_tensor_s=max(0.0, t1 - per_param * p1) / max(1, fw["tensors"]),
         optimizer_param_s=per_param, ranks=fw.get("host_ranks", ranks), cores=fw.get("cores"),
-        contention=max(1.0, together / solo) if solo and together else 1.0,
+        contention=_ratio(fw.get("work_all_ranks", {}), fw.get("work", {})),
+        decode_contention=_ratio(fw.get("infer_all_ranks", {}), infer),
         skew=max(0.0, fw.get("skew", 0.0)),
         source=f"measured {where} on the runtime's own model at hidden 8 "
                f"({len(layers)} layers: experts {layers}), training and greedy decoding; work "

@@ -74,6 +74,7 @@ class FrameworkOverhead(BaseModel):
     contention: float = Field(1.0, gt=0, description=(
         "the probe's time with every rank of the node running it at once over its time on one "
         "rank alone (others idle): ranks sharing cores, memory bandwidth, SMT siblings"))
+    decode_contention: float = Field(1.0, gt=0, description="the same, greedy decoding")
     skew: float = Field(0.0, ge=0, description=(
         "how far the slowest rank trails the mean over one training step of the probe, all "
         "ranks at once: what a rank waits at a collective for its peers, per second of compute"))

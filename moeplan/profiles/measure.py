@@ -256,6 +256,16 @@ def _skew(b: Bench, quick: bool) -> float:
     return fit.robust_median(samples)
 
 
+def _ranks_on_this_host(b: Bench) -> int:
+    """Ranks sharing rank 0's machine — by host name, so namespaces emulating nodes on one host
+    (bench/emulated_cluster.py) count as the one machine whose cores they share."""
+    if b.world == 1:
+        return 1
+    names: list = [None] * b.world
+    dist.all_gather_object(names, platform.node())
+    return sum(n == names[0] for n in names)
+
+
 def _solo_time(b: Bench, fn) -> float:
     """Seconds per call of `fn` on rank 0 alone (the others wait at a barrier)."""
     t = torch.zeros(1, dtype=torch.float64)
@@ -307,7 +317,9 @@ def framework(b: Bench, quick: bool) -> dict:
         for k, v in prefill.items():
             timer.forward_s[k] -= v
 
-    infer = _phase_tables(b, {"infer": (infer_once, 2 if quick else 4, True)})["infer"]
+    n = 2 if quick else 4
+    decode = _phase_tables(b, {"infer": (infer_once, n, True),
+                               "infer_all_ranks": (infer_once, n, False)})
     instrument(model, NULL_TIMER)
 
     optimizer = []  # (seconds, parameters) of one optimizer step at both probe sizes
@@ -325,9 +337,9 @@ def framework(b: Bench, quick: bool) -> dict:
             opt.zero_grad(set_to_none=False)
 
         optimizer.append((_solo_time(b, step), sum(numel.values())))
-    return {**tables, "skew": skew, "infer": infer,
+    return {**tables, **decode, "skew": skew,
             "decode_tokens": new_tokens - 1, "optimizer": optimizer, "tensors": len(numel),
-            "host_ranks": int(os.environ.get("LOCAL_WORLD_SIZE", b.world)),
+            "host_ranks": _ranks_on_this_host(b),
             "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
             else os.cpu_count()}
 

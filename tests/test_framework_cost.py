@@ -173,21 +173,34 @@ def test_ranks_sharing_cores_take_turns_and_wait_at_the_all_to_alls(fitted):
 
 def test_dense_waits_move_to_the_collective_that_sees_them():
     layers = [{"attention": 1.0, "wait": 3.0},                               # before any MoE
-              {"dispatch_a2a": 0.0, "combine_a2a": 0.0},
+              {"dispatch_a2a": 1.0, "combine_a2a": 1.0},
               {"attention": 1.0, "wait": 6.0},
-              {"dispatch_a2a": 0.0, "combine_a2a": 0.0},
+              {"dispatch_a2a": 1.0, "combine_a2a": 1.0},
               {"attention": 1.0, "wait": 9.0}]                               # after the last
     out = _hand_on_waits([dict(x) for x in layers], train=True)
     assert all("wait" not in x for x in out)
     # forward third to the next dispatch, backward two thirds to the previous combine
-    assert out[1]["dispatch_a2a"] == pytest.approx(1.0) and out[0]["grad_sync"] == 2.0
-    assert out[3]["dispatch_a2a"] == pytest.approx(2.0)
-    assert out[1]["combine_a2a"] == pytest.approx(4.0)
-    assert out[3]["combine_a2a"] == pytest.approx(3.0 + 6.0)
-    assert math.fsum(v for x in out for v in x.values()) == pytest.approx(3 + 18)  # kept
+    assert out[1]["dispatch_a2a"] == pytest.approx(2.0) and out[0]["grad_sync"] == 2.0
+    assert out[3]["dispatch_a2a"] == pytest.approx(3.0)
+    assert out[1]["combine_a2a"] == pytest.approx(5.0)
+    assert out[3]["combine_a2a"] == pytest.approx(1.0 + 3.0 + 6.0)
+    assert math.fsum(v for x in out for v in x.values()) == pytest.approx(3 + 4 + 18)  # kept
     inf = _hand_on_waits([dict(x) for x in layers], train=False)
-    assert inf[1]["dispatch_a2a"] == 3.0 and inf[3]["dispatch_a2a"] == 6.0
-    assert inf[3]["combine_a2a"] == 9.0
+    assert inf[1]["dispatch_a2a"] == 4.0 and inf[3]["dispatch_a2a"] == 7.0
+    assert inf[3]["combine_a2a"] == 10.0
+    # with tensor slicing the layer's own allreduce is the collective that sees it
+    tp = _hand_on_waits([{"attention": 1.0, "tp_comm": 0.5, "wait": 2.0}], train=True, tp=2)
+    assert tp == [{"attention": 1.0, "tp_comm": 2.5}]
+
+
+def test_without_any_exchange_the_wait_is_slower_compute():
+    # ep = es = 1 everywhere: the all-to-all phases hold only the one-rank wrapper's cost
+    layers = [{"attention": 1.0, "mlp": 3.0, "wait": 4.0},
+              {"attention": 1.0, "gate": 1.0, "dispatch_a2a": 0.1, "_a2a_fixed": 0.1,
+               "wait": 2.0}]
+    out = _hand_on_waits(layers, train=True)
+    assert out[0] == {"attention": 2.0, "mlp": 6.0}
+    assert out[1] == {"attention": 2.0, "gate": 2.0, "dispatch_a2a": 0.1}
     assert _hand_on_waits([{"wait": 2.0}], train=False) == [{"tp_comm": 2.0}]
 
 

@@ -323,7 +323,8 @@ def add_turn_wait(env: Env, cost: LayerCost, train: bool) -> None:
         return
     compute = {ph: t for ph, t in cost.phases.items() if ph in COMPUTE_PHASES}
     wait = factor * sum(compute.values())
-    if "dispatch_a2a" in cost.phases:
+    exchanges = cost.phases.get("dispatch_a2a", 0.0) > cost.fixed.get("dispatch_a2a", 0.0)
+    if exchanges:  # a real all-to-all (ep·es > 1), not the one-rank wrapper
         at_combine = (wait / 2 if train else
                       wait * compute.get("experts", 0.0) / max(sum(compute.values()), 1e-30))
         for ph, t in (("dispatch_a2a", wait - at_combine), ("combine_a2a", at_combine)):

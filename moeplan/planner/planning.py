@@ -130,21 +130,37 @@ def _runner_up_text(result: SearchResult, i: int) -> str | None:
     return f"{name}: {-dt * 1e3:.3f} ms faster but {dm / 2**30:.2f} GiB larger, which does not fit"
 
 
-def _hand_on_waits(layers: list[dict[str, float]], train: bool) -> list[dict[str, float]]:
-    """A dense layer's `wait` (ranks taking turns on shared cores) happens at the next
-    collective, where the runtime's timers see it. Forward: the next MoE layer's dispatch
-    all-to-all (past the last one: the backward's first, the last layer's combine). Backward,
-    two thirds of a training step's compute, runs the layers in reverse: the previous MoE
-    layer's combine all-to-all, before the first one the gradient synchronisation. With no MoE
-    layer at all it stays with the layer's gradient sync (training) or tensor-slicing phase."""
-    moe = [i for i, ph in enumerate(layers) if "dispatch_a2a" in ph]
+def _hand_on_waits(layers: list[dict[str, float]], train: bool, tp: int = 1
+                   ) -> list[dict[str, float]]:
+    """A `wait` (ranks taking turns on shared cores) of a layer without an all-to-all of its own
+    happens at the next collective, where the runtime's timers see it. With tensor slicing
+    (tp > 1) that is the layer's own tp allreduce. Otherwise, forward: the next exchanging MoE
+    layer's dispatch all-to-all (past the last one: the backward's first, the last exchanging
+    layer's combine); backward, two thirds of a training step's compute, runs the layers in
+    reverse: the previous exchanging layer's combine, before the first one the gradient
+    synchronisation. With no exchange in the whole step the ranks never meet mid-step: they
+    share the cores throughout and the wait is slower compute, spread over the layer's compute
+    phases."""
+    from moeplan.cost_models.layer import COMPUTE_PHASES
+
+    moe = [i for i, ph in enumerate(layers)
+           if ph.get("dispatch_a2a", 0.0) > ph.get("_a2a_fixed", 0.0)]
     for i, ph in enumerate(layers):
         wait = ph.pop("wait", 0.0)
+        ph.pop("_a2a_fixed", None)
         if not wait:
             continue
+        if tp > 1 and "tp_comm" in ph:
+            ph["tp_comm"] += wait
+            continue
         if not moe:
-            ph["grad_sync" if train else "tp_comm"] = ph.get("grad_sync" if train else "tp_comm",
-                                                            0.0) + wait
+            compute = {k: v for k, v in ph.items() if k in COMPUTE_PHASES and v > 0}
+            total = sum(compute.values())
+            if total <= 0:
+                ph["grad_sync" if train else "tp_comm"] = ph.get(
+                    "grad_sync" if train else "tp_comm", 0.0) + wait
+            for k, v in compute.items():
+                ph[k] += wait * v / total
             continue
         forward = wait / 3 if train else wait
         after, before = [j for j in moe if j > i], [j for j in moe if j < i]
@@ -157,6 +173,8 @@ def _hand_on_waits(layers: list[dict[str, float]], train: bool) -> list[dict[str
                 layers[before[-1]]["combine_a2a"] += wait - forward
             else:
                 ph["grad_sync"] = ph.get("grad_sync", 0.0) + wait - forward
+    for ph in layers:
+        ph.pop("_a2a_fixed", None)
     return layers
 
 
@@ -173,8 +191,10 @@ def to_plan(env: Env, objective: Objective, result: SearchResult) -> P.Plan:
     for k, v in best.head.memory.items():
         breakdown[k] += v
     head_phases = dict(best.head.phases)
-    phases = _hand_on_waits([{"wait": head_phases.pop("wait", 0.0)}]
-                            + [dict(ev.cost.phases) for ev in best.layers], w.mode == "train")
+    phases = _hand_on_waits(
+        [{"wait": head_phases.pop("wait", 0.0)}]
+        + [{**ev.cost.phases, "_a2a_fixed": ev.cost.fixed.get("dispatch_a2a", 0.0)}
+           for ev in best.layers], w.mode == "train", s.tp)
     head_phases.update(phases.pop(0))  # what found no collective stays with the head
     for i, ev in enumerate(best.layers):
         c, cost = ev.choice, ev.cost

@@ -1,6 +1,6 @@
 """Prediction accuracy on this machine: profile, plan, run, compare — over a grid of plans.
 
-    python bench/bench_accuracy.py [--nproc-profile 4] [--quick] [--out accuracy.json]
+    python bench/bench_accuracy.py [--profile FILE] [--steps 6] [--quick] [--out accuracy.json]
 
 1. `moeplan profile --nproc N` measures this host (CPU ranks, gloo) for each rank count N of the
    grid: on a host with fewer cores than ranks the contention, and so every figure, depends on N.
@@ -10,7 +10,7 @@
 3. Prints JSON: per plan the prediction error (predicted − measured) / measured of step time
    (train) or per-token latency (infer),
    for the analytic model and for the simulator, and of each phase (analytic); then the median
-   and worst |error| over the grid.
+   and worst |error| over the grid, over the phases the targets name, and per phase.
 Nothing is asserted; the figures are what they are on this machine.
 """
 
@@ -125,6 +125,9 @@ def main() -> None:
                                "simulated": stats([r["simulated_error"] for r in ok])},
         "phases_analytic": stats([e for r in ok for ph, e in r["phase_errors"].items()
                                   if ph in key_phases]),
+        "per_phase_median_abs": {ph: median(abs(r["phase_errors"][ph]) for r in ok
+                                            if ph in r["phase_errors"])
+                                 for ph in sorted({p for r in ok for p in r["phase_errors"]})},
         "results": results, "work_dir": str(work)}
     text = json.dumps(out, indent=2)
     print(text)

@@ -177,7 +177,8 @@ def test_dense_waits_move_to_the_collective_that_sees_them():
               {"attention": 1.0, "wait": 6.0},
               {"dispatch_a2a": 1.0, "combine_a2a": 1.0},
               {"attention": 1.0, "wait": 9.0}]                               # after the last
-    out = _hand_on_waits([dict(x) for x in layers], train=True)
+    exchanging = ["dispatch_a2a" in x for x in layers]
+    out = _hand_on_waits([dict(x) for x in layers], exchanging, train=True)
     assert all("wait" not in x for x in out)
     # forward third to the next dispatch, backward two thirds to the previous combine
     assert out[1]["dispatch_a2a"] == pytest.approx(2.0) and out[0]["grad_sync"] == 2.0
@@ -185,23 +186,23 @@ def test_dense_waits_move_to_the_collective_that_sees_them():
     assert out[1]["combine_a2a"] == pytest.approx(5.0)
     assert out[3]["combine_a2a"] == pytest.approx(1.0 + 3.0 + 6.0)
     assert math.fsum(v for x in out for v in x.values()) == pytest.approx(3 + 4 + 18)  # kept
-    inf = _hand_on_waits([dict(x) for x in layers], train=False)
+    inf = _hand_on_waits([dict(x) for x in layers], exchanging, train=False)
     assert inf[1]["dispatch_a2a"] == 4.0 and inf[3]["dispatch_a2a"] == 7.0
     assert inf[3]["combine_a2a"] == 10.0
     # with tensor slicing the layer's own allreduce is the collective that sees it
-    tp = _hand_on_waits([{"attention": 1.0, "tp_comm": 0.5, "wait": 2.0}], train=True, tp=2)
+    tp = _hand_on_waits([{"attention": 1.0, "tp_comm": 0.5, "wait": 2.0}], [False], train=True,
+                        tp=2)
     assert tp == [{"attention": 1.0, "tp_comm": 2.5}]
 
 
 def test_without_any_exchange_the_wait_is_slower_compute():
     # ep = es = 1 everywhere: the all-to-all phases hold only the one-rank wrapper's cost
     layers = [{"attention": 1.0, "mlp": 3.0, "wait": 4.0},
-              {"attention": 1.0, "gate": 1.0, "dispatch_a2a": 0.1, "_a2a_fixed": 0.1,
-               "wait": 2.0}]
-    out = _hand_on_waits(layers, train=True)
+              {"attention": 1.0, "gate": 1.0, "dispatch_a2a": 0.1, "wait": 2.0}]
+    out = _hand_on_waits(layers, [False, False], train=True)
     assert out[0] == {"attention": 2.0, "mlp": 6.0}
     assert out[1] == {"attention": 2.0, "gate": 2.0, "dispatch_a2a": 0.1}
-    assert _hand_on_waits([{"wait": 2.0}], train=False) == [{"tp_comm": 2.0}]
+    assert _hand_on_waits([{"wait": 2.0}], [False], train=False) == [{"tp_comm": 2.0}]
 
 
 def test_plan_on_a_measured_profile_keeps_waits_in_runtime_phases(fitted):

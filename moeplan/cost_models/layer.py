@@ -311,20 +311,19 @@ def wait_factor(env: Env) -> float:
     return max(sharing(env)[1] - 1.0, fw.skew)
 
 
-def add_turn_wait(env: Env, cost: LayerCost, train: bool) -> None:
+def add_turn_wait(env: Env, cost: LayerCost, train: bool, exchanges: bool) -> None:
     """Ranks wait at the layer's collectives for their peers' compute (`wait_factor` × the
-    layer's compute): at the MoE all-to-alls, or as `wait` for a dense layer, which the plan
-    hands on to the next collective (where the runtime's timers see it). A forward pass waits
-    for the experts at the combine and for the rest at the dispatch; backward runs the layer the
-    other way round, so in training (backward twice the forward) the two all-to-alls wait about
-    equally."""
+    layer's compute): at the layer's all-to-alls where it `exchanges` (ep·es > 1), or as `wait`
+    for a layer without one (dense, or ep·es = 1), which the plan hands on to the next
+    collective (where the runtime's timers see it). A forward pass waits for the experts at the
+    combine and for the rest at the dispatch; backward runs the layer the other way round, so in
+    training (backward twice the forward) the two all-to-alls wait about equally."""
     factor = wait_factor(env)
     if factor <= 0.0:
         return
     compute = {ph: t for ph, t in cost.phases.items() if ph in COMPUTE_PHASES}
     wait = factor * sum(compute.values())
-    exchanges = cost.phases.get("dispatch_a2a", 0.0) > cost.fixed.get("dispatch_a2a", 0.0)
-    if exchanges:  # a real all-to-all (ep·es > 1), not the one-rank wrapper
+    if exchanges:
         at_combine = (wait / 2 if train else
                       wait * compute.get("experts", 0.0) / max(sum(compute.values()), 1e-30))
         for ph, t in (("dispatch_a2a", wait - at_combine), ("combine_a2a", at_combine)):

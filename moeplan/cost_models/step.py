@@ -64,7 +64,7 @@ def train_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> LayerCost:
         cost.phases[name] = steps * passes * t
         if name in fwd.fixed:
             cost.fixed[name] = steps * passes * fwd.fixed[name]
-    add_turn_wait(env, cost, train=True)
+    add_turn_wait(env, cost, train=True, exchanges=c.ep * c.es > 1)
     lp = layer_params(env.spec, index)
     b = env.dtype_bytes
     non_expert = lp.non_expert / s.tp
@@ -91,10 +91,10 @@ def train_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> LayerCost:
 def infer_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> tuple[LayerCost, LayerCost]:
     """(decode cost per generated token, prefill cost once per batch) of one layer."""
     decode = forward(env, s, index, c, decode_pass(env, s))
-    add_turn_wait(env, decode, train=False)
+    add_turn_wait(env, decode, train=False, exchanges=c.ep * c.es > 1)
     prefill_p = prefill_pass(env, s)
     prefill = forward(env, s, index, c, prefill_p)
-    add_turn_wait(env, prefill, train=False)
+    add_turn_wait(env, prefill, train=False, exchanges=c.ep * c.es > 1)
     decode.memory = weight_memory(env, s, index, c)
     w = env.workload
     decode.memory["kv_cache"] = kv_cache_bytes(s.micro_batch, w.seq_len, env.spec.hidden, s.tp,
@@ -109,10 +109,10 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
     h, V = spec.hidden, spec.vocab_size
     params = embedding_params(spec) / s.tp
     tp_span = env.span(s.tp, 1)
-    slow, _ = sharing(env)
     cost = LayerCost()
     cost.memory["weights"] = b * params
     if env.workload.mode == "train":
+        slow, _ = sharing(env)
         p = train_pass(env, s)
         steps = s.micro_steps(env.workload)
         roof = roofline_s(gemm_s(p.tokens, V / s.tp, h, dev, dt), b * V * h / s.tp, dev, 0.0)

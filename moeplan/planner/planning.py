@@ -9,7 +9,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from moeplan import __version__
-from moeplan.cost_models.layer import Env
+from moeplan.cost_models.layer import COMPUTE_PHASES, Env
 from moeplan.cost_models.workload import Workload
 from moeplan.errors import ConfigError, MoeplanError
 from moeplan.planner import plan as P
@@ -130,51 +130,42 @@ def _runner_up_text(result: SearchResult, i: int) -> str | None:
     return f"{name}: {-dt * 1e3:.3f} ms faster but {dm / 2**30:.2f} GiB larger, which does not fit"
 
 
-def _hand_on_waits(layers: list[dict[str, float]], train: bool, tp: int = 1
-                   ) -> list[dict[str, float]]:
+def _hand_on_waits(layers: list[dict[str, float]], exchanging: list[bool], train: bool,
+                   tp: int = 1) -> list[dict[str, float]]:
     """A `wait` (ranks taking turns on shared cores) of a layer without an all-to-all of its own
-    happens at the next collective, where the runtime's timers see it. With tensor slicing
-    (tp > 1) that is the layer's own tp allreduce. Otherwise, forward: the next exchanging MoE
-    layer's dispatch all-to-all (past the last one: the backward's first, the last exchanging
-    layer's combine); backward, two thirds of a training step's compute, runs the layers in
-    reverse: the previous exchanging layer's combine, before the first one the gradient
-    synchronisation. With no exchange in the whole step the ranks never meet mid-step: they
-    share the cores throughout and the wait is slower compute, spread over the layer's compute
-    phases."""
-    from moeplan.cost_models.layer import COMPUTE_PHASES
-
-    moe = [i for i, ph in enumerate(layers)
-           if ph.get("dispatch_a2a", 0.0) > ph.get("_a2a_fixed", 0.0)]
+    (`exchanging[i]`: ep·es > 1) happens at the next collective, where the runtime's timers see
+    it. With tensor slicing (tp > 1) that is the layer's own tp allreduce. Otherwise, forward:
+    the next exchanging layer's dispatch all-to-all (past the last one: the backward's first,
+    the last exchanging layer's combine); backward, two thirds of a training step's compute,
+    runs the layers in reverse: the previous exchanging layer's combine, before the first one
+    the gradient synchronisation. With no exchange in the whole step the ranks never meet
+    mid-step: they share the cores throughout and the wait is slower compute, spread over the
+    layer's compute phases."""
+    moe = [i for i, x in enumerate(exchanging) if x]
     for i, ph in enumerate(layers):
         wait = ph.pop("wait", 0.0)
-        ph.pop("_a2a_fixed", None)
         if not wait:
             continue
         if tp > 1 and "tp_comm" in ph:
             ph["tp_comm"] += wait
-            continue
-        if not moe:
+        elif not moe:
             compute = {k: v for k, v in ph.items() if k in COMPUTE_PHASES and v > 0}
             total = sum(compute.values())
-            if total <= 0:
-                ph["grad_sync" if train else "tp_comm"] = ph.get(
-                    "grad_sync" if train else "tp_comm", 0.0) + wait
             for k, v in compute.items():
                 ph[k] += wait * v / total
-            continue
-        forward = wait / 3 if train else wait
-        after, before = [j for j in moe if j > i], [j for j in moe if j < i]
-        if after:
-            layers[after[0]]["dispatch_a2a"] += forward
+            if not compute:
+                key = "grad_sync" if train else "tp_comm"
+                ph[key] = ph.get(key, 0.0) + wait
         else:
-            layers[moe[-1]]["combine_a2a"] += forward
-        if train:
-            if before:
-                layers[before[-1]]["combine_a2a"] += wait - forward
-            else:
-                ph["grad_sync"] = ph.get("grad_sync", 0.0) + wait - forward
-    for ph in layers:
-        ph.pop("_a2a_fixed", None)
+            forward = wait / 3 if train else wait
+            after, before = [j for j in moe if j > i], [j for j in moe if j < i]
+            layers[after[0] if after else moe[-1]][
+                "dispatch_a2a" if after else "combine_a2a"] += forward
+            if train:
+                if before:
+                    layers[before[-1]]["combine_a2a"] += wait - forward
+                else:
+                    ph["grad_sync"] = ph.get("grad_sync", 0.0) + wait - forward
     return layers
 
 
@@ -192,9 +183,9 @@ def to_plan(env: Env, objective: Objective, result: SearchResult) -> P.Plan:
         breakdown[k] += v
     head_phases = dict(best.head.phases)
     phases = _hand_on_waits(
-        [{"wait": head_phases.pop("wait", 0.0)}]
-        + [{**ev.cost.phases, "_a2a_fixed": ev.cost.fixed.get("dispatch_a2a", 0.0)}
-           for ev in best.layers], w.mode == "train", s.tp)
+        [{"wait": head_phases.pop("wait", 0.0)}] + [dict(ev.cost.phases) for ev in best.layers],
+        [False] + [ev.choice.ep * ev.choice.es > 1 for ev in best.layers], w.mode == "train",
+        s.tp)
     head_phases.update(phases.pop(0))  # what found no collective stays with the head
     for i, ev in enumerate(best.layers):
         c, cost = ev.choice, ev.cost

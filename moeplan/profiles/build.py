@@ -4,8 +4,9 @@ The measured profile starts from a base profile (for what is not measured: node 
 host tier, NIC count) and replaces, each with `source` naming the measurement and its r²:
   device.peak_flops[dtype], gemm_efficiency   from the GEMM sweep (e_max = 1 at the fitted peak)
   device.hbm_Bps, op_overhead_s               from the copy sweep and the small-op benchmark
-  device.framework                            fixed seconds per layer phase and per optimizer
-                                              tensor, from the runtime's own modules (probe)
+  device.framework                            from the runtime's own model (the probe): fixed
+                                              seconds and work scales per layer phase, optimizer
+                                              per tensor / parameter, contention, skew
   intra / inter link latency and bandwidth    from the all-to-all fits of each tier
   fitted[]                                    every (collective, tier) fit, used by the cost model
 A tier that could not be measured (one node: no inter-node groups) keeps the base's constants and
@@ -102,7 +103,7 @@ def _ratio(together: dict, solo: dict) -> float:
 
 def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least-squares intercept and slope, both clamped at zero (a cost is never negative)."""
-    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
     slope = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx) if sxx else 0.0
     return max(0.0, my - slope * mx), slope

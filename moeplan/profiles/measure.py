@@ -225,27 +225,21 @@ def _trainer(b: Bench, size: str):
     return train_once
 
 
-def _skew(b: Bench, quick: bool) -> float:
+def _skew(b: Bench, train_once, quick: bool) -> float:
     """How far the slowest rank trails the mean when every rank runs the same training step
-    of the "work" probe at once (the wait at the collective that follows): robust median over
+    (`train_once`) at once — the wait at the collective that follows: robust median over
     repeats of (max − mean) / mean of the ranks' step times."""
     if b.world == 1:
         return 0.0
-    from moeplan.runtime.timers import NULL_TIMER, instrument
+    from moeplan.runtime.timers import PhaseTimer
 
-    model = _probe_model(b.device, "work")
-    instrument(model, NULL_TIMER)
-    _, _, _, B, S = PROBE_SIZES["work"]
-    idx = torch.randint(0, 16, (B, S + 1), generator=torch.Generator().manual_seed(0))
-    idx = idx.to(b.device)
+    timer = PhaseTimer(b.device.type == "cuda")
     samples = []
     for rep in range(b.warmup + (3 if quick else 5) * b.repeats):
         dist.barrier()
         b._sync()
         t0 = time.perf_counter()
-        loss, _ = model.loss(idx[:, :-1], idx[:, 1:])
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+        train_once(timer)
         b._sync()
         t = torch.tensor([time.perf_counter() - t0] * 2, dtype=torch.float64)
         dist.all_reduce(t[:1], op=dist.ReduceOp.MAX)
@@ -294,7 +288,7 @@ def framework(b: Bench, quick: bool) -> dict:
                                "work2": (_trainer(b, "work2"), max(2, inner // 10), True),
                                "work_all_ranks": (work_step, max(2, inner // 5), False)},
                            repeats=2 * b.repeats)
-    skew = _skew(b, quick)
+    skew = _skew(b, work_step, quick)
 
     # decoding: the "work" model, a batch of prompts, then new tokens one at a time
     model = _probe_model(b.device, "work")
@@ -327,7 +321,7 @@ def framework(b: Bench, quick: bool) -> dict:
     for size in ("fixed", "work"):
         m = _probe_model(b.device, size)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-        numel = {n: p.numel() for n, p in m.named_parameters()}
+        numel = {name: p.numel() for name, p in m.named_parameters()}
         loss, _ = m.loss(idx[:, :-1], idx[:, 1:])
         loss.backward()
 
@@ -339,9 +333,14 @@ def framework(b: Bench, quick: bool) -> dict:
         optimizer.append((_solo_time(b, step), sum(numel.values())))
     return {**tables, **decode, "skew": skew,
             "decode_tokens": new_tokens - 1, "optimizer": optimizer, "tensors": len(numel),
-            "host_ranks": _ranks_on_this_host(b),
-            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-            else os.cpu_count()}
+            "host_ranks": _ranks_on_this_host(b), "cores": _cores(b)}
+
+
+def _cores(b: Bench) -> int | None:
+    """CPU cores the ranks of this host share — None on GPUs, where each rank has its own."""
+    if b.device.type == "cuda":
+        return None
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -150,7 +150,17 @@ def world4(rank: int, world: int) -> dict:
         make_plan(4, 1, {1: choice(2), 5: choice(4, a2a="hierarchical")}), rank, world)
     results["generate tp=2"] = generation(make_plan(4, 2, {5: choice(4)}), rank, world)
     results["checkpoints"] = checkpoints(rank, world)
+    results["profile exchanges"] = profile_exchanges(rank, world)
     return results
+
+
+def profile_exchanges(rank: int, world: int) -> list[dict]:
+    """`moeplan profile`'s timing of both all-to-all algorithms over 2 nodes of 2 ranks."""
+    from moeplan.profiles.measure import Bench, exchanges
+
+    b = Bench(rank, world, torch.device("cpu"), warmup=1, repeats=2)
+    b.sample_s = 0.002
+    return exchanges(b, 2, quick=True, progress=lambda: None)
 
 
 def world2(rank: int, world: int) -> dict:

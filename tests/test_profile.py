@@ -86,6 +86,46 @@ def test_built_profile_round_trips_and_drives_the_search(tmp_path, monkeypatch, 
     assert json.loads(out)["cluster"] == "synthetic"
 
 
+def test_exchange_scales_recover_how_each_algorithm_combines_its_tiers():
+    """Flat measured with overlapping messages (half the per-peer latency) and the hierarchical
+    exchange with a costly second call (twice its latency): the fitted factors come back, the
+    cost model then reproduces both measurements, and which algorithm is cheaper follows them."""
+    from moeplan.cost_models import collectives as coll
+
+    info = {"host": "test", "ranks": 4, "backend": "gloo", "date": "2026-11-23",
+            "device": "cpu", "dtype": "fp32"}
+    m = synthetic_measurements(random.Random(3))
+    tiers_only = build_profile("local-cpu", "synthetic", 2, info, m)
+    assert tiers_only.exchanges == []  # nothing measured over nodes: the tier model as it is
+    span = coll.GroupSpan(size=4, per_node=2, nodes=2)
+    truth = {"flat": (0.5, 1.2), "hierarchical": (2.0, 1.0)}
+    parts = {"flat": coll.all_to_all_flat_parts,
+             "hierarchical": coll.all_to_all_hierarchical_parts}
+    rng, rows = random.Random(4), []
+    for algo, (k_lat, k_bytes) in truth.items():
+        for s in [2.0 ** k for k in range(12, 24)]:
+            lat, tr = parts[algo](s, span, tiers_only)
+            rows.append({"algorithm": algo, "group_size": 4, "per_node": 2, "bytes": s,
+                         "time_s": noisy(k_lat * lat + k_bytes * tr, rng)})
+    prof = build_profile("local-cpu", "synthetic", 2, info, {**m, "exchanges": rows})
+    for algo, (k_lat, k_bytes) in truth.items():
+        got = prof.exchange_for(algo)
+        assert got.latency_scale == pytest.approx(k_lat, rel=0.1)
+        assert got.transfer_scale == pytest.approx(k_bytes, rel=0.1)
+    small = 2.0 ** 12
+    before = (coll.all_to_all_flat_s(small, span, tiers_only),
+              coll.all_to_all_hierarchical_s(small, span, tiers_only))
+    after = (coll.all_to_all_flat_s(small, span, prof),
+             coll.all_to_all_hierarchical_s(small, span, prof))
+    assert before[1] < before[0] and after[0] < after[1]  # the measurements flip the choice
+    for algo, t in zip(truth, after):
+        measured = next(r["time_s"] for r in rows if r["algorithm"] == algo and r["bytes"] == small)
+        assert t == pytest.approx(measured, rel=0.1)
+    one_node = coll.GroupSpan(size=2, per_node=2, nodes=1)  # not what was measured: unscaled
+    assert coll.all_to_all_flat_s(small, one_node, prof) == coll.all_to_all_flat_s(
+        small, one_node, tiers_only)
+
+
 def test_bad_profiles_are_refused_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     good = json.loads(load_cluster("local-cpu").model_dump_json())

@@ -55,6 +55,19 @@ def test_drop_paths_are_exercised(world4):
         assert rank["tp=2 coordinated hierarchical"]["dropped"] == 0
 
 
+def test_profile_times_both_exchanges_over_the_nodes(world4):
+    from moeplan.profiles import load_cluster
+    from moeplan.profiles.build import fit_exchanges
+
+    rows = world4[0]["profile exchanges"]
+    assert [len(r["profile exchanges"]) for r in world4] == [len(rows)] * 4
+    assert {r["algorithm"] for r in rows} == {"flat", "hierarchical"}
+    assert len({r["bytes"] for r in rows}) == len(rows) // 2 >= 5
+    assert all(r["time_s"] > 0 and r["group_size"] == 4 and r["per_node"] == 2 for r in rows)
+    scales = fit_exchanges(rows, load_cluster("local-cpu"), "in a test")
+    assert [s.algorithm for s in scales] == ["flat", "hierarchical"]
+
+
 def test_hierarchical_exchange_equals_flat_bitwise(world4):
     for rank in world4:
         assert rank["exchange"] == {"forward_equal": True, "backward_equal": True, "moved": True}

@@ -6,7 +6,10 @@ A group is `size` ranks with a fixed `stride` in a world whose ranks fill nodes 
 Bandwidths: intra-node is the per-GPU NVLink port; inter-node is the node's NIC bandwidth divided by
 its G GPUs, because every GPU of a node runs the same collective of the same layer at the same time,
 so they share the NICs. Where `moeplan profile` fitted a collective on a tier, the fit replaces the
-link constants (its bandwidth is already effective, so no efficiency is applied).
+link constants (its bandwidth is already effective, so no efficiency is applied). Where it also
+timed both all-to-all algorithms over a group spanning nodes, `exchange_scale` corrects the
+latency and the transfer parts of that algorithm's model by the fitted factors (whether peers'
+messages overlap, what the hierarchical exchange's second call and regrouping really cost).
 
 All functions return seconds; `nbytes` is per rank and named for what it measures.
 """
@@ -73,41 +76,71 @@ def allreduce_s(nbytes: float, span: GroupSpan, cluster: ClusterProfile) -> floa
     return 2.0 * allgather_s(nbytes, span, cluster, collective="allreduce")
 
 
-def all_to_all_flat_s(nbytes: float, span: GroupSpan, cluster: ClusterProfile) -> float:
-    """Flat all-to-all of a `nbytes` buffer per rank (1/p of it to each of the p ranks).
+def exchange_scale(cluster: ClusterProfile, algorithm: str, span: GroupSpan
+                   ) -> tuple[float, float]:
+    """(latency factor, transfer factor) that a measured profile fitted for this all-to-all
+    algorithm over a group spanning nodes with several ranks on each; (1, 1) otherwise (one node:
+    the intra-node fit is already the exchange itself; one rank per node: the inter-node fit)."""
+    if span.nodes > 1 and span.per_node > 1:
+        scale = cluster.exchange_for(algorithm)
+        if scale is not None:
+            return scale.latency_scale, scale.transfer_scale
+    return 1.0, 1.0
+
+
+def all_to_all_flat_parts(nbytes: float, span: GroupSpan, cluster: ClusterProfile
+                          ) -> tuple[float, float]:
+    """(latency, transfer) seconds of a flat all-to-all of `nbytes` per rank (1/p to each of p).
 
     One message per peer: latency grows with p (g-1 local peers, p-g remote ones); the local and the
     remote bytes travel at once on their own tiers, so the slower tier sets the transfer time.
     """
     p, g = span.size, span.per_node
-    if p <= 1 or nbytes <= 0:
-        return 0.0
     lat_i, bw_i = _tier(cluster, "all_to_all", "intra")
     lat_e, bw_e = _tier(cluster, "all_to_all", "inter")
     local_peers, remote_peers = g - 1, p - g
     latency = local_peers * lat_i + remote_peers * lat_e
     transfer = max(nbytes * local_peers / p / bw_i, nbytes * remote_peers / p / bw_e)
-    return latency + transfer
+    return latency, transfer
 
 
-def all_to_all_hierarchical_s(nbytes: float, span: GroupSpan, cluster: ClusterProfile) -> float:
-    """DeepSpeed-MoE hierarchical all-to-all: intra-node exchange, layout transform, inter-node.
+def all_to_all_hierarchical_parts(nbytes: float, span: GroupSpan, cluster: ClusterProfile
+                                  ) -> tuple[float, float]:
+    """(latency, transfer) seconds of DeepSpeed-MoE's hierarchical all-to-all: intra-node
+    exchange, layout transform, inter-node exchange (a group spanning nodes, several per node).
 
     Step 1 sends (g-1)/g of the buffer to the g-1 local peers so that each GPU holds what its node
     owes GPUs of the same local index elsewhere; a local copy (read + write) regroups it by
     destination node; step 2 sends (n-1)/n of it to the n-1 remote peers. Messages: (g-1) + (n-1)
     instead of p-1, at the price of moving the buffer twice.
     """
-    if span.nodes <= 1 or span.per_node <= 1:
-        return all_to_all_flat_s(nbytes, span, cluster)
     g, n = span.per_node, span.nodes
     lat_i, bw_i = _tier(cluster, "all_to_all", "intra")
     lat_e, bw_e = _tier(cluster, "all_to_all", "inter")
     device = cluster.device
-    intra = (g - 1) * lat_i + nbytes * (g - 1) / g / bw_i
-    transform = 2.0 * nbytes / (device.hbm_Bps * device.hbm_efficiency) + device.op_overhead_s
-    inter = (n - 1) * lat_e + nbytes * (n - 1) / n / bw_e
-    return intra + transform + inter
+    latency = (g - 1) * lat_i + device.op_overhead_s + (n - 1) * lat_e
+    transfer = (nbytes * (g - 1) / g / bw_i
+                + 2.0 * nbytes / (device.hbm_Bps * device.hbm_efficiency)
+                + nbytes * (n - 1) / n / bw_e)
+    return latency, transfer
+
+
+def all_to_all_flat_s(nbytes: float, span: GroupSpan, cluster: ClusterProfile) -> float:
+    if span.size <= 1 or nbytes <= 0:
+        return 0.0
+    latency, transfer = all_to_all_flat_parts(nbytes, span, cluster)
+    k_lat, k_bytes = exchange_scale(cluster, "flat", span)
+    return k_lat * latency + k_bytes * transfer
+
+
+def all_to_all_hierarchical_s(nbytes: float, span: GroupSpan, cluster: ClusterProfile) -> float:
+    if span.nodes <= 1 or span.per_node <= 1:
+        return all_to_all_flat_s(nbytes, span, cluster)
+    if nbytes <= 0:
+        return 0.0
+    latency, transfer = all_to_all_hierarchical_parts(nbytes, span, cluster)
+    k_lat, k_bytes = exchange_scale(cluster, "hierarchical", span)
+    return k_lat * latency + k_bytes * transfer
 
 
 def all_to_all_s(nbytes: float, span: GroupSpan, cluster: ClusterProfile, algorithm: str) -> float:

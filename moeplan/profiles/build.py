@@ -9,6 +9,9 @@ host tier, NIC count) and replaces, each with `source` naming the measurement an
                                               per tensor / parameter, contention, skew
   intra / inter link latency and bandwidth    from the all-to-all fits of each tier
   fitted[]                                    every (collective, tier) fit, used by the cost model
+  exchanges[]                                 flat and hierarchical all-to-all over the world
+                                              (nodes > 1, several ranks each): factors on the
+                                              latency and transfer parts of their models
 A tier that could not be measured (one node: no inter-node groups) keeps the base's constants and
 says so in its source.
 """
@@ -19,6 +22,7 @@ from moeplan.profiles import fit
 from moeplan.profiles.cluster import (
     ClusterProfile,
     EfficiencyCurve,
+    ExchangeScale,
     FittedCollective,
     FrameworkOverhead,
     LinkTier,
@@ -50,6 +54,30 @@ def fit_collectives(rows: list[dict], where: str) -> list[FittedCollective]:
                                      source=f"moeplan profile {where}: {len(rs)} sizes, "
                                             f"groups of {p}, r2={r2:.3f}"))
     return fits
+
+
+def fit_exchanges(rows: list[dict], cluster: ClusterProfile, where: str) -> list[ExchangeScale]:
+    """Per all-to-all algorithm: measured ≈ a · latency part + b · transfer part of its model on
+    the fitted tiers (non-negative least squares). A factor the sizes cannot resolve (fitted as
+    0, e.g. latency-bound at every size) stays 1, the tier model's own."""
+    from moeplan.cost_models import collectives as coll
+
+    parts_of = {"flat": coll.all_to_all_flat_parts,
+                "hierarchical": coll.all_to_all_hierarchical_parts}
+    out = []
+    for (algorithm,), rs in sorted(_group(rows, "algorithm").items()):
+        p, g = rs[0]["group_size"], rs[0]["per_node"]
+        span = coll.GroupSpan(size=p, per_node=g, nodes=p // g)
+        parts = [parts_of[algorithm](r["bytes"], span, cluster) for r in rs]
+        f = fit.fit_nonneg([[lat for lat, _ in parts], [tr for _, tr in parts]],
+                           [r["time_s"] for r in rs])
+        k_lat, k_bytes = (k if k > 0 else 1.0 for k in f.coef)
+        out.append(ExchangeScale(
+            algorithm=algorithm, group_size=p, per_node=g, latency_scale=k_lat,
+            transfer_scale=k_bytes, r2=round(f.r2, 4),
+            source=f"moeplan profile {where}: {len(rs)} sizes over {p} ranks on {p // g} "
+                   f"nodes, r2={f.r2:.3f}"))
+    return out
 
 
 PROBE_EXPERTS = (0, 2, 4)  # a dense layer, then MoE layers with 2 and 4 local experts
@@ -217,10 +245,12 @@ def build_profile(base: str, name: str, gpus_per_node: int, info: dict,
             tiers[tier] = old.model_copy(update={
                 "latency_s": a2a.latency_s, "bandwidth_Bps": a2a.bandwidth_Bps,
                 "efficiency": 1.0, "source": "all-to-all fit " + a2a.source})
-    return ClusterProfile.model_validate({**base_p.model_dump(), **{
+    profile = ClusterProfile.model_validate({**base_p.model_dump(), **{
         "name": name, "description": f"measured by moeplan profile {where}",
         "source": f"moeplan profile {where}; base profile {base} for what is not measured",
         "gpus_per_node": gpus_per_node,
         "default_dtype": dtype, "max_nodes": None, "topology": info.get("topology"),
         "intra": tiers["intra"].model_dump(), "inter": tiers["inter"].model_dump(),
         "device": dev.model_dump(), "fitted": [f.model_dump() for f in fits]}})
+    scales = fit_exchanges(m.get("exchanges", []), profile, where)
+    return profile.model_copy(update={"exchanges": scales}) if scales else profile

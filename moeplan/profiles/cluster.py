@@ -128,6 +128,22 @@ class FittedCollective(BaseModel):
     source: str = ""
 
 
+class ExchangeScale(BaseModel):
+    """How one all-to-all algorithm, timed by `moeplan profile` over a group spanning nodes,
+    compares with its model built from the per-tier fits: measured ≈ latency_scale · latency
+    part + transfer_scale · transfer part (`cost_models.collectives.*_parts`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    algorithm: Literal["flat", "hierarchical"]
+    group_size: int = Field(gt=1)
+    per_node: int = Field(gt=1)
+    latency_scale: float = Field(gt=0)
+    transfer_scale: float = Field(gt=0)
+    r2: float | None = None
+    source: str = ""
+
+
 class ClusterProfile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -142,6 +158,7 @@ class ClusterProfile(BaseModel):
     host: LinkTier
     nics_per_node: int = Field(gt=0)
     fitted: list[FittedCollective] = Field(default_factory=list)
+    exchanges: list[ExchangeScale] = Field(default_factory=list)
     default_dtype: Dtype = "bf16"
     topology: dict | None = Field(None, description="what NVML reported when this profile was "
                                                     "measured (GPUs, NVLink peers, affinity)")
@@ -165,6 +182,10 @@ class ClusterProfile(BaseModel):
             if f.collective == collective and f.tier == tier:
                 return f
         return None
+
+
+    def exchange_for(self, algorithm: str) -> ExchangeScale | None:
+        return next((e for e in self.exchanges if e.algorithm == algorithm), None)
 
 
 def topology_graph(profile: ClusterProfile, num_nodes: int) -> "networkx.Graph":

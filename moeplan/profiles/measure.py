@@ -7,9 +7,10 @@ The device's own speed is measured on rank 0 alone (the others wait at a barrier
 and the runtime's own model at two sizes (framework cost per layer phase, and how far each phase
 runs from the roofline). What ranks cost each other is measured with all of them at once: the
 same model on every rank (contention: ranks sharing CPU cores or memory bandwidth), the spread
-of their step times (skew), and allreduce / allgather / reduce-scatter / all-to-all over message
+of their step times (skew), allreduce / allgather / reduce-scatter / all-to-all over message
 sizes on the intra-node groups (the G ranks of one node) and the inter-node groups (one rank per
-node; GPUs of a node share its NICs). Each all-rank figure is the slowest rank of a repeat;
+node; GPUs of a node share its NICs), and both all-to-all algorithms over the whole world where
+it spans nodes. Each all-rank figure is the slowest rank of a repeat;
 repeats are reduced by `fit.robust_median`.
 Rank 0 fits them (`fit.py`) and writes a `ClusterProfile`.
 """
@@ -141,6 +142,39 @@ def collectives(b: Bench, gpus_per_node: int, quick: bool, progress) -> list[dic
                 rows.append({"collective": name, "tier": tier, "group_size": size,
                              "bytes": float(nbytes), "time_s": b.time(fn)})
                 progress()
+    return rows
+
+
+def exchanges(b: Bench, gpus_per_node: int, quick: bool, progress) -> list[dict]:
+    """Both all-to-all algorithms of the runtime (`runtime.a2a`) over the whole world, where it
+    spans nodes with several ranks on each: the flat exchange (one message per peer) and the
+    hierarchical one (intra-node exchange, regrouping, inter-node exchange), over message sizes.
+    The per-tier fits say what one message and one byte cost; these say how the algorithms
+    combine them (overlapping messages, a second call, the regrouping copies)."""
+    from moeplan.runtime.a2a import FlatExchange, HierarchicalExchange
+    from moeplan.runtime.comm import Comm
+
+    G, world = gpus_per_node, b.world
+    nodes = world // G
+    if nodes <= 1 or G <= 1:
+        return []
+    made = {}
+    for tier, groups in (("intra", [[n * G + l for l in range(G)] for n in range(nodes)]),
+                         ("inter", [[n * G + l for n in range(nodes)] for l in range(G)])):
+        handles = [dist.new_group(g) for g in groups]  # every rank creates every group, in order
+        mine = next(i for i, g in enumerate(groups) if b.rank in g)
+        made[tier] = Comm(group=handles[mine], ranks=tuple(groups[mine]),
+                          rank_in_group=groups[mine].index(b.rank))
+    algorithms = {"flat": FlatExchange(Comm(group=dist.group.WORLD, ranks=tuple(range(world)),
+                                            rank_in_group=b.rank)),
+                  "hierarchical": HierarchicalExchange(made["intra"], made["inter"])}
+    rows = []
+    for name, exchange in algorithms.items():
+        for nbytes in _sizes(1 << 12, (1 << 20) if quick else (1 << 23)):
+            x = torch.ones(world, max(1, nbytes // 4 // world), device=b.device)
+            rows.append({"algorithm": name, "group_size": world, "per_node": G,
+                         "bytes": float(x.numel() * 4), "time_s": b.time(lambda: exchange(x))})
+            progress()
     return rows
 
 
@@ -368,8 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     b = Bench(rank, world, device, warmup=2 if quick else 3, repeats=5 if quick else 9)
     from moeplan.profiles.progress import Progress
 
-    n_coll = (4 * len(_sizes(1 << 12, (1 << 20) if quick else (1 << 23)))
-              * ((a.gpus_per_node > 1) + (world // a.gpus_per_node > 1)))
+    nodes, G = world // a.gpus_per_node, a.gpus_per_node
+    n_coll = (len(_sizes(1 << 12, (1 << 20) if quick else (1 << 23)))
+              * (4 * ((G > 1) + (nodes > 1)) + 2 * (G > 1 and nodes > 1)))
     with Progress(rank == 0, total=3 + n_coll) as bar:
         dtype = torch.bfloat16 if cuda else torch.float32
         # one rank alone (the others wait): the device's own speed; what ranks cost each other
@@ -387,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         fw = framework(b, quick)
         bar.step("framework overhead")
         coll = collectives(b, a.gpus_per_node, quick, lambda: bar.step("collectives"))
+        exch = exchanges(b, a.gpus_per_node, quick, lambda: bar.step("all-to-all algorithms"))
     if rank == 0:
         from moeplan.profiles.build import build_profile
 
@@ -400,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             info["topology"] = json.loads(Path(a.topology).read_text())
         if cuda:
             info["memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
-        raw = {"gemm": g, "copy": c, "op_overhead_s": ov, "framework": fw, "collectives": coll}
+        raw = {"gemm": g, "copy": c, "op_overhead_s": ov, "framework": fw, "collectives": coll,
+               "exchanges": exch}
         out = Path(a.out)
         import json
 

@@ -31,7 +31,7 @@ MOE_PHASES = ("attention", "mlp", "tp_comm", "gate", "dispatch", "dispatch_a2a",
 
 
 def synthetic_tables(fwd: dict, bwd: dict, infer: dict, per_local: tuple, scale: dict,
-                     roof: dict) -> dict:
+                     roof: dict, dscale: dict) -> dict:
     """Probe tables as `measure.framework` returns them, from known per-phase figures:
     experts cost fwd/bwd/infer + per_local × local experts; each work size measures the fixed
     part plus `scale[phase]` × the roofline."""
@@ -49,16 +49,29 @@ def synthetic_tables(fwd: dict, bwd: dict, infer: dict, per_local: tuple, scale:
         out["f:head:head"], out["b:head:head"] = fwd["head"], bwd["head"]
         return out
 
-    tokens = 15
-    inf = {}
-    for i, E in enumerate(PROBE_EXPERTS):
-        for ph in (MOE_PHASES if E else PHASES):
-            v = infer[ph] + (per_local[2] * E if ph == "experts" else 0.0)
-            inf[f"f:{i}:{ph}"] = v * tokens
-    inf["f:head:head"] = infer["head"] * tokens
+    tokens = {"fixed": 7, "work": 15, "work2": 15}
+
+    def decoded(size: str) -> dict:
+        """Decode tables: the fixed part per token, plus `dscale[phase]` × the decode roofline
+        at the work sizes; totals over the size's decode tokens."""
+        out = {}
+        for i, E in enumerate(PROBE_EXPERTS):
+            for ph in (*(MOE_PHASES if E else PHASES), "head"):
+                if ph == "head" and i:
+                    continue
+                key = "head:head" if ph == "head" else f"{i}:{ph}"
+                v = infer[ph] + (per_local[2] * E if ph == "experts" else 0.0)
+                if size in WORK_SIZES and ph in dscale:
+                    v += dscale[ph] * roof["decode:" + size][key]
+                out[f"f:{key}"] = v * tokens[size]
+        return out
+
+    inf = decoded("work")
     return {"train": table("train"), **{w: table(w) for w in WORK_SIZES},
             "work_all_ranks": {k: 3.0 * v for k, v in table("work").items()},
-            "skew": 0.05, "infer": inf, "infer_all_ranks": {k: 2.0 * v for k, v in inf.items()},
+            "skew": 0.05, "infer_fixed": decoded("fixed"), "infer": inf,
+            "infer_work2": decoded("work2"),
+            "infer_all_ranks": {k: 2.0 * v for k, v in inf.items()},
             "decode_tokens": tokens,
             "optimizer": [(40 * 50e-6 + 1_000 * 2e-9, 1_000), (40 * 50e-6 + 500_000 * 2e-9,
                                                                  500_000)],
@@ -73,10 +86,14 @@ def fitted():
     infer = {ph: v / 2 for ph, v in fwd.items()}
     scale = {"attention": 3.0, "mlp": 2.0, "experts": 1.5}
     cluster = load_cluster("local-cpu")
-    roof = {w: _roofline(cluster, "fp32", w) for w in WORK_SIZES}
-    fw = framework_overhead(synthetic_tables(fwd, bwd, infer, (7e-6, 11e-6, 5e-6), scale, roof),
-                            roof, 4, "test")
+    roof = {**{w: _roofline(cluster, "fp32", w) for w in WORK_SIZES},
+            **{"decode:" + w: _roofline(cluster, "fp32", w, decode=True) for w in WORK_SIZES}}
+    fw = framework_overhead(synthetic_tables(fwd, bwd, infer, (7e-6, 11e-6, 5e-6), scale, roof,
+                                             DECODE_SCALE), roof, 4, "test")
     return fw, fwd, bwd, infer, scale, cluster
+
+
+DECODE_SCALE = {"experts": 4.0, "mlp": 2.5, "head": 1.5}
 
 
 def test_fits_recover_fixed_costs_per_phase_and_per_local_expert(fitted):
@@ -103,6 +120,36 @@ def test_fits_recover_work_scales_contention_and_optimizer_costs(fitted):
     assert fw.decode_contention == pytest.approx(2.0)
     assert fw.optimizer_tensor_s == pytest.approx(50e-6) and fw.optimizer_param_s == \
         pytest.approx(2e-9)
+
+
+def test_fits_recover_decode_work_scales_from_decoding_at_every_size(fitted):
+    fw, _, _, infer, _, _ = fitted
+    for key, ph in (("dense.mlp", "mlp"), ("moe.experts", "experts"), ("head", "head")):
+        pts = fw.phases[key].decode_points
+        assert len(pts) == len(WORK_SIZES) and pts[0][0] < pts[1][0]
+        assert [s for _, s in pts] == pytest.approx([DECODE_SCALE[ph]] * 2, rel=1e-6)
+        assert fw.phases[key].infer_s == pytest.approx(infer[ph])  # the smallest size's
+    assert [s for _, s in fw.phases["dense.attention"].decode_points] == [1.0, 1.0]
+    cluster = load_cluster("local-cpu")
+    env = env_with(cluster, fw, mode="infer")
+    x, y = fw.phases["moe.experts"].decode_points[0]
+    assert work_scale(env, "moe.experts", Pass(2, 56, True), x) == pytest.approx(y)
+
+
+def test_profiles_decoded_at_one_size_still_build():
+    """Raw measurements from before decoding at every size: decode tables of the "work" size
+    only — its per-token time is the fixed part and decode keeps the roofline."""
+    cluster = load_cluster("local-cpu")
+    roof = {w: _roofline(cluster, "fp32", w) for w in WORK_SIZES}
+    names = set(MOE_PHASES) | {"head"}
+    fwd = {ph: 100e-6 for ph in names}
+    tables = synthetic_tables(fwd, fwd, fwd, (0, 0, 0), {}, {**roof, **{
+        "decode:" + w: {} for w in WORK_SIZES}}, {})
+    old = {k: v for k, v in tables.items() if k not in ("infer_fixed", "infer_work2")}
+    old["decode_tokens"] = 15
+    fw = framework_overhead(old, roof, 4, "test")
+    assert fw.phases["dense.mlp"].infer_s == pytest.approx(100e-6)
+    assert fw.phases["dense.mlp"].decode_points == []
 
 
 def env_with(cluster, fw: FrameworkOverhead | None, gpus: int = 4, mode: str = "train") -> Env:
@@ -143,7 +190,7 @@ def test_work_scale_interpolates_in_log_roofline_and_clamps():
     assert work_scale(env, "dense.mlp", p, 1e-5) == 3.0
     assert work_scale(env, "dense.mlp", p, 1e-3) == 2.0
     assert work_scale(env, "dense.mlp", p, 2e-4) == pytest.approx(2.5)  # halfway in log
-    assert work_scale(env, "dense.mlp", Pass(2, 56, True), 2e-4) == 1.0  # decode: roofline
+    assert work_scale(env, "dense.mlp", Pass(2, 56, True), 2e-4) == 1.0  # no decode points
     assert work_scale(env, "dense.attention", p, 2e-4) == 1.0  # not measured
 
 

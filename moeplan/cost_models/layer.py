@@ -190,16 +190,20 @@ def sharing(env: Env, decode: bool = False) -> tuple[float, float]:
 
 
 def work_scale(env: Env, key: str, p: Pass, roofline: float) -> float:
-    """How far a phase's kernels run from the roofline in training passes (and the prompt
-    pass), where the profile measured it: interpolated in log(roofline seconds) between the
-    probe sizes, the nearest one's outside them. Decode passes, unmeasured profiles: 1."""
+    """How far a phase's kernels run from the roofline, where the profile measured it (training
+    passes and the prompt pass on the training points, decode passes on the decode points):
+    interpolated in log(roofline seconds) between the probe sizes, the nearest one's outside
+    them. Unmeasured: 1."""
     fw = env.cluster.device.framework
-    if fw is None or p.decode or key not in fw.phases:
+    if fw is None or key not in fw.phases:
         return 1.0
     o = fw.phases[key]
-    pts = sorted(o.work_points)
+    if p.decode:
+        pts, default = sorted(o.decode_points), 1.0
+    else:
+        pts, default = sorted(o.work_points), o.work_scale
     if not pts:
-        return o.work_scale
+        return default
     if roofline <= pts[0][0]:
         return pts[0][1]
     if roofline >= pts[-1][0]:

@@ -134,9 +134,10 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
     # Inference: logits only for the newest token of each sequence.
     tokens = s.micro_batch
     slow, _ = sharing(env, decode=True)
-    cost.phases["head"] = (slow * roofline_s(gemm_s(tokens, V / s.tp, h, dev, dt),
-                                             b * V * h / s.tp, dev,
-                                             fixed_s(env, "head", decode_pass(env, s)))
+    p = decode_pass(env, s)
+    roof = roofline_s(gemm_s(tokens, V / s.tp, h, dev, dt), b * V * h / s.tp, dev, 0.0)
+    cost.phases["head"] = (slow * (work_scale(env, "head", p, roof) * roof
+                                   + fixed_s(env, "head", p))
                            + coll.allgather_s(tokens * V * b, tp_span, env.cluster))
     wait = wait_factor(env) * cost.phases["head"]
     if wait:  # at the next token's first collective: the plan hands it on

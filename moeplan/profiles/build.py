@@ -88,6 +88,12 @@ PROBE_SIZES = {"fixed": (8, 2, 16, 1, 8), "work": (64, 4, 256, 4, 64),
 WORK_SIZES = ("work", "work2")
 
 
+def decode_shape(size: str) -> tuple[int, int]:
+    """(prompt tokens, new tokens) the probe decodes at one of `PROBE_SIZES`."""
+    S = PROBE_SIZES[size][4]
+    return max(4, S // 4), max(8, S // 4)
+
+
 def probe_spec(size: str) -> ModelSpec:
     """The model `moeplan profile` runs through the runtime to measure framework overhead."""
     h, heads, f, _, S = PROBE_SIZES[size]
@@ -98,9 +104,11 @@ def probe_spec(size: str) -> ModelSpec:
         "experts": list(PROBE_EXPERTS)})
 
 
-def _roofline(cluster: ClusterProfile, dtype: str, size: str) -> dict[str, float]:
-    """Seconds per training step of each compute phase of a "work" probe under the cost
-    model's roofline alone (no fixed part, no scale): keys "<layer>:<phase>"."""
+def _roofline(cluster: ClusterProfile, dtype: str, size: str, decode: bool = False
+              ) -> dict[str, float]:
+    """Seconds of each compute phase of a probe under the cost model's roofline alone (no fixed
+    part, no scale): per training step (forward + backward), or per decode token at the probe's
+    mean context. Keys "<layer>:<phase>"."""
     from moeplan.cost_models.layer import COMPUTE_PHASES, DENSE, Env, LayerChoice, Pass, forward
     from moeplan.cost_models.step import head_cost
     from moeplan.cost_models.workload import Setting, Workload
@@ -109,16 +117,23 @@ def _roofline(cluster: ClusterProfile, dtype: str, size: str) -> dict[str, float
     _, _, _, B, S = PROBE_SIZES[size]
     bare = cluster.model_copy(update={"device": cluster.device.model_copy(
         update={"framework": None, "op_overhead_s": 0.0})})
-    w = Workload(mode="train", global_batch=B, micro_batch=B, seq_len=S, dtype=dtype,
-                 zero_stage=0)
+    if decode:
+        prompt, new = decode_shape(size)
+        w = Workload(mode="infer", global_batch=B, micro_batch=B, seq_len=prompt + new,
+                     prompt_len=prompt, gen_len=new, dtype=dtype, zero_stage=0)
+        p, passes = Pass(B, prompt + new // 2, True), 1
+    else:
+        w = Workload(mode="train", global_batch=B, micro_batch=B, seq_len=S, dtype=dtype,
+                     zero_stage=0)
+        p, passes = Pass(B * S, S, False), 3  # forward + backward (twice the forward)
     env = Env(spec=spec, cluster=bare, workload=w, gpus=1)
-    s, p = Setting(tp=1, dp=1, micro_batch=B, recompute=False), Pass(B * S, S, False)
+    s = Setting(tp=1, dp=1, micro_batch=B, recompute=False)
     out = {}
     for i, E in enumerate(spec.experts):
         c = LayerChoice(ep=1, es=1, a2a="flat", coordinated=False) if E else DENSE
         for ph, t in forward(env, s, i, c, p).phases.items():
             if ph in COMPUTE_PHASES:
-                out[f"{i}:{ph}"] = 3 * t  # forward + backward (twice the forward)
+                out[f"{i}:{ph}"] = passes * t
     out["head:head"] = head_cost(env, s).phases["head"]
     return out
 
@@ -137,40 +152,59 @@ def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return max(0.0, my - slope * mx), slope
 
 
+DECODE_TABLES = {"fixed": "infer_fixed", "work": "infer", "work2": "infer_work2"}
+
+
 def framework_overhead(fw: dict, roofline: dict[str, dict[str, float]], ranks: int,
                        where: str) -> FrameworkOverhead:
     """Per-phase fixed seconds from the probe's phase tables (keys "f|b:<layer>:<phase>"), and
-    per compute phase and "work" size the work scale: (measured − fixed) over `roofline[size]`.
+    per compute phase and "work" size the work scale: (measured − fixed) over `roofline[size]`
+    (training) or over `roofline["decode:" + size]` (one decode token).
 
     Dense phases come from the dense probe layer, MoE phases are the mean over the MoE probe
     layers, except `experts`, fitted as a + b·(local experts) over them."""
-    train, infer, tokens = fw["train"], fw["infer"], max(1, fw["decode_tokens"])
+    train = fw["train"]
+    tokens = fw["decode_tokens"]
+    if not isinstance(tokens, dict):  # a profile measured before decoding at every size
+        tokens = {"work": tokens}
+    decode = {size: ({k: v / max(1, tokens[size]) for k, v in fw[table].items()})
+              for size, table in DECODE_TABLES.items() if table in fw and size in tokens}
+    infer = decode.get("fixed", decode["work"])  # fixed part: the smallest size decoded
     layers = list(PROBE_EXPERTS)
 
     def one(i: object, phase: str) -> tuple[float, float, float]:
         return (train.get(f"f:{i}:{phase}", 0.0), train.get(f"b:{i}:{phase}", 0.0),
-                infer.get(f"f:{i}:{phase}", 0.0) / tokens)
+                infer.get(f"f:{i}:{phase}", 0.0))
 
-    def points(idx: list, phase: str, fixed: list[float]) -> list[tuple[float, float]]:
-        """(roofline seconds of one forward pass, mean work scale over the layers) per work
-        size; at least 1 (the roofline is the fitted peak); none where the probe's roofline
-        time is too small to tell."""
+    def points(idx: list, phase: str, fixed: list[float], mode: str = "train"
+               ) -> list[tuple[float, float]]:
+        """(roofline seconds of one pass, mean work scale over the layers) per work size; at
+        least 1 (the roofline is the fitted peak); none where the probe's roofline time is too
+        small to tell. Training: forward + backward, one pass is a third of it."""
         out = []
         for size in WORK_SIZES:
-            work, roofs, ratios = fw.get(size, {}), [], []
+            if mode == "train":
+                work, roof_of, passes = fw.get(size, {}), roofline.get(size, {}), 3
+            else:
+                work, roof_of, passes = decode.get(size, {}), roofline.get(f"decode:{size}", {}), 1
+            roofs, ratios = [], []
             for i, fx in zip(idx, fixed):
-                roof = roofline.get(size, {}).get(f"{i}:{phase}", 0.0)
+                roof = roof_of.get(f"{i}:{phase}", 0.0)
                 measured = work.get(f"f:{i}:{phase}", 0.0) + work.get(f"b:{i}:{phase}", 0.0)
-                if roof > 1e-6 and measured:
-                    roofs.append(roof / 3)  # training charges three passes
+                if roof > 1e-6 / passes and measured:
+                    roofs.append(roof / passes)
                     ratios.append(max(1.0, (measured - fx) / roof))
             if ratios:
                 out.append((sum(roofs) / len(roofs), sum(ratios) / len(ratios)))
         return out
 
-    def overhead(f: float, b_: float, i_: float, pts: list) -> PhaseOverhead:
+    def overhead(f: float, b_: float, i_: float, idx: list, phase: str, fixed: list[float],
+                 fixed_decode: list[float]) -> PhaseOverhead:
+        pts = points(idx, phase, fixed)
         return PhaseOverhead(forward_s=f, backward_s=b_, infer_s=i_,
-                             work_scale=pts[0][1] if pts else 1.0, work_points=pts)
+                             work_scale=pts[0][1] if pts else 1.0, work_points=pts,
+                             decode_points=points(idx, phase, fixed_decode, "decode")
+                             if "fixed" in decode else [])
 
     names = sorted({k.split(":")[2] for k in (*train, *infer)} - {"head"})
     out: dict[str, PhaseOverhead] = {}
@@ -183,23 +217,24 @@ def framework_overhead(fw: dict, roofline: dict[str, dict[str, float]], ranks: i
             if kind == "moe" and phase == "experts":
                 fits = [_line([layers[i] for i in idx], [v[j] for v in vals]) for j in range(3)]
                 fixed = [sum(f[0] + f[1] * layers[i] for f in fits[:2]) for i in idx]
-                out["moe.experts"] = overhead(fits[0][0], fits[1][0], fits[2][0],
-                                              points(idx, phase, fixed))
+                fixed_decode = [fits[2][0] + fits[2][1] * layers[i] for i in idx]
+                out["moe.experts"] = overhead(fits[0][0], fits[1][0], fits[2][0], idx, phase,
+                                              fixed, fixed_decode)
                 out["moe.experts_per_local"] = PhaseOverhead(
                     forward_s=fits[0][1], backward_s=fits[1][1], infer_s=fits[2][1])
                 continue
             mean = [sum(v[j] for v in vals) / len(vals) for j in range(3)]
-            out[f"{kind}.{phase}"] = overhead(*mean,
-                                              points(idx, phase, [v[0] + v[1] for v in vals]))
+            out[f"{kind}.{phase}"] = overhead(*mean, idx, phase, [v[0] + v[1] for v in vals],
+                                              [v[2] for v in vals])
     f, b_, i_ = one("head", "head")
-    out["head"] = overhead(f, b_, i_, points(["head"], "head", [f + b_]))
+    out["head"] = overhead(f, b_, i_, ["head"], "head", [f + b_], [i_])
     (t1, p1), (t2, p2) = fw["optimizer"]
     per_param = max(0.0, (t2 - t1) / (p2 - p1)) if p2 > p1 else 0.0
     return FrameworkOverhead(
         phases=out, optimizer_tensor_s=max(0.0, t1 - per_param * p1) / max(1, fw["tensors"]),
         optimizer_param_s=per_param, ranks=fw.get("host_ranks", ranks), cores=fw.get("cores"),
         contention=_ratio(fw.get("work_all_ranks", {}), fw.get("work", {})),
-        decode_contention=_ratio(fw.get("infer_all_ranks", {}), infer),
+        decode_contention=_ratio(fw.get("infer_all_ranks", {}), fw["infer"]),
         skew=max(0.0, fw.get("skew", 0.0)),
         source=f"measured {where} on the runtime's own model at hidden 8 "
                f"({len(layers)} layers: experts {layers}), training and greedy decoding; work "
@@ -228,8 +263,10 @@ def build_profile(base: str, name: str, gpus_per_node: int, info: dict,
                   f"memory bandwidth from copies (r2={r2_m:.3f}), op overhead from a small "
                   "autograd op, framework overhead per phase from the runtime's own model"})
     if "framework" in m:
-        roof = {size: _roofline(base_p.model_copy(update={"device": dev}), dtype, size)
-                for size in WORK_SIZES}
+        measured = base_p.model_copy(update={"device": dev})
+        roof = {**{size: _roofline(measured, dtype, size) for size in WORK_SIZES},
+                **{f"decode:{size}": _roofline(measured, dtype, size, decode=True)
+                   for size in WORK_SIZES}}
         fw = framework_overhead(m["framework"], roof, gpus_per_node, where)
         dev = dev.model_copy(update={"framework": fw})
     fits = fit_collectives(m["collectives"], where)

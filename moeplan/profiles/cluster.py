@@ -48,6 +48,8 @@ class PhaseOverhead(BaseModel):
     work_points: list[tuple[float, float]] = Field(default_factory=list, description=(
         "(roofline seconds of one forward pass, work scale) at each probe size; the cost model "
         "interpolates between them"))
+    decode_points: list[tuple[float, float]] = Field(default_factory=list, description=(
+        "the same for one decode token (infer_s measured at the smallest probe size)"))
 
 
 class FrameworkOverhead(BaseModel):

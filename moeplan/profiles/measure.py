@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from moeplan.files import write_atomic
 from moeplan.profiles import fit
-from moeplan.profiles.build import PROBE_SIZES, probe_spec
+from moeplan.profiles.build import PROBE_SIZES, decode_shape, probe_spec
 from moeplan.runtime.comm import all_gather_tensor, reduce_scatter_tensor
 
 COLLECTIVES = ("allreduce", "allgather", "reduce_scatter", "all_to_all")
@@ -259,6 +259,35 @@ def _trainer(b: Bench, size: str):
     return train_once
 
 
+def _decoder(b: Bench, size: str):
+    """Greedy decoding of the probe with the KV cache, as `moerun --mode infer` serves: a batch
+    of prompts, then new tokens one at a time; decode tokens only in the timer it is handed."""
+    from moeplan.runtime.infer import generate
+    from moeplan.runtime.timers import instrument
+
+    model = _probe_model(b.device, size)
+    B = PROBE_SIZES[size][3]
+    prompt, new_tokens = decode_shape(size)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, 16, (B, prompt), generator=g).to(b.device)
+
+    def infer_once(timer) -> None:
+        instrument(model, timer)
+        before = dict(timer.forward_s)
+        prefill: dict = {}
+
+        def on_token(i: int) -> None:
+            if i == 0:  # decode tokens only, as `moerun --mode infer` reports them
+                prefill.update({k: v - before.get(k, 0.0) for k, v in timer.forward_s.items()})
+                timer.begin()
+
+        generate(model, prompts, new_tokens, on_token)
+        for k, v in prefill.items():
+            timer.forward_s[k] -= v
+
+    return infer_once
+
+
 def _skew(b: Bench, train_once, quick: bool) -> float:
     """How far the slowest rank trails the mean when every rank runs the same training step
     (`train_once`) at once — the wait at the collective that follows: robust median over
@@ -306,14 +335,12 @@ def _solo_time(b: Bench, fn) -> float:
 
 def framework(b: Bench, quick: bool) -> dict:
     """The runtime's fixed cost per layer phase and how its kernels compare with the roofline:
-    the probe model trained at both `build.PROBE_SIZES` (one rank alone, and the "work" size
-    also on every rank at once: the contention) and served at the "work" size (greedy decoding
-    with the KV cache, as `moerun --mode infer` serves, decode tokens only), timed by the
+    the probe model trained and served (greedy decoding with the KV cache, as `moerun --mode
+    infer` serves, decode tokens only) at every `build.PROBE_SIZES` (one rank alone, and the
+    "work" size also on every rank at once: the contention), timed by the
     runtime's own phase timer; plus the optimizer (AdamW step, gradient clipping, zero_grad) at
     both sizes, for its cost per tensor and per parameter."""
-    from moeplan.runtime.infer import generate
     from moeplan.runtime.run import clip_grads
-    from moeplan.runtime.timers import NULL_TIMER, instrument
 
     inner = 10 if quick else 30
     fixed_step, work_step = _trainer(b, "fixed"), _trainer(b, "work")
@@ -324,34 +351,16 @@ def framework(b: Bench, quick: bool) -> dict:
                            repeats=2 * b.repeats)
     skew = _skew(b, work_step, quick)
 
-    # decoding: the "work" model, a batch of prompts, then new tokens one at a time
-    model = _probe_model(b.device, "work")
-    _, _, _, B, S = PROBE_SIZES["work"]
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, 16, (B, S // 4), generator=g).to(b.device)
-    new_tokens = S // 4
-
-    def infer_once(timer) -> None:
-        instrument(model, timer)
-        before = dict(timer.forward_s)
-        prefill: dict = {}
-
-        def on_token(i: int) -> None:
-            if i == 0:  # decode tokens only, as `moerun --mode infer` reports them
-                prefill.update({k: v - before.get(k, 0.0) for k, v in timer.forward_s.items()})
-                timer.begin()
-
-        generate(model, prompts, new_tokens, on_token)
-        for k, v in prefill.items():
-            timer.forward_s[k] -= v
-
+    # decoding at every probe size: the fixed part and how decode kernels compare with the
+    # roofline (the "work" size also on every rank at once: decode contention)
     n = 2 if quick else 4
-    decode = _phase_tables(b, {"infer": (infer_once, n, True),
-                               "infer_all_ranks": (infer_once, n, False)})
-    instrument(model, NULL_TIMER)
-
+    work_decode = _decoder(b, "work")
+    decode = _phase_tables(b, {"infer_fixed": (_decoder(b, "fixed"), n, True),
+                               "infer": (work_decode, n, True),
+                               "infer_work2": (_decoder(b, "work2"), n, True),
+                               "infer_all_ranks": (work_decode, n, False)})
     optimizer = []  # (seconds, parameters) of one optimizer step at both probe sizes
-    idx = prompts[:1, :9]
+    idx = torch.zeros(1, 9, dtype=torch.long, device=b.device)
     for size in ("fixed", "work"):
         m = _probe_model(b.device, size)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
@@ -366,7 +375,7 @@ def framework(b: Bench, quick: bool) -> dict:
 
         optimizer.append((_solo_time(b, step), sum(numel.values())))
     return {**tables, **decode, "skew": skew,
-            "decode_tokens": new_tokens - 1, "optimizer": optimizer, "tensors": len(numel),
+            "decode_tokens": {size: decode_shape(size)[1] - 1 for size in PROBE_SIZES}, "optimizer": optimizer, "tensors": len(numel),
             "host_ranks": _ranks_on_this_host(b), "cores": _cores(b)}
 
 

@@ -126,6 +126,44 @@ def test_exchange_scales_recover_how_each_algorithm_combines_its_tiers():
         small, one_node, tiers_only)
 
 
+def test_in_situ_extras_are_what_a_running_step_took_beyond_the_model():
+    """The probe's plans costed on a profile, run "measured" at the prediction plus a known
+    extra per all-to-all call and per gradient sync: the extras come back, and a plan on the
+    profile that carries them is charged exactly that much more."""
+    from moeplan.profiles.build import exchanges_per_pass, in_situ_extras, in_situ_plans
+    from moeplan.profiles.cluster import FrameworkOverhead
+
+    cluster = load_cluster("local-cpu")
+    cluster = cluster.model_copy(update={"device": cluster.device.model_copy(update={
+        "framework": FrameworkOverhead(phases={}, optimizer_tensor_s=1e-5)})})
+    plans = in_situ_plans(cluster, 4)
+    assert exchanges_per_pass(plans["train"]) == 8 and exchanges_per_pass(plans["infer"]) == 4
+
+    def a2a(plan) -> float:
+        return sum(l.predicted.phases_s.get(ph, 0.0) for l in plan.layers
+                   for ph in ("dispatch_a2a", "combine_a2a"))
+
+    def sync(plan) -> float:
+        return plan.predicted.head_phases_s.get("grad_sync", 0.0) + sum(
+            l.predicted.phases_s.get("grad_sync", 0.0) for l in plan.layers)
+
+    measured = {"world": 4,
+                "train": {"a2a_s": a2a(plans["train"]) + 8 * 3e-4,
+                          "grad_sync_s": sync(plans["train"]) + 2e-3},
+                "infer": {"a2a_s": a2a(plans["infer"]) + 4 * 5e-4, "grad_sync_s": 0.0}}
+    got = in_situ_extras(measured, cluster)
+    assert got == pytest.approx({"exchange_extra_s": 3e-4, "decode_exchange_extra_s": 5e-4,
+                                 "grad_sync_extra_s": 2e-3})
+    slower = {**measured, "train": {"a2a_s": 0.0, "grad_sync_s": 0.0}}
+    assert in_situ_extras(slower, cluster)["exchange_extra_s"] == 0.0  # never below the model
+    with_extras = cluster.model_copy(update={"device": cluster.device.model_copy(update={
+        "framework": cluster.device.framework.model_copy(update=got)})})
+    again = in_situ_plans(with_extras, 4)
+    assert a2a(again["train"]) == pytest.approx(a2a(plans["train"]) + 8 * 3e-4)
+    assert a2a(again["infer"]) == pytest.approx(a2a(plans["infer"]) + 4 * 5e-4)
+    assert sync(again["train"]) == pytest.approx(sync(plans["train"]) + 2e-3)
+
+
 def test_bad_profiles_are_refused_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     good = json.loads(load_cluster("local-cpu").model_dump_json())
@@ -167,6 +205,10 @@ def test_profile_on_cpu_ranks_end_to_end(tmp_path):
     assert fw is not None and fw.ranks == 2 and fw.cores and fw.contention >= 1.0
     assert {"dense.attention", "moe.gate", "moe.experts", "head"} <= set(fw.phases)
     assert all(o.forward_s > 0 for k, o in fw.phases.items() if k != "moe.experts_per_local")
+    situ = raw["in_situ"]  # the probe run by moerun's own loops, experts over both ranks
+    assert situ["world"] == 2 and situ["train"]["a2a_s"] > 0 and situ["infer"]["a2a_s"] > 0
+    assert situ["train"]["grad_sync_s"] > 0
+    assert fw.exchange_extra_s >= 0 and fw.grad_sync_extra_s >= 0
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -228,8 +228,13 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     kv_read = kv_cache_bytes(T, p.context, h, tp, b) if p.decode else 0.0
     kind = "moe" if E else "dense"
 
-    def fixed(phase: str, local_experts: int = 0) -> float:
+    def fixed(phase: str, local_experts: int = 0, in_situ: bool = False) -> float:
+        """The framework's seconds; for an exchange that happens (`in_situ`), plus what the
+        profile saw one take inside a running step beyond the model (`exchange_extra_s`)."""
         t = fixed_s(env, f"{kind}.{phase}", p, local_experts)
+        fw = dev.framework
+        if in_situ and fw is not None:
+            t += fw.decode_exchange_extra_s if p.decode else fw.exchange_extra_s
         if phase in COMM_PHASES:
             cost.fixed[phase] = t
         return t
@@ -268,8 +273,8 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     cb["a2a"] = a2a_bytes
     ep_span = env.span(c.ep, c.es)
     a2a_s = coll.all_to_all_s(a2a_bytes, ep_span, env.cluster, c.a2a)
-    ph["dispatch_a2a"] = a2a_s + fixed("dispatch_a2a")
-    ph["combine_a2a"] = a2a_s + fixed("combine_a2a")
+    for phase in ("dispatch_a2a", "combine_a2a"):
+        ph[phase] = a2a_s + fixed(phase, in_situ=c.ep * c.es > 1)
     es_s = 0.0
     if c.es > 1:
         es_span = env.span(c.es, 1)

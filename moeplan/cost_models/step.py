@@ -121,8 +121,10 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
         cost.phases["head"] = steps * 3 * fwd
         # ranks wait for each other's head compute at the next collectives (the first and the
         # last all-to-all, the gradient sync); charged with the gradient sync
+        fw = dev.framework
         cost.phases["grad_sync"] = (grad_sync_s(env, b * params, s.dp, s.tp)
-                                    + wait_factor(env) * cost.phases["head"])
+                                    + wait_factor(env) * cost.phases["head"]
+                                    + (fw.grad_sync_extra_s if fw and env.gpus > 1 else 0.0))
         zero = env.workload.zero_stage
         cost.phases["optimizer"] = optimizer_s(env, params / (s.dp if zero >= 1 else 1),
                                                HEAD_TENSORS)

@@ -152,6 +152,63 @@ def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return max(0.0, my - slope * mx), slope
 
 
+IN_SITU_SIZE = "work"
+
+
+def in_situ_plans(cluster: ClusterProfile, world: int) -> dict:
+    """The plans `moeplan profile` runs the "work" probe with on every rank, as `moerun` would
+    (train and infer): each MoE layer expert-parallel over as many ranks as it has experts
+    (at most the world), flat all-to-all, no tensor slicing; costed on `cluster`."""
+    from moeplan.cost_models.layer import LayerChoice
+    from moeplan.planner.planning import Request, fixed_plan
+
+    spec = probe_spec(IN_SITU_SIZE)
+    _, _, _, B, S = PROBE_SIZES[IN_SITU_SIZE]
+    prompt, new = decode_shape(IN_SITU_SIZE)
+    choices = {}
+    for i, E in enumerate(spec.experts):
+        ep = min(E, world)
+        if E and E % ep == 0 and world % ep == 0:
+            choices[i] = LayerChoice(ep=ep, es=1, a2a="flat", coordinated=False)
+    requests = {"train": Request(gpus=world, mode="train", global_batch=B * world,
+                                 micro_batch=B, seq_len=S, zero_stage=0, simulate_top=0),
+                "infer": Request(gpus=world, mode="infer", global_batch=B * world,
+                                 prompt_len=prompt, gen_len=new, simulate_top=0)}
+    return {mode: fixed_plan(spec, cluster, r, 1, choices) for mode, r in requests.items()}
+
+
+def exchanges_per_pass(plan) -> int:
+    """All-to-all calls of one training step (forward and backward: 4 per exchanging layer and
+    micro-batch) or of one decode token (2 per exchanging layer)."""
+    layers = sum(1 for l in plan.layers if l.kind == "moe" and (l.ep or 1) * (l.es or 1) > 1)
+    w = plan.workload
+    if w.mode == "train":
+        return 4 * layers * (w.global_batch // (plan.parallel.dp * w.micro_batch))
+    return 2 * layers
+
+
+def in_situ_extras(measured: dict, profile: ClusterProfile) -> dict[str, float]:
+    """What the probe's all-to-alls (per call, training and decode) and gradient sync (per step)
+    took inside `moerun`'s own loop beyond what `profile` predicts for the same plans — never
+    below zero (the model keeps what it charges)."""
+    plans = in_situ_plans(profile, measured["world"])
+    out = {}
+    for mode, key in (("train", "exchange_extra_s"), ("infer", "decode_exchange_extra_s")):
+        got = measured.get(mode)
+        calls = exchanges_per_pass(plans[mode])
+        if not got or not calls:
+            continue
+        predicted = sum(l.predicted.phases_s.get(ph, 0.0) for l in plans[mode].layers
+                        for ph in ("dispatch_a2a", "combine_a2a"))
+        out[key] = max(0.0, (got["a2a_s"] - predicted) / calls)
+        if mode == "train":
+            p = plans[mode]
+            sync = p.predicted.head_phases_s.get("grad_sync", 0.0) + sum(
+                l.predicted.phases_s.get("grad_sync", 0.0) for l in p.layers)
+            out["grad_sync_extra_s"] = max(0.0, got["grad_sync_s"] - sync)
+    return out
+
+
 DECODE_TABLES = {"fixed": "infer_fixed", "work": "infer", "work2": "infer_work2"}
 
 
@@ -290,4 +347,14 @@ def build_profile(base: str, name: str, gpus_per_node: int, info: dict,
         "intra": tiers["intra"].model_dump(), "inter": tiers["inter"].model_dump(),
         "device": dev.model_dump(), "fitted": [f.model_dump() for f in fits]}})
     scales = fit_exchanges(m.get("exchanges", []), profile, where)
-    return profile.model_copy(update={"exchanges": scales}) if scales else profile
+    if scales:
+        profile = profile.model_copy(update={"exchanges": scales})
+    fw = profile.device.framework
+    if fw is not None and m.get("in_situ"):
+        extras = in_situ_extras(m["in_situ"], profile)
+        fw = fw.model_copy(update={**extras, "source": fw.source + (
+            "; all-to-all and gradient sync beyond the model from the probe run expert-parallel "
+            "on every rank by the runtime's own training and decoding loops")})
+        profile = profile.model_copy(update={"device": profile.device.model_copy(
+            update={"framework": fw})})
+    return profile

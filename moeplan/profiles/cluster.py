@@ -77,6 +77,13 @@ class FrameworkOverhead(BaseModel):
         "the probe's time with every rank of the node running it at once over its time on one "
         "rank alone (others idle): ranks sharing cores, memory bandwidth, SMT siblings"))
     decode_contention: float = Field(1.0, gt=0, description="the same, greedy decoding")
+    exchange_extra_s: float = Field(0.0, ge=0, description=(
+        "seconds each all-to-all call of a training pass took inside a running step beyond what "
+        "the model charged it (microbenchmarked exchange + waits): ranks arriving at different "
+        "moments, waking blocked ranks — the probe run expert-parallel on every rank"))
+    decode_exchange_extra_s: float = Field(0.0, ge=0, description="the same, decoding")
+    grad_sync_extra_s: float = Field(0.0, ge=0, description=(
+        "seconds the gradient sync of that run took per step beyond what the model charged it"))
     skew: float = Field(0.0, ge=0, description=(
         "how far the slowest rank trails the mean over one training step of the probe, all "
         "ranks at once: what a rank waits at a collective for its peers, per second of compute"))

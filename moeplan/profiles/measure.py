@@ -9,8 +9,9 @@ runs from the roofline). What ranks cost each other is measured with all of them
 same model on every rank (contention: ranks sharing CPU cores or memory bandwidth), the spread
 of their step times (skew), allreduce / allgather / reduce-scatter / all-to-all over message
 sizes on the intra-node groups (the G ranks of one node) and the inter-node groups (one rank per
-node; GPUs of a node share its NICs), and both all-to-all algorithms over the whole world where
-it spans nodes. Each all-rank figure is the slowest rank of a repeat;
+node; GPUs of a node share its NICs), both all-to-all algorithms over the whole world where
+it spans nodes, and the probe run by the runtime's own loops with its experts spread over every
+rank (what exchanges and gradient sync take inside a running step). Each all-rank figure is the slowest rank of a repeat;
 repeats are reduced by `fit.robust_median`.
 Rank 0 fits them (`fit.py`) and writes a `ClusterProfile`.
 """
@@ -379,6 +380,36 @@ def framework(b: Bench, quick: bool) -> dict:
             "host_ranks": _ranks_on_this_host(b), "cores": _cores(b)}
 
 
+def in_situ(b: Bench, base: str, gpus_per_node: int, quick: bool) -> dict:
+    """The "work" probe run by the runtime's own training and decoding loops (`runtime.run`, as
+    `moerun` runs a plan) on every rank, its MoE layers expert-parallel over the world
+    (`build.in_situ_plans`): the all-to-all phases and the gradient sync as they come out inside
+    a running step, mean over ranks as `moerun` reports them. The profile keeps what they take
+    beyond the model's prediction for the same plans."""
+    if b.world == 1:
+        return {}
+    from moeplan.profiles.build import in_situ_plans
+    from moeplan.profiles.zoo import load_cluster
+    from moeplan.runtime.groups import build_groups
+    from moeplan.runtime.kernels import select, use_kernels
+    from moeplan.runtime.run import RunConfig, build_model, infer, train
+
+    cluster = load_cluster(base).model_copy(update={"gpus_per_node": gpus_per_node})
+    out: dict = {"world": b.world}
+    for mode, plan in in_situ_plans(cluster, b.world).items():
+        groups = build_groups(plan, b.rank, b.world)
+        cfg = RunConfig(mode=mode, steps=3 if quick else 6, warmup=1)
+        model = build_model(plan, groups, cfg).to(b.device)
+        use_kernels(model, select(b.device))
+        got = (train if mode == "train" else infer)(plan, model, groups, cfg, lambda *_: None)
+        a2a = sum(v for (_, ph), v in got["phases"].items()
+                  if ph in ("dispatch_a2a", "combine_a2a"))
+        t = torch.tensor([a2a, got.get("grad_sync_s", 0.0)], dtype=torch.float64)
+        dist.all_reduce(t)
+        out[mode] = {"a2a_s": float(t[0]) / b.world, "grad_sync_s": float(t[1]) / b.world}
+    return out
+
+
 def _cores(b: Bench) -> int | None:
     """CPU cores the ranks of this host share — None on GPUs, where each rank has its own."""
     if b.device.type == "cuda":
@@ -414,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     nodes, G = world // a.gpus_per_node, a.gpus_per_node
     n_coll = (len(_sizes(1 << 12, (1 << 20) if quick else (1 << 23)))
               * (4 * ((G > 1) + (nodes > 1)) + 2 * (G > 1 and nodes > 1)))
-    with Progress(rank == 0, total=3 + n_coll) as bar:
+    with Progress(rank == 0, total=4 + n_coll) as bar:
         dtype = torch.bfloat16 if cuda else torch.float32
         # one rank alone (the others wait): the device's own speed; what ranks cost each other
         # when they share cores is measured apart, as the framework's `contention`
@@ -432,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         bar.step("framework overhead")
         coll = collectives(b, a.gpus_per_node, quick, lambda: bar.step("collectives"))
         exch = exchanges(b, a.gpus_per_node, quick, lambda: bar.step("all-to-all algorithms"))
+        situ = in_situ(b, a.base, a.gpus_per_node, quick)
+        bar.step("exchanges in a running step")
     if rank == 0:
         from moeplan.profiles.build import build_profile
 
@@ -446,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             info["memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
         raw = {"gemm": g, "copy": c, "op_overhead_s": ov, "framework": fw, "collectives": coll,
-               "exchanges": exch}
+               "exchanges": exch, "in_situ": situ}
         out = Path(a.out)
         import json
 

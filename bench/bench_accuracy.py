@@ -1,12 +1,14 @@
 """Prediction accuracy on this machine: profile, plan, run, compare — over a grid of plans.
 
-    python bench/bench_accuracy.py [--profile FILE] [--steps 6] [--quick] [--out accuracy.json]
+    python bench/bench_accuracy.py [--profile FILE] [--steps 6] [--rounds 3] [--quick]
+                                   [--out accuracy.json]
 
 1. `moeplan profile --nproc N` measures this host (CPU ranks, gloo) for each rank count N of the
    grid: on a host with fewer cores than ranks the contention, and so every figure, depends on N.
 2. For every grid point (tiny and small PR-MoE; 2 and 4 ranks; train and infer; flat and
    hierarchical all-to-all where the layout allows it), a plan with those degrees is costed on
-   that profile (`fixed_plan`, with its simulation), run with `moerun`, and compared.
+   that profile (`fixed_plan`, with its simulation), run with `moerun` once per round (every
+   plan in turn, `--rounds` times), and compared with its median run.
 3. Prints JSON: per plan the prediction error (predicted − measured) / measured of step time
    (train) or per-token latency (infer),
    for the analytic model and for the simulator, and of each phase (analytic); then the median
@@ -60,30 +62,41 @@ def make_plan(point: dict, profile: str):
     return fixed_plan(spec, cluster, r, 1, choices)
 
 
-def run_point(point: dict, profile: str, work: Path, steps: int) -> dict:
-    plan = make_plan(point, profile)
-    tag = f"{Path(point['model']).stem}-{point['ranks']}-{point['mode']}-{point['a2a']}"
-    plan_path, run_path = work / f"{tag}.plan.json", work / f"{tag}.run.json"
-    plan_path.write_text(plan.to_json())
-    t0 = time.perf_counter()
+def tag_of(point: dict) -> str:
+    return f"{Path(point['model']).stem}-{point['ranks']}-{point['mode']}-{point['a2a']}"
+
+
+def run_once(point: dict, plan_path: Path, run_path: Path, steps: int) -> str | None:
+    """One `moerun` of the plan; the last line of its error, if it failed."""
     if point["mode"] == "infer":  # a generation is short and noisy: take more of them
         steps = 2 * steps
     r = subprocess.run(MOERUN + ["--plan", str(plan_path), "--out", str(run_path), "--steps",
                                  str(steps), "--warmup", "2"], capture_output=True, text=True)
-    if r.returncode != 0:
-        return {**point, "tag": tag, "error": r.stderr.strip().splitlines()[-1:]}
-    run = RunRecord.model_validate_json(run_path.read_text())
+    return None if r.returncode == 0 else (r.stderr.strip().splitlines() or ["failed"])[-1]
+
+
+def measured_of(run: RunRecord, mode: str) -> float:
+    return run.measured.step_time_s if mode == "train" else run.measured.latency_s
+
+
+def evaluate(point: dict, plan, runs: list[RunRecord], wall_s: float) -> dict:
+    """Errors of the plan against its median run (the run whose step time / token latency is
+    the median of the rounds; its phases with it)."""
+    mode = point["mode"]
+    ordered = sorted(runs, key=lambda r: measured_of(r, mode))
+    run = ordered[(len(ordered) - 1) // 2]
     rows = compare(plan, run)
-    measured = run.measured.step_time_s if point["mode"] == "train" else run.measured.latency_s
-    analytic = plan.predicted.step_time_s if point["mode"] == "train" else plan.predicted.latency_s
+    measured = measured_of(run, mode)
+    analytic = plan.predicted.step_time_s if mode == "train" else plan.predicted.latency_s
     simulated = plan.predicted.simulated_time_s
     phases = {row.phase: row.rel_error for row in rows
               if row.scope == "all layers" and row.rel_error is not None}
-    return {**point, "tag": tag, "measured_s": measured, "analytic_s": analytic,
-            "simulated_s": simulated, "analytic_error": (analytic - measured) / measured,
+    return {**point, "tag": tag_of(point), "measured_s": measured,
+            "measured_rounds_s": [measured_of(r, mode) for r in runs],
+            "analytic_s": analytic, "simulated_s": simulated,
+            "analytic_error": (analytic - measured) / measured,
             "simulated_error": (simulated - measured) / measured,
-            "phase_errors": phases, "summary": summarize(rows),
-            "wall_s": round(time.perf_counter() - t0, 1)}
+            "phase_errors": phases, "summary": summarize(rows), "wall_s": round(wall_s, 1)}
 
 
 def stats(values: list[float]) -> dict:
@@ -97,6 +110,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="8 grid points, quick profile")
     p.add_argument("--steps", type=int, default=6,
                    help="measured training steps per plan (inference: twice as many generations)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="runs of every plan, in turn; each plan is compared with its median run")
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="moeplan-accuracy-"))
@@ -110,12 +125,34 @@ def main() -> None:
         cmd = MOEPLAN + ["profile", "--nproc", str(ranks), "--out", profiles[ranks]]
         subprocess.run(cmd + (["--quick"] if a.quick else []), check=True, capture_output=True)
     profile_s = time.perf_counter() - t0
-    results = []
-    for point in grid(a.quick):
-        res = run_point(point, profiles[point["ranks"]], work, a.steps)
-        print(json.dumps({k: res.get(k) for k in ("tag", "measured_s", "analytic_error",
-                                                  "simulated_error", "error")}), file=sys.stderr)
-        results.append(res)
+    points = grid(a.quick)
+    plans, runs, errors, wall = {}, {}, {}, {}
+    for point in points:
+        tag = tag_of(point)
+        plans[tag] = make_plan(point, profiles[point["ranks"]])
+        (work / f"{tag}.plan.json").write_text(plans[tag].to_json())
+        runs[tag], wall[tag] = [], 0.0
+    # every plan once per round, in turn: a slow spell of the host touches one run of a plan,
+    # not all of them
+    for rnd in range(a.rounds):
+        for point in points:
+            tag = tag_of(point)
+            if tag in errors:
+                continue
+            t1 = time.perf_counter()
+            run_path = work / f"{tag}-{rnd}.run.json"
+            err = run_once(point, work / f"{tag}.plan.json", run_path, a.steps)
+            wall[tag] += time.perf_counter() - t1
+            if err:
+                errors[tag] = err
+            else:
+                runs[tag].append(RunRecord.model_validate_json(run_path.read_text()))
+            print(json.dumps({"round": rnd + 1, "tag": tag, "error": err, "measured_s": None
+                              if err else measured_of(runs[tag][-1], point["mode"])}),
+                  file=sys.stderr)
+    results = [{**pt, "tag": tag_of(pt), "error": errors[tag_of(pt)]} if tag_of(pt) in errors
+               else evaluate(pt, plans[tag_of(pt)], runs[tag_of(pt)], wall[tag_of(pt)])
+               for pt in points]
     ok = [r for r in results if "error" not in r]
     key_phases = ("attention", "experts", "dispatch_a2a", "combine_a2a", "grad_sync")
     out = {

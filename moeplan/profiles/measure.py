@@ -11,8 +11,8 @@ of their step times (skew), allreduce / allgather / reduce-scatter / all-to-all 
 sizes on the intra-node groups (the G ranks of one node) and the inter-node groups (one rank per
 node; GPUs of a node share its NICs), both all-to-all algorithms over the whole world where
 it spans nodes, and the probe run by the runtime's own loops with its experts spread over every
-rank (what exchanges and gradient sync take inside a running step). Each all-rank figure is the slowest rank of a repeat;
-repeats are reduced by `fit.robust_median`.
+rank (what exchanges and gradient sync take inside a running step). Each all-rank figure is the
+slowest rank of a repeat; repeats are reduced by `fit.robust_median`.
 Rank 0 fits them (`fit.py`) and writes a `ClusterProfile`.
 """
 

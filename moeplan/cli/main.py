@@ -143,10 +143,12 @@ def schema(what: str) -> None:
               help="Profile to take unmeasured constants from [default: local-cpu on CPU, "
                    "ndv4-a100-40gb on GPUs].")
 @click.option("--name", default=None, help="Name of the profile [default: measured-HOST].")
-@click.option("--quick", is_flag=True, help="Fewer sizes and repeats (about 4x faster).")
+@click.option("--quick", is_flag=True, help="Fewer sizes and repeats (about 3x faster).")
 def profile(out, nproc, gpus_per_node, backend, base, name, quick) -> None:
     """Measure this host's GPUs (or CPU ranks): NVML topology, GEMM, memory and collective
-    microbenchmarks, fitted into a ClusterProfile for `moeplan search --profile`."""
+    microbenchmarks (both all-to-all algorithms across nodes), and the runtime's own model as a
+    probe (framework cost per phase, contention, exchanges inside a running step), fitted into
+    a ClusterProfile for `moeplan search --profile`."""
     import platform
 
     from moeplan.runtime.launch import launch

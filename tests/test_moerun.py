@@ -154,3 +154,21 @@ def test_validate_never_imports_torch(work):
             "assert 'torch' not in sys.modules, 'torch imported'")
     r = subprocess.run([sys.executable, "-c", code], cwd=d, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_validate_shows_the_untimed_share_where_the_plan_predicts_one(work):
+    """A plan from a measured profile predicts the step's `untimed` seconds (outside every
+    phase timer); `compare` then measures it as the step time less every timed phase."""
+    from moeplan.planner.record import compare
+
+    d, _ = work
+    plan = Plan.model_validate_json((d / "plan.json").read_text())
+    run = RunRecord.model_validate_json((d / "run.json").read_text())
+    assert not any(r.phase == "untimed" for r in compare(plan, run))
+    heads = {**plan.predicted.head_phases_s, "untimed": 1e-3}
+    plan = plan.model_copy(update={"predicted": plan.predicted.model_copy(
+        update={"head_phases_s": heads})})
+    rows = {r.phase: r for r in compare(plan, run) if r.scope == "all layers"}
+    timed = sum(r.measured for k, r in rows.items() if k != "untimed")
+    assert rows["untimed"].predicted == 1e-3
+    assert rows["untimed"].measured == pytest.approx(max(0.0, run.measured.step_time_s - timed))

@@ -149,11 +149,14 @@ def test_in_situ_extras_are_what_a_running_step_took_beyond_the_model():
 
     measured = {"world": 4,
                 "train": {"a2a_s": a2a(plans["train"]) + 8 * 3e-4,
-                          "grad_sync_s": sync(plans["train"]) + 2e-3},
-                "infer": {"a2a_s": a2a(plans["infer"]) + 4 * 5e-4, "grad_sync_s": 0.0}}
+                          "grad_sync_s": sync(plans["train"]) + 2e-3,
+                          "step_s": 0.11, "timed_s": 0.1},
+                "infer": {"a2a_s": a2a(plans["infer"]) + 4 * 5e-4, "grad_sync_s": 0.0,
+                          "step_s": 0.0103, "timed_s": 0.01}}
     got = in_situ_extras(measured, cluster)
     assert got == pytest.approx({"exchange_extra_s": 3e-4, "decode_exchange_extra_s": 5e-4,
-                                 "grad_sync_extra_s": 2e-3})
+                                 "grad_sync_extra_s": 2e-3, "untimed_fraction": 0.1,
+                                 "decode_untimed_fraction": 0.03})
     slower = {**measured, "train": {"a2a_s": 0.0, "grad_sync_s": 0.0}}
     assert in_situ_extras(slower, cluster)["exchange_extra_s"] == 0.0  # never below the model
     with_extras = cluster.model_copy(update={"device": cluster.device.model_copy(update={
@@ -162,6 +165,13 @@ def test_in_situ_extras_are_what_a_running_step_took_beyond_the_model():
     assert a2a(again["train"]) == pytest.approx(a2a(plans["train"]) + 8 * 3e-4)
     assert a2a(again["infer"]) == pytest.approx(a2a(plans["infer"]) + 4 * 5e-4)
     assert sync(again["train"]) == pytest.approx(sync(plans["train"]) + 2e-3)
+    # the untimed share: an `untimed` head phase, that fraction of everything else in the step
+    for mode, f in (("train", 0.1), ("infer", 0.03)):
+        p = again[mode]
+        total = p.predicted.step_time_s if mode == "train" else p.predicted.latency_s
+        untimed = p.predicted.head_phases_s["untimed"]
+        assert untimed == pytest.approx(f * (total - untimed))
+    assert "untimed" not in plans["train"].predicted.head_phases_s
 
 
 def test_bad_profiles_are_refused_in_one_line(tmp_path, monkeypatch, capsys):

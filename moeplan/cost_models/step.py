@@ -148,6 +148,23 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
     return cost
 
 
+def with_untimed(env: Env, head: LayerCost, layers_s: float) -> LayerCost:
+    """The head with the step's `untimed` seconds added: what the runtime spends outside every
+    timed phase (batch preparation, loss readout, the learning-rate schedule, glue between
+    phases), the measured profile's fraction of everything else (training and decode apart);
+    `layers_s` is the layers' total. Unchanged without a measured fraction."""
+    fw = env.cluster.device.framework
+    if fw is None:
+        return head
+    f = fw.untimed_fraction if env.workload.mode == "train" else fw.decode_untimed_fraction
+    if f <= 0.0:
+        return head
+    out = LayerCost(phases=dict(head.phases), comm_bytes=head.comm_bytes, memory=head.memory,
+                    transient_bytes=head.transient_bytes, fixed=head.fixed)
+    out.phases["untimed"] = f * (layers_s + head.time_s)
+    return out
+
+
 def prefill_head_s(env: Env, s: Setting) -> float:
     """The prompt pass embeds every prompt token and reads the head once for the last one."""
     dev = env.cluster.device
@@ -156,4 +173,4 @@ def prefill_head_s(env: Env, s: Setting) -> float:
 
 
 __all__ = ["COMM_PHASES", "COMPUTE_PHASES", "train_layer", "infer_layer", "head_cost",
-           "prefill_head_s"]
+           "prefill_head_s", "with_untimed"]

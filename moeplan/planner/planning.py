@@ -247,7 +247,7 @@ def fixed_plan(spec: ModelSpec, cluster: ClusterProfile, r: Request, tp: int,
     ep = E capped at the world size), costed by the same model as the search. For tests,
     validation grids and users who want to predict a configuration of their own."""
     from moeplan.cost_models.layer import DENSE, LayerChoice
-    from moeplan.cost_models.step import head_cost
+    from moeplan.cost_models.step import head_cost, with_untimed
     from moeplan.cost_models.workload import Setting
     from moeplan.planner.search import Candidate, SearchStats, _evaluate
     from moeplan.planner.space import layer_choices
@@ -270,7 +270,7 @@ def fixed_plan(spec: ModelSpec, cluster: ClusterProfile, r: Request, tp: int,
                 raise ConfigError(f"layer {i + 1}: {c} is not valid for {E} experts on "
                                   f"{env.gpus} GPUs with tp={tp}")
         layers.append(_evaluate(env, s, i, c))
-    head = head_cost(env, s)
+    head = with_untimed(env, head_cost(env, s), sum(e.cost.time_s for e in layers))
     cand = Candidate(setting=s, layers=layers, head=head,
                      time_s=head.time_s + sum(e.cost.time_s for e in layers),
                      memory_bytes=head.memory_bytes + sum(e.cost.memory_bytes for e in layers)

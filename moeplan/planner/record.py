@@ -99,6 +99,10 @@ def compare(plan: Plan, run: RunRecord) -> list[Comparison]:
             predicted_phase[k] = predicted_phase.get(k, 0.0) + pred.head_phases_s.get(k, 0.0)
     predicted_phase["head"] = pred.head_phases_s.get("head", 0.0)
     measured_phase["head"] = meas.head_phases_s.get("head", 0.0)
+    if pred.head_phases_s.get("untimed"):  # the step outside every timed phase
+        headline = meas.step_time_s if run.mode == "train" else meas.latency_s
+        predicted_phase["untimed"] = pred.head_phases_s["untimed"]
+        measured_phase["untimed"] = max(0.0, (headline or 0.0) - sum(measured_phase.values()))
     for k in sorted(set(predicted_phase) | set(measured_phase)):
         p, m = predicted_phase.get(k, 0.0), measured_phase.get(k, 0.0)
         if p > 0 or m > 0:

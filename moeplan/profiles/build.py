@@ -190,7 +190,8 @@ def exchanges_per_pass(plan) -> int:
 def in_situ_extras(measured: dict, profile: ClusterProfile) -> dict[str, float]:
     """What the probe's all-to-alls (per call, training and decode) and gradient sync (per step)
     took inside `moerun`'s own loop beyond what `profile` predicts for the same plans — never
-    below zero (the model keeps what it charges)."""
+    below zero (the model keeps what it charges) — and the step's (token's) time outside every
+    timed phase as a fraction of the timed time."""
     plans = in_situ_plans(profile, measured["world"])
     out = {}
     for mode, key in (("train", "exchange_extra_s"), ("infer", "decode_exchange_extra_s")):
@@ -201,6 +202,9 @@ def in_situ_extras(measured: dict, profile: ClusterProfile) -> dict[str, float]:
         predicted = sum(l.predicted.phases_s.get(ph, 0.0) for l in plans[mode].layers
                         for ph in ("dispatch_a2a", "combine_a2a"))
         out[key] = max(0.0, (got["a2a_s"] - predicted) / calls)
+        if got.get("timed_s"):
+            out["untimed_fraction" if mode == "train" else "decode_untimed_fraction"] = max(
+                0.0, got["step_s"] / got["timed_s"] - 1.0)
         if mode == "train":
             p = plans[mode]
             sync = p.predicted.head_phases_s.get("grad_sync", 0.0) + sum(

@@ -82,6 +82,10 @@ class FrameworkOverhead(BaseModel):
         "the model charged it (microbenchmarked exchange + waits): ranks arriving at different "
         "moments, waking blocked ranks — the probe run expert-parallel on every rank"))
     decode_exchange_extra_s: float = Field(0.0, ge=0, description="the same, decoding")
+    untimed_fraction: float = Field(0.0, ge=0, description=(
+        "a training step's time outside every timed phase (batch preparation, loss readout, "
+        "learning-rate schedule, glue between phases) over the timed time, in that run"))
+    decode_untimed_fraction: float = Field(0.0, ge=0, description="the same, per decode token")
     grad_sync_extra_s: float = Field(0.0, ge=0, description=(
         "seconds the gradient sync of that run took per step beyond what the model charged it"))
     skew: float = Field(0.0, ge=0, description=(

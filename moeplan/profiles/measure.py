@@ -384,8 +384,9 @@ def in_situ(b: Bench, base: str, gpus_per_node: int, quick: bool) -> dict:
     """The "work" probe run by the runtime's own training and decoding loops (`runtime.run`, as
     `moerun` runs a plan) on every rank, its MoE layers expert-parallel over the world
     (`build.in_situ_plans`): the all-to-all phases and the gradient sync as they come out inside
-    a running step, mean over ranks as `moerun` reports them. The profile keeps what they take
-    beyond the model's prediction for the same plans."""
+    a running step, mean over ranks as `moerun` reports them, and the step (token) time against
+    its timed phases. The profile keeps what they take beyond the model's prediction for the
+    same plans, and the share of the step no phase timer sees."""
     if b.world == 1:
         return {}
     from moeplan.profiles.build import in_situ_plans
@@ -404,9 +405,14 @@ def in_situ(b: Bench, base: str, gpus_per_node: int, quick: bool) -> dict:
         got = (train if mode == "train" else infer)(plan, model, groups, cfg, lambda *_: None)
         a2a = sum(v for (_, ph), v in got["phases"].items()
                   if ph in ("dispatch_a2a", "combine_a2a"))
-        t = torch.tensor([a2a, got.get("grad_sync_s", 0.0)], dtype=torch.float64)
+        sync, opt = got.get("grad_sync_s", 0.0), got.get("optimizer_s", 0.0)
+        timed = sum(got["phases"].values()) + sync + opt
+        whole = got["step_s"] if mode == "train" else got["latency_s"]
+        t = torch.tensor([a2a, sync, whole, timed], dtype=torch.float64)
         dist.all_reduce(t)
-        out[mode] = {"a2a_s": float(t[0]) / b.world, "grad_sync_s": float(t[1]) / b.world}
+        t /= b.world
+        out[mode] = {"a2a_s": float(t[0]), "grad_sync_s": float(t[1]), "step_s": float(t[2]),
+                     "timed_s": float(t[3])}
     return out
 
 

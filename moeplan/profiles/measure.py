@@ -380,40 +380,63 @@ def framework(b: Bench, quick: bool) -> dict:
             "host_ranks": _ranks_on_this_host(b), "cores": _cores(b)}
 
 
-def in_situ(b: Bench, base: str, gpus_per_node: int, quick: bool) -> dict:
+class InSitu:
     """The "work" probe run by the runtime's own training and decoding loops (`runtime.run`, as
     `moerun` runs a plan) on every rank, its MoE layers expert-parallel over the world
     (`build.in_situ_plans`): the all-to-all phases and the gradient sync as they come out inside
     a running step, mean over ranks as `moerun` reports them, and the step (token) time against
     its timed phases. The profile keeps what they take beyond the model's prediction for the
-    same plans, and the share of the step no phase timer sees."""
-    if b.world == 1:
-        return {}
-    from moeplan.profiles.build import in_situ_plans
-    from moeplan.profiles.zoo import load_cluster
-    from moeplan.runtime.groups import build_groups
-    from moeplan.runtime.kernels import select, use_kernels
-    from moeplan.runtime.run import RunConfig, build_model, infer, train
+    same plans, and the share of the step no phase timer sees. One sample is a short run of
+    each mode; the profile takes samples at different moments and keeps their median, so one
+    slow spell of the host does not become the profile's figure."""
 
-    cluster = load_cluster(base).model_copy(update={"gpus_per_node": gpus_per_node})
-    out: dict = {"world": b.world}
-    for mode, plan in in_situ_plans(cluster, b.world).items():
-        groups = build_groups(plan, b.rank, b.world)
-        cfg = RunConfig(mode=mode, steps=3 if quick else 6, warmup=1)
-        model = build_model(plan, groups, cfg).to(b.device)
-        use_kernels(model, select(b.device))
-        got = (train if mode == "train" else infer)(plan, model, groups, cfg, lambda *_: None)
-        a2a = sum(v for (_, ph), v in got["phases"].items()
-                  if ph in ("dispatch_a2a", "combine_a2a"))
-        sync, opt = got.get("grad_sync_s", 0.0), got.get("optimizer_s", 0.0)
-        timed = sum(got["phases"].values()) + sync + opt
-        whole = got["step_s"] if mode == "train" else got["latency_s"]
-        t = torch.tensor([a2a, sync, whole, timed], dtype=torch.float64)
-        dist.all_reduce(t)
-        t /= b.world
-        out[mode] = {"a2a_s": float(t[0]), "grad_sync_s": float(t[1]), "step_s": float(t[2]),
-                     "timed_s": float(t[3])}
-    return out
+    def __init__(self, b: Bench, base: str, gpus_per_node: int, quick: bool):
+        from moeplan.profiles.build import in_situ_plans
+        from moeplan.profiles.zoo import load_cluster
+        from moeplan.runtime.groups import build_groups
+        from moeplan.runtime.kernels import select, use_kernels
+        from moeplan.runtime.run import RunConfig, build_model
+
+        self.b, self.runs = b, []
+        if b.world == 1:
+            return
+        cluster = load_cluster(base).model_copy(update={"gpus_per_node": gpus_per_node})
+        for mode, plan in in_situ_plans(cluster, b.world).items():
+            groups = build_groups(plan, b.rank, b.world)  # every rank, in the same order
+            cfg = RunConfig(mode=mode, steps=3 if quick else 4, warmup=1)
+            model = build_model(plan, groups, cfg).to(b.device)
+            use_kernels(model, select(b.device))
+            self.runs.append((mode, plan, groups, cfg, model))
+
+    def sample(self) -> dict:
+        from moeplan.runtime.run import infer, train
+
+        out = {}
+        for mode, plan, groups, cfg, model in self.runs:
+            got = (train if mode == "train" else infer)(plan, model, groups, cfg,
+                                                        lambda *_: None)
+            a2a = sum(v for (_, ph), v in got["phases"].items()
+                      if ph in ("dispatch_a2a", "combine_a2a"))
+            sync, opt = got.get("grad_sync_s", 0.0), got.get("optimizer_s", 0.0)
+            timed = sum(got["phases"].values()) + sync + opt
+            whole = got["step_s"] if mode == "train" else got["latency_s"]
+            t = torch.tensor([a2a, sync, whole, timed], dtype=torch.float64)
+            dist.all_reduce(t)
+            t /= self.b.world
+            out[mode] = {"a2a_s": float(t[0]), "grad_sync_s": float(t[1]),
+                         "step_s": float(t[2]), "timed_s": float(t[3])}
+        return out
+
+    def result(self, samples: list[dict]) -> dict:
+        """Per mode and figure, the median over the samples (the samples as well)."""
+        if not self.runs:
+            return {}
+        from statistics import median
+
+        out: dict = {"world": self.b.world, "samples": samples}
+        for mode in samples[0]:
+            out[mode] = {k: median(smp[mode][k] for smp in samples) for k in samples[0][mode]}
+        return out
 
 
 def _cores(b: Bench) -> int | None:
@@ -465,11 +488,14 @@ def main(argv: list[str] | None = None) -> int:
             ov = op_overhead(solo)
         if world > 1:
             dist.barrier()
+        situ = InSitu(b, a.base, a.gpus_per_node, quick)
+        samples = [situ.sample()]  # three moments apart: one slow spell is one sample
         fw = framework(b, quick)
         bar.step("framework overhead")
+        samples.append(situ.sample())
         coll = collectives(b, a.gpus_per_node, quick, lambda: bar.step("collectives"))
         exch = exchanges(b, a.gpus_per_node, quick, lambda: bar.step("all-to-all algorithms"))
-        situ = in_situ(b, a.base, a.gpus_per_node, quick)
+        samples.append(situ.sample())
         bar.step("exchanges in a running step")
     if rank == 0:
         from moeplan.profiles.build import build_profile
@@ -485,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             info["memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
         raw = {"gemm": g, "copy": c, "op_overhead_s": ov, "framework": fw, "collectives": coll,
-               "exchanges": exch, "in_situ": situ}
+               "exchanges": exch, "in_situ": situ.result(samples)}
         out = Path(a.out)
         import json
 

@@ -117,12 +117,17 @@ def all_to_all_hierarchical_parts(nbytes: float, span: GroupSpan, cluster: Clust
     g, n = span.per_node, span.nodes
     lat_i, bw_i = _tier(cluster, "all_to_all", "intra")
     lat_e, bw_e = _tier(cluster, "all_to_all", "inter")
-    device = cluster.device
-    latency = (g - 1) * lat_i + device.op_overhead_s + (n - 1) * lat_e
-    transfer = (nbytes * (g - 1) / g / bw_i
-                + 2.0 * nbytes / (device.hbm_Bps * device.hbm_efficiency)
+    latency = (g - 1) * lat_i + cluster.device.op_overhead_s + (n - 1) * lat_e
+    transfer = (nbytes * (g - 1) / g / bw_i + layout_transform_s(nbytes, cluster)
                 + nbytes * (n - 1) / n / bw_e)
     return latency, transfer
+
+
+def layout_transform_s(nbytes: float, cluster: ClusterProfile) -> float:
+    """The hierarchical exchange's regrouping by destination node: the buffer read and written
+    once (its per-operation cost is counted with the latencies)."""
+    device = cluster.device
+    return 2.0 * nbytes / (device.hbm_Bps * device.hbm_efficiency)
 
 
 def all_to_all_flat_s(nbytes: float, span: GroupSpan, cluster: ClusterProfile) -> float:

@@ -203,16 +203,15 @@ class Simulator:
         hier = algorithm == "hierarchical" and span.nodes > 1 and span.per_node > 1
 
         def run() -> float:
+            """The flows of the algorithm over the links; latencies as the analytic model's."""
             c = self.env.cluster
-            lat_i, _ = coll._tier(c, "all_to_all", "intra")
-            lat_e, _ = coll._tier(c, "all_to_all", "inter")
             chosen = _closure(groups, G)
             k_lat, k_bytes = coll.exchange_scale(c, algorithm if hier else "flat", span)
             if not hier:
                 p = len(groups[0])
                 flows = [(a, b, nbytes / p) for g in chosen for a in g for b in g]
-                return (k_bytes * transfer_s(flows, self.links)
-                        + k_lat * ((span.per_node - 1) * lat_i + (p - span.per_node) * lat_e))
+                latency, _ = coll.all_to_all_flat_parts(nbytes, span, c)
+                return k_bytes * transfer_s(flows, self.links) + k_lat * latency
             g_, n = span.per_node, span.nodes
             intra, inter = [], []
             for grp in chosen:
@@ -221,10 +220,8 @@ class Simulator:
                     intra += [(a, b, nbytes / g_) for a in members for b in members]
                 for members in nodes[1]:
                     inter += [(a, b, nbytes / n) for a in members for b in members]
-            dev = c.device
-            transform = 2.0 * nbytes / (dev.hbm_Bps * dev.hbm_efficiency)
-            latency = (g_ - 1) * lat_i + dev.op_overhead_s + (n - 1) * lat_e
-            return (k_bytes * (transfer_s(intra, self.links) + transform
+            latency, _ = coll.all_to_all_hierarchical_parts(nbytes, span, c)
+            return (k_bytes * (transfer_s(intra, self.links) + coll.layout_transform_s(nbytes, c)
                                + transfer_s(inter, self.links)) + k_lat * latency)
         return self._cached(("a2a", hier, _sig(groups), nbytes), run)
 

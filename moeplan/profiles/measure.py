@@ -123,14 +123,20 @@ def _collective(name: str, group, size: int, nbytes: int, device) -> callable:
     return lambda: dist.all_to_all_single(out, x, group=group)
 
 
-def collectives(b: Bench, gpus_per_node: int, quick: bool, progress) -> list[dict]:
-    G, world = gpus_per_node, b.world
-    nodes = world // G
+def tier_groups(world: int, gpus_per_node: int) -> dict[str, list[list[int]]]:
+    """The intra-node groups (the G ranks of each node) and the inter-node groups (one rank of
+    each node, same local index), where there are more than one rank to a group."""
+    G, nodes = gpus_per_node, world // gpus_per_node
     tiers = {}
     if G > 1:
         tiers["intra"] = [[n * G + l for l in range(G)] for n in range(nodes)]
     if nodes > 1:
         tiers["inter"] = [[n * G + l for n in range(nodes)] for l in range(G)]
+    return tiers
+
+
+def collectives(b: Bench, gpus_per_node: int, quick: bool, progress) -> list[dict]:
+    tiers = tier_groups(b.world, gpus_per_node)
     rows = []
     sizes = _sizes(1 << 12, (1 << 20) if quick else (1 << 23))
     for tier, groups in tiers.items():
@@ -160,8 +166,7 @@ def exchanges(b: Bench, gpus_per_node: int, quick: bool, progress) -> list[dict]
     if nodes <= 1 or G <= 1:
         return []
     made = {}
-    for tier, groups in (("intra", [[n * G + l for l in range(G)] for n in range(nodes)]),
-                         ("inter", [[n * G + l for n in range(nodes)] for l in range(G)])):
+    for tier, groups in tier_groups(world, G).items():
         handles = [dist.new_group(g) for g in groups]  # every rank creates every group, in order
         mine = next(i for i, g in enumerate(groups) if b.rank in g)
         made[tier] = Comm(group=handles[mine], ranks=tuple(groups[mine]),

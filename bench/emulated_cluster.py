@@ -129,7 +129,7 @@ def _both(spec, cluster, req, world: int, work: Path, k: int, N: int, G: int, st
         for algo, pf in plans.items():
             rf = work / f"c{k}-{algo}-{r}.run.json"
             across_nodes(N, G, ["-m", "moeplan.runtime.worker", "--plan", str(pf), "--mode",
-                                "train", "--steps", str(steps), "--warmup", "1", "--out",
+                                "train", "--steps", str(steps), "--warmup", "2", "--out",
                                 str(rf)],
                          port=29520 + 2 * (rounds * k + r) + (algo == "flat"))
             run = RunRecord.model_validate_json(rf.read_text())
@@ -144,7 +144,8 @@ def main() -> int:
     ap.add_argument("--ranks-per-node", type=int, default=2)
     ap.add_argument("--rate", default="200mbit", help="inter-node link rate (tc tbf)")
     ap.add_argument("--configs", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=12,
+                    help="measured steps per run (the host's slow spells last seconds)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="runs of each plan, in turn; the median counts")
     ap.add_argument("--quick", action="store_true", help="quick profile")

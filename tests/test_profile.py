@@ -217,6 +217,7 @@ def test_profile_on_cpu_ranks_end_to_end(tmp_path):
     assert all(o.forward_s > 0 for k, o in fw.phases.items() if k != "moe.experts_per_local")
     situ = raw["in_situ"]  # the probe run by moerun's own loops, experts over both ranks
     assert situ["world"] == 2 and situ["train"]["a2a_s"] > 0 and situ["infer"]["a2a_s"] > 0
+    assert len(situ["samples"]) == 3  # one at each of three moments (--quick)
     assert situ["train"]["grad_sync_s"] > 0
     assert fw.exchange_extra_s >= 0 and fw.grad_sync_extra_s >= 0
 
@@ -234,3 +235,13 @@ def test_profile_bad_inputs_are_one_line(argv, message, monkeypatch, capsys, tmp
     monkeypatch.setattr(nvml, "topology", lambda: {"available": False, "reason": "no driver"})
     code, _, err = invoke(moeplan_cli, ["profile", *argv], monkeypatch, capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_in_situ_keeps_its_quietest_sample_whole():
+    from moeplan.profiles.measure import quietest
+
+    slow = {"a2a_s": 0.040, "grad_sync_s": 0.010, "step_s": 0.120, "timed_s": 0.100}
+    quiet = {"a2a_s": 0.012, "grad_sync_s": 0.004, "step_s": 0.050, "timed_s": 0.046}
+    odd = {"a2a_s": 0.008, "grad_sync_s": 0.020, "step_s": 0.070, "timed_s": 0.060}
+    # a slow spell through most of the profile: a median would be one of the slow samples
+    assert quietest([slow, odd, slow, quiet, slow]) == quiet  # its figures together, not mins

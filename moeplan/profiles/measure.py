@@ -396,7 +396,7 @@ class InSitu:
     a running step, mean over ranks as `moerun` reports them, and the step (token) time against
     its timed phases. The profile keeps what they take beyond the model's prediction for the
     same plans, and the share of the step no phase timer sees. One sample is a short run of
-    each mode; the profile takes samples at different moments and keeps their median, so one
+    each mode; the profile takes samples at different moments and keeps the quietest, so a
     slow spell of the host does not become the profile's figure."""
 
     def __init__(self, b: Bench, base: str, gpus_per_node: int, quick: bool):
@@ -412,7 +412,8 @@ class InSitu:
         cluster = load_cluster(base).model_copy(update={"gpus_per_node": gpus_per_node})
         for mode, plan in in_situ_plans(cluster, b.world).items():
             groups = build_groups(plan, b.rank, b.world)  # every rank, in the same order
-            cfg = RunConfig(mode=mode, steps=3 if quick else 4, warmup=1)
+            # warm-up beyond the first step: the first calls on fresh groups and buffers are slow
+            cfg = RunConfig(mode=mode, steps=4 if quick else 8, warmup=2)
             model = build_model(plan, groups, cfg).to(b.device)
             use_kernels(model, select(b.device))
             self.runs.append((mode, plan, groups, cfg, model))
@@ -437,15 +438,22 @@ class InSitu:
         return out
 
     def result(self, samples: list[dict]) -> dict:
-        """Per mode and figure, the median over the samples (the samples as well)."""
+        """Per mode, the quietest sample (the samples as well): see `quietest`."""
         if not self.runs:
             return {}
-        from statistics import median
-
         out: dict = {"world": self.b.world, "samples": samples}
         for mode in samples[0]:
-            out[mode] = {k: median(smp[mode][k] for smp in samples) for k in samples[0][mode]}
+            out[mode] = quietest([smp[mode] for smp in samples])
         return out
+
+
+def quietest(samples: list[dict]) -> dict:
+    """The sample with the shortest step (token), all its figures together. The host's slow
+    spells only ever add time — at the collectives most (a descheduled peer), for seconds,
+    sometimes through most of a profile — so a median over samples can still be one; the
+    quietest sample is the machine as a run sees it most of the time, and its all-to-all,
+    gradient-sync and untimed figures belong to one moment."""
+    return dict(min(samples, key=lambda s: s["step_s"]))
 
 
 def _cores(b: Bench) -> int | None:
@@ -498,13 +506,16 @@ def main(argv: list[str] | None = None) -> int:
         if world > 1:
             dist.barrier()
         situ = InSitu(b, a.base, a.gpus_per_node, quick)
-        samples = [situ.sample()]  # three moments apart: one slow spell is one sample
+        # at three moments a minute or more apart, one or two each: the host's slow spells last
+        # seconds and can double a step; the profile keeps the quietest (`quietest`)
+        per_moment = 1 if quick else 2
+        samples = [situ.sample() for _ in range(per_moment)]
         fw = framework(b, quick)
         bar.step("framework overhead")
-        samples.append(situ.sample())
+        samples += [situ.sample() for _ in range(per_moment)]
         coll = collectives(b, a.gpus_per_node, quick, lambda: bar.step("collectives"))
         exch = exchanges(b, a.gpus_per_node, quick, lambda: bar.step("all-to-all algorithms"))
-        samples.append(situ.sample())
+        samples += [situ.sample() for _ in range(per_moment)]
         bar.step("exchanges in a running step")
     if rank == 0:
         from moeplan.profiles.build import build_profile

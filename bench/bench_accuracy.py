@@ -131,7 +131,8 @@ def main() -> None:
                    help="measured training steps (inference: generations) per plan and round; "
                         "the host's slow spells last seconds, so short runs scatter widely")
     p.add_argument("--rounds", type=int, default=5,
-                   help="runs of every plan, in turn; each plan is compared with its median run")
+                   help="runs of every plan, in turn; each plan is compared with its median run "
+                        "and with its lower-quartile run")
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="moeplan-accuracy-"))

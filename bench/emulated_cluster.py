@@ -1,7 +1,7 @@
 """An emulated multi-node cluster on one host: network namespaces as nodes, rate-limited links.
 
     sudo python bench/emulated_cluster.py [--nodes 2] [--ranks-per-node 2] [--rate 200mbit]
-                                          [--configs 10] [--rounds 3] [--out emulated.json]
+                                          [--configs 10] [--rounds 5] [--out emulated.json]
 
 Creates namespaces moeplan-node0..N-1, each with one veth (eth0 inside, 10.77.0.(i+1)/24) to a
 bridge moeplan-br0 in its own namespace, and a token-bucket filter (`tc ... tbf`) on every node's
@@ -135,7 +135,7 @@ def _both(spec, cluster, req, world: int, work: Path, k: int, N: int, G: int, st
             run = RunRecord.model_validate_json(rf.read_text())
             samples[algo].append(sum(l.phases_s.get(ph, 0) for l in run.layers
                                      for ph in ("dispatch_a2a", "combine_a2a")))
-    return {algo: median(v) for algo, v in samples.items()}, predicted
+    return {algo: median(v) for algo, v in samples.items()}, predicted, samples
 
 
 def main() -> int:
@@ -146,7 +146,7 @@ def main() -> int:
     ap.add_argument("--configs", type=int, default=10)
     ap.add_argument("--steps", type=int, default=12,
                     help="measured steps per run (the host's slow spells last seconds)")
-    ap.add_argument("--rounds", type=int, default=3,
+    ap.add_argument("--rounds", type=int, default=5,
                     help="runs of each plan, in turn; the median counts")
     ap.add_argument("--quick", action="store_true", help="quick profile")
     ap.add_argument("--out", default=None)
@@ -186,11 +186,9 @@ def main() -> int:
             spec = load_model(model)
             req = Request(gpus=world, mode="train", global_batch=world, seq_len=seq,
                           zero_stage=0, simulate_top=0)
-            measured = {}
-            predicted = {}
             try:
-                measured, predicted = _both(spec, cluster, req, world, work, k, N, G, a.steps,
-                                            a.rounds)
+                measured, predicted, rounds = _both(spec, cluster, req, world, work, k, N, G,
+                                                    a.steps, a.rounds)
             except RuntimeError as e:  # one configuration failing does not end the benchmark
                 rows.append({"model": Path(model).stem, "seq_len": seq, "error": str(e)})
                 continue
@@ -200,7 +198,8 @@ def main() -> int:
             faster = min(measured, key=measured.get)
             gap = abs(measured["flat"] - measured["hierarchical"]) / min(measured.values())
             rows.append({"model": Path(model).stem, "seq_len": seq, "measured_a2a_s": measured,
-                         "predicted_a2a_s": predicted, "planner_chose": sorted(chosen),
+                         "measured_rounds_s": rounds, "predicted_a2a_s": predicted,
+                         "planner_chose": sorted(chosen),
                          "measured_faster": faster, "gap": round(gap, 3),
                          "agrees": faster in chosen})
             print(json.dumps(rows[-1]), file=sys.stderr)

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 PREFIX = "moeplan-node"
 BRIDGE_NS = "moeplan-br"
@@ -104,11 +105,9 @@ def across_nodes(nodes: int, per_node: int, module_args: list[str], port: int,
 
 def _both(spec, cluster, req, world: int, work: Path, k: int, N: int, G: int, steps: int,
           rounds: int):
-    """Measured and predicted all-to-all seconds per step of the flat and hierarchical plans;
-    the two run in turn for `rounds` rounds and each measurement is the median of its rounds
-    (ranks sharing cores make single runs noisy)."""
-    from statistics import median
-
+    """Measured all-to-all seconds per step of the flat and hierarchical plans, one per round
+    (the two run in turn for `rounds` rounds: ranks sharing cores make single runs noisy), and
+    the predicted ones."""
     from moeplan.cost_models.layer import LayerChoice
     from moeplan.planner.planning import fixed_plan
     from moeplan.planner.record import RunRecord
@@ -135,7 +134,7 @@ def _both(spec, cluster, req, world: int, work: Path, k: int, N: int, G: int, st
             run = RunRecord.model_validate_json(rf.read_text())
             samples[algo].append(sum(l.phases_s.get(ph, 0) for l in run.layers
                                      for ph in ("dispatch_a2a", "combine_a2a")))
-    return {algo: median(v) for algo, v in samples.items()}, predicted, samples
+    return samples, predicted
 
 
 def main() -> int:
@@ -187,21 +186,21 @@ def main() -> int:
             req = Request(gpus=world, mode="train", global_batch=world, seq_len=seq,
                           zero_stage=0, simulate_top=0)
             try:
-                measured, predicted, rounds = _both(spec, cluster, req, world, work, k, N, G,
-                                                    a.steps, a.rounds)
+                rounds, predicted = _both(spec, cluster, req, world, work, k, N, G, a.steps,
+                                          a.rounds)
             except RuntimeError as e:  # one configuration failing does not end the benchmark
                 rows.append({"model": Path(model).stem, "seq_len": seq, "error": str(e)})
                 continue
             best, _ = plan(spec, cluster, Request(gpus=world, mode="train", global_batch=world,
                                                   seq_len=seq, zero_stage=0, micro_batch=1))
             chosen = {l.a2a for l in best.layers if l.kind == "moe" and l.ep == world} or {"flat"}
+            measured = {algo: median(v) for algo, v in rounds.items()}
             faster = min(measured, key=measured.get)
             gap = abs(measured["flat"] - measured["hierarchical"]) / min(measured.values())
             rows.append({"model": Path(model).stem, "seq_len": seq, "measured_a2a_s": measured,
                          "measured_rounds_s": rounds, "predicted_a2a_s": predicted,
-                         "planner_chose": sorted(chosen),
-                         "measured_faster": faster, "gap": round(gap, 3),
-                         "agrees": faster in chosen})
+                         "planner_chose": sorted(chosen), "measured_faster": faster,
+                         "gap": round(gap, 3), "agrees": faster in chosen})
             print(json.dumps(rows[-1]), file=sys.stderr)
         decisive = [r for r in rows if "error" not in r and r["gap"] > 0.10]
         out.update(configs=rows, decisive=len(decisive),

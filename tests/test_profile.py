@@ -174,6 +174,48 @@ def test_in_situ_extras_are_what_a_running_step_took_beyond_the_model():
     assert "untimed" not in plans["train"].predicted.head_phases_s
 
 
+def test_in_step_factor_recovers_a_known_slowdown_of_compute():
+    """The probe's plans "measured" with their compute 1.3× (training) and 1.6× (decode) the
+    prediction and their all-to-alls and gradient sync as predicted: the factors come back,
+    stay within their bounds, and a plan on the profile that carries them charges every compute
+    phase, the head and the optimizer that much more and its exchanges no less."""
+    from moeplan.profiles.build import (IN_STEP_RANGE, in_situ_factors, in_situ_plans,
+                                        predicted_compute_s)
+    from moeplan.profiles.cluster import FrameworkOverhead
+
+    cluster = load_cluster("local-cpu")
+    cluster = cluster.model_copy(update={"device": cluster.device.model_copy(update={
+        "framework": FrameworkOverhead(phases={}, optimizer_tensor_s=1e-5)})})
+    plans = in_situ_plans(cluster, 2)
+
+    def phase(plan, name: str) -> float:
+        return plan.predicted.head_phases_s.get(name, 0.0) + sum(
+            l.predicted.phases_s.get(name, 0.0) for l in plan.layers)
+
+    def run(factor: float, mode: str) -> dict:
+        p = plans[mode]
+        a2a, sync = phase(p, "dispatch_a2a") + phase(p, "combine_a2a"), phase(p, "grad_sync")
+        return {"a2a_s": a2a, "grad_sync_s": sync,
+                "timed_s": factor * predicted_compute_s(p) + a2a + sync, "step_s": 1.0}
+
+    got = in_situ_factors({"world": 2, "train": run(1.3, "train"), "infer": run(1.6, "infer")},
+                          cluster)
+    assert got == pytest.approx({"in_step": 1.3, "decode_in_step": 1.6})
+    wild = in_situ_factors({"world": 2, "train": run(9.0, "train"), "infer": run(0.1, "infer")},
+                           cluster)
+    assert wild == {"in_step": IN_STEP_RANGE[1], "decode_in_step": IN_STEP_RANGE[0]}
+    slowed = cluster.model_copy(update={"device": cluster.device.model_copy(update={
+        "framework": cluster.device.framework.model_copy(update=got)})})
+    again = in_situ_plans(slowed, 2)
+    for mode, f in (("train", 1.3), ("infer", 1.6)):
+        assert predicted_compute_s(again[mode]) == pytest.approx(f * predicted_compute_s(
+            plans[mode]))
+        for name in ("attention", "experts", "head") + (("optimizer",) if mode == "train" else ()):
+            assert phase(again[mode], name) == pytest.approx(f * phase(plans[mode], name))
+        for name in ("dispatch_a2a", "combine_a2a"):
+            assert phase(again[mode], name) >= phase(plans[mode], name)
+
+
 def test_bad_profiles_are_refused_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     good = json.loads(load_cluster("local-cpu").model_dump_json())

@@ -180,13 +180,18 @@ def sharing(env: Env, decode: bool = False) -> tuple[float, float]:
     memory bandwidth). A plan of N ranks, all on the profiled host as `moerun` starts them,
     takes max(1, N/cores) turns: compute phases run at the side-by-side speed and the turns
     show up as waiting at the next collective. Decode passes (many small operations) use the
-    contention measured on decoding. Devices of their own: (1, 1)."""
+    contention measured on decoding. Devices of their own: no turns, no side-by-side slowdown.
+    Either way, compute inside a running step costs the profile's measured `in_step` factor
+    (`decode_in_step`) more again. Without a measured framework: (1, 1)."""
     fw = env.cluster.device.framework
-    if fw is None or not fw.cores:
+    if fw is None:
         return 1.0, 1.0
+    in_step = fw.decode_in_step if decode else fw.in_step
+    if not fw.cores:
+        return in_step, 1.0
     contention = fw.decode_contention if decode else fw.contention
     side_by_side = max(1.0, contention / max(1.0, fw.ranks / fw.cores))
-    return side_by_side, max(1.0, env.gpus / fw.cores)
+    return side_by_side * in_step, max(1.0, env.gpus / fw.cores)
 
 
 def work_scale(env: Env, key: str, p: Pass, roofline: float) -> float:

@@ -187,6 +187,36 @@ def exchanges_per_pass(plan) -> int:
     return 2 * layers
 
 
+# Bounds of the in-step compute factor: a sample outside them is a broken measurement (a rank
+# descheduled for the whole sample), not the host's in-step cost.
+IN_STEP_RANGE = (0.5, 2.0)
+WAITING_PHASES = ("dispatch_a2a", "combine_a2a", "grad_sync", "untimed", "wait")
+
+
+def predicted_compute_s(plan) -> float:
+    """A plan's predicted step (token) time less its all-to-alls, gradient sync, untimed share
+    and waits: what the runtime times as compute (head and optimizer included)."""
+    phases = [plan.predicted.head_phases_s] + [l.predicted.phases_s for l in plan.layers]
+    return sum(v for table in phases for k, v in table.items() if k not in WAITING_PHASES)
+
+
+def in_situ_factors(measured: dict, profile: ClusterProfile) -> dict[str, float]:
+    """The probe's compute inside `moerun`'s own loop (its timed time less its all-to-alls and
+    gradient sync) over what `profile` predicts for the same plans, training and decode:
+    `in_step` and `decode_in_step`, within `IN_STEP_RANGE`."""
+    plans = in_situ_plans(profile, measured["world"])
+    lo, hi = IN_STEP_RANGE
+    out = {}
+    for mode, key in (("train", "in_step"), ("infer", "decode_in_step")):
+        got = measured.get(mode)
+        predicted = predicted_compute_s(plans[mode])
+        if not got or not got.get("timed_s") or predicted <= 0:
+            continue
+        seen = got["timed_s"] - got["a2a_s"] - got.get("grad_sync_s", 0.0)
+        out[key] = min(hi, max(lo, seen / predicted))
+    return out
+
+
 def in_situ_extras(measured: dict, profile: ClusterProfile) -> dict[str, float]:
     """What the probe's all-to-alls (per call, training and decode) and gradient sync (per step)
     took inside `moerun`'s own loop beyond what `profile` predicts for the same plans — never
@@ -355,10 +385,16 @@ def build_profile(base: str, name: str, gpus_per_node: int, info: dict,
         profile = profile.model_copy(update={"exchanges": scales})
     fw = profile.device.framework
     if fw is not None and m.get("in_situ"):
-        extras = in_situ_extras(m["in_situ"], profile)
-        fw = fw.model_copy(update={**extras, "source": fw.source + (
-            "; all-to-all and gradient sync beyond the model from the probe run expert-parallel "
-            "on every rank by the runtime's own training and decoding loops")})
+        # the compute factor first: the all-to-alls' and gradient sync's waits for their peers'
+        # compute are charged on it, and the extras are what is left beyond them
+        for update in (in_situ_factors, in_situ_extras):
+            fw = fw.model_copy(update=update(m["in_situ"], profile))
+            profile = profile.model_copy(update={"device": profile.device.model_copy(
+                update={"framework": fw})})
+        fw = fw.model_copy(update={"source": fw.source + (
+            "; compute in a running step, all-to-all and gradient sync beyond the model from "
+            "the probe run expert-parallel on every rank by the runtime's own training and "
+            "decoding loops")})
         profile = profile.model_copy(update={"device": profile.device.model_copy(
             update={"framework": fw})})
     return profile

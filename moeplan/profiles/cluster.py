@@ -88,6 +88,13 @@ class FrameworkOverhead(BaseModel):
     decode_untimed_fraction: float = Field(0.0, ge=0, description="the same, per decode token")
     grad_sync_extra_s: float = Field(0.0, ge=0, description=(
         "seconds the gradient sync of that run took per step beyond what the model charged it"))
+    in_step: float = Field(1.0, gt=0, description=(
+        "the compute of that run (its timed time less its all-to-alls and gradient sync) over "
+        "what the model charged it: what compute costs inside a running step beyond the "
+        "microbenchmarks and `contention` — waking from every collective wait, caches the "
+        "exchanges evicted, the runtime's own loop; every compute phase, the head and the "
+        "optimizer are charged this much more (training)"))
+    decode_in_step: float = Field(1.0, gt=0, description="the same, per decode token")
     skew: float = Field(0.0, ge=0, description=(
         "how far the slowest rank trails the mean over one training step of the probe, all "
         "ranks at once: what a rank waits at a collective for its peers, per second of compute"))

@@ -46,7 +46,7 @@ def can_use_netns() -> str | None:
     return None
 
 
-def up(nodes: int, rate: str) -> None:
+def up(nodes: int, rate: str, burst: str, overhead: int) -> None:
     sh("ip", "netns", "add", BRIDGE_NS)
     sh("ip", "netns", "exec", BRIDGE_NS, "ip", "link", "add", "br0", "type", "bridge")
     sh("ip", "netns", "exec", BRIDGE_NS, "ip", "link", "set", "br0", "up")
@@ -62,9 +62,11 @@ def up(nodes: int, rate: str) -> None:
         sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
         sh("ip", "netns", "exec", BRIDGE_NS, "ip", "link", "set", f"mp{i}b", "master", "br0")
         sh("ip", "netns", "exec", BRIDGE_NS, "ip", "link", "set", f"mp{i}b", "up")
-        # the inter-node link: a token bucket on the node's egress
-        sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf",
-           "rate", rate, "burst", "256kb", "latency", "50ms")
+        # the inter-node link: a token bucket on the node's egress; `overhead` bytes charged on
+        # every packet (tc's size table) stand in for a per-message cost such as latency
+        stab = ["stab", "overhead", str(overhead), "linklayer", "ethernet"] if overhead else []
+        sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", *stab,
+           "tbf", "rate", rate, "burst", burst, "latency", "50ms")
 
 
 def down(nodes: int) -> None:
@@ -142,6 +144,10 @@ def main() -> int:
     ap.add_argument("--nodes", type=int, default=2)
     ap.add_argument("--ranks-per-node", type=int, default=2)
     ap.add_argument("--rate", default="200mbit", help="inter-node link rate (tc tbf)")
+    ap.add_argument("--burst", default="256kb", help="the token bucket's size (tc tbf)")
+    ap.add_argument("--overhead", type=int, default=0,
+                    help="bytes charged on every packet of the inter-node links (tc stab): a "
+                         "per-message cost, as latency would be (netem is not available)")
     ap.add_argument("--configs", type=int, default=10)
     ap.add_argument("--steps", type=int, default=12,
                     help="measured steps per run (the host's slow spells last seconds)")
@@ -163,10 +169,11 @@ def main() -> int:
     world = N * G
     work = Path(tempfile.mkdtemp(prefix="moeplan-emulated-"))
     os.chmod(work, 0o755)
-    out: dict = {"bench": "emulated_cluster", "nodes": N, "ranks_per_node": G, "rate": a.rate}
+    out: dict = {"bench": "emulated_cluster", "nodes": N, "ranks_per_node": G, "rate": a.rate,
+                 "burst": a.burst, "overhead": a.overhead}
     down(N)  # leftovers of an interrupted run
     try:
-        up(N, a.rate)
+        up(N, a.rate, a.burst, a.overhead)
         t0 = time.perf_counter()
         profile = work / "emulated.json"
         across_nodes(N, G, ["-m", "moeplan.profiles.measure", "--out", str(profile),

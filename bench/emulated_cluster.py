@@ -1,19 +1,23 @@
 """An emulated multi-node cluster on one host: network namespaces as nodes, rate-limited links.
 
-    sudo python bench/emulated_cluster.py [--nodes 2] [--ranks-per-node 2] [--rate 200mbit]
-                                          [--configs 10] [--rounds 5] [--out emulated.json]
+    sudo python bench/emulated_cluster.py [--nodes 2] [--ranks-per-node 2]
+                                          [--links 200mbit,200mbit+20000] [--seqs 16,64,128]
+                                          [--rounds 5] [--steps 10] [--out emulated.json]
 
 Creates namespaces moeplan-node0..N-1, each with one veth (eth0 inside, 10.77.0.(i+1)/24) to a
 bridge moeplan-br0 in its own namespace, and a token-bucket filter (`tc ... tbf`) on every node's
-egress — the inter-node link (netem is not available in every kernel, so no added delay). Ranks
-of one node talk over the namespace's loopback, unlimited. Then:
+egress — the inter-node link. netem is not available in every kernel, so there is no added
+delay; a link given as RATE+BYTES charges BYTES on every packet (`tc ... stab overhead`), a
+per-message cost that stands in for latency. Ranks of one node talk over the namespace's
+loopback, unlimited. For each link in turn:
   1. `moeplan profile` across the nodes (torchrun per namespace, c10d rendezvous),
   2. for each configuration (model, tokens), a flat and a hierarchical plan are run with moerun's
-     worker across the nodes, and the planner's choice (search on the measured profile) is
-     compared with the one that measured faster.
-Everything is torn down at the end, also on failure or Ctrl-C. Only addresses inside the
+     worker across the nodes, each `--rounds` times in turn, and the planner's choice (search on
+     the measured profile) is compared with the one whose median run was faster.
+Everything is torn down after each link, also on failure or Ctrl-C. Only addresses inside the
 namespaces this script made are used. Without the privileges for `ip netns`, it says so and
-exits 0 (skipped). Prints JSON.
+exits 0 (skipped). Prints JSON: per link and configuration, and the agreement over the
+configurations whose two algorithms measured more than 10% apart.
 """
 
 from __future__ import annotations
@@ -105,8 +109,8 @@ def across_nodes(nodes: int, per_node: int, module_args: list[str], port: int,
         raise RuntimeError(f"a node failed: {errors}")
 
 
-def _both(spec, cluster, req, world: int, work: Path, k: int, N: int, G: int, steps: int,
-          rounds: int):
+def _both(spec, cluster, req, world: int, prefix: str, k: int, N: int, G: int, steps: int,
+          rounds: int, port_base: int = 0):
     """Measured all-to-all seconds per step of the flat and hierarchical plans, one per round
     (the two run in turn for `rounds` rounds: ranks sharing cores make single runs noisy), and
     the predicted ones."""
@@ -122,34 +126,98 @@ def _both(spec, cluster, req, world: int, work: Path, k: int, N: int, G: int, st
                                   coordinated=False)
                    for i, E in enumerate(spec.experts) if E}
         p = fixed_plan(spec, cluster, req, 1, choices)
-        plans[algo] = work / f"c{k}-{algo}.plan.json"
+        plans[algo] = Path(f"{prefix}c{k}-{algo}.plan.json")
         plans[algo].write_text(p.to_json())
         a2a = ("dispatch_a2a", "combine_a2a")
         predicted[algo] = sum(l.predicted.phases_s.get(ph, 0) for l in p.layers for ph in a2a)
     for r in range(rounds):
         for algo, pf in plans.items():
-            rf = work / f"c{k}-{algo}-{r}.run.json"
+            rf = Path(f"{prefix}c{k}-{algo}-{r}.run.json")
             across_nodes(N, G, ["-m", "moeplan.runtime.worker", "--plan", str(pf), "--mode",
                                 "train", "--steps", str(steps), "--warmup", "2", "--out",
                                 str(rf)],
-                         port=29520 + 2 * (rounds * k + r) + (algo == "flat"))
+                         port=29520 + port_base + 2 * (rounds * k + r) + (algo == "flat"))
             run = RunRecord.model_validate_json(rf.read_text())
             samples[algo].append(sum(l.phases_s.get(ph, 0) for l in run.layers
                                      for ph in ("dispatch_a2a", "combine_a2a")))
     return samples, predicted
 
 
+def parse_link(spec: str) -> tuple[str, int]:
+    """"200mbit" or "200mbit+20000": the rate and the bytes charged on every packet."""
+    rate, _, overhead = spec.partition("+")
+    return rate, int(overhead or 0)
+
+
+def one_link(a, link: str, index: int, work: Path) -> dict:
+    """Bring the nodes up with this inter-node link, profile them, and compare the planner's
+    choice with the faster algorithm for every configuration; the nodes are taken down after."""
+    from moeplan.planner.planning import Request, plan
+    from moeplan.profiles import load_cluster, load_model
+
+    N, G = a.nodes, a.ranks_per_node
+    world = N * G
+    rate, overhead = parse_link(link)
+    out: dict = {"link": link, "rate": rate, "overhead": overhead, "burst": a.burst}
+    down(N)  # leftovers of an interrupted run
+    try:
+        up(N, rate, a.burst, overhead)
+        t0 = time.perf_counter()
+        profile = work / f"emulated-{index}.json"
+        across_nodes(N, G, ["-m", "moeplan.profiles.measure", "--out", str(profile),
+                            "--gpus-per-node", str(G), "--base", "local-cpu", "--name",
+                            "emulated", "--backend", "gloo"] + (["--quick"] if a.quick else []),
+                     port=29511 + 1000 * index)
+        out["profile_s"] = round(time.perf_counter() - t0, 1)
+        cluster = load_cluster(str(profile))
+        out["inter_all_to_all"] = cluster.fitted_for("all_to_all", "inter").model_dump()
+        configs = [(model, seq)
+                   for model in ("tiny-pr-moe", str(Path(__file__).parent / "data" /
+                                                    "small-pr-moe.json"))
+                   for seq in a.seqs]
+        rows = []
+        for k, (model, seq) in enumerate(configs[:a.configs]):
+            spec = load_model(model)
+            req = Request(gpus=world, mode="train", global_batch=world, seq_len=seq,
+                          zero_stage=0, simulate_top=0)
+            try:
+                rounds, predicted = _both(spec, cluster, req, world, f"{work}/l{index}-", k,
+                                          N, G, a.steps, a.rounds, 1000 * index)
+            except RuntimeError as e:  # one configuration failing does not end the benchmark
+                rows.append({"model": Path(model).stem, "seq_len": seq, "error": str(e)})
+                continue
+            best, _ = plan(spec, cluster, Request(gpus=world, mode="train", global_batch=world,
+                                                  seq_len=seq, zero_stage=0, micro_batch=1))
+            chosen = {l.a2a for l in best.layers if l.kind == "moe" and l.ep == world} or {"flat"}
+            measured = {algo: median(v) for algo, v in rounds.items()}
+            faster = min(measured, key=measured.get)
+            gap = abs(measured["flat"] - measured["hierarchical"]) / min(measured.values())
+            rows.append({"link": link, "model": Path(model).stem, "seq_len": seq,
+                         "measured_a2a_s": measured, "measured_rounds_s": rounds,
+                         "predicted_a2a_s": predicted, "planner_chose": sorted(chosen),
+                         "measured_faster": faster, "gap": round(gap, 3),
+                         "agrees": faster in chosen})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+        out["configs"] = rows
+    finally:
+        down(N)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=2)
     ap.add_argument("--ranks-per-node", type=int, default=2)
-    ap.add_argument("--rate", default="200mbit", help="inter-node link rate (tc tbf)")
+    ap.add_argument("--links", default="200mbit,200mbit+20000",
+                    help="inter-node links to test, one after the other: RATE (tc tbf) or "
+                         "RATE+BYTES, BYTES charged on every packet (tc stab) — a per-message "
+                         "cost, as latency would be (netem is not available)")
     ap.add_argument("--burst", default="256kb", help="the token bucket's size (tc tbf)")
-    ap.add_argument("--overhead", type=int, default=0,
-                    help="bytes charged on every packet of the inter-node links (tc stab): a "
-                         "per-message cost, as latency would be (netem is not available)")
-    ap.add_argument("--configs", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=12,
+    ap.add_argument("--seqs", default="16,64,128", type=lambda v: [int(x) for x in v.split(",")],
+                    help="sequence lengths; each with tiny-pr-moe and small-pr-moe")
+    ap.add_argument("--configs", type=int, default=None,
+                    help="at most this many configurations per link")
+    ap.add_argument("--steps", type=int, default=10,
                     help="measured steps per run (the host's slow spells last seconds)")
     ap.add_argument("--rounds", type=int, default=5,
                     help="runs of each plan, in turn; the median counts")
@@ -162,58 +230,15 @@ def main() -> int:
                           "reason": f"cannot create network namespaces here ({why}); run as "
                                     "root or with CAP_NET_ADMIN"}))
         return 0
-    from moeplan.planner.planning import Request, plan
-    from moeplan.profiles import load_cluster, load_model
-
-    N, G = a.nodes, a.ranks_per_node
-    world = N * G
     work = Path(tempfile.mkdtemp(prefix="moeplan-emulated-"))
     os.chmod(work, 0o755)
-    out: dict = {"bench": "emulated_cluster", "nodes": N, "ranks_per_node": G, "rate": a.rate,
-                 "burst": a.burst, "overhead": a.overhead}
-    down(N)  # leftovers of an interrupted run
-    try:
-        up(N, a.rate, a.burst, a.overhead)
-        t0 = time.perf_counter()
-        profile = work / "emulated.json"
-        across_nodes(N, G, ["-m", "moeplan.profiles.measure", "--out", str(profile),
-                            "--gpus-per-node", str(G), "--base", "local-cpu", "--name",
-                            "emulated", "--backend", "gloo"] + (["--quick"] if a.quick else []),
-                     port=29511)
-        out["profile_s"] = round(time.perf_counter() - t0, 1)
-        cluster = load_cluster(str(profile))
-        out["inter_all_to_all"] = cluster.fitted_for("all_to_all", "inter").model_dump()
-        configs = []
-        for model in ("tiny-pr-moe", str(Path(__file__).parent / "data" / "small-pr-moe.json")):
-            for seq in (16, 32, 64, 96, 128):
-                configs.append((model, seq))
-        rows = []
-        for k, (model, seq) in enumerate(configs[:a.configs]):
-            spec = load_model(model)
-            req = Request(gpus=world, mode="train", global_batch=world, seq_len=seq,
-                          zero_stage=0, simulate_top=0)
-            try:
-                rounds, predicted = _both(spec, cluster, req, world, work, k, N, G, a.steps,
-                                          a.rounds)
-            except RuntimeError as e:  # one configuration failing does not end the benchmark
-                rows.append({"model": Path(model).stem, "seq_len": seq, "error": str(e)})
-                continue
-            best, _ = plan(spec, cluster, Request(gpus=world, mode="train", global_batch=world,
-                                                  seq_len=seq, zero_stage=0, micro_batch=1))
-            chosen = {l.a2a for l in best.layers if l.kind == "moe" and l.ep == world} or {"flat"}
-            measured = {algo: median(v) for algo, v in rounds.items()}
-            faster = min(measured, key=measured.get)
-            gap = abs(measured["flat"] - measured["hierarchical"]) / min(measured.values())
-            rows.append({"model": Path(model).stem, "seq_len": seq, "measured_a2a_s": measured,
-                         "measured_rounds_s": rounds, "predicted_a2a_s": predicted,
-                         "planner_chose": sorted(chosen), "measured_faster": faster,
-                         "gap": round(gap, 3), "agrees": faster in chosen})
-            print(json.dumps(rows[-1]), file=sys.stderr)
-        decisive = [r for r in rows if "error" not in r and r["gap"] > 0.10]
-        out.update(configs=rows, decisive=len(decisive),
-                   agreement=sum(r["agrees"] for r in decisive))
-    finally:
-        down(N)
+    links = [one_link(a, link, i, work) for i, link in enumerate(a.links.split(","))]
+    rows = [r for link in links for r in link["configs"]]
+    decisive = [r for r in rows if "error" not in r and r["gap"] > 0.10]
+    out = {"bench": "emulated_cluster", "nodes": a.nodes, "ranks_per_node": a.ranks_per_node,
+           "steps": a.steps, "rounds": a.rounds, "links": links, "configurations": len(rows),
+           "agreement_all": sum(r.get("agrees", False) for r in rows),
+           "decisive": len(decisive), "agreement": sum(r["agrees"] for r in decisive)}
     text = json.dumps(out, indent=2)
     print(text)
     if a.out:

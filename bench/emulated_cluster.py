@@ -1,7 +1,7 @@
 """An emulated multi-node cluster on one host: network namespaces as nodes, rate-limited links.
 
     sudo python bench/emulated_cluster.py [--nodes 2] [--ranks-per-node 2]
-                                          [--links 200mbit,200mbit+20000] [--seqs 16,64,128]
+                                          [--links 200mbit,200mbit+5000,200mbit+20000] [--seqs 16,64,128]
                                           [--rounds 5] [--steps 10] [--out emulated.json]
 
 Creates namespaces moeplan-node0..N-1, each with one veth (eth0 inside, 10.77.0.(i+1)/24) to a
@@ -146,7 +146,17 @@ def _both(spec, cluster, req, world: int, prefix: str, k: int, N: int, G: int, s
 def parse_link(spec: str) -> tuple[str, int]:
     """"200mbit" or "200mbit+20000": the rate and the bytes charged on every packet."""
     rate, _, overhead = spec.partition("+")
+    if not rate or not (overhead or "0").isdigit():
+        raise argparse.ArgumentTypeError(f"bad link {spec!r}: want RATE or RATE+BYTES, "
+                                         "e.g. 200mbit+20000")
     return rate, int(overhead or 0)
+
+
+def parse_links(text: str) -> list[str]:
+    links = text.split(",")
+    for link in links:
+        parse_link(link)
+    return links
 
 
 def one_link(a, link: str, index: int, work: Path) -> dict:
@@ -208,7 +218,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=2)
     ap.add_argument("--ranks-per-node", type=int, default=2)
-    ap.add_argument("--links", default="200mbit,200mbit+20000",
+    ap.add_argument("--links", default="200mbit,200mbit+5000,200mbit+20000", type=parse_links,
                     help="inter-node links to test, one after the other: RATE (tc tbf) or "
                          "RATE+BYTES, BYTES charged on every packet (tc stab) — a per-message "
                          "cost, as latency would be (netem is not available)")
@@ -232,7 +242,7 @@ def main() -> int:
         return 0
     work = Path(tempfile.mkdtemp(prefix="moeplan-emulated-"))
     os.chmod(work, 0o755)
-    links = [one_link(a, link, i, work) for i, link in enumerate(a.links.split(","))]
+    links = [one_link(a, link, i, work) for i, link in enumerate(a.links)]
     rows = [r for link in links for r in link["configs"]]
     decisive = [r for r in rows if "error" not in r and r["gap"] > 0.10]
     out = {"bench": "emulated_cluster", "nodes": a.nodes, "ranks_per_node": a.ranks_per_node,

@@ -1,8 +1,9 @@
 """An emulated multi-node cluster on one host: network namespaces as nodes, rate-limited links.
 
     sudo python bench/emulated_cluster.py [--nodes 2] [--ranks-per-node 2]
-                                          [--links 200mbit,200mbit+5000,200mbit+20000] [--seqs 16,64,128]
-                                          [--rounds 5] [--steps 10] [--out emulated.json]
+                                          [--links 200mbit,200mbit+5000,200mbit+20000]
+                                          [--seqs 16,64,128] [--rounds 5] [--steps 10]
+                                          [--out emulated.json]
 
 Creates namespaces moeplan-node0..N-1, each with one veth (eth0 inside, 10.77.0.(i+1)/24) to a
 bridge moeplan-br0 in its own namespace, and a token-bucket filter (`tc ... tbf`) on every node's
@@ -117,6 +118,7 @@ def _both(spec, cluster, req, world: int, prefix: str, k: int, N: int, G: int, s
     from moeplan.cost_models.layer import LayerChoice
     from moeplan.planner.planning import fixed_plan
     from moeplan.planner.record import RunRecord
+    from moeplan.profiles.build import predicted_phases_s
 
     samples: dict[str, list[float]] = {"flat": [], "hierarchical": []}
     predicted, plans = {}, {}
@@ -128,8 +130,7 @@ def _both(spec, cluster, req, world: int, prefix: str, k: int, N: int, G: int, s
         p = fixed_plan(spec, cluster, req, 1, choices)
         plans[algo] = Path(f"{prefix}c{k}-{algo}.plan.json")
         plans[algo].write_text(p.to_json())
-        a2a = ("dispatch_a2a", "combine_a2a")
-        predicted[algo] = sum(l.predicted.phases_s.get(ph, 0) for l in p.layers for ph in a2a)
+        predicted[algo] = predicted_phases_s(p, ("dispatch_a2a", "combine_a2a"))
     for r in range(rounds):
         for algo, pf in plans.items():
             rf = Path(f"{prefix}c{k}-{algo}-{r}.run.json")

@@ -193,11 +193,20 @@ IN_STEP_RANGE = (0.5, 2.0)
 WAITING_PHASES = ("dispatch_a2a", "combine_a2a", "grad_sync", "untimed", "wait")
 
 
+def _predicted_tables(plan) -> list[dict[str, float]]:
+    return [plan.predicted.head_phases_s] + [l.predicted.phases_s for l in plan.layers]
+
+
+def predicted_phases_s(plan, names: tuple[str, ...]) -> float:
+    """A plan's predicted seconds of the phases `names`, head and every layer."""
+    return sum(v for table in _predicted_tables(plan) for k, v in table.items() if k in names)
+
+
 def predicted_compute_s(plan) -> float:
     """A plan's predicted step (token) time less its all-to-alls, gradient sync, untimed share
     and waits: what the runtime times as compute (head and optimizer included)."""
-    phases = [plan.predicted.head_phases_s] + [l.predicted.phases_s for l in plan.layers]
-    return sum(v for table in phases for k, v in table.items() if k not in WAITING_PHASES)
+    return sum(v for table in _predicted_tables(plan) for k, v in table.items()
+               if k not in WAITING_PHASES)
 
 
 def in_situ_factors(measured: dict, profile: ClusterProfile) -> dict[str, float]:
@@ -229,16 +238,13 @@ def in_situ_extras(measured: dict, profile: ClusterProfile) -> dict[str, float]:
         calls = exchanges_per_pass(plans[mode])
         if not got or not calls:
             continue
-        predicted = sum(l.predicted.phases_s.get(ph, 0.0) for l in plans[mode].layers
-                        for ph in ("dispatch_a2a", "combine_a2a"))
+        predicted = predicted_phases_s(plans[mode], ("dispatch_a2a", "combine_a2a"))
         out[key] = max(0.0, (got["a2a_s"] - predicted) / calls)
         if got.get("timed_s"):
             out["untimed_fraction" if mode == "train" else "decode_untimed_fraction"] = max(
                 0.0, got["step_s"] / got["timed_s"] - 1.0)
         if mode == "train":
-            p = plans[mode]
-            sync = p.predicted.head_phases_s.get("grad_sync", 0.0) + sum(
-                l.predicted.phases_s.get("grad_sync", 0.0) for l in p.layers)
+            sync = predicted_phases_s(plans[mode], ("grad_sync",))
             out["grad_sync_extra_s"] = max(0.0, got["grad_sync_s"] - sync)
     return out
 
@@ -385,16 +391,14 @@ def build_profile(base: str, name: str, gpus_per_node: int, info: dict,
         profile = profile.model_copy(update={"exchanges": scales})
     fw = profile.device.framework
     if fw is not None and m.get("in_situ"):
+        fw = fw.model_copy(update={"source": fw.source + (
+            "; compute in a running step, all-to-all and gradient sync beyond the model from "
+            "the probe run expert-parallel on every rank by the runtime's own training and "
+            "decoding loops")})
         # the compute factor first: the all-to-alls' and gradient sync's waits for their peers'
         # compute are charged on it, and the extras are what is left beyond them
         for update in (in_situ_factors, in_situ_extras):
             fw = fw.model_copy(update=update(m["in_situ"], profile))
             profile = profile.model_copy(update={"device": profile.device.model_copy(
                 update={"framework": fw})})
-        fw = fw.model_copy(update={"source": fw.source + (
-            "; compute in a running step, all-to-all and gradient sync beyond the model from "
-            "the probe run expert-parallel on every rank by the runtime's own training and "
-            "decoding loops")})
-        profile = profile.model_copy(update={"device": profile.device.model_copy(
-            update={"framework": fw})})
     return profile

@@ -1,7 +1,7 @@
 """An emulated multi-node cluster on one host: network namespaces as nodes, rate-limited links.
 
     sudo python bench/emulated_cluster.py [--nodes 2] [--ranks-per-node 2]
-                                          [--links 200mbit,200mbit+5000,200mbit+20000]
+                                          [--links 200mbit,200mbit+5000,200mbit+10000,200mbit+20000]
                                           [--seqs 16,64,128] [--rounds 5] [--steps 10]
                                           [--out emulated.json]
 
@@ -182,6 +182,9 @@ def one_link(a, link: str, index: int, work: Path) -> dict:
         out["profile_s"] = round(time.perf_counter() - t0, 1)
         cluster = load_cluster(str(profile))
         out["inter_all_to_all"] = cluster.fitted_for("all_to_all", "inter").model_dump()
+        out["exchanges"] = [e.model_dump() for e in cluster.exchanges]
+        print(json.dumps({"link": link, "profile_s": out["profile_s"], "credit_ms": {
+            e.algorithm: round(e.credit_s * 1e3, 2) for e in cluster.exchanges}}), file=sys.stderr)
         configs = [(model, seq)
                    for model in ("tiny-pr-moe", str(Path(__file__).parent / "data" /
                                                     "small-pr-moe.json"))
@@ -219,7 +222,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=2)
     ap.add_argument("--ranks-per-node", type=int, default=2)
-    ap.add_argument("--links", default="200mbit,200mbit+5000,200mbit+20000", type=parse_links,
+    ap.add_argument("--links", default="200mbit,200mbit+5000,200mbit+10000,200mbit+20000",
+                    type=parse_links,
                     help="inter-node links to test, one after the other: RATE (tc tbf) or "
                          "RATE+BYTES, BYTES charged on every packet (tc stab) — a per-message "
                          "cost, as latency would be (netem is not available)")

@@ -126,6 +126,81 @@ def test_exchange_scales_recover_how_each_algorithm_combines_its_tiers():
         small, one_node, tiers_only)
 
 
+def test_rested_exchanges_give_back_a_token_bucket_that_the_step_refills():
+    """Links behind a token bucket (credit 9 ms): back to back the flat exchange pays 4× its
+    per-peer latency, rested half of it; the fit recovers both and the credit, an
+    exchange after idle time is shorter by at most the credit and never below rested, a layer
+    whose compute refills the bucket is charged less — enough here to turn the planner from
+    hierarchical to flat — and groups on one node and profiles without rested timings are
+    untouched."""
+    from moeplan.cost_models import collectives as coll
+    from moeplan.cost_models.layer import LayerChoice
+    from moeplan.planner.planning import Request, fixed_plan
+    from moeplan.profiles import load_model
+    from moeplan.profiles.build import predicted_phases_s
+
+    info = {"host": "test", "ranks": 4, "backend": "gloo", "date": "2026-11-30",
+            "device": "cpu", "dtype": "fp32"}
+    m = synthetic_measurements(random.Random(5))
+    tiers = build_profile("local-cpu", "synthetic", 2, info, m)
+    span, credit = coll.GroupSpan(size=4, per_node=2, nodes=2), 9e-3
+    parts = {"flat": coll.all_to_all_flat_parts,
+             "hierarchical": coll.all_to_all_hierarchical_parts}
+    busy = {"flat": (4.0, 1.0), "hierarchical": (1.5, 1.0)}
+    rested = {"flat": (0.5, 0.5), "hierarchical": (1.2, 0.5)}
+    rows = []
+    for algo in parts:
+        for s in [2.0 ** k for k in range(12, 27)]:
+            lat, tr = parts[algo](s, span, tiers)
+            t_busy = busy[algo][0] * lat + busy[algo][1] * tr
+            t_rest = rested[algo][0] * lat + rested[algo][1] * tr
+            row = {"algorithm": algo, "group_size": 4, "per_node": 2, "bytes": s}
+            rows += [{**row, "time_s": t_busy},
+                     {**row, "rested": True, "time_s": max(t_rest, t_busy - credit)}]
+    prof = build_profile("local-cpu", "synthetic", 2, info, {**m, "exchanges": rows})
+    no_rest = build_profile("local-cpu", "synthetic", 2, info, {
+        **m, "exchanges": [r for r in rows if not r.get("rested")]})
+    assert [e.credit_s for e in no_rest.exchanges] == [0.0, 0.0]
+    for algo, e in zip(parts, prof.exchanges):
+        assert e.algorithm == algo and e.credit_s == pytest.approx(credit, rel=0.05)
+        assert (e.latency_scale, e.transfer_scale) == pytest.approx(busy[algo], rel=0.05)
+        # the rested fit sees the bucket's end at the largest sizes too: its latency is what
+        # the small sizes, all under the credit, measured
+        assert e.rested_latency_scale == pytest.approx(rested[algo][0], rel=0.2)
+    small = 2.0 ** 14
+    flat = [coll.all_to_all_flat_s(small, span, prof, idle) for idle in (0.0, 1e-4, 1.0)]
+    lat, tr = coll.all_to_all_flat_parts(small, span, prof)
+    e = prof.exchange_for("flat")
+    assert flat[0] == pytest.approx(e.latency_scale * lat + e.transfer_scale * tr)
+    assert flat[1] == pytest.approx(flat[0] - 1e-4)
+    assert flat[2] == pytest.approx(e.rested_latency_scale * lat + e.rested_transfer_scale * tr)
+    big = 2.0 ** 26  # beyond the bucket: rested saves the credit, no more
+    lat, tr = coll.all_to_all_flat_parts(big, span, prof)
+    assert coll.all_to_all_flat_s(big, span, prof, 1.0) == pytest.approx(
+        coll.all_to_all_flat_s(big, span, prof) - e.credit_s)
+    assert coll.all_to_all_flat_s(big, span, prof, 1.0) > (e.rested_latency_scale * lat
+                                                          + e.rested_transfer_scale * tr)
+    one_node = coll.GroupSpan(size=2, per_node=2, nodes=1)
+    assert coll.all_to_all_flat_s(small, one_node, prof, 1.0) == coll.all_to_all_flat_s(
+        small, one_node, prof)
+    # a training step of tiny-pr-moe over the two nodes: its compute rests the links
+    spec = load_model("tiny-pr-moe")
+    req = Request(gpus=4, mode="train", global_batch=4, seq_len=16, zero_stage=0,
+                  simulate_top=0)
+
+    def a2a(profile, algo: str) -> float:
+        choices = {i: LayerChoice(ep=4, es=1, a2a=algo, coordinated=False)
+                   for i, E in enumerate(spec.experts) if E >= 4}
+        return predicted_phases_s(fixed_plan(spec, profile, req, 1, choices),
+                                  ("dispatch_a2a", "combine_a2a"))
+
+    slow = prof.model_copy(update={"device": prof.device.model_copy(update={
+        "peak_flops": {"fp32": 2e8}})})  # compute long enough to refill the bucket
+    assert a2a(slow, "flat") < a2a(no_rest.model_copy(update={"device": slow.device}), "flat")
+    assert a2a(no_rest, "hierarchical") < a2a(no_rest, "flat")
+    assert a2a(slow, "flat") < a2a(slow, "hierarchical")
+
+
 def test_in_situ_extras_are_what_a_running_step_took_beyond_the_model():
     """The probe's plans costed on a profile, run "measured" at the prediction plus a known
     extra per all-to-all call and per gradient sync: the extras come back, and a plan on the

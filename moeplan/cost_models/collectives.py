@@ -9,7 +9,9 @@ so they share the NICs. Where `moeplan profile` fitted a collective on a tier, t
 link constants (its bandwidth is already effective, so no efficiency is applied). Where it also
 timed both all-to-all algorithms over a group spanning nodes, `exchange_scale` corrects the
 latency and the transfer parts of that algorithm's model by the fitted factors (whether peers'
-messages overlap, what the hierarchical exchange's second call and regrouping really cost).
+messages overlap, what the hierarchical exchange's second call and regrouping really cost). Where
+exchanges timed after the links idled came out shorter (a rate limiter's token bucket, which
+the step's compute refills), an exchange after idle time is that much shorter (`after_idle`).
 
 All functions return seconds; `nbytes` is per rank and named for what it measures.
 """
@@ -79,7 +81,8 @@ def allreduce_s(nbytes: float, span: GroupSpan, cluster: ClusterProfile) -> floa
 def exchange_scale(cluster: ClusterProfile, algorithm: str, span: GroupSpan
                    ) -> tuple[float, float]:
     """(latency factor, transfer factor) that a measured profile fitted for this all-to-all
-    algorithm over a group spanning nodes with several ranks on each; (1, 1) otherwise (one node:
+    algorithm over a group spanning nodes with several ranks on each (back to back); (1, 1)
+    otherwise (one node:
     the intra-node fit is already the exchange itself; one rank per node: the inter-node fit)."""
     if span.nodes > 1 and span.per_node > 1:
         scale = cluster.exchange_for(algorithm)
@@ -130,25 +133,45 @@ def layout_transform_s(nbytes: float, cluster: ClusterProfile) -> float:
     return 2.0 * nbytes / (device.hbm_Bps * device.hbm_efficiency)
 
 
-def all_to_all_flat_s(nbytes: float, span: GroupSpan, cluster: ClusterProfile) -> float:
+def after_idle(t: float, parts: tuple[float, float], span: GroupSpan, cluster: ClusterProfile,
+               algorithm: str, idle_s: float) -> float:
+    """An exchange of back-to-back time `t` (model `parts`: latency, transfer) that starts after
+    its links idled `idle_s`: a rate limiter whose token bucket refills while the step computes
+    sends the first `credit_s` worth at line rate, so the exchange is `min(idle_s, credit_s)`
+    shorter, down to what it measured fully rested (`ExchangeScale`). Unchanged where the
+    profile saw no difference (no bucket) or did not time this algorithm over nodes."""
+    scale = cluster.exchange_for(algorithm) if span.nodes > 1 and span.per_node > 1 else None
+    if scale is None or idle_s <= 0 or scale.credit_s <= 0 or scale.rested_latency_scale is None:
+        return t
+    latency, transfer = parts
+    rested = scale.rested_latency_scale * latency + scale.rested_transfer_scale * transfer
+    return max(min(t, rested), t - min(idle_s, scale.credit_s))
+
+
+def all_to_all_flat_s(nbytes: float, span: GroupSpan, cluster: ClusterProfile,
+                      idle_s: float = 0.0) -> float:
     if span.size <= 1 or nbytes <= 0:
         return 0.0
-    latency, transfer = all_to_all_flat_parts(nbytes, span, cluster)
+    parts = all_to_all_flat_parts(nbytes, span, cluster)
     k_lat, k_bytes = exchange_scale(cluster, "flat", span)
-    return k_lat * latency + k_bytes * transfer
+    return after_idle(k_lat * parts[0] + k_bytes * parts[1], parts, span, cluster, "flat", idle_s)
 
 
-def all_to_all_hierarchical_s(nbytes: float, span: GroupSpan, cluster: ClusterProfile) -> float:
+def all_to_all_hierarchical_s(nbytes: float, span: GroupSpan, cluster: ClusterProfile,
+                              idle_s: float = 0.0) -> float:
     if span.nodes <= 1 or span.per_node <= 1:
-        return all_to_all_flat_s(nbytes, span, cluster)
+        return all_to_all_flat_s(nbytes, span, cluster, idle_s)
     if nbytes <= 0:
         return 0.0
-    latency, transfer = all_to_all_hierarchical_parts(nbytes, span, cluster)
+    parts = all_to_all_hierarchical_parts(nbytes, span, cluster)
     k_lat, k_bytes = exchange_scale(cluster, "hierarchical", span)
-    return k_lat * latency + k_bytes * transfer
+    return after_idle(k_lat * parts[0] + k_bytes * parts[1], parts, span, cluster,
+                      "hierarchical", idle_s)
 
 
-def all_to_all_s(nbytes: float, span: GroupSpan, cluster: ClusterProfile, algorithm: str) -> float:
+def all_to_all_s(nbytes: float, span: GroupSpan, cluster: ClusterProfile, algorithm: str,
+                 idle_s: float = 0.0) -> float:
+    """A flat or hierarchical all-to-all of `nbytes` per rank, its links idle `idle_s` before."""
     if algorithm == "hierarchical":
-        return all_to_all_hierarchical_s(nbytes, span, cluster)
-    return all_to_all_flat_s(nbytes, span, cluster)
+        return all_to_all_hierarchical_s(nbytes, span, cluster, idle_s)
+    return all_to_all_flat_s(nbytes, span, cluster, idle_s)

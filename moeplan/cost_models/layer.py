@@ -277,9 +277,8 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     a2a_bytes = rows * h * b
     cb["a2a"] = a2a_bytes
     ep_span = env.span(c.ep, c.es)
-    a2a_s = coll.all_to_all_s(a2a_bytes, ep_span, env.cluster, c.a2a)
-    for phase in ("dispatch_a2a", "combine_a2a"):
-        ph[phase] = a2a_s + fixed(phase, in_situ=c.ep * c.es > 1)
+    for phase in ("dispatch_a2a", "combine_a2a"):  # in the phases' order; timed below
+        ph[phase] = fixed(phase, in_situ=c.ep * c.es > 1)
     es_s = 0.0
     if c.es > 1:
         es_span = env.span(c.es, 1)
@@ -302,7 +301,16 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     if c.coordinated and tp > 1:
         cb["tp_allgather"] = T * h * b
         ph["tp_comm"] += coll.allgather_s(T * h * b, tp_span, env.cluster)
-    return _shared(env, cost, p)
+    _shared(env, cost, p)
+    # the exchanges' links rest while the layer computes before each (and while its ranks wait
+    # for their peers' turns at it): what a rate limiter's bucket gets back (`after_idle`)
+    rest = 1.0 + wait_factor(env)
+    before = {"dispatch_a2a": ("attention", "mlp", "gate", "dispatch"),
+              "combine_a2a": ("experts",)}
+    for phase, computes in before.items():
+        idle = rest * sum(ph.get(k, 0.0) for k in computes)
+        ph[phase] += coll.all_to_all_s(a2a_bytes, ep_span, env.cluster, c.a2a, idle)
+    return cost
 
 
 def _shared(env: Env, cost: LayerCost, p: Pass) -> LayerCost:

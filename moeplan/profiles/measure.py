@@ -68,10 +68,8 @@ class Bench:
             t0 = time.perf_counter()
             fn()
             self._sync()
-            one = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-            if self.world > 1:
-                dist.all_reduce(one, op=dist.ReduceOp.MAX)  # the same count on every rank
-            inner = max(1, min(1000, int(self.sample_s / max(float(one), 1e-7))))
+            one = self._slowest(time.perf_counter() - t0)  # the same count on every rank
+            inner = max(1, min(1000, int(self.sample_s / max(one, 1e-7))))
         samples = []
         for _ in range(self.repeats):
             if self.world > 1:
@@ -81,10 +79,32 @@ class Bench:
             for _ in range(inner):
                 fn()
             self._sync()
-            t = torch.tensor([(time.perf_counter() - t0) / inner], dtype=torch.float64)
+            samples.append(self._slowest((time.perf_counter() - t0) / inner))
+        return fit.robust_median(samples)
+
+    def _slowest(self, seconds: float) -> float:
+        t = torch.tensor([seconds], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
+    def time_rested(self, fn, rest_s: float) -> float:
+        """Seconds of one call made after every rank idled `rest_s`: slowest rank per repeat,
+        robust median over repeats — the links as they are when a step's compute has left
+        them alone (a rate limiter's token bucket refilled). Twice the repeats of `time`: one
+        call per sample scatters more than a sample of many."""
+        for _ in range(self.warmup):
+            fn()
+        samples = []
+        for _ in range(2 * self.repeats):
             if self.world > 1:
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            samples.append(float(t))
+                dist.barrier()
+            time.sleep(rest_s)
+            self._sync()
+            t0 = time.perf_counter()
+            fn()
+            self._sync()
+            samples.append(self._slowest(time.perf_counter() - t0))
         return fit.robust_median(samples)
 
 
@@ -135,6 +155,12 @@ def tier_groups(world: int, gpus_per_node: int) -> dict[str, list[list[int]]]:
     return tiers
 
 
+# Idle before a rested exchange: longer than a rate limiter's bucket takes to refill (tc tbf's
+# 256 KB at 200 Mbit/s: 10 ms; cloud NICs' bandwidth allowances are larger, but are refilled by
+# the seconds a step's compute lasts, and a few tens of ms show what one exchange gets back).
+REST_S = 0.05
+
+
 def collectives(b: Bench, gpus_per_node: int, quick: bool, progress) -> list[dict]:
     tiers = tier_groups(b.world, gpus_per_node)
     rows = []
@@ -155,9 +181,10 @@ def collectives(b: Bench, gpus_per_node: int, quick: bool, progress) -> list[dic
 def exchanges(b: Bench, gpus_per_node: int, quick: bool, progress) -> list[dict]:
     """Both all-to-all algorithms of the runtime (`runtime.a2a`) over the whole world, where it
     spans nodes with several ranks on each: the flat exchange (one message per peer) and the
-    hierarchical one (intra-node exchange, regrouping, inter-node exchange), over message sizes.
-    The per-tier fits say what one message and one byte cost; these say how the algorithms
-    combine them (overlapping messages, a second call, the regrouping copies)."""
+    hierarchical one (intra-node exchange, regrouping, inter-node exchange), over message sizes,
+    back to back and after the ranks idled (`rested`). The per-tier fits say what one message
+    and one byte cost; these say how the algorithms combine them (overlapping messages, a second
+    call, the regrouping copies) and what idle links give back."""
     from moeplan.runtime.a2a import FlatExchange, HierarchicalExchange
     from moeplan.runtime.comm import Comm
 
@@ -178,8 +205,11 @@ def exchanges(b: Bench, gpus_per_node: int, quick: bool, progress) -> list[dict]
     for name, exchange in algorithms.items():
         for nbytes in _sizes(1 << 12, (1 << 20) if quick else (1 << 23)):
             x = torch.ones(world, max(1, nbytes // 4 // world), device=b.device)
-            rows.append({"algorithm": name, "group_size": world, "per_node": G,
-                         "bytes": float(x.numel() * 4), "time_s": b.time(lambda: exchange(x))})
+            row = {"algorithm": name, "group_size": world, "per_node": G,
+                   "bytes": float(x.numel() * 4)}
+            rows.append({**row, "time_s": b.time(lambda: exchange(x))})
+            rows.append({**row, "rested": True,
+                         "time_s": b.time_rested(lambda: exchange(x), REST_S)})
             progress()
     return rows
 

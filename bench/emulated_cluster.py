@@ -4,6 +4,7 @@
                                           [--links 200mbit,200mbit+5000,200mbit+10000,200mbit+20000]
                                           [--seqs 16,64,128] [--rounds 5] [--steps 10]
                                           [--out emulated.json]
+    python bench/emulated_cluster.py --recost emulated.json --work DIR   (no privileges needed)
 
 Creates namespaces moeplan-node0..N-1, each with one veth (eth0 inside, 10.77.0.(i+1)/24) to a
 bridge moeplan-br0 in its own namespace, and a token-bucket filter (`tc ... tbf`) on every node's
@@ -18,7 +19,10 @@ loopback, unlimited. For each link in turn:
 Everything is torn down after each link, also on failure or Ctrl-C. Only addresses inside the
 namespaces this script made are used. Without the privileges for `ip netns`, it says so and
 exits 0 (skipped). Prints JSON: per link and configuration, and the agreement over the
-configurations whose two algorithms measured more than 10% apart.
+configurations whose two algorithms measured more than 10% apart. `--recost` judges an earlier
+run's measurements again with the current model (each link's profile rebuilt from the raw
+measurements the run left in its work folder, named in its JSON): the runs themselves do not
+depend on the model, only the predictions and the planner's choice do.
 """
 
 from __future__ import annotations
@@ -111,26 +115,16 @@ def across_nodes(nodes: int, per_node: int, module_args: list[str], port: int,
 
 
 def _both(spec, cluster, req, world: int, prefix: str, k: int, N: int, G: int, steps: int,
-          rounds: int, port_base: int = 0):
+          rounds: int, port_base: int = 0) -> dict[str, list[float]]:
     """Measured all-to-all seconds per step of the flat and hierarchical plans, one per round
-    (the two run in turn for `rounds` rounds: ranks sharing cores make single runs noisy), and
-    the predicted ones."""
-    from moeplan.cost_models.layer import LayerChoice
-    from moeplan.planner.planning import fixed_plan
+    (the two run in turn for `rounds` rounds: ranks sharing cores make single runs noisy)."""
     from moeplan.planner.record import RunRecord
-    from moeplan.profiles.build import predicted_phases_s
 
     samples: dict[str, list[float]] = {"flat": [], "hierarchical": []}
-    predicted, plans = {}, {}
-    for algo in samples:
-        choices = {i: LayerChoice(ep=min(E, world), es=1,
-                                  a2a=algo if min(E, world) == world else "flat",
-                                  coordinated=False)
-                   for i, E in enumerate(spec.experts) if E}
-        p = fixed_plan(spec, cluster, req, 1, choices)
+    plans = {}
+    for algo, p in _plans(spec, cluster, req, world).items():
         plans[algo] = Path(f"{prefix}c{k}-{algo}.plan.json")
         plans[algo].write_text(p.to_json())
-        predicted[algo] = predicted_phases_s(p, ("dispatch_a2a", "combine_a2a"))
     for r in range(rounds):
         for algo, pf in plans.items():
             rf = Path(f"{prefix}c{k}-{algo}-{r}.run.json")
@@ -141,7 +135,7 @@ def _both(spec, cluster, req, world: int, prefix: str, k: int, N: int, G: int, s
             run = RunRecord.model_validate_json(rf.read_text())
             samples[algo].append(sum(l.phases_s.get(ph, 0) for l in run.layers
                                      for ph in ("dispatch_a2a", "combine_a2a")))
-    return samples, predicted
+    return samples
 
 
 def parse_link(spec: str) -> tuple[str, int]:
@@ -163,7 +157,6 @@ def parse_links(text: str) -> list[str]:
 def one_link(a, link: str, index: int, work: Path) -> dict:
     """Bring the nodes up with this inter-node link, profile them, and compare the planner's
     choice with the faster algorithm for every configuration; the nodes are taken down after."""
-    from moeplan.planner.planning import Request, plan
     from moeplan.profiles import load_cluster, load_model
 
     N, G = a.nodes, a.ranks_per_node
@@ -185,37 +178,66 @@ def one_link(a, link: str, index: int, work: Path) -> dict:
         out["exchanges"] = [e.model_dump() for e in cluster.exchanges]
         print(json.dumps({"link": link, "profile_s": out["profile_s"], "credit_ms": {
             e.algorithm: round(e.credit_s * 1e3, 2) for e in cluster.exchanges}}), file=sys.stderr)
-        configs = [(model, seq)
-                   for model in ("tiny-pr-moe", str(Path(__file__).parent / "data" /
-                                                    "small-pr-moe.json"))
-                   for seq in a.seqs]
+        configs = [(model, seq) for model in MODELS.values() for seq in a.seqs]
         rows = []
         for k, (model, seq) in enumerate(configs[:a.configs]):
-            spec = load_model(model)
-            req = Request(gpus=world, mode="train", global_batch=world, seq_len=seq,
-                          zero_stage=0, simulate_top=0)
             try:
-                rounds, predicted = _both(spec, cluster, req, world, f"{work}/l{index}-", k,
-                                          N, G, a.steps, a.rounds, 1000 * index)
+                rounds = _both(load_model(model), cluster, _request(world, seq), world, f"{work}/l{index}-", k, N, G,
+                               a.steps, a.rounds, 1000 * index)
             except RuntimeError as e:  # one configuration failing does not end the benchmark
                 rows.append({"model": Path(model).stem, "seq_len": seq, "error": str(e)})
                 continue
-            best, _ = plan(spec, cluster, Request(gpus=world, mode="train", global_batch=world,
-                                                  seq_len=seq, zero_stage=0, micro_batch=1))
-            chosen = {l.a2a for l in best.layers if l.kind == "moe" and l.ep == world} or {"flat"}
-            measured = {algo: median(v) for algo, v in rounds.items()}
-            faster = min(measured, key=measured.get)
-            gap = abs(measured["flat"] - measured["hierarchical"]) / min(measured.values())
-            rows.append({"link": link, "model": Path(model).stem, "seq_len": seq,
-                         "measured_a2a_s": measured, "measured_rounds_s": rounds,
-                         "predicted_a2a_s": predicted, "planner_chose": sorted(chosen),
-                         "measured_faster": faster, "gap": round(gap, 3),
-                         "agrees": faster in chosen})
+            rows.append({"link": link, **judge(model, seq, cluster, world, rounds)})
             print(json.dumps(rows[-1]), file=sys.stderr)
         out["configs"] = rows
     finally:
         down(N)
     return out
+
+
+MODELS = {"tiny-pr-moe": "tiny-pr-moe",
+          "small-pr-moe": str(Path(__file__).parent / "data" / "small-pr-moe.json")}
+
+
+def _plans(spec, cluster, req, world: int) -> dict:
+    """The flat and the hierarchical plan of a configuration: every MoE layer expert-parallel
+    over as many ranks as it has experts, with that all-to-all where it spans the world."""
+    from moeplan.cost_models.layer import LayerChoice
+    from moeplan.planner.planning import fixed_plan
+
+    return {algo: fixed_plan(spec, cluster, req, 1, {
+        i: LayerChoice(ep=min(E, world), es=1, a2a=algo if min(E, world) == world else "flat",
+                       coordinated=False) for i, E in enumerate(spec.experts) if E})
+            for algo in ("flat", "hierarchical")}
+
+
+def _request(world: int, seq: int):
+    from moeplan.planner.planning import Request
+
+    return Request(gpus=world, mode="train", global_batch=world, seq_len=seq, zero_stage=0,
+                   simulate_top=0)
+
+
+def judge(model: str, seq: int, cluster, world: int, rounds: dict[str, list[float]]) -> dict:
+    """A configuration's measured all-to-all per step (each algorithm's rounds) against what the
+    profile `cluster` predicts for both plans and which one the planner's search chooses."""
+    from moeplan.planner.planning import Request, plan
+    from moeplan.profiles import load_model
+    from moeplan.profiles.build import predicted_phases_s
+
+    spec = load_model(MODELS.get(model, model))
+    predicted = {algo: predicted_phases_s(p, ("dispatch_a2a", "combine_a2a"))
+                 for algo, p in _plans(spec, cluster, _request(world, seq), world).items()}
+    best, _ = plan(spec, cluster, Request(gpus=world, mode="train", global_batch=world,
+                                          seq_len=seq, zero_stage=0, micro_batch=1))
+    chosen = {l.a2a for l in best.layers if l.kind == "moe" and l.ep == world} or {"flat"}
+    measured = {algo: median(v) for algo, v in rounds.items()}
+    faster = min(measured, key=measured.get)
+    gap = abs(measured["flat"] - measured["hierarchical"]) / min(measured.values())
+    return {"model": Path(model).stem, "seq_len": seq, "measured_a2a_s": measured,
+            "measured_rounds_s": rounds, "predicted_a2a_s": predicted,
+            "planner_chose": sorted(chosen), "measured_faster": faster, "gap": round(gap, 3),
+            "agrees": faster in chosen}
 
 
 def main() -> int:
@@ -238,7 +260,16 @@ def main() -> int:
                     help="runs of each plan, in turn; the median counts")
     ap.add_argument("--quick", action="store_true", help="quick profile")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--recost", metavar="RESULT",
+                    help="no network: judge an earlier run's measurements (its --out JSON) again "
+                         "with the current model, each link's profile rebuilt from its raw "
+                         "measurements in --work")
+    ap.add_argument("--work", type=Path, help="the earlier run's work folder (with --recost)")
     a = ap.parse_args()
+    if a.recost:
+        if a.work is None or not (a.work / "emulated-0.raw.json").exists():
+            ap.error("--recost needs --work, the earlier run's folder with emulated-N.raw.json")
+        return report(recost(json.loads(Path(a.recost).read_text()), a.work), a)
     why = can_use_netns()
     if why:
         print(json.dumps({"bench": "emulated_cluster", "skipped": True,
@@ -247,11 +278,37 @@ def main() -> int:
         return 0
     work = Path(tempfile.mkdtemp(prefix="moeplan-emulated-"))
     os.chmod(work, 0o755)
-    links = [one_link(a, link, i, work) for i, link in enumerate(a.links)]
-    rows = [r for link in links for r in link["configs"]]
+    print(json.dumps({"work": str(work)}), file=sys.stderr)
+    return report({"bench": "emulated_cluster", "nodes": a.nodes,
+                   "ranks_per_node": a.ranks_per_node, "steps": a.steps, "rounds": a.rounds,
+                   "work": str(work),
+                   "links": [one_link(a, link, i, work) for i, link in enumerate(a.links)]}, a)
+
+
+def recost(result: dict, work: Path) -> dict:
+    """`result`'s measured rounds judged by the current model: each link's profile rebuilt
+    from the raw measurements the run kept (`moeplan profile`'s own build)."""
+    from moeplan.profiles.build import build_profile
+
+    links = []
+    for i, link in enumerate(result["links"]):
+        raw = json.loads((work / f"emulated-{i}.raw.json").read_text())
+        info = raw.pop("info")
+        cluster = build_profile("local-cpu", "emulated", result["ranks_per_node"], info, raw)
+        world = result["nodes"] * result["ranks_per_node"]
+        links.append({**link, "exchanges": [e.model_dump() for e in cluster.exchanges],
+                      "configs": [r if "error" in r else {"link": link["link"], **judge(
+                          r["model"], r["seq_len"], cluster, world, r["measured_rounds_s"])}
+                                  for r in link["configs"]]})
+    return {**result, "recosted": True, "links": links}
+
+
+def report(out: dict, a) -> int:
+    """Adds the agreement over every configuration and over the decisive ones (the two
+    algorithms measured more than 10% apart); prints and writes the result."""
+    rows = [r for link in out["links"] for r in link["configs"]]
     decisive = [r for r in rows if "error" not in r and r["gap"] > 0.10]
-    out = {"bench": "emulated_cluster", "nodes": a.nodes, "ranks_per_node": a.ranks_per_node,
-           "steps": a.steps, "rounds": a.rounds, "links": links, "configurations": len(rows),
+    out = {**out, "configurations": len(rows),
            "agreement_all": sum(r.get("agrees", False) for r in rows),
            "decisive": len(decisive), "agreement": sum(r["agrees"] for r in decisive)}
     text = json.dumps(out, indent=2)

@@ -302,14 +302,16 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
         cb["tp_allgather"] = T * h * b
         ph["tp_comm"] += coll.allgather_s(T * h * b, tp_span, env.cluster)
     _shared(env, cost, p)
-    # the exchanges' links rest while the layer computes before each (and while its ranks wait
-    # for their peers' turns at it): what a rate limiter's bucket gets back (`after_idle`)
-    rest = 1.0 + wait_factor(env)
-    before = {"dispatch_a2a": ("attention", "mlp", "gate", "dispatch"),
-              "combine_a2a": ("experts",)}
-    for phase, computes in before.items():
-        idle = rest * sum(ph.get(k, 0.0) for k in computes)
-        ph[phase] += coll.all_to_all_s(a2a_bytes, ep_span, env.cluster, c.a2a, idle)
+    # One token bucket (where the links have one: `after_idle`) serves every exchange of the
+    # step and refills whenever they idle: through the compute of this layer and of the layers
+    # without an exchange that come with it (a PR-MoE has a dense layer per MoE layer), and
+    # while its ranks wait for their peers' turns; the layer's two exchanges share that.
+    per_layer = spec.num_layers / max(1, sum(1 for e in spec.experts if e))
+    idle = ((1.0 + wait_factor(env)) * per_layer / 2
+            * sum(t for k, t in ph.items() if k in COMPUTE_PHASES))
+    a2a_s = coll.all_to_all_s(a2a_bytes, ep_span, env.cluster, c.a2a, idle)
+    for phase in ("dispatch_a2a", "combine_a2a"):
+        ph[phase] += a2a_s
     return cost
 
 

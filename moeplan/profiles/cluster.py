@@ -88,13 +88,6 @@ class FrameworkOverhead(BaseModel):
     decode_untimed_fraction: float = Field(0.0, ge=0, description="the same, per decode token")
     grad_sync_extra_s: float = Field(0.0, ge=0, description=(
         "seconds the gradient sync of that run took per step beyond what the model charged it"))
-    rested_latency_scale: float | None = Field(None, gt=0, description=(
-        "the same fit over exchanges timed after every rank idled (`measure.REST_S`): what the "
-        "links do when they have rested — a rate limiter's token bucket full again"))
-    rested_transfer_scale: float | None = Field(None, gt=0)
-    credit_s: float = Field(0.0, ge=0, description=(
-        "seconds of exchange time that resting saves at most (back to back less rested, at the "
-        "largest sizes): the bucket's depth in seconds, also the idle time that refills it"))
     in_step: float = Field(1.0, gt=0, description=(
         "the compute of that run (its timed time less its all-to-alls and gradient sync) over "
         "what the model charged it: what compute costs inside a running step beyond the "
@@ -173,8 +166,8 @@ class ExchangeScale(BaseModel):
         "links do when they have rested — a rate limiter's token bucket full again"))
     rested_transfer_scale: float | None = Field(None, gt=0)
     credit_s: float = Field(0.0, ge=0, description=(
-        "seconds of exchange time that resting saves at most (back to back less rested, at the "
-        "largest sizes): the bucket's depth in seconds, also the idle time that refills it"))
+        "seconds of exchange time that resting saves at most (back to back less rested, where it "
+        "saved clearly: `build.CLEAR_SAVING`): the bucket's depth in seconds, also the idle time that refills it"))
     r2: float | None = None
     source: str = ""
 

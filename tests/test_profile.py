@@ -198,6 +198,23 @@ def test_rested_exchanges_give_back_a_token_bucket_that_the_step_refills():
         "peak_flops": {"fp32": 2e8}})})  # compute long enough to refill the bucket
     assert a2a(slow, "flat") < a2a(no_rest.model_copy(update={"device": slow.device}), "flat")
     assert a2a(no_rest, "hierarchical") < a2a(no_rest, "flat")
+    # the bucket is the link's: a scattered size that inflates one algorithm's estimate (flat
+    # "saves" 40 ms at the largest size) leaves both with the other's 9 ms; where only one
+    # algorithm saved clearly, both take its credit
+    biggest = max(r["bytes"] for r in rows)
+
+    def rested_as(algo: str, time_of) -> list[dict]:
+        return [{**r, "time_s": time_of(r)} if r.get("rested") and r["algorithm"] == algo
+                else r for r in rows]
+
+    busy_at = {(r["algorithm"], r["bytes"]): r["time_s"] for r in rows if not r.get("rested")}
+    assert busy_at["flat", biggest] > 3 * credit
+    scattered = rested_as("flat", lambda r: busy_at["flat", biggest] / 10
+                          if r["bytes"] == biggest else r["time_s"])
+    no_hier = rested_as("hierarchical", lambda r: 10.0)  # resting never helped
+    for rs in (scattered, no_hier):
+        assert [e.credit_s for e in build_profile("local-cpu", "synthetic", 2, info, {
+            **m, "exchanges": rs}).exchanges] == pytest.approx([credit] * 2, rel=0.05)
     assert a2a(slow, "flat") < a2a(slow, "hierarchical")
 
 

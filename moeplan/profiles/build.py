@@ -68,7 +68,9 @@ def fit_exchanges(rows: list[dict], cluster: ClusterProfile, where: str) -> list
     factor the sizes cannot resolve (fitted as 0, e.g. latency-bound at every size) stays 1,
     the tier model's own. The credit is the most that resting saved at a size where it saved
     clearly (`CLEAR_SAVING`): a bucket's depth shows once a message outgrows it, while at the
-    largest sizes the host's scatter is larger than any bucket."""
+    largest sizes the host's scatter is larger than any bucket. The bucket is the link's, not
+    the algorithm's, so both algorithms get one credit: the smaller of their estimates (a
+    scattered size can only inflate a maximum) where both saved clearly, else the one that did."""
     from moeplan.cost_models import collectives as coll
 
     parts_of = {"flat": coll.all_to_all_flat_parts,
@@ -94,9 +96,8 @@ def fit_exchanges(rows: list[dict], cluster: ClusterProfile, where: str) -> list
             saved = [r["time_s"] - rested[r["bytes"]] for r in busy
                      if r["bytes"] in rested and r["time_s"] - rested[r["bytes"]]
                      >= CLEAR_SAVING * r["time_s"]]
-            credit = max(saved, default=0.0)
             more = {"rested_latency_scale": r_lat, "rested_transfer_scale": r_bytes,
-                    "credit_s": credit}
+                    "credit_s": max(saved, default=0.0)}
         out.append(ExchangeScale(
             algorithm=algorithm, group_size=p, per_node=g, latency_scale=k_lat,
             transfer_scale=k_bytes, r2=round(r2, 4), **more,
@@ -104,7 +105,10 @@ def fit_exchanges(rows: list[dict], cluster: ClusterProfile, where: str) -> list
                    f"nodes, r2={r2:.3f}" + (
                        f"; timed after every rank idled, r2={r2_r:.3f}, up to "
                        f"{more['credit_s'] * 1e3:.2f} ms saved" if rested else "")))
-    return out
+    credits = [e.credit_s for e in out if e.credit_s > 0]
+    link = min(credits, default=0.0)
+    return [e.model_copy(update={"credit_s": link}) if e.rested_latency_scale else e
+            for e in out]
 
 
 PROBE_EXPERTS = (0, 2, 4)  # a dense layer, then MoE layers with 2 and 4 local experts

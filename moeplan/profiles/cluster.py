@@ -167,7 +167,8 @@ class ExchangeScale(BaseModel):
     rested_transfer_scale: float | None = Field(None, gt=0)
     credit_s: float = Field(0.0, ge=0, description=(
         "seconds of exchange time that resting saves at most (back to back less rested, where it "
-        "saved clearly: `build.CLEAR_SAVING`): the bucket's depth in seconds, also the idle time that refills it"))
+        "saved clearly: `build.CLEAR_SAVING`): the bucket's depth in seconds, also the idle time that "
+        "refills it; one per link, the smaller of the algorithms' estimates"))
     r2: float | None = None
     source: str = ""
 

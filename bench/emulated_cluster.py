@@ -305,17 +305,54 @@ def recost(result: dict, work: Path) -> dict:
 
 def report(out: dict, a) -> int:
     """Adds the agreement over every configuration and over the decisive ones (the two
-    algorithms measured more than 10% apart); prints and writes the result."""
+    algorithms measured more than 10% apart) and the all-to-all's relative error (predicted vs
+    measured, both algorithms of every configuration); prints a table (stderr) and the JSON."""
     rows = [r for link in out["links"] for r in link["configs"]]
-    decisive = [r for r in rows if "error" not in r and r["gap"] > 0.10]
+    done = [r for r in rows if "error" not in r]
+    decisive = [r for r in done if r["gap"] > 0.10]
+    errors = [abs(r["predicted_a2a_s"][algo] / r["measured_a2a_s"][algo] - 1)
+              for r in done for algo in ("flat", "hierarchical")]
     out = {**out, "configurations": len(rows),
            "agreement_all": sum(r.get("agrees", False) for r in rows),
-           "decisive": len(decisive), "agreement": sum(r["agrees"] for r in decisive)}
+           "decisive": len(decisive), "agreement": sum(r["agrees"] for r in decisive),
+           "a2a_abs_error_median": round(median(errors), 4) if errors else None,
+           "a2a_abs_error_worst": round(max(errors), 4) if errors else None}
+    _print_table(out)
     text = json.dumps(out, indent=2)
     print(text)
     if a.out:
         Path(a.out).write_text(text + "\n")
     return 0
+
+
+def _print_table(out: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="all-to-all per step, ms (predicted / measured median)",
+                  title_justify="left")
+    for c in ("link", "model", "seq", "credit", "flat", "hierarchical", "gap", "planner",
+              "faster", "agrees"):
+        table.add_column(c, justify="left" if c in ("link", "model") else "right")
+    for link in out["links"]:
+        credit = {round(e["credit_s"] * 1e3, 2) for e in link.get("exchanges", [])}
+        for r in link["configs"]:
+            if "error" in r:
+                table.add_row(link["link"], r["model"], str(r["seq_len"]), "", r["error"][:40])
+                continue
+            p, m = r["predicted_a2a_s"], r["measured_a2a_s"]
+            table.add_row(link["link"], r["model"], str(r["seq_len"]),
+                          "/".join(f"{c:g}" for c in sorted(credit)),
+                          *(f"{p[x] * 1e3:.1f} / {m[x] * 1e3:.1f}" for x in ("flat", "hierarchical")),
+                          f"{r['gap']:.0%}", ",".join(r["planner_chose"]), r["measured_faster"],
+                          ("yes" if r["agrees"] else "no") + (" *" if r["gap"] > 0.10 else ""))
+    console = Console(stderr=True, highlight=False, width=140)
+    console.print(table)
+    err = out["a2a_abs_error_median"]
+    console.print(f"* decisive (measured >10% apart): {out['agreement']} of {out['decisive']} "
+                  f"agree; all: {out['agreement_all']} of {out['configurations']}; median |a2a "
+                  f"error| {err:.1%}, worst {out['a2a_abs_error_worst']:.1%}" if err is not None
+                  else "no configuration ran")
 
 
 if __name__ == "__main__":

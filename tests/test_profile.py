@@ -198,9 +198,10 @@ def test_rested_exchanges_give_back_a_token_bucket_that_the_step_refills():
         "peak_flops": {"fp32": 2e8}})})  # compute long enough to refill the bucket
     assert a2a(slow, "flat") < a2a(no_rest.model_copy(update={"device": slow.device}), "flat")
     assert a2a(no_rest, "hierarchical") < a2a(no_rest, "flat")
+    assert a2a(slow, "flat") < a2a(slow, "hierarchical")
     # the bucket is the link's: a scattered size that inflates one algorithm's estimate (flat
-    # "saves" 40 ms at the largest size) leaves both with the other's 9 ms; where only one
-    # algorithm saved clearly, both take its credit
+    # "saves" 90% at the largest size, several credits) leaves both with the other's 9 ms;
+    # where only one algorithm saved clearly, both take its credit
     biggest = max(r["bytes"] for r in rows)
 
     def rested_as(algo: str, time_of) -> list[dict]:
@@ -215,7 +216,6 @@ def test_rested_exchanges_give_back_a_token_bucket_that_the_step_refills():
     for rs in (scattered, no_hier):
         assert [e.credit_s for e in build_profile("local-cpu", "synthetic", 2, info, {
             **m, "exchanges": rs}).exchanges] == pytest.approx([credit] * 2, rel=0.05)
-    assert a2a(slow, "flat") < a2a(slow, "hierarchical")
 
 
 def test_in_situ_extras_are_what_a_running_step_took_beyond_the_model():

@@ -105,10 +105,8 @@ def fit_exchanges(rows: list[dict], cluster: ClusterProfile, where: str) -> list
                    f"nodes, r2={r2:.3f}" + (
                        f"; timed after every rank idled, r2={r2_r:.3f}, up to "
                        f"{more['credit_s'] * 1e3:.2f} ms saved" if rested else "")))
-    credits = [e.credit_s for e in out if e.credit_s > 0]
-    link = min(credits, default=0.0)
-    return [e.model_copy(update={"credit_s": link}) if e.rested_latency_scale else e
-            for e in out]
+    link = min((e.credit_s for e in out if e.credit_s > 0), default=0.0)
+    return [e.model_copy(update={"credit_s": link}) for e in out]
 
 
 PROBE_EXPERTS = (0, 2, 4)  # a dense layer, then MoE layers with 2 and 4 local experts

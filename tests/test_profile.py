@@ -352,6 +352,10 @@ def test_profile_on_cpu_ranks_end_to_end(tmp_path):
     situ = raw["in_situ"]  # the probe run by moerun's own loops, experts over both ranks
     assert situ["world"] == 2 and situ["train"]["a2a_s"] > 0 and situ["infer"]["a2a_s"] > 0
     assert len(situ["samples"]) == 3  # one at each of three moments (--quick)
+    # every calibration pooled over the three moments, two repeats (four for the model's
+    # training tables) at each
+    assert {r["samples"] for r in raw["gemm"]} == {3 * 2}
+    assert raw["framework"]["samples"] == {"tables": 3 * 4, "skew": 3 * 3 * 2}
     assert situ["train"]["grad_sync_s"] > 0
     assert fw.exchange_extra_s >= 0 and fw.grad_sync_extra_s >= 0
 
@@ -371,13 +375,17 @@ def test_profile_bad_inputs_are_one_line(argv, message, monkeypatch, capsys, tmp
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_in_situ_keeps_a_quiet_sample_whole():
-    from moeplan.profiles.measure import quiet_sample
+def test_in_situ_keeps_the_median_sample_whole():
+    from moeplan.profiles.measure import median_sample
 
-    slow = {"a2a_s": 0.040, "grad_sync_s": 0.010, "step_s": 0.120, "timed_s": 0.100}
-    luckiest = {"a2a_s": 0.005, "grad_sync_s": 0.004, "step_s": 0.039, "timed_s": 0.037}
-    quiet = {"a2a_s": 0.009, "grad_sync_s": 0.003, "step_s": 0.043, "timed_s": 0.040}
-    # a slow spell through most of the profile: a median would be one of the slow samples, the
-    # very quietest is the luckiest scatter; the lower quartile keeps a quiet one, whole
-    assert quiet_sample([slow, quiet, slow, luckiest, slow, slow]) == quiet
-    assert quiet_sample([slow, quiet, slow]) == quiet  # three (--quick): the quietest
+    def smp(step_ms: float, a2a_ms: float) -> dict:
+        return {"a2a_s": a2a_ms / 1e3, "grad_sync_s": 0.003, "step_s": step_ms / 1e3,
+                "timed_s": 0.9 * step_ms / 1e3}
+
+    fast, slow = [smp(38, 5), smp(40, 9), smp(43, 6)], [smp(70, 20), smp(90, 30), smp(120, 40)]
+    # the host's two speeds, three samples each: the lower of the middle two, its figures
+    # together (its own all-to-all, not the median of the all-to-alls)
+    got = median_sample([slow[2], fast[0], slow[0], fast[2], slow[1], fast[1]])
+    assert got == fast[2] and got is not fast[2]
+    assert median_sample([slow[1], fast[0], slow[0]]) == slow[0]  # three (--quick)
+    assert median_sample([fast[1]]) == fast[1]

@@ -13,7 +13,12 @@ node; GPUs of a node share its NICs), both all-to-all algorithms over the whole 
 it spans nodes, and the probe run by the runtime's own loops with its experts spread over every
 rank (what exchanges and gradient sync take inside a running step). Each all-rank figure is the
 slowest rank of a repeat; repeats are reduced by `fit.robust_median`.
-Rank 0 fits them (`fit.py`) and writes a `ClusterProfile`.
+
+The host's speed swings within seconds, so the calibrations (device sweeps, the model's tables,
+skew, optimizer, the in-step probe) are sampled at several moments spread over the whole
+profile, the collectives' and exchanges' sizes run between them, and each figure is reduced
+over all its moments' samples (`Pool`). Rank 0 fits them (`fit.py`) and writes a
+`ClusterProfile`.
 """
 
 from __future__ import annotations
@@ -56,7 +61,11 @@ class Bench:
             torch.cuda.synchronize()
 
     def time(self, fn, inner: int | None = None) -> float:
-        """Seconds per call: slowest rank per repeat, robust median over repeats.
+        """Seconds per call: slowest rank per repeat, robust median over repeats."""
+        return fit.robust_median(self.samples(fn, inner))
+
+    def samples(self, fn, inner: int | None = None) -> list[float]:
+        """Seconds per call of each repeat, the slowest rank's.
 
         A repeat runs the call `inner` times back to back, by default enough of them to last
         about `sample_s`: long enough that ranks sharing cores contend for them as they do in a
@@ -80,7 +89,7 @@ class Bench:
                 fn()
             self._sync()
             samples.append(self._slowest((time.perf_counter() - t0) / inner))
-        return fit.robust_median(samples)
+        return samples
 
     def _slowest(self, seconds: float) -> float:
         t = torch.tensor([seconds], dtype=torch.float64)
@@ -108,24 +117,71 @@ class Bench:
         return fit.robust_median(samples)
 
 
-def gemms(b: Bench, dtype: torch.dtype, quick: bool) -> list[dict]:
-    rows = []
-    for m in _sizes(16, 1024 if quick else 4096):
-        for n, k in ((256, 64), (64, 256), (256, 256)):
-            x = torch.randn(m, k, device=b.device, dtype=dtype)
-            w = torch.randn(k, n, device=b.device, dtype=dtype)
-            rows.append({"m": m, "n": n, "k": k, "flops": 2.0 * m * n * k,
-                         "time_s": b.time(lambda: x @ w)})
-    return rows
+class Pool:
+    """Samples of every figure the profile calibrates, gathered at several moments of it and
+    reduced at the end by `fit.robust_median` over all of them. This host's speed swings on a
+    scale of seconds (on the 2-vCPU VM one rank's probe step went between 6.3 and 12.9 ms from
+    one ten-second sample to the next), so a figure timed in one stretch is one state of the
+    host, not the host a run of many steps meets."""
+
+    def __init__(self) -> None:
+        self.samples: dict = {}
+
+    def add(self, key, values: list[float]) -> None:
+        self.samples.setdefault(key, []).extend(values)
+
+    def median(self, key) -> float:
+        return fit.robust_median(self.samples[key])
 
 
-def copies(b: Bench, quick: bool) -> list[dict]:
-    rows = []
-    for n in _sizes(1 << 12, (1 << 22) if quick else (1 << 24)):
-        src = torch.empty(n // 4, device=b.device)
-        dst = torch.empty_like(src)
-        rows.append({"bytes": 2.0 * n, "time_s": b.time(lambda: dst.copy_(src))})
-    return rows
+def moments(quick: bool) -> int:
+    """How many moments of the profile sample its calibrations (and the in-step probe)."""
+    return 3 if quick else 6
+
+
+def per_moment(repeats: int, quick: bool) -> int:
+    """Repeats of each calibration per moment: `repeats` spread over the moments, two at least."""
+    return max(2, -(-repeats // moments(quick)))
+
+
+class DeviceSweeps:
+    """The device's own speed on rank 0 alone: GEMM sizes (efficiency curve), copy sizes (memory
+    bandwidth) and one small autograd operation (the floor under every phase of a tiny model),
+    a pass over all of them per moment, pooled."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, quick: bool, warmup: int,
+                 repeats: int):
+        self.bench = Bench(0, 1, device, warmup, repeats)
+        self.pool = Pool()
+        self.gemm: dict[tuple, callable] = {}
+        for m in _sizes(16, 1024 if quick else 4096):
+            for n, k in ((256, 64), (64, 256), (256, 256)):
+                x = torch.randn(m, k, device=device, dtype=dtype)
+                w = torch.randn(k, n, device=device, dtype=dtype)
+                self.gemm[(m, n, k)] = lambda x=x, w=w: x @ w
+        self.copy: dict[int, callable] = {}
+        for n in _sizes(1 << 12, (1 << 22) if quick else (1 << 24)):
+            src = torch.empty(n // 4, device=device)
+            dst = torch.empty_like(src)
+            self.copy[n] = lambda src=src, dst=dst: dst.copy_(src)
+        x = torch.ones(8, device=device, requires_grad=True)
+        self.small_op = lambda: (x * 2).sum().backward()
+
+    def sample(self, warmup: int) -> None:
+        self.bench.warmup = warmup
+        for key, fn in self.gemm.items():
+            self.pool.add(("gemm", key), self.bench.samples(fn))
+        for n, fn in self.copy.items():
+            self.pool.add(("copy", n), self.bench.samples(fn))
+        self.pool.add("op", self.bench.samples(self.small_op))
+
+    def result(self) -> tuple[list[dict], list[dict], float]:
+        gemm = [{"m": m, "n": n, "k": k, "flops": 2.0 * m * n * k,
+                 "time_s": self.pool.median(("gemm", (m, n, k))),
+                 "samples": len(self.pool.samples[("gemm", (m, n, k))])}
+                for m, n, k in self.gemm]
+        copy = [{"bytes": 2.0 * n, "time_s": self.pool.median(("copy", n))} for n in self.copy]
+        return gemm, copy, self.pool.median("op") / 4  # mul, sum, and their two backward ops
 
 
 def _collective(name: str, group, size: int, nbytes: int, device) -> callable:
@@ -161,30 +217,34 @@ def tier_groups(world: int, gpus_per_node: int) -> dict[str, list[list[int]]]:
 REST_S = 0.05
 
 
-def collectives(b: Bench, gpus_per_node: int, quick: bool, progress) -> list[dict]:
-    tiers = tier_groups(b.world, gpus_per_node)
-    rows = []
+def collective_jobs(b: Bench, gpus_per_node: int, quick: bool) -> list:
+    """allreduce / allgather / reduce-scatter / all-to-all over message sizes on each tier's
+    groups: one job (a call returning its rows) per collective, tier and size, so the profile
+    can spread them between its moments."""
+    jobs = []
     sizes = _sizes(1 << 12, (1 << 20) if quick else (1 << 23))
-    for tier, groups in tiers.items():
+    for tier, groups in tier_groups(b.world, gpus_per_node).items():
         made = [dist.new_group(g) for g in groups]  # every rank creates every group, in order
-        mine = next(i for i, g in enumerate(groups) if b.rank in g)
+        group = made[next(i for i, g in enumerate(groups) if b.rank in g)]
         size = len(groups[0])
         for name in COLLECTIVES:
             for nbytes in sizes:
-                fn = _collective(name, made[mine], size, nbytes, b.device)
-                rows.append({"collective": name, "tier": tier, "group_size": size,
-                             "bytes": float(nbytes), "time_s": b.time(fn)})
-                progress()
-    return rows
+                def job(name=name, tier=tier, nbytes=nbytes, group=group, size=size) -> list:
+                    fn = _collective(name, group, size, nbytes, b.device)
+                    return [{"collective": name, "tier": tier, "group_size": size,
+                             "bytes": float(nbytes), "time_s": b.time(fn)}]
+                jobs.append(job)
+    return jobs
 
 
-def exchanges(b: Bench, gpus_per_node: int, quick: bool, progress) -> list[dict]:
+def exchange_jobs(b: Bench, gpus_per_node: int, quick: bool) -> list:
     """Both all-to-all algorithms of the runtime (`runtime.a2a`) over the whole world, where it
     spans nodes with several ranks on each: the flat exchange (one message per peer) and the
     hierarchical one (intra-node exchange, regrouping, inter-node exchange), over message sizes,
-    back to back and after the ranks idled (`rested`). The per-tier fits say what one message
-    and one byte cost; these say how the algorithms combine them (overlapping messages, a second
-    call, the regrouping copies) and what idle links give back."""
+    back to back and after the ranks idled (`rested`); one job per algorithm and size. The
+    per-tier fits say what one message and one byte cost; these say how the algorithms combine
+    them (overlapping messages, a second call, the regrouping copies) and what idle links give
+    back."""
     from moeplan.runtime.a2a import FlatExchange, HierarchicalExchange
     from moeplan.runtime.comm import Comm
 
@@ -201,23 +261,27 @@ def exchanges(b: Bench, gpus_per_node: int, quick: bool, progress) -> list[dict]
     algorithms = {"flat": FlatExchange(Comm(group=dist.group.WORLD, ranks=tuple(range(world)),
                                             rank_in_group=b.rank)),
                   "hierarchical": HierarchicalExchange(made["intra"], made["inter"])}
-    rows = []
+    jobs = []
     for name, exchange in algorithms.items():
         for nbytes in _sizes(1 << 12, (1 << 20) if quick else (1 << 23)):
-            x = torch.ones(world, max(1, nbytes // 4 // world), device=b.device)
-            row = {"algorithm": name, "group_size": world, "per_node": G,
-                   "bytes": float(x.numel() * 4)}
-            rows.append({**row, "time_s": b.time(lambda: exchange(x))})
-            rows.append({**row, "rested": True,
-                         "time_s": b.time_rested(lambda: exchange(x), REST_S)})
-            progress()
+            def job(name=name, exchange=exchange, nbytes=nbytes) -> list:
+                x = torch.ones(world, max(1, nbytes // 4 // world), device=b.device)
+                row = {"algorithm": name, "group_size": world, "per_node": G,
+                       "bytes": float(x.numel() * 4)}
+                return [{**row, "time_s": b.time(lambda: exchange(x))},
+                        {**row, "rested": True,
+                         "time_s": b.time_rested(lambda: exchange(x), REST_S)}]
+            jobs.append(job)
+    return jobs
+
+
+def exchanges(b: Bench, gpus_per_node: int, quick: bool, progress) -> list[dict]:
+    """Every job of `exchange_jobs` in turn."""
+    rows = []
+    for job in exchange_jobs(b, gpus_per_node, quick):
+        rows += job()
+        progress()
     return rows
-
-
-def op_overhead(b: Bench) -> float:
-    """One small operation with autograd: the floor under every phase of a tiny model."""
-    x = torch.ones(8, device=b.device, requires_grad=True)
-    return b.time(lambda: (x * 2).sum().backward()) / 4  # mul, sum, and their two backward ops
 
 
 def _probe_model(device: torch.device, size: str):
@@ -237,17 +301,17 @@ def _slowest(b: Bench, values: dict) -> dict:
     return dict(zip(keys, t.tolist()))
 
 
-def _phase_tables(b: Bench, cases: dict[str, tuple], repeats: int | None = None
-                  ) -> dict[str, dict]:
-    """Per case, per (layer, phase): seconds per call of `run_once(timer)`, robust median over
-    repeats of `inner` calls — on all ranks at once (slowest rank per repeat), or `solo` on rank
-    0 while the others wait at a barrier. `cases` maps a name to (run_once, inner, solo); every
-    repeat runs each case in turn, so a slow spell of the host touches all of them alike (the
-    fits take differences and ratios of cases)."""
+def _phase_samples(b: Bench, cases: dict[str, tuple], repeats: int, warmup: int,
+                   pool: Pool) -> None:
+    """Per case, per (layer, phase): seconds per call of `run_once(timer)` in each of `repeats`
+    repeats of `inner` calls, added to `pool` under (case, "f|b:<layer>:<phase>") — on all
+    ranks at once (slowest rank per repeat), or `solo` on rank 0 while the others wait at a
+    barrier. `cases` maps a name to (run_once, inner, solo); every repeat runs each case in
+    turn, so a slow spell of the host touches all of them alike (the fits take differences and
+    ratios of cases)."""
     from moeplan.runtime.timers import PhaseTimer
 
-    samples: dict[str, dict] = {name: {} for name in cases}
-    for rep in range(b.warmup + (repeats or b.repeats)):
+    for rep in range(warmup + repeats):
         for name, (run_once, inner, solo) in cases.items():
             if b.world > 1:
                 dist.barrier()
@@ -255,7 +319,7 @@ def _phase_tables(b: Bench, cases: dict[str, tuple], repeats: int | None = None
             if not solo or b.rank == 0:
                 for _ in range(inner):
                     run_once(timer)
-            if rep < b.warmup:
+            if rep < warmup:
                 continue
             tables = {f"{d}:{k[0]}:{k[1]}": v / inner
                       for d, table in (("f", timer.forward_s), ("b", timer.backward_s))
@@ -267,9 +331,7 @@ def _phase_tables(b: Bench, cases: dict[str, tuple], repeats: int | None = None
                 dist.broadcast_object_list(box, src=0)
                 tables = box[0]
             for k, v in tables.items():
-                samples[name].setdefault(k, []).append(v)
-    return {name: {k: fit.robust_median(v) for k, v in table.items()}
-            for name, table in samples.items()}
+                pool.add((name, k), [v])
 
 
 def _trainer(b: Bench, size: str):
@@ -324,17 +386,17 @@ def _decoder(b: Bench, size: str):
     return infer_once
 
 
-def _skew(b: Bench, train_once, quick: bool) -> float:
+def _skew_samples(b: Bench, train_once, repeats: int, warmup: int) -> list[float]:
     """How far the slowest rank trails the mean when every rank runs the same training step
-    (`train_once`) at once — the wait at the collective that follows: robust median over
-    repeats of (max − mean) / mean of the ranks' step times."""
+    (`train_once`) at once — the wait at the collective that follows: (max − mean) / mean of
+    the ranks' step times, per repeat."""
     if b.world == 1:
-        return 0.0
+        return [0.0]
     from moeplan.runtime.timers import PhaseTimer
 
     timer = PhaseTimer(b.device.type == "cuda")
     samples = []
-    for rep in range(b.warmup + (3 if quick else 5) * b.repeats):
+    for rep in range(warmup + repeats):
         dist.barrier()
         b._sync()
         t0 = time.perf_counter()
@@ -343,10 +405,10 @@ def _skew(b: Bench, train_once, quick: bool) -> float:
         t = torch.tensor([time.perf_counter() - t0] * 2, dtype=torch.float64)
         dist.all_reduce(t[:1], op=dist.ReduceOp.MAX)
         dist.all_reduce(t[1:], op=dist.ReduceOp.SUM)
-        if rep >= b.warmup:
+        if rep >= warmup:
             mean = float(t[1]) / b.world
             samples.append((float(t[0]) - mean) / mean)
-    return fit.robust_median(samples)
+    return samples
 
 
 def _ranks_on_this_host(b: Bench) -> int:
@@ -359,64 +421,86 @@ def _ranks_on_this_host(b: Bench) -> int:
     return sum(n == names[0] for n in names)
 
 
-def _solo_time(b: Bench, fn) -> float:
+def _solo_time(b: Bench, fn, warmup: int, repeats: int) -> float:
     """Seconds per call of `fn` on rank 0 alone (the others wait at a barrier)."""
     t = torch.zeros(1, dtype=torch.float64)
     if b.rank == 0:
-        t[0] = Bench(0, 1, b.device, b.warmup, b.repeats).time(fn)
+        t[0] = Bench(0, 1, b.device, warmup, repeats).time(fn)
     if b.world > 1:
         dist.broadcast(t, src=0)
     return float(t)
 
 
-def framework(b: Bench, quick: bool) -> dict:
+class Framework:
     """The runtime's fixed cost per layer phase and how its kernels compare with the roofline:
     the probe model trained and served (greedy decoding with the KV cache, as `moerun --mode
     infer` serves, decode tokens only) at every `build.PROBE_SIZES` (one rank alone, and the
-    "work" size also on every rank at once: the contention), timed by the
-    runtime's own phase timer; plus the optimizer (AdamW step, gradient clipping, zero_grad) at
-    both sizes, for its cost per tensor and per parameter."""
-    from moeplan.runtime.run import clip_grads
+    "work" size also on every rank at once: the contention), timed by the runtime's own phase
+    timer; the skew of the ranks' steps; plus the optimizer (AdamW step, gradient clipping,
+    zero_grad) at both sizes, for its cost per tensor and per parameter. Sampled at every
+    moment of the profile (`sample`), pooled (`result`): the per-phase work scales and the
+    contention are differences and ratios of these tables, so a stretch of one speed of the
+    host must not set them."""
 
-    inner = 10 if quick else 30
-    fixed_step, work_step = _trainer(b, "fixed"), _trainer(b, "work")
-    tables = _phase_tables(b, {"train": (fixed_step, inner, True),
-                               "work": (work_step, max(2, inner // 5), True),
-                               "work2": (_trainer(b, "work2"), max(2, inner // 10), True),
-                               "work_all_ranks": (work_step, max(2, inner // 5), False)},
-                           repeats=2 * b.repeats)
-    skew = _skew(b, work_step, quick)
+    def __init__(self, b: Bench, quick: bool):
+        from moeplan.runtime.run import clip_grads
 
-    # decoding at every probe size: the fixed part and how decode kernels compare with the
-    # roofline (the "work" size also on every rank at once: decode contention)
-    n = 2 if quick else 4
-    work_decode = _decoder(b, "work")
-    decode = _phase_tables(b, {"infer_fixed": (_decoder(b, "fixed"), n, True),
-                               "infer": (work_decode, n, True),
-                               "infer_work2": (_decoder(b, "work2"), n, True),
-                               "infer_all_ranks": (work_decode, n, False)})
-    steps = []  # (step function, parameters) of one optimizer step at both probe sizes
-    idx = torch.zeros(1, 9, dtype=torch.long, device=b.device)
-    for size in ("fixed", "work"):
-        m = _probe_model(b.device, size)
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-        numel = {name: p.numel() for name, p in m.named_parameters()}
-        loss, _ = m.loss(idx[:, :-1], idx[:, 1:])
-        loss.backward()
+        self.b, self.quick = b, quick
+        self.pool, self.skew = Pool(), []
+        inner = 10 if quick else 30
+        fixed_step, self.work_step = _trainer(b, "fixed"), _trainer(b, "work")
+        self.train_cases = {"train": (fixed_step, inner, True),
+                            "work": (self.work_step, max(2, inner // 5), True),
+                            "work2": (_trainer(b, "work2"), max(2, inner // 10), True),
+                            "work_all_ranks": (self.work_step, max(2, inner // 5), False)}
+        # decoding at every probe size: the fixed part and how decode kernels compare with the
+        # roofline (the "work" size also on every rank at once: decode contention)
+        n = 2 if quick else 4
+        work_decode = _decoder(b, "work")
+        self.decode_cases = {"infer_fixed": (_decoder(b, "fixed"), n, True),
+                             "infer": (work_decode, n, True),
+                             "infer_work2": (_decoder(b, "work2"), n, True),
+                             "infer_all_ranks": (work_decode, n, False)}
+        self.steps = []  # (step function, parameters) of one optimizer step at both probe sizes
+        idx = torch.zeros(1, 9, dtype=torch.long, device=b.device)
+        for size in ("fixed", "work"):
+            m = _probe_model(b.device, size)
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+            numel = {name: p.numel() for name, p in m.named_parameters()}
+            loss, _ = m.loss(idx[:, :-1], idx[:, 1:])
+            loss.backward()
 
-        def step(m=m, opt=opt, numel=numel) -> None:
-            clip_grads(m, numel, 1, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=False)
+            def step(m=m, opt=opt, numel=numel) -> None:
+                clip_grads(m, numel, 1, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=False)
 
-        steps.append((step, sum(numel.values())))
-    # the sizes in turn, three times, median each: the per-parameter cost is their difference,
-    # so one slow spell on one size must not set it
-    times = [[_solo_time(b, step) for step, _ in steps] for _ in range(3)]
-    optimizer = [(sorted(t[i] for t in times)[1], n) for i, (_, n) in enumerate(steps)]
-    return {**tables, **decode, "skew": skew,
-            "decode_tokens": {size: decode_shape(size)[1] - 1 for size in PROBE_SIZES}, "optimizer": optimizer, "tensors": len(numel),
-            "host_ranks": _ranks_on_this_host(b), "cores": _cores(b)}
+            self.steps.append((step, sum(numel.values())))
+        self.tensors = len(numel)
+
+    def sample(self, warmup: int) -> None:
+        """One moment: its share of every table's repeats, the skew, and both optimizer sizes in
+        turn (the per-parameter cost is their difference)."""
+        b, reps = self.b, per_moment(self.b.repeats, self.quick)
+        _phase_samples(b, self.train_cases, 2 * reps, warmup, self.pool)
+        self.skew += _skew_samples(b, self.work_step, (3 if self.quick else 5) * reps, warmup)
+        _phase_samples(b, self.decode_cases, reps, warmup, self.pool)
+        for i, (step, _) in enumerate(self.steps):
+            self.pool.add(("optimizer", i), [_solo_time(b, step, warmup, reps)])
+
+    def result(self) -> dict:
+        tables: dict[str, dict] = {name: {} for name in (*self.train_cases, *self.decode_cases)}
+        for key, values in self.pool.samples.items():
+            if key[0] in tables:
+                tables[key[0]][key[1]] = fit.robust_median(values)
+        return {**tables, "skew": fit.robust_median(self.skew),
+                "decode_tokens": {size: decode_shape(size)[1] - 1 for size in PROBE_SIZES},
+                "optimizer": [(self.pool.median(("optimizer", i)), n)
+                              for i, (_, n) in enumerate(self.steps)],
+                "tensors": self.tensors, "samples": {name: len(v) for name, v in (
+                    ("tables", self.pool.samples.get(("work", "f:0:attention"), [])),
+                    ("skew", self.skew))},
+                "host_ranks": _ranks_on_this_host(self.b), "cores": _cores(self.b)}
 
 
 class InSitu:
@@ -426,8 +510,8 @@ class InSitu:
     a running step, mean over ranks as `moerun` reports them, and the step (token) time against
     its timed phases. The profile keeps what they take beyond the model's prediction for the
     same plans, and the share of the step no phase timer sees. One sample is a short run of
-    each mode; the profile takes samples at different moments and keeps a quiet one, so a
-    slow spell of the host does not become the profile's figure."""
+    each mode, one at each moment of the profile; the profile keeps the median one
+    (`median_sample`)."""
 
     def __init__(self, b: Bench, base: str, gpus_per_node: int, quick: bool):
         from moeplan.profiles.build import in_situ_plans
@@ -468,24 +552,24 @@ class InSitu:
         return out
 
     def result(self, samples: list[dict]) -> dict:
-        """Per mode, the lower-quartile sample (the samples as well): see `quiet_sample`."""
+        """Per mode, the median sample (the samples as well): see `median_sample`."""
         if not self.runs:
             return {}
         out: dict = {"world": self.b.world, "samples": samples}
         for mode in samples[0]:
-            out[mode] = quiet_sample([smp[mode] for smp in samples])
+            out[mode] = median_sample([smp[mode] for smp in samples])
         return out
 
 
-def quiet_sample(samples: list[dict]) -> dict:
-    """The lower-quartile sample by step (token) time, all its figures together. The host's slow
-    spells only ever add time — at the collectives most (a descheduled peer), for seconds,
-    sometimes through most of a profile — so a median over samples can still be one; the very
-    quietest, though, is biased low by the ordinary scatter (its all-to-alls came out 40% under
-    the others'). The lower quartile is the machine as a run sees it when no spell is on, and its
-    all-to-all, gradient-sync and untimed figures belong to one moment."""
+def median_sample(samples: list[dict]) -> dict:
+    """The median sample by step (token) time (the lower of the middle two), all its figures
+    together, so its all-to-all, gradient-sync and untimed figures belong to one moment. The
+    median, like every calibration pooled over the profile's moments: a run of a plan meets the
+    host in whatever state it is in, and the accuracy benchmark compares with the median of its
+    runs; the lower quartile (kept before) described a faster host than the runs met, and every
+    plan's prediction came out low with it (README "Prediction accuracy")."""
     ordered = sorted(samples, key=lambda s: s["step_s"])
-    return dict(ordered[(len(ordered) - 1) // 4])
+    return dict(ordered[(len(ordered) - 1) // 2])
 
 
 def _cores(b: Bench) -> int | None:
@@ -520,35 +604,37 @@ def main(argv: list[str] | None = None) -> int:
     b = Bench(rank, world, device, warmup=2 if quick else 3, repeats=5 if quick else 9)
     from moeplan.profiles.progress import Progress
 
-    nodes, G = world // a.gpus_per_node, a.gpus_per_node
-    n_coll = (len(_sizes(1 << 12, (1 << 20) if quick else (1 << 23)))
-              * (4 * ((G > 1) + (nodes > 1)) + 2 * (G > 1 and nodes > 1)))
-    with Progress(rank == 0, total=4 + n_coll) as bar:
-        dtype = torch.bfloat16 if cuda else torch.float32
-        # one rank alone (the others wait): the device's own speed; what ranks cost each other
-        # when they share cores is measured apart, as the framework's `contention`
-        g = c = ov = None
-        if rank == 0:
-            solo = Bench(0, 1, device, b.warmup, b.repeats)
-            g = gemms(solo, dtype, quick)
-            bar.step("GEMM sweep")
-            c = copies(solo, quick)
-            bar.step("memory bandwidth")
-            ov = op_overhead(solo)
-        if world > 1:
-            dist.barrier()
-        situ = InSitu(b, a.base, a.gpus_per_node, quick)
-        # at three moments a minute or more apart, one or two each: the host's slow spells last
-        # seconds and can double a step; the profile keeps a quiet one (`quiet_sample`)
-        per_moment = 1 if quick else 2
-        samples = [situ.sample() for _ in range(per_moment)]
-        fw = framework(b, quick)
-        bar.step("framework overhead")
-        samples += [situ.sample() for _ in range(per_moment)]
-        coll = collectives(b, a.gpus_per_node, quick, lambda: bar.step("collectives"))
-        exch = exchanges(b, a.gpus_per_node, quick, lambda: bar.step("all-to-all algorithms"))
-        samples += [situ.sample() for _ in range(per_moment)]
-        bar.step("exchanges in a running step")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    # every rank creates every group, in the same order, before any job runs
+    jobs = (collective_jobs(b, a.gpus_per_node, quick)
+            + exchange_jobs(b, a.gpus_per_node, quick))
+    situ = InSitu(b, a.base, a.gpus_per_node, quick)
+    fw = Framework(b, quick)
+    # one rank alone (the others wait): the device's own speed; what ranks cost each other
+    # when they share cores is measured apart, as the framework's `contention`
+    sweeps = (DeviceSweeps(device, dtype, quick, b.warmup, per_moment(b.repeats, quick))
+              if rank == 0 else None)
+    M = moments(quick)
+    coll, samples = [], []
+    with Progress(rank == 0, total=3 * M + len(jobs)) as bar:
+        # every calibration a share at each of M moments, the collectives' and exchanges' jobs
+        # between them: the host's speed swings within seconds, so each figure is pooled over
+        # the whole profile (`Pool`), not one stretch of it
+        for moment in range(M):
+            warmup = b.warmup if moment == 0 else 1
+            if sweeps is not None:
+                sweeps.sample(warmup)
+            if world > 1:
+                dist.barrier()
+            bar.step("device sweeps")
+            fw.sample(warmup)
+            bar.step("framework overhead")
+            samples.append(situ.sample())
+            bar.step("exchanges in a step")
+            for job in jobs[moment * len(jobs) // M:(moment + 1) * len(jobs) // M]:
+                coll += job()
+                bar.step("collectives")
+    fw = fw.result()
     if rank == 0:
         from moeplan.profiles.build import build_profile
 
@@ -562,8 +648,11 @@ def main(argv: list[str] | None = None) -> int:
             info["topology"] = json.loads(Path(a.topology).read_text())
         if cuda:
             info["memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
-        raw = {"gemm": g, "copy": c, "op_overhead_s": ov, "framework": fw, "collectives": coll,
-               "exchanges": exch, "in_situ": situ.result(samples)}
+        g, c, ov = sweeps.result()
+        raw = {"gemm": g, "copy": c, "op_overhead_s": ov, "framework": fw,
+               "collectives": [r for r in coll if "collective" in r],
+               "exchanges": [r for r in coll if "algorithm" in r],
+               "in_situ": situ.result(samples)}
         out = Path(a.out)
         import json
 

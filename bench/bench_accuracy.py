@@ -2,22 +2,27 @@
 
     python bench/bench_accuracy.py [--profile FILE] [--steps 16] [--rounds 5] [--quick]
                                    [--out accuracy.json]
+    python bench/bench_accuracy.py --recost WORK_DIR [--out accuracy.json]
 
 1. `moeplan profile --nproc N` measures this host (CPU ranks, gloo) for each rank count N of the
    grid: on a host with fewer cores than ranks the contention, and so every figure, depends on N.
 2. For every grid point (tiny and small PR-MoE; 2 and 4 ranks; train and infer; flat and
    hierarchical all-to-all where the layout allows it), a plan with those degrees is costed on
    that profile (`fixed_plan`, with its simulation), run with `moerun` once per round (every
-   plan in turn, `--rounds` times), and compared with its median run and with a quiet run (the
-   lower quartile of the rounds, the second shortest of five): the host's slow spells only ever
-   add time, and the profile keeps its in-step samples the same way (`measure.quiet_sample`),
-   so the second says how well the model describes the machine without a spell and the first
-   what a user of this shared host sees.
+   plan in turn, `--rounds` times), and compared with its median run — what a user of this
+   shared host sees, and the statistic the profile keeps (its calibrations pooled over its
+   moments, its in-step sample the median) — and with a quiet run (the lower quartile of the
+   rounds, the second shortest of five: the host's slow spells only ever add time).
 3. Prints JSON: per plan the prediction error (predicted − measured) / measured of step time
    (train) or per-token latency (infer),
    for the analytic model and for the simulator, and of each phase (analytic); then the median
    and worst |error| over the grid, over the phases the targets name, and per phase.
 Nothing is asserted; the figures are what they are on this machine.
+
+`--recost WORK_DIR` measures nothing: it rebuilds the profiles an earlier run left in its work
+directory (printed as `work_dir`) from their raw measurements with the current code, plans again
+and compares with the stored runs — how a change to the model or to the profile's estimators
+would have done on measurements already taken.
 """
 
 from __future__ import annotations
@@ -84,7 +89,7 @@ def measured_of(run: RunRecord, mode: str) -> float:
 def evaluate(point: dict, plan, runs: list[RunRecord], wall_s: float, against: str) -> dict:
     """Errors of the plan against one of its runs, its phases with it: the `median` run (whose
     step time / token latency is the median of the rounds) or the `quiet` one (the lower
-    quartile, as the profile keeps its in-step samples)."""
+    quartile)."""
     mode = point["mode"]
     ordered = sorted(runs, key=lambda r: measured_of(r, mode))
     run = ordered[(len(ordered) - 1) // (2 if against == "median" else 4)]
@@ -123,19 +128,27 @@ def summary(results: list[dict]) -> dict:
         "results": results}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--profile", help="use this profile for every plan instead of measuring")
-    p.add_argument("--quick", action="store_true", help="8 grid points, quick profile")
-    p.add_argument("--steps", type=int, default=16,
-                   help="measured training steps (inference: generations) per plan and round; "
-                        "the host's slow spells last seconds, so short runs scatter widely")
-    p.add_argument("--rounds", type=int, default=5,
-                   help="runs of every plan, in turn; each plan is compared with its median run "
-                        "and with its lower-quartile run")
-    p.add_argument("--out", default=None, help="also write the JSON here")
-    a = p.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="moeplan-accuracy-"))
+def rebuilt_profiles(work: Path) -> dict[int, str]:
+    """Each rank count's profile of an earlier run (`work`) rebuilt from its raw measurements
+    by this code's `build_profile`, written beside it as local-N.rebuilt.json."""
+    from moeplan.files import write_atomic
+    from moeplan.profiles.build import build_profile
+
+    out = {}
+    for raw_path in sorted(work.glob("local-*.raw.json")):
+        ranks = int(raw_path.name.split(".")[0].split("-")[1])
+        raw = json.loads(raw_path.read_text())
+        info = raw.pop("info")
+        stored = load_cluster(str(work / f"local-{ranks}.json"))
+        base = stored.source.split("base profile ")[1].split(" ")[0]
+        profile = build_profile(base, stored.name, stored.gpus_per_node, info, raw)
+        out[ranks] = str(work / f"local-{ranks}.rebuilt.json")
+        write_atomic(Path(out[ranks]), profile.model_dump_json(indent=2) + "\n")
+    return out
+
+
+def measure(a, work: Path) -> tuple[dict, float, dict, dict, dict, dict]:
+    """Profile (unless --profile), plan, then run every plan once per round."""
     profiles = {}
     t0 = time.perf_counter()
     for ranks in sorted({pt["ranks"] for pt in grid(a.quick)}):
@@ -171,12 +184,55 @@ def main() -> None:
             print(json.dumps({"round": rnd + 1, "tag": tag, "error": err, "measured_s": None
                               if err else measured_of(runs[tag][-1], point["mode"])}),
                   file=sys.stderr)
+    return profiles, profile_s, plans, runs, errors, wall
+
+
+def stored_runs(work: Path) -> tuple[dict, dict, dict]:
+    """The runs an earlier run of this benchmark left in `work`, per plan that has any."""
+    runs = {}
+    for point in grid(False):
+        tag = tag_of(point)
+        found = sorted(work.glob(f"{tag}-[0-9]*.run.json"),
+                       key=lambda f: int(f.name[len(tag) + 1:].split(".")[0]))
+        if found:
+            runs[tag] = [RunRecord.model_validate_json(f.read_text()) for f in found]
+    return runs, {}, {tag: 0.0 for tag in runs}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--profile", help="use this profile for every plan instead of measuring")
+    p.add_argument("--quick", action="store_true", help="8 grid points, quick profile")
+    p.add_argument("--steps", type=int, default=16,
+                   help="measured training steps (inference: generations) per plan and round; "
+                        "the host's slow spells last seconds, so short runs scatter widely")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="runs of every plan, in turn; each plan is compared with its median run "
+                        "and with its lower-quartile run")
+    p.add_argument("--recost", metavar="WORK_DIR",
+                   help="measure nothing: rebuild an earlier run's profiles from their raw "
+                        "measurements with this code, re-plan, and compare with its stored runs")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    a = p.parse_args()
+    if a.recost:
+        work = Path(a.recost)
+        if not list(work.glob("local-*.raw.json")):
+            p.error(f"{work}: no local-N.raw.json of an earlier run of this benchmark")
+        profiles, profile_s = rebuilt_profiles(work), 0.0
+        runs, errors, wall = stored_runs(work)
+        plans = {tag_of(pt): make_plan(pt, profiles[pt["ranks"]]) for pt in grid(False)
+                 if tag_of(pt) in runs and pt["ranks"] in profiles}
+    else:
+        work = Path(tempfile.mkdtemp(prefix="moeplan-accuracy-"))
+        profiles, profile_s, plans, runs, errors, wall = measure(a, work)
+    points = [pt for pt in grid(a.quick and not a.recost) if tag_of(pt) in plans]
     out = {"bench": "prediction_accuracy", "profiles": profiles,
-           "profile_s": round(profile_s, 1), "plans": len(points), "rounds": a.rounds,
-           "steps": a.steps, "failed": sorted(errors), "work_dir": str(work)}
+           "profile_s": round(profile_s, 1), "plans": len(points),
+           "rounds": max(len(r) for r in runs.values()), "steps": a.steps,
+           "failed": sorted(errors), "work_dir": str(work),
+           **({"recost_of": str(work)} if a.recost else {})}
     # against the median run (what a user sees, slow spells of the host included) and against
-    # a quiet run (the lower quartile: the machine the profile describes, as it keeps a quiet
-    # in-step sample)
+    # a quiet run (the lower quartile: the machine outside the host's slow spells)
     for against in ("median", "quiet"):
         results = [{**pt, "tag": tag_of(pt), "error": errors[tag_of(pt)]} if tag_of(pt) in errors
                    else evaluate(pt, plans[tag_of(pt)], runs[tag_of(pt)], wall[tag_of(pt)],

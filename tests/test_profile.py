@@ -358,6 +358,18 @@ def test_profile_on_cpu_ranks_end_to_end(tmp_path):
     assert raw["framework"]["samples"] == {"tables": 3 * 4, "skew": 3 * 3 * 2}
     assert situ["train"]["grad_sync_s"] > 0
     assert fw.exchange_extra_s >= 0 and fw.grad_sync_extra_s >= 0
+    # the accuracy benchmark's --recost rebuilds a profile from its raw measurements with the
+    # current code: from the same code, the profile that was written
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    import bench_accuracy
+
+    work = tmp_path / "work"
+    work.mkdir()
+    for src, dst in (("local.json", "local-2.json"), ("local.raw.json", "local-2.raw.json")):
+        (work / dst).write_text((tmp_path / src).read_text())
+    rebuilt = bench_accuracy.rebuilt_profiles(work)
+    assert load_cluster(rebuilt[2]) == prof
+    assert bench_accuracy.stored_runs(work)[0] == {}  # no runs in it
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -376,7 +388,7 @@ def test_profile_bad_inputs_are_one_line(argv, message, monkeypatch, capsys, tmp
 
 
 def test_in_situ_keeps_the_median_sample_whole():
-    from moeplan.profiles.measure import median_sample
+    from moeplan.profiles.build import in_situ_medians, median_sample
 
     def smp(step_ms: float, a2a_ms: float) -> dict:
         return {"a2a_s": a2a_ms / 1e3, "grad_sync_s": 0.003, "step_s": step_ms / 1e3,
@@ -389,3 +401,9 @@ def test_in_situ_keeps_the_median_sample_whole():
     assert got == fast[2] and got is not fast[2]
     assert median_sample([slow[1], fast[0], slow[0]]) == slow[0]  # three (--quick)
     assert median_sample([fast[1]]) == fast[1]
+    # a profile's raw file keeps the samples: building it takes their median, whatever was kept
+    kept = {"world": 2, "samples": [{"train": t, "infer": i} for t, i in zip(slow, fast)],
+            "train": slow[0], "infer": fast[0]}
+    got = in_situ_medians(kept)
+    assert got["train"] == slow[1] and got["infer"] == fast[1] and got["world"] == 2
+    assert in_situ_medians({"world": 2, "train": slow[0]}) == {"world": 2, "train": slow[0]}

@@ -278,6 +278,27 @@ def in_situ_extras(measured: dict, profile: ClusterProfile) -> dict[str, float]:
     return out
 
 
+def median_sample(samples: list[dict]) -> dict:
+    """The median sample by step (token) time (the lower of the middle two), all its figures
+    together, so its all-to-all, gradient-sync and untimed figures belong to one moment. The
+    median, like every calibration pooled over the profile's moments: a run of a plan meets the
+    host in whatever state it is in, and the accuracy benchmark compares with the median of its
+    runs; the lower quartile (kept before) described a faster host than the runs met, and every
+    plan's prediction came out low with it (README "Prediction accuracy")."""
+    ordered = sorted(samples, key=lambda s: s["step_s"])
+    return dict(ordered[(len(ordered) - 1) // 2])
+
+
+def in_situ_medians(measured: dict) -> dict:
+    """The in-step probe's measurements with each mode's figures taken from its samples by
+    `median_sample` (measurements without samples as they are)."""
+    samples = measured.get("samples")
+    if not samples:
+        return measured
+    return {**measured, **{mode: median_sample([s[mode] for s in samples])
+                           for mode in samples[0]}}
+
+
 DECODE_TABLES = {"fixed": "infer_fixed", "work": "infer", "work2": "infer_work2"}
 
 
@@ -420,6 +441,7 @@ def build_profile(base: str, name: str, gpus_per_node: int, info: dict,
         profile = profile.model_copy(update={"exchanges": scales})
     fw = profile.device.framework
     if fw is not None and m.get("in_situ"):
+        situ = in_situ_medians(m["in_situ"])
         fw = fw.model_copy(update={"source": fw.source + (
             "; compute in a running step, all-to-all and gradient sync beyond the model from "
             "the probe run expert-parallel on every rank by the runtime's own training and "
@@ -427,7 +449,7 @@ def build_profile(base: str, name: str, gpus_per_node: int, info: dict,
         # the compute factor first: the all-to-alls' and gradient sync's waits for their peers'
         # compute are charged on it, and the extras are what is left beyond them
         for update in (in_situ_factors, in_situ_extras):
-            fw = fw.model_copy(update=update(m["in_situ"], profile))
+            fw = fw.model_copy(update=update(situ, profile))
             profile = profile.model_copy(update={"device": profile.device.model_copy(
                 update={"framework": fw})})
     return profile

@@ -511,7 +511,7 @@ class InSitu:
     its timed phases. The profile keeps what they take beyond the model's prediction for the
     same plans, and the share of the step no phase timer sees. One sample is a short run of
     each mode, one at each moment of the profile; the profile keeps the median one
-    (`median_sample`)."""
+    (`build.median_sample`)."""
 
     def __init__(self, b: Bench, base: str, gpus_per_node: int, quick: bool):
         from moeplan.profiles.build import in_situ_plans
@@ -552,24 +552,10 @@ class InSitu:
         return out
 
     def result(self, samples: list[dict]) -> dict:
-        """Per mode, the median sample (the samples as well): see `median_sample`."""
-        if not self.runs:
-            return {}
-        out: dict = {"world": self.b.world, "samples": samples}
-        for mode in samples[0]:
-            out[mode] = median_sample([smp[mode] for smp in samples])
-        return out
+        """Per mode, the median sample (the samples as well): see `build.median_sample`."""
+        from moeplan.profiles.build import in_situ_medians
 
-
-def median_sample(samples: list[dict]) -> dict:
-    """The median sample by step (token) time (the lower of the middle two), all its figures
-    together, so its all-to-all, gradient-sync and untimed figures belong to one moment. The
-    median, like every calibration pooled over the profile's moments: a run of a plan meets the
-    host in whatever state it is in, and the accuracy benchmark compares with the median of its
-    runs; the lower quartile (kept before) described a faster host than the runs met, and every
-    plan's prediction came out low with it (README "Prediction accuracy")."""
-    ordered = sorted(samples, key=lambda s: s["step_s"])
-    return dict(ordered[(len(ordered) - 1) // 2])
+        return in_situ_medians({"world": self.b.world, "samples": samples}) if self.runs else {}
 
 
 def _cores(b: Bench) -> int | None:

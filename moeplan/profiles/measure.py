@@ -120,9 +120,9 @@ class Bench:
 class Pool:
     """Samples of every figure the profile calibrates, gathered at several moments of it and
     reduced at the end by `fit.robust_median` over all of them. This host's speed swings on a
-    scale of seconds (on the 2-vCPU VM one rank's probe step went between 6.3 and 12.9 ms from
-    one ten-second sample to the next), so a figure timed in one stretch is one state of the
-    host, not the host a run of many steps meets."""
+    scale of seconds (on the 2-vCPU VM one rank's probe step, timed every ten seconds for three
+    minutes, went between 6.3 and 15.2 ms, often from one sample to the next), so a figure timed
+    in one stretch is one state of the host, not the host a run of many steps meets."""
 
     def __init__(self) -> None:
         self.samples: dict = {}

@@ -332,7 +332,7 @@ def test_nvml_absent_is_reported_not_raised(monkeypatch):
     assert topo["available"] in (True, False) and ("reason" in topo or "gpus" in topo)
 
 
-def test_profile_on_cpu_ranks_end_to_end(tmp_path):
+def test_profile_on_cpu_ranks_end_to_end(tmp_path, monkeypatch):
     cmd = [sys.executable, "-c", "from moeplan.cli.main import main; main()", "profile",
            "--nproc", "2", "--gpus-per-node", "1", "--quick", "--out", "local.json"]
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -360,7 +360,7 @@ def test_profile_on_cpu_ranks_end_to_end(tmp_path):
     assert fw.exchange_extra_s >= 0 and fw.grad_sync_extra_s >= 0
     # the accuracy benchmark's --recost rebuilds a profile from its raw measurements with the
     # current code: from the same code, the profile that was written
-    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
     import bench_accuracy
 
     work = tmp_path / "work"

@@ -187,7 +187,7 @@ def measure(a, work: Path) -> tuple[dict, float, dict, dict, dict, dict]:
     return profiles, profile_s, plans, runs, errors, wall
 
 
-def stored_runs(work: Path) -> tuple[dict, dict, dict]:
+def stored_runs(work: Path) -> dict[str, list[RunRecord]]:
     """The runs an earlier run of this benchmark left in `work`, per plan that has any."""
     runs = {}
     for point in grid(False):
@@ -196,7 +196,7 @@ def stored_runs(work: Path) -> tuple[dict, dict, dict]:
                        key=lambda f: int(f.name[len(tag) + 1:].split(".")[0]))
         if found:
             runs[tag] = [RunRecord.model_validate_json(f.read_text()) for f in found]
-    return runs, {}, {tag: 0.0 for tag in runs}
+    return runs
 
 
 def main() -> None:
@@ -219,7 +219,8 @@ def main() -> None:
         if not list(work.glob("local-*.raw.json")):
             p.error(f"{work}: no local-N.raw.json of an earlier run of this benchmark")
         profiles, profile_s = rebuilt_profiles(work), 0.0
-        runs, errors, wall = stored_runs(work)
+        runs = stored_runs(work)
+        errors, wall = {}, {tag: 0.0 for tag in runs}
         plans = {tag_of(pt): make_plan(pt, profiles[pt["ranks"]]) for pt in grid(False)
                  if tag_of(pt) in runs and pt["ranks"] in profiles}
     else:

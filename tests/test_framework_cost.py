@@ -32,7 +32,7 @@ MOE_PHASES = ("attention", "mlp", "tp_comm", "gate", "dispatch", "dispatch_a2a",
 
 def synthetic_tables(fwd: dict, bwd: dict, infer: dict, per_local: tuple, scale: dict,
                      roof: dict, dscale: dict) -> dict:
-    """Probe tables as `measure.Framework.result` returns them, from known per-phase figures:
+    """Probe tables as `probe.Framework.result` returns them, from known per-phase figures:
     experts cost fwd/bwd/infer + per_local × local experts; each work size measures the fixed
     part plus `scale[phase]` × the roofline."""
     def table(which: str) -> dict:

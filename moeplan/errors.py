@@ -28,3 +28,10 @@ class RankFailedError(MoeplanError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class CheckFailed(MoeplanError):
+    """A check the user asked for did not pass (e.g. `validate --max-error`): exit code 1, the
+    code a script or CI reads as a failed check rather than a bad input."""
+
+    exit_code = 1

@@ -86,7 +86,8 @@ def parity(plan, rank: int, world: int, skew_layer: int | None = None, kernels=N
     return {"logits": float((logits - ref_logits).abs().max()),
             "loss": abs(float(loss_t) / groups.dp.size - ref_loss),
             "grad": worst, "grad_name": worst_name, "dropped": dropped,
-            "grad_scale": max(float(p.grad.abs().max()) for p in full.parameters())}
+            "grad_scale": max(float(p.grad.abs().max()) for p in full.parameters()),
+            "logits_scale": float(ref_logits.abs().max()), "loss_value": abs(ref_loss)}
 
 
 def exchange_exact(rank: int, world: int) -> dict:
@@ -227,7 +228,7 @@ def checkpoints(rank: int, world: int) -> dict:
         out[name] = float((got - want).abs().max())
     source.eval()
     out["source"] = float((source(x)[0] - want).abs().max())
-    return out
+    return {"diff": out, "logits_scale": float(want.abs().max())}
 
 
 def training(rank: int, world: int) -> dict:

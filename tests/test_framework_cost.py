@@ -24,6 +24,7 @@ from moeplan.planner.planning import Request, _hand_on_waits, fixed_plan
 from moeplan.profiles import load_cluster, load_model
 from moeplan.profiles.build import PROBE_EXPERTS, WORK_SIZES, _roofline, framework_overhead
 from moeplan.profiles.cluster import FrameworkOverhead, PhaseOverhead
+from tolerance import F64_REL
 
 PHASES = ("attention", "mlp", "tp_comm")
 MOE_PHASES = ("attention", "mlp", "tp_comm", "gate", "dispatch", "dispatch_a2a", "experts",
@@ -105,7 +106,7 @@ def test_fits_recover_fixed_costs_per_phase_and_per_local_expert(fitted):
             (fwd[ph], bwd[ph], infer[ph]), rel=1e-9)
     assert fw.phases["moe.experts"].forward_s == pytest.approx(fwd["experts"], rel=1e-9)
     per = fw.phases["moe.experts_per_local"]
-    assert (per.forward_s, per.backward_s, per.infer_s) == pytest.approx((7e-6, 11e-6, 5e-6))
+    assert (per.forward_s, per.backward_s, per.infer_s) == pytest.approx((7e-6, 11e-6, 5e-6), rel=F64_REL)
 
 
 def test_fits_recover_work_scales_contention_and_optimizer_costs(fitted):
@@ -116,10 +117,10 @@ def test_fits_recover_work_scales_contention_and_optimizer_costs(fitted):
         assert len(pts) == len(WORK_SIZES) and pts[0][0] < pts[1][0]
         assert [s for _, s in pts] == pytest.approx([scale[ph]] * 2, rel=1e-6)
     assert fw.phases["moe.gate"].work_scale == 1.0  # measured no more than the roofline
-    assert fw.contention == pytest.approx(3.0) and fw.cores == 2 and fw.ranks == 4
-    assert fw.decode_contention == pytest.approx(2.0)
-    assert fw.optimizer_tensor_s == pytest.approx(50e-6) and fw.optimizer_param_s == \
-        pytest.approx(2e-9)
+    assert fw.contention == pytest.approx(3.0, rel=F64_REL) and fw.cores == 2 and fw.ranks == 4
+    assert fw.decode_contention == pytest.approx(2.0, rel=F64_REL)
+    assert fw.optimizer_tensor_s == pytest.approx(50e-6, rel=F64_REL) and fw.optimizer_param_s == \
+        pytest.approx(2e-9, rel=F64_REL)
 
 
 def test_fits_recover_decode_work_scales_from_decoding_at_every_size(fitted):
@@ -128,12 +129,12 @@ def test_fits_recover_decode_work_scales_from_decoding_at_every_size(fitted):
         pts = fw.phases[key].decode_points
         assert len(pts) == len(WORK_SIZES) and pts[0][0] < pts[1][0]
         assert [s for _, s in pts] == pytest.approx([DECODE_SCALE[ph]] * 2, rel=1e-6)
-        assert fw.phases[key].infer_s == pytest.approx(infer[ph])  # the smallest size's
+        assert fw.phases[key].infer_s == pytest.approx(infer[ph], rel=F64_REL)  # the smallest size's
     assert [s for _, s in fw.phases["dense.attention"].decode_points] == [1.0, 1.0]
     cluster = load_cluster("local-cpu")
     env = env_with(cluster, fw, mode="infer")
     x, y = fw.phases["moe.experts"].decode_points[0]
-    assert work_scale(env, "moe.experts", Pass(2, 56, True), x) == pytest.approx(y)
+    assert work_scale(env, "moe.experts", Pass(2, 56, True), x) == pytest.approx(y, rel=F64_REL)
 
 
 def test_profiles_decoded_at_one_size_still_build():
@@ -148,7 +149,7 @@ def test_profiles_decoded_at_one_size_still_build():
     old = {k: v for k, v in tables.items() if k not in ("infer_fixed", "infer_work2")}
     old["decode_tokens"] = 15
     fw = framework_overhead(old, roof, 4, "test")
-    assert fw.phases["dense.mlp"].infer_s == pytest.approx(100e-6)
+    assert fw.phases["dense.mlp"].infer_s == pytest.approx(100e-6, rel=F64_REL)
     assert fw.phases["dense.mlp"].decode_points == []
 
 
@@ -168,17 +169,17 @@ def test_cost_model_charges_measured_fixed_costs_only_where_measured(fitted):
     env = env_with(cluster, fw)
     # training charges compute phases three passes, communication two
     assert fixed_s(env, "dense.attention", train) == pytest.approx(
-        (fwd["attention"] + bwd["attention"]) / 3)
+        (fwd["attention"] + bwd["attention"]) / 3, rel=F64_REL)
     assert fixed_s(env, "moe.dispatch_a2a", train) == pytest.approx(
-        (fwd["dispatch_a2a"] + bwd["dispatch_a2a"]) / 2)
+        (fwd["dispatch_a2a"] + bwd["dispatch_a2a"]) / 2, rel=F64_REL)
     assert fixed_s(env, "moe.experts", train, 2) == pytest.approx(
-        (fwd["experts"] + bwd["experts"] + 2 * (7e-6 + 11e-6)) / 3)
+        (fwd["experts"] + bwd["experts"] + 2 * (7e-6 + 11e-6)) / 3, rel=F64_REL)
     assert fixed_s(env_with(cluster, fw, mode="infer"), "moe.gate", decode) == \
-        pytest.approx(infer["gate"])
+        pytest.approx(infer["gate"], rel=F64_REL)
     bare = env_with(cluster, None)  # no measurement: counted operations, no wrapper cost
     assert fixed_s(bare, "moe.dispatch_a2a", train) == 0.0
     assert fixed_s(bare, "dense.attention", train) == pytest.approx(
-        (8 + 18) / 3 * cluster.device.op_overhead_s)
+        (8 + 18) / 3 * cluster.device.op_overhead_s, rel=F64_REL)
 
 
 def test_work_scale_interpolates_in_log_roofline_and_clamps():
@@ -189,7 +190,7 @@ def test_work_scale_interpolates_in_log_roofline_and_clamps():
     p = Pass(256, 64, False)
     assert work_scale(env, "dense.mlp", p, 1e-5) == 3.0
     assert work_scale(env, "dense.mlp", p, 1e-3) == 2.0
-    assert work_scale(env, "dense.mlp", p, 2e-4) == pytest.approx(2.5)  # halfway in log
+    assert work_scale(env, "dense.mlp", p, 2e-4) == pytest.approx(2.5, rel=F64_REL)  # halfway in log
     assert work_scale(env, "dense.mlp", Pass(2, 56, True), 2e-4) == 1.0  # no decode points
     assert work_scale(env, "dense.attention", p, 2e-4) == 1.0  # not measured
 
@@ -198,11 +199,11 @@ def test_ranks_sharing_cores_take_turns_and_wait_at_the_all_to_alls(fitted):
     fw, *_, cluster = fitted
     env = env_with(cluster, fw)  # 4 ranks, 2 cores, contention 3 measured with 4 ranks
     slow, turns = sharing(env)
-    assert (slow, turns) == pytest.approx((1.5, 2.0))
-    assert sharing(env, decode=True) == pytest.approx((1.0, 2.0))  # decoding: contention 2
-    assert wait_factor(env) == pytest.approx(1.0)
+    assert (slow, turns) == pytest.approx((1.5, 2.0), rel=F64_REL)
+    assert sharing(env, decode=True) == pytest.approx((1.0, 2.0), rel=F64_REL)  # decoding: contention 2
+    assert wait_factor(env) == pytest.approx(1.0, rel=F64_REL)
     assert sharing(env_with(cluster, fw, gpus=2))[1] == 1.0
-    assert wait_factor(env_with(cluster, fw, gpus=2)) == pytest.approx(0.05)  # the skew
+    assert wait_factor(env_with(cluster, fw, gpus=2)) == pytest.approx(0.05, rel=F64_REL)  # the skew
     assert sharing(env_with(cluster, None)) == (1.0, 1.0)
     s = Setting(tp=1, dp=4, micro_batch=4, recompute=False)
     moe = train_layer(env, s, 1, LayerChoice(ep=2, es=1, a2a="flat", coordinated=False))
@@ -215,7 +216,7 @@ def test_ranks_sharing_cores_take_turns_and_wait_at_the_all_to_alls(fitted):
     assert waited == pytest.approx((turns - 1) * compute, rel=1e-9)
     dense = train_layer(env, s, 0, DENSE)
     assert dense.phases["wait"] == pytest.approx(
-        (turns - 1) * (dense.phases["attention"] + dense.phases["mlp"]))
+        (turns - 1) * (dense.phases["attention"] + dense.phases["mlp"]), rel=F64_REL)
 
 
 def test_dense_waits_move_to_the_collective_that_sees_them():
@@ -228,11 +229,11 @@ def test_dense_waits_move_to_the_collective_that_sees_them():
     out = _hand_on_waits([dict(x) for x in layers], exchanging, train=True)
     assert all("wait" not in x for x in out)
     # forward third to the next dispatch, backward two thirds to the previous combine
-    assert out[1]["dispatch_a2a"] == pytest.approx(2.0) and out[0]["grad_sync"] == 2.0
-    assert out[3]["dispatch_a2a"] == pytest.approx(3.0)
-    assert out[1]["combine_a2a"] == pytest.approx(5.0)
-    assert out[3]["combine_a2a"] == pytest.approx(1.0 + 3.0 + 6.0)
-    assert math.fsum(v for x in out for v in x.values()) == pytest.approx(3 + 4 + 18)  # kept
+    assert out[1]["dispatch_a2a"] == pytest.approx(2.0, rel=F64_REL) and out[0]["grad_sync"] == 2.0
+    assert out[3]["dispatch_a2a"] == pytest.approx(3.0, rel=F64_REL)
+    assert out[1]["combine_a2a"] == pytest.approx(5.0, rel=F64_REL)
+    assert out[3]["combine_a2a"] == pytest.approx(1.0 + 3.0 + 6.0, rel=F64_REL)
+    assert math.fsum(v for x in out for v in x.values()) == pytest.approx(3 + 4 + 18, rel=F64_REL)  # kept
     inf = _hand_on_waits([dict(x) for x in layers], exchanging, train=False)
     assert inf[1]["dispatch_a2a"] == 4.0 and inf[3]["dispatch_a2a"] == 7.0
     assert inf[3]["combine_a2a"] == 10.0
@@ -265,7 +266,7 @@ def test_plan_on_a_measured_profile_keeps_waits_in_runtime_phases(fitted):
         for layer in p.layers:
             assert "wait" not in layer.predicted.phases_s
             assert layer.predicted.time_s == pytest.approx(sum(
-                layer.predicted.phases_s.values()))
+                layer.predicted.phases_s.values()), rel=F64_REL)
         assert "wait" not in p.predicted.head_phases_s
         total = (sum(layer.predicted.time_s for layer in p.layers)
                  + sum(p.predicted.head_phases_s.values()))

@@ -12,12 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moeplan.cli import moerun as moerun_cli
 from moeplan.planner.plan import Plan
 from moeplan.planner.record import RunRecord
 
 from test_cli import invoke
+from tolerance import F64_REL
 
 MOERUN = [sys.executable, "-c", "from moeplan.cli.moerun import main; main()"]
 MOEPLAN = [sys.executable, "-c", "from moeplan.cli.main import main; main()"]
@@ -55,7 +58,7 @@ def test_train_run_writes_measurements_beside_predictions(work):
             ("layer 2", "moe forward+backward")} <= figures
     step = next(row for row in record.comparison if row.phase == "step time")
     assert step.predicted == plan.predicted.step_time_s
-    assert step.rel_error == pytest.approx((step.predicted - step.measured) / step.measured)
+    assert step.rel_error == pytest.approx((step.predicted - step.measured) / step.measured, rel=F64_REL)
     assert "measured vs predicted" in r.stdout and "dropped tokens" in r.stdout
     manifest = json.loads((d / "ckpt" / "manifest.json").read_text())
     assert manifest["world"] == 2 and not (d / "ckpt.tmp").exists()
@@ -171,4 +174,125 @@ def test_validate_shows_the_untimed_share_where_the_plan_predicts_one(work):
     rows = {r.phase: r for r in compare(plan, run) if r.scope == "all layers"}
     timed = sum(r.measured for k, r in rows.items() if k != "untimed")
     assert rows["untimed"].predicted == 1e-3
-    assert rows["untimed"].measured == pytest.approx(max(0.0, run.measured.step_time_s - timed))
+    assert rows["untimed"].measured == pytest.approx(max(0.0, run.measured.step_time_s - timed), rel=F64_REL)
+
+
+def test_validate_limits_fail_with_one_line_naming_the_figure(work, monkeypatch, capsys):
+    from moeplan.cli import main as moeplan_cli
+
+    d, _ = work
+    monkeypatch.chdir(d)
+    step = next(r for r in RunRecord.model_validate_json((d / "run.json").read_text()).comparison
+                if r.phase == "step time")
+    off = abs(step.rel_error) * 100
+    code, _, err = invoke(moeplan_cli, ["validate", "plan.json", "run.json", "--max-error",
+                                        f"{off / 2}"], monkeypatch, capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "step time is" in err and f"beyond --max-error {off / 2:g}%" in err
+    code, _, err = invoke(moeplan_cli, ["validate", "plan.json", "run.json", "--max-error",
+                                        f"{off * 2 + 1}"], monkeypatch, capsys)
+    assert code == 0 and err == ""
+    # the per-token figure of an inference run, and the phases with --json
+    code, out, err = invoke(moeplan_cli, ["validate", "infer.plan.json", "infer.json",
+                                          "--max-error", "1e6", "--max-phase-error", "0",
+                                          "--json"], monkeypatch, capsys)
+    report = json.loads(out)
+    assert code == 1 and report["limits"]["breaches"] and "phase " in err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = invoke(moeplan_cli, ["validate", "infer.plan.json", "infer.json",
+                                        "--max-error", "0"], monkeypatch, capsys)
+    assert code == 1 and "decode latency is" in err
+
+
+def test_limit_breaches_worst_first():
+    from moeplan.planner.record import Comparison, limit_breaches
+
+    rows = [Comparison(scope="step", phase="step time", predicted=1.0, measured=2.0,
+                       rel_error=-0.5),
+            Comparison(scope="all layers", phase="experts", predicted=1.15, measured=1.0,
+                       rel_error=0.15),
+            Comparison(scope="all layers", phase="attention", predicted=3.0, measured=1.0,
+                       rel_error=2.0),
+            Comparison(scope="all layers", phase="gate", predicted=1.0, measured=0.0,
+                       rel_error=None),
+            Comparison(scope="layer 2", phase="moe forward+backward", predicted=9.0,
+                       measured=1.0, rel_error=8.0)]
+    assert limit_breaches(rows, None, None) == []
+    assert limit_breaches(rows, 0.5, 2.0) == []  # at the limit is within it
+    got = limit_breaches(rows, 0.25, 0.1)  # 20×, 2× and 1.5× their limits; layers unchecked
+    assert [g.split(" is ")[0] for g in got] == ["phase attention", "step time", "phase experts"]
+    assert got[1] == ("step time is -50.0% off (predicted 1 s, measured 2 s), beyond "
+                      "--max-error 25%")
+
+
+@given(st.sampled_from(["--max-error", "--max-phase-error"]),
+       st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr), st.text(max_size=12)))
+@settings(max_examples=60, deadline=5000)
+def test_validate_limit_options_are_rc_0_1_or_2_with_one_line(work, flag, value):
+    """Any value: a verdict (0 or 1) or a one-line refusal (2), never a traceback."""
+    from moeplan.cli import main as moeplan_cli
+
+    d, _ = work
+    code, err = _in_process(moeplan_cli, ["validate", str(d / "plan.json"), str(d / "run.json"),
+                                          "--json", f"{flag}={value}"])
+    assert code in (0, 1, 2) and (code == 0) == (err == ""), (code, err)
+    assert len(err.strip().splitlines()) <= 1, err
+
+
+def _in_process(entry, argv: list[str]) -> tuple[int, str]:
+    """rc and stderr of a CLI entry point run in this process (hypothesis-friendly)."""
+    import contextlib
+    import io
+
+    err, old = io.StringIO(), sys.argv
+    sys.argv = ["prog", *argv]
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                entry.main()
+                code = 0
+            except SystemExit as e:
+                code = e.code or 0
+    finally:
+        sys.argv = old
+    return code, err.getvalue()
+
+
+def test_host_guard_refuses_a_plan_the_host_cannot_hold(work, monkeypatch, capsys):
+    """A 64-rank plan of the 31B model on this host: refused before any rank starts, with the
+    numbers; the 2-rank plan on a host made to look too small: refused, and --force runs it."""
+    from moeplan.runtime import host
+
+    d, _ = work
+    monkeypatch.chdir(d)
+    r = sh(MOEPLAN + ["search", "--model", "1.3b-pr-moe", "--gpus", "64", "--out", "p64.json"], d)
+    assert r.returncode == 0, r.stderr
+    code, _, err = invoke(moerun_cli, ["--plan", "p64.json"], monkeypatch, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "the plan starts 64 ranks" in err and "--print-torchrun" in err and "--force" in err
+    tiny = host.Host(cores=1, available_bytes=2**28, gpus=0, gpu_memory_bytes=0.0)
+    monkeypatch.setattr(host, "this_host", lambda: tiny)
+    code, _, err = invoke(moerun_cli, ["--plan", "plan.json", "--steps", "1", "--out", "f.json"],
+                          monkeypatch, capsys)
+    assert code == 2 and "this host has 1 cores (at most 2 ranks) and 0.2 GiB available" in err
+    assert not (d / "f.json").exists()
+    code, out, err = invoke(moerun_cli, ["--plan", "plan.json", "--steps", "1", "--out",
+                                         "f.json", "--force"], monkeypatch, capsys)
+    assert code == 0, err
+    assert RunRecord.model_validate_json((d / "f.json").read_text()).measured_steps == 1
+
+
+@pytest.mark.parametrize("ranks, memory, host_, refused", [
+    (4, 1e9, dict(cores=2, available_bytes=24e9, gpus=0, gpu_memory_bytes=0), None),
+    (5, 1e6, dict(cores=2, available_bytes=24e9, gpus=0, gpu_memory_bytes=0), "at most 4 ranks"),
+    (2, 12e9, dict(cores=8, available_bytes=24e9, gpus=0, gpu_memory_bytes=0), "22.8 GiB"),
+    (8, 39e9, dict(cores=2, available_bytes=1e9, gpus=8, gpu_memory_bytes=40e9), None),
+    (16, 1e9, dict(cores=64, available_bytes=1e12, gpus=8, gpu_memory_bytes=80e9), "8 GPUs"),
+    (8, 41e9, dict(cores=64, available_bytes=1e12, gpus=8, gpu_memory_bytes=40e9),
+     "GPUs have 37.3 GiB"),
+])
+def test_host_refusal_rules(ranks, memory, host_, refused):
+    from moeplan.runtime.host import Host, refusal
+
+    why = refusal(ranks, memory, Host(**host_))
+    assert (why is None) if refused is None else (refused in why), why

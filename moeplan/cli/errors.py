@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from moeplan.errors import MoeplanError
+from moeplan.errors import CheckFailed, MoeplanError
 
 
 def run(cli: click.Command, prog: str) -> None:
@@ -24,6 +24,9 @@ def run(cli: click.Command, prog: str) -> None:
     except click.ClickException as e:
         click.echo(f"{prog}: error: {e.format_message()}", err=True)
         sys.exit(2)
+    except CheckFailed as e:
+        click.echo(f"{prog}: check failed: {e}", err=True)
+        sys.exit(e.exit_code)
     except MoeplanError as e:
         click.echo(f"{prog}: error: {e}", err=True)
         sys.exit(getattr(e, "exit_code", 2))

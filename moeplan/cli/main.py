@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import click
 
 from moeplan import __version__
 from moeplan.cli.errors import run
-from moeplan.errors import ConfigError
+from moeplan.errors import CheckFailed, ConfigError
 from moeplan.files import write_atomic
 
 
@@ -191,15 +192,35 @@ def profile(out, nproc, gpus_per_node, backend, base, name, quick) -> None:
     render.print_profile(load_cluster(out))
 
 
+def _percent(ctx, param, value: float | None) -> float | None:
+    """A limit in percent (finite, not negative) as a fraction."""
+    if value is None:
+        return None
+    if not math.isfinite(value) or value < 0:
+        raise click.BadParameter(f"{value} is not a percentage (a finite number >= 0)")
+    return value / 100
+
+
 @cli.command()
 @click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False))
 @click.argument("run_path", metavar="RUN", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def validate(plan_path: str, run_path: str, as_json: bool) -> None:
-    """Compare what RUN (run.json from moerun) measured with what PLAN predicted."""
+@click.option("--max-error", type=float, default=None, callback=_percent, metavar="PCT",
+              help="Fail (exit 1) when the step time (train) or per-token latency (infer) is "
+                   "off by more than PCT percent.")
+@click.option("--max-phase-error", type=float, default=None, callback=_percent, metavar="PCT",
+              help="Fail (exit 1) when any phase, summed over the layers, is off by more than "
+                   "PCT percent.")
+def validate(plan_path: str, run_path: str, as_json: bool, max_error: float | None,
+             max_phase_error: float | None) -> None:
+    """Compare what RUN (run.json from moerun) measured with what PLAN predicted.
+
+    Exit code 0, or 1 when a --max-error / --max-phase-error limit is broken (one line on stderr
+    names the worst figure), or 2 for a bad input."""
     from moeplan.cli import render
     from moeplan.planner.plan import Plan
-    from moeplan.planner.record import RunRecord, check_pair, compare, summarize
+    from moeplan.planner.record import (RunRecord, check_pair, compare, limit_breaches,
+                                        summarize)
     from moeplan.profiles.zoo import parse_file
 
     plan = parse_file(Path(plan_path), Plan)
@@ -207,12 +228,19 @@ def validate(plan_path: str, run_path: str, as_json: bool) -> None:
     check_pair(plan, record)
     rows = compare(plan, record)
     summary = summarize(rows)
+    breaches = limit_breaches(rows, max_error, max_phase_error)
     if as_json:
         click.echo(json.dumps({"plan": plan_path, "run": run_path, "summary": summary,
-                               "rows": [r.model_dump() for r in rows]}, indent=2, sort_keys=True))
-        return
-    render.print_comparison(plan, record.model_copy(update={"comparison": rows}), None)
-    render.print_error_summary(summary)
+                               "rows": [r.model_dump() for r in rows],
+                               "limits": {"max_error": max_error,
+                                          "max_phase_error": max_phase_error,
+                                          "breaches": breaches}}, indent=2, sort_keys=True))
+    else:
+        render.print_comparison(plan, record.model_copy(update={"comparison": rows}), None)
+        render.print_error_summary(summary)
+    if breaches:
+        more = f" (and {len(breaches) - 1} more)" if len(breaches) > 1 else ""
+        raise CheckFailed(breaches[0] + more)
 
 
 def main() -> None:

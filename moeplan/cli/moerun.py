@@ -66,9 +66,12 @@ def _worker_args(plan_file: str, mode: str, steps: int, warmup: int, out: str, l
               help="Seconds a collective may wait for a peer before the job fails.")
 @click.option("--print-torchrun", is_flag=True,
               help="Print the equivalent multi-node torchrun command and exit.")
+@click.option("--force", is_flag=True,
+              help="Start the ranks even when this host looks too small for them (more ranks "
+                   "than GPUs or 2 per core, or more predicted memory than is available).")
 @click.option("--fault", default=None, hidden=True, help="RANK:STEP: that rank exits (tests).")
 def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeout,
-        print_torchrun, fault) -> None:
+        print_torchrun, force, fault) -> None:
     """Execute PLAN with torch.distributed (gloo on CPU, NCCL on CUDA), measure every layer and
     phase, write OUT, and print measured against predicted."""
     plan, recosted = _load_plan(plan_path, mode)
@@ -83,6 +86,13 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
     if fault is not None and (len(fault.split(":")) != 2
                               or not all(x.isdigit() for x in fault.split(":"))):
         raise ConfigError(f"--fault must be RANK:STEP, got {fault!r}")
+    if not (force or print_torchrun):
+        from moeplan.runtime.host import refusal, this_host
+
+        why = refusal(world, plan.predicted.memory_per_gpu_bytes, this_host())
+        if why:
+            raise ConfigError(f"{why}; for a cluster, print its launch with `moerun --plan "
+                              f"{plan_path} --print-torchrun`, or start here anyway with --force")
     plan_file = plan_path
     if recosted:
         # re-costed: the ranks, and `moeplan validate` later, read this plan

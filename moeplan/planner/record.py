@@ -7,6 +7,7 @@ figures are the mean over ranks (the max is kept beside it: the slowest rank set
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -126,11 +127,35 @@ def summarize(rows: list[Comparison]) -> dict:
         med = errs[mid] if len(errs) % 2 else (errs[mid - 1] + errs[mid]) / 2
         return {"count": len(errs), "median_abs_error": med, "worst_abs_error": errs[-1]}
 
-    headline = [r for r in rows if r.phase in ("step time", "decode latency")]
+    headline = [r for r in rows if r.phase in HEADLINE_FIGURES]
     phases = [r for r in rows if r.scope == "all layers"]
     layers = [r for r in rows if r.scope.startswith("layer ")]
     return {"step": stats(headline), "phases": stats(phases), "layers": stats(layers),
             "all": stats(rows)}
+
+
+HEADLINE_FIGURES = ("step time", "decode latency")
+
+
+def limit_breaches(rows: list[Comparison], max_error: float | None,
+                   max_phase_error: float | None) -> list[str]:
+    """Each figure whose |relative error| is beyond its limit (fractions, e.g. 0.25), worst
+    first: the step / per-token figure against `max_error`, each phase summed over the layers
+    against `max_phase_error`. A figure measured as zero has no relative error and is skipped."""
+    checks = []
+    for r in rows:
+        if r.rel_error is None:
+            continue
+        if max_error is not None and r.phase in HEADLINE_FIGURES:
+            checks.append((r, max_error, "--max-error"))
+        if max_phase_error is not None and r.scope == "all layers":
+            checks.append((r, max_phase_error, "--max-phase-error"))
+    broken = [(r, limit, flag) for r, limit, flag in checks if abs(r.rel_error) > limit]
+    broken.sort(key=lambda b: (-(abs(b[0].rel_error) / b[1] if b[1] > 0 else math.inf),
+                               b[0].phase))
+    return [f"{'phase ' if r.scope == 'all layers' else ''}{r.phase} is {r.rel_error:+.1%} off "
+            f"(predicted {r.predicted:.4g} s, measured {r.measured:.4g} s), beyond {flag} "
+            f"{limit * 100:g}%" for r, limit, flag in broken]
 
 
 def check_pair(plan: Plan, run: RunRecord) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import time
 from statistics import median
@@ -86,7 +87,7 @@ def sweep(a, tokens: int, fixed_capacity: int | None) -> dict:
     rows = []
     for E in a.experts:
         logits = torch.randn(tokens, E)
-        cap = fixed_capacity or gating.capacity(tokens, E, a.top_k, a.capacity_factor, 4)
+        cap = fixed_capacity or max(math.ceil(a.top_k * a.capacity_factor * tokens / E), 4)
         r = gating.gate(logits, a.top_k, cap)
         want = einsum_dispatch_combine(x, r, E)
         # the einsums sum over S·C (dispatch) and E·C (combine) one-hot products: fp32 rounding of

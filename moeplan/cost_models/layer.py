@@ -5,7 +5,7 @@ Shapes per GPU for a forward pass of T tokens per data-parallel rank (tensor-sli
   mlp         (T×h)·(h×f/tp), (T×f/tp)·(f/tp×h)          — dense layers and the PR-MoE residual MLP
   gate        router (T_r×h)·(h×E) in fp32 softmax; T_r = ceil(T/tp) when the all-to-all is
               TP-coordinated (each tensor-slicing rank routes 1/tp of the tokens), else T
-  capacity    C = max(ceil(k·cf·T_r/E), min_capacity)   (DeepSpeed TopKGate)
+  capacity    C = max(ceil(k·cf·T_r/E), min capacity)   (ModelSpec.capacity, DeepSpeed TopKGate)
   dispatch    gather into the [E, C, h] buffer; all-to-all over the ep group (stride es)
   es_comm     expert slicing: allgather the received rows over es, reduce-scatter the partial outputs
   experts     E/ep local experts, each on ep·es·C rows, FFN sliced f/es
@@ -121,8 +121,7 @@ class LayerCost:
 
 
 def capacity(spec: ModelSpec, experts: int, gate_tokens: int, train: bool) -> int:
-    cf = spec.capacity_factor if train else spec.eval_capacity_factor
-    return max(ceil(spec.top_k * cf * gate_tokens / experts), spec.min_capacity)
+    return spec.capacity(experts, gate_tokens, train)
 
 
 def ops(env: Env, name: str, p: Pass, local_experts: int = 0) -> float:

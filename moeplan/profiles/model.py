@@ -6,6 +6,7 @@ in `moeplan.cost_models`, never by walking module names.
 
 from __future__ import annotations
 
+from math import ceil
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -50,6 +51,9 @@ class ModelSpec(BaseModel):
     capacity_factor: float = Field(1.0, gt=0)
     eval_capacity_factor: float = Field(1.0, gt=0)
     min_capacity: int = Field(4, ge=0)
+    # inference pads each expert to at least this many rows (DeepSpeed-MoE's inference gates
+    # with min capacity 1: every GPU then runs only the rows its experts can receive)
+    eval_min_capacity: int = Field(1, ge=0)
     drop_tokens: bool = True
     aux_loss_coef: float = Field(0.01, ge=0)
     tied_embeddings: bool = True
@@ -69,6 +73,14 @@ class ModelSpec(BaseModel):
         if self.top_k == 2 and any(0 < e < 2 for e in self.experts):
             raise ValueError("top-2 gating needs at least 2 experts per MoE layer")
         return self
+
+    def capacity(self, experts: int, gate_tokens: int, train: bool) -> int:
+        """Rows per expert of one gate call of `gate_tokens` tokens (DeepSpeed TopKGate):
+        ceil(k·cf·T/E), at least the min capacity; training and inference have their own cf and
+        min capacity."""
+        cf = self.capacity_factor if train else self.eval_capacity_factor
+        floor = self.min_capacity if train else self.eval_min_capacity
+        return max(ceil(self.top_k * cf * gate_tokens / experts), floor)
 
     @property
     def is_moe(self) -> bool:

@@ -7,7 +7,7 @@ Legend: T tokens, E experts, K choices per token (1 or 2), C capacity per expert
                 (DeepSpeed adds Gumbel noise here; we do not, so runs are reproducible)
   slots         position of each choice in its expert's buffer by a prefix sum in token order;
                 all first choices come before all second choices (DeepSpeed's locations2 offset)
-  capacity      from the caller (ceil(k·cf·T/E), at least min_capacity); choices at or past it are
+  capacity      from the caller (`ModelSpec.capacity`); choices at or past it are
                 dropped, earliest tokens first kept
   weights       the chosen expert's probability (top-2: the kept ones renormalised to sum to 1)
   aux loss      E · Σ_e mean_T(probs_e) · mean_T(first-choice mask_e), before dropping
@@ -18,7 +18,6 @@ group (`reduce_stats`), so that a TP-coordinated gate sees the same loss as an u
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import ceil
 from typing import Callable
 
 import torch
@@ -39,11 +38,6 @@ class Routing:
     @property
     def tokens(self) -> int:
         return self.expert_TK.shape[0]
-
-
-def capacity(tokens: int, experts: int, top_k: int, capacity_factor: float,
-             min_capacity: int) -> int:
-    return max(ceil(top_k * capacity_factor * tokens / experts), min_capacity)
 
 
 def gate(logits_TE: torch.Tensor, top_k: int, cap: int, valid_T: torch.Tensor | None = None,

@@ -184,8 +184,7 @@ class MoE(nn.Module):
         B, S, H = x_BSH.shape
         x_TH = x_BSH.reshape(B * S, H)
         xr_TH, valid_T, gate_tokens = self._tokens(x_TH)
-        cf = self.spec.capacity_factor if self.training else self.spec.eval_capacity_factor
-        cap = gating.capacity(gate_tokens, self.E, self.spec.top_k, cf, self.spec.min_capacity)
+        cap = self.spec.capacity(self.E, gate_tokens, train=self.training)
         reduce = (lambda t: C.reduce_from(t, self.tp)) if self.par.coordinated else None
         logits_TE = F.linear(xr_TH.float(), self.router.weight.float())  # fp32 router
         r = self.kernels.gate(logits_TE, self.spec.top_k, cap, valid_T, reduce)

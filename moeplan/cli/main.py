@@ -66,15 +66,25 @@ def _load_cluster(cluster: str | None, profile: str | None):
               help="Re-rank this many analytically best plans with the flow simulator (0: off).")
 @click.option("--routing-skew", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Expert-load skew the simulator samples (0: uniform routing).")
+@click.option("--fix", "fixes", multiple=True, metavar="KEY=VALUE",
+              help="Fix a degree instead of searching it (repeatable): tp, ep, es, edp, "
+                   "a2a=flat|hierarchical, tp-coordinated=true|false, micro-batch, "
+                   "recompute=true|false. Fixing all costs one configuration; an ep above a "
+                   "layer's experts is clamped to them.")
+@click.option("--runtime", type=click.Choice(["moerun", "deepspeed"]), default="moerun",
+              show_default=True,
+              help="Whose kernels, launches and loops are costed: moerun's, or DeepSpeed-MoE's "
+                   "(per-expert loop, einsum dispatch/combine).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of a table.")
 def search(model_name, gpus, cluster, profile, mode, global_batch, micro_batch, seq_len,
            prompt_len, gen_len, objective, slo_ms, dtype, zero_stage, simulate_top, routing_skew,
-           out, as_json) -> None:
+           out, fixes, runtime, as_json) -> None:
     """Find the fastest per-layer plan that fits, and write it as plan.json."""
     import time
 
     from moeplan.cli import render
     from moeplan.planner.planning import Request, plan
+    from moeplan.planner.space import parse_fix
     from moeplan.profiles import load_model
 
     t0 = time.perf_counter()
@@ -83,7 +93,8 @@ def search(model_name, gpus, cluster, profile, mode, global_batch, micro_batch, 
     req = Request(gpus=gpus, mode=mode, objective=objective, slo_ms=slo_ms,
                   global_batch=global_batch, micro_batch=micro_batch, seq_len=seq_len,
                   prompt_len=prompt_len, gen_len=gen_len, dtype=dtype, zero_stage=int(zero_stage),
-                  simulate_top=simulate_top, routing_skew=routing_skew)
+                  simulate_top=simulate_top, routing_skew=routing_skew, fix=parse_fix(fixes),
+                  runtime=runtime)
     the_plan, result = plan(spec, cl, req)
     write_atomic(out, the_plan.to_json())
     elapsed = time.perf_counter() - t0

@@ -76,6 +76,7 @@ def summary(p: Plan, result, out: str, elapsed_s: float) -> dict:
     return {
         "plan": out, "model": p.model.name, "cluster": p.cluster.name, "gpus": p.cluster.gpus,
         "mode": p.workload.mode, "objective": p.objective.model_dump(),
+        "runtime": p.provenance.runtime, "notes": p.notes,
         "workload": p.workload.model_dump(), "parallel": p.parallel.model_dump(),
         "layer_groups": groups, "predicted": p.predicted.model_dump(),
         "search": {**p.search.model_dump(), "elapsed_s": result.stats.elapsed_s,
@@ -91,7 +92,7 @@ def print_plan(p: Plan, result, out: str, elapsed_s: float) -> None:
     per = "step" if w.mode == "train" else "token"
     head = (f"{p.model.name} on {p.cluster.gpus} x {p.cluster.device} ({p.cluster.name}, "
             f"{p.cluster.nodes} node{'s' * (p.cluster.nodes > 1)}) - {w.mode}, objective "
-            f"{p.objective.name}")
+            f"{p.objective.name}, {p.provenance.runtime} runtime")
     table = _table(head, ["layers", "kind", "experts", "ep", "es", "edp", "all-to-all",
                           f"time/{per}/layer", "memory/layer"])
     for numbers, layer in layer_groups(p):
@@ -102,6 +103,8 @@ def print_plan(p: Plan, result, out: str, elapsed_s: float) -> None:
                       _seconds(layer.predicted.time_s),
                       _bytes(sum(layer.predicted.memory_bytes.values())))
     con.print(table)
+    for note in p.notes:
+        con.print(f"note: {note}")
     batch = (f"global batch {w.global_batch} x {w.seq_len} tokens, micro-batch {w.micro_batch}"
              if w.mode == "train" else
              f"{w.global_batch} sequences ({w.micro_batch} per dp rank), prompt {w.prompt_len}, "

@@ -15,12 +15,23 @@ def gemm_efficiency(flops: float, curve: EfficiencyCurve) -> float:
     return curve.max_efficiency * flops / (flops + curve.half_flops)
 
 
+def gemm_floor_s(device: Device) -> float:
+    """The efficiency curve's intercept as a time: half_flops at the device's fastest peak.
+    A small GEMM's floor (tile and wave latency) is a time that does not depend on the dtype —
+    an fp32 router GEMM is no more latency-bound than an fp16 one of the same shape."""
+    curve = device.gemm_efficiency
+    return curve.half_flops / (max(device.peak_flops.values()) * curve.max_efficiency)
+
+
 def gemm_s(m: float, n: float, k: float, device: Device, dtype: str) -> float:
-    """Time of an (m×k)·(k×n) matrix product."""
+    """Time of an (m×k)·(k×n) matrix product: its FLOPs at the dtype's peak × the curve's
+    largest efficiency, plus the curve's floor. For the device's fastest dtype this is exactly
+    flops / (peak · efficiency(flops))."""
     flops = 2.0 * m * n * k
     if flops <= 0:
         return 0.0
-    return flops / (device.peak_flops[dtype] * gemm_efficiency(flops, device.gemm_efficiency))
+    curve = device.gemm_efficiency
+    return flops / (device.peak_flops[dtype] * curve.max_efficiency) + gemm_floor_s(device)
 
 
 def memory_s(nbytes: float, device: Device) -> float:

@@ -47,6 +47,18 @@ RUNTIME_OPS = {"attention": (8, 18), "mlp": (6, 8), "residual_mlp": (11, 19), "g
 # GPU (none was available); the other phases launch one kernel per aten op, as on CPU.
 CUDA_OPS = {**RUNTIME_OPS, "gate": (35, 24), "dispatch": (7, 2), "combine": (8, 11),
             "experts": (4, 8)}
+# DeepSpeed-MoE (deepspeed/moe/sharded_moe.py, experts.py; Megatron-DeepSpeed's ParallelMLP as
+# the expert), operations per MoE layer phase (forward, backward), counted by reading the code:
+# gate = fp32 cast and router GEMM, softmax, _capacity, argmax, one_hot, exp_counts, the aux
+# loss's means, random token selection (uniform, topk, scatter), cumsum, the location one-hots
+# and the [S, E, C] combine weights by einsum; dispatch and combine = one einsum GEMM each plus
+# casts and reshapes; experts = chunk and cat around a Python loop of 4 kernels per local expert
+# (GEMM, fused bias-GELU, GEMM, bias) — see `ops`.
+DEEPSPEED_OPS = {**CUDA_OPS, "gate": (38, 24), "dispatch": (4, 3), "combine": (4, 4)}
+# DeepSpeed's top-k gate reads back to the host twice per call — `_capacity` compares a device
+# tensor with min_capacity, `exp_counts` is copied `.to('cpu')` — so the launch queue drains:
+# each costs a PCIe round trip (assumed 15 µs on A100 hosts, not measured here).
+DEEPSPEED_SYNCS, HOST_SYNC_S = 2, 15e-6
 OPTIMIZER_OPS_PER_TENSOR = 16  # AdamW single-tensor step 10.2, clipping + zero_grad 5.3 (same)
 ADAM_BYTES_PER_PARAM = 28  # read fp16 grad + fp32 master, m, v; write master, m, v and fp16 weight
 
@@ -59,6 +71,7 @@ class Env:
     cluster: ClusterProfile
     workload: Workload
     gpus: int
+    runtime: str = "moerun"  # whose kernels, launches and loops are costed: moerun | deepspeed
 
     @property
     def gpus_per_node(self) -> int:
@@ -129,7 +142,12 @@ def ops(env: Env, name: str, p: Pass, local_experts: int = 0) -> float:
     training a third of forward + backward, since training charges compute phases three
     passes (see `step.train_layer`)."""
     train = env.workload.mode == "train"
-    if env.cluster.device.kind == "gpu":
+    if env.runtime == "deepspeed":
+        if name == "experts":
+            fwd, bwd = 2 + 4 * local_experts, 2 + 8 * local_experts
+        else:
+            fwd, bwd = DEEPSPEED_OPS[name]
+    elif env.cluster.device.kind == "gpu":
         fwd, bwd = CUDA_OPS[name]
     elif name == "experts":
         fwd, bwd = 1 + 3 * local_experts, 5 + 7 * local_experts
@@ -243,20 +261,24 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
             cost.fixed[phase] = t
         return t
 
-    def compute(phase: str, flops_s: float, nbytes: float, local_experts: int = 0) -> float:
-        """Roofline (bound by FLOPs or bytes) times the phase's measured work scale, plus its
-        fixed framework seconds."""
-        roof = roofline_s(flops_s, nbytes, dev, 0.0)
+    def compute(phase: str, flops_s: float, nbytes: float, local_experts: int = 0,
+                serial_bytes: float = 0.0) -> float:
+        """Roofline (bound by FLOPs or bytes) plus the bytes of the memory-bound kernels that
+        run after it (`serial_bytes`), times the phase's measured work scale, plus its fixed
+        framework seconds."""
+        roof = roofline_s(flops_s, nbytes, dev, 0.0) + memory_s(serial_bytes, dev)
         return (work_scale(env, f"{kind}.{phase}", p, roof) * roof
                 + fixed(phase, local_experts))
 
     ph["attention"] = compute("attention", attn_flops_s,
-                              b * (4 * h * h / tp + 2 * T * h) + kv_read)
+                              b * (4 * h * h / tp + 2 * T * h) + kv_read,
+                              serial_bytes=elementwise_bytes(env, s, p, "attention"))
 
     has_mlp = E == 0 or spec.residual
     if has_mlp:
         mlp_flops_s = gemm_s(T, f / tp, h, dev, dt) + gemm_s(T, h, f / tp, dev, dt)
-        ph["mlp"] = compute("mlp", mlp_flops_s, b * (2 * h * f / tp + 2 * T * h))
+        ph["mlp"] = compute("mlp", mlp_flops_s, b * (2 * h * f / tp + 2 * T * h),
+                            serial_bytes=elementwise_bytes(env, s, p, "mlp"))
 
     tp_span = env.span(tp, 1)
     cb["tp_allreduce"] = T * h * b
@@ -270,9 +292,20 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     rows = E * C
     local = E // c.ep
     expert_rows = c.ep * c.es * C
-    # DeepSpeed's TopKGate runs the router and softmax in fp32.
-    ph["gate"] = compute("gate", gemm_s(T_r, E, h, dev, "fp32"), 4 * T_r * (h + 3 * E))
-    ph["dispatch"] = compute("dispatch", 0.0, b * (T_r * h + rows * h))
+    deepspeed = env.runtime == "deepspeed"
+    # DeepSpeed's TopKGate runs the router and softmax in fp32. DeepSpeed also builds the
+    # [S, E, C] combine weights in fp32 (einsum), a bool dispatch mask and a cast of each for
+    # the einsums: 18 bytes per element written and read (counted from sharded_moe.py).
+    sec_bytes = 18.0 * T_r * rows if deepspeed else 0.0
+    ph["gate"] = compute("gate", gemm_s(T_r, E, h, dev, "fp32"),
+                         4 * T_r * (h + 3 * E) + sec_bytes)
+    if deepspeed:
+        ph["gate"] += DEEPSPEED_SYNCS * HOST_SYNC_S
+        # dispatch "sec,sm->ecm" and combine "sec,ecm->sm" are dense GEMMs over S·E·C
+        einsum_bytes = b * (T_r * rows + T_r * h + rows * h)
+        ph["dispatch"] = compute("dispatch", gemm_s(rows, h, T_r, dev, dt), einsum_bytes)
+    else:
+        ph["dispatch"] = compute("dispatch", 0.0, b * (T_r * h + rows * h))
     a2a_bytes = rows * h * b
     cb["a2a"] = a2a_bytes
     ep_span = env.span(c.ep, c.es)
@@ -290,13 +323,18 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     # Expected local experts that receive at least one token (uniform routing); all of them once
     # the pass carries many tokens, a few during decode — which is what makes decode cheaper on
     # more GPUs: each holds fewer experts, so reads fewer weights per token.
+    # DeepSpeed's loop runs every local expert on its padded rows, so reads every expert's
+    # weights; moerun's reads only the experts that received a token.
     routed = c.ep * c.es * T_r * spec.top_k
-    active = local * (1.0 - (1.0 - 1.0 / E) ** routed)
+    active = local if deepspeed else local * (1.0 - (1.0 - 1.0 / E) ** routed)
     expert_flops_s = local * (gemm_s(expert_rows, f / c.es, h, dev, dt)
                               + gemm_s(expert_rows, h, f / c.es, dev, dt))
     expert_bytes = b * (active * 2 * h * f / c.es + local * expert_rows * 2 * h)
     ph["experts"] = compute("experts", expert_flops_s, expert_bytes, local)
-    ph["combine"] = compute("combine", 0.0, b * (rows * h + T_r * h))
+    if deepspeed:
+        ph["combine"] = compute("combine", gemm_s(T_r, h, rows, dev, dt), einsum_bytes)
+    else:
+        ph["combine"] = compute("combine", 0.0, b * (rows * h + T_r * h))
     if c.coordinated and tp > 1:
         cb["tp_allgather"] = T * h * b
         ph["tp_comm"] += coll.allgather_s(T * h * b, tp_span, env.cluster)
@@ -312,6 +350,27 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     for phase in ("dispatch_a2a", "combine_a2a"):
         ph[phase] += a2a_s
     return cost
+
+
+def elementwise_bytes(env: Env, s: Setting, p: Pass, phase: str) -> float:
+    """Bytes of the memory-bound kernels beside a block's GEMMs, on a GPU (on a CPU profile the
+    measured work scale covers them): layer norm (read, write), bias adds, GELU, dropout in
+    training (read, write, mask) and the residual add (two reads, a write), each over the
+    whole hidden on every tp rank (no sequence parallelism); DeepSpeed's attention (Megatron,
+    no fused attention) also writes its [B, A/tp, S, ctx] scores and reads and writes them in
+    the masked softmax, in training dropout and in the product with the values."""
+    if env.cluster.device.kind != "gpu":
+        return 0.0
+    spec, b, tp, T = env.spec, env.dtype_bytes, s.tp, p.tokens
+    h, f = spec.hidden, spec.ffn_hidden
+    train = env.workload.mode == "train" and not p.decode
+    passes_h = 2 + 2 + 3 + (3 if train else 0)  # norm, bias, residual, dropout
+    if phase == "mlp":
+        return b * T * (passes_h * h + 2 * f / tp)  # + the GELU over the FFN width
+    scores = 0.0
+    if env.runtime == "deepspeed":
+        scores = b * T * spec.heads / tp * p.context * (5 + (3 if train else 0))
+    return b * T * passes_h * h + scores
 
 
 def _shared(env: Env, cost: LayerCost, p: Pass) -> LayerCost:

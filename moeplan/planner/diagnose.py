@@ -7,6 +7,7 @@ from collections import defaultdict
 from moeplan.cost_models import step
 from moeplan.cost_models.layer import Env
 from moeplan.cost_models.workload import Setting
+from moeplan.planner.space import NO_FIX, Fix
 
 GiB = 2.0 ** 30
 
@@ -32,11 +33,12 @@ def describe_layers(numbers: list[int]) -> str:
     return ", ".join(str(n) for n in numbers)
 
 
-def least_memory(env: Env, s: Setting) -> tuple[float, dict[str, tuple[float, list[int]]]]:
+def least_memory(env: Env, s: Setting,
+                 fix: Fix = NO_FIX) -> tuple[float, dict[str, tuple[float, list[int]]]]:
     """Memory of the least-memory plan under setting `s`, by term, with the layers behind each."""
     from moeplan.planner.search import layer_options
 
-    options = layer_options(env, s)
+    options = layer_options(env, s, fix)
     terms: dict[str, list] = defaultdict(lambda: [0.0, []])
     head = step.head_cost(env, s)
     for k, v in head.memory.items():
@@ -55,8 +57,9 @@ def least_memory(env: Env, s: Setting) -> tuple[float, dict[str, tuple[float, li
     return total, {k: (v[0], v[1]) for k, v in terms.items()}
 
 
-def why_infeasible(env: Env, candidates: list[Setting]) -> str:
-    best = min(((least_memory(env, s), s) for s in candidates), key=lambda x: (x[0][0], x[1]))
+def why_infeasible(env: Env, candidates: list[Setting], fix: Fix = NO_FIX) -> str:
+    best = min(((least_memory(env, s, fix), s) for s in candidates),
+               key=lambda x: (x[0][0], x[1]))
     (total, terms), s = best
     dev = env.cluster.device
     top = sorted(terms.items(), key=lambda kv: -kv[1][0])[:3]
@@ -64,7 +67,8 @@ def why_infeasible(env: Env, candidates: list[Setting]) -> str:
     for name, (nbytes, layers) in top:
         where = f" in layers {describe_layers(layers)}" if layers else ""
         parts.append(f"{TERM_NAMES.get(name, name)} {nbytes / GiB:.1f} GiB{where}")
-    return (f"{env.spec.name} does not fit on {env.gpus} x {dev.name}: the least-memory plan "
+    fixed = f" with {fix.text()}" if fix != NO_FIX else ""
+    return (f"{env.spec.name} does not fit on {env.gpus} x {dev.name}{fixed}: the least-memory plan "
             f"(tp={s.tp}, micro-batch {s.micro_batch}"
             f"{', recompute' if s.recompute else ''}) needs {total / GiB:.1f} GiB per GPU — "
             f"{'; '.join(parts)}; a GPU has {dev.memory_bytes / GiB:.1f} GiB "

@@ -101,6 +101,7 @@ class SearchSummary(_Frozen):
 
 class Provenance(_Frozen):
     moeplan_version: str
+    runtime: str = "moerun"  # whose kernels and loops the predictions cost: moerun | deepspeed
     inputs_digest: str
 
 
@@ -114,6 +115,7 @@ class Plan(_Frozen):
     layers: list[LayerPlan]
     predicted: Predicted
     search: SearchSummary
+    notes: list[str] = []  # what the planner says about the request (e.g. a clamped --fix)
     provenance: Provenance
 
     @model_validator(mode="after")
@@ -141,10 +143,12 @@ class Plan(_Frozen):
 
 
 def inputs_digest(env: Env, objective: Objective) -> str:
-    return digest({"model": env.spec.model_dump(mode="json"),
-                   "cluster": digest(env.cluster), "gpus": env.gpus,
-                   "workload": env.workload.model_dump(mode="json"),
-                   "objective": objective.model_dump(mode="json")})
+    inputs = {"model": env.spec.model_dump(mode="json"), "cluster": digest(env.cluster),
+              "gpus": env.gpus, "workload": env.workload.model_dump(mode="json"),
+              "objective": objective.model_dump(mode="json")}
+    if env.runtime != "moerun":  # digests of moerun plans stay as they were
+        inputs["runtime"] = env.runtime
+    return digest(inputs)
 
 
 def cluster_ref(cluster: ClusterProfile, env: Env) -> ClusterRef:

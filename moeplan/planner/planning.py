@@ -14,12 +14,14 @@ from moeplan.cost_models.workload import Workload
 from moeplan.errors import ConfigError, MoeplanError
 from moeplan.planner import plan as P
 from moeplan.planner.search import Candidate, Objective, SearchResult, search
+from moeplan.planner.space import NO_FIX, Fix
 from moeplan.profiles.cluster import ClusterProfile
 from moeplan.profiles.model import ModelSpec
 
 DEFAULT_TRAIN_BATCH = 512
 DEFAULT_PROMPT_LEN = 512
 DEFAULT_GEN_LEN = 128
+RUNTIMES = ("moerun", "deepspeed")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class Request:
     zero_stage: int = 1
     simulate_top: int = 16  # analytic best candidates re-ranked by the simulator (0: none)
     routing_skew: float = 0.0
+    fix: Fix = NO_FIX  # degrees the user fixed
+    runtime: str = "moerun"  # whose kernels and loops are costed: moerun | deepspeed
 
 
 def infer_lengths(spec: ModelSpec, r: Request) -> tuple[int, int]:
@@ -84,6 +88,14 @@ def _check(spec: ModelSpec, cluster: ClusterProfile, r: Request) -> None:
         if total > spec.max_seq_len:
             raise ConfigError(f"--prompt-len + --gen-len = {total} exceeds {spec.name}'s "
                               f"{spec.max_seq_len} positions")
+    if r.runtime not in RUNTIMES:
+        raise ConfigError(f"--runtime {r.runtime}: expected one of {', '.join(RUNTIMES)}")
+    if r.mode == "infer" and (r.fix.micro_batch is not None or r.fix.recompute is not None):
+        raise ConfigError("--fix micro-batch / recompute apply to training; for inference set "
+                          "--global-batch (sequences in flight)")
+    if None not in (r.fix.micro_batch, r.micro_batch) and r.fix.micro_batch != r.micro_batch:
+        raise ConfigError(f"--micro-batch {r.micro_batch} contradicts --fix "
+                          f"micro-batch={r.fix.micro_batch}")
     dtype = r.dtype or cluster.default_dtype
     if dtype not in cluster.device.peak_flops:
         raise ConfigError(f"{cluster.device.name} has no {dtype} peak in profile {cluster.name}")
@@ -104,7 +116,7 @@ def make_env(spec: ModelSpec, cluster: ClusterProfile, r: Request) -> tuple[Env,
         w = Workload(mode="infer", global_batch=batch, micro_batch=1, seq_len=prompt + gen,
                      prompt_len=prompt, gen_len=gen, dtype=dtype, zero_stage=0)
         objective = Objective(name, r.slo_ms / 1e3 if r.slo_ms is not None else None)
-    return Env(spec, cluster, w, r.gpus), objective
+    return Env(spec, cluster, w, r.gpus, runtime=r.runtime), objective
 
 
 def plan(spec: ModelSpec, cluster: ClusterProfile, r: Request) -> tuple[P.Plan, SearchResult]:
@@ -112,8 +124,23 @@ def plan(spec: ModelSpec, cluster: ClusterProfile, r: Request) -> tuple[P.Plan, 
     free_batch = r.mode == "infer" and objective.name == "throughput" and r.global_batch is None
     batch = None if free_batch else env.workload.global_batch
     result = search(env, objective, batch, r.micro_batch if r.mode == "train" else None,
-                    simulate_top=r.simulate_top, skew=r.routing_skew)
-    return to_plan(env, objective, result), result
+                    simulate_top=r.simulate_top, skew=r.routing_skew, fix=r.fix)
+    return to_plan(env, objective, result, fix_notes(spec, r.fix)), result
+
+
+def fix_notes(spec: ModelSpec, fix: Fix) -> list[str]:
+    """What the plan says about the fixed degrees: an ep above a layer's experts is clamped."""
+    if fix.ep is None:
+        return []
+    from moeplan.planner.diagnose import describe_layers
+
+    by_experts: dict[int, list[int]] = defaultdict(list)
+    for i, E in enumerate(spec.experts):
+        if 0 < E < fix.ep:
+            by_experts[E].append(i + 1)
+    return [f"--fix ep={fix.ep} exceeds the {E} experts of layers {describe_layers(layers)}: "
+            f"ep={E} there (DeepSpeed 0.6 clamps ep_size so)"
+            for E, layers in sorted(by_experts.items())]
 
 
 def _runner_up_text(result: SearchResult, i: int) -> str | None:
@@ -169,14 +196,15 @@ def _hand_on_waits(layers: list[dict[str, float]], exchanging: list[bool], train
     return layers
 
 
-def to_plan(env: Env, objective: Objective, result: SearchResult) -> P.Plan:
+def to_plan(env: Env, objective: Objective, result: SearchResult,
+            notes: list[str] | None = None) -> P.Plan:
     best: Candidate = result.best
     s, w = best.setting, env.workload
     if w.mode == "infer":
         w = w.model_copy(update={"global_batch": best.global_batch, "micro_batch": s.micro_batch})
     else:
         w = w.model_copy(update={"micro_batch": s.micro_batch})
-    final_env = Env(env.spec, env.cluster, w, env.gpus)
+    final_env = Env(env.spec, env.cluster, w, env.gpus, runtime=env.runtime)
     layers, breakdown = [], defaultdict(float)
     transient = best.head.transient_bytes
     for k, v in best.head.memory.items():
@@ -236,7 +264,8 @@ def to_plan(env: Env, objective: Objective, result: SearchResult) -> P.Plan:
         search=P.SearchSummary(settings=result.stats.settings,
                                layer_options=result.stats.layer_options,
                                plans_covered=result.stats.plans_covered),
-        provenance=P.Provenance(moeplan_version=__version__,
+        notes=notes or [],
+        provenance=P.Provenance(moeplan_version=__version__, runtime=env.runtime,
                                 inputs_digest=P.inputs_digest(env, obj)))
 
 

@@ -22,7 +22,7 @@ from moeplan.cost_models.layer import DENSE, Env, LayerChoice, LayerCost
 from moeplan.cost_models.workload import Setting
 from moeplan.errors import ConfigError, InfeasibleError
 from moeplan.planner import knapsack
-from moeplan.planner.space import layer_choices, settings
+from moeplan.planner.space import NO_FIX, Fix, layer_choices, settings
 
 INFER_BATCHES = [2 ** i for i in range(11)]  # per data-parallel rank, throughput search: 1..1024
 
@@ -92,21 +92,21 @@ def _evaluate(env: Env, s: Setting, index: int, choice: LayerChoice) -> Evaluate
     return Evaluated(choice, decode, prefill.time_s)
 
 
-def layer_options(env: Env, s: Setting) -> dict[int, list[Evaluated]]:
+def layer_options(env: Env, s: Setting, fix: Fix = NO_FIX) -> dict[int, list[Evaluated]]:
     """Costed options for every layer index (identical layers share one list)."""
     by_experts: dict[int, list[Evaluated]] = {}
     out = {}
     for index, E in enumerate(env.spec.experts):
         if E not in by_experts:
-            choices = [DENSE] if E == 0 else layer_choices(env, s, E)
+            choices = [DENSE] if E == 0 else layer_choices(env, s, E, fix)
             by_experts[E] = [_evaluate(env, s, index, c) for c in choices]
         out[index] = by_experts[E]
     return out
 
 
 def best_for_setting(env: Env, s: Setting, stats: SearchStats,
-                     bound_s: float = float("inf")) -> Candidate | None:
-    options = layer_options(env, s)
+                     bound_s: float = float("inf"), fix: Fix = NO_FIX) -> Candidate | None:
+    options = layer_options(env, s, fix)
     stats.settings += 1
     stats.layer_options += sum(len(v) for v in {id(v): v for v in options.values()}.values())
     stats.plans_covered += prod(len(options[i]) for i in options)
@@ -132,16 +132,18 @@ def _better(a: Candidate, b: Candidate | None, env: Env, objective: Objective) -
 
 
 def search(env: Env, objective: Objective, global_batch: int | None,
-           micro_batch: int | None, simulate_top: int = 0, skew: float = 0.0) -> SearchResult:
+           micro_batch: int | None, simulate_top: int = 0, skew: float = 0.0,
+           fix: Fix = NO_FIX) -> SearchResult:
     """Search every setting; raise `InfeasibleError` with the reason when nothing qualifies.
 
     Every candidate is costed analytically; the best `simulate_top` (one per global setting) are
     then simulated (`simulate.py`) and the best by simulation is chosen."""
     t0 = time.perf_counter()
     stats = SearchStats()
-    candidates = settings(env, global_batch, micro_batch, INFER_BATCHES)
+    candidates = settings(env, global_batch, micro_batch, INFER_BATCHES, fix)
     if not candidates:
-        raise ConfigError(_no_setting_reason(env, global_batch, micro_batch))
+        raise ConfigError(_no_setting_reason(env, global_batch, micro_batch, fix))
+    _check_layers(env, candidates[0], fix)
     throughput_infer = env.workload.mode == "infer" and objective.name == "throughput"
     keep = max(1, simulate_top)
     top: list[Candidate] = []  # the best `keep`, best first
@@ -149,7 +151,7 @@ def search(env: Env, objective: Objective, global_batch: int | None,
     for s in candidates:
         full = len(top) >= keep
         bound = float("inf") if (throughput_infer or not full) else top[-1].time_s
-        cand = best_for_setting(env, s, stats, bound)
+        cand = best_for_setting(env, s, stats, bound, fix)
         if cand is None:
             continue
         if fastest is None or cand.time_s < fastest.time_s:
@@ -169,8 +171,21 @@ def search(env: Env, objective: Objective, global_batch: int | None,
                 f"no plan meets --slo-ms {objective.slo_s * 1e3:g}: the fastest takes "
                 f"{fastest.time_s * 1e3:.3g} ms per token")
         from moeplan.planner.diagnose import why_infeasible
-        raise InfeasibleError(why_infeasible(env, candidates))
-    return SearchResult(best=best, stats=stats, runner_up=runner_up(env, best), **result_extra)
+        raise InfeasibleError(why_infeasible(env, candidates, fix))
+    return SearchResult(best=best, stats=stats, runner_up=runner_up(env, best, fix),
+                        **result_extra)
+
+
+def _check_layers(env: Env, s: Setting, fix: Fix) -> None:
+    """Every MoE layer keeps an option under the fixed degrees (they do not depend on the
+    batch), else one line naming the layer and the fixes."""
+    for i, E in enumerate(env.spec.experts):
+        if E and not layer_choices(env, s, E, fix):
+            raise ConfigError(
+                f"{fix.text()}: no valid configuration for layer {i + 1} ({E} experts on "
+                f"{env.gpus} GPUs, tp={s.tp}) — ep must divide the experts, es > 1 needs ep = E, "
+                f"ep·es·edp = GPUs, a hierarchical all-to-all needs an ep group over several "
+                f"nodes, tp-coordination needs tp > 1")
 
 
 def _insert(top: list[Candidate], cand: Candidate, keep: int, env: Env,
@@ -201,11 +216,12 @@ def _by_simulation(env: Env, objective: Objective, top: list[Candidate], skew: f
             "analytic_best_changed": best is not top[0], "skew": skew}
 
 
-def runner_up(env: Env, best: Candidate) -> dict[int, tuple[Evaluated, Evaluated]]:
+def runner_up(env: Env, best: Candidate,
+              fix: Fix = NO_FIX) -> dict[int, tuple[Evaluated, Evaluated]]:
     """For each MoE layer, (chosen, fastest option with another expert-parallel degree) under the
     chosen setting — the cost model's reason for the degree: the other is slower, or faster but
     too large. Where ep has no alternative, the fastest other option of any kind."""
-    options = layer_options(env, best.setting)
+    options = layer_options(env, best.setting, fix)
     out = {}
     for i, chosen in enumerate(best.layers):
         others = [o for o in options[i] if o.choice.ep != chosen.choice.ep] or [
@@ -215,8 +231,13 @@ def runner_up(env: Env, best: Candidate) -> dict[int, tuple[Evaluated, Evaluated
     return out
 
 
-def _no_setting_reason(env: Env, global_batch: int | None, micro_batch: int | None) -> str:
+def _no_setting_reason(env: Env, global_batch: int | None, micro_batch: int | None,
+                       fix: Fix = NO_FIX) -> str:
     mode = env.workload.mode
+    if fix != NO_FIX and settings(env, global_batch, micro_batch, INFER_BATCHES):
+        return (f"{fix.text()}: no global setting matches — tp must divide the "
+                f"{env.gpus_per_node} GPUs of a node and the {env.spec.heads} heads, and "
+                f"micro-batch must divide the sequences per data-parallel rank")
     if mode == "train":
         return (f"--global-batch {global_batch} cannot be split over {env.gpus} GPUs with "
                 f"micro-batch {micro_batch or 'any'}: it must be a multiple of dp × micro-batch "

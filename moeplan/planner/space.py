@@ -17,8 +17,73 @@ Rules (each rejects a combination the layout or the model cannot express):
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 from moeplan.cost_models.layer import Env, LayerChoice
 from moeplan.cost_models.workload import Setting
+from moeplan.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Fix:
+    """Degrees the user fixed (`moeplan search --fix KEY=VALUE`); None leaves one to the search.
+    Fixing all of them costs one configuration. `ep` above a layer's expert count means ep = E
+    there (DeepSpeed 0.6 clamps it so)."""
+
+    tp: int | None = None
+    ep: int | None = None
+    es: int | None = None
+    edp: int | None = None
+    a2a: str | None = None
+    coordinated: bool | None = None
+    micro_batch: int | None = None
+    recompute: bool | None = None
+
+    def text(self) -> str:
+        return " ".join(f"--fix {KEYS_BY_FIELD[f.name]}={_show(getattr(self, f.name))}"
+                        for f in fields(self) if getattr(self, f.name) is not None)
+
+    def ep_for(self, experts: int) -> int | None:
+        return None if self.ep is None else min(self.ep, experts)
+
+
+NO_FIX = Fix()
+FIX_KEYS = {"tp": "tp", "ep": "ep", "es": "es", "edp": "edp", "a2a": "a2a",
+            "tp-coordinated": "coordinated", "micro-batch": "micro_batch",
+            "recompute": "recompute"}
+KEYS_BY_FIELD = {v: k for k, v in FIX_KEYS.items()}
+BOOLS = {"true": True, "false": False}
+
+
+def _show(v) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def parse_fix(items: list[str] | tuple[str, ...]) -> Fix:
+    """`KEY=VALUE` items -> Fix; a bad item raises ConfigError naming it."""
+    values: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        name = FIX_KEYS.get(key.strip())
+        if not sep or name is None:
+            raise ConfigError(f"--fix {item!r}: expected KEY=VALUE with KEY one of "
+                              f"{', '.join(FIX_KEYS)}")
+        raw = raw.strip().lower()
+        if name in values:
+            raise ConfigError(f"--fix {key} is given twice")
+        if name == "a2a":
+            if raw not in ("flat", "hierarchical"):
+                raise ConfigError(f"--fix a2a={raw}: expected flat or hierarchical")
+            values[name] = raw
+        elif name in ("coordinated", "recompute"):
+            if raw not in BOOLS:
+                raise ConfigError(f"--fix {key}={raw}: expected true or false")
+            values[name] = BOOLS[raw]
+        else:
+            if not raw.isdigit() or not 0 < int(raw) <= 2**20:
+                raise ConfigError(f"--fix {key}={raw}: expected a positive whole number")
+            values[name] = int(raw)
+    return Fix(**values)
 
 
 def divisors(n: int) -> list[int]:
@@ -39,7 +104,7 @@ def micro_batches(per_rank: int, fixed: int | None, cap: int = 64) -> list[int]:
 
 
 def settings(env: Env, global_batch: int | None, micro_batch: int | None,
-             infer_batches: list[int] | None = None) -> list[Setting]:
+             infer_batches: list[int] | None = None, fix: Fix = NO_FIX) -> list[Setting]:
     """Every valid global setting, in a deterministic order.
 
     Train: global_batch sequences split over dp ranks and micro-batches; recomputation on or off.
@@ -47,14 +112,18 @@ def settings(env: Env, global_batch: int | None, micro_batch: int | None,
     (throughput objective), every per-rank batch in `infer_batches`.
     """
     out: list[Setting] = []
+    micro_batch = micro_batch if fix.micro_batch is None else fix.micro_batch
     for tp in tp_degrees(env):
+        if fix.tp is not None and tp != fix.tp:
+            continue
         dp = env.gpus // tp
         if env.workload.mode == "train":
             if global_batch % dp:
                 continue
             for mb in micro_batches(global_batch // dp, micro_batch):
                 for recompute in (False, True):
-                    out.append(Setting(tp=tp, dp=dp, micro_batch=mb, recompute=recompute))
+                    if fix.recompute in (None, recompute):
+                        out.append(Setting(tp=tp, dp=dp, micro_batch=mb, recompute=recompute))
         elif global_batch is not None:
             if global_batch % dp == 0:
                 out.append(Setting(tp=tp, dp=dp, micro_batch=global_batch // dp, recompute=False))
@@ -64,18 +133,24 @@ def settings(env: Env, global_batch: int | None, micro_batch: int | None,
     return out
 
 
-def layer_choices(env: Env, s: Setting, experts: int) -> list[LayerChoice]:
-    """Every valid (ep, es, a2a, coordinated) for a MoE layer of `experts` experts."""
+def layer_choices(env: Env, s: Setting, experts: int, fix: Fix = NO_FIX) -> list[LayerChoice]:
+    """Every valid (ep, es, a2a, coordinated) for a MoE layer of `experts` experts that agrees
+    with the fixed degrees."""
     N, G, f = env.gpus, env.gpus_per_node, env.spec.ffn_hidden
     out: list[LayerChoice] = []
     for ep in divisors(experts):
+        if fix.ep is not None and ep != fix.ep_for(experts):
+            continue
         for es in (divisors(G) if ep == experts else [1]):
             size = ep * es
             if N % size or f % es or not (G % size == 0 or size % G == 0):
+                continue
+            if fix.es not in (None, es) or fix.edp not in (None, N // size):
                 continue
             span = env.span(ep, es)
             algos = ["flat", "hierarchical"] if span.nodes > 1 and span.per_node > 1 else ["flat"]
             for a2a in algos:
                 for coordinated in ((False, True) if s.tp > 1 else (False,)):
-                    out.append(LayerChoice(ep=ep, es=es, a2a=a2a, coordinated=coordinated))
+                    if fix.a2a in (None, a2a) and fix.coordinated in (None, coordinated):
+                        out.append(LayerChoice(ep=ep, es=es, a2a=a2a, coordinated=coordinated))
     return out

@@ -1,0 +1,175 @@
+"""`moeplan search --fix` (a configuration costed as given) and `--runtime moerun|deepspeed`
+(whose kernels are costed), and the cost terms that separate GPU runtimes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moeplan.cost_models.compute import gemm_floor_s, gemm_s
+from moeplan.cost_models.layer import Env, LayerChoice, Pass, elementwise_bytes, forward
+from moeplan.cost_models.workload import Setting, Workload
+from moeplan.planner.plan import Plan
+from moeplan.planner.planning import Request, plan
+from moeplan.planner.space import Fix, parse_fix
+from moeplan.profiles import load_cluster, load_model
+from test_cli import run  # noqa: F401  (fixture)
+from test_moerun import _in_process
+from tolerance import F64_REL
+
+NDV4 = load_cluster("ndv4-a100-40gb")
+
+
+def test_fixing_every_degree_costs_one_configuration():
+    req = Request(gpus=256, mode="infer", global_batch=256, runtime="deepspeed",
+                  fix=parse_fix(["tp=8", "ep=128", "es=2", "a2a=flat", "tp-coordinated=false"]))
+    p, result = plan(load_model("24b-moe-128"), NDV4, req)
+    assert result.stats.settings == 1 and p.parallel.tp == 8
+    moe = [layer for layer in p.layers if layer.kind == "moe"]
+    assert {(m.ep, m.es, m.edp, m.a2a, m.a2a_tp_coordinated) for m in moe} == {
+        (128, 2, 1, "flat", False)}
+    assert result.stats.layer_options == 2  # one dense option, one MoE option
+    assert p.provenance.runtime == "deepspeed" and p.predicted.latency_s > 0
+
+
+def test_an_ep_above_a_layers_experts_is_clamped_and_said():
+    req = Request(gpus=128, fix=Fix(ep=128, tp=1))
+    p, _ = plan(load_model("1.3b-pr-moe"), NDV4, req)
+    assert {(m.experts, m.ep) for m in p.layers if m.kind == "moe"} == {(64, 64), (128, 128)}
+    assert len(p.notes) == 1 and "exceeds the 64 experts of layers 2,4..20" in p.notes[0]
+
+
+def test_fixed_degrees_constrain_the_search_and_the_runtime_changes_the_cost():
+    base = Request(gpus=64, mode="infer", global_batch=512, simulate_top=0)
+    spec = load_model("1.3b-moe-128")
+    free, _ = plan(spec, NDV4, base)
+    fixed, _ = plan(spec, NDV4, Request(**{**base.__dict__, "fix": Fix(tp=1, ep=32)}))
+    assert all(m.ep == 32 for m in fixed.layers if m.kind == "moe") and fixed.parallel.tp == 1
+    assert fixed.predicted.latency_s >= free.predicted.latency_s * (1 - F64_REL)
+    ds, _ = plan(spec, NDV4, Request(**{**base.__dict__, "fix": Fix(tp=1, ep=32),
+                                        "runtime": "deepspeed"}))
+    assert ds.predicted.latency_s > fixed.predicted.latency_s  # loop over every local expert
+    assert ds.provenance.inputs_digest != fixed.provenance.inputs_digest
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fix", "tp"], "expected KEY=VALUE"),
+    (["--fix", "pp=2"], "KEY one of tp, ep"),
+    (["--fix", "tp=0"], "positive whole number"),
+    (["--fix", "a2a=ring"], "flat or hierarchical"),
+    (["--fix", "recompute=maybe"], "true or false"),
+    (["--fix", "tp=2", "--fix", "tp=4"], "given twice"),
+    (["--fix", "tp=3"], "no global setting matches"),
+    (["--fix", "a2a=hierarchical", "--gpus", "8"], "no valid configuration for layer 2"),
+    (["--fix", "micro-batch=2", "--micro-batch", "4"], "contradicts"),
+    (["--mode", "infer", "--fix", "recompute=true"], "apply to training"),
+    (["--runtime", "tutel"], "'tutel' is not one of"),
+    (["--model", "1.3b-moe-128", "--gpus", "8", "--fix", "ep=8", "--fix", "tp=1"],
+     "does not fit on 8 x A100-SXM4-40GB with --fix tp=1 --fix ep=8"),
+])
+def test_bad_fixes_are_one_line(run, argv, message):  # noqa: F811
+    code, _, err = run("search", *argv)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_the_issue_command_prints_a_costed_plan(run, tmp_path):  # noqa: F811
+    code, out, err = run("search", "--model", "24b-moe-128", "--gpus", "256", "--mode", "infer",
+                         "--global-batch", "256", "--runtime", "deepspeed", "--fix", "tp=8",
+                         "--fix", "ep=128", "--fix", "es=2", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["runtime"] == "deepspeed" and summary["predicted"]["latency_s"] > 0
+    plan_ = Plan.model_validate_json((tmp_path / "plan.json").read_text())
+    assert plan_.provenance.runtime == "deepspeed"
+
+
+@given(st.lists(st.text(max_size=14), max_size=3), st.sampled_from(["moerun", "deepspeed", "x"]))
+@settings(max_examples=40, deadline=20000)
+def test_any_fix_is_a_plan_or_one_line(tmp_path_factory, fixes, runtime):
+    from moeplan.cli import main as moeplan_cli
+
+    out = tmp_path_factory.mktemp("fix") / "p.json"
+    argv = ["search", "--model", "tiny-pr-moe", "--cluster", "local-cpu", "--gpus", "4",
+            "--simulate-top", "0", "--runtime", runtime, "--out", str(out)]
+    for f in fixes:
+        argv.append(f"--fix={f}")
+    code, err = _in_process(moeplan_cli, argv)
+    assert code in (0, 2) and (code == 0) == (err == ""), (code, err)
+    assert len(err.strip().splitlines()) <= 1
+
+
+def _env(runtime: str, mode: str = "infer", cluster=NDV4, spec="1.3b-moe-128", gpus=64):
+    w = (Workload(mode="infer", global_batch=8 * gpus, micro_batch=8, seq_len=640,
+                  prompt_len=512, gen_len=128, dtype="fp16", zero_stage=0) if mode == "infer"
+         else Workload(mode="train", global_batch=512, micro_batch=4, seq_len=2048,
+                       dtype="fp16", zero_stage=2))
+    return Env(load_model(spec), cluster, w, gpus, runtime=runtime)
+
+
+def test_gemm_floor_is_a_time_whatever_the_dtype():
+    dev = NDV4.device
+    floor = gemm_floor_s(dev)
+    assert 0 < floor < 10e-6  # a kernel's floor, not the 128 µs of the fp32 peak
+    router = gemm_s(8, 128, 2048, dev, "fp32")  # a decode step's fp32 router GEMM
+    assert router == pytest.approx(2 * 8 * 128 * 2048 / (19.5e12 * 0.8) + floor, rel=F64_REL)
+    big = gemm_s(8192, 8192, 8192, dev, "fp16")
+    assert big == pytest.approx(2 * 8192 ** 3 / (312e12 * 0.8) + floor, rel=F64_REL)
+
+
+def test_deepspeed_reads_every_local_expert_and_moerun_only_the_routed_ones():
+    s = Setting(tp=1, dp=64, micro_batch=8, recompute=False)
+    c = LayerChoice(ep=8, es=1, a2a="flat", coordinated=False)  # 16 local experts, 64 tokens
+    p = Pass(tokens=8, context=576, decode=True)
+    spec = load_model("1.3b-moe-128")
+    weights = 2 * 2 * spec.hidden * spec.ffn_hidden  # fp16 w1 + w2 of one expert
+    ds, mr = (forward(_env(r), s, 1, c, p) for r in ("deepspeed", "moerun"))
+    dev = NDV4.device
+    # 64 routed tokens over 128 experts: each GPU's 16 experts receive ~6.3 of them on average
+    active = 16 * (1 - (1 - 1 / 128) ** 64)
+    gap = (16 - active) * weights / (dev.hbm_Bps * dev.hbm_efficiency)
+    # decode is bound by the weights read: DeepSpeed pays for the ~9.7 idle experts too, and
+    # its loop's launches (4 per local expert against moerun's 4 in all)
+    launches = (2 + 4 * 16 - 4) * dev.op_overhead_s
+    assert ds.phases["experts"] - mr.phases["experts"] == pytest.approx(gap + launches, rel=0.01)
+
+
+def test_deepspeed_dispatch_and_combine_are_einsum_gemms_over_s_e_c():
+    s = Setting(tp=1, dp=128, micro_batch=4, recompute=True)
+    c = LayerChoice(ep=128, es=1, a2a="flat", coordinated=False)
+    p = Pass(tokens=4 * 2048, context=2048, decode=False)
+    env = _env("deepspeed", "train", gpus=128)
+    ds, mr = forward(env, s, 1, c, p), forward(_env("moerun", "train", gpus=128), s, 1, c, p)
+    C = env.spec.capacity(128, p.tokens, train=True)
+    flops = 2 * p.tokens * 128 * C * env.spec.hidden  # S·(E·C)·M, each way
+    assert ds.phases["dispatch"] >= flops / (312e12 * 0.8)
+    assert ds.phases["combine"] >= flops / (312e12 * 0.8)
+    assert ds.phases["dispatch"] > 10 * mr.phases["dispatch"]
+    assert ds.phases["gate"] > mr.phases["gate"]  # [S, E, C] tensors and two host syncs
+
+
+def test_elementwise_traffic_is_charged_on_gpus_only():
+    s = Setting(tp=8, dp=16, micro_batch=4, recompute=True)
+    p = Pass(tokens=4 * 2048, context=2048, decode=False)
+    gpu = _env("deepspeed", "train", spec="6.7b", gpus=128)
+    spec = gpu.spec
+    mlp = elementwise_bytes(gpu, s, p, "mlp")
+    assert mlp == pytest.approx(2 * p.tokens * (10 * spec.hidden + 2 * spec.ffn_hidden / 8),
+                                rel=F64_REL)
+    attn = elementwise_bytes(gpu, s, p, "attention")
+    scores = 2 * p.tokens * spec.heads / 8 * 2048 * 8
+    assert attn == pytest.approx(2 * p.tokens * 10 * spec.hidden + scores, rel=F64_REL)
+    moerun = Env(spec, gpu.cluster, gpu.workload, 128, runtime="moerun")
+    assert elementwise_bytes(moerun, s, p, "attention") == pytest.approx(
+        2 * p.tokens * 10 * spec.hidden, rel=F64_REL)  # fused attention: no score traffic
+    cpu = Env(spec, load_cluster("local-cpu"), gpu.workload, 128)
+    assert elementwise_bytes(cpu, s, p, "mlp") == 0.0
+
+
+def test_inference_capacity_uses_the_eval_min_capacity():
+    spec = load_model("1.3b-moe-128")
+    assert spec.capacity(128, 8, train=False) == 1  # DeepSpeed-MoE inference: min capacity 1
+    assert spec.capacity(128, 8, train=True) == 4
+    assert spec.capacity(128, 8192, train=False) == 64

@@ -47,18 +47,19 @@ RUNTIME_OPS = {"attention": (8, 18), "mlp": (6, 8), "residual_mlp": (11, 19), "g
 # GPU (none was available); the other phases launch one kernel per aten op, as on CPU.
 CUDA_OPS = {**RUNTIME_OPS, "gate": (35, 24), "dispatch": (7, 2), "combine": (8, 11),
             "experts": (4, 8)}
-# DeepSpeed-MoE (deepspeed/moe/sharded_moe.py, experts.py; Megatron-DeepSpeed's ParallelMLP as
-# the expert), operations per MoE layer phase (forward, backward), counted by reading the code:
-# gate = fp32 cast and router GEMM, softmax, _capacity, argmax, one_hot, exp_counts, the aux
-# loss's means, random token selection (uniform, topk, scatter), cumsum, the location one-hots
-# and the [S, E, C] combine weights by einsum; dispatch and combine = one einsum GEMM each plus
-# casts and reshapes; experts = chunk and cat around a Python loop of 4 kernels per local expert
-# (GEMM, fused bias-GELU, GEMM, bias) — see `ops`.
-DEEPSPEED_OPS = {**CUDA_OPS, "gate": (38, 24), "dispatch": (4, 3), "combine": (4, 4)}
-# DeepSpeed's top-k gate reads back to the host twice per call — `_capacity` compares a device
-# tensor with min_capacity, `exp_counts` is copied `.to('cpu')` — so the launch queue drains:
-# each costs a PCIe round trip (assumed 15 µs on A100 hosts, not measured here).
-DEEPSPEED_SYNCS, HOST_SYNC_S = 2, 15e-6
+# DeepSpeed-MoE (deepspeed/moe/sharded_moe.py, experts.py at 38327e0; Megatron-DeepSpeed's
+# ParallelMLP as the expert): GPU kernels per MoE layer phase (forward, backward). Forward counted
+# with a TorchDispatchMode over DeepSpeed's top-1 TopKGate (CPU, fp32) less the CPU-only capacity
+# scalars: gate 32 with random token selection (27 without: inference, where DeepSpeed-MoE turns
+# it off) + 2 fp16→fp32 casts; dispatch and combine a cast, the einsum's bmm and a copy each;
+# experts chunk + cat around 4 kernels per local expert (`ops`). Backward counts are estimates
+# (autograd nodes of the same ops), not counted.
+DEEPSPEED_OPS = {**CUDA_OPS, "gate": (34, 24), "dispatch": (3, 3), "combine": (3, 3)}
+DEEPSPEED_RTS_OPS = 5  # random token selection: rand, sub, mul, add, mul (not in inference)
+# DeepSpeed 0.5–0.13 (the paper's era) copies the gate's expert counts `.to('cpu')` on every
+# call (v0.6.0 sharded_moe.py:204), draining the launch queue: a PCIe round trip each (assumed
+# 15 µs on A100 hosts, not measured here). Removed in 0.14.
+DEEPSPEED_SYNCS, HOST_SYNC_S = 1, 15e-6
 OPTIMIZER_OPS_PER_TENSOR = 16  # AdamW single-tensor step 10.2, clipping + zero_grad 5.3 (same)
 ADAM_BYTES_PER_PARAM = 28  # read fp16 grad + fp32 master, m, v; write master, m, v and fp16 weight
 
@@ -147,6 +148,8 @@ def ops(env: Env, name: str, p: Pass, local_experts: int = 0) -> float:
             fwd, bwd = 2 + 4 * local_experts, 2 + 8 * local_experts
         else:
             fwd, bwd = DEEPSPEED_OPS[name]
+            if name == "gate" and not train:
+                fwd -= DEEPSPEED_RTS_OPS
     elif env.cluster.device.kind == "gpu":
         fwd, bwd = CUDA_OPS[name]
     elif name == "experts":

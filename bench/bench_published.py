@@ -48,47 +48,41 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="write the table as JSON here")
     a = ap.parse_args(argv)
-    rows, ok = [], True
+    rows: list[dict] = []
+
+    def point(case: str, label: str, predicted: float, published: float) -> float:
+        ratio = predicted / published
+        hit = abs(ratio - 1) <= 0.25
+        rows.append({"case": case, "predicted": predicted, "published": published,
+                     "ratio": ratio, "within_25pct": hit})
+        print(f"  {label:14s} predicted {predicted:7.2f}  published {published:6.1f}  "
+              f"ratio {ratio:.2f} {'ok' if hit else 'MISS'}")
+        return predicted
+
+    def within(name: str, value: float, lo: float, hi: float, paper: float) -> bool:
+        hit = lo <= value <= hi
+        print(f"  {name} {value:.2f}x (paper {paper}x, target {lo}-{hi}) {'ok' if hit else 'MISS'}")
+        return hit
 
     print("Table 3, training on 128 x A100-40GB (samples/s), --runtime deepspeed")
     train = {}
     for label, model, gpus, batch, fix, published in TRAINING:
         p = costed(model, gpus, "train", batch, fix, "deepspeed")
-        samples = batch / p.predicted.step_time_s
-        train[label] = samples
-        ratio = samples / published
-        hit = abs(ratio - 1) <= 0.25
-        ok &= hit
-        rows.append({"case": f"train {label}", "predicted": samples, "published": published,
-                     "ratio": ratio, "within_25pct": hit})
-        print(f"  {label:14s} predicted {samples:7.1f}  published {published:6.1f}  "
-              f"ratio {ratio:.2f} {'ok' if hit else 'MISS'}")
+        train[label] = point(f"train {label}", label, batch / p.predicted.step_time_s, published)
     speedup = train["1.3B+MoE-128"] / train["6.7B dense"]
-    hit = 4.2 <= speedup <= 6.5
-    ok &= hit
-    print(f"  MoE / dense throughput {speedup:.2f}x (paper 5.3x, target 4.2-6.5) "
-          f"{'ok' if hit else 'MISS'}")
+    ok = within("MoE / dense throughput", speedup, 4.2, 6.5, 5.3)
 
     print("Figure 10, 52B inference, 8 sequences per GPU (ms per token), --runtime deepspeed, "
           "ep = GPUs, tp = 1")
     latency = {}
     for gpus, published in INFERENCE:
-        fix = Fix(tp=1, ep=gpus, es=1)
-        p = costed("1.3b-moe-128", gpus, "infer", SEQUENCES_PER_GPU * gpus, fix, "deepspeed")
-        ms = p.predicted.latency_s * 1e3
-        latency[gpus] = ms
-        ratio = ms / published
-        hit = abs(ratio - 1) <= 0.25
-        ok &= hit
-        rows.append({"case": f"infer 52B {gpus} GPUs", "predicted": ms, "published": published,
-                     "ratio": ratio, "within_25pct": hit})
-        print(f"  {gpus:3d} GPUs  predicted {ms:6.2f}  published {published:5.1f}  "
-              f"ratio {ratio:.2f} {'ok' if hit else 'MISS'}")
+        p = costed("1.3b-moe-128", gpus, "infer", SEQUENCES_PER_GPU * gpus,
+                   Fix(tp=1, ep=gpus, es=1), "deepspeed")
+        latency[gpus] = point(f"infer 52B {gpus} GPUs", f"{gpus} GPUs",
+                              p.predicted.latency_s * 1e3, published)
     fall = latency[8] / latency[64]
-    hit = 1.6 <= fall <= 2.8
-    ok &= hit
-    print(f"  8 -> 64 GPU latency ratio {fall:.2f}x (paper 2.15x, target 1.6-2.8) "
-          f"{'ok' if hit else 'MISS'}")
+    ok &= within("8 -> 64 GPU latency ratio", fall, 1.6, 2.8, 2.15)
+    ok &= all(r["within_25pct"] for r in rows)
 
     print("The planner's own best moerun plans, 52B inference, 8 sequences per GPU")
     own = {}

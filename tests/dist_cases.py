@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from fastpath_probe import decode_probe
+
 from moeplan.cost_models.layer import LayerChoice
 from moeplan.planner.planning import Request, fixed_plan
 from moeplan.profiles import load_cluster, load_model
@@ -63,7 +65,7 @@ def parity(plan, rank: int, world: int, skew_layer: int | None = None, kernels=N
     logits, _ = model(shard[:, :-1])
     loss.backward()
     GradSync(model, groups)()
-    dropped = sum(b.ffn.last.dropped for b in model.blocks if hasattr(b.ffn, "last"))
+    dropped = int(sum(b.ffn.last.dropped for b in model.blocks if hasattr(b.ffn, "last")))
 
     ref_loss = 0.0
     for d in range(groups.dp.size):
@@ -252,3 +254,59 @@ def _triton_parity(rank: int, world: int) -> dict:
         return {"skipped": "triton is not installed"}
     spec = load_model("tiny-pr-moe").model_copy(update={"top_k": 2})
     return parity(make_plan(2, 1, {}, spec=spec), rank, world, kernels=triton_kernels())
+
+
+def _perturbed(model: GPT, seed: int) -> GPT:
+    """Weights moved away from the initialisation (as training would), so that greedy tokens
+    vary from step to step."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def es_infer_parity(rank: int, world: int) -> dict:
+    """Inference with expert slicing (ep=2, es=2 on every MoE layer of a 2-expert tiny-pr-moe):
+    the es group's tokens are gathered before the gate, so the reference is the single-device
+    model on the union of the group's shards (in es rank order) — every layer gates that same
+    token set; this rank's rows of it must match."""
+    spec = load_model("tiny-pr-moe").model_copy(update={"experts": [0, 2, 0, 2, 0, 2, 0, 2]})
+    plan = make_plan(world, 1, {i: choice(2, es=2) for i in (1, 3, 5, 7)}, spec=spec)
+    groups = build_groups(plan, rank, world)
+    full = _perturbed(_full_model(plan.model), seed=11)
+    model = parallelize(full, plan, groups).eval()
+    full.eval()
+    data = _batch(groups.dp.size)[:, :, :-1]
+    es = groups.moe[1].es
+    union = torch.cat([data[r] for r in es.ranks])  # dp rank == global rank here (tp=1)
+    mine = data[groups.dp.rank_in_group]
+    with torch.no_grad():
+        got, _ = model(mine)
+        ref_union, _ = full(union)
+        dropped = int(sum(b.ffn.last.dropped for b in full.blocks if hasattr(b.ffn, "last")))
+        ref_shard, _ = full(mine)
+    rows = slice(es.rank_in_group * PER_SHARD, (es.rank_in_group + 1) * PER_SHARD)
+    want = ref_union[rows]
+    g = torch.Generator().manual_seed(5)
+    prompts = torch.randint(0, 256, (groups.dp.size, 2, 8), generator=g)
+    gen = generate(model, prompts[groups.dp.rank_in_group], 6)
+    gen_union = generate(full, torch.cat([prompts[r] for r in es.ranks]), 6)[rows]
+    return {"logits": float((got - want).abs().max()), "logits_scale": float(want.abs().max()),
+            "per_shard_logits": float((got - ref_shard).abs().max()),
+            "union_dropped": dropped, "generate_equal": torch.equal(gen, gen_union),
+            "tokens": gen.numel()}
+
+
+def fastpath2(rank: int, world: int) -> dict:
+    """Syncs and static shapes of a distributed decode step (2 ranks, tp=1, ep=E)."""
+    plan = make_plan(world, 1, {})
+    groups = build_groups(plan, rank, world)
+    model = parallelize(_full_model(plan.model), plan, groups)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 256, (3, 8), generator=g)
+    return {"decode ep=E": decode_probe(model, prompt)}
+
+
+def fastpath4(rank: int, world: int) -> dict:
+    return {"es=2 inference": es_infer_parity(rank, world)}

@@ -40,8 +40,8 @@ COMM_PHASES = ("tp_comm", "dispatch_a2a", "es_comm", "combine_a2a")
 # device's per-operation overhead. CPU (the torch reference): aten ops, views excluded, counted
 # with a TorchDispatchMode over tiny-pr-moe, torch 2.13 (tests/test_cost_models.py recounts them);
 # experts: 1 + 3·L forward and 5 + 7·L backward for L local experts (a loop).
-RUNTIME_OPS = {"attention": (8, 18), "mlp": (6, 8), "residual_mlp": (11, 19), "gate": (33, 31),
-               "dispatch": (10, 2), "combine": (5, 5), "head": (12, 11)}
+RUNTIME_OPS = {"attention": (8, 18), "mlp": (6, 8), "residual_mlp": (11, 19), "gate": (31, 31),
+               "dispatch": (8, 2), "combine": (5, 5), "head": (12, 11)}
 # CUDA (Triton gating / dispatch / combine, one grouped expert GEMM pair): kernel launches and
 # torch ops around them, counted by reading runtime/kernels/triton_moe.py — not yet traced on a
 # GPU (none was available); the other phases launch one kernel per aten op, as on CPU.
@@ -326,13 +326,12 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     # Expected local experts that receive at least one token (uniform routing); all of them once
     # the pass carries many tokens, a few during decode — which is what makes decode cheaper on
     # more GPUs: each holds fewer experts, so reads fewer weights per token.
-    # DeepSpeed's loop runs every local expert on its padded rows, so reads every expert's
-    # weights; moerun's reads only the experts that received a token.
-    routed = c.ep * c.es * T_r * spec.top_k
-    active = local if deepspeed else local * (1.0 - (1.0 - 1.0 / E) ** routed)
+    # Both runtimes run every local expert on its padded rows (DeepSpeed's loop, moerun's loop
+    # or grouped GEMM: skipping an empty expert would need its count on the host), so every
+    # local expert's weights are read, also in a decode step where few receive a token.
     expert_flops_s = local * (gemm_s(expert_rows, f / c.es, h, dev, dt)
                               + gemm_s(expert_rows, h, f / c.es, dev, dt))
-    expert_bytes = b * (active * 2 * h * f / c.es + local * expert_rows * 2 * h)
+    expert_bytes = b * (local * 2 * h * f / c.es + local * expert_rows * 2 * h)
     ph["experts"] = compute("experts", expert_flops_s, expert_bytes, local)
     if deepspeed:
         ph["combine"] = compute("combine", gemm_s(T_r, h, rows, dev, dt), einsum_bytes)

@@ -10,7 +10,9 @@ Legend: T tokens, E experts, K choices per token (1 or 2), C capacity per expert
   capacity      from the caller (`ModelSpec.capacity`); choices at or past it are
                 dropped, earliest tokens first kept
   weights       the chosen expert's probability (top-2: the kept ones renormalised to sum to 1)
-  aux loss      E · Σ_e mean_T(probs_e) · mean_T(first-choice mask_e), before dropping
+  aux loss      E · Σ_e mean_T(probs_e) · mean_T(first-choice mask_e), before dropping; in
+                inference (`with_aux=False`) a zero constant, its statistics never computed
+  counts        dropped and routed choices as device tensors: a decode step reads nothing back
 The statistics of the aux loss are sums over tokens that may be completed over a tensor-slicing
 group (`reduce_stats`), so that a TP-coordinated gate sees the same loss as an uncoordinated one.
 """
@@ -31,38 +33,63 @@ class Routing:
     keep_TK: torch.Tensor  # bool: within capacity
     weight_TK: torch.Tensor  # combine weight (0 where dropped)
     capacity: int
-    aux_loss: torch.Tensor
-    dropped: int  # choices dropped for capacity
-    routed: int  # choices of real tokens (tokens × k)
+    aux_loss: torch.Tensor  # a zero constant when the gate computed no statistics (inference)
+    # 0-d int64 tensors on the logits' device, read by the caller after the timed region
+    dropped: torch.Tensor  # choices dropped for capacity
+    routed: torch.Tensor  # choices of real tokens (tokens × k)
 
     @property
     def tokens(self) -> int:
         return self.expert_TK.shape[0]
 
 
+def one_hot(e_T: torch.Tensor, experts: int) -> torch.Tensor:
+    """F.one_hot without its range check (a device-to-host read): [T, E] int64."""
+    return e_T.new_zeros(e_T.shape[0], experts).scatter_(1, e_T[:, None], 1)
+
+
+def aux_loss(probs_TE: torch.Tensor, first_mask_TE: torch.Tensor, valid_T: torch.Tensor | None,
+             reduce_stats: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """E · Σ_e mean_T(probs_e) · mean_T(first-choice mask_e) over the real tokens, the sums
+    completed by `reduce_stats`."""
+    T, E = probs_TE.shape
+    real_probs = probs_TE if valid_T is None else probs_TE * valid_T[:, None]
+    n_valid = probs_TE.new_full((1,), T) if valid_T is None else valid_T.sum().to(
+        probs_TE.dtype).reshape(1)
+    stats = torch.cat([real_probs.sum(0), first_mask_TE.sum(0).to(probs_TE.dtype), n_valid])
+    if reduce_stats is not None:
+        stats = reduce_stats(stats)
+    me, ce, count = stats[:E], stats[E:2 * E], stats[-1].clamp(min=1)
+    return E * torch.sum((me / count) * (ce / count))
+
+
+def counts(keep_TK: torch.Tensor, valid_T: torch.Tensor | None) -> tuple[torch.Tensor,
+                                                                         torch.Tensor]:
+    """(dropped, routed) choices as 0-d device tensors: no device-to-host read."""
+    T, K = keep_TK.shape
+    routed = (keep_TK.new_full((), T * K, dtype=torch.long) if valid_T is None
+              else valid_T.sum() * K)
+    return routed - keep_TK.sum(), routed
+
+
 def gate(logits_TE: torch.Tensor, top_k: int, cap: int, valid_T: torch.Tensor | None = None,
-         reduce_stats: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Routing:
-    """Route tokens; `valid_T` marks real tokens (padding never takes a slot or counts)."""
+         reduce_stats: Callable[[torch.Tensor], torch.Tensor] | None = None,
+         with_aux: bool = True) -> Routing:
+    """Route tokens; `valid_T` marks real tokens (padding never takes a slot or counts).
+    `with_aux=False` (inference) skips the aux loss's statistics and their reduction."""
     T, E = logits_TE.shape
     logits_TE = logits_TE.float()
     probs_TE = F.softmax(logits_TE, dim=-1)
     first_T = probs_TE.argmax(dim=-1)
     experts = [first_T]
     if top_k == 2:
-        experts.append(logits_TE.masked_fill(F.one_hot(first_T, E).bool(), float("-inf"))
+        experts.append(logits_TE.masked_fill(one_hot(first_T, E).bool(), float("-inf"))
                        .argmax(-1))
     # one-hot masks of real tokens (padding rows all zero; no mask work when there is none)
-    masks = [F.one_hot(e, E) if valid_T is None else F.one_hot(e, E) * valid_T[:, None]
+    masks = [one_hot(e, E) if valid_T is None else one_hot(e, E) * valid_T[:, None]
              for e in experts]
-    # aux loss from first choices, before capacity
-    real_probs = probs_TE if valid_T is None else probs_TE * valid_T[:, None]
-    n_valid = probs_TE.new_full((1,), T) if valid_T is None else valid_T.sum().to(
-        probs_TE.dtype).reshape(1)
-    stats = torch.cat([real_probs.sum(0), masks[0].sum(0).to(probs_TE.dtype), n_valid])
-    if reduce_stats is not None:
-        stats = reduce_stats(stats)
-    me, ce, count = stats[:E], stats[E:2 * E], stats[-1].clamp(min=1)
-    aux = E * torch.sum((me / count) * (ce / count))
+    aux = (aux_loss(probs_TE, masks[0], valid_T, reduce_stats) if with_aux
+           else probs_TE.new_zeros(()))
     offset = torch.zeros(E, dtype=torch.long, device=logits_TE.device)
     slots = []
     for e, mask_TE in zip(experts, masks):
@@ -76,10 +103,7 @@ def gate(logits_TE: torch.Tensor, top_k: int, cap: int, valid_T: torch.Tensor | 
     if top_k == 2:
         denom = weight_TK.sum(-1, keepdim=True).clamp(min=torch.finfo(weight_TK.dtype).eps)
         weight_TK = weight_TK / denom
-    n_real = T if valid_T is None else int(valid_T.sum())
-    dropped = n_real * top_k - int(keep_TK.sum())
-    routed = n_real * top_k
-    return Routing(expert_TK, slot_TK, keep_TK, weight_TK, cap, aux, dropped, routed)
+    return Routing(expert_TK, slot_TK, keep_TK, weight_TK, cap, aux, *counts(keep_TK, valid_T))
 
 
 def slot_positions(r: Routing) -> torch.Tensor:
@@ -90,15 +114,18 @@ def slot_positions(r: Routing) -> torch.Tensor:
 def dispatch(x_TH: torch.Tensor, r: Routing, experts: int) -> torch.Tensor:
     """Gather tokens into the expert-major buffer [E, C, H] (empty slots are zero).
 
-    The routing table is inverted into a source token per slot (T, a zero row, for empty slots),
+    The routing table is inverted into a source token per slot (T, a zero row, for empty slots)
     so the buffer is one indexed gather of O(E·C·H) = O(k·cf·T·H); its backward is one
     index-add into the token gradients."""
     T, H = x_TH.shape
-    src = torch.full((experts * r.capacity,), T, dtype=torch.long, device=x_TH.device)
+    rows = experts * r.capacity
+    # dropped choices write to one extra slot past the buffer: static shapes, no host read
+    src = torch.full((rows + 1,), T, dtype=torch.long, device=x_TH.device)
     tok = torch.arange(T, device=x_TH.device)[:, None].expand_as(r.keep_TK)
-    src[slot_positions(r)[r.keep_TK]] = tok[r.keep_TK]
+    dest = torch.where(r.keep_TK, r.expert_TK * r.capacity + r.slot_TK, rows)
+    src.scatter_(0, dest.reshape(-1), tok.reshape(-1))
     padded = torch.cat([x_TH, x_TH.new_zeros(1, H)])
-    return padded.index_select(0, src).view(experts, r.capacity, H)
+    return padded.index_select(0, src[:rows]).view(experts, r.capacity, H)
 
 
 def combine(y_ECH: torch.Tensor, r: Routing) -> torch.Tensor:

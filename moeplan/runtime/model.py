@@ -2,7 +2,13 @@
 parameterised by a `Parallel` context that `parallelize` fills in.
 
 Legend: B batch, S sequence, H hidden, F FFN width, A local heads, D head dim, T tokens (B·S),
-E experts (global), L local experts, C capacity, P expert-parallel group size.
+E experts (global), L local experts, C capacity, P expert-parallel group size, M positions of
+the KV cache (prompt + new tokens).
+
+Generation uses a static KV cache (`KVCache`): buffers for all M positions allocated once, the
+prompt written from position 0, then one token per step at a position held in a device tensor,
+attending over the whole buffer under a mask — every decode step has the same shapes and reads
+nothing back to the host, so it can be captured once in a CUDA graph (see infer.py).
 
 `self.timer.to(x, phase)` marks where one cost-model phase ends and the next begins (see
 timers.py); the default timer does nothing.
@@ -57,6 +63,28 @@ def _part(n: int, comm: Comm) -> tuple[int, int]:
     return comm.rank_in_group * size, (comm.rank_in_group + 1) * size
 
 
+@dataclass
+class LayerKV:
+    """One layer's keys and values for every position of a generation."""
+    k_BAMD: torch.Tensor
+    v_BAMD: torch.Tensor
+
+    def write(self, pos_1: torch.Tensor, k_BA1D: torch.Tensor, v_BA1D: torch.Tensor) -> None:
+        self.k_BAMD.index_copy_(2, pos_1, k_BA1D)
+        self.v_BAMD.index_copy_(2, pos_1, v_BA1D)
+
+
+@dataclass
+class KVCache:
+    """Every layer's keys and values, allocated once per generation (`GPT.new_cache`)."""
+    layers: list[LayerKV]
+    positions_M: torch.Tensor  # 0 … M-1, for the visibility mask of a decode step
+
+    @property
+    def max_len(self) -> int:
+        return self.positions_M.shape[0]
+
+
 class Attention(nn.Module):
     """Causal self-attention; heads split over tp (q/k/v by rows, projection by columns)."""
 
@@ -77,20 +105,32 @@ class Attention(nn.Module):
                 "v.weight": rows, "v.bias": rows, "proj.weight": ((1, self.a0, self.a1),),
                 "proj_bias": ()}
 
-    def forward(self, x_BSH: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+    def new_cache(self, batch: int, max_len: int) -> LayerKV:
+        """Zeros, not empty: masked positions still enter the attention product (times 0)."""
+        w = self.q.weight
+        shape = (batch, (self.a1 - self.a0) // self.d, max_len, self.d)
+        return LayerKV(w.new_zeros(shape), w.new_zeros(shape))
+
+    def forward(self, x_BSH: torch.Tensor, kv: LayerKV | None = None,
+                pos_1: torch.Tensor | None = None,
+                visible_1M: torch.Tensor | None = None) -> torch.Tensor:
+        """Without `pos_1`: the tokens attend causally among themselves (and, with `kv`, fill
+        its first S positions — a prompt). With `pos_1`: one token per sequence, written at that
+        position, attending to the positions of `visible_1M` — a decode step."""
         B, S, _ = x_BSH.shape
         t = self.timer
         x = t.to(C.copy_to(t.to(x_BSH, "tp_comm"), self.tp), "attention")
         q, k, v = (m(x).view(B, S, -1, self.d).transpose(1, 2) for m in (self.q, self.k, self.v))
-        past = cache is not None and "k" in cache
-        if past:
+        if pos_1 is None:
+            if kv is not None:
+                kv.k_BAMD[:, :, :S] = k
+                kv.v_BAMD[:, :, :S] = v
+            y_BASD = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1)
+        else:
             if S > 1:
-                raise ValueError("several new tokens after a filled KV cache are not supported")
-            k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-        if cache is not None:
-            cache["k"], cache["v"] = k, v
-        # a single new token attends to the whole cache; a prompt attends causally
-        y_BASD = F.scaled_dot_product_attention(q, k, v, is_causal=not past and S > 1)
+                raise ValueError("a decode step takes one new token per sequence")
+            kv.write(pos_1, k, v)
+            y_BASD = F.scaled_dot_product_attention(q, kv.k_BAMD, kv.v_BAMD, attn_mask=visible_1M)
         y = self.proj(y_BASD.transpose(1, 2).reshape(B, S, -1))
         return t.to(C.reduce_from(t.to(y, "tp_comm"), self.tp), "attention") + self.proj_bias
 
@@ -146,6 +186,20 @@ class Experts(nn.Module):
         return ffn(x_PLCH, self.w1, self.b1, self.w2, self.b2, self.es_rank0)
 
 
+def _es_infer(par: MoEParallel, tp: Comm) -> str | None:
+    """How inference runs expert slicing. "gather": the es ranks hold different tokens (they
+    are gathered before the gate); "shared": the es ranks are tp peers holding the same tokens
+    (nothing to gather); None: no slicing, or es ranks of which only some share their tokens
+    — then the training path (gather after the exchange) serves inference too."""
+    es = set(par.es.ranks)
+    if len(es) == 1:
+        return None
+    peers = es & set(tp.ranks)
+    if par.coordinated or len(peers) == 1:
+        return "gather"
+    return "shared" if peers == es else None
+
+
 class MoE(nn.Module):
     """Router + experts + (optionally) the PR-MoE residual MLP and its mixing coefficient."""
 
@@ -161,6 +215,7 @@ class MoE(nn.Module):
         self.residual = MLP(h, spec.ffn_hidden, tp) if spec.residual else None
         self.coef = nn.Linear(h, 2) if spec.residual else None
         self.last: gating.Routing | None = None
+        self.es_infer = _es_infer(par, tp)
 
     def slices(self) -> dict[str, Slice]:
         out = {f"experts.{k}": v for k, v in self.experts.slices().items()}
@@ -182,32 +237,61 @@ class MoE(nn.Module):
 
     def forward(self, x_BSH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, S, H = x_BSH.shape
-        x_TH = x_BSH.reshape(B * S, H)
-        xr_TH, valid_T, gate_tokens = self._tokens(x_TH)
-        cap = self.spec.capacity(self.E, gate_tokens, train=self.training)
-        reduce = (lambda t: C.reduce_from(t, self.tp)) if self.par.coordinated else None
-        logits_TE = F.linear(xr_TH.float(), self.router.weight.float())  # fp32 router
-        r = self.kernels.gate(logits_TE, self.spec.top_k, cap, valid_T, reduce)
-        self.last = r
         t = self.timer
-        buf_ECH = self.kernels.dispatch(t.to(xr_TH, "dispatch"), r, self.E)
-        y_ECH = t.to(self._experts(buf_ECH), "combine")
-        out_TH = self.kernels.combine(y_ECH, r)
+        xr_TH, valid_T, gate_tokens = self._tokens(x_BSH.reshape(B * S, H))
+        es_mode = self.es_infer if not self.training else None
+        if es_mode == "gather":
+            xr_TH, valid_T, gate_tokens = self._gather_es(xr_TH, valid_T, gate_tokens)
+        out_TH, aux = self._route(xr_TH, valid_T, gate_tokens, es_mode)
+        if es_mode == "gather":  # the partial outputs summed, this rank's rows kept
+            out_TH = C.reduce_scatter_rows(t.to(out_TH, "es_comm"), self.par.es, 0)
+        elif es_mode == "shared":
+            out_TH = C.reduce_from(t.to(out_TH, "es_comm"), self.par.es)
         if self.par.coordinated and self.tp.size > 1:
             out_TH = C.gather_from(t.to(out_TH, "tp_comm"), self.tp, dim=0)[: B * S]
         out = t.to(out_TH, "mlp").view(B, S, H)
         if self.residual is not None:
             c = F.softmax(self.coef(x_BSH), dim=-1)
             out = out * c[..., :1] + self.residual(x_BSH) * c[..., 1:]
-        return out, r.aux_loss
+        return out, aux
 
-    def _experts(self, buf_ECH: torch.Tensor) -> torch.Tensor:
-        """Exchange over ep, (allgather over es), local experts, (reduce-scatter), exchange back."""
+    def _route(self, xr_TH: torch.Tensor, valid_T: torch.Tensor | None, gate_tokens: int,
+               es_mode: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate, dispatch, experts, combine: this rank's routed tokens -> their expert outputs
+        (partial sums over the FFN slice when `es_mode` is set) and the aux loss."""
+        cap = self.spec.capacity(self.E, gate_tokens, train=self.training)
+        reduce = (lambda t: C.reduce_from(t, self.tp)) if self.par.coordinated else None
+        logits_TE = F.linear(xr_TH.float(), self.router.weight.float())  # fp32 router
+        r = self.kernels.gate(logits_TE, self.spec.top_k, cap, valid_T, reduce,
+                              with_aux=self.training)
+        self.last = r
+        t = self.timer
+        buf_ECH = self.kernels.dispatch(t.to(xr_TH, "dispatch"), r, self.E)
+        y_ECH = t.to(self._experts(buf_ECH, gather_es=es_mode is None), "combine")
+        return self.kernels.combine(y_ECH, r), r.aux_loss
+
+    def _gather_es(self, x_TH: torch.Tensor, valid_T: torch.Tensor | None,
+                   gate_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Inference with expert slicing: the es group's tokens, gathered before the gate, so
+        that each slice runs its part of every expert on the same rows (DeepSpeed-MoE)."""
+        es, t = self.par.es, self.timer
+        x_TH = t.to(C.gather_rows(t.to(x_TH, "es_comm"), es, 0), "gate")
+        if valid_T is not None:  # gloo gathers no bool tensors
+            valid_T = C.gather_rows(valid_T.to(torch.uint8), es, 0).bool()
+        return x_TH, valid_T, gate_tokens * es.size
+
+    def _experts(self, buf_ECH: torch.Tensor, gather_es: bool = True) -> torch.Tensor:
+        """Exchange over ep, (allgather over es), local experts, (reduce-scatter), exchange back.
+        Without `gather_es` every es rank holds the same rows already: each returns its slice's
+        partial output, summed by the caller after the combine."""
         P, es = self.par.ep.size, self.par.es
         E, Cap, H = buf_ECH.shape
         L = E // P
         t = self.timer
         recv = self.par.exchange(t.to(buf_ECH.reshape(P, L, Cap, H), "dispatch_a2a"))
+        if not gather_es:
+            y_PLCH = self.experts(t.to(recv, "experts"), self.kernels.ffn)
+            return self.par.exchange(t.to(y_PLCH, "combine_a2a")).reshape(E, Cap, H)
         # expert slicing: every slice of an expert sees the tokens of all es ranks
         x_PLCH = t.to(C.gather_rows(t.to(recv, "es_comm"), es, dim=0), "experts")
         y_PLCH = self.experts(x_PLCH, self.kernels.ffn)
@@ -233,10 +317,11 @@ class Block(nn.Module):
         out.update({f"ffn.{k}": v for k, v in self.ffn.slices().items()})
         return out
 
-    def forward(self, x, cache=None):
+    def forward(self, x, kv: LayerKV | None = None, pos_1: torch.Tensor | None = None,
+                visible_1M: torch.Tensor | None = None):
         self.timer.layer = self.index
         x = self.timer.to(x, "attention")
-        x = x + self.attn(self.ln1(x), cache)
+        x = x + self.attn(self.ln1(x), kv, pos_1, visible_1M)
         y = self.ffn(self.ln2(self.timer.to(x, "gate" if isinstance(self.ffn, MoE) else "mlp")))
         if isinstance(y, tuple):
             return x + y[0], y[1]
@@ -270,15 +355,31 @@ class GPT(nn.Module):
             out.update({f"blocks.{i}.{k}": v for k, v in b.slices().items()})
         return out
 
-    def forward(self, idx_BS: torch.Tensor, caches: list[dict] | None = None, pos0: int = 0):
-        """Logits [B, S, V] and the summed aux loss of the MoE layers."""
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """A static KV cache for `max_len` positions (prompt + new tokens)."""
+        if max_len > self.spec.max_seq_len:
+            raise ValueError(f"{max_len} positions exceed {self.spec.max_seq_len}")
+        positions_M = torch.arange(max_len, device=self.wte.weight.device)
+        return KVCache([b.attn.new_cache(batch, max_len) for b in self.blocks], positions_M)
+
+    def forward(self, idx_BS: torch.Tensor, cache: KVCache | None = None,
+                pos_1: torch.Tensor | None = None):
+        """Logits [B, S, V] and the summed aux loss of the MoE layers. Without `pos_1` the
+        tokens are a sequence from position 0 (with `cache`: the prompt, written into it); with
+        `pos_1` (a device tensor [1]) one token per sequence at that position — a decode step."""
         S = idx_BS.shape[1]
-        pos = torch.arange(pos0, pos0 + S, device=idx_BS.device)
-        x = self.wte(idx_BS) + self.wpe(pos)
+        if pos_1 is None:
+            pos_S = torch.arange(S, device=idx_BS.device)
+            visible_1M = None
+        else:
+            pos_S = pos_1
+            visible_1M = (cache.positions_M <= pos_1)[None]  # [query, key]
+        x = self.wte(idx_BS) + self.wpe(pos_S)
         aux = x.new_zeros(())
         for i, block in enumerate(self.blocks):
-            x, a = block(x, None if caches is None else caches[i])
-            if a is not None:
+            kv = None if cache is None else cache.layers[i]
+            x, a = block(x, kv, pos_1, visible_1M)
+            if a is not None and self.training:  # inference gates compute no aux loss
                 aux = aux + a
         self.timer.layer = "head"
         x = self.timer.to(x, "head")

@@ -65,19 +65,26 @@ def _moe_layers(model: GPT) -> dict[int, MoE]:
 
 
 class _Drops:
+    """Dropped and routed choices per MoE layer, summed on the device; `totals` reads them
+    back (once, after the timed region: a read is a device-to-host sync)."""
+
     def __init__(self, model: GPT):
         self.moe = _moe_layers(model)
         self.reset()
 
     def reset(self) -> None:
-        self.dropped: dict[int, int] = defaultdict(int)
-        self.routed: dict[int, int] = defaultdict(int)
+        self.dropped: dict[int, torch.Tensor | int] = defaultdict(int)
+        self.routed: dict[int, torch.Tensor | int] = defaultdict(int)
 
     def add(self) -> None:
         for i, m in self.moe.items():
             r = m.last
-            self.dropped[i] += r.dropped
-            self.routed[i] += r.routed
+            self.dropped[i] = self.dropped[i] + r.dropped
+            self.routed[i] = self.routed[i] + r.routed
+
+    def totals(self) -> tuple[dict[int, int], dict[int, int]]:
+        return ({i: int(v) for i, v in self.dropped.items()},
+                {i: int(v) for i, v in self.routed.items()})
 
 
 def _median_phases(per_step: list[dict]) -> dict:
@@ -186,11 +193,12 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> dict:
         model.eval()
         batch = data.eval_batch(w.micro_batch).to(dev)
         eval_loss = float(model.loss(batch[:, :-1], batch[:, 1:])[0])
+    dropped, routed = drops.totals()
     return {"phases": _median_phases(step_phases),
             "step_s": median(step_s) if step_s else float("nan"),
             "grad_sync_s": median(sync_s) if sync_s else 0.0,
             "optimizer_s": median(opt_s) if opt_s else 0.0,
-            "dropped": dict(drops.dropped), "routed": dict(drops.routed),
+            "dropped": dropped, "routed": routed,
             "losses": losses, "eval_loss": eval_loss, "steps": n}
 
 
@@ -223,7 +231,8 @@ def infer(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> dict:
         stamps.clear()
         timer.begin()
         t0 = timer.now()
-        out = generate(model, prompts, w.gen_len, on_token)
+        # eager steps: the phase timers stamp every boundary, which a CUDA graph cannot hold
+        out = generate(model, prompts, w.gen_len, on_token, graph=False)
         if rep >= cfg.warmup:
             prefills.append(stamps[0] - t0)
             latencies.append((stamps[-1] - stamps[0]) / per_token)
@@ -232,9 +241,10 @@ def infer(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> dict:
             f"{(stamps[0] - t0) * 1e3:.1f} ms, {latencies[-1] * 1e3 if latencies else 0:.2f} "
             f"ms/token" + ("  (warm-up)" if rep < cfg.warmup else ""))
     instrument(model, NULL_TIMER)
+    dropped, routed = drops.totals()
     return {"phases": _median_phases(token_phases),
             "latency_s": median(latencies), "prefill_s": median(prefills),
-            "dropped": dict(drops.dropped), "routed": dict(drops.routed),
+            "dropped": dropped, "routed": routed,
             "sample": bytes(out[0].clamp(0, 255).tolist()).decode("utf-8", "replace")}
 
 

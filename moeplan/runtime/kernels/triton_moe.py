@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moeplan.runtime import gating
 from moeplan.runtime.gating import Routing
 
 
@@ -127,7 +128,8 @@ class _SoftmaxTopK(torch.autograd.Function):
 
 
 def gate(logits_TE: torch.Tensor, top_k: int, cap: int, valid_T: torch.Tensor | None = None,
-         reduce_stats: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Routing:
+         reduce_stats: Callable[[torch.Tensor], torch.Tensor] | None = None,
+         with_aux: bool = True) -> Routing:
     """`gating.gate` with the softmax, top-k and capacity scan in Triton."""
     T, E = logits_TE.shape
     dev = logits_TE.device
@@ -140,13 +142,8 @@ def gate(logits_TE: torch.Tensor, top_k: int, cap: int, valid_T: torch.Tensor | 
                  TOP2=top_k == 2, BLOCK=_block(T))
     experts = [first, second][:top_k]
     slots = [slot1.long(), slot2.long()][:top_k]
-    n_valid = valid.sum().to(probs_TE.dtype)
-    stats = torch.cat([(probs_TE * valid[:, None]).sum(0), counts.to(probs_TE.dtype),
-                       n_valid.reshape(1)])
-    if reduce_stats is not None:
-        stats = reduce_stats(stats)
-    me, ce, count = stats[:E], stats[E:2 * E], stats[-1].clamp(min=1)
-    aux = E * torch.sum((me / count) * (ce / count))
+    aux = (_aux_loss(probs_TE, counts, valid, reduce_stats) if with_aux
+           else probs_TE.new_zeros(()))
     expert_TK = torch.stack(experts, dim=1)
     slot_TK = torch.stack(slots, dim=1)
     keep_TK = (slot_TK < cap) & valid[:, None]
@@ -154,9 +151,20 @@ def gate(logits_TE: torch.Tensor, top_k: int, cap: int, valid_T: torch.Tensor | 
     if top_k == 2:
         denom = weight_TK.sum(-1, keepdim=True).clamp(min=torch.finfo(weight_TK.dtype).eps)
         weight_TK = weight_TK / denom
-    dropped = int((valid[:, None] & ~keep_TK).sum())
-    return Routing(expert_TK, slot_TK, keep_TK, weight_TK, cap, aux, dropped,
-                   int(valid.sum()) * top_k)
+    return Routing(expert_TK, slot_TK, keep_TK, weight_TK, cap, aux,
+                   *gating.counts(keep_TK, valid_T))
+
+
+def _aux_loss(probs_TE, counts_E, valid_T, reduce_stats) -> torch.Tensor:
+    """`gating.aux_loss` from the scan's first-choice counts instead of a one-hot mask."""
+    E = probs_TE.shape[1]
+    n_valid = valid_T.sum().to(probs_TE.dtype)
+    stats = torch.cat([(probs_TE * valid_T[:, None]).sum(0), counts_E.to(probs_TE.dtype),
+                       n_valid.reshape(1)])
+    if reduce_stats is not None:
+        stats = reduce_stats(stats)
+    me, ce, count = stats[:E], stats[E:2 * E], stats[-1].clamp(min=1)
+    return E * torch.sum((me / count) * (ce / count))
 
 
 def _positions(r: Routing) -> tuple[torch.Tensor, torch.Tensor]:

@@ -173,3 +173,33 @@ def test_inference_capacity_uses_the_eval_min_capacity():
     assert spec.capacity(128, 8, train=False) == 1  # DeepSpeed-MoE inference: min capacity 1
     assert spec.capacity(128, 8, train=True) == 4
     assert spec.capacity(128, 8192, train=False) == 64
+
+
+def test_inference_expert_slicing_gathers_tokens_before_the_gate():
+    """es = 2 in inference: the gate routes both slices' tokens once (capacity for 2T), each
+    slice runs its half of the FFN on the ep·C rows it received — no gather after the exchange
+    — and the partial outputs are reduce-scattered (tp = 1: the slices hold other tokens)."""
+    from moeplan.cost_models.layer import es_inference, gate_tokens
+
+    env = _env("moerun", gpus=256, spec="1.3b-moe-128")
+    s = Setting(tp=1, dp=256, micro_batch=8, recompute=False)
+    c = LayerChoice(ep=128, es=2, a2a="flat", coordinated=False)
+    p = Pass(tokens=8, context=640, decode=True)
+    assert es_inference(env, s, c, p) == "gather" and gate_tokens(env, s, c, p) == 16
+    cost = forward(env, s, 1, c, p)
+    h = env.spec.hidden
+    assert cost.comm_bytes["es_gather"] == 16 * h * 2  # the gathered tokens, not E·C rows
+    shared = Setting(tp=2, dp=128, micro_batch=8, recompute=False)
+    assert es_inference(env, shared, c, p) == "shared" and gate_tokens(env, shared, c, p) == 8
+    train = Pass(tokens=8 * 2048, context=2048, decode=False)
+    tenv = _env("moerun", "train", gpus=256)
+    assert es_inference(tenv, s, c, train) is None
+    assert gate_tokens(tenv, s, c, train) == 8 * 2048
+
+
+def test_moerun_decode_attends_over_the_whole_static_cache():
+    from moeplan.cost_models.step import decode_pass
+
+    s = Setting(tp=1, dp=64, micro_batch=8, recompute=False)
+    assert decode_pass(_env("moerun"), s).context == 640  # prompt 512 + 128 new: the buffer
+    assert decode_pass(_env("deepspeed"), s).context == 512 + 64  # the filled part on average

@@ -290,11 +290,14 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     if E == 0:
         return _shared(env, cost, p)
 
-    T_r = ceil(T / tp) if c.coordinated else T
+    es_mode = es_inference(env, s, c, p)
+    T_r = gate_tokens(env, s, c, p)
     C = capacity(spec, E, T_r, train=env.workload.mode == "train")
     rows = E * C
     local = E // c.ep
-    expert_rows = c.ep * c.es * C
+    # expert slicing gathers the rows after the exchange (training), or the tokens before the
+    # gate (inference: the slices then share the gate's rows)
+    expert_rows = c.ep * C * (1 if es_mode else c.es)
     deepspeed = env.runtime == "deepspeed"
     # DeepSpeed's TopKGate runs the router and softmax in fp32. DeepSpeed also builds the
     # [S, E, C] combine weights in fp32 (einsum), a bool dispatch mask and a cast of each for
@@ -316,10 +319,14 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
         ph[phase] = fixed(phase, in_situ=c.ep * c.es > 1)
     es_s = 0.0
     if c.es > 1:
+        # training: allgather the received rows, reduce-scatter the partial outputs; inference
+        # "gather": allgather the tokens, reduce-scatter the partial outputs; "shared": the
+        # slices' tokens are the same, their outputs all-reduced (= reduce-scatter + allgather)
         es_span = env.span(c.es, 1)
-        cb["es_gather"] = c.es * a2a_bytes
-        es_s = (coll.allgather_s(c.es * a2a_bytes, es_span, env.cluster)
-                + coll.reduce_scatter_s(c.es * a2a_bytes, es_span, env.cluster))
+        moved = {None: c.es * a2a_bytes, "gather": T_r * h * b, "shared": T_r * h * b}[es_mode]
+        cb["es_gather"] = moved
+        es_s = (coll.allgather_s(moved, es_span, env.cluster)
+                + coll.reduce_scatter_s(moved, es_span, env.cluster))
     es_fixed = fixed("es_comm")
     if es_s or es_fixed:
         ph["es_comm"] = es_s + es_fixed
@@ -352,6 +359,25 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     for phase in ("dispatch_a2a", "combine_a2a"):
         ph[phase] += a2a_s
     return cost
+
+
+def es_inference(env: Env, s: Setting, c: LayerChoice, p: Pass) -> str | None:
+    """How an inference pass runs expert slicing (`runtime/model.py` chooses the same): "gather"
+    (the es ranks hold different tokens: gathered before the gate, as DeepSpeed-MoE's inference
+    does), "shared" (the es ranks are tensor-slicing peers holding the same tokens), or None —
+    training, no slicing, or es ranks only some of which share tokens (the training path)."""
+    if c.es == 1 or (env.workload.mode == "train" and not p.decode):
+        return None
+    if c.coordinated or s.tp == 1:
+        return "gather"
+    return "shared" if s.tp % c.es == 0 else None
+
+
+def gate_tokens(env: Env, s: Setting, c: LayerChoice, p: Pass) -> int:
+    """Tokens one gate call routes: the pass's (1/tp of them when TP-coordinated), times es
+    where inference gathers the slicing group's tokens before the gate."""
+    T_r = ceil(p.tokens / s.tp) if c.coordinated else p.tokens
+    return T_r * (c.es if es_inference(env, s, c, p) == "gather" else 1)
 
 
 def elementwise_bytes(env: Env, s: Setting, p: Pass, phase: str) -> float:
@@ -425,9 +451,10 @@ def activation_bytes(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) 
     if E == 0 or spec.residual:
         total += mlp_activation_bytes(T, spec.hidden, tp, b)
     if E:
-        T_r = ceil(T / tp) if c.coordinated else T
+        T_r = gate_tokens(env, s, c, p)
         C = capacity(spec, E, T_r, train=env.workload.mode == "train")
-        total += moe_activation_bytes(spec, E, T, T_r, E * C, c.es * E * C, c.es, b)
+        received = E * C * (1 if es_inference(env, s, c, p) else c.es)
+        total += moe_activation_bytes(spec, E, T, T_r, E * C, received, c.es, b)
     return total
 
 

@@ -3,8 +3,8 @@ embedding/LM-head part that every plan shares.
 
 Training step = micro_steps × (forward·(1 + recompute) + backward) per layer, then gradient
 synchronisation (non-expert parameters over dp, each MoE layer's experts over its edp) and the
-optimizer. Inference = prefill of the prompt once, then one decode pass per generated token with the
-attention context at its mean length (prompt + gen/2); the plan's latency is the decode pass.
+optimizer. Inference = prefill of the prompt once, then one decode pass per generated token (its
+attention context: `decode_pass`); the plan's latency is the decode pass.
 """
 
 from __future__ import annotations
@@ -45,8 +45,12 @@ def train_pass(env: Env, s: Setting) -> Pass:
 
 
 def decode_pass(env: Env, s: Setting) -> Pass:
+    """One generated token per sequence. moerun's static KV cache attends over the whole
+    preallocated buffer under a mask (every step the same shapes, for CUDA graphs); DeepSpeed's
+    kernels read the filled part, on average prompt + gen/2 positions."""
     w = env.workload
-    return Pass(tokens=s.micro_batch, context=w.prompt_len + ceil(w.gen_len / 2), decode=True)
+    context = w.seq_len if env.runtime == "moerun" else w.prompt_len + ceil(w.gen_len / 2)
+    return Pass(tokens=s.micro_batch, context=context, decode=True)
 
 
 def prefill_pass(env: Env, s: Setting) -> Pass:

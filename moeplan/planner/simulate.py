@@ -268,7 +268,7 @@ def sample_loads(experts: int, tokens: int, skew: float, rng: random.Random) -> 
 def simulate(env: Env, cand, skew: float = 0.0, seed: int = 0,
              sim: Simulator | None = None) -> SimResult:
     """Simulate one training step (or decode token) of a candidate from the search."""
-    from moeplan.cost_models.layer import capacity
+    from moeplan.cost_models.layer import capacity, gate_tokens
     from moeplan.cost_models.step import decode_pass, train_pass
 
     sim = sim or Simulator(env)
@@ -295,7 +295,7 @@ def simulate(env: Env, cand, skew: float = 0.0, seed: int = 0,
         factor, dropped = 1.0, 0.0
         E = spec.experts[i]
         if E:
-            T_r = ceil(p.tokens / tp) if c.coordinated else p.tokens
+            T_r = gate_tokens(env, s, c, p)
             cap = capacity(spec, E, T_r, train)
             loads = sample_loads(E, T_r * spec.top_k, skew, rng)
             busiest = max(loads)

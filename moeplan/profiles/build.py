@@ -136,10 +136,10 @@ def probe_spec(size: str) -> ModelSpec:
 def _roofline(cluster: ClusterProfile, dtype: str, size: str, decode: bool = False
               ) -> dict[str, float]:
     """Seconds of each compute phase of a probe under the cost model's roofline alone (no fixed
-    part, no scale): per training step (forward + backward), or per decode token at the probe's
-    mean context. Keys "<layer>:<phase>"."""
+    part, no scale): per training step (forward + backward), or per decode token (the context
+    of `step.decode_pass`). Keys "<layer>:<phase>"."""
     from moeplan.cost_models.layer import COMPUTE_PHASES, DENSE, Env, LayerChoice, Pass, forward
-    from moeplan.cost_models.step import head_cost
+    from moeplan.cost_models.step import decode_pass, head_cost
     from moeplan.cost_models.workload import Setting, Workload
 
     spec = probe_spec(size)
@@ -150,13 +150,14 @@ def _roofline(cluster: ClusterProfile, dtype: str, size: str, decode: bool = Fal
         prompt, new = decode_shape(size)
         w = Workload(mode="infer", global_batch=B, micro_batch=B, seq_len=prompt + new,
                      prompt_len=prompt, gen_len=new, dtype=dtype, zero_stage=0)
-        p, passes = Pass(B, prompt + new // 2, True), 1
+        passes = 1
     else:
         w = Workload(mode="train", global_batch=B, micro_batch=B, seq_len=S, dtype=dtype,
                      zero_stage=0)
-        p, passes = Pass(B * S, S, False), 3  # forward + backward (twice the forward)
+        passes = 3  # forward + backward (twice the forward)
     env = Env(spec=spec, cluster=bare, workload=w, gpus=1)
     s = Setting(tp=1, dp=1, micro_batch=B, recompute=False)
+    p = decode_pass(env, s) if decode else Pass(B * S, S, False)
     out = {}
     for i, E in enumerate(spec.experts):
         c = LayerChoice(ep=1, es=1, a2a="flat", coordinated=False) if E else DENSE

@@ -133,3 +133,45 @@ def test_grouped_and_looped_expert_ffn_agree():
         for p, q in zip(ga, gb):
             if p is not None:
                 assert_close(q, p, chain=2 * (H + F_) + P * C)
+
+
+@pytest.mark.parametrize("case, T, E, k, cap, H, pad", CASES, ids=[c[0] for c in CASES])
+def test_one_launch_inference_gate_equals_reference(case, T, E, k, cap, H, pad):
+    """Inference (no gradients, no aux loss): the whole routing table from one kernel launch,
+    the same table as the reference's."""
+    from moeplan.runtime.kernels.triton_moe import gate_infer
+
+    g = torch.Generator().manual_seed(hash(case) % 1000 + 1)
+    logits = logits_for(case, T, E, g)
+    valid = (torch.arange(T) < T - pad) if pad else None
+    with torch.no_grad():
+        ra = REFERENCE.gate(logits, k, cap, valid, with_aux=False)
+        rb = gate_infer(logits, k, cap, valid)
+        assert TRITON.gate(logits, k, cap, valid, with_aux=False).slot_TK.shape == (T, k)
+    assert torch.equal(ra.expert_TK, rb.expert_TK) and torch.equal(ra.keep_TK, rb.keep_TK)
+    assert torch.equal(ra.slot_TK[ra.keep_TK], rb.slot_TK[rb.keep_TK])
+    assert int(ra.dropped) == int(rb.dropped) and int(ra.routed) == int(rb.routed)
+    assert_close(rb.weight_TK, ra.weight_TK, chain=E + k)  # softmax, then top-2's sum
+    assert float(rb.aux_loss) == 0.0
+
+
+def test_inference_grouped_ffn_skips_experts_without_tokens():
+    """An expert whose rows are all empty reads no weight: its weights are NaN here, and its
+    output is exact zeros (a read would spread NaN); the others equal the loop's."""
+    from moeplan.runtime.kernels import ffn_loop, ffn_triton
+
+    g = torch.Generator().manual_seed(7)
+    P, L, C, H, F_ = 2, 3, 5, 20, 40
+    x = torch.randn(P, L, C, H, generator=g)
+    x[:, 1] = 0.0  # expert 1 received no token
+    x[:, 2, 3:] = 0.0  # expert 2 only a few rows: padding rows stay
+    w1, b1 = torch.randn(L, H, F_, generator=g), torch.randn(L, F_, generator=g)
+    w2, b2 = torch.randn(L, F_, H, generator=g), torch.randn(L, H, generator=g)
+    w1[1], w2[1] = float("nan"), float("nan")
+    with torch.no_grad():
+        want = ffn_loop(x, w1, b1, w2, b2, True)
+        got = ffn_triton(x, w1, b1, w2, b2, True)
+    assert torch.equal(got[:, 1], torch.zeros_like(got[:, 1]))
+    keep = [0, 2]
+    # fp32: forward reductions over H then F
+    assert_close(got[:, keep], want[:, keep], chain=H + F_)

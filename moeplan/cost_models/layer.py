@@ -47,6 +47,11 @@ RUNTIME_OPS = {"attention": (8, 18), "mlp": (6, 8), "residual_mlp": (11, 19), "g
 # GPU (none was available); the other phases launch one kernel per aten op, as on CPU.
 CUDA_OPS = {**RUNTIME_OPS, "gate": (35, 24), "dispatch": (7, 2), "combine": (8, 11),
             "experts": (4, 8)}
+# CUDA inference (no autograd): the router GEMM and its two casts, the gate's buffers, one
+# Triton launch for the whole routing table and the device-side counts; dispatch and combine
+# each a launch and their index tensors; the experts' grouped GEMMs that skip empty experts,
+# with the device flag — read off kernels/triton_moe.py, not traced on a GPU.
+CUDA_INFER_OPS = {"gate": 15, "dispatch": 6, "combine": 6, "experts": 8}
 # DeepSpeed-MoE (deepspeed/moe/sharded_moe.py, experts.py at 38327e0; Megatron-DeepSpeed's
 # ParallelMLP as the expert): GPU kernels per MoE layer phase (forward, backward). Forward counted
 # with a TorchDispatchMode over DeepSpeed's top-1 TopKGate (CPU, fp32) less the CPU-only capacity
@@ -151,6 +156,8 @@ def ops(env: Env, name: str, p: Pass, local_experts: int = 0) -> float:
             if name == "gate" and not train:
                 fwd -= DEEPSPEED_RTS_OPS
     elif env.cluster.device.kind == "gpu":
+        if (p.decode or not train) and name in CUDA_INFER_OPS:
+            return CUDA_INFER_OPS[name]
         fwd, bwd = CUDA_OPS[name]
     elif name == "experts":
         fwd, bwd = 1 + 3 * local_experts, 5 + 7 * local_experts
@@ -333,12 +340,17 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     # Expected local experts that receive at least one token (uniform routing); all of them once
     # the pass carries many tokens, a few during decode — which is what makes decode cheaper on
     # more GPUs: each holds fewer experts, so reads fewer weights per token.
-    # Both runtimes run every local expert on its padded rows (DeepSpeed's loop, moerun's loop
-    # or grouped GEMM: skipping an empty expert would need its count on the host), so every
-    # local expert's weights are read, also in a decode step where few receive a token.
+    # Which local experts' weights are read: DeepSpeed's loop runs every one on its padded
+    # rows, and so does moerun's loop on CPU (skipping one would need its count on the host);
+    # moerun's inference grouped GEMM on a GPU skips the experts no token chose (a device flag):
+    # the expected number that receive one under uniform routing.
+    routed = c.ep * c.es * T_r * spec.top_k
+    skips = (not deepspeed and dev.kind == "gpu"
+             and (p.decode or env.workload.mode == "infer"))
+    active = local * (1.0 - (1.0 - 1.0 / E) ** routed) if skips else local
     expert_flops_s = local * (gemm_s(expert_rows, f / c.es, h, dev, dt)
                               + gemm_s(expert_rows, h, f / c.es, dev, dt))
-    expert_bytes = b * (local * 2 * h * f / c.es + local * expert_rows * 2 * h)
+    expert_bytes = b * (active * 2 * h * f / c.es + local * expert_rows * 2 * h)
     ph["experts"] = compute("experts", expert_flops_s, expert_bytes, local)
     if deepspeed:
         ph["combine"] = compute("combine", gemm_s(T_r, h, rows, dev, dt), einsum_bytes)

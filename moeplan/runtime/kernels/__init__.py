@@ -62,11 +62,21 @@ def triton_available() -> bool:
     return True
 
 
+def ffn_triton(x_PLCH: torch.Tensor, w1, b1, w2, b2, add_b2: bool) -> torch.Tensor:
+    """Training: the batched GEMMs (`ffn_grouped`, autograd through cuBLAS); inference: the
+    Triton grouped GEMM that skips experts without a token (`triton_moe.ffn_grouped_skip`)."""
+    if torch.is_grad_enabled() and (x_PLCH.requires_grad or w1.requires_grad):
+        return ffn_grouped(x_PLCH, w1, b1, w2, b2, add_b2)
+    from moeplan.runtime.kernels import triton_moe
+
+    return triton_moe.ffn_grouped_skip(x_PLCH, w1, b1, w2, b2, add_b2)
+
+
 def triton_kernels() -> Kernels:
     from moeplan.runtime.kernels import triton_moe
 
     return Kernels("triton", triton_moe.gate, triton_moe.dispatch, triton_moe.combine,
-                   ffn_grouped)
+                   ffn_triton)
 
 
 def select(device: torch.device) -> Kernels:

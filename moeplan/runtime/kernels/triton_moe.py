@@ -8,6 +8,15 @@ Legend: T tokens, E experts, K choices per token, C capacity, H hidden.
   _slots          one program per expert: a prefix scan over the tokens in order (first choices,
                   then second choices), giving each choice its slot in the expert's buffer and
                   the expert's first-choice count for the aux loss — O(T) per expert, no one-hot
+  _gate_infer     inference, one launch for the whole routing table: one program per expert
+                  recomputes the softmax and top-k of every token block (O(T·E) each — small
+                  for a decode step) and scans its own expert's choices, writing each choice's
+                  slot, keep flag and weight (every choice is its expert's, so no two programs
+                  write one entry); no probabilities kept, no aux loss, nothing read back
+  _expert_linear  inference's grouped expert GEMM, [L, R, K]·[L, K, N] + bias (GELU optional),
+                  one program per (expert, row block, column block); an expert whose rows are
+                  all empty (a device flag, no host read) writes zeros without reading its
+                  weights — a decode step reads only the experts its tokens chose
   _scatter_rows   row (t, k) -> buffer row expert·C + slot, scaled: dispatch (scale 1) and the
                   backward of combine (scale = combine weight)
   _gather_rows    token row t <- Σ_k scale_tk · buffer row of (t, k): combine (scale = weight)
@@ -75,6 +84,94 @@ def _slots(first_ptr, second_ptr, valid_ptr, slot1_ptr, slot2_ptr, counts_ptr, T
 
 
 @triton.jit
+def _route_block(logits_ptr, valid_ptr, rows, cols, T, E, TOP2: tl.constexpr):
+    """Softmax, first and second choice of a block of tokens (as `_softmax_topk`)."""
+    rmask, cmask = rows < T, cols < E
+    m2 = rmask[:, None] & cmask[None, :]
+    x = tl.load(logits_ptr + rows[:, None] * E + cols[None, :], mask=m2, other=float("-inf"))
+    x = tl.where(rmask[:, None], x, 0.0)
+    ex = tl.where(m2, tl.exp(x - tl.max(x, 1)[:, None]), 0.0)
+    p = ex / tl.maximum(tl.sum(ex, 1), 1e-30)[:, None]
+    first = tl.argmax(tl.where(cmask[None, :], p, -1.0), 1)
+    second = first
+    if TOP2:
+        second = tl.argmax(tl.where(cols[None, :] == first[:, None], float("-inf"), x), 1)
+    ok = tl.load(valid_ptr + rows, mask=rmask, other=0) != 0
+    return p, first, second, ok & rmask
+
+
+@triton.jit
+def _gate_infer(logits_ptr, valid_ptr, expert_ptr, slot_ptr, keep_ptr, weight_ptr, T, E, cap,
+                K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    e = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_E)
+    running = tl.zeros((), dtype=tl.int32)
+    for k in tl.static_range(K):  # every first choice before every second choice
+        for start in range(0, T, BLOCK_T):
+            rows = start + tl.arange(0, BLOCK_T)
+            p, first, second, ok = _route_block(logits_ptr, valid_ptr, rows, cols, T, E, K == 2)
+            choice = first if k == 0 else second
+            if e == 0:
+                tl.store(expert_ptr + rows * K + k, choice, mask=rows < T)
+            hit = (choice == e) & ok
+            slot = running + tl.cumsum(hit.to(tl.int32), 0) - 1
+            keep = hit & (slot < cap)
+            w = tl.sum(tl.where(cols[None, :] == e, p, 0.0), 1)
+            out = rows * K + k
+            tl.store(slot_ptr + out, slot, mask=hit)
+            tl.store(keep_ptr + out, keep.to(tl.int8), mask=(choice == e) & (rows < T))
+            tl.store(weight_ptr + out, tl.where(keep, w, 0.0), mask=(choice == e) & (rows < T))
+            running += tl.sum(hit.to(tl.int32), 0)
+
+
+@triton.jit
+def _expert_linear(x_ptr, w_ptr, b_ptr, flag_ptr, out_ptr, R, K, N,
+                   GELU: tl.constexpr, HAS_B: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    e = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    if tl.load(flag_ptr + e) != 0:
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(x_ptr + e * R * K + rows[:, None] * K + ks[None, :],
+                        mask=(rows < R)[:, None] & (ks < K)[None, :], other=0.0)
+            w = tl.load(w_ptr + e * K * N + ks[:, None] * N + cols[None, :],
+                        mask=(ks < K)[:, None] & (cols < N)[None, :], other=0.0)
+            acc += tl.dot(a.to(w.dtype), w)
+        if HAS_B:
+            acc += tl.load(b_ptr + e * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        if GELU:  # exact (erf) GELU, as F.gelu
+            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+    tl.store(out_ptr + e * R * N + rows[:, None] * N + cols[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=(rows < R)[:, None] & (cols < N)[None, :])
+
+
+def _grouped_linear(x_LRK, w_LKN, b_LN, flag_L, gelu: bool, add_b: bool) -> torch.Tensor:
+    L, R, K = x_LRK.shape
+    N = w_LKN.shape[2]
+    out = x_LRK.new_empty(L, R, N)
+    if L and R:
+        br, bn, bk = (max(16, _block(n, 64)) for n in (R, N, K))
+        _expert_linear[(L, triton.cdiv(R, br), triton.cdiv(N, bn))](
+            x_LRK.contiguous(), w_LKN.contiguous(), b_LN.contiguous(), flag_L, out, R, K, N,
+            GELU=gelu, HAS_B=add_b, BLOCK_R=br, BLOCK_N=bn, BLOCK_K=bk)
+    return out
+
+
+def ffn_grouped_skip(x_PLCH: torch.Tensor, w1, b1, w2, b2, add_b2: bool) -> torch.Tensor:
+    """`ffn_grouped` for inference: an expert that received no token (all its rows zero, as
+    dispatch leaves empty slots) reads no weight and outputs zeros — rows no combine reads."""
+    P, L, C, H = x_PLCH.shape
+    x = x_PLCH.transpose(0, 1).reshape(L, P * C, H)
+    flag_L = x.ne(0).flatten(1).any(1).to(torch.int8)  # on the device: no host read
+    h = _grouped_linear(x, w1, b1, flag_L, gelu=True, add_b=True)
+    y = _grouped_linear(h, w2, b2, flag_L, gelu=False, add_b=add_b2)
+    return y.view(L, P, C, H).transpose(0, 1)
+
+
+@triton.jit
 def _scatter_rows(src_ptr, pos_ptr, keep_ptr, scale_ptr, out_ptr, H,
                   K: tl.constexpr, BLOCK_H: tl.constexpr):
     tk = tl.program_id(0)
@@ -127,10 +224,34 @@ class _SoftmaxTopK(torch.autograd.Function):
         return p * (g_probs - (g_probs * p).sum(-1, keepdim=True)), None
 
 
+def gate_infer(logits_TE: torch.Tensor, top_k: int, cap: int,
+               valid_T: torch.Tensor | None = None) -> Routing:
+    """`gating.gate` for inference (no gradients, no aux loss) in one kernel launch."""
+    T, E = logits_TE.shape
+    dev = logits_TE.device
+    valid = torch.ones(T, dtype=torch.bool, device=dev) if valid_T is None else valid_T
+    expert = torch.zeros(T, top_k, dtype=torch.int64, device=dev)
+    slot = torch.zeros(T, top_k, dtype=torch.int64, device=dev)
+    keep = torch.zeros(T, top_k, dtype=torch.int8, device=dev)
+    weight = torch.zeros(T, top_k, dtype=torch.float32, device=dev)
+    if T:
+        _gate_infer[(E,)](logits_TE.float().contiguous(), valid.to(torch.int8), expert, slot,
+                          keep, weight, T, E, cap, K=top_k, BLOCK_T=_block(T, 64),
+                          BLOCK_E=_block(E, 1 << 16))
+    keep_TK = keep.bool()
+    if top_k == 2:
+        weight = weight / weight.sum(-1, keepdim=True).clamp(min=torch.finfo(weight.dtype).eps)
+    return Routing(expert, slot, keep_TK, weight, cap, weight.new_zeros(()),
+                   *gating.counts(keep_TK, valid_T))
+
+
 def gate(logits_TE: torch.Tensor, top_k: int, cap: int, valid_T: torch.Tensor | None = None,
          reduce_stats: Callable[[torch.Tensor], torch.Tensor] | None = None,
          with_aux: bool = True) -> Routing:
-    """`gating.gate` with the softmax, top-k and capacity scan in Triton."""
+    """`gating.gate` with the softmax, top-k and capacity scan in Triton; without gradients or
+    aux loss (inference), the whole table in one launch (`gate_infer`)."""
+    if not with_aux and not (torch.is_grad_enabled() and logits_TE.requires_grad):
+        return gate_infer(logits_TE, top_k, cap, valid_T)
     T, E = logits_TE.shape
     dev = logits_TE.device
     probs_TE, first, second = _SoftmaxTopK.apply(logits_TE.float(), top_k)

@@ -206,3 +206,14 @@ def test_moerun_decode_attends_over_the_whole_static_cache():
     s = Setting(tp=1, dp=64, micro_batch=8, recompute=False)
     assert decode_pass(_env("moerun"), s).context == 640  # prompt 512 + 128 new: the buffer
     assert decode_pass(_env("deepspeed"), s).context == 512 + 64  # the filled part on average
+
+
+def test_fixed_plan_refuses_a_configuration_that_does_not_fit():
+    from moeplan.errors import InfeasibleError
+    from moeplan.planner.planning import fixed_plan
+
+    choices = {i: LayerChoice(ep=8, es=1, a2a="flat", coordinated=False)
+               for i, E in enumerate(load_model("1.3b-moe-128").experts) if E}
+    with pytest.raises(InfeasibleError, match=r"needs \d+\.\d GiB per GPU .* expert"):
+        fixed_plan(load_model("1.3b-moe-128"), NDV4, Request(gpus=8, global_batch=64), 1,
+                   choices, micro_batch=1)

@@ -73,3 +73,26 @@ def why_infeasible(env: Env, candidates: list[Setting], fix: Fix = NO_FIX) -> st
             f"{', recompute' if s.recompute else ''}) needs {total / GiB:.1f} GiB per GPU — "
             f"{'; '.join(parts)}; a GPU has {dev.memory_bytes / GiB:.1f} GiB "
             f"({dev.usable_bytes / GiB:.1f} GiB usable)")
+
+
+def over_budget(env: Env, s: Setting, layer_costs: list, head) -> str:
+    """Why a fixed configuration does not fit: its total and largest memory terms."""
+    terms: dict[str, list] = defaultdict(lambda: [0.0, []])
+    for k, v in head.memory.items():
+        terms[k][0] += v
+    for i, cost in enumerate(layer_costs):
+        for k, v in cost.memory.items():
+            terms[k][0] += v
+            terms[k][1].append(i + 1)
+    transient = max([head.transient_bytes] + [c.transient_bytes for c in layer_costs])
+    if transient:
+        terms["workspace"][0] = transient
+    total = sum(v[0] for v in terms.values())
+    top = sorted(terms.items(), key=lambda kv: -kv[1][0])[:3]
+    parts = [f"{TERM_NAMES.get(k, k)} {b / GiB:.1f} GiB"
+             + (f" in layers {describe_layers(layers)}" if layers else "")
+             for k, (b, layers) in top]
+    dev = env.cluster.device
+    return (f"{env.spec.name} with tp={s.tp}, micro-batch {s.micro_batch} and the given expert "
+            f"degrees needs {total / GiB:.1f} GiB per GPU on {dev.name} — {'; '.join(parts)}; "
+            f"a GPU has {dev.usable_bytes / GiB:.1f} GiB usable")

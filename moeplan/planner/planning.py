@@ -304,6 +304,11 @@ def fixed_plan(spec: ModelSpec, cluster: ClusterProfile, r: Request, tp: int,
                      time_s=head.time_s + sum(e.cost.time_s for e in layers),
                      memory_bytes=head.memory_bytes + sum(e.cost.memory_bytes for e in layers)
                      + max([head.transient_bytes] + [e.cost.transient_bytes for e in layers]))
+    if cand.memory_bytes > env.cluster.device.usable_bytes:
+        from moeplan.errors import InfeasibleError
+        from moeplan.planner.diagnose import over_budget
+
+        raise InfeasibleError(over_budget(env, s, [e.cost for e in layers], head))
     from moeplan.planner.simulate import simulate
 
     return to_plan(env, objective, SearchResult(best=cand, stats=SearchStats(),

@@ -217,3 +217,18 @@ def test_fixed_plan_refuses_a_configuration_that_does_not_fit():
     with pytest.raises(InfeasibleError, match=r"needs \d+\.\d GiB per GPU .* expert"):
         fixed_plan(load_model("1.3b-moe-128"), NDV4, Request(gpus=8, global_batch=64), 1,
                    choices, micro_batch=1)
+
+
+def test_deepspeed_zero2_reduce_scatters_after_every_backward():
+    """ZeRO-2 keeps only its gradient partition, so DeepSpeed reduce-scatters every micro-step;
+    the parameter allgather stays once per step. moerun's plan charges one reduction a step."""
+    from moeplan.cost_models import collectives as coll
+    from moeplan.cost_models.layer import grad_sync_s
+
+    ds, mr = _env("deepspeed", "train", gpus=128), _env("moerun", "train", gpus=128)
+    nbytes, span = 2e9, ds.span(16, 8)
+    rs = coll.reduce_scatter_s(nbytes, span, NDV4)
+    ag = coll.allgather_s(nbytes, span, NDV4)
+    assert grad_sync_s(ds, nbytes, 16, 8, micro_steps=16) == pytest.approx(16 * rs + ag,
+                                                                           rel=F64_REL)
+    assert grad_sync_s(mr, nbytes, 16, 8, micro_steps=16) == pytest.approx(rs + ag, rel=F64_REL)

@@ -487,23 +487,28 @@ def weight_memory(env: Env, s: Setting, index: int, c: LayerChoice) -> dict[str,
     return {k: v for k, v in mem.items() if v}
 
 
-def grad_sync_s(env: Env, nbytes: float, size: int, stride: int, latency: bool = True) -> float:
+def grad_sync_s(env: Env, nbytes: float, size: int, stride: int, latency: bool = True,
+                micro_steps: int = 1) -> float:
     """Gradient synchronisation by ZeRO stage: allreduce (0), + parameter allgather (1),
-    reduce-scatter + allgather (2), over a group of `size` ranks with `stride`.
+    reduce-scatter + allgather (2), over a group of `size` ranks with `stride`. DeepSpeed's
+    ZeRO-2 keeps only its partition of the gradients, so it reduce-scatters after every
+    backward — once per micro-step, not once per step (DeepSpeed issue #2252, its maintainer:
+    "gradient reduction is required after every backward because of gradient partitioning").
 
     The runtime reduces all gradients that share a group as one flat bucket, so a layer's
     non-expert gradients add only bytes (`latency=False`); the bucket's latency is charged once,
     with the embedding's gradients (`step.head_cost`)."""
     if not latency:
-        return max(0.0, grad_sync_s(env, nbytes, size, stride)
-                   - grad_sync_s(env, 1e-9, size, stride))  # (0 bytes would cost nothing)
+        return max(0.0, grad_sync_s(env, nbytes, size, stride, micro_steps=micro_steps)
+                   - grad_sync_s(env, 1e-9, size, stride, micro_steps=micro_steps))
     span = env.span(size, stride)
     if env.workload.zero_stage == 0:
         return coll.allreduce_s(nbytes, span, env.cluster)
     gather = coll.allgather_s(nbytes, span, env.cluster)
     if env.workload.zero_stage == 1:
         return coll.allreduce_s(nbytes, span, env.cluster) + gather
-    return coll.reduce_scatter_s(nbytes, span, env.cluster) + gather
+    reductions = micro_steps if env.runtime == "deepspeed" else 1
+    return reductions * coll.reduce_scatter_s(nbytes, span, env.cluster) + gather
 
 
 def optimizer_s(env: Env, local_params: float, tensors: int) -> float:

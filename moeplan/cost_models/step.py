@@ -74,9 +74,9 @@ def train_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> LayerCost:
     non_expert = lp.non_expert / s.tp
     expert = (lp.experts // c.ep) * lp.per_expert / c.es if lp.experts else 0.0
     edp = c.edp(env.gpus)
-    sync = grad_sync_s(env, b * non_expert, s.dp, s.tp, latency=False)
+    sync = grad_sync_s(env, b * non_expert, s.dp, s.tp, latency=False, micro_steps=steps)
     if expert:
-        sync += grad_sync_s(env, b * expert, edp, c.ep * c.es)
+        sync += grad_sync_s(env, b * expert, edp, c.ep * c.es, micro_steps=steps)
     cost.phases["grad_sync"] = sync
     zero = env.workload.zero_stage >= 1
     cost.phases["optimizer"] = optimizer_s(
@@ -126,7 +126,7 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
         # ranks wait for each other's head compute at the next collectives (the first and the
         # last all-to-all, the gradient sync); charged with the gradient sync
         fw = dev.framework
-        cost.phases["grad_sync"] = (grad_sync_s(env, b * params, s.dp, s.tp)
+        cost.phases["grad_sync"] = (grad_sync_s(env, b * params, s.dp, s.tp, micro_steps=steps)
                                     + wait_factor(env) * cost.phases["head"]
                                     + (fw.grad_sync_extra_s if fw and env.gpus > 1 else 0.0))
         zero = env.workload.zero_stage

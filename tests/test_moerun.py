@@ -296,3 +296,18 @@ def test_host_refusal_rules(ranks, memory, host_, refused):
 
     why = refusal(ranks, memory, Host(**host_))
     assert (why is None) if refused is None else (refused in why), why
+
+
+def test_validate_says_whether_the_run_fell_inside_the_band(work, monkeypatch, capsys):
+    from moeplan.cli import main as moeplan_cli
+
+    d, _ = work
+    monkeypatch.chdir(d)
+    code, out, _ = invoke(moeplan_cli, ["validate", "plan.json", "run.json", "--json"],
+                          monkeypatch, capsys)
+    band = json.loads(out)["band"]
+    run = RunRecord.model_validate_json((d / "run.json").read_text())
+    assert code == 0 and band["measured_s"] == run.measured.step_time_s
+    assert band["inside"] == (band["p10_s"] <= band["measured_s"] <= band["p90_s"])
+    code, out, _ = invoke(moeplan_cli, ["validate", "plan.json", "run.json"], monkeypatch, capsys)
+    assert ("inside the predicted p10-p90 band" in out) == band["inside"]

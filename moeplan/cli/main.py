@@ -230,8 +230,8 @@ def validate(plan_path: str, run_path: str, as_json: bool, max_error: float | No
     names the worst figure), or 2 for a bad input."""
     from moeplan.cli import render
     from moeplan.planner.plan import Plan
-    from moeplan.planner.record import (RunRecord, check_pair, compare, limit_breaches,
-                                        summarize)
+    from moeplan.planner.record import (RunRecord, band_check, check_pair, compare,
+                                        limit_breaches, summarize)
     from moeplan.profiles.zoo import parse_file
 
     plan = parse_file(Path(plan_path), Plan)
@@ -240,15 +240,17 @@ def validate(plan_path: str, run_path: str, as_json: bool, max_error: float | No
     rows = compare(plan, record)
     summary = summarize(rows)
     breaches = limit_breaches(rows, max_error, max_phase_error)
+    band = band_check(plan, record)
     if as_json:
         click.echo(json.dumps({"plan": plan_path, "run": run_path, "summary": summary,
-                               "rows": [r.model_dump() for r in rows],
+                               "rows": [r.model_dump() for r in rows], "band": band,
                                "limits": {"max_error": max_error,
                                           "max_phase_error": max_phase_error,
                                           "breaches": breaches}}, indent=2, sort_keys=True))
     else:
         render.print_comparison(plan, record.model_copy(update={"comparison": rows}), None)
         render.print_error_summary(summary)
+        render.print_band_check(band)
     if breaches:
         more = f" (and {len(breaches) - 1} more)" if len(breaches) > 1 else ""
         raise CheckFailed(breaches[0] + more)

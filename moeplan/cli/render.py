@@ -118,6 +118,11 @@ def print_plan(p: Plan, result, out: str, elapsed_s: float) -> None:
     else:
         con.print(f"predicted per-token latency {_seconds(pr.latency_s)}, prefill "
                   f"{_seconds(pr.prefill_s)}, {pr.tokens_per_s:,.0f} tokens/s")
+    if pr.band is not None:
+        con.print(f"  p10-p90 {_seconds(pr.band.p10_s)} - {_seconds(pr.band.p90_s)} over the "
+                  f"profile's spread (" + ", ".join(
+                      f"{name} {_seconds(lo)} - {_seconds(hi)}"
+                      for name, (lo, hi) in pr.band.terms_s.items()) + ")")
     if pr.simulated_time_s is not None:
         drops = [l.predicted.dropped_fraction for l in p.layers
                  if l.predicted.dropped_fraction is not None]
@@ -216,6 +221,14 @@ def print_comparison(p: Plan, record, out: str | None) -> None:
                   f"{len(record.losses)} steps; held-out loss {record.eval_loss:.4f}")
     if out:
         con.print(f"wrote {out}")
+
+
+def print_band_check(check: dict | None) -> None:
+    if check is None:
+        return
+    _console().print(f"measured {_seconds(check['measured_s'])} is "
+                     f"{'inside' if check['inside'] else 'outside'} the predicted p10-p90 band "
+                     f"{_seconds(check['p10_s'])} - {_seconds(check['p90_s'])}")
 
 
 def print_error_summary(summary: dict) -> None:

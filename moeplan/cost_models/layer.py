@@ -70,6 +70,17 @@ ADAM_BYTES_PER_PARAM = 28  # read fp16 grad + fp32 master, m, v; write master, m
 
 
 @dataclass(frozen=True)
+class Scales:
+    """Factors on the seconds of each group of calibrated terms (`ClusterProfile.spread`):
+    1 is the profile as calibrated; the band on a prediction re-costs it at each group's p10
+    and p90."""
+
+    compute: float = 1.0
+    framework: float = 1.0
+    communication: float = 1.0
+
+
+@dataclass(frozen=True)
 class Env:
     """The fixed inputs of a search: model, cluster, workload, world size."""
 
@@ -78,6 +89,7 @@ class Env:
     workload: Workload
     gpus: int
     runtime: str = "moerun"  # whose kernels, launches and loops are costed: moerun | deepspeed
+    scales: Scales = Scales()
 
     @property
     def gpus_per_node(self) -> int:
@@ -179,11 +191,12 @@ def fixed_s(env: Env, key: str, p: Pass, local_experts: int = 0) -> float:
     phase = key.rpartition(".")[2]
     comm = phase in COMM_PHASES
     fw = dev.framework
+    k = env.scales.framework
     if fw is None:
         if comm:
             return 0.0
         name = "residual_mlp" if key == "moe.mlp" else phase
-        return ops(env, name, p, local_experts) * dev.op_overhead_s
+        return k * ops(env, name, p, local_experts) * dev.op_overhead_s
     train = env.workload.mode == "train" and not p.decode
 
     def one(k: str) -> float:
@@ -195,7 +208,7 @@ def fixed_s(env: Env, key: str, p: Pass, local_experts: int = 0) -> float:
     t = one(key)
     if key == "moe.experts":
         t += local_experts * one("moe.experts_per_local")
-    return t
+    return k * t
 
 
 def sharing(env: Env, decode: bool = False) -> tuple[float, float]:
@@ -266,7 +279,8 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
         t = fixed_s(env, f"{kind}.{phase}", p, local_experts)
         fw = dev.framework
         if in_situ and fw is not None:
-            t += fw.decode_exchange_extra_s if p.decode else fw.exchange_extra_s
+            t += env.scales.communication * (fw.decode_exchange_extra_s if p.decode
+                                             else fw.exchange_extra_s)
         if phase in COMM_PHASES:
             cost.fixed[phase] = t
         return t
@@ -277,7 +291,7 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
         run after it (`serial_bytes`), times the phase's measured work scale, plus its fixed
         framework seconds."""
         roof = roofline_s(flops_s, nbytes, dev, 0.0) + memory_s(serial_bytes, dev)
-        return (work_scale(env, f"{kind}.{phase}", p, roof) * roof
+        return (env.scales.compute * work_scale(env, f"{kind}.{phase}", p, roof) * roof
                 + fixed(phase, local_experts))
 
     ph["attention"] = compute("attention", attn_flops_s,
@@ -292,7 +306,8 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
 
     tp_span = env.span(tp, 1)
     cb["tp_allreduce"] = T * h * b
-    ph["tp_comm"] = ((1 + has_mlp) * coll.allreduce_s(T * h * b, tp_span, env.cluster)
+    net = env.scales.communication
+    ph["tp_comm"] = (net * (1 + has_mlp) * coll.allreduce_s(T * h * b, tp_span, env.cluster)
                      + fixed("tp_comm"))
     if E == 0:
         return _shared(env, cost, p)
@@ -332,8 +347,8 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
         es_span = env.span(c.es, 1)
         moved = {None: c.es * a2a_bytes, "gather": T_r * h * b, "shared": T_r * h * b}[es_mode]
         cb["es_gather"] = moved
-        es_s = (coll.allgather_s(moved, es_span, env.cluster)
-                + coll.reduce_scatter_s(moved, es_span, env.cluster))
+        es_s = net * (coll.allgather_s(moved, es_span, env.cluster)
+                      + coll.reduce_scatter_s(moved, es_span, env.cluster))
     es_fixed = fixed("es_comm")
     if es_s or es_fixed:
         ph["es_comm"] = es_s + es_fixed
@@ -358,7 +373,7 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
         ph["combine"] = compute("combine", 0.0, b * (rows * h + T_r * h))
     if c.coordinated and tp > 1:
         cb["tp_allgather"] = T * h * b
-        ph["tp_comm"] += coll.allgather_s(T * h * b, tp_span, env.cluster)
+        ph["tp_comm"] += net * coll.allgather_s(T * h * b, tp_span, env.cluster)
     _shared(env, cost, p)
     # One token bucket (where the links have one: `after_idle`) serves every exchange of the
     # step and refills whenever they idle: through the compute of this layer and of the layers
@@ -367,7 +382,7 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     per_layer = spec.num_layers / max(1, sum(1 for e in spec.experts if e))
     idle = ((1.0 + wait_factor(env)) * per_layer / 2
             * sum(t for k, t in ph.items() if k in COMPUTE_PHASES))
-    a2a_s = coll.all_to_all_s(a2a_bytes, ep_span, env.cluster, c.a2a, idle)
+    a2a_s = net * coll.all_to_all_s(a2a_bytes, ep_span, env.cluster, c.a2a, idle)
     for phase in ("dispatch_a2a", "combine_a2a"):
         ph[phase] += a2a_s
     return cost
@@ -501,26 +516,27 @@ def grad_sync_s(env: Env, nbytes: float, size: int, stride: int, latency: bool =
     if not latency:
         return max(0.0, grad_sync_s(env, nbytes, size, stride, micro_steps=micro_steps)
                    - grad_sync_s(env, 1e-9, size, stride, micro_steps=micro_steps))
-    span = env.span(size, stride)
+    span, net = env.span(size, stride), env.scales.communication
     if env.workload.zero_stage == 0:
-        return coll.allreduce_s(nbytes, span, env.cluster)
+        return net * coll.allreduce_s(nbytes, span, env.cluster)
     gather = coll.allgather_s(nbytes, span, env.cluster)
     if env.workload.zero_stage == 1:
-        return coll.allreduce_s(nbytes, span, env.cluster) + gather
+        return net * (coll.allreduce_s(nbytes, span, env.cluster) + gather)
     reductions = micro_steps if env.runtime == "deepspeed" else 1
-    return reductions * coll.reduce_scatter_s(nbytes, span, env.cluster) + gather
+    return net * (reductions * coll.reduce_scatter_s(nbytes, span, env.cluster) + gather)
 
 
 def optimizer_s(env: Env, local_params: float, tensors: int) -> float:
     """Adam's memory traffic over the local parameters plus its per-tensor operations."""
     dev = env.cluster.device
     fw = dev.framework
+    k = env.scales
     if fw is not None:  # measured on one rank alone; every rank steps at once, no collective
         slow, turns = sharing(env)
-        return slow * turns * (tensors * fw.optimizer_tensor_s
-                               + local_params * fw.optimizer_param_s)
-    return (memory_s(ADAM_BYTES_PER_PARAM * local_params, dev)
-            + tensors * OPTIMIZER_OPS_PER_TENSOR * dev.op_overhead_s)
+        return slow * turns * (k.framework * tensors * fw.optimizer_tensor_s
+                               + k.compute * local_params * fw.optimizer_param_s)
+    return (k.compute * memory_s(ADAM_BYTES_PER_PARAM * local_params, dev)
+            + k.framework * tensors * OPTIMIZER_OPS_PER_TENSOR * dev.op_overhead_s)
 
 
 def layer_tensors(spec, index: int) -> int:

@@ -110,7 +110,7 @@ def infer_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> tuple[Layer
 def head_cost(env: Env, s: Setting) -> LayerCost:
     """Token/position embedding and the tied LM head (vocabulary-parallel over tp)."""
     spec, dev, dt, b = env.spec, env.cluster.device, env.workload.dtype, env.dtype_bytes
-    h, V = spec.hidden, spec.vocab_size
+    h, V, k = spec.hidden, spec.vocab_size, env.scales
     params = embedding_params(spec) / s.tp
     tp_span = env.span(s.tp, 1)
     cost = LayerCost()
@@ -120,15 +120,17 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
         p = train_pass(env, s)
         steps = s.micro_steps(env.workload)
         roof = roofline_s(gemm_s(p.tokens, V / s.tp, h, dev, dt), b * V * h / s.tp, dev, 0.0)
-        fwd = (slow * (work_scale(env, "head", p, roof) * roof + fixed_s(env, "head", p))
-               + coll.allreduce_s(p.tokens * h * b, tp_span, env.cluster))
+        fwd = (slow * (k.compute * work_scale(env, "head", p, roof) * roof
+                       + fixed_s(env, "head", p))
+               + k.communication * coll.allreduce_s(p.tokens * h * b, tp_span, env.cluster))
         cost.phases["head"] = steps * 3 * fwd
         # ranks wait for each other's head compute at the next collectives (the first and the
         # last all-to-all, the gradient sync); charged with the gradient sync
         fw = dev.framework
         cost.phases["grad_sync"] = (grad_sync_s(env, b * params, s.dp, s.tp, micro_steps=steps)
                                     + wait_factor(env) * cost.phases["head"]
-                                    + (fw.grad_sync_extra_s if fw and env.gpus > 1 else 0.0))
+                                    + (k.communication * fw.grad_sync_extra_s
+                                       if fw and env.gpus > 1 else 0.0))
         zero = env.workload.zero_stage
         cost.phases["optimizer"] = optimizer_s(env, params / (s.dp if zero >= 1 else 1),
                                                HEAD_TENSORS)
@@ -142,9 +144,10 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
     slow, _ = sharing(env, decode=True)
     p = decode_pass(env, s)
     roof = roofline_s(gemm_s(tokens, V / s.tp, h, dev, dt), b * V * h / s.tp, dev, 0.0)
-    cost.phases["head"] = (slow * (work_scale(env, "head", p, roof) * roof
+    cost.phases["head"] = (slow * (k.compute * work_scale(env, "head", p, roof) * roof
                                    + fixed_s(env, "head", p))
-                           + coll.allgather_s(tokens * V * b, tp_span, env.cluster))
+                           + k.communication * coll.allgather_s(tokens * V * b, tp_span,
+                                                                env.cluster))
     wait = wait_factor(env) * cost.phases["head"]
     if wait:  # at the next token's first collective: the plan hands it on
         cost.phases["wait"] = wait

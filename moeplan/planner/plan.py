@@ -75,6 +75,17 @@ class LayerPlan(_Frozen):
     runner_up: str | None = Field(None, description="next-best choice and how much slower it is")
 
 
+class Band(_Frozen):
+    """The headline figure (step time, or per-token latency) over the profile's spread: each
+    group of calibrated terms at its p10 and its p90 (`ClusterProfile.spread`), the model
+    re-costed, the groups' deviations combined in quadrature (independent terms)."""
+
+    p10_s: float
+    p90_s: float
+    terms_s: dict[str, tuple[float, float]] = Field(
+        default_factory=dict, description="each group's figure at its p10 and at its p90")
+
+
 class Predicted(_Frozen):
     step_time_s: float | None = None
     latency_s: float | None = Field(None, description="decode time per generated token")
@@ -91,6 +102,8 @@ class Predicted(_Frozen):
         default_factory=list, description="where the simulated step goes: each phase summed over "
                                           "the layers, largest first (every rank runs the same "
                                           "sequence, so this is its critical path)")
+    band: Band | None = Field(None, description="p10-p90 of the headline figure over the "
+                                                "profile's spread (None: the profile has none)")
 
 
 class SearchSummary(_Frozen):

@@ -13,6 +13,7 @@ from moeplan.cost_models.layer import COMPUTE_PHASES, Env
 from moeplan.cost_models.workload import Workload
 from moeplan.errors import ConfigError, MoeplanError
 from moeplan.planner import plan as P
+from moeplan.planner.band import band
 from moeplan.planner.search import Candidate, Objective, SearchResult, search
 from moeplan.planner.space import NO_FIX, Fix
 from moeplan.profiles.cluster import ClusterProfile
@@ -246,6 +247,7 @@ def to_plan(env: Env, objective: Objective, result: SearchResult,
         prefill = sum(ev.prefill_s for ev in best.layers) + prefill_head_s(final_env, s)
         timing = {"latency_s": best.time_s, "prefill_s": prefill}
     predicted = P.Predicted(tokens_per_s=tokens_per_s, memory_per_gpu_bytes=best.memory_bytes,
+                            band=band(final_env, best),
                             memory_breakdown_bytes=dict(sorted(breakdown.items())),
                             head_phases_s=head_phases, **timing,
                             simulated_time_s=result.simulated.time_s if result.simulated else None,

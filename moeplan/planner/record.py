@@ -137,6 +137,16 @@ def summarize(rows: list[Comparison]) -> dict:
 HEADLINE_FIGURES = ("step time", "decode latency")
 
 
+def band_check(plan: Plan, run: RunRecord) -> dict | None:
+    """Whether the run's headline figure fell inside the plan's p10-p90 band (None: no band)."""
+    b = plan.predicted.band
+    measured = run.measured.step_time_s if run.mode == "train" else run.measured.latency_s
+    if b is None or measured is None:
+        return None
+    return {"p10_s": b.p10_s, "p90_s": b.p90_s, "measured_s": measured,
+            "inside": b.p10_s <= measured <= b.p90_s}
+
+
 def limit_breaches(rows: list[Comparison], max_error: float | None,
                    max_phase_error: float | None) -> list[str]:
     """Each figure whose |relative error| is beyond its limit (fractions, e.g. 0.25), worst

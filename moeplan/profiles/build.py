@@ -27,6 +27,7 @@ from moeplan.profiles.cluster import (
     FrameworkOverhead,
     LinkTier,
     PhaseOverhead,
+    Spread,
 )
 from moeplan.profiles.model import ModelSpec
 from moeplan.profiles.zoo import load_cluster, load_model
@@ -390,6 +391,14 @@ def framework_overhead(fw: dict, roofline: dict[str, dict[str, float]], ranks: i
                f"{', '.join(str(PROBE_SIZES[k]) for k in WORK_SIZES)}")
 
 
+def measured_spread(raw: dict, where: str) -> dict[str, Spread]:
+    """The profile's spread by group, from the moments' medians over the pooled ones."""
+    return {group: Spread(p10=v["p10_p90"][0], p90=v["p10_p90"][1],
+                          source=f"measured {where}: p10 and p90 of each moment's median over "
+                                 f"the pooled median, {v['figures']} figures")
+            for group, v in sorted(raw.items())}
+
+
 def build_profile(base: str, name: str, gpus_per_node: int, info: dict,
                   m: dict) -> ClusterProfile:
     base_p = load_cluster(base)
@@ -440,6 +449,8 @@ def build_profile(base: str, name: str, gpus_per_node: int, info: dict,
     scales = fit_exchanges(m.get("exchanges", []), profile, where)
     if scales:
         profile = profile.model_copy(update={"exchanges": scales})
+    if m.get("spread"):
+        profile = profile.model_copy(update={"spread": measured_spread(m["spread"], where)})
     fw = profile.device.framework
     if fw is not None and m.get("in_situ"):
         situ = in_situ_medians(m["in_situ"])

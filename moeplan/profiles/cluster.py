@@ -173,6 +173,24 @@ class ExchangeScale(BaseModel):
     source: str = ""
 
 
+SPREAD_TERMS = ("compute", "framework", "communication")
+
+
+class Spread(BaseModel):
+    """How far one group of calibrated terms moves (10th and 90th percentile, as factors on
+    the seconds they cost): `compute` — the phases' arithmetic and memory traffic (GEMM and
+    copy speed, the runtime's work scales); `framework` — fixed seconds per operation and
+    phase; `communication` — collectives and all-to-alls. A measured profile takes them from
+    its moments (each moment's median over the pooled median); a built-in one states them as
+    assumptions."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    p10: float = Field(gt=0, le=1)
+    p90: float = Field(ge=1)
+    source: str = ""
+
+
 class ClusterProfile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -191,6 +209,9 @@ class ClusterProfile(BaseModel):
     default_dtype: Dtype = "bf16"
     topology: dict | None = Field(None, description="what NVML reported when this profile was "
                                                     "measured (GPUs, NVLink peers, affinity)")
+    spread: dict[Literal["compute", "framework", "communication"], Spread] = Field(
+        default_factory=dict, description="the calibrations' spread, by group: the band on "
+                                          "every prediction")
 
     @model_validator(mode="after")
     def _check(self) -> "ClusterProfile":

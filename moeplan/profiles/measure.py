@@ -82,6 +82,10 @@ class DeviceSweeps:
             self.pool.add(("copy", n), self.bench.samples(fn))
         self.pool.add("op", self.bench.samples(self.small_op))
 
+    def ratios(self) -> list[float]:
+        """Moment ratios of every GEMM and copy size: the device's speed between moments."""
+        return self.pool.moment_ratios(k for k in self.pool.samples if k != "op")
+
     def result(self) -> tuple[list[dict], list[dict], float]:
         gemm = [{"m": m, "n": n, "k": k, "flops": 2.0 * m * n * k,
                  "time_s": self.pool.median(("gemm", (m, n, k))),
@@ -239,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         # the whole profile (`Pool`), not one stretch of it
         for moment in range(M):
             warmup = b.warmup if moment == 0 else 1
+            fw.pool.moment = moment
             if sweeps is not None:
+                sweeps.pool.moment = moment
                 sweeps.sample(warmup)
             if world > 1:
                 dist.barrier()
@@ -251,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             for job in jobs[moment * len(jobs) // M:(moment + 1) * len(jobs) // M]:
                 coll += job()
                 bar.step("collectives")
+    spread = fw.spread(sweeps.ratios() if sweeps is not None else [], samples)
     fw = fw.result()
     if rank == 0:
         from moeplan.profiles.build import build_profile
@@ -269,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         raw = {"gemm": g, "copy": c, "op_overhead_s": ov, "framework": fw,
                "collectives": [r for r in coll if "collective" in r],
                "exchanges": [r for r in coll if "algorithm" in r],
-               "in_situ": situ.result(samples)}
+               "in_situ": situ.result(samples), "spread": spread}
         out = Path(a.out)
         import json
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from moeplan.profiles import fit
 from moeplan.profiles.build import PROBE_SIZES, decode_shape, probe_spec
-from moeplan.profiles.sampling import Bench, Pool, per_moment
+from moeplan.profiles.sampling import Bench, Pool, per_moment, spread
 
 def _probe_model(device: torch.device, size: str):
     """The runtime's own GPT (one dense and two MoE layers) at one of `build.PROBE_SIZES`."""
@@ -221,6 +221,23 @@ class Framework:
         _phase_samples(b, self.decode_cases, reps, warmup, self.pool)
         for i, (step, _) in enumerate(self.steps):
             self.pool.add(("optimizer", i), [_solo_time(b, step, warmup, reps)])
+
+    def spread(self, device_ratios: list[float], in_situ: list[dict]) -> dict[str, list]:
+        """(p10, p90) of each group's moment ratios (`Pool.moment_ratios`): compute — the device
+        sweeps and the probe's work sizes; framework — its fixed size and the optimizer;
+        communication — the all-to-all and gradient sync of the in-step samples, one a moment."""
+        keys = self.pool.samples
+        work = [k for k in keys if k[0] in ("work", "work2", "infer", "infer_work2")]
+        fixed = [k for k in keys if k[0] in ("train", "infer_fixed", "optimizer")]
+        comm = []
+        for mode, figure in (("train", "a2a_s"), ("train", "grad_sync_s"), ("infer", "a2a_s")):
+            values = [s[mode][figure] for s in in_situ if s and s.get(mode)]
+            pooled = fit.robust_median(values) if values else 0.0
+            comm += [v / pooled for v in values] if pooled > 0 else []
+        groups = {"compute": device_ratios + self.pool.moment_ratios(work),
+                  "framework": self.pool.moment_ratios(fixed), "communication": comm}
+        return {name: {"p10_p90": spread(r), "figures": len(r)} for name, r in groups.items()
+                if spread(r) is not None}
 
     def result(self) -> dict:
         tables: dict[str, dict] = {name: {} for name in (*self.train_cases, *self.decode_cases)}

@@ -7,6 +7,7 @@ within seconds, so a figure timed in one stretch is one state of the host.
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -90,12 +91,34 @@ class Pool:
 
     def __init__(self) -> None:
         self.samples: dict = {}
+        self.by_moment: dict = {}  # key -> {moment: samples}: the spread between moments
+        self.moment = 0  # set by the caller at each moment
 
     def add(self, key, values: list[float]) -> None:
         self.samples.setdefault(key, []).extend(values)
+        self.by_moment.setdefault(key, {}).setdefault(self.moment, []).extend(values)
 
     def median(self, key) -> float:
         return fit.robust_median(self.samples[key])
+
+    def moment_ratios(self, keys) -> list[float]:
+        """Each moment's median over the pooled median, for every key of `keys` sampled at two
+        moments or more: how far one stretch of the host strays from the profile's figure."""
+        out = []
+        for key in keys:
+            moments_ = self.by_moment.get(key, {})
+            pooled = self.median(key) if len(moments_) > 1 else 0.0
+            if pooled > 0:
+                out += [fit.robust_median(v) / pooled for v in moments_.values()]
+        return out
+
+
+def spread(ratios: list[float]) -> list[float] | None:
+    """(p10, p90) of moment ratios, widened to contain 1; None with fewer than two."""
+    if len(ratios) < 2:
+        return None
+    q = statistics.quantiles(ratios, n=10, method="inclusive")
+    return [min(1.0, q[0]), max(1.0, q[-1])]
 
 
 def moments(quick: bool) -> int:

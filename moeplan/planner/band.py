@@ -1,0 +1,40 @@
+"""The band on a prediction: the cluster profile's spread propagated through the cost model.
+
+Each group of calibrated terms (`ClusterProfile.spread`: compute, framework, communication) is
+set to its p10 and to its p90 in turn (`cost_models.layer.Scales`) and the chosen configuration
+is costed again; the groups move independently, so their deviations from the prediction add in
+quadrature: p10 = t − √Σ(t − t_lo)², p90 = t + √Σ(t_hi − t)².
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from math import fsum, sqrt
+
+from moeplan.cost_models import step
+from moeplan.cost_models.layer import Env, Scales
+from moeplan.planner.plan import Band
+
+
+def recost_s(env: Env, cand) -> float:
+    """The candidate's step time (train) or per-token latency (infer) under `env`."""
+    from moeplan.planner.search import _evaluate
+
+    layers = [_evaluate(env, cand.setting, i, ev.choice).cost.time_s
+              for i, ev in enumerate(cand.layers)]
+    head = step.with_untimed(env, step.head_cost(env, cand.setting), fsum(layers))
+    return fsum(layers) + head.time_s
+
+
+def band(env: Env, cand) -> Band | None:
+    spread = env.cluster.spread
+    if not spread:
+        return None
+    t = recost_s(env, cand)
+    terms = {}
+    for name, sp in sorted(spread.items()):
+        terms[name] = tuple(recost_s(replace(env, scales=replace(Scales(), **{name: f})), cand)
+                            for f in (sp.p10, sp.p90))
+    below = sqrt(fsum((t - lo) ** 2 for lo, _ in terms.values()))
+    above = sqrt(fsum((hi - t) ** 2 for _, hi in terms.values()))
+    return Band(p10_s=max(0.0, t - below), p90_s=t + above, terms_s=terms)

@@ -359,7 +359,7 @@ def test_profile_on_cpu_ranks_end_to_end(tmp_path, monkeypatch):
     assert raw["framework"]["samples"] == {"tables": 3 * 4, "skew": 3 * 3 * 2}
     assert situ["train"]["grad_sync_s"] > 0
     # the spread of each calibration group over the three moments: the band on predictions
-    assert set(prof.spread) == {"compute", "framework", "communication"}
+    assert set(prof.spread) == {"compute", "framework", "communication", "model"}
     assert all(sp.p10 <= 1.0 <= sp.p90 and "measured" in sp.source
                for sp in prof.spread.values())
     assert fw.exchange_extra_s >= 0 and fw.grad_sync_extra_s >= 0

@@ -1,7 +1,8 @@
 """The band on a prediction: the cluster profile's spread propagated through the cost model.
 
 Each group of calibrated terms (`ClusterProfile.spread`: compute, framework, communication) is
-set to its p10 and to its p90 in turn (`cost_models.layer.Scales`) and the chosen configuration
+set to its p10 and to its p90 in turn, and so is the model's own error where the profile states
+it (every term at once) (`cost_models.layer.Scales`) and the chosen configuration
 is costed again; the groups move independently, so their deviations from the prediction add in
 quadrature: p10 = t − √Σ(t − t_lo)², p90 = t + √Σ(t_hi − t)².
 """
@@ -26,6 +27,13 @@ def recost_s(env: Env, cand) -> float:
     return fsum(layers) + head.time_s
 
 
+def _scales(group: str, factor: float) -> Scales:
+    """One group at `factor`; the model's own error scales every term (the whole figure)."""
+    if group == "model":
+        return Scales(compute=factor, framework=factor, communication=factor)
+    return replace(Scales(), **{group: factor})
+
+
 def band(env: Env, cand) -> Band | None:
     spread = env.cluster.spread
     if not spread:
@@ -33,7 +41,7 @@ def band(env: Env, cand) -> Band | None:
     t = recost_s(env, cand)
     terms = {}
     for name, sp in sorted(spread.items()):
-        terms[name] = tuple(recost_s(replace(env, scales=replace(Scales(), **{name: f})), cand)
+        terms[name] = tuple(recost_s(replace(env, scales=_scales(name, f)), cand)
                             for f in (sp.p10, sp.p90))
     below = sqrt(fsum((t - lo) ** 2 for lo, _ in terms.values()))
     above = sqrt(fsum((hi - t) ** 2 for _, hi in terms.values()))

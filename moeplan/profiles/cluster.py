@@ -173,16 +173,17 @@ class ExchangeScale(BaseModel):
     source: str = ""
 
 
-SPREAD_TERMS = ("compute", "framework", "communication")
+SPREAD_TERMS = ("compute", "framework", "communication", "model")
 
 
 class Spread(BaseModel):
     """How far one group of calibrated terms moves (10th and 90th percentile, as factors on
     the seconds they cost): `compute` — the phases' arithmetic and memory traffic (GEMM and
     copy speed, the runtime's work scales); `framework` — fixed seconds per operation and
-    phase; `communication` — collectives and all-to-alls. A measured profile takes them from
-    its moments (each moment's median over the pooled median); a built-in one states them as
-    assumptions."""
+    phase; `communication` — collectives and all-to-alls; `model` — the cost model's own error
+    on such a host, measured by the accuracy bench, as a factor on the whole prediction. A
+    measured profile takes the first three from its moments (each moment's median over the
+    pooled median); a built-in one states them as assumptions."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -209,7 +210,7 @@ class ClusterProfile(BaseModel):
     default_dtype: Dtype = "bf16"
     topology: dict | None = Field(None, description="what NVML reported when this profile was "
                                                     "measured (GPUs, NVLink peers, affinity)")
-    spread: dict[Literal["compute", "framework", "communication"], Spread] = Field(
+    spread: dict[Literal["compute", "framework", "communication", "model"], Spread] = Field(
         default_factory=dict, description="the calibrations' spread, by group: the band on "
                                           "every prediction")
 

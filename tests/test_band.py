@@ -98,6 +98,6 @@ def test_the_models_own_error_scales_the_whole_figure():
     model = NDV4.model_copy(update={"spread": {"model": Spread(p10=0.9, p90=1.15)}})
     p = _plan(model)[0]
     t = p.predicted.step_time_s
-    assert p.predicted.band.terms_s["model"] == pytest.approx((0.9 * t, 1.15 * t), rel=1e-9)
+    assert p.predicted.band.terms_s["model"] == pytest.approx((0.9 * t, 1.15 * t), rel=F64_REL)
     assert (p.predicted.band.p10_s, p.predicted.band.p90_s) == pytest.approx(
-        (0.9 * t, 1.15 * t), rel=1e-9)
+        (0.9 * t, 1.15 * t), rel=F64_REL)

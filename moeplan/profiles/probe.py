@@ -224,18 +224,26 @@ class Framework:
 
     def spread(self, device_ratios: list[float], in_situ: list[dict]) -> dict[str, list]:
         """(p10, p90) of each group's moment ratios (`Pool.moment_ratios`): compute — the device
-        sweeps and the probe's work sizes; framework — its fixed size and the optimizer;
-        communication — the all-to-all and gradient sync of the in-step samples, one a moment."""
+        sweeps, the probe's work sizes and the in-step samples' step time; framework — its fixed
+        size and the optimizer; communication — the in-step samples' all-to-all and gradient
+        sync (one sample a moment)."""
         keys = self.pool.samples
         work = [k for k in keys if k[0] in ("work", "work2", "infer", "infer_work2")]
         fixed = [k for k in keys if k[0] in ("train", "infer_fixed", "optimizer")]
-        comm = []
-        for mode, figure in (("train", "a2a_s"), ("train", "grad_sync_s"), ("infer", "a2a_s")):
-            values = [s[mode][figure] for s in in_situ if s and s.get(mode)]
-            pooled = fit.robust_median(values) if values else 0.0
-            comm += [v / pooled for v in values] if pooled > 0 else []
-        groups = {"compute": device_ratios + self.pool.moment_ratios(work),
-                  "framework": self.pool.moment_ratios(fixed), "communication": comm}
+        def situ(figures) -> list[float]:
+            out = []
+            for mode, figure in figures:
+                values = [s[mode][figure] for s in in_situ if s and s.get(mode)]
+                pooled = fit.robust_median(values) if values else 0.0
+                out += [v / pooled for v in values] if pooled > 0 else []
+            return out
+
+        # a step's compute in a running step (the in-step factor) moves with the whole step
+        groups = {"compute": device_ratios + self.pool.moment_ratios(work)
+                  + situ((("train", "step_s"), ("infer", "step_s"))),
+                  "framework": self.pool.moment_ratios(fixed),
+                  "communication": situ((("train", "a2a_s"), ("train", "grad_sync_s"),
+                                         ("infer", "a2a_s")))}
         return {name: {"p10_p90": spread(r), "figures": len(r)} for name, r in groups.items()
                 if spread(r) is not None}
 

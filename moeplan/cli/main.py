@@ -12,7 +12,7 @@ import click
 from moeplan import __version__
 from moeplan.cli.errors import run
 from moeplan.errors import CheckFailed, ConfigError
-from moeplan.files import write_atomic
+from moeplan.files import output_path, write_atomic
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -163,6 +163,7 @@ def profile(out, nproc, gpus_per_node, backend, base, name, quick) -> None:
     a ClusterProfile for `moeplan search --profile`."""
     import platform
 
+    output_path(out)  # a bad --out ends here, not after minutes of profiling
     from moeplan.runtime.launch import launch
     from moeplan.profiles import load_cluster
     from moeplan.profiles.nvml import topology

@@ -83,6 +83,13 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
         from moeplan.runtime.checkpoint import check_model, read_manifest
 
         check_model(read_manifest(load), plan.model, load)
+    if save is not None:
+        from moeplan.runtime.checkpoint import check_save_target
+
+        check_save_target(save)
+    from moeplan.files import output_path
+
+    output_path(out)  # a bad --out ends here, not after the run
     if fault is not None and (len(fault.split(":")) != 2
                               or not all(x.isdigit() for x in fault.split(":"))):
         raise ConfigError(f"--fault must be RANK:STEP, got {fault!r}")

@@ -54,13 +54,54 @@ def _owned(mine: dict, rank: int, world: int) -> dict:
             if (name, piece[0]) not in taken and piece[0][-1:] != (("unused",),)}
 
 
+PARTIAL = ".moeplan-partial"  # marks a checkpoint directory this program is still writing
+
+
+def _ours(path: Path) -> bool:
+    """A directory this program wrote: a complete checkpoint (its manifest) or a partial one
+    (its marker); never a link."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    if (path / PARTIAL).is_file():
+        return True
+    try:
+        return json.loads((path / "manifest.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_save_target(directory: str | Path) -> None:
+    """Refuse, before any rank starts, a --save target this program may not replace: anything
+    that exists and is not a checkpoint it wrote (also its .tmp and .old siblings)."""
+    final = Path(directory)
+    if not str(directory).strip():
+        raise ConfigError("--save is empty")
+    for path in (final, final.with_name(final.name + ".tmp"),
+                 final.with_name(final.name + ".old")):
+        if (path.exists() or path.is_symlink()) and not _ours(path):
+            raise ConfigError(f"--save {directory}: {path} exists and is not a moeplan "
+                              "checkpoint; refusing to replace it")
+    if not final.parent.is_dir():
+        raise ConfigError(f"--save {directory}: folder {final.parent} does not exist")
+
+
+def _remove_ours(path: Path) -> None:
+    if path.exists() or path.is_symlink():
+        if not _ours(path):
+            raise ConfigError(f"{path} exists and is not a moeplan checkpoint; refusing to "
+                              "remove it")
+        shutil.rmtree(path)
+
+
 def save(model: GPT, directory: str | Path, step: int, plan_digest: str, rank: int,
          world: int) -> Path:
     final = Path(directory)
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        check_save_target(final)
+        _remove_ours(tmp)
+        tmp.mkdir()
+        (tmp / PARTIAL).touch()
     if world > 1:
         dist.barrier()
     torch.save(_owned(_pieces(model), rank, world), tmp / f"rank{rank}.pt")
@@ -73,12 +114,13 @@ def save(model: GPT, directory: str | Path, step: int, plan_digest: str, rank: i
         manifest = {"format": FORMAT, "step": step, "world": world, "plan_digest": plan_digest,
                     "model": model.spec.model_dump(mode="json"), "shapes": full_shapes}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        (tmp / PARTIAL).unlink()
         old = final.with_name(final.name + ".old")
         if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_ours(old)
             final.rename(old)
         tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_ours(old)
     if world > 1:
         dist.barrier()
     return final

@@ -7,6 +7,7 @@ the module makes one plan and one checkpoint and reuses them.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -311,3 +312,42 @@ def test_validate_says_whether_the_run_fell_inside_the_band(work, monkeypatch, c
     assert band["inside"] == (band["p10_s"] <= band["measured_s"] <= band["p90_s"])
     code, out, _ = invoke(moeplan_cli, ["validate", "plan.json", "run.json"], monkeypatch, capsys)
     assert ("inside the predicted p10-p90 band" in out) == band["inside"]
+
+
+def _ranks_running(marker: str) -> list[int]:
+    """Pids of live processes whose command line contains `marker`."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                state = (d / "stat").read_text().split()[2]
+            except OSError:
+                continue
+            if marker in cmd and state != "Z" and int(d.name) != os.getpid():
+                pids.append(int(d.name))
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
+def test_ranks_die_with_a_killed_launcher(work, tmp_path):
+    """SIGKILL of `moerun` mid-run: its ranks end too (no orphan keeps training and later
+    writes --out), within seconds."""
+    import signal
+    import time
+
+    d, _ = work
+    out = tmp_path / "orphan-check.json"
+    proc = subprocess.Popen(MOERUN + ["--plan", str(d / "plan.json"), "--steps", "100000",
+                                      "--out", str(out)], cwd=d, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:  # the ranks are training
+        if line.startswith("step 2/"):
+            break
+    assert _ranks_running(str(out)), "no rank found"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while _ranks_running(str(out)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _ranks_running(str(out)) == [] and not out.exists()

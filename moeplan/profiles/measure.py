@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from moeplan.files import write_atomic
+from moeplan.runtime.launch import die_with_launcher
 from moeplan.profiles.probe import Framework, InSitu
 from moeplan.profiles.sampling import Bench, Pool, moments, per_moment
 from moeplan.runtime.comm import all_gather_tensor, reduce_scatter_tensor
@@ -201,6 +202,7 @@ def exchanges(b: Bench, gpus_per_node: int, quick: bool, progress) -> list[dict]
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_launcher()
     p = argparse.ArgumentParser(prog="moeplan.profiles.measure")
     p.add_argument("--out", required=True)
     p.add_argument("--gpus-per-node", type=int, required=True)

@@ -8,12 +8,33 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from moeplan.errors import RankFailedError
 
 
+LAUNCHER_PID = "MOEPLAN_LAUNCHER_PID"  # the process whose death ends the ranks it started
+
+
+def die_with_launcher() -> None:
+    """Called first in a rank. Linux: the kernel kills the rank when the process that started
+    it dies (SIGKILL of `moerun` leaves no orphan training on and later writing its --out or
+    --save); a launcher already gone before that was set ends the rank at once."""
+    launcher = os.environ.get(LAUNCHER_PID)
+    if not sys.platform.startswith("linux") or launcher is None:
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(launcher):
+        os._exit(1)
+
+
 def launch(nproc: int, module: str, args: list[str]) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # CPU ranks share the host's cores
+    # the ranks' parent (torchrun's agent runs in this process): they die with it
+    os.environ[LAUNCHER_PID] = str(os.getpid())
     os.environ.setdefault("LOGLEVEL", "ERROR")  # read by torchrun's logger when it is imported
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run as torchrun

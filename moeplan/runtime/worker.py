@@ -21,6 +21,7 @@ import torch.distributed as dist
 from moeplan.errors import MoeplanError
 from moeplan.files import write_atomic
 from moeplan.planner.plan import Plan
+from moeplan.runtime.launch import die_with_launcher
 from moeplan.runtime.run import RunConfig, execute
 
 
@@ -41,6 +42,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_launcher()
     a = parse(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = torch.cuda.is_available()

@@ -93,10 +93,82 @@ def test_checkpoint_save_replaces_only_its_own(tmp_path):
     checkpoint.save(model, ckpt, 1, "d", 0, 1)
     checkpoint.save(model, ckpt, 2, "d", 0, 1)  # over its own checkpoint
     assert checkpoint.read_manifest(ckpt)["step"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    # the lock stays: removing it could let two jobs hold two locks
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ckpt.lock"]
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("keep")
     with pytest.raises(ConfigError, match="not a moeplan checkpoint"):
         checkpoint.save(model, other, 1, "d", 0, 1)
     assert (other / "notes.txt").read_text() == "keep"
+
+
+def _saved(tmp_path):
+    from moeplan.profiles import load_model
+    from moeplan.runtime import checkpoint
+    from moeplan.runtime.model import GPT
+
+    model = GPT(load_model("tiny-pr-moe"))
+    return checkpoint, model, checkpoint.save(model, tmp_path / "ckpt", 3, "d", 0, 1)
+
+
+def test_corrupted_or_foreign_shards_are_refused(tmp_path):
+    """Flipped bytes, a tensor replaced by int64s, a shard of another checkpoint: one line each
+    (the issue's reproductions loaded silently)."""
+    import torch
+
+    checkpoint, model, ckpt = _saved(tmp_path)
+    full, manifest = checkpoint.load_full(ckpt)
+    assert manifest["step"] == 3 and len(manifest["id"]) == 32
+    shard = ckpt / "rank0.pt"
+    good = shard.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="does not match its checksum"):
+        checkpoint.load_full(ckpt)
+    # a consistent file whose tensor is int64: the checksum matches the manifest, the dtype not
+    pieces = torch.load(io_bytes(good), weights_only=True)
+    name = next(iter(pieces["pieces"]))
+    spec, tensor = pieces["pieces"][name]
+    pieces["pieces"][name] = (spec, tensor.long())
+    torch.save(pieces, shard)
+    resign(checkpoint, ckpt)
+    with pytest.raises(ConfigError, match="is not a float32 tensor"):
+        checkpoint.load_full(ckpt)
+    # another checkpoint's shard, checksum updated: its id differs
+    other = checkpoint.save(model, tmp_path / "other", 1, "d", 0, 1)
+    (ckpt / "rank0.pt").write_bytes((other / "rank0.pt").read_bytes())
+    resign(checkpoint, ckpt)
+    with pytest.raises(ConfigError, match="belongs to another checkpoint"):
+        checkpoint.load_full(ckpt)
+
+
+def io_bytes(b: bytes):
+    import io
+
+    return io.BytesIO(b)
+
+
+def resign(checkpoint, ckpt: Path) -> None:
+    """Rewrite the manifest's checksum of rank0.pt (what a careless copy would not do)."""
+    import json
+
+    m = json.loads((ckpt / "manifest.json").read_text())
+    m["sha256"]["rank0.pt"] = checkpoint._sha256(ckpt / "rank0.pt")
+    (ckpt / "manifest.json").write_text(json.dumps(m))
+
+
+def test_an_interrupted_swap_loads_the_previous_copy_and_saves_are_locked(tmp_path):
+    import fcntl
+
+    checkpoint, model, ckpt = _saved(tmp_path)
+    ckpt.rename(tmp_path / "ckpt.old")  # killed between moving aside and moving in
+    full, manifest = checkpoint.load_full(ckpt)
+    assert manifest["step"] == 3 and full
+    with open(tmp_path / "ckpt.lock", "a") as held:  # another job is saving there
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match="another job is saving to"):
+            checkpoint.save(model, ckpt, 4, "d", 0, 1)
+    checkpoint.save(model, ckpt, 5, "d", 0, 1)
+    assert checkpoint.read_manifest(ckpt)["step"] == 5 and not (tmp_path / "ckpt.old").exists()

@@ -127,6 +127,10 @@ def test_print_torchrun(work, monkeypatch, capsys):
     assert code == 0
     assert out.startswith("torchrun --nnodes 1 --nproc-per-node 2 --rdzv-backend c10d")
     assert "-m moeplan.runtime.worker --plan plan.json --mode train" in out
+    assert "--rdzv-id moerun-" in out and "--rdzv-id moerun " not in out  # a fresh id per job
+    again = invoke(moerun_cli, ["--plan", "plan.json", "--print-torchrun"], monkeypatch, capsys)
+    assert again[1].split("--rdzv-id ")[1][:24] != out.split("--rdzv-id ")[1][:24]
+    assert "no authentication" in again[2] and again[2].count("\n") == 1
 
 
 def test_validate_compares_and_refuses_foreign_runs(work, monkeypatch, capsys):

@@ -111,11 +111,17 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
     if print_torchrun:
         G, nodes = plan.cluster.gpus_per_node, plan.cluster.nodes
         per_node = min(G, world)
+        import secrets
+
+        # a fresh rendezvous id per job: a fixed one lets another host join (or feed) the store
         click.echo(shlex.join(
             ["torchrun", "--nnodes", str(nodes), "--nproc-per-node", str(per_node),
              "--rdzv-backend", "c10d", "--rdzv-endpoint", "${MASTER_ADDR}:29500",
-             "--rdzv-id", "moerun", "-m", "moeplan.runtime.worker", *wargs]).replace(
-                 "'${MASTER_ADDR}:29500'", "${MASTER_ADDR}:29500"))
+             "--rdzv-id", f"moerun-{secrets.token_hex(8)}", "-m", "moeplan.runtime.worker",
+             *wargs]).replace("'${MASTER_ADDR}:29500'", "${MASTER_ADDR}:29500"))
+        click.echo("moerun: note: torch.distributed's rendezvous store has no authentication; "
+                   "make port 29500 on MASTER_ADDR reachable only from this job's hosts",
+                   err=True)
         return
     if mode == "train" and plan.workload.zero_stage > 0:
         click.echo(f"moerun: note: the runtime keeps whole optimizer states on every rank (ZeRO "

@@ -1,8 +1,10 @@
 """Plan-independent checkpoints, written in parallel and atomically.
 
 Layout of a checkpoint directory:
-  manifest.json   format, step, model spec, full shape of every parameter, the writing plan
-  rank{r}.pt      {name: (slices, tensor)} for the pieces that rank r owns
+  manifest.json   format, the checkpoint's id, step, model spec, full shape and dtype of every
+                  parameter, the writing plan, the sha256 of every shard
+  rank{r}.pt      {"id": the checkpoint's id, "pieces": {name: (slices, tensor)}} for the pieces
+                  that rank r owns
 Every parameter is described by the `slices()` of the modules that hold it: a tensor-sliced weight
 is a range of rows or columns of the full one, expert weights are ranges of the expert dimension —
 so a piece is keyed by global expert id and position, never by the writer's ranks. Each distinct
@@ -10,13 +12,19 @@ piece is written once (by the lowest rank that holds it). Loading assembles the 
 all pieces and cuts what the reading plan needs, whatever its ep / es / tp / dp.
 
 Atomicity: ranks write into `<dir>.tmp`, rank 0 writes the manifest last and renames the directory
-into place (replacing an older checkpoint only after the new one is complete).
+into place (replacing an older checkpoint only after the new one is complete), holding
+`<dir>.lock` throughout; loading checks every shard's checksum, id, dtypes and shapes.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import os
 import shutil
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,7 +33,7 @@ import torch.distributed as dist
 from moeplan.errors import ConfigError
 from moeplan.runtime.model import GPT
 
-FORMAT = "moeplan-checkpoint-1"
+FORMAT = "moeplan-checkpoint-2"  # 2: id, checksums and dtypes in the manifest
 
 
 def _pieces(model: GPT) -> dict[str, tuple[tuple, torch.Tensor]]:
@@ -93,67 +101,147 @@ def _remove_ours(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextmanager
+def _locked(final: Path, rank: int):
+    """Rank 0 holds `<dir>.lock` while the job saves: a second job saving to the same place
+    fails at once instead of mixing its shards with this one's. The file stays (removing it
+    could let two jobs lock two different files of that name)."""
+    if rank != 0:
+        yield
+        return
+    with open(final.with_name(final.name + ".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(f"another job is saving to {final}") from None
+        yield
+
+
 def save(model: GPT, directory: str | Path, step: int, plan_digest: str, rank: int,
          world: int) -> Path:
+    """Every rank writes its shard into `<dir>.tmp` (marked partial), rank 0 then writes the
+    manifest — the checkpoint's id, each shard's checksum, every tensor's dtype and shape —
+    last, and renames the directory into place; files and directories are fsynced first."""
     final = Path(directory)
     tmp = final.with_name(final.name + ".tmp")
-    if rank == 0:
-        check_save_target(final)
-        _remove_ours(tmp)
-        tmp.mkdir()
-        (tmp / PARTIAL).touch()
-    if world > 1:
-        dist.barrier()
-    torch.save(_owned(_pieces(model), rank, world), tmp / f"rank{rank}.pt")
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
-        full_shapes = {}
-        for name, p in GPT(model.spec).named_parameters():
-            full_shapes[name] = list(p.shape)
-        manifest = {"format": FORMAT, "step": step, "world": world, "plan_digest": plan_digest,
-                    "model": model.spec.model_dump(mode="json"), "shapes": full_shapes}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        (tmp / PARTIAL).unlink()
-        old = final.with_name(final.name + ".old")
-        if final.exists():
-            _remove_ours(old)
-            final.rename(old)
-        tmp.rename(final)
+    box = [uuid.uuid4().hex]
+    with _locked(final, rank):
+        if rank == 0:
+            check_save_target(final)
+            _remove_ours(tmp)
+            tmp.mkdir()
+            (tmp / PARTIAL).touch()
+        if world > 1:
+            dist.broadcast_object_list(box, src=0)  # one id for the shards of one checkpoint
+        shard = tmp / f"rank{rank}.pt"
+        torch.save({"id": box[0], "pieces": _owned(_pieces(model), rank, world)}, shard)
+        _fsync(shard)
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            _finish(model, final, tmp, box[0], step, plan_digest, world)
+        if world > 1:
+            dist.barrier()
+    return final
+
+
+def _finish(model: GPT, final: Path, tmp: Path, ckpt_id: str, step: int, plan_digest: str,
+            world: int) -> None:
+    full = dict(GPT(model.spec).named_parameters())
+    manifest = {"format": FORMAT, "id": ckpt_id, "step": step, "world": world,
+                "plan_digest": plan_digest, "model": model.spec.model_dump(mode="json"),
+                "shapes": {name: list(p.shape) for name, p in full.items()},
+                "dtypes": {name: str(p.dtype).removeprefix("torch.") for name, p in full.items()},
+                "sha256": {f"rank{r}.pt": _sha256(tmp / f"rank{r}.pt") for r in range(world)}}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    _fsync(tmp / "manifest.json")
+    (tmp / PARTIAL).unlink()
+    _fsync(tmp)
+    old = final.with_name(final.name + ".old")
+    if final.exists():
         _remove_ours(old)
-    if world > 1:
-        dist.barrier()
+        final.rename(old)  # until the next rename only .old holds it: `resolve` finds it there
+    tmp.rename(final)
+    _fsync(final.parent)
+    _remove_ours(old)
+
+
+def resolve(directory: str | Path) -> Path:
+    """The checkpoint at `directory`, or its `.old` copy when a save was interrupted between
+    moving the previous one aside and putting the new one in place."""
+    final = Path(directory)
+    old = final.with_name(final.name + ".old")
+    if not final.exists() and (old / "manifest.json").is_file():
+        return old
     return final
 
 
 def read_manifest(directory: str | Path) -> dict:
-    path = Path(directory) / "manifest.json"
+    path = resolve(directory) / "manifest.json"
     if not path.is_file():
         raise ConfigError(f"no checkpoint at {directory} (missing {path.name})")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"checkpoint manifest {path} is not JSON: {e.msg}") from None
-    if manifest.get("format") != FORMAT:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"checkpoint manifest {path} is not JSON: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ConfigError(f"{path} is not a {FORMAT} manifest")
+    for key in ("id", "world", "shapes", "dtypes", "sha256", "model"):
+        if key not in manifest:
+            raise ConfigError(f"checkpoint manifest {path} has no {key!r}")
     return manifest
 
 
+def _shard(directory: Path, r: int, manifest: dict) -> dict:
+    """Rank r's pieces, after checking the file's checksum and the checkpoint id it carries."""
+    path = directory / f"rank{r}.pt"
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {directory} is incomplete: {path.name} is missing")
+    if _sha256(path) != manifest["sha256"].get(path.name):
+        raise ConfigError(f"checkpoint {directory}: {path.name} does not match its checksum "
+                          "(corrupted or replaced)")
+    shard = torch.load(path, weights_only=True)
+    if not isinstance(shard, dict) or shard.get("id") != manifest["id"]:
+        raise ConfigError(f"checkpoint {directory}: {path.name} belongs to another checkpoint")
+    return shard["pieces"]
+
+
 def load_full(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The full (single-device) state and the manifest."""
+    """The full (single-device) state and the manifest, every piece checked against it."""
     manifest = read_manifest(directory)
+    where = resolve(directory)
     full = {name: torch.zeros(shape) for name, shape in manifest["shapes"].items()}
     covered = {name: torch.zeros(shape, dtype=torch.bool) for name, shape in
                manifest["shapes"].items()}
     for r in range(manifest["world"]):
-        path = Path(directory) / f"rank{r}.pt"
-        if not path.is_file():
-            raise ConfigError(f"checkpoint {directory} is incomplete: {path.name} is missing")
-        for name, (spec, tensor) in torch.load(path, weights_only=True).items():
+        for name, (spec, tensor) in _shard(where, r, manifest).items():
+            if name not in full or str(tensor.dtype).removeprefix("torch.") != manifest[
+                    "dtypes"].get(name):
+                raise ConfigError(f"checkpoint {directory}: {name} in rank{r}.pt is not a "
+                                  f"{manifest['dtypes'].get(name)} tensor of the model")
             view, mask = full[name], covered[name]
             for dim, start, stop in spec:
                 view = view.narrow(dim, start, stop - start)
                 mask = mask.narrow(dim, start, stop - start)
+            if view.shape != tensor.shape:
+                raise ConfigError(f"checkpoint {directory}: {name} in rank{r}.pt has shape "
+                                  f"{list(tensor.shape)}, its slice {list(view.shape)}")
             view.copy_(tensor)
             mask.fill_(True)
     for name, mask in covered.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +56,11 @@ BAD = [
     (["search", "--mode", "bogus"], "'bogus' is not one of"),
     (["search", "--no-such-option"], "No such option"),
     (["frobnicate"], "No such command"),
+    (["search", "--routing-skew", "nan"], "nan is not a finite number"),
+    (["search", "--routing-skew", "inf"], "not in the range"),
+    (["search", "--mode", "infer", "--objective", "throughput", "--slo-ms", "nan"],
+     "nan is not a finite number"),
+    (["search", "--global-batch", "1000000000000"], "not in the range"),
 ]
 
 
@@ -64,6 +70,19 @@ def test_bad_input_is_one_line_and_exit_2(run, argv, message):
     assert code == 2
     assert err.count("\n") == 1 and message in err, err
     assert "Traceback" not in err
+
+
+def test_absurd_sizes_end_at_once(run, tmp_path):
+    """Inputs that made the planner run for ever: one line, quickly (hangs issue)."""
+    spec = json.loads((Path(__file__).parent.parent / "moeplan" / "profiles" / "data" /
+                       "models" / "tiny-pr-moe.json").read_text())
+    spec["experts"] = [0, 2147483648, 0, 2, 0, 4, 0, 4]
+    (tmp_path / "huge.json").write_text(json.dumps(spec))
+    code, _, err = run("search", "--model", "huge.json", "--cluster", "local-cpu", "--gpus", "4")
+    assert code == 2 and "above 65536" in err and err.count("\n") == 1
+    from moeplan.planner.space import divisors
+
+    assert divisors(10**12)[:4] == [1, 2, 4, 5] and divisors(36) == [1, 2, 3, 4, 6, 9, 12, 18, 36]
 
 
 def test_malformed_spec_files(run, tmp_path):

@@ -355,3 +355,32 @@ def test_ranks_die_with_a_killed_launcher(work, tmp_path):
     while _ranks_running(str(out)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _ranks_running(str(out)) == [] and not out.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIGSTOP a rank: POSIX")
+def test_a_stopped_rank_ends_the_job_after_timeout(work, tmp_path):
+    """`--timeout` reaches every group's collectives (not new_group's 30-minute default): with
+    one rank stopped, the job fails instead of hanging."""
+    import signal
+    import time
+
+    d, _ = work
+    out = tmp_path / "stopped-rank.json"
+    proc = subprocess.Popen(MOERUN + ["--plan", str(d / "plan.json"), "--steps", "100000",
+                                      "--timeout", "5", "--out", str(out)], cwd=d,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 2/"):
+            break
+    ranks = [pid for pid in _ranks_running(str(out)) if pid != proc.pid]
+    assert len(ranks) == 2
+    t0 = time.monotonic()
+    os.kill(max(ranks), signal.SIGSTOP)
+    try:
+        code = proc.wait(timeout=120)
+    finally:
+        for pid in _ranks_running(str(out)):
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+    assert code == 1 and time.monotonic() - t0 < 120
+    assert "failed" in proc.stderr.read()

@@ -21,6 +21,13 @@ def cli() -> None:
     """Plan DeepSpeed-MoE style parallelism per layer, predict its cost, and check it."""
 
 
+def _finite(param, value: float | None) -> float | None:
+    """NaN passes click's ranges (every comparison with it is false): refuse it here."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", param=param)
+    return value
+
+
 def _load_cluster(cluster: str | None, profile: str | None):
     from moeplan.profiles import load_cluster
 
@@ -41,7 +48,7 @@ def _load_cluster(cluster: str | None, profile: str | None):
               help="Built-in cluster (see `moeplan clusters`) [default: ndv4-a100-40gb].")
 @click.option("--profile", default=None, help="ClusterProfile JSON file (e.g. from `moeplan profile`).")
 @click.option("--mode", type=click.Choice(["train", "infer"]), default="train", show_default=True)
-@click.option("--global-batch", type=click.IntRange(min=1), default=None,
+@click.option("--global-batch", type=click.IntRange(min=1, max=2**31), default=None,
               help="Sequences per step (train, default 512) or in flight (infer, default = GPUs; "
                    "searched for --objective throughput).")
 @click.option("--micro-batch", type=click.IntRange(min=1), default=None,
@@ -55,6 +62,7 @@ def _load_cluster(cluster: str | None, profile: str | None):
 @click.option("--objective", type=click.Choice(["throughput", "latency"]), default=None,
               help="train: throughput; infer: latency (default) or throughput (under --slo-ms).")
 @click.option("--slo-ms", type=click.FloatRange(min=0, min_open=True), default=None,
+              callback=lambda ctx, param, v: _finite(param, v),
               help="Infer throughput: the per-token latency limit in ms.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
               help="[default: the cluster's]")
@@ -64,7 +72,8 @@ def _load_cluster(cluster: str | None, profile: str | None):
               help="Where to write the plan.")
 @click.option("--simulate-top", type=click.IntRange(min=0), default=16, show_default=True,
               help="Re-rank this many analytically best plans with the flow simulator (0: off).")
-@click.option("--routing-skew", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--routing-skew", type=click.FloatRange(min=0, max=100), default=0.0,
+              show_default=True, callback=lambda ctx, param, v: _finite(param, v),
               help="Expert-load skew the simulator samples (0: uniform routing).")
 @click.option("--fix", "fixes", multiple=True, metavar="KEY=VALUE",
               help="Fix a degree instead of searching it (repeatable): tp, ep, es, edp, "

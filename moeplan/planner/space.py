@@ -18,6 +18,7 @@ Rules (each rejects a combination the layout or the model cannot express):
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from math import isqrt
 
 from moeplan.cost_models.layer import Env, LayerChoice
 from moeplan.cost_models.workload import Setting
@@ -87,7 +88,9 @@ def parse_fix(items: list[str] | tuple[str, ...]) -> Fix:
 
 
 def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """The divisors of n in increasing order, O(√n)."""
+    small = [d for d in range(1, isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 def tp_degrees(env: Env) -> list[int]:

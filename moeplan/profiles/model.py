@@ -27,6 +27,9 @@ class Distillation(BaseModel):
     source: str = ""
 
 
+MAX_EXPERTS = 2**16  # far beyond any published MoE (DeepSeek-V3: 256 routed experts)
+
+
 class ModelSpec(BaseModel):
     """A GPT-style decoder whose FFN layers may be Mixture-of-Experts layers.
 
@@ -68,6 +71,8 @@ class ModelSpec(BaseModel):
             )
         if any(e < 0 or e == 1 for e in self.experts):
             raise ValueError("every expert count must be 0 (dense) or at least 2")
+        if any(e > MAX_EXPERTS for e in self.experts):
+            raise ValueError(f"an expert count above {MAX_EXPERTS} is not a model one can plan")
         if self.hidden % self.heads:
             raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
         if self.top_k == 2 and any(0 < e < 2 for e in self.experts):

@@ -9,6 +9,7 @@ one allreduce so that a missing rank fails here, not in the middle of a step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -40,8 +41,8 @@ class Groups:
 class _Maker:
     """Creates each distinct rank list once, in call order, on every rank."""
 
-    def __init__(self, rank: int, world: int):
-        self.rank, self.world = rank, world
+    def __init__(self, rank: int, world: int, timeout: timedelta | None):
+        self.rank, self.world, self.timeout = rank, world, timeout
         self.made: dict[tuple[int, ...], object] = {}
 
     def all_of(self, groups: L.Groups) -> Comm:
@@ -49,7 +50,9 @@ class _Maker:
         for g in groups:
             key = tuple(g)
             if len(key) > 1 and key not in self.made:
-                self.made[key] = dist.new_group(list(key)) if self.world > 1 else None
+                # the job's timeout, not new_group's 30-minute default: a stopped peer ends it
+                self.made[key] = (dist.new_group(list(key), timeout=self.timeout)
+                                  if self.world > 1 else None)
             if self.rank in key:
                 mine = key
         assert mine is not None, f"rank {self.rank} missing from {groups}"
@@ -58,11 +61,14 @@ class _Maker:
         return Comm(group=self.made[mine], ranks=mine, rank_in_group=mine.index(self.rank))
 
 
-def build_groups(plan: Plan, rank: int, world: int) -> Groups:
+def build_groups(plan: Plan, rank: int, world: int,
+                 timeout: timedelta | None = None) -> Groups:
+    """Every group the plan needs, created on every rank in the same order; their collectives
+    fail after `timeout` (None: torch's default)."""
     N, G, tp = plan.cluster.gpus, plan.cluster.gpus_per_node, plan.parallel.tp
     if world != N:
         raise ValueError(f"plan is for {N} ranks, this job has {world}")
-    make = _Maker(rank, world)
+    make = _Maker(rank, world, timeout)
     groups = Groups(rank=rank, world=world, tp=make.all_of(L.tp_groups(N, tp)),
                     dp=make.all_of(L.dp_groups(N, tp)))
     for layer in plan.layers:

@@ -16,6 +16,7 @@ import time
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from statistics import median
 
 import torch
@@ -44,6 +45,7 @@ class RunConfig:
     save: str | None = None
     load: str | None = None
     fault: tuple[int, int] | None = None  # (rank, step): that rank exits there (tests)
+    timeout_s: float | None = None  # a collective's wait for a peer before the job fails
 
 
 def build_model(plan: Plan, groups: Groups, cfg: RunConfig) -> GPT:
@@ -250,7 +252,8 @@ def infer(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> dict:
 
 def execute(plan: Plan, cfg: RunConfig, rank: int, world: int, log=print) -> RunRecord | None:
     cuda = torch.cuda.is_available()
-    groups = build_groups(plan, rank, world)
+    groups = build_groups(plan, rank, world, None if cfg.timeout_s is None
+                          else timedelta(seconds=cfg.timeout_s))
     model = build_model(plan, groups, cfg)
     if cuda:
         model = model.cuda()

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = Plan.model_validate_json(Path(a.plan).read_text())
         fault = tuple(int(x) for x in a.fault.split(":")) if a.fault else None
         cfg = RunConfig(mode=a.mode, steps=a.steps, warmup=a.warmup, lr=a.lr, seed=a.seed,
-                        save=a.save, load=a.load, fault=fault)
+                        save=a.save, load=a.load, fault=fault, timeout_s=a.timeout)
         if world > 1:
             dist.init_process_group("nccl" if cuda else "gloo",
                                     timeout=timedelta(seconds=a.timeout))

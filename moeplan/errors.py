@@ -35,3 +35,10 @@ class CheckFailed(MoeplanError):
     code a script or CI reads as a failed check rather than a bad input."""
 
     exit_code = 1
+
+
+class Interrupted(MoeplanError):
+    """The user stopped the job (Ctrl-C, SIGTERM): one line and exit code 130, as a shell
+    reports an interrupted command."""
+
+    exit_code = 130

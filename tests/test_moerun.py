@@ -384,3 +384,28 @@ def test_a_stopped_rank_ends_the_job_after_timeout(work, tmp_path):
         proc.kill()
     assert code == 1 and time.monotonic() - t0 < 120
     assert "failed" in proc.stderr.read()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups: POSIX")
+def test_ctrl_c_is_one_line_and_exit_130(work, tmp_path):
+    """Ctrl-C reaches the launcher and every rank (one process group, as in a terminal): one
+    line, exit code 130, no traceback, no rank left (it printed over a hundred lines)."""
+    import signal
+
+    d, _ = work
+    out = tmp_path / "interrupted.json"
+    proc = subprocess.Popen(MOERUN + ["--plan", str(d / "plan.json"), "--steps", "100000",
+                                      "--out", str(out)], cwd=d, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("step 2/"):
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "moerun: interrupted; the job was stopped on all 2 ranks"
+    assert _ranks_running(str(out)) == [] and not out.exists()

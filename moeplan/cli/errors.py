@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from moeplan.errors import CheckFailed, MoeplanError
+from moeplan.errors import CheckFailed, Interrupted, MoeplanError
 
 
 def run(cli: click.Command, prog: str) -> None:
@@ -24,6 +24,12 @@ def run(cli: click.Command, prog: str) -> None:
     except click.ClickException as e:
         click.echo(f"{prog}: error: {e.format_message()}", err=True)
         sys.exit(2)
+    except Interrupted as e:
+        click.echo(f"{prog}: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo(f"{prog}: interrupted", err=True)
+        sys.exit(130)
     except CheckFailed as e:
         click.echo(f"{prog}: check failed: {e}", err=True)
         sys.exit(e.exit_code)

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from moeplan.errors import RankFailedError
+from moeplan.errors import Interrupted, RankFailedError
 
 
 LAUNCHER_PID = "MOEPLAN_LAUNCHER_PID"  # the process whose death ends the ranks it started
@@ -36,6 +36,7 @@ def launch(nproc: int, module: str, args: list[str]) -> None:
     # the ranks' parent (torchrun's agent runs in this process): they die with it
     os.environ[LAUNCHER_PID] = str(os.getpid())
     os.environ.setdefault("LOGLEVEL", "ERROR")  # read by torchrun's logger when it is imported
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run as torchrun
 
@@ -45,6 +46,8 @@ def launch(nproc: int, module: str, args: list[str]) -> None:
          "--monitor-interval", "0.2", "--module", module, *args])
     try:
         torchrun(parsed)
+    except (SignalException, KeyboardInterrupt):
+        raise Interrupted(f"interrupted; the job was stopped on all {nproc} ranks") from None
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         code = failure.exitcode

@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     except MoeplanError as e:
         print(f"moerun rank {rank}: {e}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank: the launcher says it once
+        return 130
     except Exception as e:  # a peer died or a collective timed out: say so on one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"moerun rank {rank}: {type(e).__name__}: {first}", file=sys.stderr, flush=True)

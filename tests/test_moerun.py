@@ -90,6 +90,10 @@ def test_dead_rank_ends_the_job_with_a_clear_message(work):
     (["--load", "missing-ckpt"], "no checkpoint at missing-ckpt"),
     (["--fault", "x"], "--fault must be RANK:STEP"),
     (["--steps", "0"], "--steps"),
+    (["--lr", "inf"], "--lr"), (["--lr", "nan"], "nan is not a finite number"),
+    (["--timeout", "nan"], "nan is not a finite number"), (["--timeout", "inf"], "--timeout"),
+    (["--seed", str(10**30)], "--seed"), (["--fault", "7:0"], "the plan has ranks 0-1"),
+    (["--save", ""], "--save is empty"), (["--out", "/dev/full"], "not a regular file"),
 ])
 def test_bad_inputs_are_one_line(work, argv, message, monkeypatch, capsys):
     d, _ = work

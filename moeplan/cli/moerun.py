@@ -7,6 +7,7 @@ Everything the user can get wrong is checked here, before any rank starts.
 
 from __future__ import annotations
 
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -27,6 +28,13 @@ def _load_plan(path: str, mode: str | None):
     if mode is not None and mode != plan.workload.mode:
         return recost(plan, mode), True
     return plan, False
+
+
+def _finite(param, value: float) -> float:
+    """NaN passes click's ranges (every comparison with it is false): refuse it here."""
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", param=param)
+    return value
 
 
 def _worker_args(plan_file: str, mode: str, steps: int, warmup: int, out: str, lr: float,
@@ -54,15 +62,17 @@ def _worker_args(plan_file: str, mode: str, steps: int, warmup: int, out: str, l
               help="Where to write the measurements next to the predictions.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
               help="Ranks to start on this host [default: the plan's GPU count].")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3,
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True, max=1.0), default=3e-3,
+              callback=lambda ctx, param, v: _finite(param, v),
               show_default=True, help="AdamW learning rate (after a linear warm-up).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True,
               help="Weight initialisation and data order.")
 @click.option("--save", type=click.Path(file_okay=False), default=None,
               help="Write a plan-independent checkpoint here at the end.")
 @click.option("--load", type=click.Path(file_okay=False), default=None,
               help="Start from a checkpoint written under any plan of the same model.")
-@click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
+@click.option("--timeout", type=click.FloatRange(min=1, max=86400), default=120.0,
+              show_default=True, callback=lambda ctx, param, v: _finite(param, v),
               help="Seconds a collective may wait for a peer before the job fails.")
 @click.option("--print-torchrun", is_flag=True,
               help="Print the equivalent multi-node torchrun command and exit.")
@@ -93,6 +103,8 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
     if fault is not None and (len(fault.split(":")) != 2
                               or not all(x.isdigit() for x in fault.split(":"))):
         raise ConfigError(f"--fault must be RANK:STEP, got {fault!r}")
+    if fault is not None and int(fault.split(":")[0]) >= world:
+        raise ConfigError(f"--fault {fault}: the plan has ranks 0-{world - 1}")
     if not (force or print_torchrun):
         from moeplan.runtime.host import refusal, this_host
 

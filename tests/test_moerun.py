@@ -413,3 +413,27 @@ def test_ctrl_c_is_one_line_and_exit_130(work, tmp_path):
     assert proc.returncode == 130 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == "moerun: interrupted; the job was stopped on all 2 ranks"
     assert _ranks_running(str(out)) == [] and not out.exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r["layers"].pop(), "not the plan's"),
+    (lambda r: r["layers"].reverse(), "not the plan's"),
+    (lambda r: r["layers"].append(dict(r["layers"][0])), "not the plan's"),
+    (lambda r: r.update(mode="infer"), "the run measured infer"),
+    (lambda r: r["measured"].update(step_time_s=float("nan")), "not a positive number"),
+    (lambda r: r["measured"].update(step_time_s=-1.0), "not a positive number"),
+])
+def test_validate_refuses_an_inconsistent_run(work, tmp_path, monkeypatch, capsys, change,
+                                              message):
+    """A run.json with the plan's digest but missing, extra or reversed layers, another mode or
+    a NaN step time: one line, exit 2 (they were accepted)."""
+    from moeplan.cli import main as moeplan_cli
+
+    d, _ = work
+    run = json.loads((d / "run.json").read_text())
+    change(run)
+    bad = tmp_path / "bad-run.json"
+    bad.write_text(json.dumps(run))
+    code, _, err = invoke(moeplan_cli, ["validate", str(d / "plan.json"), str(bad)],
+                          monkeypatch, capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err

@@ -178,3 +178,12 @@ def check_pair(plan: Plan, run: RunRecord) -> None:
                           f"plan {digest(plan)[:19]}…)")
     if run.world != plan.cluster.gpus:
         raise ConfigError(f"the run used {run.world} ranks, the plan {plan.cluster.gpus}")
+    if run.mode != plan.workload.mode:
+        raise ConfigError(f"the run measured {run.mode}, the plan is for {plan.workload.mode}")
+    if [(l.index, l.kind) for l in run.layers] != [(l.index, l.kind) for l in plan.layers]:
+        raise ConfigError("the run's layers are not the plan's (missing, extra, reordered or of "
+                          "another kind)")
+    headline = run.measured.step_time_s if run.mode == "train" else run.measured.latency_s
+    if headline is None or not math.isfinite(headline) or headline <= 0:
+        raise ConfigError(f"the run's {'step time' if run.mode == 'train' else 'latency'} is "
+                          f"{headline}, not a positive number")

@@ -165,7 +165,7 @@ def test_runtime_op_counts_match_the_runtime():
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from moeplan.cost_models.layer import RUNTIME_OPS
+    from moeplan.cost_models.runtimes import RUNTIME_OPS
     from moeplan.profiles import load_model
     from moeplan.runtime.model import GPT
     from moeplan.runtime.timers import PhaseTimer, instrument

@@ -30,41 +30,13 @@ from moeplan.cost_models.memory import (
     optimizer_bytes_per_param,
 )
 from moeplan.cost_models.params import layer_params
+from moeplan.cost_models.runtimes import DEEPSPEED_SYNCS, HOST_SYNC_S, operations
 from moeplan.cost_models.workload import Setting, Workload
 from moeplan.profiles.cluster import DTYPE_BYTES, ClusterProfile
 from moeplan.profiles.model import ModelSpec
 
 COMPUTE_PHASES = ("attention", "mlp", "gate", "dispatch", "experts", "combine")
 COMM_PHASES = ("tp_comm", "dispatch_a2a", "es_comm", "combine_a2a")
-# Framework operations per layer (forward, backward) of moeplan's runtime, each paying the
-# device's per-operation overhead. CPU (the torch reference): aten ops, views excluded, counted
-# with a TorchDispatchMode over tiny-pr-moe, torch 2.13 (tests/test_cost_models.py recounts them);
-# experts: 1 + 3·L forward and 5 + 7·L backward for L local experts (a loop).
-RUNTIME_OPS = {"attention": (8, 18), "mlp": (6, 8), "residual_mlp": (11, 19), "gate": (31, 31),
-               "dispatch": (8, 2), "combine": (5, 5), "head": (12, 11)}
-# CUDA (Triton gating / dispatch / combine, one grouped expert GEMM pair): kernel launches and
-# torch ops around them, counted by reading runtime/kernels/triton_moe.py — not yet traced on a
-# GPU (none was available); the other phases launch one kernel per aten op, as on CPU.
-CUDA_OPS = {**RUNTIME_OPS, "gate": (35, 24), "dispatch": (7, 2), "combine": (8, 11),
-            "experts": (4, 8)}
-# CUDA inference (no autograd): the router GEMM and its two casts, the gate's buffers, one
-# Triton launch for the whole routing table and the device-side counts; dispatch and combine
-# each a launch and their index tensors; the experts' grouped GEMMs that skip empty experts,
-# with the device flag — read off kernels/triton_moe.py, not traced on a GPU.
-CUDA_INFER_OPS = {"gate": 15, "dispatch": 6, "combine": 6, "experts": 8}
-# DeepSpeed-MoE (deepspeed/moe/sharded_moe.py, experts.py at 38327e0; Megatron-DeepSpeed's
-# ParallelMLP as the expert): GPU kernels per MoE layer phase (forward, backward). Forward counted
-# with a TorchDispatchMode over DeepSpeed's top-1 TopKGate (CPU, fp32) less the CPU-only capacity
-# scalars: gate 32 with random token selection (27 without: inference, where DeepSpeed-MoE turns
-# it off) + 2 fp16→fp32 casts; dispatch and combine a cast, the einsum's bmm and a copy each;
-# experts chunk + cat around 4 kernels per local expert (`ops`). Backward counts are estimates
-# (autograd nodes of the same ops), not counted.
-DEEPSPEED_OPS = {**CUDA_OPS, "gate": (34, 24), "dispatch": (3, 3), "combine": (3, 3)}
-DEEPSPEED_RTS_OPS = 5  # random token selection: rand, sub, mul, add, mul (not in inference)
-# DeepSpeed 0.5–0.13 (the paper's era) copies the gate's expert counts `.to('cpu')` on every
-# call (v0.6.0 sharded_moe.py:204), draining the launch queue: a PCIe round trip each (assumed
-# 15 µs on A100 hosts, not measured here). Removed in 0.14.
-DEEPSPEED_SYNCS, HOST_SYNC_S = 1, 15e-6
 OPTIMIZER_OPS_PER_TENSOR = 16  # AdamW single-tensor step 10.2, clipping + zero_grad 5.3 (same)
 ADAM_BYTES_PER_PARAM = 28  # read fp16 grad + fp32 master, m, v; write master, m, v and fp16 weight
 
@@ -156,26 +128,9 @@ def capacity(spec: ModelSpec, experts: int, gate_tokens: int, train: bool) -> in
 
 
 def ops(env: Env, name: str, p: Pass, local_experts: int = 0) -> float:
-    """Operations one forward pass of a phase is charged: its forward count for inference; for
-    training a third of forward + backward, since training charges compute phases three
-    passes (see `step.train_layer`)."""
-    train = env.workload.mode == "train"
-    if env.runtime == "deepspeed":
-        if name == "experts":
-            fwd, bwd = 2 + 4 * local_experts, 2 + 8 * local_experts
-        else:
-            fwd, bwd = DEEPSPEED_OPS[name]
-            if name == "gate" and not train:
-                fwd -= DEEPSPEED_RTS_OPS
-    elif env.cluster.device.kind == "gpu":
-        if (p.decode or not train) and name in CUDA_INFER_OPS:
-            return CUDA_INFER_OPS[name]
-        fwd, bwd = CUDA_OPS[name]
-    elif name == "experts":
-        fwd, bwd = 1 + 3 * local_experts, 5 + 7 * local_experts
-    else:
-        fwd, bwd = RUNTIME_OPS[name]
-    return (fwd + bwd) / 3 if train and not p.decode else fwd
+    """Operations one forward pass of a phase is charged (`runtimes.operations`)."""
+    training = env.workload.mode == "train" and not p.decode
+    return operations(env.runtime, env.cluster.device.kind, name, training, local_experts)
 
 
 def fixed_s(env: Env, key: str, p: Pass, local_experts: int = 0) -> float:

@@ -85,6 +85,25 @@ def test_absurd_sizes_end_at_once(run, tmp_path):
     assert divisors(10**12)[:4] == [1, 2, 4, 5] and divisors(36) == [1, 2, 3, 4, 6, 9, 12, 18, 36]
 
 
+def test_hostile_files_are_one_line(run, tmp_path):
+    """Bytes that are not UTF-8, JSON nested 6,000 deep, a FIFO (never opened: it would block),
+    a folder — as a model, a profile and a plan (they were tracebacks or hangs)."""
+    import os
+
+    (tmp_path / "bytes.json").write_bytes(b"\xff\xfe{")
+    (tmp_path / "deep.json").write_text("[" * 6000 + "]" * 6000)
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "dir.json").mkdir()
+    want = {"bytes.json": "is not UTF-8 text", "deep.json": "nests its JSON too deep",
+            "fifo.json": "is not a regular file", "dir.json": "is not a regular file"}
+    for name, message in want.items():
+        for argv in (["search", "--model", name], ["search", "--profile", name],
+                     ["validate", name, name]):
+            code, _, err = run(*argv)
+            assert code == 2 and err.count("\n") == 1, (argv, err)
+            assert message in err or "is a directory" in err, (argv, err)
+
+
 def test_malformed_spec_files(run, tmp_path):
     (tmp_path / "broken.json").write_text("{")
     code, _, err = run("search", "--model", "broken.json")

@@ -34,7 +34,7 @@ def _load_cluster(cluster: str | None, profile: str | None):
     if cluster and profile:
         raise ConfigError("give --cluster or --profile, not both")
     if profile:
-        if not Path(profile).is_file():
+        if not Path(profile).exists():
             raise ConfigError(f"--profile {profile}: no such file")
         return load_cluster(str(Path(profile)))
     return load_cluster(cluster or "ndv4-a100-40gb")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 from typing import TypeVar
 
@@ -35,16 +36,31 @@ def _one_line(err: ValidationError) -> str:
     return f"{where}: {first['msg']}{more}"
 
 
+MAX_SPEC_BYTES = 64 * 2**20  # far above any spec, plan or profile; a larger file is not one
+
+
 def parse_file(path: Path, cls: type[T]) -> T:
-    """Read a JSON file into `cls`; every failure is a one-line `SpecError` naming the file."""
+    """Read a JSON file into `cls`; every failure is a one-line `SpecError` naming the file —
+    also a FIFO or device (never opened: reading one could block for ever), a file too large
+    to be a spec, bytes that are not UTF-8, and JSON nested too deep to parse."""
     try:
-        text = path.read_text()
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise SpecError(f"{path} is not a regular file")
+        if st.st_size > MAX_SPEC_BYTES:
+            raise SpecError(f"{path} is {st.st_size / 2**20:.0f} MiB: too large for a "
+                            f"{cls.__name__}")
+        text = path.read_bytes().decode("utf-8")
     except OSError as e:
         raise SpecError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path} is not UTF-8 text (byte {e.start})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise SpecError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    except RecursionError:
+        raise SpecError(f"{path} nests its JSON too deep to be a {cls.__name__}") from None
     try:
         return cls.model_validate(data)
     except ValidationError as e:
@@ -57,7 +73,7 @@ def _load(name_or_path: str, kind: str, cls: type[T]) -> T:
         return parse_file(builtin, cls)
     path = Path(name_or_path)
     if path.suffix == ".json" or path.exists():
-        if not path.is_file():
+        if not path.exists():
             raise SpecError(f"{kind[:-1]} file {path} does not exist")
         return parse_file(path, cls)
     known = ", ".join(_names(kind))

@@ -34,8 +34,7 @@ from moeplan.planner.planning import Request, fixed_plan
 from moeplan.planner.record import RunRecord
 from moeplan.profiles import ModelSpec, load_cluster, load_model
 
-MOEPLAN = [sys.executable, "-c", "from moeplan.cli.main import main; main()"]
-MOERUN = [sys.executable, "-c", "from moeplan.cli.moerun import main; main()"]
+from bench_accuracy import MOEPLAN, run_once  # noqa: E402  (bench/ is the script's folder)
 
 
 def draw(rng: random.Random) -> dict:
@@ -88,13 +87,11 @@ def profile(work: Path, rnd: int, ranks: int) -> str:
 
 
 def run(plan, path: Path, steps: int) -> RunRecord | str:
-    path.with_suffix(".plan.json").write_text(plan.to_json())
-    r = subprocess.run(MOERUN + ["--plan", str(path.with_suffix(".plan.json")), "--out",
-                                 str(path), "--steps", str(steps), "--warmup", "2"],
-                       capture_output=True, text=True)
-    if r.returncode:
-        return (r.stderr.strip().splitlines() or ["failed"])[-1]
-    return RunRecord.model_validate_json(path.read_text())
+    """One `moerun` of `plan`: its record, or the last line of its error."""
+    plan_path = path.with_suffix(".plan.json")
+    plan_path.write_text(plan.to_json())
+    err = run_once({}, plan_path, path, steps)
+    return err if err else RunRecord.model_validate_json(path.read_text())
 
 
 TERMS = {  # calibration terms compared between profiles: (group, getter)
@@ -112,11 +109,7 @@ TERMS = {  # calibration terms compared between profiles: (group, getter)
     "skew": ("communication", lambda p: p.device.framework.skew),
     "inter_latency_s": ("communication", lambda p: p.inter.latency_s),
 }
-GROUP_FIELDS = {  # what of a profile each group of terms is, for swapping one group at a time
-    "compute": ("peak_flops", "gemm_efficiency", "hbm_Bps", "work"),
-    "framework": ("op_overhead_s", "fixed"),
-    "communication": ("intra", "inter", "fitted", "exchanges", "comm"),
-}
+GROUPS = ("compute", "framework", "communication")  # swapped one at a time (`swap`)
 
 
 def swap(base, other, group: str):
@@ -160,7 +153,7 @@ def between_profiles(profiles: list[dict], configs: list[dict]) -> dict:
         lo, hi = min(values), max(values)
         terms[name] = {"group": group, "values": values,
                        "max_over_min": hi / lo if lo > 0 else None}
-    moves: dict[str, list[float]] = {g: [] for g in GROUP_FIELDS}
+    moves: dict[str, list[float]] = {g: [] for g in GROUPS}
     moves["whole profile"] = []
     for c in configs:
         base = load_cluster(profiles[0][c["ranks"]])
@@ -168,7 +161,7 @@ def between_profiles(profiles: list[dict], configs: list[dict]) -> dict:
         for other_paths in profiles[1:]:
             other = load_cluster(other_paths[c["ranks"]])
             moves["whole profile"].append(headline(plan_of(c, other), c["mode"]) / t0 - 1)
-            for group in GROUP_FIELDS:
+            for group in GROUPS:
                 moves[group].append(headline(plan_of(c, swap(base, other, group)),
                                              c["mode"]) / t0 - 1)
     return {"terms": terms, "prediction_moves": {

@@ -19,7 +19,8 @@ triton = pytest.importorskip("triton")
 
 from moeplan.runtime import gating  # noqa: E402
 from moeplan.runtime.kernels import REFERENCE, select, triton_kernels, use_kernels  # noqa: E402
-from tolerance import assert_close, gpt_chain, magnitude, rounding_atol  # noqa: E402
+from tolerance import (assert_rounding_close, gpt_chain, magnitude,  # noqa: E402
+                       rounding_atol)
 
 TRITON = triton_kernels()
 
@@ -71,15 +72,15 @@ def test_triton_equals_reference(case, T, E, k, cap, H, pad):
     assert ra.dropped == rb.dropped and ra.routed == rb.routed
     # reductions: softmax over E, the aux loss's means over T, the combine's k rows, and in the
     # backward the combine weights' dot products over H
-    assert_close(rb.weight_TK, ra.weight_TK, chain=E)
-    assert_close(rb.aux_loss, ra.aux_loss, chain=T + E)
+    assert_rounding_close(rb.weight_TK, ra.weight_TK, chain=E)
+    assert_rounding_close(rb.aux_loss, ra.aux_loss, chain=T + E)
     assert torch.equal(ba, bb)  # pure data movement: bit for bit
-    assert_close(ob, oa, chain=E + k)  # the weights carry their softmax's rounding
+    assert_rounding_close(ob, oa, chain=E + k)  # the weights carry their softmax's rounding
     # softmax backward p·(g − Σ p·g): its terms are at most 2·max|g|, g the combine weights'
     # gradient plus the aux loss's E·mean(mask)/T
     terms = {0: None, 1: None, 2: 2 * (magnitude(g_weight) + E / max(T, 1))}
     for i, (p, q) in enumerate(zip(ga, gb)):
-        assert_close(q, p, chain=T + E + 2 * k + H, scale=terms[i])
+        assert_rounding_close(q, p, chain=T + E + 2 * k + H, scale=terms[i])
     if case.startswith("capacity") or case.startswith("one expert"):
         assert ra.dropped > 0
     if case == "empty expert":
@@ -107,7 +108,7 @@ def test_whole_model_with_either_implementation():
                                                                abs(results[0][0]))
     scale = max(magnitude(g) for g in results[0][1].values())
     for name, grad in results[0][1].items():
-        assert_close(results[1][1][name], grad, chain, scale)
+        assert_rounding_close(results[1][1][name], grad, chain, scale)
 
 
 def test_selection_picks_the_reference_off_cuda():
@@ -127,12 +128,12 @@ def test_grouped_and_looped_expert_ffn_agree():
     # over each expert's P·C rows
     for add_b2 in (True, False):
         a, b = ffn_loop(x, *ws, add_b2), ffn_grouped(x, *ws, add_b2)
-        assert_close(b, a, chain=H + F_)
+        assert_rounding_close(b, a, chain=H + F_)
         ga = torch.autograd.grad(a.square().sum(), [x, *ws], allow_unused=True)
         gb = torch.autograd.grad(b.square().sum(), [x, *ws], allow_unused=True)
         for p, q in zip(ga, gb):
             if p is not None:
-                assert_close(q, p, chain=2 * (H + F_) + P * C)
+                assert_rounding_close(q, p, chain=2 * (H + F_) + P * C)
 
 
 @pytest.mark.parametrize("case, T, E, k, cap, H, pad", CASES, ids=[c[0] for c in CASES])
@@ -151,7 +152,7 @@ def test_one_launch_inference_gate_equals_reference(case, T, E, k, cap, H, pad):
     assert torch.equal(ra.expert_TK, rb.expert_TK) and torch.equal(ra.keep_TK, rb.keep_TK)
     assert torch.equal(ra.slot_TK[ra.keep_TK], rb.slot_TK[rb.keep_TK])
     assert int(ra.dropped) == int(rb.dropped) and int(ra.routed) == int(rb.routed)
-    assert_close(rb.weight_TK, ra.weight_TK, chain=E + k)  # softmax, then top-2's sum
+    assert_rounding_close(rb.weight_TK, ra.weight_TK, chain=E + k)  # softmax, then top-2's sum
     assert float(rb.aux_loss) == 0.0
 
 
@@ -174,7 +175,7 @@ def test_inference_grouped_ffn_skips_experts_without_tokens():
     assert torch.equal(got[:, 1], torch.zeros_like(got[:, 1]))
     keep = [0, 2]
     # fp32: forward reductions over H then F
-    assert_close(got[:, keep], want[:, keep], chain=H + F_)
+    assert_rounding_close(got[:, keep], want[:, keep], chain=H + F_)
 
 
 def test_generation_on_the_triton_fast_path_equals_the_reference():

@@ -34,7 +34,7 @@ def magnitude(t: torch.Tensor) -> float:
     return float(t.detach().abs().max()) if t.numel() else 0.0
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, chain: int,
+def assert_rounding_close(actual: torch.Tensor, expected: torch.Tensor, chain: int,
                  scale: float | None = None) -> None:
     """`actual` == `expected` up to the rounding of a reduction chain of length `chain`;
     the magnitude is `scale` or else the largest |expected|."""

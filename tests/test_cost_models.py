@@ -206,3 +206,25 @@ def test_runtime_op_counts_match_the_runtime():
         else:
             name = "residual_mlp" if phase == "mlp" and kind else phase
             assert (per_layer, back) == RUNTIME_OPS[name], (kind, phase)
+
+
+def test_attention_charges_every_score_element_of_every_head():
+    """Narrow heads cost more than wide ones at the same hidden: the softmax's work on each of
+    heads/tp · T · ctx score elements (`Device.score_element_s`), on top of the products."""
+    per_element = 2e-9
+    dev = NDV4.device.model_copy(update={"score_element_s": per_element})
+    cluster = NDV4.model_copy(update={"device": dev})
+    s = Setting(tp=2, dp=32, micro_batch=1, recompute=False)
+    p = Pass(tokens=2048, context=2048, decode=False)
+    spec = load_model("1.3b-pr-moe")
+    t = {}
+    for heads in (16, 64):
+        env = _env(cluster=cluster)
+        env = Env(spec.model_copy(update={"heads": heads}), cluster, env.workload, env.gpus)
+        t[heads] = forward(env, s, 0, LayerChoice(1, 1, "none", False), p).phases["attention"]
+    # no measured framework in this profile: no work scale, so the difference is the term itself
+    expected = (64 - 16) / 2 * 2048 * 2048 * per_element
+    assert t[64] - t[16] == pytest.approx(expected, rel=F64_REL)
+    without = forward(_env(), s, 0, LayerChoice(1, 1, "none", False), p).phases["attention"]
+    assert t[16] - without == pytest.approx(16 / 2 * 2048 * 2048 * (per_element - 4.1e-13),
+                                            rel=F64_REL)

@@ -64,7 +64,10 @@ def synthetic_measurements(rng: random.Random) -> dict:
     gemm = [{"flops": 2.0 * m * 256 * 256, "time_s": (2.0 * m * 256 * 256 + 1e6) / 40e9}
             for m in (16, 64, 256, 1024)]
     copy = [{"bytes": s, "time_s": 2e-6 + s / 10e9} for s in sizes]
-    return {"gemm": gemm, "copy": copy, "op_overhead_s": 15e-6, "collectives": coll}
+    scores = [{"elements": n, "time_s": noisy(4e-6 + n * 2e-9, rng)}
+              for n in (8192, 32768, 131072, 262144)]
+    return {"gemm": gemm, "copy": copy, "scores": scores, "op_overhead_s": 15e-6,
+            "collectives": coll}
 
 
 def test_built_profile_round_trips_and_drives_the_search(tmp_path, monkeypatch, capsys):
@@ -77,6 +80,9 @@ def test_built_profile_round_trips_and_drives_the_search(tmp_path, monkeypatch, 
     assert a2a.latency_s == pytest.approx(80e-6, rel=0.2)
     assert prof.intra.latency_s == pytest.approx(30e-6, rel=0.2)
     assert prof.device.peak_flops["fp32"] == pytest.approx(40e9, rel=0.01)
+    assert prof.device.score_element_s == pytest.approx(2e-9, rel=0.1)
+    older = {k: v for k, v in synthetic_measurements(random.Random(2)).items() if k != "scores"}
+    assert build_profile("local-cpu", "old", 2, info, older).device.score_element_s == 0.0
     path = tmp_path / "p.json"
     path.write_text(prof.model_dump_json(indent=2))
     assert ClusterProfile.model_validate_json(path.read_text()) == prof

@@ -241,17 +241,20 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
         return t
 
     def compute(phase: str, flops_s: float, nbytes: float, local_experts: int = 0,
-                serial_bytes: float = 0.0) -> float:
+                serial_bytes: float = 0.0, serial_s: float = 0.0) -> float:
         """Roofline (bound by FLOPs or bytes) plus the bytes of the memory-bound kernels that
-        run after it (`serial_bytes`), times the phase's measured work scale, plus its fixed
-        framework seconds."""
-        roof = roofline_s(flops_s, nbytes, dev, 0.0) + memory_s(serial_bytes, dev)
+        run after it (`serial_bytes`) and other work charged per element (`serial_s`), times
+        the phase's measured work scale, plus its fixed framework seconds."""
+        roof = roofline_s(flops_s, nbytes, dev, 0.0) + memory_s(serial_bytes, dev) + serial_s
         return (env.scales.compute * work_scale(env, f"{kind}.{phase}", p, roof) * roof
                 + fixed(phase, local_experts))
 
+    # the softmax's work on every score element of every head (`Device.score_element_s`)
+    score_s = spec.heads / tp * T * p.context * dev.score_element_s
     ph["attention"] = compute("attention", attn_flops_s,
                               b * (4 * h * h / tp + 2 * T * h) + kv_read,
-                              serial_bytes=elementwise_bytes(env, s, p, "attention"))
+                              serial_bytes=elementwise_bytes(env, s, p, "attention"),
+                              serial_s=score_s)
 
     has_mlp = E == 0 or spec.residual
     if has_mlp:

@@ -417,6 +417,10 @@ def build_profile(base: str, name: str, gpus_per_node: int, info: dict,
     peak, half, r2_g = fit.fit_gemm([r["flops"] for r in m["gemm"]],
                                     [r["time_s"] for r in m["gemm"]])
     bw, _, r2_m = fit.fit_memory([r["bytes"] for r in m["copy"]], [r["time_s"] for r in m["copy"]])
+    score_s, r2_s = 0.0, None  # raw measurements taken before the score sweep: none charged
+    if m.get("scores"):
+        score_s, _, r2_s = fit.fit_per_item([r["elements"] for r in m["scores"]],
+                                            [r["time_s"] for r in m["scores"]], "attention")
     dtype = info["dtype"]
     dev = base_p.device.model_copy(update={
         "name": info["device"], "kind": "gpu" if info["backend"] == "nccl" else "cpu",
@@ -425,11 +429,15 @@ def build_profile(base: str, name: str, gpus_per_node: int, info: dict,
             max_efficiency=1.0, half_flops=half,
             source=f"fitted {where}: {len(m['gemm'])} GEMMs, r2={r2_g:.3f}"),
         "hbm_Bps": bw, "hbm_efficiency": 1.0, "op_overhead_s": m["op_overhead_s"],
+        "score_element_s": score_s,
 
         "memory_bytes": info.get("memory_bytes", base_p.device.memory_bytes),
         "source": f"measured {where}; peak = fitted GEMM throughput (r2={r2_g:.3f}), "
                   f"memory bandwidth from copies (r2={r2_m:.3f}), op overhead from a small "
-                  "autograd op, framework overhead per phase from the runtime's own model"})
+                  "autograd op, "
+                  + (f"work per score element from attention at head dim 4 (r2={r2_s:.3f}), "
+                     if r2_s is not None else "")
+                  + "framework overhead per phase from the runtime's own model"})
     if "framework" in m:
         measured = base_p.model_copy(update={"device": dev})
         roof = {**{size: _roofline(measured, dtype, size) for size in WORK_SIZES},

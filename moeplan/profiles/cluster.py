@@ -115,6 +115,10 @@ class Device(BaseModel):
     hbm_efficiency: float = Field(gt=0, le=1)
     gemm_efficiency: EfficiencyCurve
     op_overhead_s: float = Field(0.0, ge=0)
+    score_element_s: float = Field(
+        0.0, ge=0, description="seconds of attention's work per score element and head in one "
+                               "forward pass (scale, max, exp, sum), beyond its matrix products: "
+                               "what makes many narrow heads cost more than few wide ones")
     framework: FrameworkOverhead | None = None
     source: str = ""
 

@@ -74,10 +74,17 @@ def fit_gemm(flops: list[float], times: list[float]) -> tuple[float, float, floa
     return 1.0 / inv_peak, fixed / inv_peak, f.r2
 
 
+def fit_per_item(items: list[float], times: list[float], what: str
+                 ) -> tuple[float, float, float]:
+    """(seconds per item, per-operation overhead_s, r²) from t = overhead + items·s."""
+    f = fit_nonneg([items, [1.0] * len(items)], times)
+    per_item, overhead = f.coef
+    if per_item <= 0:
+        raise ValueError(f"{what} times do not grow with size; cannot fit a rate")
+    return per_item, overhead, f.r2
+
+
 def fit_memory(nbytes: list[float], times: list[float]) -> tuple[float, float, float]:
     """(bandwidth_Bps, per-operation overhead_s, r²) from t = overhead + bytes/bandwidth."""
-    f = fit_nonneg([nbytes, [1.0] * len(nbytes)], times)
-    inv_bw, overhead = f.coef
-    if inv_bw <= 0:
-        raise ValueError("copy times do not grow with size; cannot fit a bandwidth")
-    return 1.0 / inv_bw, overhead, f.r2
+    per_byte, overhead, r2 = fit_per_item(nbytes, times, "copy")
+    return 1.0 / per_byte, overhead, r2

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from moeplan.files import write_atomic
 from moeplan.runtime.launch import die_with_launcher
@@ -72,6 +73,12 @@ class DeviceSweeps:
             src = torch.empty(n // 4, device=device)
             dst = torch.empty_like(src)
             self.copy[n] = lambda src=src, dst=dst: dst.copy_(src)
+        # attention's work per score element (scale, max, exp, sum): the runtime's attention at a
+        # head dim of 4, where its matrix products are negligible, over 64×64 scores per head
+        self.scores: dict[int, callable] = {}
+        for heads in _sizes(2, 16 if quick else 64):
+            q = torch.randn(1, heads, 64, 4, device=device, dtype=dtype)
+            self.scores[heads * 64 * 64] = lambda q=q: F.scaled_dot_product_attention(q, q, q)
         x = torch.ones(8, device=device, requires_grad=True)
         self.small_op = lambda: (x * 2).sum().backward()
 
@@ -81,19 +88,23 @@ class DeviceSweeps:
             self.pool.add(("gemm", key), self.bench.samples(fn))
         for n, fn in self.copy.items():
             self.pool.add(("copy", n), self.bench.samples(fn))
+        for n, fn in self.scores.items():
+            self.pool.add(("scores", n), self.bench.samples(fn))
         self.pool.add("op", self.bench.samples(self.small_op))
 
     def ratios(self) -> list[float]:
         """Moment ratios of every GEMM and copy size: the device's speed between moments."""
         return self.pool.moment_ratios(k for k in self.pool.samples if k != "op")
 
-    def result(self) -> tuple[list[dict], list[dict], float]:
+    def result(self) -> tuple[list[dict], list[dict], list[dict], float]:
         gemm = [{"m": m, "n": n, "k": k, "flops": 2.0 * m * n * k,
                  "time_s": self.pool.median(("gemm", (m, n, k))),
                  "samples": len(self.pool.samples[("gemm", (m, n, k))])}
                 for m, n, k in self.gemm]
         copy = [{"bytes": 2.0 * n, "time_s": self.pool.median(("copy", n))} for n in self.copy]
-        return gemm, copy, self.pool.median("op") / 4  # mul, sum, and their two backward ops
+        scores = [{"elements": n, "time_s": self.pool.median(("scores", n))} for n in self.scores]
+        # the small op: mul, sum, and their two backward ops
+        return gemm, copy, scores, self.pool.median("op") / 4
 
 
 def _collective(name: str, group, size: int, nbytes: int, device) -> callable:
@@ -274,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             info["topology"] = json.loads(Path(a.topology).read_text())
         if cuda:
             info["memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
-        g, c, ov = sweeps.result()
-        raw = {"gemm": g, "copy": c, "op_overhead_s": ov, "framework": fw,
+        g, c, sc, ov = sweeps.result()
+        raw = {"gemm": g, "copy": c, "scores": sc, "op_overhead_s": ov, "framework": fw,
                "collectives": [r for r in coll if "collective" in r],
                "exchanges": [r for r in coll if "algorithm" in r],
                "in_situ": situ.result(samples), "spread": spread}

@@ -50,7 +50,7 @@ def synthetic_tables(fwd: dict, bwd: dict, infer: dict, per_local: tuple, scale:
         out["f:head:head"], out["b:head:head"] = fwd["head"], bwd["head"]
         return out
 
-    tokens = {"fixed": 7, "work": 15, "work2": 15}
+    tokens = {"fixed": 7, "work": 15, "work2": 15, "work3": 15}
 
     def decoded(size: str) -> dict:
         """Decode tables: the fixed part per token, plus `dscale[phase]` × the decode roofline
@@ -71,7 +71,7 @@ def synthetic_tables(fwd: dict, bwd: dict, infer: dict, per_local: tuple, scale:
     return {"train": table("train"), **{w: table(w) for w in WORK_SIZES},
             "work_all_ranks": {k: 3.0 * v for k, v in table("work").items()},
             "skew": 0.05, "infer_fixed": decoded("fixed"), "infer": inf,
-            "infer_work2": decoded("work2"),
+            "infer_work2": decoded("work2"), "infer_work3": decoded("work3"),
             "infer_all_ranks": {k: 2.0 * v for k, v in inf.items()},
             "decode_tokens": tokens,
             "optimizer": [(40 * 50e-6 + 1_000 * 2e-9, 1_000), (40 * 50e-6 + 500_000 * 2e-9,
@@ -114,8 +114,8 @@ def test_fits_recover_work_scales_contention_and_optimizer_costs(fitted):
     for key, ph in (("dense.attention", "attention"), ("dense.mlp", "mlp"),
                     ("moe.experts", "experts")):
         pts = fw.phases[key].work_points
-        assert len(pts) == len(WORK_SIZES) and pts[0][0] < pts[1][0]
-        assert [s for _, s in pts] == pytest.approx([scale[ph]] * 2, rel=1e-6)
+        assert len(pts) == len(WORK_SIZES) and all(a[0] < b[0] for a, b in zip(pts, pts[1:]))
+        assert [s for _, s in pts] == pytest.approx([scale[ph]] * len(WORK_SIZES), rel=1e-6)
     assert fw.phases["moe.gate"].work_scale == 1.0  # measured no more than the roofline
     assert fw.contention == pytest.approx(3.0, rel=F64_REL) and fw.cores == 2 and fw.ranks == 4
     assert fw.decode_contention == pytest.approx(2.0, rel=F64_REL)
@@ -127,10 +127,10 @@ def test_fits_recover_decode_work_scales_from_decoding_at_every_size(fitted):
     fw, _, _, infer, _, _ = fitted
     for key, ph in (("dense.mlp", "mlp"), ("moe.experts", "experts"), ("head", "head")):
         pts = fw.phases[key].decode_points
-        assert len(pts) == len(WORK_SIZES) and pts[0][0] < pts[1][0]
-        assert [s for _, s in pts] == pytest.approx([DECODE_SCALE[ph]] * 2, rel=1e-6)
+        assert len(pts) == len(WORK_SIZES) and all(a[0] < b[0] for a, b in zip(pts, pts[1:]))
+        assert [s for _, s in pts] == pytest.approx([DECODE_SCALE[ph]] * len(WORK_SIZES), rel=1e-6)
         assert fw.phases[key].infer_s == pytest.approx(infer[ph], rel=F64_REL)  # the smallest size's
-    assert [s for _, s in fw.phases["dense.attention"].decode_points] == [1.0, 1.0]
+    assert [s for _, s in fw.phases["dense.attention"].decode_points] == [1.0] * len(WORK_SIZES)
     cluster = load_cluster("local-cpu")
     env = env_with(cluster, fw, mode="infer")
     x, y = fw.phases["moe.experts"].decode_points[0]
@@ -146,7 +146,8 @@ def test_profiles_decoded_at_one_size_still_build():
     fwd = {ph: 100e-6 for ph in names}
     tables = synthetic_tables(fwd, fwd, fwd, (0, 0, 0), {}, {**roof, **{
         "decode:" + w: {} for w in WORK_SIZES}}, {})
-    old = {k: v for k, v in tables.items() if k not in ("infer_fixed", "infer_work2")}
+    old = {k: v for k, v in tables.items()
+           if k not in ("infer_fixed", "infer_work2", "infer_work3")}
     old["decode_tokens"] = 15
     fw = framework_overhead(old, roof, 4, "test")
     assert fw.phases["dense.mlp"].infer_s == pytest.approx(100e-6, rel=F64_REL)

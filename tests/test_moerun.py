@@ -1,6 +1,6 @@
-"""`moerun` end to end: torchrun launch on 2 CPU ranks, run.json, checkpoints, errors, dead ranks.
+"""`moerun` end to end: a launch of 2 CPU ranks, run.json, checkpoints, errors, dead ranks.
 
-The launches are real (torch.distributed.run starting gloo workers); each costs a few seconds, so
+The launches are real (`runtime.launch` starting gloo workers); each costs a few seconds, so
 the module makes one plan and one checkpoint and reuses them.
 """
 
@@ -322,6 +322,36 @@ def test_validate_says_whether_the_run_fell_inside_the_band(work, monkeypatch, c
     assert ("inside the predicted p10-p90 band" in out) == band["inside"]
 
 
+def _listening(pids: list[int]) -> list[str]:
+    """Local addresses ("ip:port") of the TCP sockets the processes `pids` listen on (Linux
+    /proc: each process's socket inodes matched against /proc/net/tcp and tcp6)."""
+    import socket
+    import struct
+
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    out = []
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] != "0A" or f[9] not in inodes:  # 0A: LISTEN
+                continue
+            hexaddr, port = f[1].split(":")
+            raw = bytes.fromhex(hexaddr)
+            # /proc prints the address as 32-bit words in host order
+            raw = b"".join(struct.pack("=I", int.from_bytes(raw[i:i + 4], "big"))
+                           for i in range(0, len(raw), 4))
+            out.append(f"{socket.inet_ntop(family, raw)}:{int(port, 16)}")
+    return out
+
+
 def _ranks_running(marker: str) -> list[int]:
     """Pids of live processes whose command line contains `marker`."""
     pids = []
@@ -340,7 +370,7 @@ def _ranks_running(marker: str) -> list[int]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
 def test_ranks_die_with_a_killed_launcher(work, tmp_path):
     """SIGKILL of `moerun` mid-run: its ranks end too (no orphan keeps training and later
-    writes --out), within seconds."""
+    writes --out), within seconds. While it runs, it listens on loopback only."""
     import signal
     import time
 
@@ -352,7 +382,12 @@ def test_ranks_die_with_a_killed_launcher(work, tmp_path):
     for line in proc.stdout:  # the ranks are training
         if line.startswith("step 2/"):
             break
-    assert _ranks_running(str(out)), "no rank found"
+    ranks = _ranks_running(str(out))
+    assert ranks, "no rank found"
+    # a single-host job listens on loopback only: its store, gloo's pairs (issue: a stranger on
+    # the network could set keys in a store open on every interface)
+    listening = _listening([proc.pid, *ranks])
+    assert listening and all(a.startswith(("127.0.0.1:", "::1:")) for a in listening), listening
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 20

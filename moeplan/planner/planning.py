@@ -77,6 +77,10 @@ def _check(spec: ModelSpec, cluster: ClusterProfile, r: Request) -> None:
             raise ConfigError("--prompt-len/--gen-len apply to --mode infer; use --seq-len for training")
         if (r.seq_len or spec.max_seq_len) > spec.max_seq_len:
             raise ConfigError(f"--seq-len {r.seq_len} exceeds {spec.name}'s {spec.max_seq_len} positions")
+        batch = r.global_batch or DEFAULT_TRAIN_BATCH
+        if r.micro_batch is not None and batch % r.micro_batch:
+            raise ConfigError(f"--global-batch {batch} is not a multiple of --micro-batch "
+                              f"{r.micro_batch}")
     else:
         if r.micro_batch is not None:
             raise ConfigError("--micro-batch applies to training; for inference set --global-batch "

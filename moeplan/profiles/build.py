@@ -114,8 +114,8 @@ PROBE_EXPERTS = (0, 2, 4)  # a dense layer, then MoE layers with 2 and 4 local e
 # (hidden, heads, ffn, batch, sequence): at "fixed" all is framework; at "work" the arithmetic
 # shows how far each phase's kernels run from the GEMM/bandwidth roofline
 PROBE_SIZES = {"fixed": (8, 2, 16, 1, 8), "work": (64, 4, 256, 4, 64),
-               "work2": (128, 4, 512, 4, 64)}
-WORK_SIZES = ("work", "work2")
+               "work2": (128, 4, 512, 4, 64), "work3": (256, 8, 1024, 4, 64)}
+WORK_SIZES = ("work", "work2", "work3")
 
 
 def decode_shape(size: str) -> tuple[int, int]:
@@ -301,7 +301,8 @@ def in_situ_medians(measured: dict) -> dict:
                            for mode in samples[0]}}
 
 
-DECODE_TABLES = {"fixed": "infer_fixed", "work": "infer", "work2": "infer_work2"}
+DECODE_TABLES = {"fixed": "infer_fixed", "work": "infer", "work2": "infer_work2",
+                 "work3": "infer_work3"}
 
 
 def framework_overhead(fw: dict, roofline: dict[str, dict[str, float]], ranks: int,

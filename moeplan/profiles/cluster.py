@@ -25,7 +25,7 @@ class EfficiencyCurve(BaseModel):
     tile-bound, large ones approach `max_efficiency`. `moeplan profile` fits both parameters.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     max_efficiency: float = Field(gt=0, le=1)
     half_flops: float = Field(ge=0)
@@ -36,7 +36,7 @@ class PhaseOverhead(BaseModel):
     """Fixed seconds of one layer phase: forward and backward of a training pass (autograd on),
     and one inference forward (no autograd)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     forward_s: float = Field(ge=0)
     backward_s: float = Field(ge=0)
@@ -62,7 +62,7 @@ class FrameworkOverhead(BaseModel):
     LM head and loss. Where a profile has none, the cost model charges counted operations times
     `op_overhead_s` instead."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     phases: dict[str, PhaseOverhead]
     optimizer_tensor_s: float = Field(ge=0, description="AdamW step, gradient clipping and "
@@ -102,7 +102,7 @@ class FrameworkOverhead(BaseModel):
 
 
 class Device(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: str
     kind: Literal["gpu", "cpu"] = Field(
@@ -130,7 +130,7 @@ class Device(BaseModel):
 class LinkTier(BaseModel):
     """One tier of the interconnect: per-port unidirectional bandwidth, per-message latency."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: str
     bandwidth_Bps: float = Field(gt=0)
@@ -142,7 +142,7 @@ class LinkTier(BaseModel):
 class FittedCollective(BaseModel):
     """alpha-beta fit of one collective on one tier, measured by `moeplan profile`."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     collective: Literal["allreduce", "allgather", "reduce_scatter", "all_to_all"]
     tier: Literal["intra", "inter"]
@@ -158,7 +158,7 @@ class ExchangeScale(BaseModel):
     part + transfer_scale · transfer part (`cost_models.collectives.*_parts`) back to back;
     after the links have idled, down to the `rested_*` fit by at most `credit_s`."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     algorithm: Literal["flat", "hierarchical"]
     group_size: int = Field(gt=1)
@@ -189,7 +189,7 @@ class Spread(BaseModel):
     measured profile takes the first three from its moments (each moment's median over the
     pooled median); a built-in one states them as assumptions."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     p10: float = Field(gt=0, le=1)
     p90: float = Field(ge=1)
@@ -197,7 +197,7 @@ class Spread(BaseModel):
 
 
 class ClusterProfile(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: str
     description: str = ""

@@ -18,7 +18,7 @@ class Distillation(BaseModel):
     loss = CE + alpha · KL(teacher ‖ student) · T², and KD is switched off after `stop_step`.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     teacher: str
     alpha: float = Field(1.0, ge=0)
@@ -37,7 +37,7 @@ class ModelSpec(BaseModel):
     `residual` makes every MoE layer a Residual-MoE: out = moe(x)·c0 + mlp(x)·c1.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: str
     description: str = ""

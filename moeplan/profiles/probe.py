@@ -186,6 +186,7 @@ class Framework:
         self.train_cases = {"train": (fixed_step, inner, True),
                             "work": (self.work_step, max(2, inner // 5), True),
                             "work2": (_trainer(b, "work2"), max(2, inner // 10), True),
+                            "work3": (_trainer(b, "work3"), max(2, inner // 20), True),
                             "work_all_ranks": (self.work_step, max(2, inner // 5), False)}
         # decoding at every probe size: the fixed part and how decode kernels compare with the
         # roofline (the "work" size also on every rank at once: decode contention)
@@ -194,6 +195,7 @@ class Framework:
         self.decode_cases = {"infer_fixed": (_decoder(b, "fixed"), n, True),
                              "infer": (work_decode, n, True),
                              "infer_work2": (_decoder(b, "work2"), n, True),
+                             "infer_work3": (_decoder(b, "work3"), n, True),
                              "infer_all_ranks": (work_decode, n, False)}
         self.steps = []  # (step function, parameters) of one optimizer step at both probe sizes
         idx = torch.zeros(1, 9, dtype=torch.long, device=b.device)
@@ -228,7 +230,8 @@ class Framework:
         size and the optimizer; communication — the in-step samples' all-to-all and gradient
         sync (one sample a moment)."""
         keys = self.pool.samples
-        work = [k for k in keys if k[0] in ("work", "work2", "infer", "infer_work2")]
+        work = [k for k in keys if k[0] in ("work", "work2", "work3", "infer", "infer_work2",
+                                             "infer_work3")]
         fixed = [k for k in keys if k[0] in ("train", "infer_fixed", "optimizer")]
         def situ(figures) -> list[float]:
             out = []

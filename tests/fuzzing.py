@@ -1,0 +1,255 @@
+"""Hostile input for every loader and option: the strategies and the one check they all share.
+
+Used by tests/test_fuzz.py (a few examples per target, in `.ci/run`) and bench/fuzz.py (many).
+A target is a CLI entry point called in this process with a file or option drawn by hypothesis;
+the promise: exit code 0, or 2 with exactly one line on stderr, within a time bound, and nothing
+but the named output written. `outcome` sorts what happened into clean / traceback / hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hypothesis import strategies as st
+
+from moeplan.profiles import load_cluster, load_model
+
+LIMIT_S = 20.0  # one call: a bound far above any clean answer here (< 2 s), far below a hang
+
+
+class Hang(Exception):
+    pass
+
+
+@dataclass
+class Outcome:
+    rc: int | None
+    err: str
+    seconds: float
+    kind: str  # clean | traceback | hang
+    why: str = ""
+
+
+def _alarm(_signum, _frame):
+    raise Hang()
+
+
+def outcome(main, argv: list[str], cwd: Path, limit_s: float = LIMIT_S) -> Outcome:
+    """Run `main()` (a CLI entry point) with `argv` in `cwd`, bounded by `limit_s` (SIGALRM)."""
+    out, err = io.StringIO(), io.StringIO()
+    old_argv, old_cwd = sys.argv, os.getcwd()
+    sys.argv = ["prog", *argv]
+    os.chdir(cwd)
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, limit_s)
+    t0 = time.perf_counter()
+    rc, why = None, ""
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+        rc = 0
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Hang:
+        return Outcome(None, err.getvalue(), time.perf_counter() - t0, "hang", "over the limit")
+    except BaseException as e:  # escaped the CLI's error handling: a traceback for the user
+        why = f"{type(e).__name__}: {e}"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        sys.argv = old_argv
+        os.chdir(old_cwd)
+    seconds = time.perf_counter() - t0
+    text = err.getvalue()
+    lines = [line for line in text.splitlines() if line.strip()]
+    if why:
+        return Outcome(None, text, seconds, "traceback", why)
+    if rc == 0 or (rc == 2 and len(lines) == 1):
+        return Outcome(rc, text, seconds, "clean")
+    return Outcome(rc, text, seconds, "traceback",
+                   f"rc {rc} with {len(lines)} stderr lines: {text[-300:]!r}")
+
+
+# ---- hostile values and documents ----
+
+HOSTILE_NUMBERS = st.one_of(
+    st.sampled_from([0, -1, 1, 2, 3, 2**31, 2**63, 10**30, -(2**63), 0.0, -0.0, 0.5, 1e-300,
+                     1e308, math.inf, -math.inf, math.nan]),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True))
+HOSTILE_VALUES = st.one_of(
+    HOSTILE_NUMBERS, st.none(), st.booleans(), st.text(max_size=12),
+    st.lists(st.one_of(st.integers(min_value=-3, max_value=2**33), st.text(max_size=3)),
+             max_size=6),
+    st.dictionaries(st.text(max_size=6), st.integers(), max_size=3))
+
+
+def _paths(doc, prefix=()) -> list[tuple]:
+    """Every key path of a JSON document (lists by index, at most 8 items deep)."""
+    out = []
+    items = (doc.items() if isinstance(doc, dict)
+             else enumerate(doc[:8]) if isinstance(doc, list) else [])
+    for k, v in items:
+        out.append(prefix + (k,))
+        out += _paths(v, prefix + (k,))
+    return out
+
+
+def _set(doc, path: tuple, value, delete: bool):
+    node = doc
+    for k in path[:-1]:
+        node = node[k]
+    if delete and isinstance(node, dict):
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+
+
+@st.composite
+def mutated(draw, base: dict, max_changes: int = 3) -> str:
+    """`base` with 1..max_changes keys set to hostile values, deleted or added (JSON text, with
+    NaN and Infinity written as Python's json writes them)."""
+    doc = json.loads(json.dumps(base))
+    for _ in range(draw(st.integers(min_value=1, max_value=max_changes))):
+        paths = _paths(doc)
+        what = draw(st.sampled_from(["set", "set", "set", "delete", "add"]))
+        if what == "add" or not paths:
+            doc[draw(st.text(min_size=1, max_size=8))] = draw(HOSTILE_VALUES)
+        else:
+            path = draw(st.sampled_from(paths))
+            _set(doc, path, draw(HOSTILE_VALUES), delete=what == "delete")
+    return json.dumps(doc)
+
+
+def raw_bytes() -> st.SearchStrategy[bytes]:
+    """Files that are not documents: arbitrary bytes, truncated or deeply nested JSON."""
+    return st.one_of(st.binary(max_size=200),
+                     st.integers(min_value=1, max_value=20000).map(
+                         lambda n: b"[" * n + b"]" * n),
+                     st.text(max_size=60).map(lambda t: t.encode("utf-8", "surrogatepass")))
+
+
+def model_base() -> dict:
+    return json.loads(load_model("tiny-pr-moe").model_dump_json())
+
+
+def cluster_base() -> dict:
+    return json.loads(load_cluster("local-cpu").model_dump_json())
+
+
+# what `moeplan search` takes besides files: (option, values drawn for it)
+SEARCH_OPTIONS = {
+    "--gpus": st.one_of(st.integers(min_value=-4, max_value=2**40), st.text(max_size=6)),
+    "--global-batch": st.one_of(st.integers(min_value=-2, max_value=2**64), st.text(max_size=6)),
+    "--micro-batch": st.integers(min_value=-2, max_value=2**40),
+    "--seq-len": st.integers(min_value=-2, max_value=2**40),
+    "--prompt-len": st.integers(min_value=-2, max_value=2**40),
+    "--gen-len": st.integers(min_value=-2, max_value=2**40),
+    "--routing-skew": st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                                st.text(max_size=6)),
+    "--slo-ms": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6)),
+    "--simulate-top": st.integers(min_value=-2, max_value=2**40),
+    "--mode": st.sampled_from(["train", "infer", "", "x"]),
+    "--runtime": st.sampled_from(["moerun", "deepspeed", "DeepSpeed"]),
+    "--zero": st.sampled_from(["0", "1", "2", "3", "-1"]),
+    "--fix": st.one_of(
+        st.tuples(st.sampled_from(["tp", "ep", "es", "edp", "a2a", "tp-coordinated",
+                                   "micro-batch", "recompute", "x", ""]),
+                  st.one_of(st.integers(min_value=-3, max_value=2**40).map(str),
+                            st.sampled_from(["flat", "hierarchical", "true", "false", "nan",
+                                             ""]))).map(lambda kv: f"{kv[0]}={kv[1]}"),
+        st.text(max_size=10)),
+    "--out": st.sampled_from(["", ".", "/", "sub/none/p.json", "p.json", "-"]),
+}
+
+
+@st.composite
+def search_options(draw) -> list[str]:
+    """A `moeplan search` command line for tiny-pr-moe with 1-4 options drawn hostile."""
+    argv = ["search", "--model", "tiny-pr-moe", "--cluster", "local-cpu", "--gpus", "4",
+            "--global-batch", "8", "--seq-len", "32", "--simulate-top", "2", "--json"]
+    names = draw(st.lists(st.sampled_from(sorted(SEARCH_OPTIONS)), min_size=1, max_size=4,
+                          unique=True))
+    for name in names:
+        argv += [name, str(draw(SEARCH_OPTIONS[name]))]
+    return argv
+
+
+# ---- the targets: (what is drawn, how it is fed to the CLI) ----
+
+MOEPLAN_SEARCH = ["--cluster", "local-cpu", "--gpus", "4", "--global-batch", "8", "--seq-len",
+                  "32", "--simulate-top", "2", "--json", "--out", "plan.out.json"]
+
+
+def _file(work: Path, name: str, content: str | bytes) -> str:
+    path = work / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(path)
+
+
+def prepare(work: Path) -> None:
+    """A plan of tiny-pr-moe for 2 ranks and one real `moerun` of it (plan.json, run.json):
+    the documents the plan and run targets mutate."""
+    import subprocess
+
+    from moeplan.cli.main import main as moeplan_main
+
+    o = outcome(moeplan_main, ["search", "--model", "tiny-pr-moe", "--cluster", "local-cpu",
+                               "--gpus", "2", "--global-batch", "8", "--seq-len", "32",
+                               "--out", "plan.json"], work)
+    assert o.rc == 0, o
+    r = subprocess.run([sys.executable, "-c", "from moeplan.cli.moerun import main; main()",
+                        "--plan", "plan.json", "--steps", "2", "--out", "run.json"], cwd=work,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
+def targets(work: Path) -> dict:
+    """name → (strategy, feed(drawn) → Outcome). `work` holds plan.json and run.json
+    (`prepare`)."""
+    from moeplan.cli.main import main as moeplan_main
+    from moeplan.cli.moerun import main as moerun_main
+
+    plan = json.loads((work / "plan.json").read_text())
+    run = json.loads((work / "run.json").read_text())
+    doc = lambda base: st.one_of(mutated(base), raw_bytes())  # noqa: E731
+
+    def model(text):
+        path = _file(work, "fuzz-model.json", text)
+        return outcome(moeplan_main, ["search", "--model", path, *MOEPLAN_SEARCH], work)
+
+    def cluster(text):
+        path = _file(work, "fuzz-cluster.json", text)
+        argv = ["search", "--model", "tiny-pr-moe", "--profile", path, *MOEPLAN_SEARCH[2:]]
+        return outcome(moeplan_main, argv, work)
+
+    def plan_validate(text):
+        path = _file(work, "fuzz-plan.json", text)
+        return outcome(moeplan_main, ["validate", path, "run.json"], work)
+
+    def plan_moerun(text):
+        path = _file(work, "fuzz-plan.json", text)
+        return outcome(moerun_main, ["--plan", path, "--print-torchrun"], work)
+
+    def run_validate(text):
+        path = _file(work, "fuzz-run.json", text)
+        return outcome(moeplan_main, ["validate", "plan.json", path], work)
+
+    def search(argv):
+        return outcome(moeplan_main, argv, work)
+
+    return {"model spec": (doc(model_base()), model),
+            "cluster profile": (doc(cluster_base()), cluster),
+            "plan (validate)": (doc(plan), plan_validate),
+            "plan (moerun)": (doc(plan), plan_moerun),
+            "run record": (doc(run), run_validate),
+            "search options": (search_options(), search)}

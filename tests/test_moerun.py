@@ -123,6 +123,34 @@ def test_malformed_and_foreign_plans(work, monkeypatch, capsys, tmp_path):
     assert code == 2 and "is of another model: hidden 128 there, 64 in the plan" in err
 
 
+def _moe(plan: dict) -> dict:
+    return next(layer for layer in plan["layers"] if layer["kind"] == "moe")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: _moe(p).update(ep=0), "layers.1.ep: Input should be greater than 0"),
+    (lambda p: _moe(p).update(ep=-1, edp=-2), "layers.1.ep: Input should be greater than 0"),
+    (lambda p: p["workload"].update(seq_len=4096), "exceeds the model's max_seq_len"),
+    (lambda p: p["model"].update(vocab_size=2), "moerun trains and decodes bytes"),
+    # one data-parallel rank's worth of sequences for two ranks: zero micro-steps each
+    (lambda p: p["workload"].update(global_batch=p["workload"]["micro_batch"]),
+     "is not a multiple of dp 2"),
+    (lambda p: p["model"].update(capacity_factor=float("inf")), "finite number"),
+])
+def test_plans_a_rank_could_not_run_are_refused_before_any_starts(work, monkeypatch, capsys,
+                                                                   tmp_path, change, message):
+    """Each once ended inside the ranks (ZeroDivisionError, IndexError, zero micro-steps with
+    loss 0.0) or was accepted: now one line, exit code 2, nothing started."""
+    d, _ = work
+    monkeypatch.chdir(tmp_path)
+    plan = json.loads((d / "plan.json").read_text())
+    change(plan)
+    Path("p.json").write_text(json.dumps(plan))
+    code, _, err = invoke(moerun_cli, ["--plan", "p.json", "--print-torchrun"], monkeypatch,
+                          capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_print_torchrun(work, monkeypatch, capsys):
     d, _ = work
     monkeypatch.chdir(d)
@@ -472,3 +500,28 @@ def test_validate_refuses_an_inconsistent_run(work, tmp_path, monkeypatch, capsy
     code, _, err = invoke(moeplan_cli, ["validate", str(d / "plan.json"), str(bad)],
                           monkeypatch, capsys)
     assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_a_diverged_loss_is_written_read_and_shown(work, capsys):
+    """A NaN loss was written as null, then reading the run back crashed: null is "not finite"
+    and the run still loads, validates and prints."""
+    from moeplan.cli.render import print_comparison
+
+    d, _ = work
+    run = RunRecord.model_validate_json((d / "run.json").read_text())
+    diverged = run.model_copy(update={"losses": [2.0, float("nan")], "eval_loss": float("inf")})
+    back = RunRecord.model_validate_json(diverged.model_dump_json())
+    assert back.losses == [2.0, None] and back.eval_loss is None
+    print_comparison(Plan.model_validate_json((d / "plan.json").read_text()), back, None)
+    out = capsys.readouterr().out
+    assert "loss 2.0000 -> not finite" in out and "the loss diverged" in out
+
+
+def test_resuming_says_what_starts_again(work, monkeypatch, capsys):
+    """--load takes weights only (the manifest's step is not resumed): moerun says so."""
+    d, _ = work
+    monkeypatch.chdir(d)
+    code, _, err = invoke(moerun_cli, ["--plan", "plan.json", "--load", "ckpt",
+                                       "--print-torchrun"], monkeypatch, capsys)
+    assert code == 0 and "--load takes the weights of step 3" in err
+    assert "start again from step 0" in err

@@ -17,6 +17,8 @@ import click
 from moeplan.cli.errors import run
 from moeplan.errors import ConfigError
 
+BYTE_VOCAB = 256  # runtime/data.py: the corpus is bytes
+
 
 def _load_plan(path: str, mode: str | None):
     """(plan to run, whether it was re-costed for `mode`)."""
@@ -89,10 +91,18 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
     world = plan.cluster.gpus
     if nproc is not None and nproc != world:
         raise ConfigError(f"plan {plan_path} is for {world} ranks, --nproc is {nproc}")
+    if plan.model.vocab_size < BYTE_VOCAB:
+        raise ConfigError(f"moerun trains and decodes bytes ({BYTE_VOCAB} symbols); the plan's "
+                          f"model has vocab_size {plan.model.vocab_size}")
     if load:
         from moeplan.runtime.checkpoint import check_model, read_manifest
 
-        check_model(read_manifest(load), plan.model, load)
+        manifest = read_manifest(load)
+        check_model(manifest, plan.model, load)
+        if mode == "train" and manifest.get("step"):
+            click.echo(f"moerun: note: --load takes the weights of step {manifest['step']}; the "
+                       "optimizer state, learning-rate schedule and data order start again "
+                       "from step 0", err=True)
     if save is not None:
         from moeplan.runtime.checkpoint import check_save_target
 

@@ -3,6 +3,8 @@ the plan and the search result."""
 
 from __future__ import annotations
 
+import math
+
 from collections import OrderedDict
 
 from moeplan.planner.diagnose import describe_layers
@@ -217,8 +219,13 @@ def print_comparison(p: Plan, record, out: str | None) -> None:
     con.print(f"peak memory {_bytes(m.peak_memory_bytes)} ({m.memory_kind}); predicted "
               f"{_bytes(p.predicted.memory_per_gpu_bytes)} per GPU")
     if record.losses:
-        con.print(f"loss {record.losses[0]:.4f} -> {record.losses[-1]:.4f} over "
-                  f"{len(record.losses)} steps; held-out loss {record.eval_loss:.4f}")
+        def loss(v: float | None) -> str:
+            return "not finite" if v is None or not math.isfinite(v) else f"{v:.4f}"
+
+        con.print(f"loss {loss(record.losses[0])} -> {loss(record.losses[-1])} over "
+                  f"{len(record.losses)} steps; held-out loss {loss(record.eval_loss)}")
+        if any(v is None or not math.isfinite(v) for v in record.losses):
+            con.print("the loss diverged (not finite at some step): lower --lr")
     if out:
         con.print(f"wrote {out}")
 

@@ -66,9 +66,9 @@ class LayerPlan(_Frozen):
     index: int = Field(gt=0, description="1-based layer number")
     kind: Literal["dense", "moe"]
     experts: int | None = None
-    ep: int | None = None
-    es: int | None = None
-    edp: int | None = None
+    ep: int | None = Field(None, gt=0)
+    es: int | None = Field(None, gt=0)
+    edp: int | None = Field(None, gt=0)
     a2a: Literal["flat", "hierarchical"] | None = None
     a2a_tp_coordinated: bool | None = None
     predicted: LayerPrediction
@@ -138,6 +138,13 @@ class Plan(_Frozen):
             raise ValueError(f"tp {self.parallel.tp} × dp {self.parallel.dp} != {N} GPUs")
         if len(self.layers) != self.model.num_layers:
             raise ValueError(f"{len(self.layers)} layers for a {self.model.num_layers}-layer model")
+        w = self.workload
+        if w.seq_len > self.model.max_seq_len:
+            raise ValueError(f"workload seq_len {w.seq_len} exceeds the model's max_seq_len "
+                             f"{self.model.max_seq_len}")
+        if w.global_batch % (self.parallel.dp * w.micro_batch):
+            raise ValueError(f"global_batch {w.global_batch} is not a multiple of dp "
+                             f"{self.parallel.dp} × micro_batch {w.micro_batch}")
         for i, layer in enumerate(self.layers, start=1):
             E = self.model.experts[i - 1]
             if layer.index != i or (layer.kind == "moe") != (E > 0):

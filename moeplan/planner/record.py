@@ -61,7 +61,8 @@ class RunRecord(BaseModel):
     warmup_steps: int
     measured: Measured
     layers: list[LayerMeasure]
-    losses: list[float] = []
+    # a loss that was not finite (the run diverged) is written and read as null
+    losses: list[float | None] = []
     eval_loss: float | None = None
     comparison: list[Comparison] = []
 

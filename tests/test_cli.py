@@ -104,6 +104,46 @@ def test_hostile_files_are_one_line(run, tmp_path):
             assert message in err or "is a directory" in err, (argv, err)
 
 
+def _local_cpu() -> dict:
+    from moeplan.profiles import load_cluster
+
+    return json.loads(load_cluster("local-cpu").model_dump_json())
+
+
+def _tiny() -> dict:
+    from moeplan.profiles import load_model
+
+    return json.loads(load_model("tiny-pr-moe").model_dump_json())
+
+
+@pytest.mark.parametrize("flag, doc, change, message", [
+    ("--profile", _local_cpu, lambda d: d["device"]["peak_flops"].update(fp32=0),
+     "peak_flops.fp32: Input should be greater than 0"),
+    ("--profile", _local_cpu, lambda d: d["device"]["peak_flops"].update(fp32=-1e12),
+     "peak_flops.fp32: Input should be greater than 0"),
+    ("--profile", _local_cpu, lambda d: d.update(nics_per_node=10**15),
+     "nics_per_node: Input should be less than or equal to 1024"),
+    ("--profile", _local_cpu, lambda d: d["inter"].update(bandwidth_Bps=float("inf")),
+     "finite number"),
+    ("--model", _tiny, lambda d: d.update(capacity_factor=float("inf")), "finite number"),
+    ("--model", _tiny, lambda d: d.update(eval_capacity_factor=float("nan")), "finite number"),
+    ("--model", _tiny, lambda d: d.update(aux_loss_coef=float("inf")), "finite number"),
+    ("--model", _tiny, lambda d: d.update(name="evil\x1b[31m\x07"),
+     "name: String should match pattern"),
+])
+def test_nonsense_in_files_is_one_line(run, tmp_path, flag, doc, change, message):
+    """Each was a traceback (ZeroDivisionError, MemoryError building the topology), silently
+    accepted, or printed raw to the terminal (escape sequences in a name)."""
+    d = doc()
+    change(d)
+    (tmp_path / "f.json").write_text(json.dumps(d))
+    code, _, err = run(*(["search", "--gpus", "2", flag, "f.json"]
+                         + (["--model", "tiny-pr-moe"] if flag == "--profile" else
+                            ["--cluster", "local-cpu"])))
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert "\x1b" not in err
+
+
 def test_malformed_spec_files(run, tmp_path):
     (tmp_path / "broken.json").write_text("{")
     code, _, err = run("search", "--model", "broken.json")

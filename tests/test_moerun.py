@@ -136,6 +136,9 @@ def _moe(plan: dict) -> dict:
     (lambda p: p["workload"].update(global_batch=p["workload"]["micro_batch"]),
      "is not a multiple of dp 2"),
     (lambda p: p["model"].update(capacity_factor=float("inf")), "finite number"),
+    (lambda p: p["workload"].update(global_batch=10**9), "moerun runs at most 1,048,576"),
+    (lambda p: _moe(p).update(ep=1, es=2, edp=1), "expert slicing (es 2) needs every expert"),
+    (lambda p: p["model"].update(name="evil\x1b[31m"), "name: String should match pattern"),
 ])
 def test_plans_a_rank_could_not_run_are_refused_before_any_starts(work, monkeypatch, capsys,
                                                                    tmp_path, change, message):
@@ -525,3 +528,39 @@ def test_resuming_says_what_starts_again(work, monkeypatch, capsys):
                                        "--print-torchrun"], monkeypatch, capsys)
     assert code == 0 and "--load takes the weights of step 3" in err
     assert "start again from step 0" in err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals to a rank: POSIX")
+def test_a_killed_rank_stops_the_job_and_leaves_the_last_checkpoint_whole(work, tmp_path):
+    """SIGKILL of one rank while a job that will --save over an earlier checkpoint trains: the
+    job ends with one line (exit 1), no rank is left, and the earlier checkpoint still loads
+    with every checksum verified."""
+    import shutil
+    import signal
+
+    from moeplan.runtime.checkpoint import load_full, read_manifest
+
+    d, _ = work
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(d / "ckpt", ckpt)
+    before = read_manifest(str(ckpt))
+    out = tmp_path / "killed-rank.json"
+    proc = subprocess.Popen(MOERUN + ["--plan", str(d / "plan.json"), "--steps", "100000",
+                                      "--save", str(ckpt), "--out", str(out)], cwd=d,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 2/"):
+            break
+    ranks = [pid for pid in _ranks_running(str(out)) if pid != proc.pid]
+    assert len(ranks) == 2
+    os.kill(max(ranks), signal.SIGKILL)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and "Traceback" not in err
+    assert "killed by a signal" in err.strip().splitlines()[-1]
+    assert _ranks_running(str(out)) == [] and not out.exists()
+    assert read_manifest(str(ckpt)) == before
+    load_full(str(ckpt))  # verifies every shard's checksum, id, dtypes and shapes

@@ -18,6 +18,7 @@ from moeplan.cli.errors import run
 from moeplan.errors import ConfigError
 
 BYTE_VOCAB = 256  # runtime/data.py: the corpus is bytes
+MAX_RANK_SEQUENCES = 1 << 20  # sequences one rank runs per step: beyond, a step never ends
 
 
 def _load_plan(path: str, mode: str | None):
@@ -91,6 +92,10 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
     world = plan.cluster.gpus
     if nproc is not None and nproc != world:
         raise ConfigError(f"plan {plan_path} is for {world} ranks, --nproc is {nproc}")
+    per_rank = plan.workload.global_batch // plan.parallel.dp
+    if per_rank > MAX_RANK_SEQUENCES:
+        raise ConfigError(f"the plan gives each rank {per_rank:,} sequences per step; moerun "
+                          f"runs at most {MAX_RANK_SEQUENCES:,}")
     if plan.model.vocab_size < BYTE_VOCAB:
         raise ConfigError(f"moerun trains and decodes bytes ({BYTE_VOCAB} symbols); the plan's "
                           f"model has vocab_size {plan.model.vocab_size}")

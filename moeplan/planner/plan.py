@@ -155,6 +155,9 @@ class Plan(_Frozen):
                 if E % layer.ep or layer.ep * layer.es * layer.edp != N:
                     raise ValueError(f"layer {i}: ep {layer.ep} × es {layer.es} × edp "
                                      f"{layer.edp} must equal {N} GPUs and ep divide {E}")
+                if layer.es > 1 and layer.ep != E:
+                    raise ValueError(f"layer {i}: expert slicing (es {layer.es}) needs every "
+                                     f"expert on its own rank (ep {layer.ep} = {E} experts)")
         return self
 
     def to_json(self) -> str:

@@ -59,7 +59,7 @@ def fit_collectives(rows: list[dict], where: str) -> list[FittedCollective]:
 
 # A saving of resting counts towards the credit where it is at least this share of the
 # back-to-back time: the emulated cluster's bucket saved 34–72% at 128–256 KB, while the 4–8 MB
-# exchanges scattered by 8–26% either way (README "Prediction accuracy").
+# exchanges scattered by 8–26% either way (docs/accuracy.md, "Prediction accuracy").
 CLEAR_SAVING = 0.3
 
 
@@ -286,7 +286,7 @@ def median_sample(samples: list[dict]) -> dict:
     median, like every calibration pooled over the profile's moments: a run of a plan meets the
     host in whatever state it is in, and the accuracy benchmark compares with the median of its
     runs; the lower quartile (kept before) described a faster host than the runs met, and every
-    plan's prediction came out low with it (README "Prediction accuracy")."""
+    plan's prediction came out low with it (docs/accuracy.md, "Prediction accuracy")."""
     ordered = sorted(samples, key=lambda s: s["step_s"])
     return dict(ordered[(len(ordered) - 1) // 2])
 

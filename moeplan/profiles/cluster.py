@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
+
+from moeplan.profiles.model import PRINTABLE
+
+MAX_PER_NODE = 1024  # GPUs or NICs in one node: far above any machine, low enough to enumerate
 
 if TYPE_CHECKING:  # pragma: no cover
     import networkx
@@ -110,7 +114,7 @@ class Device(BaseModel):
                            "GEMM) or CPU (the torch reference) — it sets the operation counts")
     memory_bytes: int = Field(gt=0)
     reserved_bytes: int = Field(0, ge=0)
-    peak_flops: dict[str, float]
+    peak_flops: dict[str, PositiveFloat]
     hbm_Bps: float = Field(gt=0)
     hbm_efficiency: float = Field(gt=0, le=1)
     gemm_efficiency: EfficiencyCurve
@@ -199,16 +203,16 @@ class Spread(BaseModel):
 class ClusterProfile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    name: str
     description: str = ""
     source: str = ""
     device: Device
-    gpus_per_node: int = Field(gt=0)
+    name: str = Field(max_length=200, pattern=PRINTABLE)
+    gpus_per_node: int = Field(gt=0, le=MAX_PER_NODE)
     max_nodes: int | None = Field(None, gt=0)
     intra: LinkTier
     inter: LinkTier
     host: LinkTier
-    nics_per_node: int = Field(gt=0)
+    nics_per_node: int = Field(gt=0, le=MAX_PER_NODE)
     fitted: list[FittedCollective] = Field(default_factory=list)
     exchanges: list[ExchangeScale] = Field(default_factory=list)
     default_dtype: Dtype = "bf16"

@@ -11,6 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# names are printed to terminals and written into files: no control characters (escapes, bells)
+PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
+
 
 class Distillation(BaseModel):
     """Staged knowledge distillation of a Mixture-of-Students (DeepSpeed-MoE §4.2).
@@ -39,7 +42,7 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    name: str
+    name: str = Field(max_length=200, pattern=PRINTABLE)
     description: str = ""
     source: str = ""
     num_layers: int = Field(gt=0)

@@ -99,9 +99,10 @@ def launch(nproc: int, module: str, args: list[str]) -> None:
                                           env=rank_env(rank, nproc, port)))
         while True:
             codes = [p.poll() for p in procs]
-            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            # a rank killed by a signal is the cause; its peers fail after losing it
+            failed = sorted(((c >= 0, r), c) for r, c in enumerate(codes) if c not in (None, 0))
             if failed:
-                rank, code = failed[0]
+                (_, rank), code = failed[0]
                 _stop(procs)
                 if code == 130 or code == -signal.SIGINT:  # the rank saw Ctrl-C first
                     raise KeyboardInterrupt

@@ -38,8 +38,8 @@ from statistics import median
 
 from moeplan.cost_models.layer import LayerChoice
 from moeplan.planner.planning import Request, fixed_plan
-from moeplan.planner.record import RunRecord, compare, summarize
-from moeplan.profiles import load_cluster, load_model
+from moeplan.spec import load_cluster, load_model
+from moeplan.spec.record import RunRecord, compare, summarize
 
 HERE = Path(__file__).parent
 MOEPLAN = [sys.executable, "-c", "from moeplan.cli.main import main; main()"]
@@ -131,8 +131,8 @@ def summary(results: list[dict]) -> dict:
 def rebuilt_profiles(work: Path) -> dict[int, str]:
     """Each rank count's profile of an earlier run (`work`) rebuilt from its raw measurements
     by this code's `build_profile`, written beside it as local-N.rebuilt.json."""
-    from moeplan.files import write_atomic
-    from moeplan.profiles.build import build_profile
+    from moeplan.calibrate.build import build_profile
+    from moeplan.spec.files import write_atomic
 
     out = {}
     for raw_path in sorted(work.glob("local-*.raw.json")):

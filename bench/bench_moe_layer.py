@@ -78,10 +78,10 @@ def _own_cpu_s() -> float:
 
 
 def build_moeplan(a, k: int, cf: float, world: int, rank: int, group):
-    from moeplan.profiles.model import ModelSpec
     from moeplan.runtime.a2a import FlatExchange
     from moeplan.runtime.comm import Comm
     from moeplan.runtime.model import MoE, MoEParallel
+    from moeplan.spec.model import ModelSpec
 
     spec = ModelSpec(name="bench-moe-layer", num_layers=1, hidden=a.hidden, heads=a.hidden // 64,
                      ffn_hidden=a.ffn, vocab_size=256, max_seq_len=a.seq, experts=[a.experts],

@@ -33,8 +33,8 @@ from scipy.optimize import brentq
 
 from moeplan.planner.planning import Request, plan
 from moeplan.planner.space import Fix
-from moeplan.profiles import load_cluster, load_model
-from moeplan.profiles.cluster import ClusterProfile
+from moeplan.spec import load_cluster, load_model
+from moeplan.spec.cluster import ClusterProfile
 
 CLUSTER = "ndv4-a100-40gb"
 # (label, model, GPUs, global batch, fixed degrees, published samples/s) — Table 3

@@ -29,12 +29,12 @@ import time
 from pathlib import Path
 from statistics import median, quantiles
 
+from bench_accuracy import MOEPLAN, run_once  # noqa: E402  (bench/ is the script's folder)
+
 from moeplan.cost_models.layer import LayerChoice
 from moeplan.planner.planning import Request, fixed_plan
-from moeplan.planner.record import RunRecord
-from moeplan.profiles import ModelSpec, load_cluster, load_model
-
-from bench_accuracy import MOEPLAN, run_once  # noqa: E402  (bench/ is the script's folder)
+from moeplan.spec import ModelSpec, load_cluster, load_model
+from moeplan.spec.record import RunRecord
 
 
 def draw(rng: random.Random) -> dict:

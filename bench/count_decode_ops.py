@@ -19,10 +19,10 @@ from collections import Counter, defaultdict
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moeplan.profiles import load_model
 from moeplan.runtime.infer import generate
 from moeplan.runtime.model import GPT, MoE
 from moeplan.runtime.timers import NULL_TIMER, instrument
+from moeplan.spec import load_model
 
 SYNC_OPS = ("_local_scalar_dense", "nonzero", "item")
 

@@ -118,7 +118,7 @@ def _both(spec, cluster, req, world: int, prefix: str, k: int, N: int, G: int, s
           rounds: int, port_base: int = 0) -> dict[str, list[float]]:
     """Measured all-to-all seconds per step of the flat and hierarchical plans, one per round
     (the two run in turn for `rounds` rounds: ranks sharing cores make single runs noisy)."""
-    from moeplan.planner.record import RunRecord
+    from moeplan.spec.record import RunRecord
 
     samples: dict[str, list[float]] = {"flat": [], "hierarchical": []}
     plans = {}
@@ -157,7 +157,7 @@ def parse_links(text: str) -> list[str]:
 def one_link(a, link: str, index: int, work: Path) -> dict:
     """Bring the nodes up with this inter-node link, profile them, and compare the planner's
     choice with the faster algorithm for every configuration; the nodes are taken down after."""
-    from moeplan.profiles import load_cluster, load_model
+    from moeplan.spec import load_cluster, load_model
 
     N, G = a.nodes, a.ranks_per_node
     world = N * G
@@ -168,7 +168,7 @@ def one_link(a, link: str, index: int, work: Path) -> dict:
         up(N, rate, a.burst, overhead)
         t0 = time.perf_counter()
         profile = work / f"emulated-{index}.json"
-        across_nodes(N, G, ["-m", "moeplan.profiles.measure", "--out", str(profile),
+        across_nodes(N, G, ["-m", "moeplan.calibrate.measure", "--out", str(profile),
                             "--gpus-per-node", str(G), "--base", "local-cpu", "--name",
                             "emulated", "--backend", "gloo"] + (["--quick"] if a.quick else []),
                      port=29511 + 1000 * index)
@@ -221,9 +221,9 @@ def _request(world: int, seq: int):
 def judge(model: str, seq: int, cluster, world: int, rounds: dict[str, list[float]]) -> dict:
     """A configuration's measured all-to-all per step (each algorithm's rounds) against what the
     profile `cluster` predicts for both plans and which one the planner's search chooses."""
+    from moeplan.calibrate.in_situ import predicted_phases_s
     from moeplan.planner.planning import Request, plan
-    from moeplan.profiles import load_model
-    from moeplan.profiles.build import predicted_phases_s
+    from moeplan.spec import load_model
 
     spec = load_model(MODELS.get(model, model))
     predicted = {algo: predicted_phases_s(p, ("dispatch_a2a", "combine_a2a"))
@@ -288,7 +288,7 @@ def main() -> int:
 def recost(result: dict, work: Path) -> dict:
     """`result`'s measured rounds judged by the current model: each link's profile rebuilt
     from the raw measurements the run kept (`moeplan profile`'s own build)."""
-    from moeplan.profiles.build import build_profile
+    from moeplan.calibrate.build import build_profile
 
     links = []
     for i, link in enumerate(result["links"]):

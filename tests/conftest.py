@@ -10,7 +10,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
-from moeplan.profiles import ClusterProfile, ModelSpec, load_cluster  # noqa: E402
+from moeplan.spec import ClusterProfile, ModelSpec, load_cluster  # noqa: E402
 
 GiB = 2 ** 30
 

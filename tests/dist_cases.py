@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
 from fastpath_probe import decode_probe
 
 from moeplan.cost_models.layer import LayerChoice
 from moeplan.planner.planning import Request, fixed_plan
-from moeplan.profiles import load_cluster, load_model
 from moeplan.runtime.a2a import FlatExchange, HierarchicalExchange
 from moeplan.runtime.groups import build_groups
 from moeplan.runtime.infer import generate
 from moeplan.runtime.model import GPT
 from moeplan.runtime.parallel import GradSync, cut, parallelize
+from moeplan.spec import load_cluster, load_model
 
 SEQ = 16
 PER_SHARD = 2  # sequences per data-parallel shard
@@ -54,7 +53,7 @@ def parity(plan, rank: int, world: int, skew_layer: int | None = None, kernels=N
     """Forward logits, loss and synchronised gradients vs the single-device model."""
     groups = build_groups(plan, rank, world)
     full = _full_model(plan.model, skew_layer=skew_layer)
-    model = parallelize(full, plan, groups)
+    model = parallelize(full.state_dict(), plan, groups)
     if kernels is not None:  # the distributed model on these kernels, the reference on torch's
         from moeplan.runtime.kernels import use_kernels
 
@@ -114,7 +113,7 @@ def exchange_exact(rank: int, world: int) -> dict:
 def generation(plan, rank: int, world: int) -> dict:
     groups = build_groups(plan, rank, world)
     full = _full_model(plan.model)
-    model = parallelize(full, plan, groups)
+    model = parallelize(full.state_dict(), plan, groups)
     g = torch.Generator().manual_seed(7)
     prompts = torch.randint(0, 256, (groups.dp.size, 3, 10), generator=g)
     mine = prompts[groups.dp.rank_in_group]
@@ -159,7 +158,7 @@ def world4(rank: int, world: int) -> dict:
 
 def profile_exchanges(rank: int, world: int) -> list[dict]:
     """`moeplan profile`'s timing of both all-to-all algorithms over 2 nodes of 2 ranks."""
-    from moeplan.profiles.measure import Bench, exchanges
+    from moeplan.calibrate.measure import Bench, exchanges
 
     b = Bench(rank, world, torch.device("cpu"), warmup=1, repeats=2)
     b.sample_s = 0.002
@@ -275,7 +274,7 @@ def es_infer_parity(rank: int, world: int) -> dict:
     plan = make_plan(world, 1, {i: choice(2, es=2) for i in (1, 3, 5, 7)}, spec=spec)
     groups = build_groups(plan, rank, world)
     full = _perturbed(_full_model(plan.model), seed=11)
-    model = parallelize(full, plan, groups).eval()
+    model = parallelize(full.state_dict(), plan, groups).eval()
     full.eval()
     data = _batch(groups.dp.size)[:, :, :-1]
     es = groups.moe[1].es
@@ -302,7 +301,7 @@ def fastpath2(rank: int, world: int) -> dict:
     """Syncs and static shapes of a distributed decode step (2 ranks, tp=1, ep=E)."""
     plan = make_plan(world, 1, {})
     groups = build_groups(plan, rank, world)
-    model = parallelize(_full_model(plan.model), plan, groups)
+    model = parallelize(_full_model(plan.model).state_dict(), plan, groups)
     g = torch.Generator().manual_seed(3)
     prompt = torch.randint(0, 256, (3, 8), generator=g)
     return {"decode ep=E": decode_probe(model, prompt)}

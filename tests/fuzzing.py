@@ -21,7 +21,7 @@ from pathlib import Path
 
 from hypothesis import strategies as st
 
-from moeplan.profiles import load_cluster, load_model
+from moeplan.spec import load_cluster, load_model
 
 LIMIT_S = 20.0  # one call: a bound far above any clean answer here (< 2 s), far below a hang
 

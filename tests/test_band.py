@@ -5,15 +5,15 @@ from __future__ import annotations
 import math
 
 import pytest
+from tolerance import F64_REL
 
+from moeplan.calibrate.sampling import Pool, spread
 from moeplan.cost_models.layer import Env, LayerChoice, Pass, Scales, forward
-from moeplan.cost_models.workload import Setting, Workload
 from moeplan.planner.band import recost_s
 from moeplan.planner.planning import Request, plan
-from moeplan.profiles import load_cluster, load_model
-from moeplan.profiles.cluster import Spread
-from moeplan.profiles.sampling import Pool, spread
-from tolerance import F64_REL
+from moeplan.spec import load_cluster, load_model
+from moeplan.spec.cluster import Spread
+from moeplan.spec.workload import Setting, Workload
 
 NDV4 = load_cluster("ndv4-a100-40gb")
 
@@ -87,7 +87,7 @@ def test_pool_spread_is_the_moments_medians_over_the_pooled_one():
 
 
 def test_a_measured_profile_records_its_spread():
-    from moeplan.profiles.build import measured_spread
+    from moeplan.calibrate.build import measured_spread
 
     got = measured_spread({"compute": {"p10_p90": [0.9, 1.3], "figures": 40}}, "here")
     assert got["compute"].p10 == 0.9 and got["compute"].p90 == 1.3

@@ -11,7 +11,7 @@ import pytest
 
 from moeplan.cli import main as moeplan_cli
 from moeplan.cli import moerun as moerun_cli
-from moeplan.planner.plan import Plan
+from moeplan.spec.plan import Plan
 
 
 def invoke(entry, argv, monkeypatch, capsys):
@@ -74,7 +74,7 @@ def test_bad_input_is_one_line_and_exit_2(run, argv, message):
 
 def test_absurd_sizes_end_at_once(run, tmp_path):
     """Inputs that made the planner run for ever: one line, quickly (hangs issue)."""
-    spec = json.loads((Path(__file__).parent.parent / "moeplan" / "profiles" / "data" /
+    spec = json.loads((Path(__file__).parent.parent / "moeplan" / "spec" / "data" /
                        "models" / "tiny-pr-moe.json").read_text())
     spec["experts"] = [0, 2147483648, 0, 2, 0, 4, 0, 4]
     (tmp_path / "huge.json").write_text(json.dumps(spec))
@@ -105,13 +105,13 @@ def test_hostile_files_are_one_line(run, tmp_path):
 
 
 def _local_cpu() -> dict:
-    from moeplan.profiles import load_cluster
+    from moeplan.spec import load_cluster
 
     return json.loads(load_cluster("local-cpu").model_dump_json())
 
 
 def _tiny() -> dict:
-    from moeplan.profiles import load_model
+    from moeplan.spec import load_model
 
     return json.loads(load_model("tiny-pr-moe").model_dump_json())
 

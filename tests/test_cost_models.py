@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from tolerance import F64_REL
 
 from moeplan.cost_models import collectives as coll
 from moeplan.cost_models.compute import gemm_efficiency, gemm_s, roofline_s
 from moeplan.cost_models.layer import Env, LayerChoice, Pass, forward, weight_memory
 from moeplan.cost_models.step import infer_layer, train_layer
-from moeplan.cost_models.workload import Setting, Workload
-from moeplan.profiles import load_cluster, load_model
-from moeplan.profiles.cluster import FittedCollective
-from tolerance import F64_REL
+from moeplan.spec import load_cluster, load_model
+from moeplan.spec.cluster import FittedCollective
+from moeplan.spec.workload import Setting, Workload
 
 NDV4 = load_cluster("ndv4-a100-40gb")
 MB = 1e6
@@ -166,9 +166,9 @@ def test_runtime_op_counts_match_the_runtime():
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from moeplan.cost_models.runtimes import RUNTIME_OPS
-    from moeplan.profiles import load_model
     from moeplan.runtime.model import GPT
     from moeplan.runtime.timers import PhaseTimer, instrument
+    from moeplan.spec import load_model
 
     torch.manual_seed(0)
     spec = load_model("tiny-pr-moe")

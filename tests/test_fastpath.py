@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dist_cases import PER_SHARD, SEQ
 from dist_harness import run_world
 from fastpath_probe import OpRecorder, decode_probe
-from moeplan.profiles import load_model
+from tolerance import assert_rounding_close, gpt_chain, rounding_atol
+
 from moeplan.runtime import gating
 from moeplan.runtime.infer import generate
 from moeplan.runtime.model import GPT
-from tolerance import assert_rounding_close, gpt_chain, rounding_atol
+from moeplan.spec import load_model
 
 SPEC = load_model("tiny-pr-moe")
 

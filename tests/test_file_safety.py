@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 from pathlib import Path
 
 import pytest
+from test_cli import invoke
 
 from moeplan.cli import main as moeplan_cli
 from moeplan.cli import moerun as moerun_cli
-from moeplan.errors import ConfigError
-from moeplan.files import output_path, write_atomic
-from test_cli import invoke
+from moeplan.spec.errors import ConfigError
+from moeplan.spec.files import output_path, write_atomic
 
 
 def test_write_atomic_writes_through_a_link_and_leaves_nothing_behind(tmp_path):
@@ -81,9 +80,9 @@ def test_checkpoint_save_replaces_only_its_own(tmp_path):
     directory it left is cleaned, a checkpoint it wrote is replaced, anything else refused."""
     import torch.distributed  # noqa: F401  (checkpoint imports it)
 
-    from moeplan.profiles import load_model
     from moeplan.runtime import checkpoint
     from moeplan.runtime.model import GPT
+    from moeplan.spec import load_model
 
     model = GPT(load_model("tiny-pr-moe"))
     ckpt = tmp_path / "ckpt"
@@ -104,9 +103,9 @@ def test_checkpoint_save_replaces_only_its_own(tmp_path):
 
 
 def _saved(tmp_path):
-    from moeplan.profiles import load_model
     from moeplan.runtime import checkpoint
     from moeplan.runtime.model import GPT
+    from moeplan.spec import load_model
 
     model = GPT(load_model("tiny-pr-moe"))
     return checkpoint, model, checkpoint.save(model, tmp_path / "ckpt", 3, "d", 0, 1)

@@ -8,17 +8,17 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from moeplan.cost_models.compute import gemm_floor_s, gemm_s
-from moeplan.cost_models.layer import Env, LayerChoice, Pass, elementwise_bytes, forward
-from moeplan.cost_models.workload import Setting, Workload
-from moeplan.planner.plan import Plan
-from moeplan.planner.planning import Request, plan
-from moeplan.planner.space import Fix, parse_fix
-from moeplan.profiles import load_cluster, load_model
 from test_cli import run  # noqa: F401  (fixture)
 from test_moerun import _in_process
 from tolerance import F64_REL
+
+from moeplan.cost_models.compute import gemm_floor_s, gemm_s
+from moeplan.cost_models.layer import Env, LayerChoice, Pass, elementwise_bytes, forward
+from moeplan.planner.planning import Request, plan
+from moeplan.planner.space import Fix, parse_fix
+from moeplan.spec import load_cluster, load_model
+from moeplan.spec.plan import Plan
+from moeplan.spec.workload import Setting, Workload
 
 NDV4 = load_cluster("ndv4-a100-40gb")
 
@@ -209,8 +209,8 @@ def test_moerun_decode_attends_over_the_whole_static_cache():
 
 
 def test_fixed_plan_refuses_a_configuration_that_does_not_fit():
-    from moeplan.errors import InfeasibleError
     from moeplan.planner.planning import fixed_plan
+    from moeplan.spec.errors import InfeasibleError
 
     choices = {i: LayerChoice(ep=8, es=1, a2a="flat", coordinated=False)
                for i, E in enumerate(load_model("1.3b-moe-128").experts) if E}

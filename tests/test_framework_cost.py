@@ -6,7 +6,10 @@ from __future__ import annotations
 import math
 
 import pytest
+from tolerance import F64_REL
 
+from moeplan.calibrate.framework import framework_overhead, roofline
+from moeplan.calibrate.shapes import PROBE_EXPERTS, WORK_SIZES
 from moeplan.cost_models.layer import (
     DENSE,
     Env,
@@ -19,12 +22,10 @@ from moeplan.cost_models.layer import (
     work_scale,
 )
 from moeplan.cost_models.step import train_layer
-from moeplan.cost_models.workload import Setting, Workload
 from moeplan.planner.planning import Request, _hand_on_waits, fixed_plan
-from moeplan.profiles import load_cluster, load_model
-from moeplan.profiles.build import PROBE_EXPERTS, WORK_SIZES, _roofline, framework_overhead
-from moeplan.profiles.cluster import FrameworkOverhead, PhaseOverhead
-from tolerance import F64_REL
+from moeplan.spec import load_cluster, load_model
+from moeplan.spec.cluster import FrameworkOverhead, PhaseOverhead
+from moeplan.spec.workload import Setting, Workload
 
 PHASES = ("attention", "mlp", "tp_comm")
 MOE_PHASES = ("attention", "mlp", "tp_comm", "gate", "dispatch", "dispatch_a2a", "experts",
@@ -87,8 +88,8 @@ def fitted():
     infer = {ph: v / 2 for ph, v in fwd.items()}
     scale = {"attention": 3.0, "mlp": 2.0, "experts": 1.5}
     cluster = load_cluster("local-cpu")
-    roof = {**{w: _roofline(cluster, "fp32", w) for w in WORK_SIZES},
-            **{"decode:" + w: _roofline(cluster, "fp32", w, decode=True) for w in WORK_SIZES}}
+    roof = {**{w: roofline(cluster, "fp32", w) for w in WORK_SIZES},
+            **{"decode:" + w: roofline(cluster, "fp32", w, decode=True) for w in WORK_SIZES}}
     fw = framework_overhead(synthetic_tables(fwd, bwd, infer, (7e-6, 11e-6, 5e-6), scale, roof,
                                              DECODE_SCALE), roof, 4, "test")
     return fw, fwd, bwd, infer, scale, cluster
@@ -141,7 +142,7 @@ def test_profiles_decoded_at_one_size_still_build():
     """Raw measurements from before decoding at every size: decode tables of the "work" size
     only — its per-token time is the fixed part and decode keeps the roofline."""
     cluster = load_cluster("local-cpu")
-    roof = {w: _roofline(cluster, "fp32", w) for w in WORK_SIZES}
+    roof = {w: roofline(cluster, "fp32", w) for w in WORK_SIZES}
     names = set(MOE_PHASES) | {"head"}
     fwd = {ph: 100e-6 for ph in names}
     tables = synthetic_tables(fwd, fwd, fwd, (0, 0, 0), {}, {**roof, **{

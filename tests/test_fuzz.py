@@ -4,11 +4,10 @@ bench/fuzz.py` draws many more and counts the outcomes."""
 
 from __future__ import annotations
 
+import fuzzing
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import fuzzing
 
 TARGETS = ["model spec", "cluster profile", "plan (validate)", "plan (moerun)", "run record",
            "search options"]

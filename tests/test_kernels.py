@@ -17,10 +17,10 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
+from tolerance import assert_rounding_close, gpt_chain, magnitude, rounding_atol  # noqa: E402
+
 from moeplan.runtime import gating  # noqa: E402
 from moeplan.runtime.kernels import REFERENCE, select, triton_kernels, use_kernels  # noqa: E402
-from tolerance import (assert_rounding_close, gpt_chain, magnitude,  # noqa: E402
-                       rounding_atol)
 
 TRITON = triton_kernels()
 
@@ -88,8 +88,8 @@ def test_triton_equals_reference(case, T, E, k, cap, H, pad):
 
 
 def test_whole_model_with_either_implementation():
-    from moeplan.profiles import load_model
     from moeplan.runtime.model import GPT
+    from moeplan.spec import load_model
 
     spec = load_model("tiny-pr-moe").model_copy(update={"top_k": 2})
     B, S = 2, 16
@@ -181,9 +181,9 @@ def test_inference_grouped_ffn_skips_experts_without_tokens():
 def test_generation_on_the_triton_fast_path_equals_the_reference():
     """Greedy decoding with the one-launch gate and the skipping grouped GEMM (what CUDA runs)
     gives the reference's tokens."""
-    from moeplan.profiles import load_model
     from moeplan.runtime.infer import generate
     from moeplan.runtime.model import GPT
+    from moeplan.spec import load_model
 
     spec = load_model("tiny-pr-moe").model_copy(update={"top_k": 2})
     prompt = torch.randint(0, 256, (3, 9), generator=torch.Generator().manual_seed(4))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moeplan.planner import layout as L
+from moeplan.spec import layout as L
 
 
 def partitions(groups, world):

@@ -15,13 +15,12 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from moeplan.cli import moerun as moerun_cli
-from moeplan.planner.plan import Plan
-from moeplan.planner.record import RunRecord
-
 from test_cli import invoke
 from tolerance import F64_REL
+
+from moeplan.cli import moerun as moerun_cli
+from moeplan.spec.plan import Plan
+from moeplan.spec.record import RunRecord
 
 MOERUN = [sys.executable, "-c", "from moeplan.cli.moerun import main; main()"]
 MOEPLAN = [sys.executable, "-c", "from moeplan.cli.main import main; main()"]
@@ -202,7 +201,7 @@ def test_validate_never_imports_torch(work):
 def test_validate_shows_the_untimed_share_where_the_plan_predicts_one(work):
     """A plan from a measured profile predicts the step's `untimed` seconds (outside every
     phase timer); `compare` then measures it as the step time less every timed phase."""
-    from moeplan.planner.record import compare
+    from moeplan.spec.record import compare
 
     d, _ = work
     plan = Plan.model_validate_json((d / "plan.json").read_text())
@@ -245,7 +244,7 @@ def test_validate_limits_fail_with_one_line_naming_the_figure(work, monkeypatch,
 
 
 def test_limit_breaches_worst_first():
-    from moeplan.planner.record import Comparison, limit_breaches
+    from moeplan.spec.record import Comparison, limit_breaches
 
     rows = [Comparison(scope="step", phase="step time", predicted=1.0, measured=2.0,
                        rel_error=-0.5),

@@ -10,14 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from moeplan.cli import main as moeplan_cli
-from moeplan.profiles import fit, load_cluster
-from moeplan.profiles.build import build_profile
-from moeplan.profiles.cluster import ClusterProfile
-
 from test_cli import invoke
 from tolerance import F64_REL
+
+from moeplan.calibrate import fit
+from moeplan.calibrate.build import build_profile
+from moeplan.cli import main as moeplan_cli
+from moeplan.spec import load_cluster
+from moeplan.spec.cluster import ClusterProfile
 
 
 def noisy(t: float, rng: random.Random, outlier: bool = False) -> float:
@@ -140,11 +140,11 @@ def test_rested_exchanges_give_back_a_token_bucket_that_the_step_refills():
     whose compute refills the bucket is charged less — enough here to turn the planner from
     hierarchical to flat — and groups on one node and profiles without rested timings are
     untouched."""
+    from moeplan.calibrate.in_situ import predicted_phases_s
     from moeplan.cost_models import collectives as coll
     from moeplan.cost_models.layer import LayerChoice
     from moeplan.planner.planning import Request, fixed_plan
-    from moeplan.profiles import load_model
-    from moeplan.profiles.build import predicted_phases_s
+    from moeplan.spec import load_model
 
     info = {"host": "test", "ranks": 4, "backend": "gloo", "date": "2026-11-30",
             "device": "cpu", "dtype": "fp32"}
@@ -229,8 +229,9 @@ def test_in_situ_extras_are_what_a_running_step_took_beyond_the_model():
     """The probe's plans costed on a profile, run "measured" at the prediction plus a known
     extra per all-to-all call and per gradient sync: the extras come back, and a plan on the
     profile that carries them is charged exactly that much more."""
-    from moeplan.profiles.build import exchanges_per_pass, in_situ_extras, in_situ_plans
-    from moeplan.profiles.cluster import FrameworkOverhead
+    from moeplan.calibrate.in_situ import exchanges_per_pass, in_situ_extras
+    from moeplan.calibrate.shapes import in_situ_plans
+    from moeplan.spec.cluster import FrameworkOverhead
 
     cluster = load_cluster("local-cpu")
     cluster = cluster.model_copy(update={"device": cluster.device.model_copy(update={
@@ -278,9 +279,13 @@ def test_in_step_factor_recovers_a_known_slowdown_of_compute():
     prediction and their all-to-alls and gradient sync as predicted: the factors come back,
     stay within their bounds, and a plan on the profile that carries them charges every compute
     phase, the head and the optimizer that much more and its exchanges no less."""
-    from moeplan.profiles.build import (IN_STEP_RANGE, in_situ_factors, in_situ_plans,
-                                        predicted_compute_s)
-    from moeplan.profiles.cluster import FrameworkOverhead
+    from moeplan.calibrate.in_situ import (
+        IN_STEP_RANGE,
+        in_situ_factors,
+        predicted_compute_s,
+    )
+    from moeplan.calibrate.shapes import in_situ_plans
+    from moeplan.spec.cluster import FrameworkOverhead
 
     cluster = load_cluster("local-cpu")
     cluster = cluster.model_copy(update={"device": cluster.device.model_copy(update={
@@ -329,7 +334,7 @@ def test_bad_profiles_are_refused_in_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_nvml_absent_is_reported_not_raised(monkeypatch):
-    from moeplan.profiles import nvml
+    from moeplan.runtime import nvml
 
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
     topo = nvml.topology()
@@ -390,7 +395,7 @@ def test_profile_on_cpu_ranks_end_to_end(tmp_path, monkeypatch):
     (["--nproc", "0"], "--nproc"),
 ])
 def test_profile_bad_inputs_are_one_line(argv, message, monkeypatch, capsys, tmp_path):
-    from moeplan.profiles import nvml
+    from moeplan.runtime import nvml
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(nvml, "topology", lambda: {"available": False, "reason": "no driver"})
@@ -399,7 +404,7 @@ def test_profile_bad_inputs_are_one_line(argv, message, monkeypatch, capsys, tmp
 
 
 def test_in_situ_keeps_the_median_sample_whole():
-    from moeplan.profiles.build import in_situ_medians, median_sample
+    from moeplan.calibrate.in_situ import in_situ_medians, median_sample
 
     def smp(step_ms: float, a2a_ms: float) -> dict:
         return {"a2a_s": a2a_ms / 1e3, "grad_sync_s": 0.003, "step_s": step_ms / 1e3,

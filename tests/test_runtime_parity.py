@@ -7,13 +7,12 @@ cases once per module (see dist_cases.py for the cases and the reference).
 from __future__ import annotations
 
 import pytest
-
 import torch
-
 from dist_cases import PER_SHARD, SEQ
 from dist_harness import run_world
-from moeplan.profiles import load_model
 from tolerance import gpt_chain, rounding_atol
+
+from moeplan.spec import load_model
 
 # fp32 rounding of the longest reduction chain (forward, backward, the data-parallel sum over up
 # to 4 ranks' shards); every case's model has tiny-pr-moe's sizes
@@ -67,8 +66,8 @@ def test_drop_paths_are_exercised(world4):
 
 
 def test_profile_times_both_exchanges_over_the_nodes(world4):
-    from moeplan.profiles import load_cluster
-    from moeplan.profiles.build import fit_exchanges
+    from moeplan.calibrate.comm_fit import fit_exchanges
+    from moeplan.spec import load_cluster
 
     rows = world4[0]["profile exchanges"]
     assert [len(r["profile exchanges"]) for r in world4] == [len(rows)] * 4

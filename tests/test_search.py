@@ -6,18 +6,20 @@ import itertools
 import json
 
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from tolerance import F64_REL
 
 from moeplan.cost_models.step import head_cost
-from moeplan.errors import ConfigError, InfeasibleError
 from moeplan.planner import knapsack
-from moeplan.planner.plan import Plan
 from moeplan.planner.planning import Request, make_env, plan
 from moeplan.planner.search import INFER_BATCHES, layer_options
 from moeplan.planner.space import settings
-from moeplan.profiles import load_cluster, load_model
-from tests.conftest import GiB, small_cluster, tiny_spec
-from tolerance import F64_REL
+from moeplan.spec import load_cluster, load_model
+from moeplan.spec.errors import ConfigError, InfeasibleError
+from moeplan.spec.plan import Plan
+from tests.conftest import small_cluster, tiny_spec
 
 
 def all_plans(env, global_batch, micro_batch):

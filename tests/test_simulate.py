@@ -7,17 +7,16 @@ import random
 
 import networkx as nx
 import pytest
+from tolerance import F64_REL
 
 from moeplan.cost_models import collectives as coll
 from moeplan.cost_models.layer import Env
-from moeplan.cost_models.workload import Workload
-from moeplan.planner import layout as L
 from moeplan.planner.planning import Request, plan
-from moeplan.planner.simulate import (Simulator, links_for, max_min_rates, sample_loads,
-                                      transfer_s)
-from moeplan.profiles import load_cluster, load_model
-from moeplan.profiles.cluster import topology_graph
-from tolerance import F64_REL
+from moeplan.planner.simulate import Simulator, links_for, max_min_rates, sample_loads, transfer_s
+from moeplan.spec import layout as L
+from moeplan.spec import load_cluster, load_model
+from moeplan.spec.cluster import topology_graph
+from moeplan.spec.workload import Workload
 
 
 def env_for(cluster: str, gpus: int, **changes) -> Env:

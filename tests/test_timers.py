@@ -7,9 +7,9 @@ import time
 
 import torch
 
-from moeplan.profiles import load_model
 from moeplan.runtime.model import GPT
 from moeplan.runtime.timers import HEAD, NULL_TIMER, PhaseTimer, instrument
+from moeplan.spec import load_model
 
 
 def test_forward_and_backward_are_attributed_to_the_cost_model_phases():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from moeplan.profiles import load_cluster, topology_graph
+from moeplan.spec import load_cluster, topology_graph
 
 
 def test_graph_shape_and_paths():

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from moeplan.cost_models.params import active_params, layer_params, total_params
-from moeplan.errors import SpecError, UnknownNameError
-from moeplan.profiles import ModelSpec, cluster_names, load_cluster, load_model, model_names
+from moeplan.spec import ModelSpec, cluster_names, load_cluster, load_model, model_names
+from moeplan.spec.errors import SpecError, UnknownNameError
 
 # Published sizes (DeepSpeed-MoE, ICML 2022: Tables 1, 3, 4, 6), typed here independently of the
 # JSON files so the test cannot agree with itself.

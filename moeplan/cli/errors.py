@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
 
-from moeplan.errors import CheckFailed, Interrupted, MoeplanError
+from moeplan.spec.errors import CheckFailed, Interrupted, MoeplanError
 
 
 def run(cli: click.Command, prog: str) -> None:
@@ -25,9 +26,11 @@ def run(cli: click.Command, prog: str) -> None:
         click.echo(f"{prog}: error: {e.format_message()}", err=True)
         sys.exit(2)
     except Interrupted as e:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C: no shutdown traceback
         click.echo(f"{prog}: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         click.echo(f"{prog}: interrupted", err=True)
         sys.exit(130)
     except CheckFailed as e:

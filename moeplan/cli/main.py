@@ -11,8 +11,8 @@ import click
 
 from moeplan import __version__
 from moeplan.cli.errors import run
-from moeplan.errors import CheckFailed, ConfigError
-from moeplan.files import output_path, write_atomic
+from moeplan.spec.errors import CheckFailed, ConfigError
+from moeplan.spec.files import output_path, write_atomic
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,7 +29,7 @@ def _finite(param, value: float | None) -> float | None:
 
 
 def _load_cluster(cluster: str | None, profile: str | None):
-    from moeplan.profiles import load_cluster
+    from moeplan.spec import load_cluster
 
     if cluster and profile:
         raise ConfigError("give --cluster or --profile, not both")
@@ -94,7 +94,7 @@ def search(model_name, gpus, cluster, profile, mode, global_batch, micro_batch, 
     from moeplan.cli import render
     from moeplan.planner.planning import Request, plan
     from moeplan.planner.space import parse_fix
-    from moeplan.profiles import load_model
+    from moeplan.spec import load_model
 
     t0 = time.perf_counter()
     spec = load_model(model_name)
@@ -144,8 +144,8 @@ def clusters(as_json: bool) -> None:
 @click.argument("what", type=click.Choice(["plan", "model", "cluster"]))
 def schema(what: str) -> None:
     """Print the JSON Schema of a plan, model spec or cluster profile."""
-    from moeplan.planner.plan import Plan
-    from moeplan.profiles import ClusterProfile, ModelSpec
+    from moeplan.spec import ClusterProfile, ModelSpec
+    from moeplan.spec.plan import Plan
 
     cls = {"plan": Plan, "model": ModelSpec, "cluster": ClusterProfile}[what]
     click.echo(json.dumps(cls.model_json_schema(), indent=2, sort_keys=True))
@@ -174,8 +174,8 @@ def profile(out, nproc, gpus_per_node, backend, base, name, quick) -> None:
 
     output_path(out)  # a bad --out ends here, not after minutes of profiling
     from moeplan.runtime.launch import launch
-    from moeplan.profiles import load_cluster
-    from moeplan.profiles.nvml import topology
+    from moeplan.runtime.nvml import topology
+    from moeplan.spec import load_cluster
 
     topo = topology()
     gpus = len(topo["gpus"]) if topo["available"] else 0
@@ -207,7 +207,7 @@ def profile(out, nproc, gpus_per_node, backend, base, name, quick) -> None:
         _json.dump(topo, tf)
         tf.close()
         args += ["--topology", tf.name]
-    launch(nproc, "moeplan.profiles.measure", args + (["--quick"] if quick else []))
+    launch(nproc, "moeplan.calibrate.measure", args + (["--quick"] if quick else []))
     from moeplan.cli import render
 
     render.print_profile(load_cluster(out))
@@ -239,10 +239,16 @@ def validate(plan_path: str, run_path: str, as_json: bool, max_error: float | No
     Exit code 0, or 1 when a --max-error / --max-phase-error limit is broken (one line on stderr
     names the worst figure), or 2 for a bad input."""
     from moeplan.cli import render
-    from moeplan.planner.plan import Plan
-    from moeplan.planner.record import (RunRecord, band_check, check_pair, compare,
-                                        limit_breaches, summarize)
-    from moeplan.profiles.zoo import parse_file
+    from moeplan.spec.plan import Plan
+    from moeplan.spec.record import (
+        RunRecord,
+        band_check,
+        check_pair,
+        compare,
+        limit_breaches,
+        summarize,
+    )
+    from moeplan.spec.zoo import parse_file
 
     plan = parse_file(Path(plan_path), Plan)
     record = parse_file(Path(run_path), RunRecord)

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from moeplan.cli.errors import run
-from moeplan.errors import ConfigError
+from moeplan.spec.errors import ConfigError
 
 BYTE_VOCAB = 256  # runtime/data.py: the corpus is bytes
 MAX_RANK_SEQUENCES = 1 << 20  # sequences one rank runs per step: beyond, a step never ends
@@ -23,9 +23,9 @@ MAX_RANK_SEQUENCES = 1 << 20  # sequences one rank runs per step: beyond, a step
 
 def _load_plan(path: str, mode: str | None):
     """(plan to run, whether it was re-costed for `mode`)."""
-    from moeplan.planner.plan import Plan
     from moeplan.planner.planning import recost
-    from moeplan.profiles.zoo import parse_file
+    from moeplan.spec.plan import Plan
+    from moeplan.spec.zoo import parse_file
 
     plan = parse_file(Path(path), Plan)
     if mode is not None and mode != plan.workload.mode:
@@ -112,7 +112,7 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
         from moeplan.runtime.checkpoint import check_save_target
 
         check_save_target(save)
-    from moeplan.files import output_path
+    from moeplan.spec.files import output_path
 
     output_path(out)  # a bad --out ends here, not after the run
     if fault is not None and (len(fault.split(":")) != 2
@@ -163,7 +163,7 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
 
     launch(world, "moeplan.runtime.worker", wargs)
     from moeplan.cli.render import print_band_check, print_comparison
-    from moeplan.planner.record import RunRecord, band_check
+    from moeplan.spec.record import RunRecord, band_check
 
     record = RunRecord.model_validate_json(Path(out).read_text())
     print_comparison(plan, record, out)

@@ -4,19 +4,18 @@ the plan and the search result."""
 from __future__ import annotations
 
 import math
-
 from collections import OrderedDict
 
 from moeplan.planner.diagnose import describe_layers
-from moeplan.planner.plan import Plan, LayerPlan
+from moeplan.spec.plan import LayerPlan, Plan
 
 GiB = 2.0 ** 30
 
 
 def _console():
-    from rich.console import Console
-
     import shutil
+
+    from rich.console import Console
 
     width = shutil.get_terminal_size((120, 24)).columns
     return Console(highlight=False, width=max(width, 120))
@@ -149,7 +148,7 @@ def print_plan(p: Plan, result, out: str, elapsed_s: float) -> None:
 
 def model_rows() -> list[dict]:
     from moeplan.cost_models.params import active_params, total_params
-    from moeplan.profiles import load_model, model_names
+    from moeplan.spec import load_model, model_names
 
     rows = []
     for name in model_names():
@@ -176,7 +175,7 @@ def print_models(rows: list[dict]) -> None:
 
 
 def cluster_rows() -> list[dict]:
-    from moeplan.profiles import cluster_names, load_cluster
+    from moeplan.spec import cluster_names, load_cluster
 
     rows = []
     for name in cluster_names():

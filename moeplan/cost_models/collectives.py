@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import ceil
 
-from moeplan.profiles.cluster import ClusterProfile
+from moeplan.spec.cluster import ClusterProfile
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def group_span(size: int, stride: int, gpus_per_node: int) -> GroupSpan:
     return GroupSpan(size=size, per_node=per_node, nodes=ceil(size / per_node))
 
 
-def _tier(cluster: ClusterProfile, collective: str, tier: str) -> tuple[float, float]:
+def tier_link(cluster: ClusterProfile, collective: str, tier: str) -> tuple[float, float]:
     """(latency_s, effective bytes/s per GPU) for one collective on one tier."""
     fit = cluster.fitted_for(collective, tier)
     if fit is not None:
@@ -61,10 +61,10 @@ def allgather_s(out_bytes: float, span: GroupSpan, cluster: ClusterProfile,
     g, n = span.per_node, span.nodes
     t = 0.0
     if g > 1:
-        lat, bw = _tier(cluster, collective, "intra")
+        lat, bw = tier_link(cluster, collective, "intra")
         t += (g - 1) * lat + out_bytes * (g - 1) / g / bw
     if n > 1:
-        lat, bw = _tier(cluster, collective, "inter")
+        lat, bw = tier_link(cluster, collective, "inter")
         t += (n - 1) * lat + out_bytes * (n - 1) / n / g / bw
     return t
 
@@ -99,8 +99,8 @@ def all_to_all_flat_parts(nbytes: float, span: GroupSpan, cluster: ClusterProfil
     remote bytes travel at once on their own tiers, so the slower tier sets the transfer time.
     """
     p, g = span.size, span.per_node
-    lat_i, bw_i = _tier(cluster, "all_to_all", "intra")
-    lat_e, bw_e = _tier(cluster, "all_to_all", "inter")
+    lat_i, bw_i = tier_link(cluster, "all_to_all", "intra")
+    lat_e, bw_e = tier_link(cluster, "all_to_all", "inter")
     local_peers, remote_peers = g - 1, p - g
     latency = local_peers * lat_i + remote_peers * lat_e
     transfer = max(nbytes * local_peers / p / bw_i, nbytes * remote_peers / p / bw_e)
@@ -118,8 +118,8 @@ def all_to_all_hierarchical_parts(nbytes: float, span: GroupSpan, cluster: Clust
     instead of p-1, at the price of moving the buffer twice.
     """
     g, n = span.per_node, span.nodes
-    lat_i, bw_i = _tier(cluster, "all_to_all", "intra")
-    lat_e, bw_e = _tier(cluster, "all_to_all", "inter")
+    lat_i, bw_i = tier_link(cluster, "all_to_all", "intra")
+    lat_e, bw_e = tier_link(cluster, "all_to_all", "inter")
     latency = (g - 1) * lat_i + cluster.device.op_overhead_s + (n - 1) * lat_e
     transfer = (nbytes * (g - 1) / g / bw_i + layout_transform_s(nbytes, cluster)
                 + nbytes * (n - 1) / n / bw_e)

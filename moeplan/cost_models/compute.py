@@ -8,7 +8,7 @@ read once for a handful of tokens — plus a fixed per-operation overhead.
 
 from __future__ import annotations
 
-from moeplan.profiles.cluster import Device, EfficiencyCurve
+from moeplan.spec.cluster import Device, EfficiencyCurve
 
 
 def gemm_efficiency(flops: float, curve: EfficiencyCurve) -> float:

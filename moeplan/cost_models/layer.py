@@ -31,12 +31,13 @@ from moeplan.cost_models.memory import (
 )
 from moeplan.cost_models.params import layer_params
 from moeplan.cost_models.runtimes import DEEPSPEED_SYNCS, HOST_SYNC_S, operations
-from moeplan.cost_models.workload import Setting, Workload
-from moeplan.profiles.cluster import DTYPE_BYTES, ClusterProfile
-from moeplan.profiles.model import ModelSpec
+from moeplan.spec.cluster import DTYPE_BYTES, ClusterProfile
+from moeplan.spec.model import ModelSpec
+from moeplan.spec.phases import COMM, COMPUTE, EXCHANGE
+from moeplan.spec.workload import Setting, Workload
 
-COMPUTE_PHASES = ("attention", "mlp", "gate", "dispatch", "experts", "combine")
-COMM_PHASES = ("tp_comm", "dispatch_a2a", "es_comm", "combine_a2a")
+COMPUTE_PHASES = COMPUTE
+COMM_PHASES = COMM
 OPTIMIZER_OPS_PER_TENSOR = 16  # AdamW single-tensor step 10.2, clipping + zero_grad 5.3 (same)
 ADAM_BYTES_PER_PARAM = 28  # read fp16 grad + fp32 master, m, v; write master, m, v and fp16 weight
 
@@ -121,10 +122,6 @@ class LayerCost:
     @property
     def memory_bytes(self) -> float:
         return sum(self.memory.values())
-
-
-def capacity(spec: ModelSpec, experts: int, gate_tokens: int, train: bool) -> int:
-    return spec.capacity(experts, gate_tokens, train)
 
 
 def ops(env: Env, name: str, p: Pass, local_experts: int = 0) -> float:
@@ -272,7 +269,7 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
 
     es_mode = es_inference(env, s, c, p)
     T_r = gate_tokens(env, s, c, p)
-    C = capacity(spec, E, T_r, train=env.workload.mode == "train")
+    C = spec.capacity(E, T_r, train=env.workload.mode == "train")
     rows = E * C
     local = E // c.ep
     # expert slicing gathers the rows after the exchange (training), or the tokens before the
@@ -295,7 +292,7 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     a2a_bytes = rows * h * b
     cb["a2a"] = a2a_bytes
     ep_span = env.span(c.ep, c.es)
-    for phase in ("dispatch_a2a", "combine_a2a"):  # in the phases' order; timed below
+    for phase in EXCHANGE:  # in the phases' order; timed below
         ph[phase] = fixed(phase, in_situ=c.ep * c.es > 1)
     es_s = 0.0
     if c.es > 1:
@@ -341,7 +338,7 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     idle = ((1.0 + wait_factor(env)) * per_layer / 2
             * sum(t for k, t in ph.items() if k in COMPUTE_PHASES))
     a2a_s = net * coll.all_to_all_s(a2a_bytes, ep_span, env.cluster, c.a2a, idle)
-    for phase in ("dispatch_a2a", "combine_a2a"):
+    for phase in EXCHANGE:
         ph[phase] += a2a_s
     return cost
 
@@ -437,7 +434,7 @@ def activation_bytes(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) 
         total += mlp_activation_bytes(T, spec.hidden, tp, b)
     if E:
         T_r = gate_tokens(env, s, c, p)
-        C = capacity(spec, E, T_r, train=env.workload.mode == "train")
+        C = spec.capacity(E, T_r, train=env.workload.mode == "train")
         received = E * C * (1 if es_inference(env, s, c, p) else c.es)
         total += moe_activation_bytes(spec, E, T, T_r, E * C, received, c.es, b)
     return total

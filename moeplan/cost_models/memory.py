@@ -14,7 +14,7 @@ group); stage 2 also partitions gradients.
 
 from __future__ import annotations
 
-from moeplan.profiles.model import ModelSpec
+from moeplan.spec.model import ModelSpec
 
 
 def optimizer_bytes_per_param(dtype_bytes: int) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moeplan.profiles.model import ModelSpec
+from moeplan.spec.model import ModelSpec
 
 
 def attention_params(h: int) -> int:

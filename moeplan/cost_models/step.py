@@ -34,7 +34,7 @@ from moeplan.cost_models.layer import (
 )
 from moeplan.cost_models.memory import kv_cache_bytes, optimizer_bytes_per_param
 from moeplan.cost_models.params import embedding_params, layer_params
-from moeplan.cost_models.workload import Setting
+from moeplan.spec.workload import Setting
 
 HEAD_TENSORS = 4  # token and position embeddings, final layer norm weight and bias
 

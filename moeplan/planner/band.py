@@ -14,14 +14,13 @@ from math import fsum, sqrt
 
 from moeplan.cost_models import step
 from moeplan.cost_models.layer import Env, Scales
-from moeplan.planner.plan import Band
+from moeplan.planner.options import Candidate, evaluate
+from moeplan.spec.plan import Band
 
 
-def recost_s(env: Env, cand) -> float:
+def recost_s(env: Env, cand: Candidate) -> float:
     """The candidate's step time (train) or per-token latency (infer) under `env`."""
-    from moeplan.planner.search import _evaluate
-
-    layers = [_evaluate(env, cand.setting, i, ev.choice).cost.time_s
+    layers = [evaluate(env, cand.setting, i, ev.choice).cost.time_s
               for i, ev in enumerate(cand.layers)]
     head = step.with_untimed(env, step.head_cost(env, cand.setting), fsum(layers))
     return fsum(layers) + head.time_s
@@ -34,7 +33,7 @@ def _scales(group: str, factor: float) -> Scales:
     return replace(Scales(), **{group: factor})
 
 
-def band(env: Env, cand) -> Band | None:
+def band(env: Env, cand: Candidate) -> Band | None:
     spread = env.cluster.spread
     if not spread:
         return None

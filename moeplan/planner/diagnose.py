@@ -6,8 +6,9 @@ from collections import defaultdict
 
 from moeplan.cost_models import step
 from moeplan.cost_models.layer import Env
-from moeplan.cost_models.workload import Setting
+from moeplan.planner.options import layer_options
 from moeplan.planner.space import NO_FIX, Fix
+from moeplan.spec.workload import Setting
 
 GiB = 2.0 ** 30
 
@@ -36,8 +37,6 @@ def describe_layers(numbers: list[int]) -> str:
 def least_memory(env: Env, s: Setting,
                  fix: Fix = NO_FIX) -> tuple[float, dict[str, tuple[float, list[int]]]]:
     """Memory of the least-memory plan under setting `s`, by term, with the layers behind each."""
-    from moeplan.planner.search import layer_options
-
     options = layer_options(env, s, fix)
     terms: dict[str, list] = defaultdict(lambda: [0.0, []])
     head = step.head_cost(env, s)

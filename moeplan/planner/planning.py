@@ -9,15 +9,31 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from moeplan import __version__
-from moeplan.cost_models.layer import COMPUTE_PHASES, Env
-from moeplan.cost_models.workload import Workload
-from moeplan.errors import ConfigError, MoeplanError
-from moeplan.planner import plan as P
+from moeplan.cost_models.layer import COMPUTE_PHASES, DENSE, Env, LayerChoice
+from moeplan.cost_models.step import head_cost, prefill_head_s, with_untimed
 from moeplan.planner.band import band
-from moeplan.planner.search import Candidate, Objective, SearchResult, search
-from moeplan.planner.space import NO_FIX, Fix
-from moeplan.profiles.cluster import ClusterProfile
-from moeplan.profiles.model import ModelSpec
+from moeplan.planner.diagnose import describe_layers, over_budget
+from moeplan.planner.options import Candidate, evaluate
+from moeplan.planner.search import Objective, SearchResult, SearchStats, search
+from moeplan.planner.simulate import simulate
+from moeplan.planner.space import NO_FIX, Fix, layer_choices
+from moeplan.spec.cluster import ClusterProfile
+from moeplan.spec.errors import ConfigError, InfeasibleError, MoeplanError
+from moeplan.spec.model import ModelSpec
+from moeplan.spec.plan import (
+    ClusterRef,
+    LayerPlan,
+    LayerPrediction,
+    Parallel,
+    Plan,
+    Predicted,
+    Provenance,
+    SearchSummary,
+    digest,
+)
+from moeplan.spec.plan import Objective as PlanObjective
+from moeplan.spec.workload import Setting, Workload
+from moeplan.spec.zoo import load_cluster
 
 DEFAULT_TRAIN_BATCH = 512
 DEFAULT_PROMPT_LEN = 512
@@ -124,7 +140,7 @@ def make_env(spec: ModelSpec, cluster: ClusterProfile, r: Request) -> tuple[Env,
     return Env(spec, cluster, w, r.gpus, runtime=r.runtime), objective
 
 
-def plan(spec: ModelSpec, cluster: ClusterProfile, r: Request) -> tuple[P.Plan, SearchResult]:
+def plan(spec: ModelSpec, cluster: ClusterProfile, r: Request) -> tuple[Plan, SearchResult]:
     env, objective = make_env(spec, cluster, r)
     free_batch = r.mode == "infer" and objective.name == "throughput" and r.global_batch is None
     batch = None if free_batch else env.workload.global_batch
@@ -137,8 +153,6 @@ def fix_notes(spec: ModelSpec, fix: Fix) -> list[str]:
     """What the plan says about the fixed degrees: an ep above a layer's experts is clamped."""
     if fix.ep is None:
         return []
-    from moeplan.planner.diagnose import describe_layers
-
     by_experts: dict[int, list[int]] = defaultdict(list)
     for i, E in enumerate(spec.experts):
         if 0 < E < fix.ep:
@@ -202,7 +216,7 @@ def _hand_on_waits(layers: list[dict[str, float]], exchanging: list[bool], train
 
 
 def to_plan(env: Env, objective: Objective, result: SearchResult,
-            notes: list[str] | None = None) -> P.Plan:
+            notes: list[str] | None = None) -> Plan:
     best: Candidate = result.best
     s, w = best.setting, env.workload
     if w.mode == "infer":
@@ -226,67 +240,75 @@ def to_plan(env: Env, objective: Objective, result: SearchResult,
             breakdown[k] += v
         transient = max(transient, cost.transient_bytes)
         sim = result.simulated
-        pred = P.LayerPrediction(time_s=sum(phases[i].values()), phases_s=phases[i],
-                                 comm_bytes=dict(cost.comm_bytes), memory_bytes=dict(cost.memory),
-                                 transient_bytes=cost.transient_bytes,
-                                 prefill_s=ev.prefill_s if w.mode == "infer" else None,
-                                 simulated_s=sum(sim.layers[i].values()) if sim else None,
-                                 dropped_fraction=(sim.dropped_fraction[i]
-                                                   if sim and env.spec.experts[i] else None))
+        pred = LayerPrediction(time_s=sum(phases[i].values()), phases_s=phases[i],
+                               comm_bytes=dict(cost.comm_bytes), memory_bytes=dict(cost.memory),
+                               transient_bytes=cost.transient_bytes,
+                               prefill_s=ev.prefill_s if w.mode == "infer" else None,
+                               simulated_s=sum(sim.layers[i].values()) if sim else None,
+                               dropped_fraction=(sim.dropped_fraction[i]
+                                                 if sim and env.spec.experts[i] else None))
         E = env.spec.experts[i]
         if E:
-            layers.append(P.LayerPlan(index=i + 1, kind="moe", experts=E, ep=c.ep, es=c.es,
-                                      edp=c.edp(env.gpus), a2a=c.a2a,
-                                      a2a_tp_coordinated=c.coordinated, predicted=pred,
-                                      runner_up=_runner_up_text(result, i)))
+            layers.append(LayerPlan(index=i + 1, kind="moe", experts=E, ep=c.ep, es=c.es,
+                                    edp=c.edp(env.gpus), a2a=c.a2a,
+                                    a2a_tp_coordinated=c.coordinated, predicted=pred,
+                                    runner_up=_runner_up_text(result, i)))
         else:
-            layers.append(P.LayerPlan(index=i + 1, kind="dense", predicted=pred))
+            layers.append(LayerPlan(index=i + 1, kind="dense", predicted=pred))
     if transient:
         breakdown["workspace"] = transient
     tokens_per_s = best.tokens_per_s(final_env)
     if w.mode == "train":
         timing = {"step_time_s": best.time_s}
     else:
-        from moeplan.cost_models.step import prefill_head_s
         prefill = sum(ev.prefill_s for ev in best.layers) + prefill_head_s(final_env, s)
         timing = {"latency_s": best.time_s, "prefill_s": prefill}
-    predicted = P.Predicted(tokens_per_s=tokens_per_s, memory_per_gpu_bytes=best.memory_bytes,
-                            band=band(final_env, best),
-                            memory_breakdown_bytes=dict(sorted(breakdown.items())),
-                            head_phases_s=head_phases, **timing,
-                            simulated_time_s=result.simulated.time_s if result.simulated else None,
-                            simulated_candidates=result.simulated_candidates,
-                            routing_skew=result.skew if result.simulated else None,
-                            simulated_critical_path=[
-                                f"{ph} {t * 1e3:.3f} ms ({100 * t / result.simulated.time_s:.0f}%)"
-                                for ph, t in (result.simulated.critical_path
-                                              if result.simulated else [])])
-    obj = P.Objective(name=objective.name,
-                      slo_ms=objective.slo_s * 1e3 if objective.slo_s is not None else None)
-    return P.Plan(
-        model=env.spec, cluster=P.cluster_ref(env.cluster, env), workload=w, objective=obj,
-        parallel=P.Parallel(tp=s.tp, dp=s.dp, activation_checkpointing=s.recompute),
+    predicted = Predicted(tokens_per_s=tokens_per_s, memory_per_gpu_bytes=best.memory_bytes,
+                          band=band(final_env, best),
+                          memory_breakdown_bytes=dict(sorted(breakdown.items())),
+                          head_phases_s=head_phases, **timing,
+                          simulated_time_s=result.simulated.time_s if result.simulated else None,
+                          simulated_candidates=result.simulated_candidates,
+                          routing_skew=result.skew if result.simulated else None,
+                          simulated_critical_path=[
+                              f"{ph} {t * 1e3:.3f} ms ({100 * t / result.simulated.time_s:.0f}%)"
+                              for ph, t in (result.simulated.critical_path
+                                            if result.simulated else [])])
+    obj = PlanObjective(name=objective.name,
+                        slo_ms=objective.slo_s * 1e3 if objective.slo_s is not None else None)
+    return Plan(
+        model=env.spec, cluster=cluster_ref(env.cluster, env), workload=w, objective=obj,
+        parallel=Parallel(tp=s.tp, dp=s.dp, activation_checkpointing=s.recompute),
         layers=layers, predicted=predicted,
-        search=P.SearchSummary(settings=result.stats.settings,
-                               layer_options=result.stats.layer_options,
-                               plans_covered=result.stats.plans_covered),
+        search=SearchSummary(settings=result.stats.settings,
+                             layer_options=result.stats.layer_options,
+                             plans_covered=result.stats.plans_covered),
         notes=notes or [],
-        provenance=P.Provenance(moeplan_version=__version__, runtime=env.runtime,
-                                inputs_digest=P.inputs_digest(env, obj)))
+        provenance=Provenance(moeplan_version=__version__, runtime=env.runtime,
+                              inputs_digest=inputs_digest(env, obj)))
+
+
+def inputs_digest(env: Env, objective: PlanObjective) -> str:
+    inputs = {"model": env.spec.model_dump(mode="json"), "cluster": digest(env.cluster),
+              "gpus": env.gpus, "workload": env.workload.model_dump(mode="json"),
+              "objective": objective.model_dump(mode="json")}
+    if env.runtime != "moerun":  # digests of moerun plans stay as they were
+        inputs["runtime"] = env.runtime
+    return digest(inputs)
+
+
+def cluster_ref(cluster: ClusterProfile, env: Env) -> ClusterRef:
+    return ClusterRef(name=cluster.name, device=cluster.device.name, gpus=env.gpus,
+                      gpus_per_node=env.gpus_per_node, nodes=env.nodes,
+                      profile_digest=digest(cluster))
 
 
 def fixed_plan(spec: ModelSpec, cluster: ClusterProfile, r: Request, tp: int,
-               choices: dict[int, "LayerChoice"], micro_batch: int | None = None,
-               recompute: bool = False) -> P.Plan:
+               choices: dict[int, LayerChoice], micro_batch: int | None = None,
+               recompute: bool = False) -> Plan:
     """A plan with the given degrees (0-based layer index -> choice; MoE layers not named get
     ep = E capped at the world size), costed by the same model as the search. For tests,
     validation grids and users who want to predict a configuration of their own."""
-    from moeplan.cost_models.layer import DENSE, LayerChoice
-    from moeplan.cost_models.step import head_cost, with_untimed
-    from moeplan.cost_models.workload import Setting
-    from moeplan.planner.search import Candidate, SearchStats, _evaluate
-    from moeplan.planner.space import layer_choices
-
     env, objective = make_env(spec, cluster, r)
     dp = env.gpus // tp
     if r.mode == "train":
@@ -304,36 +326,28 @@ def fixed_plan(spec: ModelSpec, cluster: ClusterProfile, r: Request, tp: int,
             if c not in layer_choices(env, s, E):
                 raise ConfigError(f"layer {i + 1}: {c} is not valid for {E} experts on "
                                   f"{env.gpus} GPUs with tp={tp}")
-        layers.append(_evaluate(env, s, i, c))
+        layers.append(evaluate(env, s, i, c))
     head = with_untimed(env, head_cost(env, s), sum(e.cost.time_s for e in layers))
     cand = Candidate(setting=s, layers=layers, head=head,
                      time_s=head.time_s + sum(e.cost.time_s for e in layers),
                      memory_bytes=head.memory_bytes + sum(e.cost.memory_bytes for e in layers)
                      + max([head.transient_bytes] + [e.cost.transient_bytes for e in layers]))
     if cand.memory_bytes > env.cluster.device.usable_bytes:
-        from moeplan.errors import InfeasibleError
-        from moeplan.planner.diagnose import over_budget
-
         raise InfeasibleError(over_budget(env, s, [e.cost for e in layers], head))
-    from moeplan.planner.simulate import simulate
-
     return to_plan(env, objective, SearchResult(best=cand, stats=SearchStats(),
                                                 simulated=simulate(env, cand, r.routing_skew),
                                                 simulated_candidates=1, skew=r.routing_skew))
 
 
-def recost(p: P.Plan, mode: str) -> P.Plan:
+def recost(p: Plan, mode: str) -> Plan:
     """The same degrees costed for another mode (train <-> infer), with that mode's defaults.
 
     Needs the cluster profile the plan was made with: a built-in one, matched by name and digest."""
-    from moeplan.cost_models.layer import LayerChoice
-    from moeplan.profiles.zoo import load_cluster
-
     try:
         cluster = load_cluster(p.cluster.name)
     except MoeplanError:
         cluster = None
-    if cluster is None or P.digest(cluster) != p.cluster.profile_digest:
+    if cluster is None or digest(cluster) != p.cluster.profile_digest:
         raise ConfigError(f"the plan is for --mode {p.workload.mode} on profile {p.cluster.name}, "
                           f"which is not built in; run `moeplan search --mode {mode}` with that "
                           "profile for a plan to run")

@@ -14,15 +14,18 @@ A setting whose lower bound cannot beat the best found is skipped — a bound, n
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import prod
 
 from moeplan.cost_models import step
-from moeplan.cost_models.layer import DENSE, Env, LayerChoice, LayerCost
-from moeplan.cost_models.workload import Setting
-from moeplan.errors import ConfigError, InfeasibleError
+from moeplan.cost_models.layer import Env
 from moeplan.planner import knapsack
+from moeplan.planner.diagnose import why_infeasible
+from moeplan.planner.options import Candidate, Evaluated, layer_options
+from moeplan.planner.simulate import SimResult, Simulator, simulate
 from moeplan.planner.space import NO_FIX, Fix, layer_choices, settings
+from moeplan.spec.errors import ConfigError, InfeasibleError
+from moeplan.spec.workload import Setting
 
 INFER_BATCHES = [2 ** i for i in range(11)]  # per data-parallel rank, throughput search: 1..1024
 
@@ -31,39 +34,6 @@ INFER_BATCHES = [2 ** i for i in range(11)]  # per data-parallel rank, throughpu
 class Objective:
     name: str  # throughput | latency
     slo_s: float | None = None
-
-
-@dataclass
-class Evaluated:
-    """One costed option of one layer under one setting."""
-
-    choice: LayerChoice
-    cost: LayerCost
-    prefill_s: float = 0.0
-
-    @property
-    def item(self) -> knapsack.Item:
-        return knapsack.Item(self.cost.time_s, self.cost.memory_bytes, self.cost.transient_bytes)
-
-
-@dataclass
-class Candidate:
-    """A complete plan: one setting, one evaluated option per layer, the head."""
-
-    setting: Setting
-    layers: list[Evaluated]
-    head: LayerCost
-    time_s: float
-    memory_bytes: float
-
-    @property
-    def global_batch(self) -> int:
-        return self.setting.dp * self.setting.micro_batch
-
-    def tokens_per_s(self, env: Env) -> float:
-        if env.workload.mode == "train":
-            return env.workload.global_batch * env.workload.seq_len / self.time_s
-        return self.global_batch / self.time_s
 
 
 @dataclass
@@ -79,29 +49,10 @@ class SearchResult:
     best: Candidate
     stats: SearchStats
     runner_up: dict[int, tuple[Evaluated, Evaluated]] = field(default_factory=dict)
-    simulated: object | None = None  # simulate.SimResult of `best`, when simulated
+    simulated: SimResult | None = None  # of `best`, when simulated
     simulated_candidates: int = 0
     analytic_best_changed: bool = False  # the simulation picked another plan than the formulas
     skew: float = 0.0
-
-
-def _evaluate(env: Env, s: Setting, index: int, choice: LayerChoice) -> Evaluated:
-    if env.workload.mode == "train":
-        return Evaluated(choice, step.train_layer(env, s, index, choice))
-    decode, prefill = step.infer_layer(env, s, index, choice)
-    return Evaluated(choice, decode, prefill.time_s)
-
-
-def layer_options(env: Env, s: Setting, fix: Fix = NO_FIX) -> dict[int, list[Evaluated]]:
-    """Costed options for every layer index (identical layers share one list)."""
-    by_experts: dict[int, list[Evaluated]] = {}
-    out = {}
-    for index, E in enumerate(env.spec.experts):
-        if E not in by_experts:
-            choices = [DENSE] if E == 0 else layer_choices(env, s, E, fix)
-            by_experts[E] = [_evaluate(env, s, index, c) for c in choices]
-        out[index] = by_experts[E]
-    return out
 
 
 def best_for_setting(env: Env, s: Setting, stats: SearchStats,
@@ -170,7 +121,6 @@ def search(env: Env, objective: Objective, global_batch: int | None,
             raise InfeasibleError(
                 f"no plan meets --slo-ms {objective.slo_s * 1e3:g}: the fastest takes "
                 f"{fastest.time_s * 1e3:.3g} ms per token")
-        from moeplan.planner.diagnose import why_infeasible
         raise InfeasibleError(why_infeasible(env, candidates, fix))
     return SearchResult(best=best, stats=stats, runner_up=runner_up(env, best, fix),
                         **result_extra)
@@ -198,10 +148,6 @@ def _insert(top: list[Candidate], cand: Candidate, keep: int, env: Env,
 
 def _by_simulation(env: Env, objective: Objective, top: list[Candidate], skew: float) -> dict:
     """Simulate the analytic top candidates; the best by simulated time (or tokens/s) wins."""
-    from dataclasses import replace
-
-    from moeplan.planner.simulate import Simulator, simulate
-
     sim = Simulator(env)
     results = [(c, simulate(env, c, skew=skew, sim=sim)) for c in top]
     if objective.slo_s is not None:

@@ -31,8 +31,11 @@ from dataclasses import dataclass, field
 from math import ceil
 
 from moeplan.cost_models import collectives as coll
-from moeplan.cost_models.layer import Env
-from moeplan.planner import layout as L
+from moeplan.cost_models.layer import Env, gate_tokens
+from moeplan.cost_models.step import decode_pass, train_pass
+from moeplan.planner.options import Candidate
+from moeplan.spec import layout as L
+from moeplan.spec.phases import EXCHANGE, EXPERT_WORK
 
 INF = float("inf")
 
@@ -71,8 +74,8 @@ def links_for(env: Env) -> Links:
     c, N, G = env.cluster, env.gpus, env.gpus_per_node
     nics = c.nics_per_node
     nodes = ceil(N / G)
-    _, intra_bw = coll._tier(c, "all_to_all", "intra")
-    _, inter_per_gpu = coll._tier(c, "all_to_all", "inter")
+    _, intra_bw = coll.tier_link(c, "all_to_all", "intra")
+    _, inter_per_gpu = coll.tier_link(c, "all_to_all", "inter")
     # the analytic inter bandwidth is per GPU with the node's GPUs sharing its NICs: per NIC port
     nic_bw = inter_per_gpu * G / nics
     host_bw = c.host.bandwidth_Bps * c.host.efficiency
@@ -187,8 +190,8 @@ class Simulator:
         def run() -> float:
             intra, inter = _ring(_closure(groups, G), G, out_bytes)
             t = transfer_s(intra, self.links) + transfer_s(inter, self.links)
-            lat_i, _ = coll._tier(self.env.cluster, collective, "intra")
-            lat_e, _ = coll._tier(self.env.cluster, collective, "inter")
+            lat_i, _ = coll.tier_link(self.env.cluster, collective, "intra")
+            lat_e, _ = coll.tier_link(self.env.cluster, collective, "inter")
             return t + (span.per_node - 1) * lat_i + (span.nodes - 1) * lat_e
         return self._cached(("ring", collective, _sig(groups), out_bytes), run)
 
@@ -265,12 +268,9 @@ def sample_loads(experts: int, tokens: int, skew: float, rng: random.Random) -> 
     return counts
 
 
-def simulate(env: Env, cand, skew: float = 0.0, seed: int = 0,
+def simulate(env: Env, cand: Candidate, skew: float = 0.0, seed: int = 0,
              sim: Simulator | None = None) -> SimResult:
     """Simulate one training step (or decode token) of a candidate from the search."""
-    from moeplan.cost_models.layer import capacity, gate_tokens
-    from moeplan.cost_models.step import decode_pass, train_pass
-
     sim = sim or Simulator(env)
     s, spec = cand.setting, env.spec
     N, tp = env.gpus, s.tp
@@ -296,7 +296,7 @@ def simulate(env: Env, cand, skew: float = 0.0, seed: int = 0,
         E = spec.experts[i]
         if E:
             T_r = gate_tokens(env, s, c, p)
-            cap = capacity(spec, E, T_r, train)
+            cap = spec.capacity(E, T_r, train)
             loads = sample_loads(E, T_r * spec.top_k, skew, rng)
             busiest = max(loads)
             dropped = sum(max(0, x - cap) for x in loads) / max(1, sum(loads))
@@ -308,7 +308,7 @@ def simulate(env: Env, cand, skew: float = 0.0, seed: int = 0,
             analytic = coll.all_to_all_s(cost.comm_bytes.get("a2a", 0.0),
                                          env.span(c.ep, c.es), env.cluster, c.a2a)
             simulated = sim.all_to_all_s(eps, a2a, c.a2a)
-            for ph in ("dispatch_a2a", "combine_a2a"):
+            for ph in EXCHANGE:
                 phases[ph] = _scaled(phases[ph], analytic, simulated,
                                      fixed=cost.fixed.get(ph, 0.0))
             if c.es > 1 and "es_comm" in phases:
@@ -320,7 +320,7 @@ def simulate(env: Env, cand, skew: float = 0.0, seed: int = 0,
                       + sim.allgather_s(es_g, es_b * factor, "reduce_scatter"))
                 phases["es_comm"] = _scaled(phases["es_comm"], an, si,
                                             fixed=cost.fixed.get("es_comm", 0.0))
-            for ph in ("experts", "dispatch", "combine"):
+            for ph in EXPERT_WORK:
                 phases[ph] = phases.get(ph, 0.0) * factor
         out.layers.append(phases)
         out.load_factor.append(factor)

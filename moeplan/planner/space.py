@@ -21,8 +21,8 @@ from dataclasses import dataclass, fields
 from math import isqrt
 
 from moeplan.cost_models.layer import Env, LayerChoice
-from moeplan.cost_models.workload import Setting
-from moeplan.errors import ConfigError
+from moeplan.spec.errors import ConfigError
+from moeplan.spec.workload import Setting
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moeplan.errors import ConfigError
 from moeplan.runtime.model import GPT
+from moeplan.spec.errors import ConfigError
 
 FORMAT = "moeplan-checkpoint-2"  # 2: id, checksums and dtypes in the manifest
 

@@ -14,9 +14,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from moeplan.planner import layout as L
-from moeplan.planner.plan import Plan
 from moeplan.runtime.comm import Comm
+from moeplan.spec import layout as L
+from moeplan.spec.plan import Plan
 
 
 @dataclass

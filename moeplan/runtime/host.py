@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from moeplan.runtime.nvml import topology
+
 # Ranks time-slicing one core: the most that the tests and the accuracy bench run (4 ranks on
 # 2 cores); the profile's contention is measured at that density, and beyond it ranks crawl.
 MAX_RANKS_PER_CORE = 2
@@ -29,8 +31,6 @@ class Host:
 
 
 def this_host() -> Host:
-    from moeplan.profiles.nvml import topology
-
     topo = topology()
     gpus = topo["gpus"] if topo["available"] else []
     return Host(cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")

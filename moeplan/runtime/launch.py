@@ -20,7 +20,7 @@ import sys
 import time
 from datetime import timedelta
 
-from moeplan.errors import Interrupted, RankFailedError
+from moeplan.spec.errors import Interrupted, RankFailedError
 
 LAUNCHER_PID = "MOEPLAN_LAUNCHER_PID"  # the process whose death ends the ranks it started
 LOOPBACK = "127.0.0.1"
@@ -40,6 +40,17 @@ def die_with_launcher() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != int(launcher):
         os._exit(1)
+
+
+def take_ctrl_c_once() -> None:
+    """Called first in a rank. Ctrl-C reaches a rank twice (from the terminal, to the whole
+    process group, and passed on by the launcher): the first raises KeyboardInterrupt, the
+    rest are ignored, so none lands in the rank's error handling or its shutdown."""
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
 
 
 def loopback_store(world: int):

@@ -27,13 +27,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moeplan.profiles.model import ModelSpec
 from moeplan.runtime import comm as C
 from moeplan.runtime import gating
-from moeplan.runtime.a2a import FlatExchange
+from moeplan.runtime.a2a import FlatExchange, HierarchicalExchange
 from moeplan.runtime.comm import Comm
 from moeplan.runtime.kernels import REFERENCE, ffn_loop
 from moeplan.runtime.timers import NULL_TIMER
+from moeplan.spec.model import ModelSpec
 
 Slice = tuple[tuple[int, int, int], ...]
 
@@ -42,7 +42,7 @@ Slice = tuple[tuple[int, int, int], ...]
 class MoEParallel:
     ep: Comm
     es: Comm
-    exchange: object  # FlatExchange | HierarchicalExchange
+    exchange: FlatExchange | HierarchicalExchange
     coordinated: bool
 
 

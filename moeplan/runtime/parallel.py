@@ -1,4 +1,5 @@
-"""`parallelize(model, plan, groups)`: the single-device model, sharded as the plan says.
+"""`parallelize(spec, full_state, plan, groups)`: the single-device model's weights, sharded as the
+plan says.
 
 Order (fixed): tensor-slicing of attention and dense/residual MLPs over tp; then, per MoE layer,
 expert parallelism over its ep group (each rank keeps E/ep experts), expert slicing over es, and its
@@ -18,11 +19,11 @@ from collections import OrderedDict
 
 import torch
 
-from moeplan.planner.plan import Plan
 from moeplan.runtime.a2a import FlatExchange, HierarchicalExchange
-from moeplan.runtime.comm import Comm, allreduce_
+from moeplan.runtime.comm import allreduce_
 from moeplan.runtime.groups import Groups
 from moeplan.runtime.model import GPT, MoEParallel, Parallel
+from moeplan.spec.plan import Plan
 
 
 def cut(full: torch.Tensor, spec: tuple) -> torch.Tensor:
@@ -55,9 +56,10 @@ def parallel_context(plan: Plan, groups: Groups) -> Parallel:
     return Parallel(tp=groups.tp, moe=moe)
 
 
-def parallelize(model: GPT, plan: Plan, groups: Groups) -> GPT:
-    sharded = GPT(model.spec, parallel_context(plan, groups))
-    load_full_state(sharded, model.state_dict())
+def parallelize(full: dict[str, torch.Tensor], plan: Plan, groups: Groups) -> GPT:
+    """This rank's shard of the model whose full (single-device) state is `full`."""
+    sharded = GPT(plan.model, parallel_context(plan, groups))
+    load_full_state(sharded, full)
     return sharded
 
 
@@ -95,7 +97,3 @@ class GradSync:
                 p.grad = flat[offset:offset + n].view_as(p)
                 offset += n
 
-
-def solo_groups() -> Groups:
-    solo = Comm.solo()
-    return Groups(rank=0, world=1, tp=solo, dp=solo)

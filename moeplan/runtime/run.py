@@ -22,16 +22,16 @@ from statistics import median
 import torch
 import torch.distributed as dist
 
-from moeplan.planner.plan import Plan, digest
-from moeplan.planner.record import LayerMeasure, Measured, RunRecord, compare
 from moeplan.runtime import checkpoint
 from moeplan.runtime.data import Batches, stdlib_corpus
 from moeplan.runtime.groups import Groups, build_groups
 from moeplan.runtime.infer import generate
 from moeplan.runtime.kernels import select, use_kernels
 from moeplan.runtime.model import GPT, MoE
-from moeplan.runtime.parallel import GradSync, load_full_state, parallel_context
+from moeplan.runtime.parallel import GradSync, parallelize
 from moeplan.runtime.timers import NULL_TIMER, PhaseTimer, instrument
+from moeplan.spec.plan import Plan, digest
+from moeplan.spec.record import LayerMeasure, Measured, RunRecord, compare
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,7 @@ def build_model(plan: Plan, groups: Groups, cfg: RunConfig) -> GPT:
     else:
         torch.manual_seed(cfg.seed)
         full = GPT(plan.model).state_dict()
-    model = GPT(plan.model, parallel_context(plan, groups))
-    load_full_state(model, full)
-    return model
+    return parallelize(full, plan, groups)
 
 
 def _moe_layers(model: GPT) -> dict[int, MoE]:

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moeplan.errors import MoeplanError
-from moeplan.files import write_atomic
-from moeplan.planner.plan import Plan
-from moeplan.runtime.launch import die_with_launcher
+from moeplan.runtime.launch import die_with_launcher, take_ctrl_c_once
 from moeplan.runtime.run import RunConfig, execute
+from moeplan.spec.errors import MoeplanError
+from moeplan.spec.files import write_atomic
+from moeplan.spec.plan import Plan
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,6 +43,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     die_with_launcher()
+    take_ctrl_c_once()
     a = parse(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = torch.cuda.is_available()

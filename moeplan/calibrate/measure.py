@@ -1,6 +1,6 @@
 """`moeplan profile`'s rank-side microbenchmarks (torch), started by torchrun on every rank.
 
-    torchrun --nproc-per-node N -m moeplan.profiles.measure --out profile.json --gpus-per-node G
+    torchrun --nproc-per-node N -m moeplan.calibrate.measure --out profile.json --gpus-per-node G
 
 The device's own speed is measured on rank 0 alone (the others wait at a barrier): GEMM sizes
 (efficiency curve), copy sizes (memory bandwidth), one small operation (per-operation overhead),
@@ -36,11 +36,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moeplan.files import write_atomic
-from moeplan.runtime.launch import die_with_launcher
-from moeplan.profiles.probe import Framework, InSitu
-from moeplan.profiles.sampling import Bench, Pool, moments, per_moment
-from moeplan.runtime.comm import all_gather_tensor, reduce_scatter_tensor
+from moeplan.calibrate.build import build_profile
+from moeplan.calibrate.probe import Framework, InSitu
+from moeplan.calibrate.progress import Progress
+from moeplan.calibrate.sampling import Bench, Pool, moments, per_moment
+from moeplan.runtime.a2a import FlatExchange, HierarchicalExchange
+from moeplan.runtime.comm import Comm, all_gather_tensor, reduce_scatter_tensor
+from moeplan.runtime.launch import die_with_launcher, take_ctrl_c_once
+from moeplan.spec.files import write_atomic
+from moeplan.spec.layout import split_by_node
 
 COLLECTIVES = ("allreduce", "allgather", "reduce_scatter", "all_to_all")
 
@@ -125,12 +129,12 @@ def _collective(name: str, group, size: int, nbytes: int, device) -> callable:
 def tier_groups(world: int, gpus_per_node: int) -> dict[str, list[list[int]]]:
     """The intra-node groups (the G ranks of each node) and the inter-node groups (one rank of
     each node, same local index), where there are more than one rank to a group."""
-    G, nodes = gpus_per_node, world // gpus_per_node
+    intra, inter = split_by_node(list(range(world)), gpus_per_node)
     tiers = {}
-    if G > 1:
-        tiers["intra"] = [[n * G + l for l in range(G)] for n in range(nodes)]
-    if nodes > 1:
-        tiers["inter"] = [[n * G + l for n in range(nodes)] for l in range(G)]
+    if len(intra[0]) > 1:
+        tiers["intra"] = intra
+    if len(intra) > 1:
+        tiers["inter"] = inter
     return tiers
 
 
@@ -143,7 +147,6 @@ REST_S = 0.05
 def tier_comms(b: Bench, gpus_per_node: int) -> dict:
     """This rank's group of each tier (`tier_groups`) as a `runtime.comm.Comm`; every rank
     creates every group, in the same order, so call it on every rank at the same point."""
-    from moeplan.runtime.comm import Comm
 
     out = {}
     for tier, groups in tier_groups(b.world, gpus_per_node).items():
@@ -180,8 +183,6 @@ def exchange_jobs(b: Bench, comms: dict, quick: bool) -> list:
     per-tier fits say what one message and one byte cost; these say how the algorithms combine
     them (overlapping messages, a second call, the regrouping copies) and what idle links give
     back."""
-    from moeplan.runtime.a2a import FlatExchange, HierarchicalExchange
-    from moeplan.runtime.comm import Comm
 
     if not {"intra", "inter"} <= comms.keys():  # one node, or one rank a node
         return []
@@ -214,7 +215,8 @@ def exchanges(b: Bench, gpus_per_node: int, quick: bool, progress) -> list[dict]
 
 def main(argv: list[str] | None = None) -> int:
     die_with_launcher()
-    p = argparse.ArgumentParser(prog="moeplan.profiles.measure")
+    take_ctrl_c_once()
+    p = argparse.ArgumentParser(prog="moeplan.calibrate.measure")
     p.add_argument("--out", required=True)
     p.add_argument("--gpus-per-node", type=int, required=True)
     p.add_argument("--base", required=True)
@@ -236,7 +238,6 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda") if cuda else torch.device("cpu")
     quick = a.quick
     b = Bench(rank, world, device, warmup=2 if quick else 3, repeats=5 if quick else 9)
-    from moeplan.profiles.progress import Progress
 
     dtype = torch.bfloat16 if cuda else torch.float32
     # every rank creates every group, in the same order, before any job runs
@@ -273,7 +274,6 @@ def main(argv: list[str] | None = None) -> int:
     spread = fw.spread(sweeps.ratios() if sweeps is not None else [], samples)
     fw = fw.result()
     if rank == 0:
-        from moeplan.profiles.build import build_profile
 
         info = {"host": platform.node(), "ranks": world, "backend": backend,
                 "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",

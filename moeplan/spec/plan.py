@@ -11,11 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from moeplan import __version__
-from moeplan.cost_models.layer import Env
-from moeplan.cost_models.workload import Workload
-from moeplan.profiles.cluster import ClusterProfile
-from moeplan.profiles.model import ModelSpec
+from moeplan.spec.model import ModelSpec
+from moeplan.spec.workload import Workload
 
 SCHEMA_VERSION = 1
 
@@ -163,21 +160,6 @@ class Plan(_Frozen):
     def to_json(self) -> str:
         """Deterministic bytes: sorted keys, fixed indentation, trailing newline."""
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, indent=2) + "\n"
-
-
-def inputs_digest(env: Env, objective: Objective) -> str:
-    inputs = {"model": env.spec.model_dump(mode="json"), "cluster": digest(env.cluster),
-              "gpus": env.gpus, "workload": env.workload.model_dump(mode="json"),
-              "objective": objective.model_dump(mode="json")}
-    if env.runtime != "moerun":  # digests of moerun plans stay as they were
-        inputs["runtime"] = env.runtime
-    return digest(inputs)
-
-
-def cluster_ref(cluster: ClusterProfile, env: Env) -> ClusterRef:
-    return ClusterRef(name=cluster.name, device=cluster.device.name, gpus=env.gpus,
-                      gpus_per_node=env.gpus_per_node, nodes=env.nodes,
-                      profile_digest=digest(cluster))
 
 
 __all__ = ["Plan", "LayerPlan", "Parallel", "Predicted", "digest", "SCHEMA_VERSION", "ModelSpec"]

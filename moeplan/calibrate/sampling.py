@@ -13,7 +13,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from moeplan.profiles import fit
+from moeplan.calibrate import fit
+
 
 class Bench:
     def __init__(self, rank: int, world: int, device: torch.device, warmup: int, repeats: int):

@@ -12,7 +12,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from moeplan.planner.plan import Plan
+from moeplan.spec.errors import ConfigError
+from moeplan.spec.phases import STEP_END
+from moeplan.spec.plan import Plan, digest
 
 RUN_SCHEMA_VERSION = 1
 
@@ -97,7 +99,7 @@ def compare(plan: Plan, run: RunRecord) -> list[Comparison]:
     if run.mode == "train":
         measured_phase["grad_sync"] = meas.grad_sync_s or 0.0
         measured_phase["optimizer"] = meas.optimizer_s or 0.0
-        for k in ("grad_sync", "optimizer"):
+        for k in STEP_END:
             predicted_phase[k] = predicted_phase.get(k, 0.0) + pred.head_phases_s.get(k, 0.0)
     predicted_phase["head"] = pred.head_phases_s.get("head", 0.0)
     measured_phase["head"] = meas.head_phases_s.get("head", 0.0)
@@ -111,7 +113,7 @@ def compare(plan: Plan, run: RunRecord) -> list[Comparison]:
             rows.append(_row("all layers", k, p, m))
     for lp, lm in zip(plan.layers, run.layers):
         p = sum(v for k, v in lp.predicted.phases_s.items()
-                if k not in ("grad_sync", "optimizer"))
+                if k not in STEP_END)
         m = sum(v for k, v in lm.phases_s.items())
         rows.append(_row(f"layer {lp.index}", f"{lp.kind} forward+backward" if run.mode == "train"
                          else f"{lp.kind} per token", p, m))
@@ -171,9 +173,6 @@ def limit_breaches(rows: list[Comparison], max_error: float | None,
 
 def check_pair(plan: Plan, run: RunRecord) -> None:
     """Refuse a run that was not measured for this plan."""
-    from moeplan.errors import ConfigError
-    from moeplan.planner.plan import digest
-
     if run.plan_digest != digest(plan):
         raise ConfigError(f"the run was measured for another plan (run {run.plan_digest[:19]}…, "
                           f"plan {digest(plan)[:19]}…)")

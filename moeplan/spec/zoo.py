@@ -9,9 +9,9 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from moeplan.errors import SpecError, UnknownNameError
-from moeplan.profiles.cluster import ClusterProfile
-from moeplan.profiles.model import ModelSpec
+from moeplan.spec.cluster import ClusterProfile
+from moeplan.spec.errors import SpecError, UnknownNameError
+from moeplan.spec.model import ModelSpec
 
 DATA_DIR = Path(__file__).parent / "data"
 T = TypeVar("T", bound=BaseModel)

@@ -91,14 +91,6 @@ class ModelSpec(BaseModel):
         return max(ceil(self.top_k * cf * gate_tokens / experts), floor)
 
     @property
-    def is_moe(self) -> bool:
-        return any(self.experts)
-
-    @property
     def moe_layers(self) -> list[int]:
         """0-based indices of the MoE layers."""
         return [i for i, e in enumerate(self.experts) if e]
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads

@@ -13,7 +13,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from moeplan.errors import ConfigError
+from moeplan.spec.errors import ConfigError
 
 
 def output_path(path: str | Path, flag: str = "--out") -> Path:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
 
-from moeplan.profiles.model import PRINTABLE
+from moeplan.spec.model import PRINTABLE
 
 MAX_PER_NODE = 1024  # GPUs or NICs in one node: far above any machine, low enough to enumerate
 
@@ -241,7 +241,6 @@ class ClusterProfile(BaseModel):
             if f.collective == collective and f.tier == tier:
                 return f
         return None
-
 
     def exchange_for(self, algorithm: str) -> ExchangeScale | None:
         return next((e for e in self.exchanges if e.algorithm == algorithm), None)

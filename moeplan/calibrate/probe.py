@@ -1,4 +1,4 @@
-"""`moeplan profile`'s probe: the runtime's own model (`build.PROBE_SIZES`), timed by the
+"""`moeplan profile`'s probe: the runtime's own model (`shapes.PROBE_SIZES`), timed by the
 runtime's phase timer on one rank and on every rank at once (`Framework`: fixed cost and work
 scale per layer phase, contention, skew, optimizer), and run by `moerun`'s own training and
 decoding loops expert-parallel over every rank (`InSitu`: compute, all-to-alls and gradient sync
@@ -14,14 +14,22 @@ import time
 import torch
 import torch.distributed as dist
 
-from moeplan.profiles import fit
-from moeplan.profiles.build import PROBE_SIZES, decode_shape, probe_spec
-from moeplan.profiles.sampling import Bench, Pool, per_moment, spread
+from moeplan.calibrate import fit
+from moeplan.calibrate.in_situ import in_situ_medians
+from moeplan.calibrate.sampling import Bench, Pool, per_moment, spread
+from moeplan.calibrate.shapes import PROBE_SIZES, decode_shape, in_situ_plans, probe_spec
+from moeplan.runtime.groups import build_groups
+from moeplan.runtime.infer import generate
+from moeplan.runtime.kernels import select, use_kernels
+from moeplan.runtime.model import GPT
+from moeplan.runtime.run import RunConfig, build_model, clip_grads, infer, train
+from moeplan.runtime.timers import PhaseTimer, instrument
+from moeplan.spec.phases import EXCHANGE
+from moeplan.spec.zoo import load_cluster
+
 
 def _probe_model(device: torch.device, size: str):
-    """The runtime's own GPT (one dense and two MoE layers) at one of `build.PROBE_SIZES`."""
-    from moeplan.runtime.model import GPT
-
+    """The runtime's own GPT (one dense and two MoE layers) at one of `shapes.PROBE_SIZES`."""
     torch.manual_seed(0)
     return GPT(probe_spec(size)).to(device)
 
@@ -43,7 +51,6 @@ def _phase_samples(b: Bench, cases: dict[str, tuple], repeats: int, warmup: int,
     barrier. `cases` maps a name to (run_once, inner, solo); every repeat runs each case in
     turn, so a slow spell of the host touches all of them alike (the fits take differences and
     ratios of cases)."""
-    from moeplan.runtime.timers import PhaseTimer
 
     for rep in range(warmup + repeats):
         for name, (run_once, inner, solo) in cases.items():
@@ -71,7 +78,6 @@ def _phase_samples(b: Bench, cases: dict[str, tuple], repeats: int, warmup: int,
 def _trainer(b: Bench, size: str):
     """One training step of the probe (forward + backward with autograd, as `moerun` trains),
     timed by the runtime's phase timer it is handed."""
-    from moeplan.runtime.timers import instrument
 
     model = _probe_model(b.device, size)
     _, _, _, B, S = PROBE_SIZES[size]
@@ -94,8 +100,6 @@ def _trainer(b: Bench, size: str):
 def _decoder(b: Bench, size: str):
     """Greedy decoding of the probe with the KV cache, as `moerun --mode infer` serves: a batch
     of prompts, then new tokens one at a time; decode tokens only in the timer it is handed."""
-    from moeplan.runtime.infer import generate
-    from moeplan.runtime.timers import instrument
 
     model = _probe_model(b.device, size)
     B = PROBE_SIZES[size][3]
@@ -126,7 +130,6 @@ def _skew_samples(b: Bench, train_once, repeats: int, warmup: int) -> list[float
     the ranks' step times, per repeat."""
     if b.world == 1:
         return [0.0]
-    from moeplan.runtime.timers import PhaseTimer
 
     timer = PhaseTimer(b.device.type == "cuda")
     samples = []
@@ -168,7 +171,7 @@ def _solo_time(b: Bench, fn, warmup: int, repeats: int) -> float:
 class Framework:
     """The runtime's fixed cost per layer phase and how its kernels compare with the roofline:
     the probe model trained and served (greedy decoding with the KV cache, as `moerun --mode
-    infer` serves, decode tokens only) at every `build.PROBE_SIZES` (one rank alone, and the
+    infer` serves, decode tokens only) at every `shapes.PROBE_SIZES` (one rank alone, and the
     "work" size also on every rank at once: the contention), timed by the runtime's own phase
     timer; the skew of the ranks' steps; plus the optimizer (AdamW step, gradient clipping,
     zero_grad) at both sizes, for its cost per tensor and per parameter. Sampled at every
@@ -177,8 +180,6 @@ class Framework:
     host must not set them."""
 
     def __init__(self, b: Bench, quick: bool):
-        from moeplan.runtime.run import clip_grads
-
         self.b, self.quick = b, quick
         self.pool, self.skew = Pool(), []
         inner = 10 if quick else 30
@@ -233,7 +234,8 @@ class Framework:
         work = [k for k in keys if k[0] in ("work", "work2", "work3", "infer", "infer_work2",
                                              "infer_work3")]
         fixed = [k for k in keys if k[0] in ("train", "infer_fixed", "optimizer")]
-        def situ(figures) -> list[float]:
+
+        def in_step_samples(figures) -> list[float]:
             out = []
             for mode, figure in figures:
                 values = [s[mode][figure] for s in in_situ if s and s.get(mode)]
@@ -243,9 +245,9 @@ class Framework:
 
         # a step's compute in a running step (the in-step factor) moves with the whole step
         groups = {"compute": device_ratios + self.pool.moment_ratios(work)
-                  + situ((("train", "step_s"), ("infer", "step_s"))),
+                  + in_step_samples((("train", "step_s"), ("infer", "step_s"))),
                   "framework": self.pool.moment_ratios(fixed),
-                  "communication": situ((("train", "a2a_s"), ("train", "grad_sync_s"),
+                  "communication": in_step_samples((("train", "a2a_s"), ("train", "grad_sync_s"),
                                          ("infer", "a2a_s")))}
         return {name: {"p10_p90": spread(r), "figures": len(r)} for name, r in groups.items()
                 if spread(r) is not None}
@@ -268,20 +270,14 @@ class Framework:
 class InSitu:
     """The "work" probe run by the runtime's own training and decoding loops (`runtime.run`, as
     `moerun` runs a plan) on every rank, its MoE layers expert-parallel over the world
-    (`build.in_situ_plans`): the all-to-all phases and the gradient sync as they come out inside
+    (`shapes.in_situ_plans`): the all-to-all phases and the gradient sync as they come out inside
     a running step, mean over ranks as `moerun` reports them, and the step (token) time against
     its timed phases. The profile keeps what they take beyond the model's prediction for the
     same plans, and the share of the step no phase timer sees. One sample is a short run of
     each mode, one at each moment of the profile; the profile keeps the median one
-    (`build.median_sample`)."""
+    (`in_situ.median_sample`)."""
 
     def __init__(self, b: Bench, base: str, gpus_per_node: int, quick: bool):
-        from moeplan.profiles.build import in_situ_plans
-        from moeplan.profiles.zoo import load_cluster
-        from moeplan.runtime.groups import build_groups
-        from moeplan.runtime.kernels import select, use_kernels
-        from moeplan.runtime.run import RunConfig, build_model
-
         self.b, self.runs = b, []
         if b.world == 1:
             return
@@ -295,14 +291,12 @@ class InSitu:
             self.runs.append((mode, plan, groups, cfg, model))
 
     def sample(self) -> dict:
-        from moeplan.runtime.run import infer, train
-
         out = {}
         for mode, plan, groups, cfg, model in self.runs:
             got = (train if mode == "train" else infer)(plan, model, groups, cfg,
                                                         lambda *_: None)
             a2a = sum(v for (_, ph), v in got["phases"].items()
-                      if ph in ("dispatch_a2a", "combine_a2a"))
+                      if ph in EXCHANGE)
             sync, opt = got.get("grad_sync_s", 0.0), got.get("optimizer_s", 0.0)
             timed = sum(got["phases"].values()) + sync + opt
             whole = got["step_s"] if mode == "train" else got["latency_s"]
@@ -314,8 +308,7 @@ class InSitu:
         return out
 
     def result(self, samples: list[dict]) -> dict:
-        """Per mode, the median sample (the samples as well): see `build.median_sample`."""
-        from moeplan.profiles.build import in_situ_medians
+        """Per mode, the median sample (the samples as well): see `in_situ.median_sample`."""
 
         return in_situ_medians({"world": self.b.world, "samples": samples}) if self.runs else {}
 

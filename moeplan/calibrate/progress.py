@@ -9,8 +9,8 @@ class Progress:
 
     def __enter__(self) -> "Progress":
         if self.show:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, \
-                TextColumn, TimeElapsedColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as Bar
 
             self._bar = Bar(TextColumn("{task.description:<20}"), BarColumn(),
                             MofNCompleteColumn(), TimeElapsedColumn(), transient=False)

@@ -81,9 +81,3 @@ def moe_layout(world: int, gpus_per_node: int, ep: int, es: int, hierarchical: b
     return MoeLayout(ep=eps, es=es_groups(world, ep, es), edp=edp_groups(world, ep, es),
                      intra=intra, inter=inter)
 
-
-def member_of(groups: Groups, rank: int) -> list[int]:
-    for g in groups:
-        if rank in g:
-            return g
-    raise ValueError(f"rank {rank} is in none of {groups}")

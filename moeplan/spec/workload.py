@@ -36,11 +36,6 @@ class Workload(BaseModel):
             raise ValueError("global_batch must be a multiple of micro_batch")
         return self
 
-    @property
-    def tokens_per_step(self) -> int:
-        """Tokens processed per training step, or generated per decode step (infer)."""
-        return self.global_batch * (self.seq_len if self.mode == "train" else 1)
-
 
 @dataclass(frozen=True, order=True)
 class Setting:

@@ -199,6 +199,17 @@ def stored_runs(work: Path) -> dict[str, list[RunRecord]]:
     return runs
 
 
+def host_speed(profiles: dict[str, str]) -> dict[str, dict[str, float]]:
+    """What each profile measured of the host's speed, to tell one VM from another."""
+    out = {}
+    for ranks, path in profiles.items():
+        device = json.loads(Path(path).read_text())["device"]
+        out[ranks] = {"fp32_gflops": round(device["peak_flops"]["fp32"] / 1e9, 1),
+                      "memory_GBps": round(device["hbm_Bps"] / 1e9, 1),
+                      "op_overhead_us": round(device["op_overhead_s"] * 1e6, 2)}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profile", help="use this profile for every plan instead of measuring")
@@ -228,7 +239,7 @@ def main() -> None:
         profiles, profile_s, plans, runs, errors, wall = measure(a, work)
     points = [pt for pt in grid(a.quick and not a.recost) if tag_of(pt) in plans]
     out = {"bench": "prediction_accuracy", "profiles": profiles,
-           "profile_s": round(profile_s, 1), "plans": len(points),
+           "host": host_speed(profiles), "profile_s": round(profile_s, 1), "plans": len(points),
            "rounds": max(len(r) for r in runs.values()), "steps": a.steps,
            "failed": sorted(errors), "work_dir": str(work),
            **({"recost_of": str(work)} if a.recost else {})}

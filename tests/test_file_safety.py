@@ -66,7 +66,8 @@ def test_moerun_save_refuses_what_is_not_its_checkpoint(tmp_path, monkeypatch, c
     Path("q.tmp").mkdir()
     Path("q.tmp/mine").write_text("y")
     Path("ln").symlink_to("p")
-    for save, what in (("p", "p exists"), (str(tmp_path), "exists"), ("q", "q.tmp exists"),
+    for save, what in (("p", "p exists"), (str(tmp_path), "the working directory"),
+                       ("q", "q.tmp exists"),
                        ("ln", "ln exists"), ("", "--save is empty")):
         code, _, err = invoke(moerun_cli, ["--plan", "plan.json", "--steps", "1", "--save",
                                            save], monkeypatch, capsys)
@@ -171,3 +172,84 @@ def test_an_interrupted_swap_loads_the_previous_copy_and_saves_are_locked(tmp_pa
             checkpoint.save(model, ckpt, 4, "d", 0, 1)
     checkpoint.save(model, ckpt, 5, "d", 0, 1)
     assert checkpoint.read_manifest(ckpt)["step"] == 5 and not (tmp_path / "ckpt.old").exists()
+
+
+def _plan_here(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _, _ = invoke(moeplan_cli, ["search", "--model", "tiny-pr-moe", "--gpus", "2",
+                                      "--cluster", "local-cpu", "--global-batch", "4",
+                                      "--seq-len", "32"], monkeypatch, capsys)
+    assert code == 0
+
+
+def test_save_targets_that_would_hang_or_break_the_check(tmp_path, monkeypatch, capsys):
+    """`--save .`, a folder whose manifest.json is a FIFO (never opened: reading one blocks) or
+    JSON nested 100,000 deep: one line each, before any rank starts, the folder untouched."""
+    _plan_here(tmp_path, monkeypatch, capsys)
+    Path("fifo").mkdir()
+    os.mkfifo("fifo/manifest.json")
+    Path("deep").mkdir()
+    Path("deep/manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    for save, what in ((".", "the working directory"), ("..", "the working directory"),
+                       ("fifo", "fifo exists"), ("deep", "deep exists")):
+        code, _, err = invoke(moerun_cli, ["--plan", "plan.json", "--steps", "1", "--save",
+                                           save], monkeypatch, capsys)
+        assert code == 2 and what in err and err.count("\n") == 1, (save, err)
+    assert stat.S_ISFIFO(os.stat("fifo/manifest.json").st_mode) and not Path("run.json").exists()
+
+
+def _edited_manifest(ckpt: Path, **fields) -> None:
+    import json
+
+    m = json.loads((ckpt / "manifest.json").read_text())
+    m.update(fields)
+    (ckpt / "manifest.json").write_text(json.dumps(m))
+
+
+def test_a_bad_checkpoint_is_refused_before_any_rank_starts(tmp_path, monkeypatch, capsys):
+    """Corrupted shards and malformed manifests end in the launcher, on one line (the ranks
+    used to find them, each printing its own error, after starting)."""
+    import shutil
+
+    _plan_here(tmp_path, monkeypatch, capsys)
+    from moeplan.runtime import checkpoint
+    from moeplan.runtime.model import GPT
+    from moeplan.spec.plan import Plan
+
+    plan = Plan.model_validate_json(Path("plan.json").read_text())
+    good = checkpoint.save(GPT(plan.model), tmp_path / "good", 1, "d", 0, 1)
+    cases = {
+        "flipped": ("does not match its checksum", None),
+        "deep": ("too deep", None),
+        "world-text": ("is not a number of ranks", {"world": "two"}),
+        "world-zero": ("is not a number of ranks", {"world": 0}),
+        "world-three": ("do not name the 3 shards", {"world": 3}),
+        "shapes-list": ("do not name the same tensors", {"shapes": []}),
+        "sha-text": ("do not name the 1 shards", {"sha256": "x"}),
+    }
+    for name, (what, fields) in cases.items():
+        ckpt = tmp_path / name
+        shutil.copytree(good, ckpt)
+        if name == "flipped":
+            data = bytearray((ckpt / "rank0.pt").read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            (ckpt / "rank0.pt").write_bytes(bytes(data))
+        elif name == "deep":
+            (ckpt / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+        else:
+            _edited_manifest(ckpt, **fields)
+        code, out, err = invoke(moerun_cli, ["--plan", "plan.json", "--steps", "1", "--load",
+                                             str(ckpt)], monkeypatch, capsys)
+        assert code == 2 and what in err and err.count("\n") == 1 and "rank" not in out, (
+            name, err)
+    assert not Path("run.json").exists()
+
+
+def test_a_link_loop_is_named_as_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    Path("loop.json").symlink_to("loop.json")
+    Path("a.json").symlink_to("b.json")
+    Path("b.json").symlink_to("a.json")
+    for argv in (["--model", "loop.json"], ["--model", "a.json"], ["--profile", "loop.json"]):
+        code, _, err = invoke(moeplan_cli, ["search", "--gpus", "2", *argv], monkeypatch, capsys)
+        assert code == 2 and "symbolic links" in err and err.count("\n") == 1, (argv, err)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -29,14 +30,15 @@ def _finite(param, value: float | None) -> float | None:
 
 
 def _load_cluster(cluster: str | None, profile: str | None):
-    from moeplan.spec import load_cluster
+    from moeplan.spec import ClusterProfile, load_cluster
+    from moeplan.spec.zoo import parse_file
 
     if cluster and profile:
         raise ConfigError("give --cluster or --profile, not both")
     if profile:
-        if not Path(profile).exists():
+        if not os.path.lexists(profile):  # a link loop exists, though nothing it names does
             raise ConfigError(f"--profile {profile}: no such file")
-        return load_cluster(str(Path(profile)))
+        return parse_file(Path(profile), ClusterProfile)
     return load_cluster(cluster or "ndv4-a100-40gb")
 
 

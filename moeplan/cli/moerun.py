@@ -100,10 +100,10 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
         raise ConfigError(f"moerun trains and decodes bytes ({BYTE_VOCAB} symbols); the plan's "
                           f"model has vocab_size {plan.model.vocab_size}")
     if load:
-        from moeplan.runtime.checkpoint import check_model, read_manifest
+        from moeplan.runtime.checkpoint import check_model, read_manifest, verify
 
-        manifest = read_manifest(load)
-        check_model(manifest, plan.model, load)
+        check_model(read_manifest(load), plan.model, load)
+        manifest = verify(load)  # every shard checked here, before any rank starts
         if mode == "train" and manifest.get("step"):
             click.echo(f"moerun: note: --load takes the weights of step {manifest['step']}; the "
                        "optimizer state, learning-rate schedule and data order start again "

@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 
 from moeplan.runtime.model import GPT
-from moeplan.spec.errors import ConfigError
+from moeplan.spec.errors import ConfigError, SpecError
+from moeplan.spec.files import read_document
 
 FORMAT = "moeplan-checkpoint-2"  # 2: id, checksums and dtypes in the manifest
 
@@ -67,23 +68,28 @@ PARTIAL = ".moeplan-partial"  # marks a checkpoint directory this program is sti
 
 def _ours(path: Path) -> bool:
     """A directory this program wrote: a complete checkpoint (its manifest) or a partial one
-    (its marker); never a link."""
+    (its marker); never a link. The manifest is read as a hostile document (a FIFO is never
+    opened)."""
     if path.is_symlink() or not path.is_dir():
         return False
     if (path / PARTIAL).is_file():
         return True
     try:
-        return json.loads((path / "manifest.json").read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        manifest = read_document(path / "manifest.json", "manifest")
+    except SpecError:
         return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
 
 def check_save_target(directory: str | Path) -> None:
     """Refuse, before any rank starts, a --save target this program may not replace: anything
     that exists and is not a checkpoint it wrote (also its .tmp and .old siblings)."""
-    final = Path(directory)
     if not str(directory).strip():
         raise ConfigError("--save is empty")
+    final = Path(os.path.abspath(directory))  # `.` and `..` have no name of their own
+    if final == Path.cwd() or final in Path.cwd().parents or final.parent == final:
+        raise ConfigError(f"--save {directory}: the working directory or a folder above it; "
+                          "give a new folder for the checkpoint")
     for path in (final, final.with_name(final.name + ".tmp"),
                  final.with_name(final.name + ".old")):
         if (path.exists() or path.is_symlink()) and not _ours(path):
@@ -192,34 +198,100 @@ def resolve(directory: str | Path) -> Path:
     return final
 
 
+MAX_WORLD = 1 << 20
+
+
+def _check_manifest(m: dict, path: Path) -> None:
+    """Types and consistency of a manifest's fields, so that a rank never meets a malformed
+    one: a positive world, a checksum for each of its shards, a shape and dtype per tensor."""
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"checkpoint manifest {path}: {what}")
+
+    for key in ("id", "world", "shapes", "dtypes", "sha256", "model"):
+        if key not in m:
+            raise bad(f"has no {key!r}")
+    world = m["world"]
+    if type(world) is not int or not 1 <= world <= MAX_WORLD:
+        raise bad(f"world {world!r} is not a number of ranks")
+    if not isinstance(m["id"], str):
+        raise bad("its id is not text")
+    sha = m["sha256"]
+    if not isinstance(sha, dict) or set(sha) != {f"rank{r}.pt" for r in range(world)} or not all(
+            isinstance(v, str) for v in sha.values()):
+        raise bad(f"its checksums do not name the {world} shards rank0.pt..rank{world - 1}.pt")
+    shapes, dtypes = m["shapes"], m["dtypes"]
+    if not isinstance(shapes, dict) or not isinstance(dtypes, dict) or set(shapes) != set(dtypes):
+        raise bad("shapes and dtypes do not name the same tensors")
+    for name, shape in shapes.items():
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise bad(f"{name}: shape {shape!r} is not a list of sizes")
+    if not isinstance(m["model"], dict):
+        raise bad("its model is not a model spec")
+
+
 def read_manifest(directory: str | Path) -> dict:
     path = resolve(directory) / "manifest.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ConfigError(f"no checkpoint at {directory} (missing {path.name})")
-    try:
-        manifest = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"checkpoint manifest {path} is not JSON: {e}") from None
+    manifest = read_document(path, "manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ConfigError(f"{path} is not a {FORMAT} manifest")
-    for key in ("id", "world", "shapes", "dtypes", "sha256", "model"):
-        if key not in manifest:
-            raise ConfigError(f"checkpoint manifest {path} has no {key!r}")
+    _check_manifest(manifest, path)
     return manifest
 
 
-def _shard(directory: Path, r: int, manifest: dict) -> dict:
-    """Rank r's pieces, after checking the file's checksum and the checkpoint id it carries."""
+def _shard(directory: Path, r: int, manifest: dict, mmap: bool = False) -> dict:
+    """Rank r's pieces, after checking the file's checksum, the checkpoint id it carries and
+    every piece's name, dtype and slice against the manifest."""
     path = directory / f"rank{r}.pt"
     if not path.is_file():
         raise ConfigError(f"checkpoint {directory} is incomplete: {path.name} is missing")
     if _sha256(path) != manifest["sha256"].get(path.name):
         raise ConfigError(f"checkpoint {directory}: {path.name} does not match its checksum "
                           "(corrupted or replaced)")
-    shard = torch.load(path, weights_only=True)
-    if not isinstance(shard, dict) or shard.get("id") != manifest["id"]:
+    try:
+        shard = torch.load(path, weights_only=True, mmap=mmap)
+    except Exception as e:  # a file torch cannot read as weights is not a shard
+        raise ConfigError(f"checkpoint {directory}: {path.name} is not a weights file "
+                          f"({type(e).__name__})") from None
+    if not isinstance(shard, dict) or shard.get("id") != manifest["id"] or not isinstance(
+            shard.get("pieces"), dict):
         raise ConfigError(f"checkpoint {directory}: {path.name} belongs to another checkpoint")
+    for name, piece in shard["pieces"].items():
+        _check_piece(directory, r, name, piece, manifest)
     return shard["pieces"]
+
+
+def _check_piece(directory: Path, r: int, name: str, piece, manifest: dict) -> None:
+    where = f"checkpoint {directory}: {name} in rank{r}.pt"
+    want = manifest["dtypes"].get(name)
+    if not (isinstance(piece, (tuple, list)) and len(piece) == 2
+            and isinstance(piece[1], torch.Tensor)):
+        raise ConfigError(f"{where} is not a slice and a tensor")
+    spec, tensor = piece
+    if name not in manifest["shapes"] or str(tensor.dtype).removeprefix("torch.") != want:
+        raise ConfigError(f"{where} is not a {want} tensor of the model")
+    shape = list(manifest["shapes"][name])
+    if not isinstance(spec, (tuple, list)) or not all(
+            isinstance(s, (tuple, list)) and len(s) == 3 and all(type(x) is int for x in s)
+            for s in spec):
+        raise ConfigError(f"{where}: its slice {spec!r} is not (dim, start, stop) triples")
+    for dim, start, stop in spec:
+        if not (0 <= dim < len(shape) and 0 <= start <= stop <= shape[dim]):
+            raise ConfigError(f"{where}: slice {dim}:{start}:{stop} is outside {shape}")
+        shape[dim] = stop - start
+    if list(tensor.shape) != shape:
+        raise ConfigError(f"{where} has shape {list(tensor.shape)}, its slice {shape}")
+
+
+def verify(directory: str | Path) -> dict:
+    """The manifest, after checking every shard as loading will (checksums, ids, dtypes,
+    slices; tensors memory-mapped, not read): for the launcher, before any rank starts."""
+    manifest = read_manifest(directory)
+    where = resolve(directory)
+    for r in range(manifest["world"]):
+        _shard(where, r, manifest, mmap=True)
+    return manifest
 
 
 def load_full(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -231,17 +303,10 @@ def load_full(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
                manifest["shapes"].items()}
     for r in range(manifest["world"]):
         for name, (spec, tensor) in _shard(where, r, manifest).items():
-            if name not in full or str(tensor.dtype).removeprefix("torch.") != manifest[
-                    "dtypes"].get(name):
-                raise ConfigError(f"checkpoint {directory}: {name} in rank{r}.pt is not a "
-                                  f"{manifest['dtypes'].get(name)} tensor of the model")
             view, mask = full[name], covered[name]
             for dim, start, stop in spec:
                 view = view.narrow(dim, start, stop - start)
                 mask = mask.narrow(dim, start, stop - start)
-            if view.shape != tensor.shape:
-                raise ConfigError(f"checkpoint {directory}: {name} in rank{r}.pt has shape "
-                                  f"{list(tensor.shape)}, its slice {list(view.shape)}")
             view.copy_(tensor)
             mask.fill_(True)
     for name, mask in covered.items():
@@ -251,10 +316,15 @@ def load_full(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def check_model(manifest: dict, spec, directory: str | Path) -> None:
-    """Refuse a checkpoint of another model, naming the first field that differs."""
+    """Refuse a checkpoint of another model, naming the first field that differs, or whose
+    tensors are not that model's (the shapes loading allocates come from the manifest)."""
     want = spec.model_dump(mode="json")
     have = manifest.get("model", {})
     for key in sorted(set(want) | set(have)):
         if want.get(key) != have.get(key):
             raise ConfigError(f"checkpoint {directory} is of another model: {key} "
                               f"{have.get(key)!r} there, {want.get(key)!r} in the plan")
+    with torch.device("meta"):  # shapes only, nothing allocated
+        shapes = {name: list(p.shape) for name, p in GPT(spec).named_parameters()}
+    if manifest["shapes"] != shapes:
+        raise ConfigError(f"checkpoint {directory}: its tensors are not those of {spec.name}")

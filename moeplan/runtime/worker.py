@@ -41,6 +41,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _say(line: str) -> None:
+    """One write per line: ranks share stderr unbuffered (`-u`), and print() writes the line and
+    its newline apart, so two ranks' lines could run together."""
+    sys.stderr.write(line + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     die_with_launcher()
     take_ctrl_c_once()
@@ -66,13 +72,13 @@ def main(argv: list[str] | None = None) -> int:
             dist.barrier()
             dist.destroy_process_group()
     except MoeplanError as e:
-        print(f"moerun rank {rank}: {e}", file=sys.stderr, flush=True)
+        _say(f"moerun rank {rank}: {e}")
         return 2
     except KeyboardInterrupt:  # Ctrl-C reaches every rank: the launcher says it once
         return 130
     except Exception as e:  # a peer died or a collective timed out: say so on one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"moerun rank {rank}: {type(e).__name__}: {first}", file=sys.stderr, flush=True)
+        _say(f"moerun rank {rank}: {type(e).__name__}: {first}")
         return 1
     return 0
 

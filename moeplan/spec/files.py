@@ -1,5 +1,10 @@
-"""Writing result files so that a reader never sees half of one (plan.json, run.json, profiles),
-and never replacing or following into anything the program did not create.
+"""Reading documents that may be hostile, and writing result files so that a reader never sees
+half of one (plan.json, run.json, profiles), never replacing or following into anything the
+program did not create.
+
+`read_document` reads a JSON document (spec, profile, plan, run, manifest): a FIFO or device is
+never opened, and a missing file, a link loop, a huge file, bytes that are not UTF-8, invalid or
+too deeply nested JSON are each one `SpecError` line.
 
 `write_atomic` writes beside the target and renames over it. A target that is a symbolic link
 is written through to the regular file it names; anything else that is not a regular file (a
@@ -8,12 +13,38 @@ device, a FIFO, a directory) is refused, so `--out /dev/full` cannot turn a devi
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import tempfile
 from pathlib import Path
 
-from moeplan.spec.errors import ConfigError
+from moeplan.spec.errors import ConfigError, SpecError
+
+MAX_DOCUMENT_BYTES = 64 * 2**20  # far above any spec, plan, profile or manifest
+
+
+def read_document(path: Path, what: str) -> object:
+    """The parsed JSON of `path` (`what` names it in errors: "ModelSpec", "manifest")."""
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise SpecError(f"{path} is not a regular file")
+        if st.st_size > MAX_DOCUMENT_BYTES:
+            raise SpecError(f"{path} is {st.st_size / 2**20:.0f} MiB: too large for a {what}")
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{what} file {path} does not exist") from None
+    except OSError as e:
+        raise SpecError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SpecError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    except RecursionError:
+        raise SpecError(f"{path} nests its JSON too deep to be a {what}") from None
 
 
 def output_path(path: str | Path, flag: str = "--out") -> Path:

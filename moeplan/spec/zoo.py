@@ -1,9 +1,8 @@
-"""Loaders for the built-in model zoo and clusters (JSON under `profiles/data/`) and user files."""
+"""Loaders for the built-in model zoo and clusters (JSON under `spec/data/`) and user files."""
 
 from __future__ import annotations
 
-import json
-import stat
+import os
 from pathlib import Path
 from typing import TypeVar
 
@@ -11,6 +10,7 @@ from pydantic import BaseModel, ValidationError
 
 from moeplan.spec.cluster import ClusterProfile
 from moeplan.spec.errors import SpecError, UnknownNameError
+from moeplan.spec.files import read_document
 from moeplan.spec.model import ModelSpec
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -36,31 +36,11 @@ def _one_line(err: ValidationError) -> str:
     return f"{where}: {first['msg']}{more}"
 
 
-MAX_SPEC_BYTES = 64 * 2**20  # far above any spec, plan or profile; a larger file is not one
-
-
 def parse_file(path: Path, cls: type[T]) -> T:
     """Read a JSON file into `cls`; every failure is a one-line `SpecError` naming the file —
     also a FIFO or device (never opened: reading one could block for ever), a file too large
     to be a spec, bytes that are not UTF-8, and JSON nested too deep to parse."""
-    try:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode):
-            raise SpecError(f"{path} is not a regular file")
-        if st.st_size > MAX_SPEC_BYTES:
-            raise SpecError(f"{path} is {st.st_size / 2**20:.0f} MiB: too large for a "
-                            f"{cls.__name__}")
-        text = path.read_bytes().decode("utf-8")
-    except OSError as e:
-        raise SpecError(f"cannot read {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise SpecError(f"{path} is not UTF-8 text (byte {e.start})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SpecError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
-    except RecursionError:
-        raise SpecError(f"{path} nests its JSON too deep to be a {cls.__name__}") from None
+    data = read_document(path, cls.__name__)
     try:
         return cls.model_validate(data)
     except ValidationError as e:
@@ -72,8 +52,8 @@ def _load(name_or_path: str, kind: str, cls: type[T]) -> T:
     if builtin.is_file():
         return parse_file(builtin, cls)
     path = Path(name_or_path)
-    if path.suffix == ".json" or path.exists():
-        if not path.exists():
+    if path.suffix == ".json" or os.path.lexists(path):  # a link loop exists, but not its target
+        if not os.path.lexists(path):
             raise SpecError(f"{kind[:-1]} file {path} does not exist")
         return parse_file(path, cls)
     known = ", ".join(_names(kind))

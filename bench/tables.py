@@ -1,0 +1,143 @@
+"""The accuracy page's result tables, generated from the JSON under bench/results/.
+
+    python bench/tables.py           # rewrite the tables in docs/accuracy.md
+    python bench/tables.py --check   # exit 1 if the page differs from the JSON (CI runs this)
+
+Each table sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->` in the page; the prose
+around the tables is written by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+PAGE = ROOT / "docs" / "accuracy.md"
+
+
+def _load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:+.0f}%".replace("-", "−")
+
+
+def _label(r: dict) -> str:
+    model = Path(r["model"]).stem
+    what = "infer (per token)" if r["mode"] == "infer" else "train"
+    a2a = f", {r['a2a']}" if r["ranks"] > 2 else ""
+    return f"{model}, {r['ranks']} ranks, {what}{a2a}"
+
+
+def accuracy_table() -> str:
+    d = _load("accuracy-cpu.json")
+    quiet = {r["tag"]: r for r in d["against_quiet_run"]["results"]}
+    lines = ["| plan | measured, each run | median run | predicted | error vs median run "
+             "| vs lower-quartile run |", "|---|---|---|---|---|---|"]
+    for r in d["against_median_run"]["results"]:
+        runs = r["measured_rounds_s"]
+        lines.append(f"| {_label(r)} | {min(runs) * 1e3:.1f}–{max(runs) * 1e3:.1f} ms "
+                     f"| {r['measured_s'] * 1e3:.1f} ms | {r['analytic_s'] * 1e3:.1f} ms "
+                     f"| {_pct(r['analytic_error'])} | {_pct(quiet[r['tag']]['analytic_error'])} |")
+    s = d["against_median_run"]["step_or_token_time"]["analytic"]
+    lines.append("")
+    lines.append(f"Median |error| {s['median_abs'] * 100:.1f}%, worst {s['worst_abs'] * 100:.1f}% "
+                 f"over {s['n']} plans ({d['rounds']} runs of each, {d['steps']} measured steps "
+                 "or generations per run).")
+    return "\n".join(lines)
+
+
+def accuracy_runs_table() -> str:
+    """Every stored run of the fixed plans, with the host speed its profiles measured."""
+    lines = ["| run | host: fp32 GFLOP/s, 2 / 4 ranks | profiling | median / worst error vs "
+             "median run (target 10% / 25%) | vs lower-quartile run |", "|---|---|---|---|---|"]
+    for path in sorted(RESULTS.glob("accuracy-cpu*.json")):
+        d = json.loads(path.read_text())
+        host = d.get("host")
+        speed = " / ".join(f"{host[r]['fp32_gflops']:.0f}" for r in sorted(host)) if host else "—"
+        med = d["against_median_run"]["step_or_token_time"]["analytic"]
+        quiet = d["against_quiet_run"]["step_or_token_time"]["analytic"]
+        met = med["median_abs"] <= 0.10 and med["worst_abs"] <= 0.25
+        lines.append(f"| `{path.name}` | {speed} | {d['profile_s']:.0f} s "
+                     f"| {med['median_abs'] * 100:.1f}% / {med['worst_abs'] * 100:.1f}% "
+                     f"({'met' if met else 'missed'}) "
+                     f"| {quiet['median_abs'] * 100:.1f}% / {quiet['worst_abs'] * 100:.1f}% |")
+    return "\n".join(lines)
+
+
+def random_grid_table() -> str:
+    lines = ["| seed | configurations | median abs error (target 10%) | p90 (target 20%) "
+             "| inside the p10–p90 band (target 80%) |", "|---|---|---|---|---|"]
+    rows = []
+    for path in sorted(RESULTS.glob("random-grid*.json")):
+        d = json.loads(path.read_text())
+        rows += d["rows"]
+        inside = sum(r["inside"] for r in d["rows"])
+        lines.append(f"| {d['seed']} | {d['rounds']} profiles × {d['configs']} "
+                     f"| {d['median_abs_error'] * 100:.1f}% | {d['p90_abs_error'] * 100:.1f}% "
+                     f"| {d['band_coverage'] * 100:.1f}% ({inside}/{len(d['rows'])}) |")
+    errors = sorted(abs(r["error"]) for r in rows)
+    p90 = statistics.quantiles(errors, n=10, method="inclusive")[8]
+    inside = sum(r["inside"] for r in rows)
+    lines.append(f"| all | {len(rows)} | {statistics.median(errors) * 100:.1f}% "
+                 f"| {p90 * 100:.1f}% | {inside / len(rows) * 100:.1f}% ({inside}/{len(rows)}) |")
+    return "\n".join(lines)
+
+
+def published_table() -> str:
+    d = _load("published.json")
+    rows = {r["case"]: r for r in d["rows"]}
+    lines = ["| case | predicted | published | ratio |", "|---|---|---|---|"]
+    for case, r in rows.items():
+        unit = "samples/s" if case.startswith("train") else "ms per token"
+        verdict = " (fitted)" if r["fitted"] else ("" if r["within_25pct"] else
+                                                   " (target ±25%: missed)")
+        lines.append(f"| {case} ({unit}) | {r['predicted']:.1f} | {r['published']:g} "
+                     f"| {r['ratio']:.2f}{verdict} |")
+    ratio = d["train_ratio"]
+    lines.append(f"| MoE / dense training throughput | {ratio:.2f}× | 5.3× | "
+                 f"{'' if 4.2 <= ratio <= 6.5 else '(target 4.2–6.5×: missed)'} |")
+    lines.append(f"| 52B latency, 8 → 64 GPUs | {d['latency_8_over_64']:.2f}× | 2.15× | "
+                 f"{'' if 1.6 <= d['latency_8_over_64'] <= 2.8 else '(target 1.6–2.8×: missed)'} |")
+    return "\n".join(lines)
+
+
+TABLES = {"accuracy": accuracy_table, "accuracy-runs": accuracy_runs_table, "random-grid": random_grid_table,
+          "published": published_table}
+
+
+def render(page: str) -> str:
+    for name, make in TABLES.items():
+        pattern = re.compile(rf"(<!-- table:{name} -->\n)(?:.*?\n)?(<!-- /table:{name} -->)",
+                             re.S)
+        if not pattern.search(page):
+            raise SystemExit(f"docs/accuracy.md has no <!-- table:{name} --> block")
+        page = pattern.sub(lambda m: m.group(1) + make() + "\n" + m.group(2), page)
+    return page
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if the page is out of date")
+    a = ap.parse_args(argv)
+    page = PAGE.read_text()
+    new = render(page)
+    if a.check:
+        if new != page:
+            print("docs/accuracy.md differs from bench/results: run python bench/tables.py",
+                  file=sys.stderr)
+            return 1
+        return 0
+    PAGE.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

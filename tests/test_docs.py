@@ -1,0 +1,36 @@
+"""The accuracy page's tables are generated from bench/results (bench/tables.py): a result
+rerun without regenerating the page, or a table edited by hand, fails here."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tables():
+    spec = importlib.util.spec_from_file_location("tables", ROOT / "bench" / "tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_accuracy_page_matches_its_results():
+    tables = _tables()
+    page = tables.PAGE.read_text()
+    assert tables.render(page) == page, "run python bench/tables.py"
+
+
+def test_a_hand_edited_table_is_caught():
+    tables = _tables()
+    page = tables.PAGE.read_text()
+    edited = page.replace("<!-- /table:published -->", "| a row typed by hand |\n"
+                          "<!-- /table:published -->")
+    assert edited != page and tables.render(edited) != edited
+
+
+def test_the_readme_stays_a_front_door():
+    readme = (ROOT / "README.md").read_text().splitlines()
+    assert len(readme) <= 150
+    assert not any("../shared" in line for line in readme)

@@ -208,3 +208,14 @@ def test_search_path_never_imports_torch_and_is_byte_stable(tmp_path):
                        capture_output=True)
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
+
+
+def test_control_characters_in_a_file_stay_on_one_line(run):
+    """A key with a form feed (found by bench/fuzz.py in a run record) is named escaped: the
+    error stays one line."""
+    spec = json.loads((Path(__file__).parent.parent / "moeplan" / "spec" / "data" / "models" /
+                       "tiny-pr-moe.json").read_text())
+    spec["x\x0cvR\u2028"] = 1
+    Path("odd.json").write_text(json.dumps(spec))
+    code, _, err = run("search", "--model", "odd.json", "--gpus", "2", "--cluster", "local-cpu")
+    assert code == 2 and len(err.splitlines()) == 1 and "x\\x0cvR\\u2028" in err, err

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from moeplan.runtime.launch import die_with_launcher, take_ctrl_c_once
 from moeplan.runtime.run import RunConfig, execute
-from moeplan.spec.errors import MoeplanError
+from moeplan.spec.errors import MoeplanError, one_line
 from moeplan.spec.files import write_atomic
 from moeplan.spec.plan import Plan
 
@@ -44,7 +44,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def _say(line: str) -> None:
     """One write per line: ranks share stderr unbuffered (`-u`), and print() writes the line and
     its newline apart, so two ranks' lines could run together."""
-    sys.stderr.write(line + "\n")
+    sys.stderr.write(one_line(line) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,12 @@
 """Typed exceptions for errors a user can cause; the CLI turns each into one line and exit code 2."""
 
 
+def one_line(text: str) -> str:
+    """`text` as one printable line: control characters a user's file put into a message (a
+    key with a form feed, a newline in a name) are shown escaped, never acted on."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class MoeplanError(Exception):
     """Base class: a user-facing error whose message is one self-contained line."""
 

@@ -426,6 +426,17 @@ def test_ranks_die_with_a_killed_launcher(work, tmp_path):
     assert _ranks_running(str(out)) == [] and not out.exists()
 
 
+def _long_run(d: Path, out: Path, *options: str):
+    """A training job of many steps, past its second step: (launcher, its ranks' pids)."""
+    proc = subprocess.Popen(MOERUN + ["--plan", str(d / "plan.json"), "--steps", "100000",
+                                      *options, "--out", str(out)], cwd=d,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 2/"):
+            break
+    return proc, [pid for pid in _ranks_running(str(out)) if pid != proc.pid]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIGSTOP a rank: POSIX")
 def test_a_stopped_rank_ends_the_job_after_timeout(work, tmp_path):
     """`--timeout` reaches every group's collectives (not new_group's 30-minute default): with
@@ -435,13 +446,7 @@ def test_a_stopped_rank_ends_the_job_after_timeout(work, tmp_path):
 
     d, _ = work
     out = tmp_path / "stopped-rank.json"
-    proc = subprocess.Popen(MOERUN + ["--plan", str(d / "plan.json"), "--steps", "100000",
-                                      "--timeout", "5", "--out", str(out)], cwd=d,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("step 2/"):
-            break
-    ranks = [pid for pid in _ranks_running(str(out)) if pid != proc.pid]
+    proc, ranks = _long_run(d, out, "--timeout", "5")
     assert len(ranks) == 2
     t0 = time.monotonic()
     os.kill(max(ranks), signal.SIGSTOP)
@@ -544,13 +549,7 @@ def test_a_killed_rank_stops_the_job_and_leaves_the_last_checkpoint_whole(work, 
     shutil.copytree(d / "ckpt", ckpt)
     before = read_manifest(str(ckpt))
     out = tmp_path / "killed-rank.json"
-    proc = subprocess.Popen(MOERUN + ["--plan", str(d / "plan.json"), "--steps", "100000",
-                                      "--save", str(ckpt), "--out", str(out)], cwd=d,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("step 2/"):
-            break
-    ranks = [pid for pid in _ranks_running(str(out)) if pid != proc.pid]
+    proc, ranks = _long_run(d, out, "--save", str(ckpt))
     assert len(ranks) == 2
     os.kill(max(ranks), signal.SIGKILL)
     try:

@@ -108,3 +108,84 @@ def test_plan_records_both_predictions():
     off, _ = plan(load_model("1.3b-pr-moe"), load_cluster("ndv4-a100-40gb"),
                   Request(gpus=64, simulate_top=0))
     assert off.predicted.simulated_time_s is None
+
+
+# ----------------------------------------------------------------- leaf/spine fabrics
+def fabric_env(gpus: int, **fabric) -> Env:
+    return env_for("ndv4-a100-40gb", gpus, fabric=fabric)
+
+
+def test_leaf_spine_paths_are_shortest_paths_and_cross_the_spine_only_between_leaves():
+    env = fabric_env(32, nodes_per_leaf=2, oversubscription=2.0)
+    links = links_for(env)
+    g = topology_graph(env.cluster, 4)
+    assert g.edges["pod0/leaf", "spine"]["bandwidth_Bps"] == pytest.approx(
+        2 * 8 * env.cluster.inter.bandwidth_Bps / 2, rel=F64_REL)
+    for a, b in [(0, 5), (0, 8), (3, 12), (0, 16), (31, 2)]:
+        path = nx.shortest_path(g, f"gpu{a}", f"gpu{b}")
+        assert len(links.path(a, b)) == len(path) - 1
+        assert ("spine" in path) == (a // 16 != b // 16)
+
+
+def test_rail_optimised_fabric_keeps_same_index_traffic_on_its_rail():
+    env = fabric_env(32, nodes_per_leaf=4, rail_optimized=True)
+    g = topology_graph(env.cluster, 4)
+    links = links_for(env)
+    up = {links.index[("pod0/rail0", "spine")], links.index[("spine", "pod0/rail1")]}
+    assert not up & set(links.path(0, 24))  # local index 0 on both nodes: rail 0's leaf
+    assert up <= set(links.path(0, 25))  # rail 0 to rail 1: over the spine (no NVLink detour)
+    for a, b in [(0, 24), (0, 25), (7, 9)]:
+        assert len(links.path(a, b)) == nx.shortest_path_length(g, f"gpu{a}", f"gpu{b}")
+
+
+def test_two_to_one_spine_slows_inter_rack_exchanges_as_predicted():
+    """4 nodes of 8 GPUs, 2 nodes under each leaf, 2:1 uplinks. A flat all-to-all over all 32:
+    every GPU sends 16 of its 32 slices to the other rack, 256 slices of nbytes/32 up each leaf,
+    whose uplink carries 16 NIC ports / 2 = 8 ports' worth: nbytes / port seconds, where the
+    non-blocking fabric takes its NIC's 24 remote slices: 0.75 nbytes / port — 4/3 as long. An
+    exchange inside one rack (the 16 GPUs under one leaf) does not slow down."""
+    nbytes = 64e6
+    flat, blocked = fabric_env(32), fabric_env(32, nodes_per_leaf=2, oversubscription=2.0)
+    port = links_for(flat).caps[links_for(flat).index[("node0/nic0", "fabric")]]
+    lat, _ = coll.all_to_all_flat_parts(nbytes, flat.span(32, 1), flat.cluster)
+    hand = {"nonblocking": lat + 0.75 * nbytes / port, "2:1": lat + nbytes / port}
+    for env, key in [(flat, "nonblocking"), (blocked, "2:1")]:
+        analytic = coll.all_to_all_s(nbytes, env.span(32, 1), env.cluster, "flat")
+        simulated = Simulator(env).all_to_all_s(L.ep_groups(32, 32, 1), nbytes, "flat")
+        assert analytic == pytest.approx(hand[key], rel=1e-9)
+        assert simulated == pytest.approx(hand[key], rel=1e-6)
+    inside = [Simulator(env).all_to_all_s(L.ep_groups(32, 16, 1), nbytes, "flat")
+              for env in (flat, blocked)]
+    assert inside[1] == pytest.approx(inside[0], rel=1e-9)
+    assert coll.all_to_all_s(nbytes, blocked.span(16, 1), blocked.cluster, "flat") == \
+        pytest.approx(inside[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("fabric", [dict(nodes_per_leaf=2, oversubscription=3.0),
+                                    dict(nodes_per_leaf=2, oversubscription=3.0,
+                                         rail_optimized=True),
+                                    dict(nodes_per_leaf=4, oversubscription=2.0,
+                                         rail_optimized=True),
+                                    dict(nodes_per_leaf=8, oversubscription=2.0,
+                                         rail_optimized=True)])
+@pytest.mark.parametrize("algo", ["flat", "hierarchical"])
+def test_analytic_spine_factor_matches_the_simulated_fabric(fabric, algo):
+    env = fabric_env(64, **fabric)
+    nbytes = 32e6
+    analytic = coll.all_to_all_s(nbytes, env.span(64, 1), env.cluster, algo)
+    simulated = Simulator(env).all_to_all_s(L.ep_groups(64, 64, 1), nbytes, algo)
+    assert simulated == pytest.approx(analytic, rel=1e-6)
+    ring = coll.allreduce_s(nbytes, env.span(64, 1), env.cluster)
+    assert Simulator(env).allreduce_s(L.dp_groups(64, 1), nbytes) == pytest.approx(ring, rel=1e-6)
+
+
+def test_hierarchical_exchange_gains_from_rails_where_the_spine_is_thin():
+    """Rail-optimised, 2:1: the hierarchical exchange's inter-node step stays on each rail's
+    leaf inside a unit of 8 nodes, while the flat exchange crosses the spine for 7/8 of it."""
+    env = fabric_env(64, nodes_per_leaf=8, oversubscription=2.0, rail_optimized=True)
+    open_ = fabric_env(64)
+    nbytes = 32e6
+    for algo, slower in [("flat", True), ("hierarchical", False)]:
+        t = coll.all_to_all_s(nbytes, env.span(64, 1), env.cluster, algo)
+        t0 = coll.all_to_all_s(nbytes, open_.span(64, 1), open_.cluster, algo)
+        assert (t > 1.5 * t0) == slower and t >= t0 * (1 - 1e-12)

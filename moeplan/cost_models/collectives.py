@@ -5,7 +5,8 @@ A group is `size` ranks with a fixed `stride` in a world whose ranks fill nodes 
 
 Bandwidths: intra-node is the per-GPU NVLink port; inter-node is the node's NIC bandwidth divided by
 its G GPUs, because every GPU of a node runs the same collective of the same layer at the same time,
-so they share the NICs. Where `moeplan profile` fitted a collective on a tier, the fit replaces the
+so they share the NICs. Behind an oversubscribed leaf/spine fabric (`Fabric`) the inter-node
+transfer of a group spanning leaves is longer by `spine_factor`. Where `moeplan profile` fitted a collective on a tier, the fit replaces the
 link constants (its bandwidth is already effective, so no efficiency is applied). Where it also
 timed both all-to-all algorithms over a group spanning nodes, `exchange_scale` corrects the
 latency and the transfer parts of that algorithm's model by the fitted factors (whether peers'
@@ -48,6 +49,30 @@ def tier_link(cluster: ClusterProfile, collective: str, tier: str) -> tuple[floa
     return cluster.inter.latency_s, cluster.inter_Bps_per_gpu * cluster.inter.efficiency
 
 
+def spine_factor(cluster: ClusterProfile, span: GroupSpan, pattern: str) -> float:
+    """How much longer a group's inter-node transfer takes where its leaves' uplinks, not its
+    NICs, limit it: c·o (at least 1), c the share of a node's inter-node bytes that leave its
+    leaf, o the oversubscription. The group's nodes are consecutive from a leaf's first.
+
+    pattern: `ring` (each node sends to the next: one node of each leaf's m sends out of it,
+    c = 1/m), `same_rail` (every node to every other, between GPUs of one local index, as the
+    hierarchical exchange's second step: c = (n-m)/(n-1)), `flat` (every GPU to every other:
+    rail-optimised, a peer is also on my leaf only on my rail)."""
+    fabric = cluster.fabric
+    n = span.nodes
+    if not fabric.blocking or n <= 1:
+        return 1.0
+    m = min(fabric.nodes_per_leaf or n, n)
+    if pattern == "ring":
+        leaving = 1.0 / m if n > m else 0.0
+    else:
+        same_rail = 1.0
+        if pattern == "flat" and fabric.rail_optimized:
+            same_rail = max(1, span.per_node // cluster.nics_per_node) / span.per_node
+        leaving = 1.0 - same_rail * (m - 1) / (n - 1)
+    return max(1.0, leaving * fabric.oversubscription)
+
+
 def allgather_s(out_bytes: float, span: GroupSpan, cluster: ClusterProfile,
                 collective: str = "allgather") -> float:
     """Hierarchical ring allgather of `out_bytes` (the gathered size) per rank.
@@ -65,7 +90,7 @@ def allgather_s(out_bytes: float, span: GroupSpan, cluster: ClusterProfile,
         t += (g - 1) * lat + out_bytes * (g - 1) / g / bw
     if n > 1:
         lat, bw = tier_link(cluster, collective, "inter")
-        t += (n - 1) * lat + out_bytes * (n - 1) / n / g / bw
+        t += (n - 1) * lat + out_bytes * (n - 1) / n / g / bw * spine_factor(cluster, span, "ring")
     return t
 
 
@@ -103,7 +128,8 @@ def all_to_all_flat_parts(nbytes: float, span: GroupSpan, cluster: ClusterProfil
     lat_e, bw_e = tier_link(cluster, "all_to_all", "inter")
     local_peers, remote_peers = g - 1, p - g
     latency = local_peers * lat_i + remote_peers * lat_e
-    transfer = max(nbytes * local_peers / p / bw_i, nbytes * remote_peers / p / bw_e)
+    remote = nbytes * remote_peers / p / bw_e * spine_factor(cluster, span, "flat")
+    transfer = max(nbytes * local_peers / p / bw_i, remote)
     return latency, transfer
 
 
@@ -122,7 +148,7 @@ def all_to_all_hierarchical_parts(nbytes: float, span: GroupSpan, cluster: Clust
     lat_e, bw_e = tier_link(cluster, "all_to_all", "inter")
     latency = (g - 1) * lat_i + cluster.device.op_overhead_s + (n - 1) * lat_e
     transfer = (nbytes * (g - 1) / g / bw_i + layout_transform_s(nbytes, cluster)
-                + nbytes * (n - 1) / n / bw_e)
+                + nbytes * (n - 1) / n / bw_e * spine_factor(cluster, span, "same_rail"))
     return latency, transfer
 
 

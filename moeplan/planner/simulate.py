@@ -1,12 +1,15 @@
 """Flow-level simulation of a plan: communication as flows over the cluster's links with max-min
 fair sharing, compute from the cost model, routing imbalance sampled from a skew.
 
-Topology: the graph of `profiles.cluster.topology_graph` — GPU -- NVSwitch inside a node, GPU --
-PCIe -- NIC -- fabric across nodes (NICs round-robin over GPUs, non-blocking fabric). Links are
-directed, one capacity per direction. A message from GPU a to GPU b follows its shortest path:
+Topology: the graph of `spec.cluster.topology_graph` — GPU -- NVSwitch inside a node, GPU --
+PCIe -- NIC -- network across nodes (NICs round-robin over GPUs; the network one non-blocking
+fabric, or leaf switches under a spine whose uplinks may be oversubscribed, rail-optimised or not).
+Links are directed, one capacity per direction. A message from GPU a to GPU b follows its shortest
+path:
   same node   a->switch, switch->b
-  otherwise   a->nic(a), nic(a)->fabric, fabric->nic(b), nic(b)->b
-(the fabric itself never limits; `test_simulate.py` checks these are the graph's shortest paths).
+  otherwise   a->nic(a), nic(a)->leaf(a), [leaf(a)->spine, spine->leaf(b),] leaf(b)->nic(b), nic(b)->b
+(`test_simulate.py` checks these are the graph's shortest paths). Capacities are the analytic
+model's per tier (the profile's fits), a leaf's uplink its NICs' over the oversubscription.
 
 Collectives become the flows their algorithm sends — every group of the layer at once, so groups
 that share a NIC share its bandwidth as they do on the machine:
@@ -35,52 +38,75 @@ from moeplan.cost_models.layer import Env, gate_tokens
 from moeplan.cost_models.step import decode_pass, train_pass
 from moeplan.planner.options import Candidate
 from moeplan.spec import layout as L
+from moeplan.spec.cluster import topology_graph
 from moeplan.spec.phases import EXCHANGE, EXPERT_WORK
 
 INF = float("inf")
 
 
 # ---------------------------------------------------------------------------------- topology
-@dataclass(frozen=True)
 class Links:
-    """Directed link capacities (bytes/s) and each GPU's ports, for N GPUs in nodes of G."""
+    """The directed links of the topology graph (capacities in bytes/s) and the route from any GPU
+    to any other, for N GPUs in nodes of G."""
 
-    gpus: int
-    per_node: int
-    nics: int
-    caps: tuple[float, ...]
+    def __init__(self, graph, capacity: dict[str, float], uplink_scale: float):
+        self.index: dict[tuple[str, str], int] = {}
+        caps: list[float] = []
+        for u, v, d in graph.edges(data=True):
+            cap = (d["bandwidth_Bps"] * uplink_scale if d["tier"] == "uplink"
+                   else capacity[d["tier"]])
+            for edge in ((u, v), (v, u)):
+                self.index[edge] = len(caps)
+                caps.append(cap)
+        self.caps = tuple(caps)
+        self.graph = graph
+        self.kind = dict(graph.nodes(data="kind"))
+        self.node = {n: d["node"] for n, d in graph.nodes(data=True) if d["kind"] == "gpu"}
+        self.nic = {n: next(m for m in graph[n] if self.kind[m] == "nic") for n in self.node}
+        self.leaf = {n: next(m for m in graph[n] if self.kind[m] in ("leaf", "fabric"))
+                     for n, k in self.kind.items() if k == "nic"}
+        self.switch = {n: f"node{self.node[n]}/switch" for n in self.node}
+        self.routes: dict[tuple[str, str], tuple[int, ...]] = {}
+        self.paths: dict[tuple[int, int], tuple[int, ...]] = {}
 
-    # link index layout: [gpu->switch | switch->gpu | gpu->nic | nic->gpu | nic->fabric | fabric->nic]
-    def up(self, r: int) -> int: return r
-    def down(self, r: int) -> int: return self.gpus + r
-    def host_up(self, r: int) -> int: return 2 * self.gpus + r
-    def host_down(self, r: int) -> int: return 3 * self.gpus + r
+    def _hops(self, nodes: list[str]) -> tuple[int, ...]:
+        return tuple(self.index[(u, v)] for u, v in zip(nodes, nodes[1:]))
 
-    def nic(self, r: int) -> int:
-        return (r // self.per_node) * self.nics + (r % self.per_node) % self.nics
-
-    def nic_up(self, r: int) -> int: return 4 * self.gpus + self.nic(r)
-
-    def nic_down(self, r: int) -> int:
-        return 4 * self.gpus + ceil(self.gpus / self.per_node) * self.nics + self.nic(r)
+    def _route(self, a: str, b: str) -> tuple[int, ...]:
+        """Leaf to leaf through the switches (never back down through a node)."""
+        if (a, b) not in self.routes:
+            import networkx as nx  # already loaded by topology_graph; kept off search's start-up
+            net = self.graph.subgraph(n for n, k in self.kind.items()
+                                      if k in ("leaf", "spine", "fabric"))
+            self.routes[(a, b)] = self._hops(nx.shortest_path(net, a, b))
+        return self.routes[(a, b)]
 
     def path(self, a: int, b: int) -> tuple[int, ...]:
-        if a // self.per_node == b // self.per_node:
-            return (self.up(a), self.down(b))
-        return (self.host_up(a), self.nic_up(a), self.nic_down(b), self.host_down(b))
+        if (a, b) not in self.paths:
+            ga, gb = f"gpu{a}", f"gpu{b}"
+            if self.node[ga] == self.node[gb]:
+                hops = self._hops([ga, self.switch[ga], gb])
+            else:
+                na, nb = self.nic[ga], self.nic[gb]
+                la, lb = self.leaf[na], self.leaf[nb]
+                hops = (self._hops([ga, na, la]) + self._route(la, lb)
+                        + self._hops([lb, nb, gb]))
+            self.paths[(a, b)] = hops
+        return self.paths[(a, b)]
 
 
 def links_for(env: Env) -> Links:
+    """The topology graph of the environment's nodes with the analytic model's capacities: NVLink
+    and NIC ports at the profile's fitted all-to-all bandwidths, a leaf's uplink in proportion."""
     c, N, G = env.cluster, env.gpus, env.gpus_per_node
-    nics = c.nics_per_node
-    nodes = ceil(N / G)
     _, intra_bw = coll.tier_link(c, "all_to_all", "intra")
     _, inter_per_gpu = coll.tier_link(c, "all_to_all", "inter")
     # the analytic inter bandwidth is per GPU with the node's GPUs sharing its NICs: per NIC port
-    nic_bw = inter_per_gpu * G / nics
+    nic_bw = inter_per_gpu * G / c.nics_per_node
     host_bw = c.host.bandwidth_Bps * c.host.efficiency
-    caps = ([intra_bw] * (2 * N) + [host_bw] * (2 * N) + [nic_bw] * (2 * nodes * nics))
-    return Links(gpus=N, per_node=G, nics=nics, caps=tuple(caps))
+    graph = topology_graph(c, ceil(N / G))
+    return Links(graph, {"intra": intra_bw, "host": host_bw, "inter": nic_bw},
+                 uplink_scale=nic_bw / c.inter.bandwidth_Bps)
 
 
 # ---------------------------------------------------------------------------- fluid solver

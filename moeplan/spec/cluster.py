@@ -1,8 +1,8 @@
 """`ClusterProfile`: the hardware as data (device, node shape, link tiers, fitted collectives).
 
 Every constant carries its source in a `source` field. `topology_graph` turns a profile and a node
-count into a networkx graph (GPUs, NVSwitch, NICs, fabric) for the simulator; networkx is imported
-only there, so `moeplan search` starts fast.
+count into a networkx graph (GPUs, NVSwitch, NICs, leaf and spine switches) for the simulator;
+networkx is imported only there, so `moeplan search` starts fast.
 """
 
 from __future__ import annotations
@@ -181,6 +181,30 @@ class ExchangeScale(BaseModel):
     source: str = ""
 
 
+class Fabric(BaseModel):
+    """The network between nodes. Default: non-blocking (every NIC reaches every other at its
+    line rate). A two-level leaf/spine fabric puts `nodes_per_leaf` nodes under each leaf switch
+    and gives each leaf uplinks of its downlinks' bandwidth over `oversubscription` (2.0 = 2:1);
+    rail-optimised, NIC k of those nodes goes to leaf k (rail k), so traffic between GPUs of the
+    same local index stays on one leaf, and other traffic crosses the spine."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    nodes_per_leaf: int | None = Field(None, gt=0, description=(
+        "nodes whose NICs (rail-optimised: one rail of them) share a leaf switch; None: one "
+        "non-blocking fabric"))
+    oversubscription: float = Field(1.0, ge=1, le=64, description=(
+        "a leaf's downlink bandwidth over its uplink bandwidth"))
+    rail_optimized: bool = False
+    source: str = ""
+
+    @property
+    def blocking(self) -> bool:
+        """Whether some traffic between nodes can be limited by a leaf's uplinks."""
+        return ((self.nodes_per_leaf is not None or self.rail_optimized)
+                and self.oversubscription > 1)
+
+
 SPREAD_TERMS = ("compute", "framework", "communication", "model")
 
 
@@ -213,6 +237,7 @@ class ClusterProfile(BaseModel):
     inter: LinkTier
     host: LinkTier
     nics_per_node: int = Field(gt=0, le=MAX_PER_NODE)
+    fabric: Fabric = Field(default_factory=Fabric)
     fitted: list[FittedCollective] = Field(default_factory=list)
     exchanges: list[ExchangeScale] = Field(default_factory=list)
     default_dtype: Dtype = "bf16"
@@ -247,25 +272,49 @@ class ClusterProfile(BaseModel):
 
 
 def topology_graph(profile: ClusterProfile, num_nodes: int) -> "networkx.Graph":
-    """The cluster as a graph: GPU -- NVSwitch inside a node, GPU -- PCIe -- NIC -- fabric.
+    """The cluster as a graph: GPU -- NVSwitch inside a node, GPU -- PCIe -- NIC -- network.
 
-    NICs are assigned to GPUs round-robin (GPU-NIC affinity as on NDv4/DGX nodes).
+    NICs are assigned to GPUs round-robin (GPU-NIC affinity as on NDv4/DGX nodes). The network is
+    one node `fabric` (non-blocking), or leaf switches (`pod{p}/leaf`, rail-optimised
+    `pod{p}/rail{k}`) under one `spine` whose leaf uplinks carry the leaf's downlink bandwidth
+    over the oversubscription (the spine switches of a Clos, aggregated: ECMP spreads flows over
+    them).
 
-    Edge attribute `bandwidth_Bps` is the unidirectional capacity of that link; node attribute
-    `kind` is one of gpu, switch, nic, fabric. GPU nodes are named by global rank ("gpu{r}").
+    Edge attribute `bandwidth_Bps` is the unidirectional capacity of that link and `tier` one of
+    intra, host, inter (NIC to leaf or fabric), uplink (leaf to spine); node attribute `kind` is
+    one of gpu, switch, nic, leaf, spine, fabric. GPU nodes are named by global rank ("gpu{r}").
     """
     import networkx as nx
 
+    fabric, G, R = profile.fabric, profile.gpus_per_node, profile.nics_per_node
+    nic_bw = profile.inter.bandwidth_Bps
     g = nx.Graph(name=profile.name)
-    g.add_node("fabric", kind="fabric")
-    G = profile.gpus_per_node
+    per_leaf = fabric.nodes_per_leaf or num_nodes
+    if fabric.nodes_per_leaf is None and not fabric.rail_optimized:
+        g.add_node("fabric", kind="fabric")
+    else:
+        g.add_node("spine", kind="spine")
+
+    def leaf_of(node: int, nic: int) -> str:
+        if fabric.nodes_per_leaf is None and not fabric.rail_optimized:
+            return "fabric"
+        pod = node // per_leaf
+        name = f"pod{pod}/rail{nic}" if fabric.rail_optimized else f"pod{pod}/leaf"
+        if name not in g:
+            nodes_here = min(per_leaf, num_nodes - pod * per_leaf)
+            downlinks = nodes_here * (1 if fabric.rail_optimized else R)
+            g.add_node(name, kind="leaf", pod=pod)
+            g.add_edge(name, "spine", bandwidth_Bps=downlinks * nic_bw / fabric.oversubscription,
+                       latency_s=0.0, tier="uplink")
+        return name
+
     for n in range(num_nodes):
         switch = f"node{n}/switch"
         g.add_node(switch, kind="switch", node=n)
-        nics = [f"node{n}/nic{k}" for k in range(profile.nics_per_node)]
-        for nic in nics:
-            g.add_node(nic, kind="nic", node=n)
-            g.add_edge(nic, "fabric", bandwidth_Bps=profile.inter.bandwidth_Bps,
+        nics = [f"node{n}/nic{k}" for k in range(R)]
+        for k, nic in enumerate(nics):
+            g.add_node(nic, kind="nic", node=n, rail=k)
+            g.add_edge(nic, leaf_of(n, k), bandwidth_Bps=nic_bw,
                        latency_s=profile.inter.latency_s, tier="inter")
         for local in range(G):
             gpu = f"gpu{n * G + local}"

@@ -10,6 +10,7 @@ from tolerance import F64_REL
 
 from moeplan.calibrate.framework import framework_overhead, roofline
 from moeplan.calibrate.shapes import PROBE_EXPERTS, WORK_SIZES
+from moeplan.calibrate.tables import Direction, Timed, to_raw
 from moeplan.cost_models.layer import (
     DENSE,
     Env,
@@ -25,6 +26,7 @@ from moeplan.cost_models.step import train_layer
 from moeplan.planner.planning import Request, _hand_on_waits, fixed_plan
 from moeplan.spec import load_cluster, load_model
 from moeplan.spec.cluster import FrameworkOverhead, PhaseOverhead
+from moeplan.spec.phases import HEAD_PHASE, LayerPhase, Phase
 from moeplan.spec.workload import Setting, Workload
 
 PHASES = ("attention", "mlp", "tp_comm")
@@ -37,6 +39,8 @@ def synthetic_tables(fwd: dict, bwd: dict, infer: dict, per_local: tuple, scale:
     """Probe tables as `probe.Framework.result` returns them, from known per-phase figures:
     experts cost fwd/bwd/infer + per_local × local experts; each work size measures the fixed
     part plus `scale[phase]` × the roofline."""
+    F, B = Direction.FORWARD, Direction.BACKWARD
+
     def table(which: str) -> dict:
         out = {}
         for i, E in enumerate(PROBE_EXPERTS):
@@ -45,11 +49,11 @@ def synthetic_tables(fwd: dict, bwd: dict, infer: dict, per_local: tuple, scale:
                 if ph == "experts":
                     f, b = f + per_local[0] * E, b + per_local[1] * E
                 if which in WORK_SIZES and ph in scale:
-                    extra = scale[ph] * roof[which][f"{i}:{ph}"]
+                    extra = scale[ph] * roof[which][LayerPhase(i, Phase(ph))]
                     f, b = f + extra / 3, b + 2 * extra / 3
-                out[f"f:{i}:{ph}"], out[f"b:{i}:{ph}"] = f, b
-        out["f:head:head"], out["b:head:head"] = fwd["head"], bwd["head"]
-        return out
+                out[Timed(F, i, Phase(ph))], out[Timed(B, i, Phase(ph))] = f, b
+        out[Timed(F, *HEAD_PHASE)], out[Timed(B, *HEAD_PHASE)] = fwd["head"], bwd["head"]
+        return to_raw(out)
 
     tokens = {"fixed": 7, "work": 15, "work2": 15, "work3": 15}
 
@@ -61,12 +65,12 @@ def synthetic_tables(fwd: dict, bwd: dict, infer: dict, per_local: tuple, scale:
             for ph in (*(MOE_PHASES if E else PHASES), "head"):
                 if ph == "head" and i:
                     continue
-                key = "head:head" if ph == "head" else f"{i}:{ph}"
+                key = HEAD_PHASE if ph == "head" else LayerPhase(i, Phase(ph))
                 v = infer[ph] + (per_local[2] * E if ph == "experts" else 0.0)
                 if size in WORK_SIZES and ph in dscale:
                     v += dscale[ph] * roof["decode:" + size][key]
-                out[f"f:{key}"] = v * tokens[size]
-        return out
+                out[Timed(F, *key)] = v * tokens[size]
+        return to_raw(out)
 
     inf = decoded("work")
     return {"train": table("train"), **{w: table(w) for w in WORK_SIZES},

@@ -10,6 +10,7 @@ from moeplan.calibrate.shapes import (
     decode_shape,
     probe_spec,
 )
+from moeplan.calibrate.tables import from_raw, seconds
 from moeplan.cost_models.layer import COMPUTE_PHASES, DENSE, Env, LayerChoice, Pass, forward
 from moeplan.cost_models.step import decode_pass, head_cost
 from moeplan.spec.cluster import (
@@ -17,14 +18,15 @@ from moeplan.spec.cluster import (
     FrameworkOverhead,
     PhaseOverhead,
 )
+from moeplan.spec.phases import HEAD_LAYER, HEAD_PHASE, LayerPhase, Phase
 from moeplan.spec.workload import Setting, Workload
 
 
 def roofline(cluster: ClusterProfile, dtype: str, size: str, decode: bool = False
-              ) -> dict[str, float]:
+              ) -> dict[LayerPhase, float]:
     """Seconds of each compute phase of a probe under the cost model's roofline alone (no fixed
     part, no scale): per training step (forward + backward), or per decode token (the context
-    of `step.decode_pass`). Keys "<layer>:<phase>"."""
+    of `step.decode_pass`)."""
 
     spec = probe_spec(size)
     _, _, _, B, S = PROBE_SIZES[size]
@@ -47,8 +49,8 @@ def roofline(cluster: ClusterProfile, dtype: str, size: str, decode: bool = Fals
         c = LayerChoice(ep=1, es=1, a2a="flat", coordinated=False) if E else DENSE
         for ph, t in forward(env, s, i, c, p).phases.items():
             if ph in COMPUTE_PHASES:
-                out[f"{i}:{ph}"] = passes * t
-    out["head:head"] = head_cost(env, s).phases["head"]
+                out[LayerPhase(i, ph)] = passes * t
+    out[HEAD_PHASE] = head_cost(env, s).phases[Phase.HEAD]
     return out
 
 
@@ -70,29 +72,31 @@ DECODE_TABLES = {"fixed": "infer_fixed", "work": "infer", "work2": "infer_work2"
                  "work3": "infer_work3"}
 
 
-def framework_overhead(tables: dict, roofline: dict[str, dict[str, float]], ranks: int,
+def framework_overhead(tables: dict, roofline: dict[str, dict[LayerPhase, float]], ranks: int,
                        where: str) -> FrameworkOverhead:
-    """Per-phase fixed seconds from the probe's phase tables (keys "f|b:<layer>:<phase>"), and
-    per compute phase and "work" size the work scale: (measured − fixed) over `roofline[size]`
-    (training) or over `roofline["decode:" + size]` (one decode token).
+    """Per-phase fixed seconds from the probe's phase tables (`probe.Framework.result`: stored
+    as `tables.to_raw` writes them), and per compute phase and "work" size the work scale:
+    (measured − fixed) over `roofline[size]` (training) or over `roofline["decode:" + size]`
+    (one decode token).
 
     Dense phases come from the dense probe layer, MoE phases are the mean over the MoE probe
     layers, except `experts`, fitted as a + b·(local experts) over them."""
-    train = tables["train"]
+    train = from_raw(tables["train"])
+    work_tables = {size: from_raw(tables.get(size, {})) for size in WORK_SIZES}
     tokens = tables["decode_tokens"]
     if not isinstance(tokens, dict):  # a profile measured before decoding at every size
         tokens = {"work": tokens}
-    decode = {size: ({k: v / max(1, tokens[size]) for k, v in tables[table].items()})
+    decode = {size: ({k: v / max(1, tokens[size]) for k, v in from_raw(tables[table]).items()})
               for size, table in DECODE_TABLES.items() if table in tables and size in tokens}
     infer = decode.get("fixed", decode["work"])  # fixed part: the smallest size decoded
     layers = list(PROBE_EXPERTS)
 
-    def layer_phase_s(i: object, phase: str) -> tuple[float, float, float]:
+    def layer_phase_s(i: int | str, phase: Phase) -> tuple[float, float, float]:
         """(forward, backward, decode) seconds of one probe layer's phase."""
-        return (train.get(f"f:{i}:{phase}", 0.0), train.get(f"b:{i}:{phase}", 0.0),
-                infer.get(f"f:{i}:{phase}", 0.0))
+        fwd, bwd = seconds(train, i, phase)
+        return fwd, bwd, seconds(infer, i, phase)[0]
 
-    def points(idx: list, phase: str, fixed: list[float], mode: str = "train"
+    def points(idx: list, phase: Phase, fixed: list[float], mode: str = "train"
                ) -> list[tuple[float, float]]:
         """(roofline seconds of one pass, mean work scale over the layers) per work size; at
         least 1 (the roofline is the fitted peak); none where the probe's roofline time is too
@@ -100,13 +104,13 @@ def framework_overhead(tables: dict, roofline: dict[str, dict[str, float]], rank
         out = []
         for size in WORK_SIZES:
             if mode == "train":
-                work, roof_of, passes = tables.get(size, {}), roofline.get(size, {}), 3
+                work, roof_of, passes = work_tables[size], roofline.get(size, {}), 3
             else:
                 work, roof_of, passes = decode.get(size, {}), roofline.get(f"decode:{size}", {}), 1
             roofs, ratios = [], []
             for i, fx in zip(idx, fixed):
-                roof = roof_of.get(f"{i}:{phase}", 0.0)
-                measured = work.get(f"f:{i}:{phase}", 0.0) + work.get(f"b:{i}:{phase}", 0.0)
+                roof = roof_of.get(LayerPhase(i, phase), 0.0)
+                measured = sum(seconds(work, i, phase))
                 if roof > 1e-6 / passes and measured:
                     roofs.append(roof / passes)
                     ratios.append(max(1.0, (measured - fx) / roof))
@@ -114,7 +118,7 @@ def framework_overhead(tables: dict, roofline: dict[str, dict[str, float]], rank
                 out.append((sum(roofs) / len(roofs), sum(ratios) / len(ratios)))
         return out
 
-    def overhead(fwd: float, bwd: float, dec: float, idx: list, phase: str, fixed: list[float],
+    def overhead(fwd: float, bwd: float, dec: float, idx: list, phase: Phase, fixed: list[float],
                  fixed_decode: list[float]) -> PhaseOverhead:
         pts = points(idx, phase, fixed)
         return PhaseOverhead(forward_s=fwd, backward_s=bwd, infer_s=dec,
@@ -122,7 +126,7 @@ def framework_overhead(tables: dict, roofline: dict[str, dict[str, float]], rank
                              decode_points=points(idx, phase, fixed_decode, "decode")
                              if "fixed" in decode else [])
 
-    names = sorted({k.split(":")[2] for k in (*train, *infer)} - {"head"})
+    names = sorted({k.phase for k in (*train, *infer)} - {Phase.HEAD})
     out: dict[str, PhaseOverhead] = {}
     for kind, idx in (("dense", [i for i, E in enumerate(layers) if not E]),
                       ("moe", [i for i, E in enumerate(layers) if E])):
@@ -130,7 +134,7 @@ def framework_overhead(tables: dict, roofline: dict[str, dict[str, float]], rank
             vals = [layer_phase_s(i, phase) for i in idx]
             if not vals or not any(any(v) for v in vals):
                 continue
-            if kind == "moe" and phase == "experts":
+            if kind == "moe" and phase == Phase.EXPERTS:
                 fits = [_line([layers[i] for i in idx], [v[j] for v in vals]) for j in range(3)]
                 fixed = [sum(f[0] + f[1] * layers[i] for f in fits[:2]) for i in idx]
                 fixed_decode = [fits[2][0] + fits[2][1] * layers[i] for i in idx]
@@ -142,8 +146,8 @@ def framework_overhead(tables: dict, roofline: dict[str, dict[str, float]], rank
             mean = [sum(v[j] for v in vals) / len(vals) for j in range(3)]
             out[f"{kind}.{phase}"] = overhead(*mean, idx, phase, [v[0] + v[1] for v in vals],
                                               [v[2] for v in vals])
-    fwd, bwd, dec = layer_phase_s("head", "head")
-    out["head"] = overhead(fwd, bwd, dec, ["head"], "head", [fwd + bwd], [dec])
+    fwd, bwd, dec = layer_phase_s(*HEAD_PHASE)
+    out[Phase.HEAD] = overhead(fwd, bwd, dec, [HEAD_LAYER], Phase.HEAD, [fwd + bwd], [dec])
     (t1, p1), (t2, p2) = tables["optimizer"]
     per_param = max(0.0, (t2 - t1) / (p2 - p1)) if p2 > p1 else 0.0
     return FrameworkOverhead(

@@ -8,7 +8,7 @@ from moeplan.calibrate.shapes import in_situ_plans
 from moeplan.spec.cluster import (
     ClusterProfile,
 )
-from moeplan.spec.phases import EXCHANGE, WAITING
+from moeplan.spec.phases import EXCHANGE, WAITING, Phase
 
 
 def exchanges_per_pass(plan) -> int:
@@ -78,7 +78,7 @@ def in_situ_extras(measured: dict, profile: ClusterProfile) -> dict[str, float]:
             out["untimed_fraction" if mode == "train" else "decode_untimed_fraction"] = max(
                 0.0, got["step_s"] / got["timed_s"] - 1.0)
         if mode == "train":
-            sync = predicted_phases_s(plans[mode], ("grad_sync",))
+            sync = predicted_phases_s(plans[mode], (Phase.GRAD_SYNC,))
             out["grad_sync_extra_s"] = max(0.0, got["grad_sync_s"] - sync)
     return out
 

@@ -18,13 +18,14 @@ from moeplan.calibrate import fit
 from moeplan.calibrate.in_situ import in_situ_medians
 from moeplan.calibrate.sampling import Bench, Pool, per_moment, spread
 from moeplan.calibrate.shapes import PROBE_SIZES, decode_shape, in_situ_plans, probe_spec
+from moeplan.calibrate.tables import Direction, Table, Timed, from_timer, to_raw
 from moeplan.runtime.groups import build_groups
 from moeplan.runtime.infer import generate
 from moeplan.runtime.kernels import select, use_kernels
 from moeplan.runtime.model import GPT
 from moeplan.runtime.run import RunConfig, build_model, clip_grads, infer, train
 from moeplan.runtime.timers import PhaseTimer, instrument
-from moeplan.spec.phases import EXCHANGE
+from moeplan.spec.phases import EXCHANGE, Phase
 from moeplan.spec.zoo import load_cluster
 
 
@@ -45,8 +46,8 @@ def _slowest(b: Bench, values: dict) -> dict:
 
 def _phase_samples(b: Bench, cases: dict[str, tuple], repeats: int, warmup: int,
                    pool: Pool) -> None:
-    """Per case, per (layer, phase): seconds per call of `run_once(timer)` in each of `repeats`
-    repeats of `inner` calls, added to `pool` under (case, "f|b:<layer>:<phase>") — on all
+    """Per case, per (layer, phase) forward and backward: seconds per call of `run_once(timer)`
+    in each of `repeats` repeats of `inner` calls, added to `pool` under (case, `Timed`) — on all
     ranks at once (slowest rank per repeat), or `solo` on rank 0 while the others wait at a
     barrier. `cases` maps a name to (run_once, inner, solo); every repeat runs each case in
     turn, so a slow spell of the host touches all of them alike (the fits take differences and
@@ -62,9 +63,7 @@ def _phase_samples(b: Bench, cases: dict[str, tuple], repeats: int, warmup: int,
                     run_once(timer)
             if rep < warmup:
                 continue
-            tables = {f"{d}:{k[0]}:{k[1]}": v / inner
-                      for d, table in (("f", timer.forward_s), ("b", timer.backward_s))
-                      for k, v in table.items()}
+            tables = from_timer(timer.forward_s, timer.backward_s, inner)
             if not solo:
                 tables = _slowest(b, tables)
             elif b.world > 1:
@@ -253,16 +252,20 @@ class Framework:
                 if spread(r) is not None}
 
     def result(self) -> dict:
-        tables: dict[str, dict] = {name: {} for name in (*self.train_cases, *self.decode_cases)}
+        """The raw measurements `calibrate.framework.framework_overhead` reads: each case's
+        table in its stored form (`tables.to_raw`), skew, optimizer, host."""
+        tables: dict[str, Table] = {name: {} for name in (*self.train_cases, *self.decode_cases)}
         for key, values in self.pool.samples.items():
             if key[0] in tables:
                 tables[key[0]][key[1]] = fit.robust_median(values)
-        return {**tables, "skew": fit.robust_median(self.skew),
+        counted = ("work", Timed(Direction.FORWARD, 0, Phase.ATTENTION))
+        return {**{name: to_raw(table) for name, table in tables.items()},
+                "skew": fit.robust_median(self.skew),
                 "decode_tokens": {size: decode_shape(size)[1] - 1 for size in PROBE_SIZES},
                 "optimizer": [(self.pool.median(("optimizer", i)), n)
                               for i, (_, n) in enumerate(self.steps)],
                 "tensors": self.tensors, "samples": {name: len(v) for name, v in (
-                    ("tables", self.pool.samples.get(("work", "f:0:attention"), [])),
+                    ("tables", self.pool.samples.get(counted, [])),
                     ("skew", self.skew))},
                 "host_ranks": _ranks_on_this_host(self.b), "cores": _cores(self.b)}
 
@@ -293,13 +296,14 @@ class InSitu:
     def sample(self) -> dict:
         out = {}
         for mode, plan, groups, cfg, model in self.runs:
-            got = (train if mode == "train" else infer)(plan, model, groups, cfg,
-                                                        lambda *_: None)
-            a2a = sum(v for (_, ph), v in got["phases"].items()
-                      if ph in EXCHANGE)
-            sync, opt = got.get("grad_sync_s", 0.0), got.get("optimizer_s", 0.0)
-            timed = sum(got["phases"].values()) + sync + opt
-            whole = got["step_s"] if mode == "train" else got["latency_s"]
+            if mode == "train":
+                got = train(plan, model, groups, cfg, lambda *_: None)
+                sync, opt, whole = got.grad_sync_s, got.optimizer_s, got.step_s
+            else:
+                got = infer(plan, model, groups, cfg, lambda *_: None)
+                sync, opt, whole = 0.0, 0.0, got.latency_s
+            a2a = sum(v for key, v in got.phases.items() if key.phase in EXCHANGE)
+            timed = sum(got.phases.values()) + sync + opt
             t = torch.tensor([a2a, sync, whole, timed], dtype=torch.float64)
             dist.all_reduce(t)
             t /= self.b.world

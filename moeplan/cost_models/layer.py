@@ -33,7 +33,7 @@ from moeplan.cost_models.params import layer_params
 from moeplan.cost_models.runtimes import DEEPSPEED_SYNCS, HOST_SYNC_S, operations
 from moeplan.spec.cluster import DTYPE_BYTES, ClusterProfile
 from moeplan.spec.model import ModelSpec
-from moeplan.spec.phases import COMM, COMPUTE, EXCHANGE
+from moeplan.spec.phases import COMM, COMPUTE, EXCHANGE, Phase
 from moeplan.spec.workload import Setting, Workload
 
 COMPUTE_PHASES = COMPUTE
@@ -228,7 +228,7 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     def fixed(phase: str, local_experts: int = 0, in_situ: bool = False) -> float:
         """The framework's seconds; for an exchange that happens (`in_situ`), plus what the
         profile saw one take inside a running step beyond the model (`exchange_extra_s`)."""
-        t = fixed_s(env, f"{kind}.{phase}", p, local_experts)
+        t = fixed_s(env, kind + "." + phase, p, local_experts)
         fw = dev.framework
         if in_situ and fw is not None:
             t += env.scales.communication * (fw.decode_exchange_extra_s if p.decode
@@ -243,27 +243,27 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
         run after it (`serial_bytes`) and other work charged per element (`serial_s`), times
         the phase's measured work scale, plus its fixed framework seconds."""
         roof = roofline_s(flops_s, nbytes, dev, 0.0) + memory_s(serial_bytes, dev) + serial_s
-        return (env.scales.compute * work_scale(env, f"{kind}.{phase}", p, roof) * roof
+        return (env.scales.compute * work_scale(env, kind + "." + phase, p, roof) * roof
                 + fixed(phase, local_experts))
 
     # the softmax's work on every score element of every head (`Device.score_element_s`)
     score_s = spec.heads / tp * T * p.context * dev.score_element_s
-    ph["attention"] = compute("attention", attn_flops_s,
-                              b * (4 * h * h / tp + 2 * T * h) + kv_read,
-                              serial_bytes=elementwise_bytes(env, s, p, "attention"),
-                              serial_s=score_s)
+    ph[Phase.ATTENTION] = compute(Phase.ATTENTION, attn_flops_s,
+                                  b * (4 * h * h / tp + 2 * T * h) + kv_read,
+                                  serial_bytes=elementwise_bytes(env, s, p, Phase.ATTENTION),
+                                  serial_s=score_s)
 
     has_mlp = E == 0 or spec.residual
     if has_mlp:
         mlp_flops_s = gemm_s(T, f / tp, h, dev, dt) + gemm_s(T, h, f / tp, dev, dt)
-        ph["mlp"] = compute("mlp", mlp_flops_s, b * (2 * h * f / tp + 2 * T * h),
-                            serial_bytes=elementwise_bytes(env, s, p, "mlp"))
+        ph[Phase.MLP] = compute(Phase.MLP, mlp_flops_s, b * (2 * h * f / tp + 2 * T * h),
+                                serial_bytes=elementwise_bytes(env, s, p, Phase.MLP))
 
     tp_span = env.span(tp, 1)
     cb["tp_allreduce"] = T * h * b
     net = env.scales.communication
-    ph["tp_comm"] = (net * (1 + has_mlp) * coll.allreduce_s(T * h * b, tp_span, env.cluster)
-                     + fixed("tp_comm"))
+    ph[Phase.TP_COMM] = (net * (1 + has_mlp) * coll.allreduce_s(T * h * b, tp_span, env.cluster)
+                         + fixed(Phase.TP_COMM))
     if E == 0:
         return _shared(env, cost, p)
 
@@ -280,15 +280,15 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     # [S, E, C] combine weights in fp32 (einsum), a bool dispatch mask and a cast of each for
     # the einsums: 18 bytes per element written and read (counted from sharded_moe.py).
     sec_bytes = 18.0 * T_r * rows if deepspeed else 0.0
-    ph["gate"] = compute("gate", gemm_s(T_r, E, h, dev, "fp32"),
-                         4 * T_r * (h + 3 * E) + sec_bytes)
+    ph[Phase.GATE] = compute(Phase.GATE, gemm_s(T_r, E, h, dev, "fp32"),
+                             4 * T_r * (h + 3 * E) + sec_bytes)
     if deepspeed:
-        ph["gate"] += DEEPSPEED_SYNCS * HOST_SYNC_S
+        ph[Phase.GATE] += DEEPSPEED_SYNCS * HOST_SYNC_S
         # dispatch "sec,sm->ecm" and combine "sec,ecm->sm" are dense GEMMs over S·E·C
         einsum_bytes = b * (T_r * rows + T_r * h + rows * h)
-        ph["dispatch"] = compute("dispatch", gemm_s(rows, h, T_r, dev, dt), einsum_bytes)
+        ph[Phase.DISPATCH] = compute(Phase.DISPATCH, gemm_s(rows, h, T_r, dev, dt), einsum_bytes)
     else:
-        ph["dispatch"] = compute("dispatch", 0.0, b * (T_r * h + rows * h))
+        ph[Phase.DISPATCH] = compute(Phase.DISPATCH, 0.0, b * (T_r * h + rows * h))
     a2a_bytes = rows * h * b
     cb["a2a"] = a2a_bytes
     ep_span = env.span(c.ep, c.es)
@@ -304,9 +304,9 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
         cb["es_gather"] = moved
         es_s = net * (coll.allgather_s(moved, es_span, env.cluster)
                       + coll.reduce_scatter_s(moved, es_span, env.cluster))
-    es_fixed = fixed("es_comm")
+    es_fixed = fixed(Phase.ES_COMM)
     if es_s or es_fixed:
-        ph["es_comm"] = es_s + es_fixed
+        ph[Phase.ES_COMM] = es_s + es_fixed
     # Expected local experts that receive at least one token (uniform routing); all of them once
     # the pass carries many tokens, a few during decode — which is what makes decode cheaper on
     # more GPUs: each holds fewer experts, so reads fewer weights per token.
@@ -321,14 +321,14 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     expert_flops_s = local * (gemm_s(expert_rows, f / c.es, h, dev, dt)
                               + gemm_s(expert_rows, h, f / c.es, dev, dt))
     expert_bytes = b * (active * 2 * h * f / c.es + local * expert_rows * 2 * h)
-    ph["experts"] = compute("experts", expert_flops_s, expert_bytes, local)
+    ph[Phase.EXPERTS] = compute(Phase.EXPERTS, expert_flops_s, expert_bytes, local)
     if deepspeed:
-        ph["combine"] = compute("combine", gemm_s(T_r, h, rows, dev, dt), einsum_bytes)
+        ph[Phase.COMBINE] = compute(Phase.COMBINE, gemm_s(T_r, h, rows, dev, dt), einsum_bytes)
     else:
-        ph["combine"] = compute("combine", 0.0, b * (rows * h + T_r * h))
+        ph[Phase.COMBINE] = compute(Phase.COMBINE, 0.0, b * (rows * h + T_r * h))
     if c.coordinated and tp > 1:
         cb["tp_allgather"] = T * h * b
-        ph["tp_comm"] += net * coll.allgather_s(T * h * b, tp_span, env.cluster)
+        ph[Phase.TP_COMM] += net * coll.allgather_s(T * h * b, tp_span, env.cluster)
     _shared(env, cost, p)
     # One token bucket (where the links have one: `after_idle`) serves every exchange of the
     # step and refills whenever they idle: through the compute of this layer and of the layers
@@ -375,7 +375,7 @@ def elementwise_bytes(env: Env, s: Setting, p: Pass, phase: str) -> float:
     h, f = spec.hidden, spec.ffn_hidden
     train = env.workload.mode == "train" and not p.decode
     passes_h = 2 + 2 + 3 + (3 if train else 0)  # norm, bias, residual, dropout
-    if phase == "mlp":
+    if phase == Phase.MLP:
         return b * T * (passes_h * h + 2 * f / tp)  # + the GELU over the FFN width
     scores = 0.0
     if env.runtime == "deepspeed":
@@ -417,12 +417,12 @@ def add_turn_wait(env: Env, cost: LayerCost, train: bool, exchanges: bool) -> No
     wait = factor * sum(compute.values())
     if exchanges:
         at_combine = (wait / 2 if train else
-                      wait * compute.get("experts", 0.0) / max(sum(compute.values()), 1e-30))
-        for ph, t in (("dispatch_a2a", wait - at_combine), ("combine_a2a", at_combine)):
+                      wait * compute.get(Phase.EXPERTS, 0.0) / max(sum(compute.values()), 1e-30))
+        for ph, t in ((Phase.DISPATCH_A2A, wait - at_combine), (Phase.COMBINE_A2A, at_combine)):
             cost.phases[ph] += t
             cost.fixed[ph] = cost.fixed.get(ph, 0.0) + t
     else:
-        cost.phases["wait"] = wait
+        cost.phases[Phase.WAIT] = wait
 
 
 def activation_bytes(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> float:

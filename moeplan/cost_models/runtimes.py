@@ -6,22 +6,25 @@ has not measured the framework itself.
 
 from __future__ import annotations
 
+from moeplan.spec.phases import Phase
+
 # Framework operations per layer (forward, backward) of moeplan's runtime, each paying the
 # device's per-operation overhead. CPU (the torch reference): aten ops, views excluded, counted
 # with a TorchDispatchMode over tiny-pr-moe, torch 2.13 (tests/test_cost_models.py recounts them);
 # experts: 1 + 3·L forward and 5 + 7·L backward for L local experts (a loop).
-RUNTIME_OPS = {"attention": (8, 18), "mlp": (6, 8), "residual_mlp": (11, 19), "gate": (31, 31),
-               "dispatch": (8, 2), "combine": (5, 5), "head": (12, 11)}
+RUNTIME_OPS = {Phase.ATTENTION: (8, 18), Phase.MLP: (6, 8), "residual_mlp": (11, 19),
+               Phase.GATE: (31, 31), Phase.DISPATCH: (8, 2), Phase.COMBINE: (5, 5),
+               Phase.HEAD: (12, 11)}
 # CUDA (Triton gating / dispatch / combine, one grouped expert GEMM pair): kernel launches and
 # torch ops around them, counted by reading runtime/kernels/triton_moe.py (not traced on a GPU);
 # the other phases launch one kernel per aten op, as on CPU.
-CUDA_OPS = {**RUNTIME_OPS, "gate": (35, 24), "dispatch": (7, 2), "combine": (8, 11),
-            "experts": (4, 8)}
+CUDA_OPS = {**RUNTIME_OPS, Phase.GATE: (35, 24), Phase.DISPATCH: (7, 2), Phase.COMBINE: (8, 11),
+            Phase.EXPERTS: (4, 8)}
 # CUDA inference (no autograd): the router GEMM and its two casts, the gate's buffers, one
 # Triton launch for the whole routing table and the device-side counts; dispatch and combine
 # each a launch and their index tensors; the experts' grouped GEMMs that skip empty experts,
 # with the device flag — read off kernels/triton_moe.py, not traced on a GPU.
-CUDA_INFER_OPS = {"gate": 15, "dispatch": 6, "combine": 6, "experts": 8}
+CUDA_INFER_OPS = {Phase.GATE: 15, Phase.DISPATCH: 6, Phase.COMBINE: 6, Phase.EXPERTS: 8}
 # DeepSpeed-MoE (deepspeed/moe/sharded_moe.py, experts.py at 38327e0; Megatron-DeepSpeed's
 # ParallelMLP as the expert): GPU kernels per MoE layer phase (forward, backward). Forward counted
 # with a TorchDispatchMode over DeepSpeed's top-1 TopKGate (CPU, fp32) less the CPU-only capacity
@@ -29,7 +32,7 @@ CUDA_INFER_OPS = {"gate": 15, "dispatch": 6, "combine": 6, "experts": 8}
 # it off) + 2 fp16→fp32 casts; dispatch and combine a cast, the einsum's bmm and a copy each;
 # experts chunk + cat around 4 kernels per local expert (`ops`). Backward counts are estimates
 # (autograd nodes of the same ops), not counted.
-DEEPSPEED_OPS = {**CUDA_OPS, "gate": (34, 24), "dispatch": (3, 3), "combine": (3, 3)}
+DEEPSPEED_OPS = {**CUDA_OPS, Phase.GATE: (34, 24), Phase.DISPATCH: (3, 3), Phase.COMBINE: (3, 3)}
 DEEPSPEED_RTS_OPS = 5  # random token selection: rand, sub, mul, add, mul (not in inference)
 # DeepSpeed 0.5–0.13 (the paper's era) copies the gate's expert counts `.to('cpu')` on every
 # call (v0.6.0 sharded_moe.py:204), draining the launch queue: a PCIe round trip each (assumed
@@ -43,17 +46,17 @@ def operations(runtime: str, device_kind: str, name: str, training: bool,
     training a third of forward + backward, since training charges compute phases three
     passes (see `step.train_layer`)."""
     if runtime == "deepspeed":
-        if name == "experts":
+        if name == Phase.EXPERTS:
             fwd, bwd = 2 + 4 * local_experts, 2 + 8 * local_experts
         else:
             fwd, bwd = DEEPSPEED_OPS[name]
-            if name == "gate" and not training:
+            if name == Phase.GATE and not training:
                 fwd -= DEEPSPEED_RTS_OPS
     elif device_kind == "gpu":
         if not training and name in CUDA_INFER_OPS:
             return CUDA_INFER_OPS[name]
         fwd, bwd = CUDA_OPS[name]
-    elif name == "experts":
+    elif name == Phase.EXPERTS:
         fwd, bwd = 1 + 3 * local_experts, 5 + 7 * local_experts
     else:
         fwd, bwd = RUNTIME_OPS[name]

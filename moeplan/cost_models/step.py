@@ -34,6 +34,7 @@ from moeplan.cost_models.layer import (
 )
 from moeplan.cost_models.memory import kv_cache_bytes, optimizer_bytes_per_param
 from moeplan.cost_models.params import embedding_params, layer_params
+from moeplan.spec.phases import Phase
 from moeplan.spec.workload import Setting
 
 HEAD_TENSORS = 4  # token and position embeddings, final layer norm weight and bias
@@ -77,9 +78,9 @@ def train_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> LayerCost:
     sync = grad_sync_s(env, b * non_expert, s.dp, s.tp, latency=False, micro_steps=steps)
     if expert:
         sync += grad_sync_s(env, b * expert, edp, c.ep * c.es, micro_steps=steps)
-    cost.phases["grad_sync"] = sync
+    cost.phases[Phase.GRAD_SYNC] = sync
     zero = env.workload.zero_stage >= 1
-    cost.phases["optimizer"] = optimizer_s(
+    cost.phases[Phase.OPTIMIZER] = optimizer_s(
         env, non_expert / (s.dp if zero else 1) + expert / (edp if zero else 1),
         layer_tensors(env.spec, index))
     cost.memory = weight_memory(env, s, index, c)
@@ -120,20 +121,20 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
         p = train_pass(env, s)
         steps = s.micro_steps(env.workload)
         roof = roofline_s(gemm_s(p.tokens, V / s.tp, h, dev, dt), b * V * h / s.tp, dev, 0.0)
-        fwd = (slow * (k.compute * work_scale(env, "head", p, roof) * roof
-                       + fixed_s(env, "head", p))
+        fwd = (slow * (k.compute * work_scale(env, Phase.HEAD, p, roof) * roof
+                       + fixed_s(env, Phase.HEAD, p))
                + k.communication * coll.allreduce_s(p.tokens * h * b, tp_span, env.cluster))
-        cost.phases["head"] = steps * 3 * fwd
+        cost.phases[Phase.HEAD] = steps * 3 * fwd
         # ranks wait for each other's head compute at the next collectives (the first and the
         # last all-to-all, the gradient sync); charged with the gradient sync
         fw = dev.framework
-        cost.phases["grad_sync"] = (grad_sync_s(env, b * params, s.dp, s.tp, micro_steps=steps)
-                                    + wait_factor(env) * cost.phases["head"]
-                                    + (k.communication * fw.grad_sync_extra_s
-                                       if fw and env.gpus > 1 else 0.0))
+        cost.phases[Phase.GRAD_SYNC] = (
+            grad_sync_s(env, b * params, s.dp, s.tp, micro_steps=steps)
+            + wait_factor(env) * cost.phases[Phase.HEAD]
+            + (k.communication * fw.grad_sync_extra_s if fw and env.gpus > 1 else 0.0))
         zero = env.workload.zero_stage
-        cost.phases["optimizer"] = optimizer_s(env, params / (s.dp if zero >= 1 else 1),
-                                               HEAD_TENSORS)
+        cost.phases[Phase.OPTIMIZER] = optimizer_s(env, params / (s.dp if zero >= 1 else 1),
+                                                   HEAD_TENSORS)
         cost.memory["gradients"] = b * params / (s.dp if zero >= 2 else 1)
         cost.memory["optimizer_states"] = (optimizer_bytes_per_param(b) * params
                                            / (s.dp if zero >= 1 else 1))
@@ -144,13 +145,13 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
     slow, _ = sharing(env, decode=True)
     p = decode_pass(env, s)
     roof = roofline_s(gemm_s(tokens, V / s.tp, h, dev, dt), b * V * h / s.tp, dev, 0.0)
-    cost.phases["head"] = (slow * (k.compute * work_scale(env, "head", p, roof) * roof
-                                   + fixed_s(env, "head", p))
-                           + k.communication * coll.allgather_s(tokens * V * b, tp_span,
-                                                                env.cluster))
-    wait = wait_factor(env) * cost.phases["head"]
+    cost.phases[Phase.HEAD] = (slow * (k.compute * work_scale(env, Phase.HEAD, p, roof) * roof
+                                       + fixed_s(env, Phase.HEAD, p))
+                               + k.communication * coll.allgather_s(tokens * V * b, tp_span,
+                                                                    env.cluster))
+    wait = wait_factor(env) * cost.phases[Phase.HEAD]
     if wait:  # at the next token's first collective: the plan hands it on
-        cost.phases["wait"] = wait
+        cost.phases[Phase.WAIT] = wait
     cost.transient_bytes = 4.0 * tokens * V / s.tp
     return cost
 
@@ -168,7 +169,7 @@ def with_untimed(env: Env, head: LayerCost, layers_s: float) -> LayerCost:
         return head
     out = LayerCost(phases=dict(head.phases), comm_bytes=head.comm_bytes, memory=head.memory,
                     transient_bytes=head.transient_bytes, fixed=head.fixed)
-    out.phases["untimed"] = f * (layers_s + head.time_s)
+    out.phases[Phase.UNTIMED] = f * (layers_s + head.time_s)
     return out
 
 
@@ -176,7 +177,7 @@ def prefill_head_s(env: Env, s: Setting) -> float:
     """The prompt pass embeds every prompt token and reads the head once for the last one."""
     dev = env.cluster.device
     return memory_s(env.dtype_bytes * s.micro_batch * env.workload.prompt_len * env.spec.hidden,
-                    dev) + head_cost(env, s).phases["head"]
+                    dev) + head_cost(env, s).phases[Phase.HEAD]
 
 
 __all__ = ["COMM_PHASES", "COMPUTE_PHASES", "train_layer", "infer_layer", "head_cost",

@@ -20,6 +20,7 @@ from moeplan.planner.space import NO_FIX, Fix, layer_choices
 from moeplan.spec.cluster import ClusterProfile
 from moeplan.spec.errors import ConfigError, InfeasibleError, MoeplanError
 from moeplan.spec.model import ModelSpec
+from moeplan.spec.phases import Phase
 from moeplan.spec.plan import (
     ClusterRef,
     LayerPlan,
@@ -189,29 +190,29 @@ def _hand_on_waits(layers: list[dict[str, float]], exchanging: list[bool], train
     layer's compute phases."""
     moe = [i for i, x in enumerate(exchanging) if x]
     for i, ph in enumerate(layers):
-        wait = ph.pop("wait", 0.0)
+        wait = ph.pop(Phase.WAIT, 0.0)
         if not wait:
             continue
-        if tp > 1 and "tp_comm" in ph:
-            ph["tp_comm"] += wait
+        if tp > 1 and Phase.TP_COMM in ph:
+            ph[Phase.TP_COMM] += wait
         elif not moe:
             compute = {k: v for k, v in ph.items() if k in COMPUTE_PHASES and v > 0}
             total = sum(compute.values())
             for k, v in compute.items():
                 ph[k] += wait * v / total
             if not compute:
-                key = "grad_sync" if train else "tp_comm"
+                key = Phase.GRAD_SYNC if train else Phase.TP_COMM
                 ph[key] = ph.get(key, 0.0) + wait
         else:
             forward = wait / 3 if train else wait
             after, before = [j for j in moe if j > i], [j for j in moe if j < i]
             layers[after[0] if after else moe[-1]][
-                "dispatch_a2a" if after else "combine_a2a"] += forward
+                Phase.DISPATCH_A2A if after else Phase.COMBINE_A2A] += forward
             if train:
                 if before:
-                    layers[before[-1]]["combine_a2a"] += wait - forward
+                    layers[before[-1]][Phase.COMBINE_A2A] += wait - forward
                 else:
-                    ph["grad_sync"] = ph.get("grad_sync", 0.0) + wait - forward
+                    ph[Phase.GRAD_SYNC] = ph.get(Phase.GRAD_SYNC, 0.0) + wait - forward
     return layers
 
 
@@ -230,7 +231,8 @@ def to_plan(env: Env, objective: Objective, result: SearchResult,
         breakdown[k] += v
     head_phases = dict(best.head.phases)
     phases = _hand_on_waits(
-        [{"wait": head_phases.pop("wait", 0.0)}] + [dict(ev.cost.phases) for ev in best.layers],
+        [{Phase.WAIT: head_phases.pop(Phase.WAIT, 0.0)}]
+        + [dict(ev.cost.phases) for ev in best.layers],
         [False] + [ev.choice.ep * ev.choice.es > 1 for ev in best.layers], w.mode == "train",
         s.tp)
     head_phases.update(phases.pop(0))  # what found no collective stays with the head

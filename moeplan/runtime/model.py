@@ -34,6 +34,7 @@ from moeplan.runtime.comm import Comm
 from moeplan.runtime.kernels import REFERENCE, ffn_loop
 from moeplan.runtime.timers import NULL_TIMER
 from moeplan.spec.model import ModelSpec
+from moeplan.spec.phases import HEAD_LAYER, Phase
 
 Slice = tuple[tuple[int, int, int], ...]
 
@@ -119,7 +120,7 @@ class Attention(nn.Module):
         position, attending to the positions of `visible_1M` — a decode step."""
         B, S, _ = x_BSH.shape
         t = self.timer
-        x = t.to(C.copy_to(t.to(x_BSH, "tp_comm"), self.tp), "attention")
+        x = t.to(C.copy_to(t.to(x_BSH, Phase.TP_COMM), self.tp), Phase.ATTENTION)
         q, k, v = (m(x).view(B, S, -1, self.d).transpose(1, 2) for m in (self.q, self.k, self.v))
         if pos_1 is None:
             if kv is not None:
@@ -132,7 +133,8 @@ class Attention(nn.Module):
             kv.write(pos_1, k, v)
             y_BASD = F.scaled_dot_product_attention(q, kv.k_BAMD, kv.v_BAMD, attn_mask=visible_1M)
         y = self.proj(y_BASD.transpose(1, 2).reshape(B, S, -1))
-        return t.to(C.reduce_from(t.to(y, "tp_comm"), self.tp), "attention") + self.proj_bias
+        y = C.reduce_from(t.to(y, Phase.TP_COMM), self.tp)
+        return t.to(y, Phase.ATTENTION) + self.proj_bias
 
 
 class MLP(nn.Module):
@@ -155,9 +157,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.timer
-        x = t.to(C.copy_to(t.to(x, "tp_comm"), self.tp), "mlp")
+        x = t.to(C.copy_to(t.to(x, Phase.TP_COMM), self.tp), Phase.MLP)
         y = self.fc2(F.gelu(self.fc1(x)))
-        return t.to(C.reduce_from(t.to(y, "tp_comm"), self.tp), "mlp") + self.fc2_bias
+        return t.to(C.reduce_from(t.to(y, Phase.TP_COMM), self.tp), Phase.MLP) + self.fc2_bias
 
 
 class Experts(nn.Module):
@@ -244,12 +246,12 @@ class MoE(nn.Module):
             xr_TH, valid_T, gate_tokens = self._gather_es(xr_TH, valid_T, gate_tokens)
         out_TH, aux = self._route(xr_TH, valid_T, gate_tokens, es_mode)
         if es_mode == "gather":  # the partial outputs summed, this rank's rows kept
-            out_TH = C.reduce_scatter_rows(t.to(out_TH, "es_comm"), self.par.es, 0)
+            out_TH = C.reduce_scatter_rows(t.to(out_TH, Phase.ES_COMM), self.par.es, 0)
         elif es_mode == "shared":
-            out_TH = C.reduce_from(t.to(out_TH, "es_comm"), self.par.es)
+            out_TH = C.reduce_from(t.to(out_TH, Phase.ES_COMM), self.par.es)
         if self.par.coordinated and self.tp.size > 1:
-            out_TH = C.gather_from(t.to(out_TH, "tp_comm"), self.tp, dim=0)[: B * S]
-        out = t.to(out_TH, "mlp").view(B, S, H)
+            out_TH = C.gather_from(t.to(out_TH, Phase.TP_COMM), self.tp, dim=0)[: B * S]
+        out = t.to(out_TH, Phase.MLP).view(B, S, H)
         if self.residual is not None:
             c = F.softmax(self.coef(x_BSH), dim=-1)
             out = out * c[..., :1] + self.residual(x_BSH) * c[..., 1:]
@@ -266,8 +268,8 @@ class MoE(nn.Module):
                               with_aux=self.training)
         self.last = r
         t = self.timer
-        buf_ECH = self.kernels.dispatch(t.to(xr_TH, "dispatch"), r, self.E)
-        y_ECH = t.to(self._experts(buf_ECH, gather_es=es_mode is None), "combine")
+        buf_ECH = self.kernels.dispatch(t.to(xr_TH, Phase.DISPATCH), r, self.E)
+        y_ECH = t.to(self._experts(buf_ECH, gather_es=es_mode is None), Phase.COMBINE)
         return self.kernels.combine(y_ECH, r), r.aux_loss
 
     def _gather_es(self, x_TH: torch.Tensor, valid_T: torch.Tensor | None,
@@ -275,7 +277,7 @@ class MoE(nn.Module):
         """Inference with expert slicing: the es group's tokens, gathered before the gate, so
         that each slice runs its part of every expert on the same rows (DeepSpeed-MoE)."""
         es, t = self.par.es, self.timer
-        x_TH = t.to(C.gather_rows(t.to(x_TH, "es_comm"), es, 0), "gate")
+        x_TH = t.to(C.gather_rows(t.to(x_TH, Phase.ES_COMM), es, 0), Phase.GATE)
         if valid_T is not None:  # gloo gathers no bool tensors
             valid_T = C.gather_rows(valid_T.to(torch.uint8), es, 0).bool()
         return x_TH, valid_T, gate_tokens * es.size
@@ -288,15 +290,15 @@ class MoE(nn.Module):
         E, Cap, H = buf_ECH.shape
         L = E // P
         t = self.timer
-        recv = self.par.exchange(t.to(buf_ECH.reshape(P, L, Cap, H), "dispatch_a2a"))
+        recv = self.par.exchange(t.to(buf_ECH.reshape(P, L, Cap, H), Phase.DISPATCH_A2A))
         if not gather_es:
-            y_PLCH = self.experts(t.to(recv, "experts"), self.kernels.ffn)
-            return self.par.exchange(t.to(y_PLCH, "combine_a2a")).reshape(E, Cap, H)
+            y_PLCH = self.experts(t.to(recv, Phase.EXPERTS), self.kernels.ffn)
+            return self.par.exchange(t.to(y_PLCH, Phase.COMBINE_A2A)).reshape(E, Cap, H)
         # expert slicing: every slice of an expert sees the tokens of all es ranks
-        x_PLCH = t.to(C.gather_rows(t.to(recv, "es_comm"), es, dim=0), "experts")
+        x_PLCH = t.to(C.gather_rows(t.to(recv, Phase.ES_COMM), es, dim=0), Phase.EXPERTS)
         y_PLCH = self.experts(x_PLCH, self.kernels.ffn)
-        y_PLCH = C.reduce_scatter_rows(t.to(y_PLCH, "es_comm"), es, dim=0)
-        return self.par.exchange(t.to(y_PLCH, "combine_a2a")).reshape(E, Cap, H)
+        y_PLCH = C.reduce_scatter_rows(t.to(y_PLCH, Phase.ES_COMM), es, dim=0)
+        return self.par.exchange(t.to(y_PLCH, Phase.COMBINE_A2A)).reshape(E, Cap, H)
 
 
 class Block(nn.Module):
@@ -320,9 +322,10 @@ class Block(nn.Module):
     def forward(self, x, kv: LayerKV | None = None, pos_1: torch.Tensor | None = None,
                 visible_1M: torch.Tensor | None = None):
         self.timer.layer = self.index
-        x = self.timer.to(x, "attention")
+        x = self.timer.to(x, Phase.ATTENTION)
         x = x + self.attn(self.ln1(x), kv, pos_1, visible_1M)
-        y = self.ffn(self.ln2(self.timer.to(x, "gate" if isinstance(self.ffn, MoE) else "mlp")))
+        first = Phase.GATE if isinstance(self.ffn, MoE) else Phase.MLP
+        y = self.ffn(self.ln2(self.timer.to(x, first)))
         if isinstance(y, tuple):
             return x + y[0], y[1]
         return x + y, None
@@ -381,8 +384,8 @@ class GPT(nn.Module):
             x, a = block(x, kv, pos_1, visible_1M)
             if a is not None and self.training:  # inference gates compute no aux loss
                 aux = aux + a
-        self.timer.layer = "head"
-        x = self.timer.to(x, "head")
+        self.timer.layer = HEAD_LAYER
+        x = self.timer.to(x, Phase.HEAD)
         logits = F.linear(self.ln_f(x), self.wte.weight)  # tied LM head
         return logits, aux
 

@@ -30,6 +30,7 @@ from moeplan.runtime.kernels import select, use_kernels
 from moeplan.runtime.model import GPT, MoE
 from moeplan.runtime.parallel import GradSync, parallelize
 from moeplan.runtime.timers import NULL_TIMER, PhaseTimer, instrument
+from moeplan.spec.phases import HEAD_PHASE, LayerPhase, Phase
 from moeplan.spec.plan import Plan, digest
 from moeplan.spec.record import LayerMeasure, Measured, RunRecord, compare
 
@@ -46,6 +47,37 @@ class RunConfig:
     load: str | None = None
     fault: tuple[int, int] | None = None  # (rank, step): that rank exits there (tests)
     timeout_s: float | None = None  # a collective's wait for a peer before the job fails
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """One rank's training run: each (layer, phase)'s seconds per step and the step's parts,
+    medians over the measured steps; dropped and routed choices per MoE layer over them; the loss
+    of every step (warm-up included) and of the evaluation batch."""
+
+    phases: dict[LayerPhase, float]
+    step_s: float
+    grad_sync_s: float
+    optimizer_s: float
+    dropped: dict[int, int]
+    routed: dict[int, int]
+    losses: list[float]
+    eval_loss: float
+    steps: int  # measured steps
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """One rank's generations: each (layer, phase)'s seconds per decode token, the token latency
+    and the prefill, medians over the measured generations; dropped and routed choices per MoE
+    layer; the last generation's first sequence, as text."""
+
+    phases: dict[LayerPhase, float]
+    latency_s: float
+    prefill_s: float
+    dropped: dict[int, int]
+    routed: dict[int, int]
+    sample: str
 
 
 def build_model(plan: Plan, groups: Groups, cfg: RunConfig) -> GPT:
@@ -87,7 +119,7 @@ class _Drops:
                 {i: int(v) for i, v in self.routed.items()})
 
 
-def _median_phases(per_step: list[dict]) -> dict:
+def _median_phases(per_step: list[dict[LayerPhase, float]]) -> dict[LayerPhase, float]:
     """Per (layer, phase): the median over measured steps (or generations) — one slow step
     (a scheduler hiccup on an oversubscribed host) does not move it, as it would a mean."""
     keys = {k for d in per_step for k in d}
@@ -131,7 +163,7 @@ def _gather(obj, world: int) -> list:
     return out
 
 
-def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> dict:
+def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> TrainResult:
     w = plan.workload
     cuda = next(model.parameters()).is_cuda
     dev = next(model.parameters()).device
@@ -148,7 +180,7 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> dict:
     drops = _Drops(model)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     losses, step_s, sync_s, opt_s = [], [], [], []
-    step_phases: list[dict] = []
+    step_phases: list[dict[LayerPhase, float]] = []
     model.train()
     for step in range(total_steps):
         if cfg.fault and cfg.fault == (groups.rank, step):
@@ -194,15 +226,15 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> dict:
         batch = data.eval_batch(w.micro_batch).to(dev)
         eval_loss = float(model.loss(batch[:, :-1], batch[:, 1:])[0])
     dropped, routed = drops.totals()
-    return {"phases": _median_phases(step_phases),
-            "step_s": median(step_s) if step_s else float("nan"),
-            "grad_sync_s": median(sync_s) if sync_s else 0.0,
-            "optimizer_s": median(opt_s) if opt_s else 0.0,
-            "dropped": dropped, "routed": routed,
-            "losses": losses, "eval_loss": eval_loss, "steps": n}
+    return TrainResult(phases=_median_phases(step_phases),
+                       step_s=median(step_s) if step_s else float("nan"),
+                       grad_sync_s=median(sync_s) if sync_s else 0.0,
+                       optimizer_s=median(opt_s) if opt_s else 0.0,
+                       dropped=dropped, routed=routed,
+                       losses=losses, eval_loss=eval_loss, steps=n)
 
 
-def infer(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> dict:
+def infer(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> InferResult:
     w = plan.workload
     cuda = next(model.parameters()).is_cuda
     dev = next(model.parameters()).device
@@ -242,10 +274,10 @@ def infer(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> dict:
             f"ms/token" + ("  (warm-up)" if rep < cfg.warmup else ""))
     instrument(model, NULL_TIMER)
     dropped, routed = drops.totals()
-    return {"phases": _median_phases(token_phases),
-            "latency_s": median(latencies), "prefill_s": median(prefills),
-            "dropped": dropped, "routed": routed,
-            "sample": bytes(out[0].clamp(0, 255).tolist()).decode("utf-8", "replace")}
+    return InferResult(phases=_median_phases(token_phases),
+                       latency_s=median(latencies), prefill_s=median(prefills),
+                       dropped=dropped, routed=routed,
+                       sample=bytes(out[0].clamp(0, 255).tolist()).decode("utf-8", "replace"))
 
 
 def execute(plan: Plan, cfg: RunConfig, rank: int, world: int, log=print) -> RunRecord | None:
@@ -262,45 +294,46 @@ def execute(plan: Plan, cfg: RunConfig, rank: int, world: int, log=print) -> Run
         checkpoint.save(model, cfg.save, cfg.steps, digest(plan), rank, world)
         say(f"saved checkpoint {cfg.save}")
     peak, kind = _peak_memory(cuda)
-    everyone = _gather({**result, "peak": peak}, world)
+    everyone = _gather((result, peak), world)
     if rank != 0:
         return None
-    return _record(plan, cfg, everyone, kind, "nccl" if cuda else "gloo",
-                   torch.cuda.get_device_name() if cuda else "cpu")
+    return _record(plan, cfg, [r for r, _ in everyone], max(p for _, p in everyone), kind,
+                   "nccl" if cuda else "gloo", torch.cuda.get_device_name() if cuda else "cpu")
 
 
-def _record(plan: Plan, cfg: RunConfig, ranks: list[dict], memory_kind: str, backend: str,
-            device: str) -> RunRecord:
+def _record(plan: Plan, cfg: RunConfig, ranks: list[TrainResult] | list[InferResult],
+            peak_bytes: float, memory_kind: str, backend: str, device: str) -> RunRecord:
+    """The run record from every rank's result (`peak_bytes`: the largest rank's peak memory)."""
     world = len(ranks)
     layers = []
     for lp in plan.layers:
         i = lp.index - 1
-        keys = {ph for r in ranks for (layer, ph) in r["phases"] if layer == i}
-        mean = {ph: sum(r["phases"].get((i, ph), 0.0) for r in ranks) / world for ph in keys}
-        worst = {ph: max(r["phases"].get((i, ph), 0.0) for r in ranks) for ph in keys}
+        keys = {key.phase for r in ranks for key in r.phases if key.layer == i}
+        mean = {ph: sum(r.phases.get(LayerPhase(i, ph), 0.0) for r in ranks) / world
+                for ph in keys}
+        worst = {ph: max(r.phases.get(LayerPhase(i, ph), 0.0) for r in ranks) for ph in keys}
         layers.append(LayerMeasure(
             index=lp.index, kind=lp.kind, phases_s=dict(sorted(mean.items())),
             phases_max_s=dict(sorted(worst.items())),
-            dropped=sum(r["dropped"].get(i, 0) for r in ranks),
-            routed=sum(r["routed"].get(i, 0) for r in ranks)))
-    head = sum(r["phases"].get(("head", "head"), 0.0) for r in ranks) / world
+            dropped=sum(r.dropped.get(i, 0) for r in ranks),
+            routed=sum(r.routed.get(i, 0) for r in ranks)))
+    head = sum(r.phases.get(HEAD_PHASE, 0.0) for r in ranks) / world
     w = plan.workload
     r0 = ranks[0]
     if cfg.mode == "train":
-        step = max(r["step_s"] for r in ranks)
+        step = max(r.step_s for r in ranks)
         measured = Measured(step_time_s=step, tokens_per_s=w.global_batch * w.seq_len / step,
-                            grad_sync_s=sum(r["grad_sync_s"] for r in ranks) / world,
-                            optimizer_s=sum(r["optimizer_s"] for r in ranks) / world,
-                            peak_memory_bytes=max(r["peak"] for r in ranks),
-                            memory_kind=memory_kind, head_phases_s={"head": head})
-        extra = {"losses": r0["losses"], "eval_loss": r0["eval_loss"],
-                 "measured_steps": r0["steps"]}
+                            grad_sync_s=sum(r.grad_sync_s for r in ranks) / world,
+                            optimizer_s=sum(r.optimizer_s for r in ranks) / world,
+                            peak_memory_bytes=peak_bytes,
+                            memory_kind=memory_kind, head_phases_s={Phase.HEAD: head})
+        extra = {"losses": r0.losses, "eval_loss": r0.eval_loss, "measured_steps": r0.steps}
     else:
-        latency = max(r["latency_s"] for r in ranks)
-        measured = Measured(latency_s=latency, prefill_s=max(r["prefill_s"] for r in ranks),
+        latency = max(r.latency_s for r in ranks)
+        measured = Measured(latency_s=latency, prefill_s=max(r.prefill_s for r in ranks),
                             tokens_per_s=w.global_batch / latency,
-                            peak_memory_bytes=max(r["peak"] for r in ranks),
-                            memory_kind=memory_kind, head_phases_s={"head": head})
+                            peak_memory_bytes=peak_bytes,
+                            memory_kind=memory_kind, head_phases_s={Phase.HEAD: head})
         extra = {"measured_steps": cfg.steps}
     record = RunRecord(plan_digest=digest(plan), mode=cfg.mode, world=world, backend=backend,
                        device=device, warmup_steps=cfg.warmup, measured=measured, layers=layers,

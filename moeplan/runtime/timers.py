@@ -1,8 +1,9 @@
 """Per-layer, per-phase timers for forward and backward.
 
-The model calls `timer.to(x, phase)` where one phase ends and the next begins (the names are the
+The model calls `timer.to(x, phase)` where one phase ends and the next begins (a `Phase` of the
 cost model's: attention, tp_comm, gate, dispatch, dispatch_a2a, es_comm, experts, combine_a2a,
-combine, mlp; `head` for embedding, LM head and loss). In forward that closes the running phase.
+combine, mlp; `head` for embedding, LM head and loss); seconds are kept per `LayerPhase`. In
+forward that closes the running phase.
 The call also threads `x` through an identity autograd function whose backward closes the running
 backward phase and switches back to the phase that preceded the marker in forward — so backward
 time is attributed at the same boundaries, measured, not scaled from forward.
@@ -17,16 +18,15 @@ from collections import defaultdict
 
 import torch
 
-Key = tuple[object, str]  # (0-based layer index or "head", phase)
-HEAD: Key = ("head", "head")
+from moeplan.spec.phases import HEAD_LAYER, HEAD_PHASE, LayerPhase, Phase
 
 
 class NullTimer:
     """The default: no bookkeeping, no synchronisation."""
 
-    layer: object = "head"
+    layer: int | str = HEAD_LAYER
 
-    def to(self, x: torch.Tensor, phase: str) -> torch.Tensor:
+    def to(self, x: torch.Tensor, phase: Phase) -> torch.Tensor:
         return x
 
 
@@ -48,11 +48,11 @@ class _Mark(torch.autograd.Function):
 class PhaseTimer:
     def __init__(self, cuda: bool = False):
         self.cuda = cuda
-        self.layer: object = "head"
-        self.forward_s: dict[Key, float] = defaultdict(float)
-        self.backward_s: dict[Key, float] = defaultdict(float)
-        self._cur, self._t0 = HEAD, 0.0
-        self._bcur, self._bt0 = HEAD, 0.0
+        self.layer: int | str = HEAD_LAYER
+        self.forward_s: dict[LayerPhase, float] = defaultdict(float)
+        self.backward_s: dict[LayerPhase, float] = defaultdict(float)
+        self._cur, self._t0 = HEAD_PHASE, 0.0
+        self._bcur, self._bt0 = HEAD_PHASE, 0.0
 
     def now(self) -> float:
         if self.cuda:
@@ -65,34 +65,34 @@ class PhaseTimer:
 
     # forward -----------------------------------------------------------------------------
     def begin(self) -> None:
-        self.layer, self._cur, self._t0 = "head", HEAD, self.now()
+        self.layer, self._cur, self._t0 = HEAD_LAYER, HEAD_PHASE, self.now()
 
-    def to(self, x: torch.Tensor, phase: str) -> torch.Tensor:
+    def to(self, x: torch.Tensor, phase: Phase) -> torch.Tensor:
         now = self.now()
         self.forward_s[self._cur] += now - self._t0
-        prev, self._cur, self._t0 = self._cur, (self.layer, phase), now
+        prev, self._cur, self._t0 = self._cur, LayerPhase(self.layer, phase), now
         if torch.is_grad_enabled() and x.requires_grad:
             return _Mark.apply(x, self, prev)
         return x
 
     def end(self) -> None:
         self.forward_s[self._cur] += self.now() - self._t0
-        self.layer, self._cur = "head", HEAD
+        self.layer, self._cur = HEAD_LAYER, HEAD_PHASE
 
     # backward ----------------------------------------------------------------------------
     def begin_backward(self) -> None:
-        self._bcur, self._bt0 = HEAD, self.now()
+        self._bcur, self._bt0 = HEAD_PHASE, self.now()
 
-    def _switch_backward(self, prev: Key) -> None:
+    def _switch_backward(self, prev: LayerPhase) -> None:
         now = self.now()
         self.backward_s[self._bcur] += now - self._bt0
         self._bcur, self._bt0 = prev, now
 
     def end_backward(self) -> None:
-        self._switch_backward(HEAD)
+        self._switch_backward(HEAD_PHASE)
 
-    def totals(self) -> dict[Key, float]:
-        out: dict[Key, float] = defaultdict(float)
+    def totals(self) -> dict[LayerPhase, float]:
+        out: dict[LayerPhase, float] = defaultdict(float)
         for table in (self.forward_s, self.backward_s):
             for k, v in table.items():
                 out[k] += v

@@ -1,9 +1,11 @@
 """The phase vocabulary: the names under which the cost model predicts a layer's work, the runtime
-times it, the simulator replays it and `validate` compares it (the keys of plan.json and run.json)."""
+times it, the simulator replays it and `validate` compares it (the keys of plan.json and run.json),
+and `LayerPhase`, the key of one layer's phase in the runtime's timers and the profile's tables."""
 
 from __future__ import annotations
 
 from enum import Enum
+from typing import NamedTuple
 
 
 class Phase(str, Enum):
@@ -26,6 +28,8 @@ class Phase(str, Enum):
     def __str__(self) -> str:
         return self.value
 
+    __format__ = str.__format__  # f"{phase}": the name, without Enum's slower path
+
 
 def _names(*phases: Phase) -> tuple[str, ...]:
     return tuple(p.value for p in phases)
@@ -38,3 +42,17 @@ EXCHANGE = _names(Phase.DISPATCH_A2A, Phase.COMBINE_A2A)  # in the order a layer
 EXPERT_WORK = _names(Phase.EXPERTS, Phase.DISPATCH, Phase.COMBINE)
 STEP_END = _names(Phase.GRAD_SYNC, Phase.OPTIMIZER)  # once per step, after the last layer
 WAITING = EXCHANGE + _names(Phase.GRAD_SYNC, Phase.UNTIMED, Phase.WAIT)  # where waits show
+
+
+HEAD_LAYER = "head"  # the layer label of the embedding, final norm, logits and loss
+
+
+class LayerPhase(NamedTuple):
+    """One layer's phase: where the runtime's phase timers, the probe's tables and the roofline
+    put seconds. `layer` is the 0-based layer index, or `HEAD_LAYER`."""
+
+    layer: int | str
+    phase: Phase
+
+
+HEAD_PHASE = LayerPhase(HEAD_LAYER, Phase.HEAD)

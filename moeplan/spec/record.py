@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from moeplan.spec.errors import ConfigError
-from moeplan.spec.phases import STEP_END
+from moeplan.spec.phases import STEP_END, Phase
 from moeplan.spec.plan import Plan, digest
 
 RUN_SCHEMA_VERSION = 1
@@ -97,16 +97,17 @@ def compare(plan: Plan, run: RunRecord) -> list[Comparison]:
         for k, v in lm.phases_s.items():
             measured_phase[k] = measured_phase.get(k, 0.0) + v
     if run.mode == "train":
-        measured_phase["grad_sync"] = meas.grad_sync_s or 0.0
-        measured_phase["optimizer"] = meas.optimizer_s or 0.0
+        measured_phase[Phase.GRAD_SYNC] = meas.grad_sync_s or 0.0
+        measured_phase[Phase.OPTIMIZER] = meas.optimizer_s or 0.0
         for k in STEP_END:
             predicted_phase[k] = predicted_phase.get(k, 0.0) + pred.head_phases_s.get(k, 0.0)
-    predicted_phase["head"] = pred.head_phases_s.get("head", 0.0)
-    measured_phase["head"] = meas.head_phases_s.get("head", 0.0)
-    if pred.head_phases_s.get("untimed"):  # the step outside every timed phase
+    predicted_phase[Phase.HEAD] = pred.head_phases_s.get(Phase.HEAD, 0.0)
+    measured_phase[Phase.HEAD] = meas.head_phases_s.get(Phase.HEAD, 0.0)
+    if pred.head_phases_s.get(Phase.UNTIMED):  # the step outside every timed phase
         headline = meas.step_time_s if run.mode == "train" else meas.latency_s
-        predicted_phase["untimed"] = pred.head_phases_s["untimed"]
-        measured_phase["untimed"] = max(0.0, (headline or 0.0) - sum(measured_phase.values()))
+        predicted_phase[Phase.UNTIMED] = pred.head_phases_s[Phase.UNTIMED]
+        measured_phase[Phase.UNTIMED] = max(0.0, (headline or 0.0)
+                                            - sum(measured_phase.values()))
     for k in sorted(set(predicted_phase) | set(measured_phase)):
         p, m = predicted_phase.get(k, 0.0), measured_phase.get(k, 0.0)
         if p > 0 or m > 0:

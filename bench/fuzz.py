@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=300, help="per target")
     ap.add_argument("--seed", type=int, default=None, help="[default: drawn and printed]")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--target", action="append", default=None,
+                    help="only this target (repeatable) [default: all]")
     a = ap.parse_args()
     seed = a.seed if a.seed is not None else random.SystemRandom().randrange(2**31)
     print(f"seed {seed}", file=sys.stderr)
@@ -38,6 +40,8 @@ def main() -> None:
     fuzzing.prepare(work)
     report, t0 = {}, time.perf_counter()
     for name, (strategy, feed) in fuzzing.targets(work).items():
+        if a.target and name not in a.target:
+            continue
         counts, failures = Counter(), []
 
         @hseed(seed)

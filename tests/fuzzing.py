@@ -184,6 +184,43 @@ def search_options(draw) -> list[str]:
     return argv
 
 
+# what `moeplan sweep` takes besides what it shares with search: (option, values drawn for it)
+SWEEP_OPTIONS = {
+    "--gpus": st.one_of(st.sampled_from(["2-4", "1-2", "4-2", "2,4", "3", "0", "", "-", "2-",
+                                         ",", "2,,4", "99999999", "1-99999999"]),
+                        st.text(max_size=8)),
+    "--mode": st.sampled_from(["train", "infer", "both", "", "x"]),
+    "--per-gpu-batch": st.one_of(st.sampled_from(["1", "1,2", "0", "-1", "1,,2", "", "65537"]),
+                                 st.text(max_size=6)),
+    "--price-per-gpu-hour": st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                                      st.text(max_size=6)),
+    "--train-tokens": st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                                st.text(max_size=6)),
+    "--days": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6)),
+    "--target-tokens-per-s": st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                                       st.text(max_size=6)),
+    "--slo-ms": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6)),
+    "--global-batch": st.integers(min_value=-2, max_value=2**64),
+    "--fix": SEARCH_OPTIONS["--fix"],
+    "--model": st.sampled_from(["tiny-pr-moe", "nope", "", "plan.json"]),
+    "--cluster": st.sampled_from(["local-cpu", "nope", ""]),
+    "--out": st.sampled_from(["", ".", "/", "sub/none/s.csv", "s.csv", "s.json", "s.txt"]),
+}
+
+
+@st.composite
+def sweep_options(draw) -> list[str]:
+    """A `moeplan sweep` command line for tiny-pr-moe on 2-4 CPU ranks, 1-4 options hostile."""
+    argv = ["sweep", "--model", "tiny-pr-moe", "--cluster", "local-cpu", "--gpus", "2-4",
+            "--global-batch", "8", "--seq-len", "32", "--simulate-top", "2", "--jobs", "1",
+            "--out", "sweep.out.csv"]
+    names = draw(st.lists(st.sampled_from(sorted(SWEEP_OPTIONS)), min_size=1, max_size=4,
+                          unique=True))
+    for name in names:
+        argv += [name, str(draw(SWEEP_OPTIONS[name]))]
+    return argv
+
+
 # ---- the targets: (what is drawn, how it is fed to the CLI) ----
 
 MOEPLAN_SEARCH = ["--cluster", "local-cpu", "--gpus", "4", "--global-batch", "8", "--seq-len",
@@ -211,6 +248,10 @@ def prepare(work: Path) -> None:
                         "--plan", "plan.json", "--steps", "2", "--out", "run.json"], cwd=work,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    o = outcome(moeplan_main, ["sweep", "--model", "tiny-pr-moe", "--cluster", "local-cpu",
+                               "--gpus", "2", "--global-batch", "8", "--seq-len", "32",
+                               "--simulate-top", "2", "--jobs", "1", "--out", "sweep.json"], work)
+    assert o.rc == 0, o
 
 
 def targets(work: Path) -> dict:
@@ -247,9 +288,16 @@ def targets(work: Path) -> dict:
     def search(argv):
         return outcome(moeplan_main, argv, work)
 
+    def sweep_file(text):
+        path = _file(work, "fuzz-sweep.json", text)
+        return outcome(moeplan_main, ["report", "--sweep", path, "--jobs", "1", "--out",
+                                      "report.out"], work)
+
     return {"model spec": (doc(model_base()), model),
             "cluster profile": (doc(cluster_base()), cluster),
             "plan (validate)": (doc(plan), plan_validate),
             "plan (moerun)": (doc(plan), plan_moerun),
             "run record": (doc(run), run_validate),
-            "search options": (search_options(), search)}
+            "search options": (search_options(), search),
+            "sweep options": (sweep_options(), search),
+            "sweep file": (doc(json.loads((work / "sweep.json").read_text())), sweep_file)}

@@ -22,6 +22,11 @@ def test_the_accuracy_page_matches_its_results():
     assert tables.render(page) == page, "run python bench/tables.py"
 
 
+def test_the_packaged_known_error_matches_its_results():
+    tables = _tables()
+    assert tables.KNOWN_ERROR.read_text() == tables.known_error_text(), "run python bench/tables.py"
+
+
 def test_a_hand_edited_table_is_caught():
     tables = _tables()
     page = tables.PAGE.read_text()

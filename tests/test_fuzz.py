@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 TARGETS = ["model spec", "cluster profile", "plan (validate)", "plan (moerun)", "run record",
-           "search options"]
+           "search options", "sweep options", "sweep file"]
 
 
 class Work(tuple):
@@ -37,5 +37,6 @@ def test_hostile_input_is_rc_0_or_one_line_rc_2(work, target, data):
     assert got.kind == "clean", (got.kind, got.why, got.rc, got.err[-500:])
     # nothing written but the named outputs and the drawn files
     allowed = {"plan.json", "run.json", "plan.out.json", "p.json", "-", "fuzz-model.json",
-               "fuzz-cluster.json", "fuzz-plan.json", "fuzz-run.json"}
+               "fuzz-cluster.json", "fuzz-plan.json", "fuzz-run.json", "sweep.json",
+               "sweep.out.csv", "s.csv", "s.json", "fuzz-sweep.json", "report.out"}
     assert {p.name for p in d.iterdir()} <= allowed

@@ -1,6 +1,6 @@
 """The import layering: spec on the ground floor; cost_models on spec; planner on both; the
-runtime on spec only; calibrate (measures with the runtime, fits with the planner) and the CLI on
-top. Every import counts, function-local ones too, and only the CLI imports lazily."""
+runtime on spec only; calibrate (measures with the runtime, fits with the planner), report (draws
+the planner's sweeps) and the CLI on top. Every import counts, function-local ones too, and only the CLI imports lazily."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ ALLOWED = {
     "planner": {"spec", "cost_models", "planner"},
     "runtime": {"spec", "runtime"},
     "calibrate": {"spec", "cost_models", "planner", "runtime", "calibrate"},
-    "cli": {"spec", "cost_models", "planner", "runtime", "calibrate", "cli"},
+    "report": {"spec", "cost_models", "planner", "report"},
+    "cli": {"spec", "cost_models", "planner", "runtime", "calibrate", "report", "cli"},
 }
 # Lazy on purpose: the CLI keeps torch out of `moeplan search`; Triton is optional.
 LAZY_OK = {"cli", "runtime/kernels/__init__.py"}

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from moeplan import __version__
+from moeplan.cli import capacity
 from moeplan.cli.errors import run
 from moeplan.spec.errors import CheckFailed, ConfigError
 from moeplan.spec.files import output_path, write_atomic
@@ -272,6 +273,10 @@ def validate(plan_path: str, run_path: str, as_json: bool, max_error: float | No
     if breaches:
         more = f" (and {len(breaches) - 1} more)" if len(breaches) > 1 else ""
         raise CheckFailed(breaches[0] + more)
+
+
+cli.add_command(capacity.sweep)
+cli.add_command(capacity.report)
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ from moeplan.cost_models.step import decode_pass, train_pass
 from moeplan.planner.options import Candidate
 from moeplan.spec import layout as L
 from moeplan.spec.cluster import topology_graph
-from moeplan.spec.phases import EXCHANGE, EXPERT_WORK
+from moeplan.spec.phases import EXCHANGE, EXPERT_WORK, Phase
 
 INF = float("inf")
 
@@ -316,8 +316,8 @@ def simulate(env: Env, cand: Candidate, skew: float = 0.0, seed: int = 0,
             if c.coordinated:
                 extra_a = coll.allgather_s(tp_bytes, env.span(tp, 1), env.cluster)
                 extra = (sim.allgather_s(tp_groups, tp_bytes) - extra_a)
-            phases["tp_comm"] = _scaled(phases["tp_comm"], analytic, simulated, extra,
-                                        cost.fixed.get("tp_comm", 0.0))
+            phases[Phase.TP_COMM] = _scaled(phases[Phase.TP_COMM], analytic, simulated, extra,
+                                        cost.fixed.get(Phase.TP_COMM, 0.0))
         factor, dropped = 1.0, 0.0
         E = spec.experts[i]
         if E:
@@ -337,15 +337,15 @@ def simulate(env: Env, cand: Candidate, skew: float = 0.0, seed: int = 0,
             for ph in EXCHANGE:
                 phases[ph] = _scaled(phases[ph], analytic, simulated,
                                      fixed=cost.fixed.get(ph, 0.0))
-            if c.es > 1 and "es_comm" in phases:
+            if c.es > 1 and Phase.ES_COMM in phases:
                 es_b = cost.comm_bytes.get("es_gather", 0.0)
                 es_g = L.es_groups(N, c.ep, c.es)
                 an = (coll.allgather_s(es_b, env.span(c.es, 1), env.cluster)
                       + coll.reduce_scatter_s(es_b, env.span(c.es, 1), env.cluster))
                 si = (sim.allgather_s(es_g, es_b * factor)
                       + sim.allgather_s(es_g, es_b * factor, "reduce_scatter"))
-                phases["es_comm"] = _scaled(phases["es_comm"], an, si,
-                                            fixed=cost.fixed.get("es_comm", 0.0))
+                phases[Phase.ES_COMM] = _scaled(phases[Phase.ES_COMM], an, si,
+                                            fixed=cost.fixed.get(Phase.ES_COMM, 0.0))
             for ph in EXPERT_WORK:
                 phases[ph] = phases.get(ph, 0.0) * factor
         out.layers.append(phases)

@@ -124,6 +124,8 @@ class Device(BaseModel):
                                "forward pass (scale, max, exp, sum), beyond its matrix products: "
                                "what makes many narrow heads cost more than few wide ones")
     framework: FrameworkOverhead | None = None
+    board_power_w: float | None = Field(None, gt=0, description=(
+        "the board's maximum power (TDP, datasheet): energy from it is an upper bound"))
     source: str = ""
 
     @property
@@ -205,6 +207,16 @@ class Fabric(BaseModel):
                 and self.oversubscription > 1)
 
 
+class Pricing(BaseModel):
+    """What one GPU-hour costs: a dated list price with its source (prices change: check it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    usd_per_gpu_hour: float = Field(gt=0, le=1e4)
+    as_of: str = Field(max_length=40, pattern=PRINTABLE)
+    source: str = ""
+
+
 SPREAD_TERMS = ("compute", "framework", "communication", "model")
 
 
@@ -238,6 +250,7 @@ class ClusterProfile(BaseModel):
     host: LinkTier
     nics_per_node: int = Field(gt=0, le=MAX_PER_NODE)
     fabric: Fabric = Field(default_factory=Fabric)
+    pricing: Pricing | None = None
     fitted: list[FittedCollective] = Field(default_factory=list)
     exchanges: list[ExchangeScale] = Field(default_factory=list)
     default_dtype: Dtype = "bf16"

@@ -62,9 +62,9 @@ def output_path(path: str | Path, flag: str = "--out") -> Path:
     return target
 
 
-def write_atomic(path: str | Path, text: str) -> None:
+def write_atomic(path: str | Path, text: str | bytes) -> None:
     """Write a unique temporary file beside the target, then rename it over the target (atomic
-    on POSIX file systems); never leave the temporary file behind."""
+    on POSIX file systems); never leave the temporary file behind. Text or bytes."""
     target = output_path(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -72,7 +72,7 @@ def write_atomic(path: str | Path, text: str) -> None:
         raise ConfigError(f"cannot write {path}: {e.strerror}") from None
     try:
         os.fchmod(fd, target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~_umask())
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

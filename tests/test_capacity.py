@@ -249,3 +249,30 @@ def test_the_page_renders_whole_in_a_browser_and_a_broken_one_is_caught(report, 
     (broken / "index.html").write_text(page.replace("base64,iVBOR", "base64,AAAA", 1))
     bad = subprocess.run(check + [str(broken)], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "figure not loaded" in bad.stdout, bad.stdout
+
+
+def test_runs_are_set_against_their_predictions(report, tmp_path):
+    from moeplan.spec.record import Comparison, Measured, RunRecord
+
+    doc, _ = report
+    record = RunRecord(plan_digest="sha256:x", mode="train", world=2, backend="gloo",
+                       device="cpu", measured_steps=2, warmup_steps=1,
+                       measured=Measured(step_time_s=0.5, tokens_per_s=1.0,
+                                         peak_memory_bytes=1.0, memory_kind="cpu",
+                                         head_phases_s={}),
+                       layers=[], comparison=[Comparison(scope="step", phase="step time",
+                                                         predicted=0.4, measured=0.5,
+                                                         rel_error=-0.2)])
+    run = tmp_path / "run.json"
+    run.write_text(record.model_dump_json())
+    got = A.measured_runs([run])
+    assert [(m.predicted_s, m.measured_s, m.error) for m in got] == [(0.4, 0.5, -0.2)]
+    out = tmp_path / "rep"
+    R.write_report(doc, R.prepare_folder(str(out)), runs=[run], jobs=1)
+    md = (out / "report.md").read_text()
+    assert "Predicted against measured" in md and "| run.json | train | 2 | 400.00 ms | " \
+        "500.00 ms | -20.0% |" in md and (out / "figures" / "runs.png").is_file()
+    empty = tmp_path / "empty.json"
+    empty.write_text(record.model_copy(update={"comparison": []}).model_dump_json())
+    with pytest.raises(Exception, match="no comparison"):
+        A.measured_runs([empty])

@@ -186,25 +186,39 @@ def sweep(out, as_json, **params) -> None:
 
 def print_sweep(doc, out: str, elapsed_s: float) -> None:
     """The rows as a table, then the sizing answers or the recommended points."""
-    from moeplan.cli.render import _bytes, _console, _seconds, _table
+    from rich.table import Table
+
+    from moeplan.cli.render import _bytes, _console, _seconds
     from moeplan.planner import sweep as S
     from moeplan.report.build import tokens
 
     con = _console()
-    table = _table(f"sweep: {len(doc.rows)} points", [
-        "model", "cluster", "GPUs", "mode", "step / token", "tokens/s", "per GPU", "memory/GPU",
-        "$/M tokens", "degrees"])
+    one_cluster = len(doc.clusters) == 1
+    header = ["model", "cluster", "GPUs", "mode", "step / token", "tokens/s", "per GPU",
+              "memory/GPU", "$/M tokens", "degrees"]
+    lines = []
     for r in doc.rows:
         if not r.feasible:
-            table.add_row(r.model, r.cluster, str(r.gpus), _mode(r), "-", "-", "-", "-", "-",
-                          "does not fit" if "does not fit" in r.limit else r.limit[:40])
-            continue
-        t = r.step_time_s if r.mode == "train" else r.latency_s
-        table.add_row(r.model, r.cluster, str(r.gpus), _mode(r), _seconds(t),
-                      f"{r.tokens_per_s:,.0f}", f"{r.tokens_per_s_per_gpu:,.0f}",
-                      _bytes(r.memory_per_gpu_bytes),
-                      "-" if r.usd_per_m_tokens is None else f"{r.usd_per_m_tokens:.4f}",
-                      r.degrees if len(r.degrees) <= 48 else r.degrees[:47] + "…")
+            cells = ["-"] * 5 + ["does not fit" if "does not fit" in r.limit else r.limit]
+        else:
+            t = r.step_time_s if r.mode == "train" else r.latency_s
+            cells = [_seconds(t), f"{r.tokens_per_s:,.0f}", f"{r.tokens_per_s_per_gpu:,.0f}",
+                     _bytes(r.memory_per_gpu_bytes),
+                     "-" if r.usd_per_m_tokens is None else f"{r.usd_per_m_tokens:.4f}",
+                     r.degrees]
+        lines.append([r.model, r.cluster, str(r.gpus), _mode(r), *cells])
+    keep = [i for i in range(len(header)) if not (one_cluster and header[i] == "cluster")]
+    title = f"sweep: {len(doc.rows)} points" + (f" on {doc.rows[0].cluster}" if one_cluster
+                                                 and doc.rows else "")
+    table = Table(title=title, title_justify="left")
+    widths = {i: min(50, max([len(header[i])] + [len(line[i]) for line in lines])) for i in keep}
+    for i in keep:
+        table.add_column(header[i], justify="left" if i in (0, 1, 3, 9) else "right",
+                         no_wrap=True, overflow="ellipsis", min_width=widths[i],
+                         max_width=widths[i])
+    for line in lines:
+        table.add_row(*(line[i] for i in keep))
+    con.width = max(con.width, sum(widths.values()) + 3 * len(keep) + 1)  # one line per point
     con.print(table)
     for a in doc.answers:
         con.print(f"{'answer' if a.met else 'no answer'} ({a.model}, {a.mode}): {a.text}")

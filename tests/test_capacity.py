@@ -276,3 +276,20 @@ def test_runs_are_set_against_their_predictions(report, tmp_path):
     empty.write_text(record.model_copy(update={"comparison": []}).model_dump_json())
     with pytest.raises(Exception, match="no comparison"):
         A.measured_runs([empty])
+
+
+def test_the_pareto_front_is_each_models_undominated_points(report):
+    doc, _ = report
+    front = A.pareto(doc.rows)
+    infer = [r for r in doc.rows if r.mode == "infer" and r.feasible]
+
+    def beats(a, b) -> bool:  # a at least as good on both and better on one
+        return (a.latency_s <= b.latency_s and a.tokens_per_s_per_gpu >= b.tokens_per_s_per_gpu
+                and (a.latency_s, a.tokens_per_s_per_gpu) != (b.latency_s,
+                                                               b.tokens_per_s_per_gpu))
+
+    for r in infer:
+        rivals = [o for o in infer if o.model == r.model]
+        on_front = any(f is r for f in front)
+        assert on_front == (not any(beats(o, r) for o in rivals)) or not on_front and any(
+            f.model == r.model and f.latency_s == r.latency_s for f in front)

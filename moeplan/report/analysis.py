@@ -39,15 +39,17 @@ def recommended(doc: SweepFile) -> list[SweepRow]:
 
 
 def pareto(rows: list[SweepRow]) -> list[SweepRow]:
-    """Inference points no other point beats on both latency and per-GPU throughput, by
-    increasing latency."""
-    pts = sorted((r for r in rows if r.feasible and r.mode == "infer"),
-                 key=lambda r: (r.latency_s, -r.tokens_per_s_per_gpu))
-    front, best = [], 0.0
-    for r in pts:
-        if r.tokens_per_s_per_gpu > best:
-            front.append(r)
-            best = r.tokens_per_s_per_gpu
+    """Per model, its inference points no other of its points beats on both latency and
+    per-GPU throughput, by increasing latency."""
+    front = []
+    for model in dict.fromkeys(r.model for r in rows):
+        pts = sorted((r for r in rows if r.feasible and r.mode == "infer" and r.model == model),
+                     key=lambda r: (r.latency_s, -r.tokens_per_s_per_gpu))
+        best = 0.0
+        for r in pts:
+            if r.tokens_per_s_per_gpu > best:
+                front.append(r)
+                best = r.tokens_per_s_per_gpu
     return front
 
 

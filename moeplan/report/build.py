@@ -238,8 +238,9 @@ def _front(page: Page, doc: SweepFile, front: list[SweepRow], write) -> None:
     if not front:
         return
     page.heading("Inference: latency against throughput")
-    page.figure("pareto", F.pareto(doc, front), "Every inference point; the line joins the "
-                "points no other beats on both latency and throughput per GPU.", write)
+    page.figure("pareto", F.pareto(doc, front), "Every inference point; each model's line joins "
+                "its points that none of its others beats on both latency and throughput per "
+                "GPU.", write)
     page.table(["model", "cluster", "GPUs", "sequences per GPU", "ms per token",
                 "tokens/s per GPU"],
                [[r.model, r.cluster, str(r.gpus), str(r.per_gpu_batch),

@@ -148,13 +148,14 @@ def pareto(doc: SweepFile, front: list[SweepRow]) -> bytes | None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for model in dict.fromkeys(r.model for r in pts):
         mine = [r for r in pts if r.model == model]
-        ax.scatter([r.latency_s * 1e3 for r in mine], [r.tokens_per_s_per_gpu for r in mine],
-                   label=model, s=18)
-    ax.plot([r.latency_s * 1e3 for r in front], [r.tokens_per_s_per_gpu for r in front], "k-",
-            lw=1, label="Pareto front")
+        dots = ax.scatter([r.latency_s * 1e3 for r in mine],
+                          [r.tokens_per_s_per_gpu for r in mine], label=model, s=18)
+        edge = [r for r in front if r.model == model]
+        ax.plot([r.latency_s * 1e3 for r in edge], [r.tokens_per_s_per_gpu for r in edge], "-",
+                lw=1, color=dots.get_facecolor()[0])
     ax.set_xlabel("ms per token")
     ax.set_ylabel("tokens/s per GPU")
-    ax.set_title("inference: latency against throughput per GPU")
+    ax.set_title("inference: latency against throughput per GPU (lines: each model's front)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     return _png(fig)

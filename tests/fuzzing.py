@@ -288,6 +288,12 @@ def targets(work: Path) -> dict:
     def search(argv):
         return outcome(moeplan_main, argv, work)
 
+    def data_file(content):
+        suffix = [".txt", ".npy", ".bin"][len(content) % 3] if isinstance(content, bytes) else ".txt"
+        path = _file(work, f"fuzz-data{suffix}", content)
+        return outcome(moerun_main, ["--plan", "plan.json", "--data", path, "--print-torchrun"],
+                       work)
+
     def sweep_file(text):
         path = _file(work, "fuzz-sweep.json", text)
         return outcome(moeplan_main, ["report", "--sweep", path, "--jobs", "1", "--out",
@@ -300,4 +306,6 @@ def targets(work: Path) -> dict:
             "run record": (doc(run), run_validate),
             "search options": (search_options(), search),
             "sweep options": (sweep_options(), search),
+            "data file": (st.one_of(raw_bytes(), st.binary(min_size=300, max_size=3000),
+                                    st.text(min_size=0, max_size=2000)), data_file),
             "sweep file": (doc(json.loads((work / "sweep.json").read_text())), sweep_file)}

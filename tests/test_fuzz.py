@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 TARGETS = ["model spec", "cluster profile", "plan (validate)", "plan (moerun)", "run record",
-           "search options", "sweep options", "sweep file"]
+           "search options", "sweep options", "sweep file", "data file"]
 
 
 class Work(tuple):
@@ -38,5 +38,6 @@ def test_hostile_input_is_rc_0_or_one_line_rc_2(work, target, data):
     # nothing written but the named outputs and the drawn files
     allowed = {"plan.json", "run.json", "plan.out.json", "p.json", "-", "fuzz-model.json",
                "fuzz-cluster.json", "fuzz-plan.json", "fuzz-run.json", "sweep.json",
-               "sweep.out.csv", "s.csv", "s.json", "fuzz-sweep.json", "report.out"}
+               "sweep.out.csv", "s.csv", "s.json", "fuzz-sweep.json", "report.out",
+               "fuzz-data.txt", "fuzz-data.npy", "fuzz-data.bin"}
     assert {p.name for p in d.iterdir()} <= allowed

@@ -8,6 +8,7 @@ Everything the user can get wrong is checked here, before any rank starts.
 from __future__ import annotations
 
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -42,10 +43,11 @@ def _finite(param, value: float) -> float:
 
 def _worker_args(plan_file: str, mode: str, steps: int, warmup: int, out: str, lr: float,
                  seed: int, save: str | None, load: str | None, timeout: float,
-                 fault: str | None) -> list[str]:
+                 fault: str | None, data: str | None, tokenizer: str | None) -> list[str]:
     args = ["--plan", plan_file, "--mode", mode, "--steps", str(steps), "--warmup", str(warmup),
             "--out", out, "--lr", str(lr), "--seed", str(seed), "--timeout", str(timeout)]
-    for flag, value in (("--save", save), ("--load", load), ("--fault", fault)):
+    for flag, value in (("--save", save), ("--load", load), ("--fault", fault),
+                        ("--data", data), ("--tokenizer", tokenizer)):
         if value:
             args += [flag, value]
     return args
@@ -67,7 +69,8 @@ def _worker_args(plan_file: str, mode: str, steps: int, warmup: int, out: str, l
               help="Ranks to start on this host [default: the plan's GPU count].")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True, max=1.0), default=3e-3,
               callback=lambda ctx, param, v: _finite(param, v),
-              show_default=True, help="AdamW learning rate (after a linear warm-up).")
+              show_default=True, help="Peak AdamW learning rate: linear warm-up over the first "
+                                      "tenth of the steps, cosine decay to a tenth of it.")
 @click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True,
               help="Weight initialisation and data order.")
 @click.option("--save", type=click.Path(file_okay=False), default=None,
@@ -82,9 +85,15 @@ def _worker_args(plan_file: str, mode: str, steps: int, warmup: int, out: str, l
 @click.option("--force", is_flag=True,
               help="Start the ranks even when this host looks too small for them (more ranks "
                    "than GPUs or 2 per core, or more predicted memory than is available).")
+@click.option("--data", default=None, metavar="PATH",
+              help="Training text (a UTF-8 file or a directory of them, byte-level), token ids "
+                   "(.npy, or Megatron .bin/.idx) [default: the Python standard library's "
+                   "sources].")
+@click.option("--tokenizer", default=None, metavar="tokenizer.json",
+              help="Encode --data's text with this `tokenizers` tokenizer instead of bytes.")
 @click.option("--fault", default=None, hidden=True, help="RANK:STEP: that rank exits (tests).")
 def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeout,
-        print_torchrun, force, fault) -> None:
+        print_torchrun, force, data, tokenizer, fault) -> None:
     """Execute PLAN with torch.distributed (gloo on CPU, NCCL on CUDA), measure every layer and
     phase, write OUT, and print measured against predicted."""
     plan, recosted = _load_plan(plan_path, mode)
@@ -96,9 +105,15 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
     if per_rank > MAX_RANK_SEQUENCES:
         raise ConfigError(f"the plan gives each rank {per_rank:,} sequences per step; moerun "
                           f"runs at most {MAX_RANK_SEQUENCES:,}")
-    if plan.model.vocab_size < BYTE_VOCAB:
-        raise ConfigError(f"moerun trains and decodes bytes ({BYTE_VOCAB} symbols); the plan's "
-                          f"model has vocab_size {plan.model.vocab_size}")
+    if plan.model.vocab_size < BYTE_VOCAB and data is None:
+        raise ConfigError(f"moerun's default corpus is bytes ({BYTE_VOCAB} symbols); the plan's "
+                          f"model has vocab_size {plan.model.vocab_size}: give token ids that "
+                          "fit it with --data")
+    if data is not None or tokenizer is not None:
+        from moeplan.runtime.data import open_corpus
+
+        corpus = open_corpus(data, tokenizer, plan.model.vocab_size, plan.workload.seq_len)
+        click.echo(f"moerun: data: {corpus.source}", err=True)  # checked before any rank starts
     if load:
         from moeplan.runtime.checkpoint import check_model, read_manifest, verify
 
@@ -134,7 +149,8 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
         Path(plan_file).write_text(plan.to_json())
         click.echo(f"moerun: the plan re-costed for --mode {mode} is {plan_file}", err=True)
     wargs = _worker_args(plan_file, mode, steps, warmup, out, lr, seed, save, load, timeout,
-                         fault)
+                         fault, data and os.path.abspath(data),
+                         tokenizer and os.path.abspath(tokenizer))
     if print_torchrun:
         G, nodes = plan.cluster.gpus_per_node, plan.cluster.nodes
         per_node = min(G, world)

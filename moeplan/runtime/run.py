@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from moeplan.runtime import checkpoint
-from moeplan.runtime.data import Batches, stdlib_corpus
+from moeplan.runtime.data import Batches, open_corpus
 from moeplan.runtime.groups import Groups, build_groups
 from moeplan.runtime.infer import generate
 from moeplan.runtime.kernels import select, use_kernels
@@ -33,6 +33,19 @@ from moeplan.runtime.timers import NULL_TIMER, PhaseTimer, instrument
 from moeplan.spec.phases import HEAD_PHASE, LayerPhase, Phase
 from moeplan.spec.plan import Plan, digest
 from moeplan.spec.record import LayerMeasure, Measured, RunRecord, compare
+
+WEIGHT_DECAY = 0.1  # the DeepSpeed-MoE training scripts' (Megatron-DeepSpeed examples MoE/)
+MIN_LR_FRACTION = 0.1  # cosine decay ends at a tenth of the peak learning rate
+
+
+def lr_factor(step: int, total: int) -> float:
+    """The learning rate of `step` over the peak: linear warm-up over the first tenth of the
+    steps, then cosine decay to MIN_LR_FRACTION at the last."""
+    warm = max(1, total // 10)
+    if step < warm:
+        return (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, total - 1 - warm))
+    return MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,8 @@ class RunConfig:
     load: str | None = None
     fault: tuple[int, int] | None = None  # (rank, step): that rank exits there (tests)
     timeout_s: float | None = None  # a collective's wait for a peer before the job fails
+    data: str | None = None  # token ids or text (`data.open_corpus`); None: the stdlib corpus
+    tokenizer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -167,14 +182,20 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> TrainR
     w = plan.workload
     cuda = next(model.parameters()).is_cuda
     dev = next(model.parameters()).device
-    data = Batches(stdlib_corpus(), w.seq_len, seed=cfg.seed)
+    data = Batches(open_corpus(cfg.data, cfg.tokenizer, plan.model.vocab_size, w.seq_len),
+                   w.seq_len, seed=cfg.seed)
     micro_steps = w.global_batch // (plan.parallel.dp * w.micro_batch)
     sync = GradSync(model, groups)
     full_numel = {n: p.numel() for n, p in GPT(plan.model).named_parameters()}
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    # the paper's Megatron-DeepSpeed recipe: Adam (0.9, 0.95), weight decay 0.1 on matrices (not
+    # on biases and norms), clipping at 1.0, linear warm-up then cosine decay to a tenth
+    matrices = [p for p in model.parameters() if p.dim() > 1]
+    vectors = [p for p in model.parameters() if p.dim() <= 1]
+    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": WEIGHT_DECAY},
+                             {"params": vectors, "weight_decay": 0.0}], lr=cfg.lr,
+                            betas=(0.9, 0.95))
     total_steps = cfg.warmup + cfg.steps
-    warm = max(1, total_steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps))
     timer = PhaseTimer(cuda)
     instrument(model, timer)
     drops = _Drops(model)
@@ -193,7 +214,8 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> TrainR
         t0 = time.perf_counter()
         total = 0.0
         for m in range(micro_steps):
-            batch = data.batch(step, m, groups.dp.rank_in_group, w.micro_batch).to(dev)
+            first = (groups.dp.rank_in_group * micro_steps + m) * w.micro_batch
+            batch = data.batch(step, first, w.micro_batch, w.global_batch).to(dev)
             timer.begin()
             with autocast:
                 loss, _ = model.loss(batch[:, :-1], batch[:, 1:])
@@ -238,7 +260,8 @@ def infer(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> InferR
     w = plan.workload
     cuda = next(model.parameters()).is_cuda
     dev = next(model.parameters()).device
-    data = Batches(stdlib_corpus(), w.seq_len, seed=cfg.seed)
+    data = Batches(open_corpus(cfg.data, cfg.tokenizer, plan.model.vocab_size, w.seq_len),
+                   w.seq_len, seed=cfg.seed)
     prompts = data.prompts(w.micro_batch, w.prompt_len, groups.dp.rank_in_group).to(dev)
     timer = PhaseTimer(cuda)
     instrument(model, timer)

@@ -38,6 +38,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--fault", help="RANK:STEP - that rank exits at that step (for tests)")
+    p.add_argument("--data")
+    p.add_argument("--tokenizer")
     return p.parse_args(argv)
 
 
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = Plan.model_validate_json(Path(a.plan).read_text())
         fault = tuple(int(x) for x in a.fault.split(":")) if a.fault else None
         cfg = RunConfig(mode=a.mode, steps=a.steps, warmup=a.warmup, lr=a.lr, seed=a.seed,
-                        save=a.save, load=a.load, fault=fault, timeout_s=a.timeout)
+                        save=a.save, load=a.load, fault=fault, timeout_s=a.timeout,
+                        data=a.data, tokenizer=a.tokenizer)
         if world > 1:
             dist.init_process_group("nccl" if cuda else "gloo",
                                     timeout=timedelta(seconds=a.timeout))

@@ -152,6 +152,7 @@ def world4(rank: int, world: int) -> dict:
         make_plan(4, 1, {1: choice(2), 5: choice(4, a2a="hierarchical")}), rank, world)
     results["generate tp=2"] = generation(make_plan(4, 2, {5: choice(4)}), rank, world)
     results["checkpoints"] = checkpoints(rank, world)
+    results["resume"] = resume(rank, world)
     results["profile exchanges"] = profile_exchanges(rank, world)
     return results
 
@@ -207,8 +208,9 @@ def checkpoints(rank: int, world: int) -> dict:
     }
     x = _batch(1, seed=3)[0, :, :-1]
     # move the weights away from the seeded initialisation, as training would
-    source = build_model(plans["A tp=1 ep=E"], build_groups(plans["A tp=1 ep=E"], rank, world),
-                         RunConfig(mode="train"))
+    source, _ = build_model(plans["A tp=1 ep=E"],
+                            build_groups(plans["A tp=1 ep=E"], rank, world),
+                            RunConfig(mode="train"))
     with torch.no_grad():
         for p in source.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -223,13 +225,48 @@ def checkpoints(rank: int, world: int) -> dict:
     out = {}
     for name, plan in plans.items():
         groups = build_groups(plan, rank, world)
-        model = build_model(plan, groups, RunConfig(mode="infer", load=f"{root}/ckpt"))
+        model, _ = build_model(plan, groups, RunConfig(mode="infer", load=f"{root}/ckpt"))
         model.eval()
         got, _ = model(x)
         out[name] = float((got - want).abs().max())
     source.eval()
     out["source"] = float((source(x)[0] - want).abs().max())
     return {"diff": out, "logits_scale": float(want.abs().max())}
+
+
+def resume(rank: int, world: int) -> dict:
+    """4 steps straight against 2 + save + load + 2, under the same plan (ep=2/4, dp=4) and with
+    the second half under another (tp=2, es=2): losses, and the weights and Adam moments the
+    checkpoint holds after the second half."""
+    from moeplan.runtime import checkpoint
+    from moeplan.runtime.run import RunConfig, execute
+
+    root = _shared_tmpdir(world)
+    a = make_plan(4, 1, {1: choice(2), 5: choice(4)})
+    b = make_plan(4, 2, {1: choice(2, es=2), 3: choice(2, es=2), 5: choice(2)})
+    quiet = dict(log=lambda *_: None)
+
+    def run(plan, steps, **kw):
+        cfg = RunConfig(mode="train", steps=steps, warmup=0, lr=3e-3, **kw)
+        record = execute(plan, cfg, rank, world, **quiet)
+        return record.losses if record else None
+
+    straight = run(a, 4, save=f"{root}/straight")
+    first = run(a, 2, schedule_steps=4, save=f"{root}/half")
+    second = run(a, 2, load=f"{root}/half", save=f"{root}/resumed")
+    other = run(b, 2, load=f"{root}/half", save=f"{root}/other")
+    out = {"straight": straight, "halves": None if first is None else first + second,
+           "other": None if first is None else first + other}
+    if rank == 0:
+        full = {name: checkpoint.load_full(f"{root}/{name}")[0]
+                for name in ("straight", "resumed", "other")}
+        out["bitwise"] = all(torch.equal(full["straight"][k], full["resumed"][k])
+                             for k in full["straight"])
+        out["moments"] = sum(k.startswith(checkpoint.OPTIMIZER) for k in full["straight"])
+        out["other_max_diff"] = {k: float((full["straight"][k] - full["other"][k]).abs().max())
+                                 for k in full["straight"]}
+        out["position"] = checkpoint.read_manifest(f"{root}/resumed")["position"]
+    return out
 
 
 def training(rank: int, world: int) -> dict:

@@ -141,3 +141,24 @@ def test_moerun_refuses_bad_data_before_any_rank_starts(tmp_path):
     assert "good.txt: 1,800 bytes of text" in r.stderr
     run = json.loads((tmp_path / "run.json").read_text())
     assert len(run["losses"]) == 2 and all(x is not None for x in run["losses"])
+
+
+def test_a_tokenizer_encodes_the_text(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    vocab = {"[UNK]": 0, "the": 1, "quick": 2, "fox": 3}
+    tok = tokenizers.Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "t.txt").write_text("the quick fox jumps " * 200)
+    c = open_corpus(str(tmp_path / "t.txt"), str(tmp_path / "tokenizer.json"), 8, SEQ)
+    assert c.tokens[:8].tolist() == [1, 2, 3, 0, 1, 2, 3, 0] and len(c.tokens) == 800
+    with pytest.raises(ConfigError, match="vocabulary"):  # ids past a 2-symbol vocabulary
+        open_corpus(str(tmp_path / "t.txt"), str(tmp_path / "tokenizer.json"), 2, SEQ)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ConfigError, match="not a tokenizer.json"):
+        open_corpus(str(tmp_path / "t.txt"), str(tmp_path / "bad.json"), 8, SEQ)
+    with pytest.raises(ConfigError, match="needs --data"):
+        open_corpus(None, str(tmp_path / "tokenizer.json"), 8, SEQ)

@@ -130,7 +130,7 @@ def _moe(plan: dict) -> dict:
     (lambda p: _moe(p).update(ep=0), "layers.1.ep: Input should be greater than 0"),
     (lambda p: _moe(p).update(ep=-1, edp=-2), "layers.1.ep: Input should be greater than 0"),
     (lambda p: p["workload"].update(seq_len=4096), "exceeds the model's max_seq_len"),
-    (lambda p: p["model"].update(vocab_size=2), "moerun trains and decodes bytes"),
+    (lambda p: p["model"].update(vocab_size=2), "default corpus is bytes"),
     # one data-parallel rank's worth of sequences for two ranks: zero micro-steps each
     (lambda p: p["workload"].update(global_batch=p["workload"]["micro_batch"]),
      "is not a multiple of dp 2"),
@@ -524,14 +524,17 @@ def test_a_diverged_loss_is_written_read_and_shown(work, capsys):
     assert "loss 2.0000 -> not finite" in out and "the loss diverged" in out
 
 
-def test_resuming_says_what_starts_again(work, monkeypatch, capsys):
-    """--load takes weights only (the manifest's step is not resumed): moerun says so."""
+def test_resuming_says_where_it_continues(work, monkeypatch, capsys):
+    """--load of a training checkpoint resumes it (1 warm-up + 3 steps were trained): moerun says
+    from which step, with which schedule and data order — and when --seed draws other data."""
     d, _ = work
     monkeypatch.chdir(d)
     code, _, err = invoke(moerun_cli, ["--plan", "plan.json", "--load", "ckpt",
                                        "--print-torchrun"], monkeypatch, capsys)
-    assert code == 0 and "--load takes the weights of step 3" in err
-    assert "start again from step 0" in err
+    assert code == 0 and "resuming at step 4: weights, optimizer state, the 4-step" in err
+    code, _, err = invoke(moerun_cli, ["--plan", "plan.json", "--load", "ckpt", "--seed", "5",
+                                       "--print-torchrun"], monkeypatch, capsys)
+    assert code == 0 and "--seed 5 draws other data" in err
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals to a rank: POSIX")

@@ -289,7 +289,7 @@ class InSitu:
             groups = build_groups(plan, b.rank, b.world)  # every rank, in the same order
             # warm-up beyond the first step: the first calls on fresh groups and buffers are slow
             cfg = RunConfig(mode=mode, steps=4 if quick else 8, warmup=2)
-            model = build_model(plan, groups, cfg).to(b.device)
+            model = build_model(plan, groups, cfg)[0].to(b.device)
             use_kernels(model, select(b.device))
             self.runs.append((mode, plan, groups, cfg, model))
 

@@ -43,11 +43,13 @@ def _finite(param, value: float) -> float:
 
 def _worker_args(plan_file: str, mode: str, steps: int, warmup: int, out: str, lr: float,
                  seed: int, save: str | None, load: str | None, timeout: float,
-                 fault: str | None, data: str | None, tokenizer: str | None) -> list[str]:
+                 fault: str | None, data: str | None, tokenizer: str | None,
+                 schedule_steps: int | None) -> list[str]:
     args = ["--plan", plan_file, "--mode", mode, "--steps", str(steps), "--warmup", str(warmup),
             "--out", out, "--lr", str(lr), "--seed", str(seed), "--timeout", str(timeout)]
     for flag, value in (("--save", save), ("--load", load), ("--fault", fault),
-                        ("--data", data), ("--tokenizer", tokenizer)):
+                        ("--data", data), ("--tokenizer", tokenizer),
+                        ("--schedule-steps", schedule_steps and str(schedule_steps))):
         if value:
             args += [flag, value]
     return args
@@ -85,6 +87,10 @@ def _worker_args(plan_file: str, mode: str, steps: int, warmup: int, out: str, l
 @click.option("--force", is_flag=True,
               help="Start the ranks even when this host looks too small for them (more ranks "
                    "than GPUs or 2 per core, or more predicted memory than is available).")
+@click.option("--schedule-steps", type=click.IntRange(min=1, max=2**40), default=None,
+              help="Length of the learning-rate schedule in steps [default: this run's last "
+                   "step; resuming: the checkpoint's]. Give the whole run's when you stop and "
+                   "resume, so that the halves equal one straight run.")
 @click.option("--data", default=None, metavar="PATH",
               help="Training text (a UTF-8 file or a directory of them, byte-level), token ids "
                    "(.npy, or Megatron .bin/.idx) [default: the Python standard library's "
@@ -93,7 +99,7 @@ def _worker_args(plan_file: str, mode: str, steps: int, warmup: int, out: str, l
               help="Encode --data's text with this `tokenizers` tokenizer instead of bytes.")
 @click.option("--fault", default=None, hidden=True, help="RANK:STEP: that rank exits (tests).")
 def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeout,
-        print_torchrun, force, data, tokenizer, fault) -> None:
+        print_torchrun, force, schedule_steps, data, tokenizer, fault) -> None:
     """Execute PLAN with torch.distributed (gloo on CPU, NCCL on CUDA), measure every layer and
     phase, write OUT, and print measured against predicted."""
     plan, recosted = _load_plan(plan_path, mode)
@@ -119,10 +125,19 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
 
         check_model(read_manifest(load), plan.model, load)
         manifest = verify(load)  # every shard checked here, before any rank starts
-        if mode == "train" and manifest.get("step"):
-            click.echo(f"moerun: note: --load takes the weights of step {manifest['step']}; the "
-                       "optimizer state, learning-rate schedule and data order start again "
-                       "from step 0", err=True)
+        from moeplan.runtime.checkpoint import position
+
+        pos = position(manifest)
+        if mode == "train" and pos is not None:
+            click.echo(f"moerun: resuming at step {pos.step}: weights, optimizer state, the "
+                       f"{pos.schedule_steps}-step learning-rate schedule and the data order "
+                       f"(seed {pos.seed})", err=True)
+            if seed != pos.seed:
+                click.echo(f"moerun: note: --seed {seed} draws other data than the checkpoint's "
+                           f"run (seed {pos.seed})", err=True)
+        elif mode == "train" and manifest.get("step"):
+            click.echo(f"moerun: note: the checkpoint holds weights only; optimizer state and "
+                       "learning-rate schedule start again from step 0", err=True)
     if save is not None:
         from moeplan.runtime.checkpoint import check_save_target
 
@@ -150,7 +165,7 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
         click.echo(f"moerun: the plan re-costed for --mode {mode} is {plan_file}", err=True)
     wargs = _worker_args(plan_file, mode, steps, warmup, out, lr, seed, save, load, timeout,
                          fault, data and os.path.abspath(data),
-                         tokenizer and os.path.abspath(tokenizer))
+                         tokenizer and os.path.abspath(tokenizer), schedule_steps)
     if print_torchrun:
         G, nodes = plan.cluster.gpus_per_node, plan.cluster.nodes
         per_node = min(G, world)

@@ -2,12 +2,16 @@
 
 Layout of a checkpoint directory:
   manifest.json   format, the checkpoint's id, step, model spec, full shape and dtype of every
-                  parameter, the writing plan, the sha256 of every shard
+                  parameter (and of its optimizer states), the writing plan, the sha256 of every
+                  shard; for a training run the optimizer's step count, the learning-rate
+                  schedule's length and the data seed: what resuming needs to continue exactly
   rank{r}.pt      {"id": the checkpoint's id, "pieces": {name: (slices, tensor)}} for the pieces
                   that rank r owns
 Every parameter is described by the `slices()` of the modules that hold it: a tensor-sliced weight
 is a range of rows or columns of the full one, expert weights are ranges of the expert dimension —
-so a piece is keyed by global expert id and position, never by the writer's ranks. Each distinct
+so a piece is keyed by global expert id and position, never by the writer's ranks. Adam's two
+moments of a parameter (`optimizer.exp_avg.<name>`, `optimizer.exp_avg_sq.<name>`) are pieces with
+the parameter's slices, so they reshard across plans exactly as the weights do. Each distinct
 piece is written once (by the lowest rank that holds it). Loading assembles the full tensors from
 all pieces and cuts what the reading plan needs, whatever its ep / es / tp / dp.
 
@@ -25,6 +29,7 @@ import os
 import shutil
 import uuid
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -34,10 +39,18 @@ from moeplan.runtime.model import GPT
 from moeplan.spec.errors import ConfigError, SpecError
 from moeplan.spec.files import read_document
 
-FORMAT = "moeplan-checkpoint-2"  # 2: id, checksums and dtypes in the manifest
+FORMAT = "moeplan-checkpoint-3"  # 3: optimizer states and the training position
+READABLE = (FORMAT, "moeplan-checkpoint-2")  # 2: weights only (id, checksums, dtypes)
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state per parameter, beside its step count
+OPTIMIZER = "optimizer."
 
 
-def _pieces(model: GPT) -> dict[str, tuple[tuple, torch.Tensor]]:
+def moment_name(moment: str, name: str) -> str:
+    return f"{OPTIMIZER}{moment}.{name}"
+
+
+def _pieces(model: GPT, optimizer: torch.optim.Optimizer | None = None
+            ) -> dict[str, tuple[tuple, torch.Tensor]]:
     slices = model.slices()
     out = {}
     for name, p in model.named_parameters():
@@ -45,7 +58,22 @@ def _pieces(model: GPT) -> dict[str, tuple[tuple, torch.Tensor]]:
         if name.endswith("experts.b2") and not model.get_submodule(name[:-3]).es_rank0:
             spec = spec + (("unused",),)  # only the first expert slice adds b2
         out[name] = (spec, p.detach().cpu().clone())
+        state = optimizer.state.get(p, {}) if optimizer is not None else {}
+        for moment in MOMENTS:
+            if moment in state:
+                out[moment_name(moment, name)] = (spec, state[moment].detach().cpu().clone())
     return out
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a training run stands: steps taken, the optimizer's step count, the learning-rate
+    schedule's length and the data seed (step s's batch comes from (seed, s))."""
+
+    step: int
+    optimizer_steps: int
+    schedule_steps: int
+    seed: int
 
 
 def _owned(mine: dict, rank: int, world: int) -> dict:
@@ -140,7 +168,8 @@ def _locked(final: Path, rank: int):
 
 
 def save(model: GPT, directory: str | Path, step: int, plan_digest: str, rank: int,
-         world: int) -> Path:
+         world: int, optimizer: torch.optim.Optimizer | None = None,
+         position: Position | None = None) -> Path:
     """Every rank writes its shard into `<dir>.tmp` (marked partial), rank 0 then writes the
     manifest — the checkpoint's id, each shard's checksum, every tensor's dtype and shape —
     last, and renames the directory into place; files and directories are fsynced first."""
@@ -156,25 +185,33 @@ def save(model: GPT, directory: str | Path, step: int, plan_digest: str, rank: i
         if world > 1:
             dist.broadcast_object_list(box, src=0)  # one id for the shards of one checkpoint
         shard = tmp / f"rank{rank}.pt"
-        torch.save({"id": box[0], "pieces": _owned(_pieces(model), rank, world)}, shard)
+        torch.save({"id": box[0], "pieces": _owned(_pieces(model, optimizer), rank, world)},
+                   shard)
         _fsync(shard)
         if world > 1:
             dist.barrier()
         if rank == 0:
-            _finish(model, final, tmp, box[0], step, plan_digest, world)
+            _finish(model, final, tmp, box[0], step, plan_digest, world,
+                    optimizer is not None, position)
         if world > 1:
             dist.barrier()
     return final
 
 
 def _finish(model: GPT, final: Path, tmp: Path, ckpt_id: str, step: int, plan_digest: str,
-            world: int) -> None:
-    full = dict(GPT(model.spec).named_parameters())
+            world: int, moments: bool, position: Position | None) -> None:
+    with torch.device("meta"):  # shapes only
+        full = dict(GPT(model.spec).named_parameters())
+    if moments:
+        full.update({moment_name(m, name): p for name, p in list(full.items())
+                     for m in MOMENTS})
     manifest = {"format": FORMAT, "id": ckpt_id, "step": step, "world": world,
                 "plan_digest": plan_digest, "model": model.spec.model_dump(mode="json"),
                 "shapes": {name: list(p.shape) for name, p in full.items()},
                 "dtypes": {name: str(p.dtype).removeprefix("torch.") for name, p in full.items()},
                 "sha256": {f"rank{r}.pt": _sha256(tmp / f"rank{r}.pt") for r in range(world)}}
+    if position is not None:
+        manifest["position"] = asdict(position)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     _fsync(tmp / "manifest.json")
     (tmp / PARTIAL).unlink()
@@ -227,6 +264,10 @@ def _check_manifest(m: dict, path: Path) -> None:
             raise bad(f"{name}: shape {shape!r} is not a list of sizes")
     if not isinstance(m["model"], dict):
         raise bad("its model is not a model spec")
+    pos = m.get("position")
+    if pos is not None and (not isinstance(pos, dict) or set(pos) != set(Position.__annotations__)
+                            or not all(type(v) is int and v >= 0 for v in pos.values())):
+        raise bad(f"position {pos!r} is not {sorted(Position.__annotations__)} as whole numbers")
 
 
 def read_manifest(directory: str | Path) -> dict:
@@ -234,7 +275,7 @@ def read_manifest(directory: str | Path) -> dict:
     if not os.path.lexists(path):
         raise ConfigError(f"no checkpoint at {directory} (missing {path.name})")
     manifest = read_document(path, "manifest")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in READABLE:
         raise ConfigError(f"{path} is not a {FORMAT} manifest")
     _check_manifest(manifest, path)
     return manifest
@@ -326,5 +367,27 @@ def check_model(manifest: dict, spec, directory: str | Path) -> None:
                               f"{have.get(key)!r} there, {want.get(key)!r} in the plan")
     with torch.device("meta"):  # shapes only, nothing allocated
         shapes = {name: list(p.shape) for name, p in GPT(spec).named_parameters()}
-    if manifest["shapes"] != shapes:
+    weights = {k: v for k, v in manifest["shapes"].items() if not k.startswith(OPTIMIZER)}
+    moments = {k: v for k, v in manifest["shapes"].items() if k.startswith(OPTIMIZER)}
+    if weights != shapes or moments and moments != {moment_name(m, name): shape for name, shape
+                                                    in shapes.items() for m in MOMENTS}:
         raise ConfigError(f"checkpoint {directory}: its tensors are not those of {spec.name}")
+
+
+def position(manifest: dict) -> Position | None:
+    """Where the checkpointed training run stood, when it holds optimizer states."""
+    pos = manifest.get("position")
+    if pos is None or not any(k.startswith(OPTIMIZER) for k in manifest["shapes"]):
+        return None
+    return Position(**pos)
+
+
+def split(full: dict[str, torch.Tensor]) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """(weights, {parameter name: its moments}) of a loaded full state."""
+    weights = {k: v for k, v in full.items() if not k.startswith(OPTIMIZER)}
+    moments: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in full.items():
+        if k.startswith(OPTIMIZER):
+            moment, name = k[len(OPTIMIZER):].split(".", 1)
+            moments.setdefault(name, {})[moment] = v
+    return weights, moments

@@ -28,7 +28,7 @@ from moeplan.runtime.groups import Groups, build_groups
 from moeplan.runtime.infer import generate
 from moeplan.runtime.kernels import select, use_kernels
 from moeplan.runtime.model import GPT, MoE
-from moeplan.runtime.parallel import GradSync, parallelize
+from moeplan.runtime.parallel import GradSync, cut, parallelize
 from moeplan.runtime.timers import NULL_TIMER, PhaseTimer, instrument
 from moeplan.spec.phases import HEAD_PHASE, LayerPhase, Phase
 from moeplan.spec.plan import Plan, digest
@@ -60,6 +60,7 @@ class RunConfig:
     load: str | None = None
     fault: tuple[int, int] | None = None  # (rank, step): that rank exits there (tests)
     timeout_s: float | None = None  # a collective's wait for a peer before the job fails
+    schedule_steps: int | None = None  # the LR schedule's length [default: this run's end]
     data: str | None = None  # token ids or text (`data.open_corpus`); None: the stdlib corpus
     tokenizer: str | None = None
 
@@ -95,16 +96,42 @@ class InferResult:
     sample: str
 
 
-def build_model(plan: Plan, groups: Groups, cfg: RunConfig) -> GPT:
-    """The sharded model: weights from a checkpoint, or the seeded single-device initialisation
-    (identical on every rank, so the sharded model equals the single-device one)."""
+@dataclass(frozen=True)
+class Resume:
+    """A checkpointed training run to continue: each parameter's full Adam moments, and where
+    the run stood."""
+
+    moments: dict[str, dict[str, torch.Tensor]]
+    position: checkpoint.Position
+
+
+def build_model(plan: Plan, groups: Groups, cfg: RunConfig) -> tuple[GPT, Resume | None]:
+    """The sharded model: weights from a checkpoint (and, when it holds them, the optimizer
+    states to resume with), or the seeded single-device initialisation (identical on every rank,
+    so the sharded model equals the single-device one)."""
+    resume = None
     if cfg.load:
-        checkpoint.check_model(checkpoint.read_manifest(cfg.load), plan.model, cfg.load)
+        manifest = checkpoint.read_manifest(cfg.load)
+        checkpoint.check_model(manifest, plan.model, cfg.load)
         full, _ = checkpoint.load_full(cfg.load)
+        full, moments = checkpoint.split(full)
+        pos = checkpoint.position(manifest)
+        if pos is not None:
+            resume = Resume(moments, pos)
     else:
         torch.manual_seed(cfg.seed)
         full = GPT(plan.model).state_dict()
-    return parallelize(full, plan, groups)
+    return parallelize(full, plan, groups), resume
+
+
+def _restore(opt: torch.optim.Optimizer, model: GPT, resume: Resume) -> None:
+    """This rank's shard of each parameter's Adam moments, cut as its weights are."""
+    slices = model.slices()
+    for name, p in model.named_parameters():
+        state = {m: cut(resume.moments[name][m], slices.get(name, ())).clone().to(p.device)
+                 for m in checkpoint.MOMENTS}
+        state["step"] = torch.tensor(float(resume.position.optimizer_steps))
+        opt.state[p] = state
 
 
 def _moe_layers(model: GPT) -> dict[int, MoE]:
@@ -178,7 +205,8 @@ def _gather(obj, world: int) -> list:
     return out
 
 
-def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> TrainResult:
+def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
+          resume: Resume | None = None) -> TrainResult:
     w = plan.workload
     cuda = next(model.parameters()).is_cuda
     dev = next(model.parameters()).device
@@ -195,7 +223,12 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> TrainR
                              {"params": vectors, "weight_decay": 0.0}], lr=cfg.lr,
                             betas=(0.9, 0.95))
     total_steps = cfg.warmup + cfg.steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps))
+    start = resume.position.step if resume else 0
+    schedule = cfg.schedule_steps or (resume.position.schedule_steps if resume
+                                      else start + total_steps)
+    if resume:
+        _restore(opt, model, resume)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(start + s, schedule))
     timer = PhaseTimer(cuda)
     instrument(model, timer)
     drops = _Drops(model)
@@ -203,12 +236,12 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> TrainR
     losses, step_s, sync_s, opt_s = [], [], [], []
     step_phases: list[dict[LayerPhase, float]] = []
     model.train()
-    for step in range(total_steps):
+    for step in range(start, start + total_steps):
         if cfg.fault and cfg.fault == (groups.rank, step):
             os._exit(17)
-        measured = step >= cfg.warmup
+        measured = step - start >= cfg.warmup
         timer.reset()
-        if step == cfg.warmup:
+        if step - start == cfg.warmup:
             drops.reset()
         _barrier(groups.world)
         t0 = time.perf_counter()
@@ -239,8 +272,17 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> TrainR
             step_s.append(t3 - t0)
             sync_s.append(t2 - t1)
             opt_s.append(t3 - t2)
-        log(f"step {step + 1}/{total_steps}  loss {total:.4f}  {t3 - t0:.3f} s"
+        log(f"step {step + 1}/{start + total_steps}  loss {total:.4f}  {t3 - t0:.3f} s"
             + ("" if measured else "  (warm-up)"))
+    if cfg.save:
+        first_param = next(model.parameters())
+        done = int(opt.state[first_param]["step"]) if opt.state.get(first_param) else 0
+        checkpoint.save(model, cfg.save, start + total_steps, digest(plan), groups.rank,
+                        groups.world, optimizer=opt,
+                        position=checkpoint.Position(step=start + total_steps,
+                                                     optimizer_steps=done,
+                                                     schedule_steps=schedule, seed=cfg.seed))
+        log(f"saved checkpoint {cfg.save} at step {start + total_steps}")
     n = cfg.steps
     instrument(model, NULL_TIMER)  # the evaluation pass is not a training step
     with torch.no_grad():
@@ -307,15 +349,18 @@ def execute(plan: Plan, cfg: RunConfig, rank: int, world: int, log=print) -> Run
     cuda = torch.cuda.is_available()
     groups = build_groups(plan, rank, world, None if cfg.timeout_s is None
                           else timedelta(seconds=cfg.timeout_s))
-    model = build_model(plan, groups, cfg)
+    model, resume = build_model(plan, groups, cfg)
     if cuda:
         model = model.cuda()
     use_kernels(model, select(next(model.parameters()).device))
     say = log if rank == 0 else (lambda *_: None)
-    result = (train if cfg.mode == "train" else infer)(plan, model, groups, cfg, say)
-    if cfg.save:
-        checkpoint.save(model, cfg.save, cfg.steps, digest(plan), rank, world)
-        say(f"saved checkpoint {cfg.save}")
+    if cfg.mode == "train":
+        result = train(plan, model, groups, cfg, say, resume)  # saves with its optimizer
+    else:
+        result = infer(plan, model, groups, cfg, say)
+        if cfg.save:
+            checkpoint.save(model, cfg.save, 0, digest(plan), rank, world)
+            say(f"saved checkpoint {cfg.save}")
     peak, kind = _peak_memory(cuda)
     everyone = _gather((result, peak), world)
     if rank != 0:

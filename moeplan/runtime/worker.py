@@ -40,6 +40,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fault", help="RANK:STEP - that rank exits at that step (for tests)")
     p.add_argument("--data")
     p.add_argument("--tokenizer")
+    p.add_argument("--schedule-steps", type=int)
     return p.parse_args(argv)
 
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         fault = tuple(int(x) for x in a.fault.split(":")) if a.fault else None
         cfg = RunConfig(mode=a.mode, steps=a.steps, warmup=a.warmup, lr=a.lr, seed=a.seed,
                         save=a.save, load=a.load, fault=fault, timeout_s=a.timeout,
-                        data=a.data, tokenizer=a.tokenizer)
+                        data=a.data, tokenizer=a.tokenizer, schedule_steps=a.schedule_steps)
         if world > 1:
             dist.init_process_group("nccl" if cuda else "gloo",
                                     timeout=timedelta(seconds=a.timeout))

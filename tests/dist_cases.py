@@ -276,7 +276,9 @@ def training(rank: int, world: int) -> dict:
     record = execute(plan, RunConfig(mode="train", steps=29, warmup=1, lr=3e-3), rank, world,
                      log=lambda *_: None)
     return {"losses": record.losses if record else None,
-            "comparison": len(record.comparison) if record else None}
+            "comparison": len(record.comparison) if record else None,
+            "routing": [l.model_dump() for l in record.layers if l.kind == "moe"]
+            if record else None, "warmup": record.warmup_steps if record else None}
 
 
 def _triton_parity(rank: int, world: int) -> dict:

@@ -128,6 +128,21 @@ def test_training_loss_goes_down(world2):
     assert world2[0]["training"]["comparison"] > 10  # the record carries its comparison
 
 
+def test_training_records_each_steps_routing(world2):
+    """Per MoE layer and step (warm-up included): load ratio, entropy and dropped share, summed
+    over ranks; the measured steps' dropped shares add up to the layer's dropped choices."""
+    t = world2[0]["training"]
+    assert t["routing"]
+    for layer in t["routing"]:
+        steps = len(t["losses"])
+        assert len(layer["dropped_share"]) == len(layer["load_max_over_mean"]) == steps
+        assert all(1.0 <= x <= 8 for x in layer["load_max_over_mean"])  # at most E / 1
+        assert all(0.0 <= x <= 1.0 for x in layer["load_entropy"] + layer["dropped_share"])
+        per_step = layer["routed"] / (steps - t["warmup"])  # the same choices every step
+        dropped = sum(layer["dropped_share"][t["warmup"]:]) * per_step
+        assert dropped == pytest.approx(layer["dropped"], abs=0.5)
+
+
 def test_parity_with_triton_kernels(world2):
     for rank in world2:
         result = rank["ep=E, triton kernels"]

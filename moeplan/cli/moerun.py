@@ -193,12 +193,13 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
     from moeplan.runtime.launch import launch
 
     launch(world, "moeplan.runtime.worker", wargs)
-    from moeplan.cli.render import print_band_check, print_comparison
+    from moeplan.cli.render import print_band_check, print_comparison, print_routing
     from moeplan.spec.record import RunRecord, band_check
 
     record = RunRecord.model_validate_json(Path(out).read_text())
     print_comparison(plan, record, out)
     print_band_check(band_check(plan, record))
+    print_routing(record)
 
 
 def main() -> None:

@@ -237,6 +237,28 @@ def print_band_check(check: dict | None) -> None:
                      f"{_seconds(check['p10_s'])} - {_seconds(check['p90_s'])}")
 
 
+HEALTHY_DROPPED = 0.10  # a router is healthy below 10% dropped at capacity factor 1 ...
+HEALTHY_LOAD = 2.0  # ... and no expert above twice the mean load
+
+
+def print_routing(record) -> None:
+    """Per MoE layer of a training run, its routers after warm-up: mean dropped share and the
+    busiest expert's load over the mean, and whether that is healthy."""
+    rows = [(l.index, l.dropped_share[record.warmup_steps:], l.load_max_over_mean[
+        record.warmup_steps:]) for l in record.layers if l.dropped_share]
+    rows = [(i, sum(d) / len(d), max(m)) for i, d, m in rows if d]
+    if not rows:
+        return
+    worst_drop = max(rows, key=lambda r: r[1])
+    worst_load = max(rows, key=lambda r: r[2])
+    healthy = worst_drop[1] < HEALTHY_DROPPED and worst_load[2] <= HEALTHY_LOAD
+    _console().print(
+        f"routers after warm-up: {'healthy' if healthy else 'not healthy'} — dropped up to "
+        f"{worst_drop[1]:.1%} per step (layer {worst_drop[0]}), busiest expert up to "
+        f"{worst_load[2]:.1f}x the mean (layer {worst_load[0]}); per step in run.json "
+        "(layers[].dropped_share, load_max_over_mean, load_entropy)")
+
+
 def print_error_summary(summary: dict) -> None:
     con = _console()
     for name, label in (("step", "step / token time"), ("phases", "phases (all layers)"),

@@ -37,6 +37,7 @@ class Routing:
     # 0-d int64 tensors on the logits' device, read by the caller after the timed region
     dropped: torch.Tensor  # choices dropped for capacity
     routed: torch.Tensor  # choices of real tokens (tokens × k)
+    valid_T: torch.Tensor | None = None  # real tokens (None: every row is one)
 
     @property
     def tokens(self) -> int:
@@ -103,7 +104,8 @@ def gate(logits_TE: torch.Tensor, top_k: int, cap: int, valid_T: torch.Tensor | 
     if top_k == 2:
         denom = weight_TK.sum(-1, keepdim=True).clamp(min=torch.finfo(weight_TK.dtype).eps)
         weight_TK = weight_TK / denom
-    return Routing(expert_TK, slot_TK, keep_TK, weight_TK, cap, aux, *counts(keep_TK, valid_T))
+    return Routing(expert_TK, slot_TK, keep_TK, weight_TK, cap, aux, *counts(keep_TK, valid_T),
+                   valid_T)
 
 
 def slot_positions(r: Routing) -> torch.Tensor:

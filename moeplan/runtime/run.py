@@ -77,6 +77,7 @@ class TrainResult:
     optimizer_s: float
     dropped: dict[int, int]
     routed: dict[int, int]
+    loads: list[dict[int, StepLoad]]  # every step's routing per MoE layer, warm-up included
     losses: list[float]
     eval_loss: float
     steps: int  # measured steps
@@ -161,6 +162,45 @@ class _Drops:
                 {i: int(v) for i, v in self.routed.items()})
 
 
+@dataclass(frozen=True)
+class StepLoad:
+    """One MoE layer's routing in one training step on this rank: choices per expert (before
+    dropping for capacity), and choices dropped."""
+
+    load: list[int]
+    dropped: int
+
+
+class _Loads:
+    """Per training step and MoE layer, this rank's choices per expert and dropped choices,
+    counted on the device (no sync) and read once the step is over."""
+
+    def __init__(self, model: GPT):
+        self.moe = _moe_layers(model)
+        self.steps: list[dict[int, StepLoad]] = []
+        self.begin()
+
+    def begin(self) -> None:
+        self.load = {i: None for i in self.moe}
+        self.dropped = {i: 0 for i in self.moe}
+
+    def add(self) -> None:
+        for i, m in self.moe.items():
+            r = m.last
+            choices = r.expert_TK
+            weight = torch.ones_like(choices) if r.valid_T is None else (
+                r.valid_T[:, None].expand_as(choices).long())
+            counts = torch.zeros(m.E, dtype=torch.long, device=choices.device).scatter_add_(
+                0, choices.reshape(-1), weight.reshape(-1))
+            self.load[i] = counts if self.load[i] is None else self.load[i] + counts
+            self.dropped[i] = self.dropped[i] + r.dropped
+
+    def end(self) -> None:
+        self.steps.append({i: StepLoad(self.load[i].tolist(), int(self.dropped[i]))
+                           for i in self.moe if self.load[i] is not None})
+        self.begin()
+
+
 def _median_phases(per_step: list[dict[LayerPhase, float]]) -> dict[LayerPhase, float]:
     """Per (layer, phase): the median over measured steps (or generations) — one slow step
     (a scheduler hiccup on an oversubscribed host) does not move it, as it would a mean."""
@@ -232,6 +272,7 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
     timer = PhaseTimer(cuda)
     instrument(model, timer)
     drops = _Drops(model)
+    loads = _Loads(model)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     losses, step_s, sync_s, opt_s = [], [], [], []
     step_phases: list[dict[LayerPhase, float]] = []
@@ -257,6 +298,7 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
             (loss / micro_steps).backward()
             timer.end_backward()
             drops.add()
+            loads.add()
             total += float(loss.detach()) / micro_steps
         t1 = timer.now()
         sync()
@@ -267,6 +309,7 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
         sched.step()
         t3 = timer.now()
         losses.append(total)
+        loads.end()  # read back after the step's timed region
         if measured:
             step_phases.append(timer.totals())
             step_s.append(t3 - t0)
@@ -294,7 +337,7 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
                        step_s=median(step_s) if step_s else float("nan"),
                        grad_sync_s=median(sync_s) if sync_s else 0.0,
                        optimizer_s=median(opt_s) if opt_s else 0.0,
-                       dropped=dropped, routed=routed,
+                       dropped=dropped, routed=routed, loads=loads.steps,
                        losses=losses, eval_loss=eval_loss, steps=n)
 
 
@@ -369,6 +412,23 @@ def execute(plan: Plan, cfg: RunConfig, rank: int, world: int, log=print) -> Run
                    "nccl" if cuda else "gloo", torch.cuda.get_device_name() if cuda else "cpu")
 
 
+def _routing(i: int, ranks: list[TrainResult]) -> dict[str, list[float]]:
+    """Layer i's routing per training step over every rank: the busiest expert's load over the
+    mean, the load's entropy over log E (1: uniform), and the share of choices dropped."""
+    out: dict[str, list[float]] = {"load_max_over_mean": [], "load_entropy": [],
+                                   "dropped_share": []}
+    for step in range(min(len(r.loads) for r in ranks)):
+        load = [sum(x) for x in zip(*(r.loads[step][i].load for r in ranks))]
+        total, E = sum(load), len(load)
+        dropped = sum(r.loads[step][i].dropped for r in ranks)
+        shares = [x / total for x in load if x] if total else []
+        out["load_max_over_mean"].append(max(load) * E / total if total else 0.0)
+        out["load_entropy"].append(max(0.0, -sum(q * math.log(q) for q in shares) / math.log(E))
+                                   if E > 1 and total else 1.0)
+        out["dropped_share"].append(dropped / total if total else 0.0)
+    return out
+
+
 def _record(plan: Plan, cfg: RunConfig, ranks: list[TrainResult] | list[InferResult],
             peak_bytes: float, memory_kind: str, backend: str, device: str) -> RunRecord:
     """The run record from every rank's result (`peak_bytes`: the largest rank's peak memory)."""
@@ -384,7 +444,8 @@ def _record(plan: Plan, cfg: RunConfig, ranks: list[TrainResult] | list[InferRes
             index=lp.index, kind=lp.kind, phases_s=dict(sorted(mean.items())),
             phases_max_s=dict(sorted(worst.items())),
             dropped=sum(r.dropped.get(i, 0) for r in ranks),
-            routed=sum(r.routed.get(i, 0) for r in ranks)))
+            routed=sum(r.routed.get(i, 0) for r in ranks),
+            **(_routing(i, ranks) if cfg.mode == "train" and lp.kind == "moe" else {})))
     head = sum(r.phases.get(HEAD_PHASE, 0.0) for r in ranks) / world
     w = plan.workload
     r0 = ranks[0]

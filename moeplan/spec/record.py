@@ -27,6 +27,10 @@ class LayerMeasure(BaseModel):
     phases_max_s: dict[str, float]
     dropped: int = 0  # choices dropped for capacity, summed over ranks and measured passes
     routed: int = 0  # choices routed (tokens × k), summed likewise
+    # training, per step (warm-up included), over all ranks: the router's health
+    load_max_over_mean: list[float] = []  # the busiest expert's choices over the mean
+    load_entropy: list[float] = []  # entropy of the choices over experts / log E (1: uniform)
+    dropped_share: list[float] = []  # choices dropped for capacity / choices
 
 
 class Measured(BaseModel):

@@ -242,7 +242,7 @@ def gate_infer(logits_TE: torch.Tensor, top_k: int, cap: int,
     if top_k == 2:
         weight = weight / weight.sum(-1, keepdim=True).clamp(min=torch.finfo(weight.dtype).eps)
     return Routing(expert, slot, keep_TK, weight, cap, weight.new_zeros(()),
-                   *gating.counts(keep_TK, valid_T))
+                   *gating.counts(keep_TK, valid_T), valid_T)
 
 
 def gate(logits_TE: torch.Tensor, top_k: int, cap: int, valid_T: torch.Tensor | None = None,
@@ -273,7 +273,7 @@ def gate(logits_TE: torch.Tensor, top_k: int, cap: int, valid_T: torch.Tensor | 
         denom = weight_TK.sum(-1, keepdim=True).clamp(min=torch.finfo(weight_TK.dtype).eps)
         weight_TK = weight_TK / denom
     return Routing(expert_TK, slot_TK, keep_TK, weight_TK, cap, aux,
-                   *gating.counts(keep_TK, valid_T))
+                   *gating.counts(keep_TK, valid_T), valid_T)
 
 
 def _aux_loss(probs_TE, counts_E, valid_T, reduce_stats) -> torch.Tensor:

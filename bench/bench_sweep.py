@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows = S.sweep(specs, clusters, points, S.Options(), a.jobs)
     wall = time.perf_counter() - t0
-    for pt in points[:: max(1, len(points) // 8)]:  # a sample of points, alone, for the per-point cost
+    for pt in points[:: max(1, len(points) // 8)]:  # a sample, each alone: the cost of a point
         t = time.perf_counter()
         S.cost_point(specs[pt.model], clusters[CLUSTER], pt, S.Options())
         timed.append((time.perf_counter() - t, pt))

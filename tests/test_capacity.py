@@ -40,14 +40,15 @@ def swept():
 
 
 def test_gpu_counts():
-    assert S.gpu_counts("8-512", 8) == [8, 16, 32, 64, 128, 256, 512]
-    assert S.gpu_counts("1-16", 8) == [1, 2, 4, 8, 16]  # below a node: divisors of it
-    assert S.gpu_counts("24,8,64", 8) == [8, 24, 64]
-    for bad in ("", "12", "0-8", "64-8", "8-x", "a,b", "9-15", "8,-8", "1" * 9):
+    eight = load_cluster(CLUSTER)  # 8 GPUs per node
+    assert S.gpu_counts("8-512", eight) == [8, 16, 32, 64, 128, 256, 512]
+    assert S.gpu_counts("1-16", eight) == [1, 2, 4, 8, 16]  # below a node: divisors of it
+    assert S.gpu_counts("24,8,64", eight) == [8, 24, 64]
+    for bad in ("", "12", "0-8", "64-8", "8-x", "a,b", "9-15", "8,-8", "1" * 9, "\u00b2"):
         with pytest.raises(ConfigError):
-            S.gpu_counts(bad, 8)
+            S.gpu_counts(bad, eight)
     with pytest.raises(ConfigError, match="nodes"):
-        S.gpu_counts("8-64", 8, max_nodes=4)
+        S.gpu_counts("8-64", eight.model_copy(update={"max_nodes": 4}))
 
 
 def test_each_row_is_the_single_search_and_priced_by_hand(swept):

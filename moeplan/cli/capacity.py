@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import click
 
+from moeplan.cli.options import finite, load_profile
 from moeplan.spec.errors import ConfigError
 from moeplan.spec.files import output_path, write_atomic
-
-
-def _finite(ctx, param, value):
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a finite number", ctx=ctx, param=param)
-    return value
 
 
 def _batches(ctx, param, value: str) -> list[int]:
@@ -64,17 +58,17 @@ def sweep_options(f):
         click.option("--simulate-top", type=click.IntRange(0, 1000), default=16,
                      show_default=True, help="As `moeplan search` (0: analytic only, faster)."),
         click.option("--price-per-gpu-hour", type=click.FloatRange(0, 1e4, min_open=True),
-                     default=None, callback=_finite, metavar="USD",
+                     default=None, callback=finite, metavar="USD",
                      help="Price instead of each cluster's dated list price."),
         click.option("--train-tokens", type=click.FloatRange(1, 1e16), default=300e9,
-                     show_default=True, callback=_finite,
+                     show_default=True, callback=finite,
                      help="Tokens of a training run (the paper's 300B)."),
         click.option("--days", type=click.FloatRange(0, 1e5, min_open=True), default=None,
-                     callback=_finite, help="Target: train --train-tokens within this many days."),
+                     callback=finite, help="Target: train --train-tokens within this many days."),
         click.option("--target-tokens-per-s", type=click.FloatRange(0, 1e15, min_open=True),
-                     default=None, callback=_finite, help="Target: tokens/s (trained or served)."),
+                     default=None, callback=finite, help="Target: tokens/s (trained or served)."),
         click.option("--slo-ms", type=click.FloatRange(0, 1e7, min_open=True), default=None,
-                     callback=_finite, help="Target: inference latency per token."),
+                     callback=finite, help="Target: inference latency per token."),
         click.option("--jobs", type=click.IntRange(1, 256), default=None,
                      help="Worker processes [default: one per CPU]."),
     ]
@@ -85,8 +79,7 @@ def sweep_options(f):
 
 def _inputs(models, clusters, profiles, gpus, mode, per_gpu_batch):
     from moeplan.planner import sweep as S
-    from moeplan.spec import ClusterProfile, load_cluster, load_model
-    from moeplan.spec.zoo import parse_file
+    from moeplan.spec import load_cluster, load_model
 
     specs = {}
     for name in models or ("1.3b-pr-moe",):
@@ -97,10 +90,7 @@ def _inputs(models, clusters, profiles, gpus, mode, per_gpu_batch):
         c = load_cluster(name)
         profs[c.name] = c
     for path in profiles:
-        p = Path(path)
-        if not p.exists() and not p.is_symlink():
-            raise ConfigError(f"--profile {path}: no such file")
-        c = parse_file(p, ClusterProfile)
+        c = load_profile(path)
         if c.name in profs:
             raise ConfigError(f"two clusters are named {c.name}: give each profile its own name")
         profs[c.name] = c

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import click
 from moeplan import __version__
 from moeplan.cli import capacity
 from moeplan.cli.errors import run
+from moeplan.cli.options import finite, load_profile
 from moeplan.spec.errors import CheckFailed, ConfigError
 from moeplan.spec.files import output_path, write_atomic
 
@@ -23,23 +23,13 @@ def cli() -> None:
     """Plan DeepSpeed-MoE style parallelism per layer, predict its cost, and check it."""
 
 
-def _finite(param, value: float | None) -> float | None:
-    """NaN passes click's ranges (every comparison with it is false): refuse it here."""
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a finite number", param=param)
-    return value
-
-
 def _load_cluster(cluster: str | None, profile: str | None):
-    from moeplan.spec import ClusterProfile, load_cluster
-    from moeplan.spec.zoo import parse_file
+    from moeplan.spec import load_cluster
 
     if cluster and profile:
         raise ConfigError("give --cluster or --profile, not both")
     if profile:
-        if not os.path.lexists(profile):  # a link loop exists, though nothing it names does
-            raise ConfigError(f"--profile {profile}: no such file")
-        return parse_file(Path(profile), ClusterProfile)
+        return load_profile(profile)
     return load_cluster(cluster or "ndv4-a100-40gb")
 
 
@@ -65,7 +55,7 @@ def _load_cluster(cluster: str | None, profile: str | None):
 @click.option("--objective", type=click.Choice(["throughput", "latency"]), default=None,
               help="train: throughput; infer: latency (default) or throughput (under --slo-ms).")
 @click.option("--slo-ms", type=click.FloatRange(min=0, min_open=True), default=None,
-              callback=lambda ctx, param, v: _finite(param, v),
+              callback=finite,
               help="Infer throughput: the per-token latency limit in ms.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
               help="[default: the cluster's]")
@@ -76,7 +66,7 @@ def _load_cluster(cluster: str | None, profile: str | None):
 @click.option("--simulate-top", type=click.IntRange(min=0), default=16, show_default=True,
               help="Re-rank this many analytically best plans with the flow simulator (0: off).")
 @click.option("--routing-skew", type=click.FloatRange(min=0, max=100), default=0.0,
-              show_default=True, callback=lambda ctx, param, v: _finite(param, v),
+              show_default=True, callback=finite,
               help="Expert-load skew the simulator samples (0: uniform routing).")
 @click.option("--fix", "fixes", multiple=True, metavar="KEY=VALUE",
               help="Fix a degree instead of searching it (repeatable): tp, ep, es, edp, "

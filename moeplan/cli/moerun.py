@@ -7,7 +7,6 @@ Everything the user can get wrong is checked here, before any rank starts.
 
 from __future__ import annotations
 
-import math
 import os
 import shlex
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 import click
 
 from moeplan.cli.errors import run
+from moeplan.cli.options import finite
 from moeplan.spec.errors import ConfigError
 
 BYTE_VOCAB = 256  # runtime/data.py: the corpus is bytes
@@ -32,13 +32,6 @@ def _load_plan(path: str, mode: str | None):
     if mode is not None and mode != plan.workload.mode:
         return recost(plan, mode), True
     return plan, False
-
-
-def _finite(param, value: float) -> float:
-    """NaN passes click's ranges (every comparison with it is false): refuse it here."""
-    if not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a finite number", param=param)
-    return value
 
 
 def _worker_args(plan_file: str, mode: str, steps: int, warmup: int, out: str, lr: float,
@@ -70,7 +63,7 @@ def _worker_args(plan_file: str, mode: str, steps: int, warmup: int, out: str, l
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
               help="Ranks to start on this host [default: the plan's GPU count].")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True, max=1.0), default=3e-3,
-              callback=lambda ctx, param, v: _finite(param, v),
+              callback=finite,
               show_default=True, help="Peak AdamW learning rate: linear warm-up over the first "
                                       "tenth of the steps, cosine decay to a tenth of it.")
 @click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True,
@@ -80,7 +73,7 @@ def _worker_args(plan_file: str, mode: str, steps: int, warmup: int, out: str, l
 @click.option("--load", type=click.Path(file_okay=False), default=None,
               help="Start from a checkpoint written under any plan of the same model.")
 @click.option("--timeout", type=click.FloatRange(min=1, max=86400), default=120.0,
-              show_default=True, callback=lambda ctx, param, v: _finite(param, v),
+              show_default=True, callback=finite,
               help="Seconds a collective may wait for a peer before the job fails.")
 @click.option("--print-torchrun", is_flag=True,
               help="Print the equivalent multi-node torchrun command and exit.")

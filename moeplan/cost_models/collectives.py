@@ -6,13 +6,14 @@ A group is `size` ranks with a fixed `stride` in a world whose ranks fill nodes 
 Bandwidths: intra-node is the per-GPU NVLink port; inter-node is the node's NIC bandwidth divided by
 its G GPUs, because every GPU of a node runs the same collective of the same layer at the same time,
 so they share the NICs. Behind an oversubscribed leaf/spine fabric (`Fabric`) the inter-node
-transfer of a group spanning leaves is longer by `spine_factor`. Where `moeplan profile` fitted a collective on a tier, the fit replaces the
-link constants (its bandwidth is already effective, so no efficiency is applied). Where it also
-timed both all-to-all algorithms over a group spanning nodes, `exchange_scale` corrects the
-latency and the transfer parts of that algorithm's model by the fitted factors (whether peers'
-messages overlap, what the hierarchical exchange's second call and regrouping really cost). Where
-exchanges timed after the links idled came out shorter (a rate limiter's token bucket, which
-the step's compute refills), an exchange after idle time is that much shorter (`after_idle`).
+transfer of a group spanning leaves is longer by `spine_factor`. Where `moeplan profile` fitted a
+collective on a tier, the fit replaces the link constants (its bandwidth is already effective, so no
+efficiency is applied). Where it also timed both all-to-all algorithms over a group spanning nodes,
+`exchange_scale` corrects the latency and the transfer parts of that algorithm's model by the fitted
+factors (whether peers' messages overlap, what the hierarchical exchange's second call and
+regrouping really cost). Where exchanges timed after the links idled came out shorter (a rate
+limiter's token bucket, which the step's compute refills), an exchange after idle time is that much
+shorter (`after_idle`).
 
 All functions return seconds; `nbytes` is per rank and named for what it measures.
 """

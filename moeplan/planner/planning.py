@@ -74,17 +74,22 @@ def infer_lengths(spec: ModelSpec, r: Request) -> tuple[int, int]:
     return prompt, spec.max_seq_len - prompt
 
 
-def _check(spec: ModelSpec, cluster: ClusterProfile, r: Request) -> None:
+def check_gpus(gpus: int, cluster: ClusterProfile) -> None:
+    """A GPU count the cluster can give: whole nodes, or a divisor of one, within its nodes."""
     G = cluster.gpus_per_node
-    if r.gpus <= 0:
-        raise ConfigError(f"--gpus must be a positive number of GPUs, got {r.gpus}")
-    if r.gpus > G and r.gpus % G:
-        raise ConfigError(f"--gpus {r.gpus} is not a whole number of {G}-GPU nodes of {cluster.name}")
-    if r.gpus < G and G % r.gpus:
-        raise ConfigError(f"--gpus {r.gpus} must divide the {G} GPUs of a {cluster.name} node")
-    nodes = -(-r.gpus // G)
+    if gpus <= 0:
+        raise ConfigError(f"--gpus must be a positive number of GPUs, got {gpus}")
+    if gpus > G and gpus % G:
+        raise ConfigError(f"--gpus {gpus} is not a whole number of {G}-GPU nodes of {cluster.name}")
+    if gpus < G and G % gpus:
+        raise ConfigError(f"--gpus {gpus} must divide the {G} GPUs of a {cluster.name} node")
+    nodes = -(-gpus // G)
     if cluster.max_nodes is not None and nodes > cluster.max_nodes:
-        raise ConfigError(f"--gpus {r.gpus} needs {nodes} nodes; {cluster.name} has {cluster.max_nodes}")
+        raise ConfigError(f"--gpus {gpus} needs {nodes} nodes; {cluster.name} has {cluster.max_nodes}")
+
+
+def _check(spec: ModelSpec, cluster: ClusterProfile, r: Request) -> None:
+    check_gpus(r.gpus, cluster)
     if r.mode == "train":
         if r.objective == "latency":
             raise ConfigError("--objective latency applies to --mode infer; training maximises throughput")

@@ -66,6 +66,8 @@ class Links:
         self.leaf = {n: next(m for m in graph[n] if self.kind[m] in ("leaf", "fabric"))
                      for n, k in self.kind.items() if k == "nic"}
         self.switch = {n: f"node{self.node[n]}/switch" for n in self.node}
+        self.network = graph.subgraph(n for n, k in self.kind.items()
+                                      if k in ("leaf", "spine", "fabric"))  # switches only
         self.routes: dict[tuple[str, str], tuple[int, ...]] = {}
         self.paths: dict[tuple[int, int], tuple[int, ...]] = {}
 
@@ -76,9 +78,7 @@ class Links:
         """Leaf to leaf through the switches (never back down through a node)."""
         if (a, b) not in self.routes:
             import networkx as nx  # already loaded by topology_graph; kept off search's start-up
-            net = self.graph.subgraph(n for n, k in self.kind.items()
-                                      if k in ("leaf", "spine", "fabric"))
-            self.routes[(a, b)] = self._hops(nx.shortest_path(net, a, b))
+            self.routes[(a, b)] = self._hops(nx.shortest_path(self.network, a, b))
         return self.routes[(a, b)]
 
     def path(self, a: int, b: int) -> tuple[int, ...]:

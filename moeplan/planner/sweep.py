@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 
 from pydantic import TypeAdapter, ValidationError
 
-from moeplan.planner.planning import Request, plan
+from moeplan.planner.planning import Request, check_gpus, plan
 from moeplan.planner.space import NO_FIX, Fix
 from moeplan.spec.cluster import ClusterProfile
 from moeplan.spec.errors import ConfigError, MoeplanError, SpecError, one_line
@@ -31,46 +31,37 @@ from moeplan.spec.plan import Plan
 from moeplan.spec.sweep import COLUMNS, SweepAnswer, SweepFile
 from moeplan.spec.sweep import SweepRow as Row
 
-PAPER_TRAIN_TOKENS = 300e9  # DeepSpeed-MoE trained its models on 300B tokens (Rajbhandari et al. §4.1)
+PAPER_TRAIN_TOKENS = 300e9  # DeepSpeed-MoE's models saw 300B tokens (Rajbhandari et al. §4.1)
 MAX_POINTS = 10_000
 MODES = ("train", "infer")
 
 
-def gpu_counts(text: str, gpus_per_node: int, max_nodes: int | None = None) -> list[int]:
-    """`A-B`: whole nodes, powers of two from A to B (below a node: the powers of two that divide
-    it); `A,B,C`: exactly those counts (each must be a whole number of nodes or divide one)."""
+def gpu_counts(text: str, cluster: ClusterProfile) -> list[int]:
+    """`A-B`: powers of two from A to B that the cluster can give (whole nodes; below a node
+    the powers of two that divide it); `A,B,C`: exactly those counts, each one it can give."""
     text = text.strip()
     if not text:
         raise ConfigError("--gpus: empty")
+    G = cluster.gpus_per_node
     if "-" in text and "," not in text:
         lo_s, _, hi_s = text.partition("-")
         lo, hi = _count(lo_s), _count(hi_s)
         if lo > hi:
             raise ConfigError(f"--gpus {text}: the range runs backwards")
-        counts, n = [], 1
-        while n <= hi:
-            if n >= lo and (n % gpus_per_node == 0 or gpus_per_node % n == 0):
-                counts.append(n)
-            n *= 2
+        counts = [1 << k for k in range(hi.bit_length())
+                  if lo <= 1 << k <= hi and ((1 << k) % G == 0 or G % (1 << k) == 0)]
         if not counts:
-            raise ConfigError(f"--gpus {text}: no power of two in the range fits {gpus_per_node}-GPU "
-                              "nodes")
+            raise ConfigError(f"--gpus {text}: no power of two in the range fits {G}-GPU nodes")
     else:
         counts = sorted({_count(part) for part in text.split(",")})
-        for n in counts:
-            if n > gpus_per_node and n % gpus_per_node or n < gpus_per_node and gpus_per_node % n:
-                raise ConfigError(f"--gpus {n} is not a whole number of {gpus_per_node}-GPU nodes")
-    if max_nodes is not None:
-        too_many = [n for n in counts if ceil(n / gpus_per_node) > max_nodes]
-        if too_many:
-            raise ConfigError(f"--gpus {too_many[0]} needs more than the cluster's {max_nodes} "
-                              "nodes")
+    for n in counts:
+        check_gpus(n, cluster)
     return counts
 
 
 def _count(text: str) -> int:
     text = text.strip()
-    if not text.isdigit() or len(text) > 7 or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or len(text) > 7 or int(text) < 1:
         raise ConfigError(f"--gpus: {text!r} is not a GPU count (1 to 9999999)")
     return int(text)
 
@@ -159,10 +150,11 @@ def cost_point(spec: ModelSpec, cluster: ClusterProfile, point: Point, options: 
     row.plan = p
     price = price_of(cluster, options)
     power = cluster.device.board_power_w
+    row.gpu_hours_per_m_tokens = point.gpus * 1e6 / (pr.tokens_per_s * 3600)
     if price is not None:
         row.usd_per_gpu_hour = price
         row.usd_per_hour = price * point.gpus
-        row.usd_per_m_tokens = row.usd_per_hour / (pr.tokens_per_s * 3600) * 1e6
+        row.usd_per_m_tokens = row.gpu_hours_per_m_tokens * price
     if point.mode == "train":
         hours = options.train_tokens / pr.tokens_per_s / 3600
         row.run_tokens = options.train_tokens
@@ -193,7 +185,7 @@ def points_for(specs: Iterable[str], clusters: dict[str, ClusterProfile], gpus: 
                modes: Iterable[str], per_gpu_batches: Iterable[int]) -> list[Point]:
     out = []
     for name, cluster in clusters.items():
-        counts = gpu_counts(gpus, cluster.gpus_per_node, cluster.max_nodes)
+        counts = gpu_counts(gpus, cluster)
         for model in specs:
             for mode in modes:
                 for n in counts:

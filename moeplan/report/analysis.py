@@ -55,12 +55,8 @@ def pareto(rows: list[SweepRow]) -> list[SweepRow]:
 
 @dataclass
 class Variant:
-    model: str
-    mode: str
     row: SweepRow
-    usd_per_m_tokens: float | None
-    gpu_hours_per_m_tokens: float
-    vs_baseline: float | None  # cost per token over the baseline's (same cluster and mode)
+    vs_baseline: float | None  # GPU-hours per token over the baseline's (same cluster and mode)
 
 
 def variants(doc: SweepFile, rows: list[SweepRow], baseline: str | None) -> list[Variant]:
@@ -71,12 +67,9 @@ def variants(doc: SweepFile, rows: list[SweepRow], baseline: str | None) -> list
     base = {(r.mode, r.cluster): r for r in rows if r.model == baseline}
     out = []
     for r in rows:
-        per_m = 1e6 / r.tokens_per_s / 3600 * r.gpus  # GPU-hours per million tokens
         b = base.get((r.mode, r.cluster))
-        ratio = None
-        if b is not None:
-            ratio = per_m / (1e6 / b.tokens_per_s / 3600 * b.gpus)
-        out.append(Variant(r.model, r.mode, r, r.usd_per_m_tokens, per_m, ratio))
+        out.append(Variant(r, None if b is None else
+                           r.gpu_hours_per_m_tokens / b.gpu_hours_per_m_tokens))
     return out
 
 
@@ -84,26 +77,19 @@ def variants(doc: SweepFile, rows: list[SweepRow], baseline: str | None) -> list
 def perturbed(cluster: ClusterProfile, knob: str, factor: float) -> ClusterProfile:
     """The profile with one group of constants scaled by `factor`."""
     d = cluster.model_dump()
-    if knob == "link bandwidth":
-        for tier in ("intra", "inter", "host"):
-            d[tier]["bandwidth_Bps"] *= factor
-        for f in d["fitted"]:
-            f["bandwidth_Bps"] *= factor
+    links = {"link bandwidth": "bandwidth_Bps", "per-message latency": "latency_s"}
+    if knob in links:  # every tier's link and every fitted collective
+        for link in [d["intra"], d["inter"], d["host"], *d["fitted"]]:
+            link[links[knob]] *= factor
     elif knob == "GEMM efficiency":
         curve = d["device"]["gemm_efficiency"]
         curve["max_efficiency"] = min(1.0, curve["max_efficiency"] * factor)
-    elif knob == "per-message latency":
-        for tier in ("intra", "inter", "host"):
-            d[tier]["latency_s"] *= factor
-        for f in d["fitted"]:
-            f["latency_s"] *= factor
     elif knob == "memory bandwidth":
         d["device"]["hbm_Bps"] *= factor
     elif knob == "per-operation overhead":
         d["device"]["op_overhead_s"] *= factor
     else:
         raise ValueError(knob)
-    d["name"] = f"{cluster.name}~{knob.replace(' ', '-')}x{factor:g}"
     return ClusterProfile.model_validate(d)
 
 
@@ -128,9 +114,9 @@ def sensitivity(doc: SweepFile, rows: list[SweepRow], jobs: int | None = None
     for r in rows:
         for knob in KNOBS:
             for factor in (1 - SENSITIVITY, 1 + SENSITIVITY):
-                c = perturbed(doc.clusters[r.cluster], knob, factor)
-                clusters[c.name] = c
-                points.append(S.Point(r.model, c.name, r.gpus, r.mode, r.per_gpu_batch))
+                name = f"perturbed-{len(clusters)}"  # a cluster's name may be 200 characters
+                clusters[name] = perturbed(doc.clusters[r.cluster], knob, factor)
+                points.append(S.Point(r.model, name, r.gpus, r.mode, r.per_gpu_batch))
                 meta.append((r, knob, factor))
     if not points:
         return []

@@ -227,7 +227,8 @@ def _recommendations(page: Page, doc: SweepFile, chosen: list[SweepRow], options
                      _f(r.usd_per_m_tokens, ".4f"), run, r.degrees,
                      _plan_name(r) if r.plan is not None else "-"])
     page.table(["model", "mode", "cluster", "GPUs", "time", "tokens/s", "per GPU",
-                "GiB/GPU", "$ per M tokens", f"training run ({tokens(options.train_tokens)} tokens)",
+                "GiB/GPU", "$ per M tokens",
+                f"training run ({tokens(options.train_tokens)} tokens)",
                 "degrees", "plan"], rows)
     if any(r.run_energy_kwh_max for r in chosen):
         page.para("Energy is GPU-hours times the boards' maximum power: an upper bound that "
@@ -248,7 +249,7 @@ def _front(page: Page, doc: SweepFile, front: list[SweepRow], write) -> None:
 
 
 def _variants(page: Page, items, baseline: str | None, write) -> None:
-    if len({v.model for v in items}) < 2:
+    if len({v.row.model for v in items}) < 2:
         return
     page.heading("Model variants")
     page.para("GPU-hours per million tokens at each model's recommended point"
@@ -258,8 +259,8 @@ def _variants(page: Page, items, baseline: str | None, write) -> None:
     page.figure("variants", F.variants(items, baseline), "Cost per token of each model.", write)
     page.table(["model", "mode", "GPUs", "GPU-hours per M tokens", "$ per M tokens",
                 "vs baseline"],
-               [[v.model, v.mode, str(v.row.gpus), f"{v.gpu_hours_per_m_tokens:.3f}",
-                 _f(v.usd_per_m_tokens, ".4f"),
+               [[v.row.model, v.row.mode, str(v.row.gpus),
+                 f"{v.row.gpu_hours_per_m_tokens:.3f}", _f(v.row.usd_per_m_tokens, ".4f"),
                  "-" if v.vs_baseline is None else f"{v.vs_baseline:.2f}x"] for v in items])
 
 

@@ -45,7 +45,8 @@ def _gpu_axis(ax) -> None:
 
 
 def scaling(doc: SweepFile) -> bytes | None:
-    """Per-token latency and per-GPU throughput against GPUs, per model (DeepSpeed-MoE Fig. 10/11)."""
+    """Per-token latency and per-GPU throughput against GPUs, per model (DeepSpeed-MoE Figures
+    10 and 11)."""
     infer, train = list(_series(doc, "infer")), list(_series(doc, "train"))
     if not infer and not train:
         return None
@@ -73,15 +74,15 @@ def scaling(doc: SweepFile) -> bytes | None:
 
 def cost(doc: SweepFile) -> bytes | None:
     """Dollars (or GPU-hours, where no price is known) per million tokens against GPUs."""
-    series = [(f"{label} {mode}", rows, style) for mode, style in (("train", "o-"), ("infer", "s--"))
+    series = [(f"{label} {mode}", rows, style)
+              for mode, style in (("train", "o-"), ("infer", "s--"))
               for label, rows in _series(doc, mode)]
     if not series:
         return None
     priced = all(r.usd_per_m_tokens is not None for _, rows, _ in series for r in rows)
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, rows, style in series:
-        y = [r.usd_per_m_tokens if priced else r.gpus / r.tokens_per_s / 3600 * 1e6
-             for r in rows]
+        y = [r.usd_per_m_tokens if priced else r.gpu_hours_per_m_tokens for r in rows]
         ax.plot([r.gpus for r in rows], y, style, label=label)
     ax.set_ylabel("$ per million tokens" if priced else "GPU-hours per million tokens")
     ax.set_yscale("log")
@@ -165,17 +166,17 @@ def variants(items: list[Variant], baseline: str | None) -> bytes | None:
     """GPU-hours per million tokens of each model's recommended point, by mode."""
     if not items:
         return None
-    modes = [m for m in ("train", "infer") if any(v.mode == m for v in items)]
+    modes = [m for m in ("train", "infer") if any(v.row.mode == m for v in items)]
     fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 3.8), squeeze=False)
     for ax, mode in zip(axes[0], modes):
-        mine = [v for v in items if v.mode == mode]
-        ax.bar(range(len(mine)), [v.gpu_hours_per_m_tokens for v in mine],
-               color=["#555555" if v.model == baseline else "#4C72B0" for v in mine])
-        ax.set_xticks(range(len(mine)), [f"{v.model}\n{v.row.gpus} GPUs" for v in mine],
+        mine = [v for v in items if v.row.mode == mode]
+        ax.bar(range(len(mine)), [v.row.gpu_hours_per_m_tokens for v in mine],
+               color=["#555555" if v.row.model == baseline else "#4C72B0" for v in mine])
+        ax.set_xticks(range(len(mine)), [f"{v.row.model}\n{v.row.gpus} GPUs" for v in mine],
                       fontsize=7)
         for i, v in enumerate(mine):
-            if v.vs_baseline is not None and v.model != baseline:
-                ax.annotate(f"{v.vs_baseline:.2f}x", (i, v.gpu_hours_per_m_tokens),
+            if v.vs_baseline is not None and v.row.model != baseline:
+                ax.annotate(f"{v.vs_baseline:.2f}x", (i, v.row.gpu_hours_per_m_tokens),
                             ha="center", va="bottom", fontsize=7)
         ax.set_ylabel("GPU-hours per million tokens")
         ax.set_title(f"{mode}" + (f" (grey: baseline {baseline})" if baseline else ""))

@@ -140,8 +140,8 @@ def _moe_layers(model: GPT) -> dict[int, MoE]:
 
 
 class _Drops:
-    """Dropped and routed choices per MoE layer, summed on the device; `totals` reads them
-    back (once, after the timed region: a read is a device-to-host sync)."""
+    """Dropped and routed choices per MoE layer over the generations, summed on the device;
+    `totals` reads them back (once, after the timed region: a read is a device-to-host sync)."""
 
     def __init__(self, model: GPT):
         self.moe = _moe_layers(model)
@@ -271,7 +271,6 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(start + s, schedule))
     timer = PhaseTimer(cuda)
     instrument(model, timer)
-    drops = _Drops(model)
     loads = _Loads(model)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     losses, step_s, sync_s, opt_s = [], [], [], []
@@ -282,8 +281,6 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
             os._exit(17)
         measured = step - start >= cfg.warmup
         timer.reset()
-        if step - start == cfg.warmup:
-            drops.reset()
         _barrier(groups.world)
         t0 = time.perf_counter()
         total = 0.0
@@ -297,7 +294,6 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
             timer.begin_backward()
             (loss / micro_steps).backward()
             timer.end_backward()
-            drops.add()
             loads.add()
             total += float(loss.detach()) / micro_steps
         t1 = timer.now()
@@ -332,7 +328,9 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
         model.eval()
         batch = data.eval_batch(w.micro_batch).to(dev)
         eval_loss = float(model.loss(batch[:, :-1], batch[:, 1:])[0])
-    dropped, routed = drops.totals()
+    measured_loads = loads.steps[cfg.warmup:]
+    dropped = {i: sum(s[i].dropped for s in measured_loads) for i in loads.moe}
+    routed = {i: sum(sum(s[i].load) for s in measured_loads) for i in loads.moe}
     return TrainResult(phases=_median_phases(step_phases),
                        step_s=median(step_s) if step_s else float("nan"),
                        grad_sync_s=median(sync_s) if sync_s else 0.0,

@@ -37,8 +37,9 @@ class SweepRow(BaseModel):
     degrees: str = Field("", description="tp, then each distinct MoE layer choice and its count")
     usd_per_gpu_hour: float | None = None
     usd_per_hour: float | None = None
-    usd_per_m_tokens: float | None = Field(None, description="per million tokens trained or "
-                                                             "generated")
+    gpu_hours_per_m_tokens: float | None = Field(None, description="per million tokens "
+                                                                   "trained or generated")
+    usd_per_m_tokens: float | None = None  # the same GPU-hours at the price
     run_tokens: float | None = Field(None, description="training: tokens of the whole run")
     run_days: float | None = None
     run_gpu_hours: float | None = None

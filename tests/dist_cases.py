@@ -29,9 +29,10 @@ def choice(ep, es=1, a2a="flat", coordinated=False):
     return LayerChoice(ep=ep, es=es, a2a=a2a, coordinated=coordinated)
 
 
-def make_plan(world: int, tp: int, choices: dict, spec=None):
+def make_plan(world: int, tp: int, choices: dict, spec=None, zero: int = 1):
     spec = spec or load_model("tiny-pr-moe")
-    req = Request(gpus=world, mode="train", global_batch=PER_SHARD * world // tp, seq_len=SEQ)
+    req = Request(gpus=world, mode="train", global_batch=PER_SHARD * world // tp, seq_len=SEQ,
+                  zero_stage=zero)
     return fixed_plan(spec, load_cluster("local-cpu"), req, tp, choices)
 
 
@@ -153,6 +154,7 @@ def world4(rank: int, world: int) -> dict:
     results["generate tp=2"] = generation(make_plan(4, 2, {5: choice(4)}), rank, world)
     results["checkpoints"] = checkpoints(rank, world)
     results["resume"] = resume(rank, world)
+    results["zero"] = zero_stages(rank, world)
     results["profile exchanges"] = profile_exchanges(rank, world)
     return results
 
@@ -182,6 +184,7 @@ def world2(rank: int, world: int) -> dict:
                                    rank, world),
         "generate": generation(make_plan(2, 1, {}), rank, world),
         "training": training(rank, world),
+        "routers": routers(rank, world),
         "ep=E, triton kernels": _triton_parity(rank, world),
     }
 
@@ -269,6 +272,33 @@ def resume(rank: int, world: int) -> dict:
     return out
 
 
+def zero_stages(rank: int, world: int) -> dict:
+    """3 steps of one layout (ep=2 and 4 among dp=4 ranks; tp=2 with es=2) under ZeRO 0, 1
+    and 2: losses, the final weights and Adam moments (as the checkpoint holds them whole),
+    and the memory terms counted against the plan's."""
+    from moeplan.runtime import checkpoint
+    from moeplan.runtime.run import RunConfig, execute
+
+    root = _shared_tmpdir(world)
+    layouts = {"tp=1": (1, {1: choice(2), 5: choice(4)}),
+               "tp=2 es=2": (2, {1: choice(2, es=2), 3: choice(2, es=2, coordinated=True),
+                                 5: choice(2)})}
+    out = {}
+    for name, (tp, choices) in layouts.items():
+        for zero in (0, 1, 2):
+            plan = make_plan(4, tp, choices, zero=zero)
+            ckpt = f"{root}/{name}-zero{zero}"
+            record = execute(plan, RunConfig(mode="train", steps=3, warmup=0, lr=3e-3,
+                                             save=ckpt), rank, world, log=lambda *_: None)
+            if rank == 0:
+                out[(name, zero)] = {
+                    "losses": record.losses,
+                    "state": checkpoint.load_full(ckpt)[0],
+                    "memory": {r.phase: (r.predicted, r.measured)
+                               for r in record.memory_comparison}}
+    return out
+
+
 def training(rank: int, world: int) -> dict:
     from moeplan.runtime.run import RunConfig, execute
 
@@ -279,6 +309,19 @@ def training(rank: int, world: int) -> dict:
             "comparison": len(record.comparison) if record else None,
             "routing": [l.model_dump() for l in record.layers if l.kind == "moe"]
             if record else None, "warmup": record.warmup_steps if record else None}
+
+
+def routers(rank: int, world: int) -> dict | None:
+    """The router health of a short run with moerun's defaults: tiny-pr-moe, 8 sequences of
+    64 tokens per rank (512 tokens per gate call), 5 warm-up + 25 steps."""
+    from moeplan.runtime.run import RunConfig, execute
+    from moeplan.spec.record import router_health
+
+    req = Request(gpus=world, mode="train", global_batch=8 * world, micro_batch=8, seq_len=64)
+    plan = fixed_plan(load_model("tiny-pr-moe"), load_cluster("local-cpu"), req, 1, {})
+    record = execute(plan, RunConfig(mode="train", steps=25, warmup=5), rank, world,
+                     log=lambda *_: None)
+    return router_health(record) if record else None
 
 
 def _triton_parity(rank: int, world: int) -> dict:

@@ -23,7 +23,8 @@ from moeplan.runtime.groups import build_groups
 from moeplan.runtime.infer import generate
 from moeplan.runtime.kernels import select, use_kernels
 from moeplan.runtime.model import GPT
-from moeplan.runtime.run import RunConfig, build_model, clip_grads, infer, train
+from moeplan.runtime.optim import clip_grads
+from moeplan.runtime.run import RunConfig, build_model, infer, train
 from moeplan.runtime.timers import PhaseTimer, instrument
 from moeplan.spec.phases import EXCHANGE, Phase
 from moeplan.spec.zoo import load_cluster
@@ -207,7 +208,7 @@ class Framework:
             loss.backward()
 
             def step(m=m, opt=opt, numel=numel) -> None:
-                clip_grads(m, numel, 1, 1.0)
+                clip_grads(m, dict.fromkeys(numel, 1.0), 1, 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=False)
 

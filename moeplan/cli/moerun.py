@@ -174,11 +174,6 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
                    "make port 29500 on MASTER_ADDR reachable only from this job's hosts",
                    err=True)
         return
-    if mode == "train" and plan.workload.zero_stage > 0:
-        click.echo(f"moerun: note: the runtime keeps whole optimizer states on every rank (ZeRO "
-                   f"0); the plan's ZeRO-{plan.workload.zero_stage} figures for grad sync, "
-                   "optimizer and memory assume they are partitioned (search with --zero 0 to "
-                   "compare like with like)", err=True)
     click.echo(f"moerun: {mode} {plan.model.name} on {world} ranks "
                f"(tp={plan.parallel.tp} dp={plan.parallel.dp}), {steps} measured "
                f"{'steps' if mode == 'train' else 'generations'} after {warmup} warm-up",

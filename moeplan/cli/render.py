@@ -217,6 +217,10 @@ def print_comparison(p: Plan, record, out: str | None) -> None:
         f"layer {i} {d}/{r} ({100 * d / r:.1f}%)" if r else f"layer {i} -" for i, d, r in drops))
     con.print(f"peak memory {_bytes(m.peak_memory_bytes)} ({m.memory_kind}); predicted "
               f"{_bytes(p.predicted.memory_per_gpu_bytes)} per GPU")
+    if record.memory_comparison:
+        con.print(f"ZeRO-{p.workload.zero_stage}, largest rank, counted vs predicted: " + ", ".join(
+            f"{r.phase.replace('_', ' ')} {_bytes(r.measured)} vs {_bytes(r.predicted)}"
+            for r in record.memory_comparison))
     if record.losses:
         def loss(v: float | None) -> str:
             return "not finite" if v is None or not math.isfinite(v) else f"{v:.4f}"
@@ -237,26 +241,18 @@ def print_band_check(check: dict | None) -> None:
                      f"{_seconds(check['p10_s'])} - {_seconds(check['p90_s'])}")
 
 
-HEALTHY_DROPPED = 0.10  # a router is healthy below 10% dropped at capacity factor 1 ...
-HEALTHY_LOAD = 2.0  # ... and no expert above twice the mean load
-
-
 def print_routing(record) -> None:
-    """Per MoE layer of a training run, its routers after warm-up: mean dropped share and the
-    busiest expert's load over the mean, and whether that is healthy."""
-    rows = [(l.index, l.dropped_share[record.warmup_steps:], l.load_max_over_mean[
-        record.warmup_steps:]) for l in record.layers if l.dropped_share]
-    rows = [(i, sum(d) / len(d), max(m)) for i, d, m in rows if d]
-    if not rows:
+    """Per MoE layer of a training run, its routers after warm-up (`record.router_health`)."""
+    from moeplan.spec.record import router_health
+
+    h = router_health(record)
+    if h is None:
         return
-    worst_drop = max(rows, key=lambda r: r[1])
-    worst_load = max(rows, key=lambda r: r[2])
-    healthy = worst_drop[1] < HEALTHY_DROPPED and worst_load[2] <= HEALTHY_LOAD
     _console().print(
-        f"routers after warm-up: {'healthy' if healthy else 'not healthy'} — dropped up to "
-        f"{worst_drop[1]:.1%} per step (layer {worst_drop[0]}), busiest expert up to "
-        f"{worst_load[2]:.1f}x the mean (layer {worst_load[0]}); per step in run.json "
-        "(layers[].dropped_share, load_max_over_mean, load_entropy)")
+        f"routers after warm-up: {'healthy' if h['healthy'] else 'not healthy'} — dropped up "
+        f"to {h['dropped']:.1%} per step (layer {h['dropped_layer']}), busiest expert up to "
+        f"{h['load_max_over_mean']:.1f}x the mean (layer {h['load_layer']}); per step in "
+        "run.json (layers[].dropped_share, load_max_over_mean, load_entropy)")
 
 
 def print_error_summary(summary: dict) -> None:

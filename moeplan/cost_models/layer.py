@@ -127,7 +127,8 @@ class LayerCost:
 def ops(env: Env, name: str, p: Pass, local_experts: int = 0) -> float:
     """Operations one forward pass of a phase is charged (`runtimes.operations`)."""
     training = env.workload.mode == "train" and not p.decode
-    return operations(env.runtime, env.cluster.device.kind, name, training, local_experts)
+    return operations(env.runtime, env.cluster.device.kind, name, training, local_experts,
+                      env.spec)
 
 
 def fixed_s(env: Env, key: str, p: Pass, local_experts: int = 0) -> float:
@@ -450,11 +451,18 @@ def weight_memory(env: Env, s: Setting, index: int, c: LayerChoice) -> dict[str,
     mem = {"weights": b * non_expert, "expert_weights": b * expert}
     if env.workload.mode == "train":
         opt = optimizer_bytes_per_param(b)
-        mem["gradients"] = b * non_expert / (s.dp if zero >= 2 else 1)
-        mem["expert_gradients"] = b * expert / (edp if zero >= 2 else 1)
+        mem["gradients"] = b * non_expert / gradient_share(env, s.dp)
+        mem["expert_gradients"] = b * expert / gradient_share(env, edp)
         mem["optimizer_states"] = opt * non_expert / (s.dp if zero >= 1 else 1)
         mem["expert_optimizer_states"] = opt * expert / (edp if zero >= 1 else 1)
     return {k: v for k, v in mem.items() if v}
+
+
+def gradient_share(env: Env, group: int) -> int:
+    """Over how many ranks a parameter's gradient memory is split at its peak: ZeRO-2 under
+    DeepSpeed reduce-scatters buckets during the backward, so only pieces persist; moerun
+    reduces once the backward is over, so the whole gradients exist until then."""
+    return group if env.workload.zero_stage >= 2 and env.runtime == "deepspeed" else 1
 
 
 def grad_sync_s(env: Env, nbytes: float, size: int, stride: int, latency: bool = True,

@@ -9,7 +9,8 @@ and combined buffers (rows = experts × capacity) and the fp32 gate probabilitie
 Mixed-precision Adam (DeepSpeed/Megatron): 2-byte weights and gradients, 12 bytes of fp32 master
 weights, momentum and variance per parameter (8 without a master copy when training in fp32).
 ZeRO stage 1 partitions optimizer states over the data-parallel group (experts: over their edp
-group); stage 2 also partitions gradients.
+group); stage 2 also partitions gradients — at their peak only under DeepSpeed, which
+reduce-scatters during the backward; moerun reduces after it (`layer.gradient_share`).
 """
 
 from __future__ import annotations

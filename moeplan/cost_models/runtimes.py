@@ -40,11 +40,31 @@ DEEPSPEED_RTS_OPS = 5  # random token selection: rand, sub, mul, add, mul (not i
 DEEPSPEED_SYNCS, HOST_SYNC_S = 1, 15e-6
 
 
+# moerun's training gate noise (`gating.draw_noise`), forward ops counted like RUNTIME_OPS:
+# random token selection (top-1) 9, a Gumbel draw (top-1 RSample, top-2's second expert) 8; no
+# backward. With either, a CUDA training gate runs the torch reference instead of Triton.
+RTS_OPS, GUMBEL_OPS = 9, 8
+
+
+def gate_noise_ops(spec) -> int:
+    """Forward operations a moerun training gate adds for the spec's random options."""
+    rts = spec.use_rts and spec.top_k == 1
+    gumbel = ((spec.noisy_gate_policy == "rsample")
+              or (spec.second_expert_sampling and spec.top_k == 2))
+    return RTS_OPS * rts + GUMBEL_OPS * gumbel
+
+
 def operations(runtime: str, device_kind: str, name: str, training: bool,
-               local_experts: int = 0) -> float:
+               local_experts: int = 0, spec=None) -> float:
     """Operations one forward pass of a phase is charged: its forward count for inference; for
     training a third of forward + backward, since training charges compute phases three
-    passes (see `step.train_layer`)."""
+    passes (see `step.train_layer`). `spec`: the model, whose gate options add to moerun's
+    training gate."""
+    noise = gate_noise_ops(spec) if (spec is not None and training and name == Phase.GATE
+                                     and runtime != "deepspeed") else 0
+    if noise:
+        fwd, bwd = RUNTIME_OPS[Phase.GATE]
+        return (fwd + noise + bwd) / 3
     if runtime == "deepspeed":
         if name == Phase.EXPERTS:
             fwd, bwd = 2 + 4 * local_experts, 2 + 8 * local_experts

@@ -25,6 +25,7 @@ from moeplan.cost_models.layer import (
     fixed_s,
     forward,
     grad_sync_s,
+    gradient_share,
     layer_tensors,
     optimizer_s,
     sharing,
@@ -135,7 +136,7 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
         zero = env.workload.zero_stage
         cost.phases[Phase.OPTIMIZER] = optimizer_s(env, params / (s.dp if zero >= 1 else 1),
                                                    HEAD_TENSORS)
-        cost.memory["gradients"] = b * params / (s.dp if zero >= 2 else 1)
+        cost.memory["gradients"] = b * params / gradient_share(env, s.dp)
         cost.memory["optimizer_states"] = (optimizer_bytes_per_param(b) * params
                                            / (s.dp if zero >= 1 else 1))
         cost.memory["logits"] = 4.0 * p.tokens * V / s.tp  # fp32 logits for the loss

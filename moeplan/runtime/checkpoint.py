@@ -25,6 +25,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -36,12 +37,12 @@ import torch
 import torch.distributed as dist
 
 from moeplan.runtime.model import GPT
+from moeplan.runtime.optim import MOMENTS
 from moeplan.spec.errors import ConfigError, SpecError
 from moeplan.spec.files import read_document
 
 FORMAT = "moeplan-checkpoint-3"  # 3: optimizer states and the training position
 READABLE = (FORMAT, "moeplan-checkpoint-2")  # 2: weights only (id, checksums, dtypes)
-MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state per parameter, beside its step count
 OPTIMIZER = "optimizer."
 
 
@@ -49,7 +50,7 @@ def moment_name(moment: str, name: str) -> str:
     return f"{OPTIMIZER}{moment}.{name}"
 
 
-def _pieces(model: GPT, optimizer: torch.optim.Optimizer | None = None
+def _pieces(model: GPT, moments: dict[str, dict[str, torch.Tensor]] | None = None
             ) -> dict[str, tuple[tuple, torch.Tensor]]:
     slices = model.slices()
     out = {}
@@ -58,7 +59,7 @@ def _pieces(model: GPT, optimizer: torch.optim.Optimizer | None = None
         if name.endswith("experts.b2") and not model.get_submodule(name[:-3]).es_rank0:
             spec = spec + (("unused",),)  # only the first expert slice adds b2
         out[name] = (spec, p.detach().cpu().clone())
-        state = optimizer.state.get(p, {}) if optimizer is not None else {}
+        state = (moments or {}).get(name, {})
         for moment in MOMENTS:
             if moment in state:
                 out[moment_name(moment, name)] = (spec, state[moment].detach().cpu().clone())
@@ -74,6 +75,7 @@ class Position:
     optimizer_steps: int
     schedule_steps: int
     seed: int
+    loss_scaler: dict | None = None  # fp16's dynamic loss scale and its counters
 
 
 def _owned(mine: dict, rank: int, world: int) -> dict:
@@ -168,9 +170,10 @@ def _locked(final: Path, rank: int):
 
 
 def save(model: GPT, directory: str | Path, step: int, plan_digest: str, rank: int,
-         world: int, optimizer: torch.optim.Optimizer | None = None,
+         world: int, moments: dict[str, dict[str, torch.Tensor]] | None = None,
          position: Position | None = None) -> Path:
-    """Every rank writes its shard into `<dir>.tmp` (marked partial), rank 0 then writes the
+    """`moments`: per parameter name, this rank's piece of its Adam moments (`optim`).
+    Every rank writes its shard into `<dir>.tmp` (marked partial), rank 0 then writes the
     manifest — the checkpoint's id, each shard's checksum, every tensor's dtype and shape —
     last, and renames the directory into place; files and directories are fsynced first."""
     final = Path(directory)
@@ -185,14 +188,14 @@ def save(model: GPT, directory: str | Path, step: int, plan_digest: str, rank: i
         if world > 1:
             dist.broadcast_object_list(box, src=0)  # one id for the shards of one checkpoint
         shard = tmp / f"rank{rank}.pt"
-        torch.save({"id": box[0], "pieces": _owned(_pieces(model, optimizer), rank, world)},
+        torch.save({"id": box[0], "pieces": _owned(_pieces(model, moments), rank, world)},
                    shard)
         _fsync(shard)
         if world > 1:
             dist.barrier()
         if rank == 0:
             _finish(model, final, tmp, box[0], step, plan_digest, world,
-                    optimizer is not None, position)
+                    bool(moments), position)
         if world > 1:
             dist.barrier()
     return final
@@ -265,9 +268,17 @@ def _check_manifest(m: dict, path: Path) -> None:
     if not isinstance(m["model"], dict):
         raise bad("its model is not a model spec")
     pos = m.get("position")
-    if pos is not None and (not isinstance(pos, dict) or set(pos) != set(Position.__annotations__)
-                            or not all(type(v) is int and v >= 0 for v in pos.values())):
-        raise bad(f"position {pos!r} is not {sorted(Position.__annotations__)} as whole numbers")
+    counts = set(Position.__annotations__) - {"loss_scaler"}
+    if pos is not None and (not isinstance(pos, dict) or not counts <= set(pos)
+                            or not set(pos) <= set(Position.__annotations__)
+                            or not all(type(pos[k]) is int and pos[k] >= 0 for k in counts)):
+        raise bad(f"position {pos!r} is not {sorted(counts)} as whole numbers")
+    scaler = (pos or {}).get("loss_scaler")
+    if scaler is not None and not (
+            isinstance(scaler, dict) and set(scaler) == {"scale", "clean", "left", "skipped"}
+            and all(type(v) in (int, float) and math.isfinite(v) and v >= 0
+                    for v in scaler.values()) and scaler["scale"] > 0):
+        raise bad(f"loss scaler {scaler!r} is not a positive scale and its counters")
 
 
 def read_manifest(directory: str | Path) -> dict:

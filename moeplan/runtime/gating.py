@@ -3,12 +3,14 @@
 Legend: T tokens, E experts, K choices per token (1 or 2), C capacity per expert.
 
   probs_TE      fp32 softmax of the router logits
-  choice 1      argmax; choice 2 (top-2) argmax of the logits with choice 1 masked — deterministic
-                (DeepSpeed adds Gumbel noise here; we do not, so runs are reproducible)
+  choice 1      argmax (with `Noise.rsample`: of the logits plus Gumbel noise — a sample of the
+                softmax); choice 2 (top-2) argmax of the logits with choice 1 masked, plus
+                Gumbel noise when `Noise.second` (DeepSpeed's second-expert sampling)
   slots         position of each choice in its expert's buffer by a prefix sum in token order;
                 all first choices come before all second choices (DeepSpeed's locations2 offset)
   capacity      from the caller (`ModelSpec.capacity`); choices at or past it are
-                dropped, earliest tokens first kept
+                dropped, earliest tokens first kept — or, top-1 with `Noise.rts` (random
+                token selection), the `capacity` tokens of highest random score kept
   weights       the chosen expert's probability (top-2: the kept ones renormalised to sum to 1)
   aux loss      E · Σ_e mean_T(probs_e) · mean_T(first-choice mask_e), before dropping; in
                 inference (`with_aux=False`) a zero constant, its statistics never computed
@@ -73,32 +75,84 @@ def counts(keep_TK: torch.Tensor, valid_T: torch.Tensor | None) -> tuple[torch.T
     return routed - keep_TK.sum(), routed
 
 
+@dataclass
+class Noise:
+    """A training gate call's random numbers (drawn by the caller from a seeded generator, so a
+    run is reproducible and the same under every plan): `gumbel_TE` for sampled choices,
+    `uniform_T` for random token selection."""
+
+    gumbel_TE: torch.Tensor | None = None
+    uniform_T: torch.Tensor | None = None
+    rsample: bool = False  # top-1's choice sampled
+    second: bool = False  # top-2's second choice sampled
+
+    @property
+    def rts(self) -> bool:
+        return self.uniform_T is not None
+
+
+def draw_noise(generator: torch.Generator, T: int, E: int, top_k: int, rts: bool,
+               rsample: bool, second: bool, device) -> Noise | None:
+    """The random numbers a gate call needs under these options (None: none)."""
+    rsample, second, rts = rsample, second and top_k == 2, rts and top_k == 1
+    if not (rsample or second or rts):
+        return None
+    gumbel = None
+    if rsample or second:
+        u = torch.rand(T, E, generator=generator, device=device)
+        exponential = -torch.log(u.clamp(min=1e-20))
+        gumbel = -torch.log(exponential.clamp(min=1e-20))
+    uniform = torch.rand(T, generator=generator, device=device) if rts else None
+    return Noise(gumbel, uniform, rsample, second)
+
+
+def _random_keep(mask_TE: torch.Tensor, uniform_T: torch.Tensor, cap: int) -> torch.Tensor:
+    """[T, E] the chosen tokens each expert keeps under random token selection: the `cap` of
+    highest random score (DeepSpeed's topk over mask · uniform)."""
+    T = mask_TE.shape[0]
+    score_TE = mask_TE.to(uniform_T.dtype) * (uniform_T[:, None] + 1.0)  # unchosen: 0
+    order_TE = score_TE.argsort(dim=0, descending=True, stable=True)
+    rank_TE = torch.empty_like(order_TE).scatter_(
+        0, order_TE, torch.arange(T, device=mask_TE.device)[:, None].expand_as(order_TE))
+    return mask_TE * (rank_TE < cap)
+
+
 def gate(logits_TE: torch.Tensor, top_k: int, cap: int, valid_T: torch.Tensor | None = None,
          reduce_stats: Callable[[torch.Tensor], torch.Tensor] | None = None,
-         with_aux: bool = True) -> Routing:
+         with_aux: bool = True, noise: Noise | None = None) -> Routing:
     """Route tokens; `valid_T` marks real tokens (padding never takes a slot or counts).
     `with_aux=False` (inference) skips the aux loss's statistics and their reduction."""
     T, E = logits_TE.shape
     logits_TE = logits_TE.float()
     probs_TE = F.softmax(logits_TE, dim=-1)
-    first_T = probs_TE.argmax(dim=-1)
+    noisy = logits_TE + noise.gumbel_TE if noise is not None and noise.gumbel_TE is not None \
+        else None
+    first_T = (noisy if noise is not None and noise.rsample else probs_TE).argmax(dim=-1)
     experts = [first_T]
     if top_k == 2:
-        experts.append(logits_TE.masked_fill(one_hot(first_T, E).bool(), float("-inf"))
+        second_from = noisy if noise is not None and noise.second else logits_TE
+        experts.append(second_from.masked_fill(one_hot(first_T, E).bool(), float("-inf"))
                        .argmax(-1))
     # one-hot masks of real tokens (padding rows all zero; no mask work when there is none)
     masks = [one_hot(e, E) if valid_T is None else one_hot(e, E) * valid_T[:, None]
              for e in experts]
     aux = (aux_loss(probs_TE, masks[0], valid_T, reduce_stats) if with_aux
            else probs_TE.new_zeros(()))
-    offset = torch.zeros(E, dtype=torch.long, device=logits_TE.device)
-    slots = []
-    for e, mask_TE in zip(experts, masks):
-        loc_TE = torch.cumsum(mask_TE, dim=0) - 1 + offset  # position in token order
-        offset = offset + mask_TE.sum(0)
-        slots.append(loc_TE.gather(1, e[:, None])[:, 0])
+    if noise is not None and noise.rts and top_k == 1:
+        kept_TE = _random_keep(masks[0], noise.uniform_T, cap)
+        # the kept tokens take slots in token order; a dropped one is past the capacity
+        slot_T = (torch.cumsum(kept_TE, dim=0) - 1).gather(1, first_T[:, None])[:, 0]
+        kept_T = kept_TE.gather(1, first_T[:, None])[:, 0].bool()
+        slot_TK = torch.where(kept_T, slot_T, cap)[:, None]
+    else:
+        offset = torch.zeros(E, dtype=torch.long, device=logits_TE.device)
+        slots = []
+        for e, mask_TE in zip(experts, masks):
+            loc_TE = torch.cumsum(mask_TE, dim=0) - 1 + offset  # position in token order
+            offset = offset + mask_TE.sum(0)
+            slots.append(loc_TE.gather(1, e[:, None])[:, 0])
+        slot_TK = torch.stack(slots, dim=1)
     expert_TK = torch.stack(experts, dim=1)
-    slot_TK = torch.stack(slots, dim=1)
     keep_TK = slot_TK < cap if valid_T is None else (slot_TK < cap) & valid_T[:, None]
     weight_TK = probs_TE.gather(1, expert_TK) * keep_TK
     if top_k == 2:

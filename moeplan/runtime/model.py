@@ -218,6 +218,8 @@ class MoE(nn.Module):
         self.coef = nn.Linear(h, 2) if spec.residual else None
         self.last: gating.Routing | None = None
         self.es_infer = _es_infer(par, tp)
+        # seeds this layer's training gate noise (`run.set_noise_keys`); 0 until the trainer sets it
+        self.noise_key = 0
 
     def slices(self) -> dict[str, Slice]:
         out = {f"experts.{k}": v for k, v in self.experts.slices().items()}
@@ -241,10 +243,17 @@ class MoE(nn.Module):
         B, S, H = x_BSH.shape
         t = self.timer
         xr_TH, valid_T, gate_tokens = self._tokens(x_BSH.reshape(B * S, H))
+        # the gate noise of every token of the micro-batch, cut as the tokens are: the same
+        # numbers reach a token whichever rank routes it
+        noise = self._noise(B * S, x_BSH.device) if self.training else None
+        if noise is not None and xr_TH.shape[0] != B * S:
+            noise = gating.Noise(*(None if t is None else self._my_rows(t)
+                                   for t in (noise.gumbel_TE, noise.uniform_T)),
+                                 noise.rsample, noise.second)
         es_mode = self.es_infer if not self.training else None
         if es_mode == "gather":
             xr_TH, valid_T, gate_tokens = self._gather_es(xr_TH, valid_T, gate_tokens)
-        out_TH, aux = self._route(xr_TH, valid_T, gate_tokens, es_mode)
+        out_TH, aux = self._route(xr_TH, valid_T, gate_tokens, es_mode, noise)
         if es_mode == "gather":  # the partial outputs summed, this rank's rows kept
             out_TH = C.reduce_scatter_rows(t.to(out_TH, Phase.ES_COMM), self.par.es, 0)
         elif es_mode == "shared":
@@ -257,20 +266,37 @@ class MoE(nn.Module):
             out = out * c[..., :1] + self.residual(x_BSH) * c[..., 1:]
         return out, aux
 
+    def _my_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """This tp rank's share of a per-token tensor, padded as `_tokens` pads the tokens."""
+        per = -(-t.shape[0] // self.tp.size)
+        t = F.pad(t, (0, 0) * (t.dim() - 1) + (0, per * self.tp.size - t.shape[0]))
+        return t[self.tp.rank_in_group * per:(self.tp.rank_in_group + 1) * per]
+
     def _route(self, xr_TH: torch.Tensor, valid_T: torch.Tensor | None, gate_tokens: int,
-               es_mode: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+               es_mode: str | None, noise: gating.Noise | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gate, dispatch, experts, combine: this rank's routed tokens -> their expert outputs
         (partial sums over the FFN slice when `es_mode` is set) and the aux loss."""
         cap = self.spec.capacity(self.E, gate_tokens, train=self.training)
         reduce = (lambda t: C.reduce_from(t, self.tp)) if self.par.coordinated else None
         logits_TE = F.linear(xr_TH.float(), self.router.weight.float())  # fp32 router
         r = self.kernels.gate(logits_TE, self.spec.top_k, cap, valid_T, reduce,
-                              with_aux=self.training)
+                              with_aux=self.training, noise=noise)
         self.last = r
         t = self.timer
         buf_ECH = self.kernels.dispatch(t.to(xr_TH, Phase.DISPATCH), r, self.E)
         y_ECH = t.to(self._experts(buf_ECH, gather_es=es_mode is None), Phase.COMBINE)
         return self.kernels.combine(y_ECH, r), r.aux_loss
+
+    def _noise(self, T: int, device) -> gating.Noise | None:
+        spec, E = self.spec, self.E
+        if not (spec.use_rts or spec.second_expert_sampling or spec.noisy_gate_policy != "none"):
+            return None
+        g = torch.Generator(device=device)
+        g.manual_seed(self.noise_key)
+        return gating.draw_noise(g, T, E, spec.top_k, spec.use_rts,
+                                 spec.noisy_gate_policy == "rsample",
+                                 spec.second_expert_sampling, device)
 
     def _gather_es(self, x_TH: torch.Tensor, valid_T: torch.Tensor | None,
                    gate_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:

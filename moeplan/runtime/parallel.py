@@ -63,24 +63,28 @@ def parallelize(full: dict[str, torch.Tensor], plan: Plan, groups: Groups) -> GP
     return sharded
 
 
+def sync_key(name: str, groups: Groups) -> tuple:
+    """How a parameter's gradient is reduced: (group reduced over first or None, the
+    data-parallel group, the scale after the sum) — see the module's table."""
+    tp, dp = groups.tp, groups.dp
+    parts = name.split(".")
+    index = int(parts[1]) if parts[0] == "blocks" else None
+    g = groups.moe.get(index) if index is not None else None
+    coordinated = bool(g and g.coordinated and tp.size > 1)
+    if g is not None and parts[3] == "experts":
+        return (None, g.edp, 1.0 / (dp.size * (1 if coordinated else tp.size)))
+    if g is not None and parts[3] == "router" and coordinated:
+        return (tp, dp, 1.0 / dp.size)
+    return (None, dp, 1.0 / dp.size)
+
+
 class GradSync:
     """Buckets of gradients that share a reduction; one flat allreduce per bucket."""
 
     def __init__(self, model: GPT, groups: Groups):
-        tp, dp = groups.tp, groups.dp
         buckets: OrderedDict[tuple, list] = OrderedDict()
         for name, p in model.named_parameters():
-            parts = name.split(".")
-            index = int(parts[1]) if parts[0] == "blocks" else None
-            g = groups.moe.get(index) if index is not None else None
-            coordinated = bool(g and g.coordinated and tp.size > 1)
-            if g is not None and parts[3] == "experts":
-                key = (None, g.edp, 1.0 / (dp.size * (1 if coordinated else tp.size)))
-            elif g is not None and parts[3] == "router" and coordinated:
-                key = (tp, dp, 1.0 / dp.size)
-            else:
-                key = (None, dp, 1.0 / dp.size)
-            buckets.setdefault(key, []).append(p)
+            buckets.setdefault(sync_key(name, groups), []).append(p)
         self.buckets = list(buckets.items())
 
     def __call__(self) -> None:

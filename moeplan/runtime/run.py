@@ -15,7 +15,7 @@ import resource
 import time
 from collections import defaultdict
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from statistics import median
 
@@ -28,13 +28,13 @@ from moeplan.runtime.groups import Groups, build_groups
 from moeplan.runtime.infer import generate
 from moeplan.runtime.kernels import select, use_kernels
 from moeplan.runtime.model import GPT, MoE
-from moeplan.runtime.parallel import GradSync, cut, parallelize
+from moeplan.runtime.optim import LossScaler, MemoryBytes, make_optimizer
+from moeplan.runtime.parallel import parallelize
 from moeplan.runtime.timers import NULL_TIMER, PhaseTimer, instrument
 from moeplan.spec.phases import HEAD_PHASE, LayerPhase, Phase
 from moeplan.spec.plan import Plan, digest
-from moeplan.spec.record import LayerMeasure, Measured, RunRecord, compare
+from moeplan.spec.record import LayerMeasure, Measured, RunRecord, compare, compare_memory
 
-WEIGHT_DECAY = 0.1  # the DeepSpeed-MoE training scripts' (Megatron-DeepSpeed examples MoE/)
 MIN_LR_FRACTION = 0.1  # cosine decay ends at a tenth of the peak learning rate
 
 
@@ -81,6 +81,7 @@ class TrainResult:
     losses: list[float]
     eval_loss: float
     steps: int  # measured steps
+    memory: MemoryBytes  # weights, whole gradients and optimizer states on this rank
 
 
 @dataclass(frozen=True)
@@ -125,18 +126,19 @@ def build_model(plan: Plan, groups: Groups, cfg: RunConfig) -> tuple[GPT, Resume
     return parallelize(full, plan, groups), resume
 
 
-def _restore(opt: torch.optim.Optimizer, model: GPT, resume: Resume) -> None:
-    """This rank's shard of each parameter's Adam moments, cut as its weights are."""
-    slices = model.slices()
-    for name, p in model.named_parameters():
-        state = {m: cut(resume.moments[name][m], slices.get(name, ())).clone().to(p.device)
-                 for m in checkpoint.MOMENTS}
-        state["step"] = torch.tensor(float(resume.position.optimizer_steps))
-        opt.state[p] = state
-
-
 def _moe_layers(model: GPT) -> dict[int, MoE]:
     return {i: b.ffn for i, b in enumerate(model.blocks) if isinstance(b.ffn, MoE)}
+
+
+def set_noise_keys(model: GPT, seed: int, step: int, first: int) -> None:
+    """Seed each MoE layer's gate noise for the micro-batch whose first sequence is row `first`
+    of step `step`'s global batch: the same numbers on every rank that routes those tokens,
+    and again when a resumed run reaches the same step (no generator state to save)."""
+    for i, moe in _moe_layers(model).items():
+        key = 0
+        for part in (seed, step, first, i):
+            key = (key * 1_000_003 + part + 1) % (1 << 62)  # a polynomial hash of the four
+        moe.noise_key = key
 
 
 class _Drops:
@@ -208,23 +210,6 @@ def _median_phases(per_step: list[dict[LayerPhase, float]]) -> dict[LayerPhase, 
     return {k: median(d.get(k, 0.0) for d in per_step) for k in keys}
 
 
-def clip_grads(model: GPT, full_numel: dict[str, int], world: int, max_norm: float) -> float:
-    """Clip by the global norm; a piece replicated on n ranks counts 1/n on each."""
-    sq = torch.zeros(1, dtype=torch.float64)
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            replicas = world * p.numel() / full_numel[name]
-            sq += p.grad.double().pow(2).sum() / replicas
-    if world > 1:
-        dist.all_reduce(sq)
-    norm = math.sqrt(float(sq))
-    if norm > max_norm:
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(max_norm / (norm + 1e-6))
-    return norm
-
-
 def _barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
@@ -253,27 +238,28 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
     data = Batches(open_corpus(cfg.data, cfg.tokenizer, plan.model.vocab_size, w.seq_len),
                    w.seq_len, seed=cfg.seed)
     micro_steps = w.global_batch // (plan.parallel.dp * w.micro_batch)
-    sync = GradSync(model, groups)
-    full_numel = {n: p.numel() for n, p in GPT(plan.model).named_parameters()}
-    # the paper's Megatron-DeepSpeed recipe: Adam (0.9, 0.95), weight decay 0.1 on matrices (not
-    # on biases and norms), clipping at 1.0, linear warm-up then cosine decay to a tenth
-    matrices = [p for p in model.parameters() if p.dim() > 1]
-    vectors = [p for p in model.parameters() if p.dim() <= 1]
-    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": WEIGHT_DECAY},
-                             {"params": vectors, "weight_decay": 0.0}], lr=cfg.lr,
-                            betas=(0.9, 0.95))
+    # the paper's Megatron-DeepSpeed recipe (`optim`), clipping at cfg.clip, linear warm-up then
+    # cosine decay to a tenth; optimizer states partitioned as the plan's ZeRO stage says
+    opt = make_optimizer(model, groups, cfg.lr, w.zero_stage)
     total_steps = cfg.warmup + cfg.steps
     start = resume.position.step if resume else 0
     schedule = cfg.schedule_steps or (resume.position.schedule_steps if resume
                                       else start + total_steps)
     if resume:
-        _restore(opt, model, resume)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(start + s, schedule))
+        opt.restore(resume.moments, resume.position.optimizer_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt.torch, lambda s: lr_factor(start + s, schedule))
     timer = PhaseTimer(cuda)
     instrument(model, timer)
     loads = _Loads(model)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    # the plan's dtype: fp32 as is; bf16 and fp16 under autocast with fp32 weights, gradients
+    # and Adam states (the master copy); fp16 with dynamic loss scaling
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(w.dtype)
+    autocast = (torch.autocast(dev.type, dtype=low) if low is not None else nullcontext())
+    scaler = LossScaler(enabled=w.dtype == "fp16")
+    if resume:
+        scaler.load(resume.position.loss_scaler)
     losses, step_s, sync_s, opt_s = [], [], [], []
+    memory = MemoryBytes()
     step_phases: list[dict[LayerPhase, float]] = []
     model.train()
     for step in range(start, start + total_steps):
@@ -287,21 +273,28 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
         for m in range(micro_steps):
             first = (groups.dp.rank_in_group * micro_steps + m) * w.micro_batch
             batch = data.batch(step, first, w.micro_batch, w.global_batch).to(dev)
+            set_noise_keys(model, cfg.seed, step, first)
             timer.begin()
             with autocast:
                 loss, _ = model.loss(batch[:, :-1], batch[:, 1:])
             timer.end()
             timer.begin_backward()
-            (loss / micro_steps).backward()
+            (loss * (scaler.scale / micro_steps)).backward()
             timer.end_backward()
             loads.add()
             total += float(loss.detach()) / micro_steps
+        if step == start:
+            memory = opt.memory()  # the whole gradients exist now, the moments not yet
         t1 = timer.now()
-        sync()
+        opt.reduce()
         t2 = timer.now()
-        clip_grads(model, full_numel, groups.world, cfg.clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if scaler.unscale(opt.grads(), groups.world):
+            opt.clip(cfg.clip)
+            opt.step()
+        else:  # fp16 overflow: no update (the schedule still moves on, by step index)
+            opt.skip()
+            log(f"step {step + 1}: fp16 gradients overflowed; skipped, loss scale now "
+                f"{scaler.scale:g}")
         sched.step()
         t3 = timer.now()
         losses.append(total)
@@ -313,14 +306,17 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
             opt_s.append(t3 - t2)
         log(f"step {step + 1}/{start + total_steps}  loss {total:.4f}  {t3 - t0:.3f} s"
             + ("" if measured else "  (warm-up)"))
+    stepped = opt.memory()
+    memory.optimizer_states = stepped.optimizer_states
+    memory.expert_optimizer_states = stepped.expert_optimizer_states
     if cfg.save:
-        first_param = next(model.parameters())
-        done = int(opt.state[first_param]["step"]) if opt.state.get(first_param) else 0
         checkpoint.save(model, cfg.save, start + total_steps, digest(plan), groups.rank,
-                        groups.world, optimizer=opt,
+                        groups.world, moments=opt.moments(),
                         position=checkpoint.Position(step=start + total_steps,
-                                                     optimizer_steps=done,
-                                                     schedule_steps=schedule, seed=cfg.seed))
+                                                     optimizer_steps=opt.steps,
+                                                     schedule_steps=schedule, seed=cfg.seed,
+                                                     loss_scaler=scaler.state()
+                                                     if scaler.enabled else None))
         log(f"saved checkpoint {cfg.save} at step {start + total_steps}")
     n = cfg.steps
     instrument(model, NULL_TIMER)  # the evaluation pass is not a training step
@@ -336,7 +332,7 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
                        grad_sync_s=median(sync_s) if sync_s else 0.0,
                        optimizer_s=median(opt_s) if opt_s else 0.0,
                        dropped=dropped, routed=routed, loads=loads.steps,
-                       losses=losses, eval_loss=eval_loss, steps=n)
+                       losses=losses, eval_loss=eval_loss, steps=n, memory=memory)
 
 
 def infer(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> InferResult:
@@ -453,7 +449,9 @@ def _record(plan: Plan, cfg: RunConfig, ranks: list[TrainResult] | list[InferRes
                             grad_sync_s=sum(r.grad_sync_s for r in ranks) / world,
                             optimizer_s=sum(r.optimizer_s for r in ranks) / world,
                             peak_memory_bytes=peak_bytes,
-                            memory_kind=memory_kind, head_phases_s={Phase.HEAD: head})
+                            memory_kind=memory_kind, head_phases_s={Phase.HEAD: head},
+                            memory_bytes={k: max(getattr(r.memory, k) for r in ranks)
+                                          for k in asdict(r0.memory)})
         extra = {"losses": r0.losses, "eval_loss": r0.eval_loss, "measured_steps": r0.steps}
     else:
         latency = max(r.latency_s for r in ranks)
@@ -466,4 +464,5 @@ def _record(plan: Plan, cfg: RunConfig, ranks: list[TrainResult] | list[InferRes
                        device=device, warmup_steps=cfg.warmup, measured=measured, layers=layers,
                        **extra)
     record.comparison = compare(plan, record)
+    record.memory_comparison = compare_memory(plan, record)
     return record

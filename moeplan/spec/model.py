@@ -62,6 +62,13 @@ class ModelSpec(BaseModel):
     eval_min_capacity: int = Field(1, ge=0)
     drop_tokens: bool = True
     aux_loss_coef: float = Field(0.01, ge=0)
+    # DeepSpeed TopKGate's training-time randomness (its defaults): top-1 keeps a random subset
+    # of an expert's tokens when they overflow its capacity (`use_rts`), not the earliest;
+    # top-2 samples the second expert with Gumbel noise (`top2_2nd_expert_sampling`);
+    # `noisy_gate_policy` "rsample" samples top-1's expert the same way (DeepSpeed's RSample)
+    use_rts: bool = True
+    second_expert_sampling: bool = True
+    noisy_gate_policy: Literal["none", "rsample"] = "none"
     tied_embeddings: bool = True
     reported_params: float | None = Field(None, gt=0)
     distillation: Distillation | None = None

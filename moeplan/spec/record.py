@@ -44,6 +44,9 @@ class Measured(BaseModel):
     peak_memory_bytes: float
     memory_kind: str  # "cuda max allocated" or "cpu peak rss (whole process)"
     head_phases_s: dict[str, float]
+    # training: the largest rank's bytes of the plan's memory terms of the same names (weights,
+    # gradients as the backward leaves them, optimizer states; expert_* apart), counted exactly
+    memory_bytes: dict[str, float] = {}
 
 
 class Comparison(BaseModel):
@@ -71,6 +74,7 @@ class RunRecord(BaseModel):
     losses: list[float | None] = []
     eval_loss: float | None = None
     comparison: list[Comparison] = []
+    memory_comparison: list[Comparison] = []  # `compare_memory`
 
 
 def rel_error(predicted: float, measured: float) -> float | None:
@@ -123,6 +127,38 @@ def compare(plan: Plan, run: RunRecord) -> list[Comparison]:
         rows.append(_row(f"layer {lp.index}", f"{lp.kind} forward+backward" if run.mode == "train"
                          else f"{lp.kind} per token", p, m))
     return rows
+
+
+def compare_memory(plan: Plan, run: RunRecord) -> list[Comparison]:
+    """Per memory term the run counted: the plan's bytes per GPU against the run's largest
+    rank's."""
+    predicted = plan.predicted.memory_breakdown_bytes
+    return [_row("memory per GPU", term, predicted.get(term, 0.0), measured)
+            for term, measured in sorted(run.measured.memory_bytes.items())
+            if measured > 0 or predicted.get(term, 0.0) > 0]
+
+
+HEALTHY_DROPPED = 0.10  # a router is healthy below 10% dropped at capacity factor 1 ...
+HEALTHY_LOAD = 2.0  # ... and no expert above twice the mean load
+
+
+def router_health(run: RunRecord) -> dict | None:
+    """A training run's routers after warm-up: the layer with the largest mean dropped share,
+    the largest busiest-expert load over the mean in any step, and whether both are healthy
+    (None: no MoE layer recorded its routing)."""
+    rows = []
+    for layer in run.layers:
+        dropped = layer.dropped_share[run.warmup_steps:]
+        load = layer.load_max_over_mean[run.warmup_steps:]
+        if dropped and load:
+            rows.append((layer.index, sum(dropped) / len(dropped), max(load)))
+    if not rows:
+        return None
+    drop = max(rows, key=lambda r: r[1])
+    load = max(rows, key=lambda r: r[2])
+    return {"healthy": drop[1] < HEALTHY_DROPPED and load[2] <= HEALTHY_LOAD,
+            "dropped": drop[1], "dropped_layer": drop[0],
+            "load_max_over_mean": load[2], "load_layer": load[0]}
 
 
 def summarize(rows: list[Comparison]) -> dict:

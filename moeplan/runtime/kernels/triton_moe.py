@@ -247,9 +247,13 @@ def gate_infer(logits_TE: torch.Tensor, top_k: int, cap: int,
 
 def gate(logits_TE: torch.Tensor, top_k: int, cap: int, valid_T: torch.Tensor | None = None,
          reduce_stats: Callable[[torch.Tensor], torch.Tensor] | None = None,
-         with_aux: bool = True) -> Routing:
+         with_aux: bool = True, noise: gating.Noise | None = None) -> Routing:
     """`gating.gate` with the softmax, top-k and capacity scan in Triton; without gradients or
-    aux loss (inference), the whole table in one launch (`gate_infer`)."""
+    aux loss (inference), the whole table in one launch (`gate_infer`). A training call with
+    random token selection or sampled choices (`noise`) runs the torch reference: the scan
+    keeps tokens in order and picks by argmax only."""
+    if noise is not None:
+        return gating.gate(logits_TE, top_k, cap, valid_T, reduce_stats, with_aux, noise)
     if not with_aux and not (torch.is_grad_enabled() and logits_TE.requires_grad):
         return gate_infer(logits_TE, top_k, cap, valid_T)
     T, E = logits_TE.shape

@@ -1,0 +1,60 @@
+"""fp16's dynamic loss scaling and the plan's dtype in training (one CPU rank)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moeplan.cost_models.layer import LayerChoice
+from moeplan.planner.planning import Request, fixed_plan
+from moeplan.runtime.optim import LossScaler
+from moeplan.spec import load_cluster, load_model
+
+
+def test_loss_scaler_skips_overflows_and_moves_the_scale():
+    s = LossScaler(enabled=True, initial=2.0 ** 11, window=3, hysteresis=2)
+    finite = [torch.ones(3)]
+    assert s.unscale(finite, world=1) and torch.equal(finite[0], torch.full((3,), 2.0 ** -11))
+    # two overflows (hysteresis 2) before the scale halves; a skipped step leaves the grads
+    for expected in (2.0 ** 11, 2.0 ** 10):
+        bad = [torch.tensor([1.0, math.inf])]
+        assert not s.unscale(bad, world=1) and s.scale == expected
+    assert s.skipped == 2
+    for _ in range(3):  # a window of clean steps doubles it
+        assert s.unscale([torch.ones(1)], world=1)
+    assert s.scale == 2.0 ** 11
+    nan = [torch.tensor([math.nan])]
+    assert not s.unscale(nan, world=1)
+    restored = LossScaler(enabled=True)
+    restored.load(s.state())
+    assert restored.state() == s.state()
+
+
+def test_disabled_scaler_is_the_identity():
+    s = LossScaler(enabled=False)
+    g = [torch.tensor([math.inf])]
+    assert s.scale == 1.0 and s.unscale(g, world=1) and math.isinf(g[0].item())
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_training_runs_in_the_plans_dtype(dtype):
+    """bf16 and fp16 train under CPU autocast with fp32 weights and Adam states; fp16 scales
+    its loss (2^11 at first) and unscales the gradients before clipping. The losses of the
+    three precisions start within the low precision's rounding of the loss (bf16 keeps 8
+    significant bits: 2^-8 relative) and all fall."""
+    from moeplan.runtime.run import RunConfig, execute
+
+    torch.manual_seed(0)
+    spec = load_model("tiny-pr-moe")
+    req = Request(gpus=1, mode="train", global_batch=4, micro_batch=4, seq_len=32, dtype=dtype)
+    choices = {i: LayerChoice(1, 1, "flat", False) for i in spec.moe_layers}
+    plan = fixed_plan(spec, load_cluster("local-cpu"), req, 1, choices)
+    assert plan.workload.dtype == dtype
+    record = execute(plan, RunConfig(mode="train", steps=12, warmup=0, lr=3e-3), 0, 1,
+                     log=lambda *_: None)
+    losses = record.losses
+    assert all(x is not None and math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert losses[0] == pytest.approx(math.log(256), rel=2 ** -8 * 4)  # uniform over bytes

@@ -1,9 +1,11 @@
 """Router health over a long run of the README's laptop loop, with moerun's defaults.
 
     python bench/bench_routers.py [--steps 300] [--model tiny-pr-moe] [--gpus 4]
-                                  [--out bench/results/routers.json]
+                                  [--global-batch 64] [--out bench/results/routers.json]
 
-Plans `--model` for `--gpus` CPU ranks of `local-cpu` (`moeplan search`), trains it with
+Plans `--model` for `--gpus` CPU ranks of `local-cpu` (`moeplan search`, its default
+sequence length; a smaller global batch than the search's default 512 so that a long run takes
+minutes on a laptop: each rank's gate still routes thousands of tokens per step), trains it with
 `moerun --steps N` (the paper's recipe: AdamW 0.9/0.95, weight decay 0.1, clip 1, warm-up then
 cosine decay; DeepSpeed's random token selection; the model's gate options), and reads the
 routing run.json records per MoE layer and step. Prints per layer, after warm-up (the first
@@ -32,13 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--model", default="tiny-pr-moe")
     ap.add_argument("--gpus", type=int, default=4)
+    ap.add_argument("--global-batch", type=int, default=64)
     ap.add_argument("--out", default=None, help="write the per-layer summary as JSON here")
     a = ap.parse_args(argv)
     warmup = max(1, a.steps // 10)
     with tempfile.TemporaryDirectory() as tmp:
         plan, run = Path(tmp, "plan.json"), Path(tmp, "run.json")
         subprocess.run(MOEPLAN + ["search", "--model", a.model, "--gpus", str(a.gpus),
-                                  "--cluster", "local-cpu", "--out", str(plan)],
+                                  "--cluster", "local-cpu", "--global-batch",
+                                  str(a.global_batch), "--out", str(plan)],
                        check=True, capture_output=True)
         subprocess.run(MOERUN + ["--plan", str(plan), "--steps", str(a.steps - warmup),
                                  "--warmup", str(warmup), "--out", str(run)],

@@ -109,6 +109,60 @@ def published_table() -> str:
     return "\n".join(lines)
 
 
+def routers_table() -> str:
+    d = _load("routers.json")
+    lines = ["| MoE layer | dropped, mean | dropped, worst step | busiest expert / mean, mean "
+             "| worst step |", "|---|---|---|---|---|"]
+    for r in d["layers"]:
+        lines.append(f"| {r['layer']} | {r['mean_dropped']:.1%} | {r['worst_step_dropped']:.1%} "
+                     f"| {r['mean_load_max_over_mean']:.2f}× | "
+                     f"{r['worst_load_max_over_mean']:.2f}× |")
+    w = d["workload"]
+    lines.append(f"\n{d['model']} on {d['gpus']} CPU ranks, {d['steps']} steps after "
+                 f"{d['warmup']} of warm-up, global batch {w['global_batch']} × {w['seq_len']} "
+                 f"tokens; loss {d['first_loss']:.3f} → {d['last_loss']:.3f} (held-out "
+                 f"{d['eval_loss']:.3f}); "
+                 f"{'healthy' if d['health']['healthy'] else 'not healthy'}.")
+    return "\n".join(lines)
+
+
+def zero_table() -> str:
+    d = _load("zero.json")
+    stages = d["stages"]
+    terms = sorted({t for s in stages.values() for t in s["memory"]})
+    lines = ["| term (largest rank) | " + " | ".join(f"ZeRO {z}: counted / predicted"
+                                                 for z in stages) + " |",
+             "|---|" + "---|" * len(stages)]
+    for t in terms:
+        cells = []
+        for s in stages.values():
+            v = s["memory"].get(t)
+            cells.append("—" if v is None else
+                         f"{v['counted'] / 2**20:.3f} / {v['predicted'] / 2**20:.3f} MiB")
+        lines.append(f"| {t.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    for name in ("grad_sync", "optimizer", "step"):
+        cells = [f"{s['times_s'][name][1] * 1e3:.1f} / {s['times_s'][name][0] * 1e3:.1f} ms"
+                 for s in stages.values()]
+        lines.append(f"| {name.replace('_', ' ')} time (measured / predicted) | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def quality_table() -> str:
+    d = _load("quality.json")
+    lines = ["| variant | parameters | held-out loss (nats/byte) |", "|---|---|---|"]
+    order = ["dense", "moe-top1", "moe-top2", "residual", "pr-moe", "mos-no-kd", "mos-kd",
+             "mos-staged-kd"]
+    for name, r in sorted(d["variants"].items(),
+                          key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
+        lines.append(f"| {name} | {r['params']:,} | {r['held_out_loss']:.4f} |")
+    lines += ["", "| claim (paper) | here | figures |", "|---|---|---|"]
+    for c in d["claims"]:
+        lines.append(f"| {c['claim']} | {'holds' if c['holds'] else 'does not hold'} | "
+                     f"{c['figures']} |")
+    return "\n".join(lines)
+
+
 KNOWN_ERROR = ROOT / "moeplan" / "spec" / "data" / "known_error.json"
 
 
@@ -139,8 +193,9 @@ def known_error_text() -> str:
     return json.dumps(known_error(), indent=1) + "\n"
 
 
-TABLES = {"accuracy": accuracy_table, "accuracy-runs": accuracy_runs_table, "random-grid": random_grid_table,
-          "published": published_table}
+TABLES = {"accuracy": accuracy_table, "accuracy-runs": accuracy_runs_table,
+          "random-grid": random_grid_table, "published": published_table,
+          "routers": routers_table, "zero": zero_table, "quality": quality_table}
 
 
 def render(page: str) -> str:

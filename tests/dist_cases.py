@@ -185,6 +185,7 @@ def world2(rank: int, world: int) -> dict:
         "generate": generation(make_plan(2, 1, {}), rank, world),
         "training": training(rank, world),
         "routers": routers(rank, world),
+        "mos": mos(rank, world),
         "ep=E, triton kernels": _triton_parity(rank, world),
     }
 
@@ -322,6 +323,47 @@ def routers(rank: int, world: int) -> dict | None:
     record = execute(plan, RunConfig(mode="train", steps=25, warmup=5), rank, world,
                      log=lambda *_: None)
     return router_health(record) if record else None
+
+
+def mos(rank: int, world: int) -> dict:
+    """Mixture-of-Students: a tiny-pr-moe teacher trained 3 steps and saved; its student
+    (tiny-pr-moe-mos) loads it with the degrees of the plan's teacher section. The sharded
+    teacher's logits against the single-device teacher's; the student's first loss with and
+    without distillation; whether the teacher ran when distilling throughout and when the
+    distillation stopped after the first of 3 steps."""
+    from moeplan.runtime import checkpoint
+    from moeplan.runtime.parallel import load_full_state
+    from moeplan.runtime.run import RunConfig, build_teacher, execute
+
+    root = _shared_tmpdir(world)
+    quiet = dict(log=lambda *_: None)
+    cluster = load_cluster("local-cpu")
+    req = Request(gpus=world, mode="train", global_batch=PER_SHARD * world, seq_len=SEQ)
+    teacher_plan = fixed_plan(load_model("tiny-pr-moe"), cluster, req, 1, {})
+    execute(teacher_plan, RunConfig(mode="train", steps=3, warmup=0, save=f"{root}/teacher"),
+            rank, world, **quiet)
+    student = fixed_plan(load_model("tiny-pr-moe-mos"), cluster, req, 1, {})
+    teacher = build_teacher(student, build_groups(student, rank, world), f"{root}/teacher")
+    x = _batch(1, seed=5)[0, :, :-1]
+    ref = GPT(load_model("tiny-pr-moe"))
+    load_full_state(ref, checkpoint.split(checkpoint.load_full(f"{root}/teacher")[0])[0])
+    ref.eval()
+    want = ref(x)[0]
+    diff = float((teacher(x)[0] - want).abs().max())
+
+    def run(**kw):
+        record = execute(student, RunConfig(mode="train", steps=3, warmup=0, **kw), rank,
+                         world, **quiet)
+        return None if record is None else (record.losses,
+                                             record.measured.head_phases_s.get("teacher", 0.0))
+
+    plain = run(kd_steps=0)
+    taught = run(teacher=f"{root}/teacher")
+    staged = run(teacher=f"{root}/teacher", kd_steps=1)
+    return {"teacher_diff": diff, "scale": float(want.abs().max()),
+            "teacher_layers": [(l.index, l.ep, l.edp) for l in student.teacher.layers
+                               if l.kind == "moe"],
+            "plain": plain, "taught": taught, "staged": staged}
 
 
 def _triton_parity(rank: int, world: int) -> dict:

@@ -221,6 +221,36 @@ def sweep_options(draw) -> list[str]:
     return argv
 
 
+# what `moerun` takes: (option, values drawn for it); the command ends at --print-torchrun, after
+# every check (plan, teacher, data, checkpoints, outputs) and before any rank starts
+MOERUN_OPTIONS = {
+    "--plan": st.sampled_from(["plan.json", "mos.json", "", "nope.json", "ckpt"]),
+    "--mode": st.sampled_from(["train", "infer", "", "x"]),
+    "--steps": st.one_of(st.integers(min_value=-2, max_value=2**64), st.text(max_size=6)),
+    "--warmup": st.integers(min_value=-2, max_value=2**64),
+    "--lr": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6)),
+    "--seed": st.integers(min_value=-2, max_value=2**70),
+    "--teacher": st.sampled_from(["ckpt", "", ".", "/", "nope", "plan.json", "mos.json"]),
+    "--kd-steps": st.one_of(st.integers(min_value=-2, max_value=2**64), st.text(max_size=6)),
+    "--schedule-steps": st.integers(min_value=-2, max_value=2**64),
+    "--load": st.sampled_from(["ckpt", "", ".", "nope", "plan.json"]),
+    "--timeout": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6)),
+    "--nproc": st.integers(min_value=-2, max_value=2**40),
+}
+
+
+@st.composite
+def moerun_options(draw) -> list[str]:
+    """A `moerun` command line for the tiny plans (plain and Mixture-of-Students), 1-4 options
+    drawn hostile."""
+    argv = ["--plan", "mos.json", "--print-torchrun"]
+    names = draw(st.lists(st.sampled_from(sorted(MOERUN_OPTIONS)), min_size=1, max_size=4,
+                          unique=True))
+    for name in names:
+        argv += [name, str(draw(MOERUN_OPTIONS[name]))]
+    return argv
+
+
 # ---- the targets: (what is drawn, how it is fed to the CLI) ----
 
 MOEPLAN_SEARCH = ["--cluster", "local-cpu", "--gpus", "4", "--global-batch", "8", "--seq-len",
@@ -234,8 +264,9 @@ def _file(work: Path, name: str, content: str | bytes) -> str:
 
 
 def prepare(work: Path) -> None:
-    """A plan of tiny-pr-moe for 2 ranks and one real `moerun` of it (plan.json, run.json):
-    the documents the plan and run targets mutate."""
+    """A plan of tiny-pr-moe for 2 ranks and one real `moerun` of it (plan.json, run.json, its
+    checkpoint ckpt: the teacher of tiny-pr-moe-mos, whose plan is mos.json): the documents the
+    plan and run targets mutate."""
     import subprocess
 
     from moeplan.cli.main import main as moeplan_main
@@ -245,9 +276,13 @@ def prepare(work: Path) -> None:
                                "--out", "plan.json"], work)
     assert o.rc == 0, o
     r = subprocess.run([sys.executable, "-c", "from moeplan.cli.moerun import main; main()",
-                        "--plan", "plan.json", "--steps", "2", "--out", "run.json"], cwd=work,
-                       capture_output=True, text=True, timeout=300)
+                        "--plan", "plan.json", "--steps", "2", "--out", "run.json", "--save",
+                        "ckpt"], cwd=work, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    o = outcome(moeplan_main, ["search", "--model", "tiny-pr-moe-mos", "--cluster", "local-cpu",
+                               "--gpus", "2", "--global-batch", "8", "--seq-len", "32",
+                               "--out", "mos.json"], work)
+    assert o.rc == 0, o
     o = outcome(moeplan_main, ["sweep", "--model", "tiny-pr-moe", "--cluster", "local-cpu",
                                "--gpus", "2", "--global-batch", "8", "--seq-len", "32",
                                "--simulate-top", "2", "--jobs", "1", "--out", "sweep.json"], work)
@@ -261,6 +296,7 @@ def targets(work: Path) -> dict:
     from moeplan.cli.moerun import main as moerun_main
 
     plan = json.loads((work / "plan.json").read_text())
+    mos = json.loads((work / "mos.json").read_text())
     run = json.loads((work / "run.json").read_text())
     doc = lambda base: st.one_of(mutated(base), raw_bytes())  # noqa: E731
 
@@ -294,6 +330,14 @@ def targets(work: Path) -> dict:
         return outcome(moerun_main, ["--plan", "plan.json", "--data", path, "--print-torchrun"],
                        work)
 
+    def moerun_argv(argv):
+        return outcome(moerun_main, argv, work)
+
+    def mos_plan(text):
+        path = _file(work, "fuzz-plan.json", text)
+        return outcome(moerun_main, ["--plan", path, "--teacher", "ckpt", "--print-torchrun"],
+                       work)
+
     def sweep_file(text):
         path = _file(work, "fuzz-sweep.json", text)
         return outcome(moeplan_main, ["report", "--sweep", path, "--jobs", "1", "--out",
@@ -303,6 +347,8 @@ def targets(work: Path) -> dict:
             "cluster profile": (doc(cluster_base()), cluster),
             "plan (validate)": (doc(plan), plan_validate),
             "plan (moerun)": (doc(plan), plan_moerun),
+            "MoS plan (moerun)": (doc(mos), mos_plan),
+            "moerun options": (moerun_options(), moerun_argv),
             "run record": (doc(run), run_validate),
             "search options": (search_options(), search),
             "sweep options": (sweep_options(), search),

@@ -178,7 +178,7 @@ def test_search_table_and_infer_mode(run, tmp_path):
 
 def test_models_clusters_schema(run):
     code, out, _ = run("models", "--json")
-    assert code == 0 and len(json.loads(out)) == 14
+    assert code == 0 and len(json.loads(out)) == 15
     code, out, _ = run("clusters", "--json")
     assert code == 0 and {r["name"] for r in json.loads(out)} >= {"ndv4-a100-40gb"}
     code, out, _ = run("schema", "plan")

@@ -238,3 +238,43 @@ def test_attention_charges_every_score_element_of_every_head():
     without = forward(_env(), s, 0, LayerChoice(1, 1, "none", False), p).phases["attention"]
     assert t[16] - without == pytest.approx(16 / 2 * 2048 * 2048 * (per_element - 4.1e-13),
                                             rel=F64_REL)
+
+
+def test_mixture_of_students_plan_costs_the_teachers_forward():
+    """A MoS training plan runs its teacher forward on every micro-batch: the teacher's layers
+    (experts spread as far as the world allows) and its logits are charged as the `teacher`
+    phase, its weights as memory; inference plans of the student carry no teacher."""
+    from moeplan.planner.planning import Request, plan
+
+    p, _ = plan(load_model("1.3b-pr-moe-mos"), NDV4, Request(gpus=64))
+    t = p.teacher
+    assert t is not None and t.model.name == "1.3b-pr-moe"
+    assert {(l.experts, l.ep, l.edp) for l in t.layers if l.kind == "moe"} == {(64, 64, 1),
+                                                                                (128, 64, 1)}
+    teacher_s = p.predicted.head_phases_s["teacher"]
+    layers_s = sum(l.predicted.time_s for l in t.layers)
+    assert layers_s < teacher_s < 1.2 * layers_s  # plus the logits of every token
+    # a forward of 24 layers against the student's forward + backward of 21 (3 passes): about
+    # a third of the student's layers, well under the whole
+    student_s = sum(l.predicted.time_s for l in p.layers)
+    assert 0.15 * student_s < teacher_s < 0.6 * student_s
+    weights = sum(v for l in t.layers for k, v in l.predicted.memory_bytes.items()
+                  if k in ("weights", "expert_weights"))
+    assert weights < p.predicted.memory_breakdown_bytes["teacher_weights"] < 1.1 * weights
+    served, _ = plan(load_model("1.3b-pr-moe-mos"), NDV4, Request(gpus=64, mode="infer"))
+    assert served.teacher is None and "teacher" not in served.predicted.head_phases_s
+
+
+def test_a_teacher_of_another_vocabulary_is_refused():
+    from moeplan.planner.planning import Request, plan
+    from moeplan.spec.errors import ConfigError
+
+    student = load_model("tiny-pr-moe-mos")
+    bad = student.model_copy(update={"distillation": student.distillation.model_copy(
+        update={"teacher": "1.3b-pr-moe"})})
+    with pytest.raises(ConfigError, match="vocabulary has 50257 tokens, not 256"):
+        plan(bad, load_cluster("local-cpu"), Request(gpus=2))
+    gone = student.model_copy(update={"distillation": student.distillation.model_copy(
+        update={"teacher": "no-such-model"})})
+    with pytest.raises(ConfigError, match="does not load"):
+        plan(gone, load_cluster("local-cpu"), Request(gpus=2))

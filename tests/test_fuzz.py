@@ -9,8 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-TARGETS = ["model spec", "cluster profile", "plan (validate)", "plan (moerun)", "run record",
-           "search options", "sweep options", "sweep file", "data file"]
+TARGETS = ["model spec", "cluster profile", "plan (validate)", "plan (moerun)",
+           "MoS plan (moerun)", "moerun options", "run record", "search options",
+           "sweep options", "sweep file", "data file"]
 
 
 class Work(tuple):
@@ -39,5 +40,6 @@ def test_hostile_input_is_rc_0_or_one_line_rc_2(work, target, data):
     allowed = {"plan.json", "run.json", "plan.out.json", "p.json", "-", "fuzz-model.json",
                "fuzz-cluster.json", "fuzz-plan.json", "fuzz-run.json", "sweep.json",
                "sweep.out.csv", "s.csv", "s.json", "fuzz-sweep.json", "report.out",
-               "fuzz-data.txt", "fuzz-data.npy", "fuzz-data.bin"}
+               "fuzz-data.txt", "fuzz-data.npy", "fuzz-data.bin", "ckpt", "ckpt.lock",
+               "mos.json"}
     assert {p.name for p in d.iterdir()} <= allowed

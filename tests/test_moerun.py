@@ -93,12 +93,35 @@ def test_dead_rank_ends_the_job_with_a_clear_message(work):
     (["--timeout", "nan"], "nan is not a finite number"), (["--timeout", "inf"], "--timeout"),
     (["--seed", str(10**30)], "--seed"), (["--fault", "7:0"], "the plan has ranks 0-1"),
     (["--save", ""], "--save is empty"), (["--out", "/dev/full"], "not a regular file"),
+    (["--teacher", "ckpt"], "distils from no teacher"), (["--kd-steps", "-1"], "--kd-steps"),
 ])
 def test_bad_inputs_are_one_line(work, argv, message, monkeypatch, capsys):
     d, _ = work
     monkeypatch.chdir(d)
     code, _, err = invoke(moerun_cli, ["--plan", "plan.json", *argv], monkeypatch, capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_students_teacher_is_checked_before_any_rank_starts(work, monkeypatch, capsys):
+    """A Mixture-of-Students plan needs its teacher's checkpoint (or --kd-steps 0); a checkpoint
+    of another model is refused."""
+    d, _ = work
+    monkeypatch.chdir(d)
+    r = sh(MOEPLAN + ["search", "--model", "tiny-pr-moe-mos", "--gpus", "2", "--cluster",
+                      "local-cpu", "--global-batch", "8", "--seq-len", "32", "--out",
+                      "mos.json"], d)
+    assert r.returncode == 0, r.stderr
+    for argv, message in (([], "distils from tiny-pr-moe: give a checkpoint of it"),
+                          (["--teacher", "nothing-here"], "no checkpoint at nothing-here")):
+        code, _, err = invoke(moerun_cli, ["--plan", "mos.json", *argv], monkeypatch, capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    # the student's own checkpoint is not the teacher's model
+    r = sh(MOERUN + ["--plan", "mos.json", "--steps", "1", "--kd-steps", "0", "--save",
+                     "student", "--out", "s.json"], d)
+    assert r.returncode == 0, r.stderr
+    code, _, err = invoke(moerun_cli, ["--plan", "mos.json", "--teacher", "student"],
+                          monkeypatch, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "tiny-pr-moe" in err, err
 
 
 def test_malformed_and_foreign_plans(work, monkeypatch, capsys, tmp_path):

@@ -58,3 +58,16 @@ def test_training_runs_in_the_plans_dtype(dtype):
     assert all(x is not None and math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0] - 0.3, losses
     assert losses[0] == pytest.approx(math.log(256), rel=2 ** -8 * 4)  # uniform over bytes
+
+
+def test_distillation_loss_is_the_softened_kl_times_t_squared():
+    from moeplan.runtime.model import distillation_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 11, generator=g), torch.randn(2, 3, 11, generator=g)
+    assert float(distillation_loss(s, s, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    T = 2.0
+    p_t = torch.softmax(t / T, -1)
+    want = (p_t * (torch.log_softmax(t / T, -1) - torch.log_softmax(s / T, -1))).sum(-1).mean()
+    # fp32 sums of 11 terms of magnitude <= ~3: within 1e-5 relative
+    assert float(distillation_loss(s, t, T)) == pytest.approx(float(want) * T * T, rel=1e-5)

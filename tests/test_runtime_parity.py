@@ -185,6 +185,21 @@ def test_routers_stay_healthy_with_the_defaults(world2):
     assert h["healthy"], h
 
 
+def test_mixture_of_students_distils_from_a_sharded_teacher(world2):
+    """The teacher runs with its plan section's degrees (each MoE layer ep = E on 2 ranks) and
+    gives the single-device teacher's logits (a forward: within the chain's rounding); the KD
+    term adds to the first step's loss (KL >= 0, and the untrained student is far from the
+    teacher); the teacher's forward is timed while distilling and not once the staged
+    distillation has stopped (after step 1 of 3: the median step has no teacher)."""
+    r = world2[0]["mos"]
+    assert r["teacher_layers"] == [(2, 2, 1), (4, 2, 1), (6, 2, 1), (8, 2, 1)]
+    assert r["teacher_diff"] <= tol(r["scale"])
+    plain, taught, staged = r["plain"], r["taught"], r["staged"]
+    assert taught[0][0] > plain[0][0] + 0.01
+    assert staged[0][0] == taught[0][0]  # the same first step
+    assert plain[1] == 0.0 and taught[1] > 0.0 and staged[1] == 0.0
+
+
 def test_training_records_each_steps_routing(world2):
     """Per MoE layer and step (warm-up included): load ratio, entropy and dropped share, summed
     over ranks; the measured steps' dropped shares add up to the layer's dropped choices."""

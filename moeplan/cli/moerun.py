@@ -37,15 +37,40 @@ def _load_plan(path: str, mode: str | None):
 def _worker_args(plan_file: str, mode: str, steps: int, warmup: int, out: str, lr: float,
                  seed: int, save: str | None, load: str | None, timeout: float,
                  fault: str | None, data: str | None, tokenizer: str | None,
-                 schedule_steps: int | None) -> list[str]:
+                 schedule_steps: int | None, teacher: str | None = None,
+                 kd_steps: int | None = None) -> list[str]:
     args = ["--plan", plan_file, "--mode", mode, "--steps", str(steps), "--warmup", str(warmup),
             "--out", out, "--lr", str(lr), "--seed", str(seed), "--timeout", str(timeout)]
     for flag, value in (("--save", save), ("--load", load), ("--fault", fault),
                         ("--data", data), ("--tokenizer", tokenizer),
-                        ("--schedule-steps", schedule_steps and str(schedule_steps))):
+                        ("--schedule-steps", schedule_steps and str(schedule_steps)),
+                        ("--teacher", teacher),
+                        ("--kd-steps", None if kd_steps is None else str(kd_steps))):
         if value:
             args += [flag, value]
     return args
+
+
+def _check_teacher(plan, mode: str, teacher: str | None, kd_steps: int | None) -> None:
+    """Distillation's options against the plan, and the teacher's checkpoint, before any rank
+    starts."""
+    if (teacher is not None or kd_steps is not None) and (plan.teacher is None
+                                                          or mode != "train"):
+        raise ConfigError(f"--teacher and --kd-steps train a Mixture-of-Students; this is a "
+                          f"{mode} plan of {plan.model.name}, which distils from no teacher")
+    if plan.teacher is None or mode != "train" or kd_steps == 0:
+        return
+    name = plan.teacher.model.name
+    if teacher is None:
+        raise ConfigError(f"{plan.model.name} distils from {name}: give a checkpoint of it "
+                          f"with --teacher DIR (moerun --save on a {name} plan), or --kd-steps 0 "
+                          "to train without distillation")
+    from moeplan.runtime.checkpoint import check_model, read_manifest, verify
+
+    check_model(read_manifest(teacher), plan.teacher.model, teacher)
+    verify(teacher)
+    click.echo(f"moerun: distilling from {name} ({teacher})"
+               + (f" for {kd_steps} steps" if kd_steps is not None else ""), err=True)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -90,9 +115,15 @@ def _worker_args(plan_file: str, mode: str, steps: int, warmup: int, out: str, l
                    "sources].")
 @click.option("--tokenizer", default=None, metavar="tokenizer.json",
               help="Encode --data's text with this `tokenizers` tokenizer instead of bytes.")
+@click.option("--teacher", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Mixture-of-Students: the teacher's checkpoint (a moerun --save of the "
+                   "model the student's spec distils from); its forward gives the soft labels.")
+@click.option("--kd-steps", type=click.IntRange(min=0, max=2**40), default=None,
+              help="Distil for this many steps, then train on the LM loss alone (staged KD) "
+                   "[default: the spec's stop_step, else throughout]; 0: no teacher.")
 @click.option("--fault", default=None, hidden=True, help="RANK:STEP: that rank exits (tests).")
 def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeout,
-        print_torchrun, force, schedule_steps, data, tokenizer, fault) -> None:
+        print_torchrun, force, schedule_steps, data, tokenizer, teacher, kd_steps, fault) -> None:
     """Execute PLAN with torch.distributed (gloo on CPU, NCCL on CUDA), measure every layer and
     phase, write OUT, and print measured against predicted."""
     plan, recosted = _load_plan(plan_path, mode)
@@ -131,6 +162,7 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
         elif mode == "train" and manifest.get("step"):
             click.echo(f"moerun: note: the checkpoint holds weights only; optimizer state and "
                        "learning-rate schedule start again from step 0", err=True)
+    _check_teacher(plan, mode, teacher, kd_steps)
     if save is not None:
         from moeplan.runtime.checkpoint import check_save_target
 
@@ -158,7 +190,8 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
         click.echo(f"moerun: the plan re-costed for --mode {mode} is {plan_file}", err=True)
     wargs = _worker_args(plan_file, mode, steps, warmup, out, lr, seed, save, load, timeout,
                          fault, data and os.path.abspath(data),
-                         tokenizer and os.path.abspath(tokenizer), schedule_steps)
+                         tokenizer and os.path.abspath(tokenizer), schedule_steps,
+                         teacher and os.path.abspath(teacher), kd_steps)
     if print_torchrun:
         G, nodes = plan.cluster.gpus_per_node, plan.cluster.nodes
         per_node = min(G, world)

@@ -63,6 +63,7 @@ class Env:
     gpus: int
     runtime: str = "moerun"  # whose kernels, launches and loops are costed: moerun | deepspeed
     scales: Scales = Scales()
+    teacher: ModelSpec | None = None  # a Mixture-of-Students' teacher, run forward each step
 
     @property
     def gpus_per_node(self) -> int:

@@ -9,6 +9,7 @@ attention context: `decode_pass`); the plan's latency is the decode pass.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from math import ceil
 
 from moeplan.cost_models import collectives as coll
@@ -16,6 +17,7 @@ from moeplan.cost_models.compute import gemm_s, memory_s, roofline_s
 from moeplan.cost_models.layer import (
     COMM_PHASES,
     COMPUTE_PHASES,
+    DENSE,
     Env,
     LayerChoice,
     LayerCost,
@@ -36,7 +38,7 @@ from moeplan.cost_models.layer import (
 from moeplan.cost_models.memory import kv_cache_bytes, optimizer_bytes_per_param
 from moeplan.cost_models.params import embedding_params, layer_params
 from moeplan.spec.phases import Phase
-from moeplan.spec.workload import Setting
+from moeplan.spec.workload import Setting, Workload
 
 HEAD_TENSORS = 4  # token and position embeddings, final layer norm weight and bias
 
@@ -109,6 +111,52 @@ def infer_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> tuple[Layer
     return decode, prefill
 
 
+def teacher_choice(env: Env, experts: int) -> LayerChoice:
+    """The degrees a Mixture-of-Students teacher's MoE layer runs with beside its student: its
+    experts spread as far as the world allows (ep the largest divisor of E that divides the
+    world and fits its nodes), no slicing, flat all-to-all — DeepSpeed's usual ep = E."""
+    G, N = env.gpus_per_node, env.gpus
+    ep = max(d for d in range(1, experts + 1)
+             if experts % d == 0 and N % d == 0 and (G % d == 0 or d % G == 0))
+    return LayerChoice(ep=ep, es=1, a2a="flat", coordinated=False)
+
+
+@dataclass
+class TeacherCost:
+    layers: list[tuple[LayerChoice, LayerCost]]  # one forward pass of each layer
+    head_s: float  # one forward pass of the logits
+    micro_steps: int
+
+    @property
+    def time_s(self) -> float:
+        """Seconds per training step: a forward of every micro-batch."""
+        return self.micro_steps * (self.head_s + sum(c.time_s for _, c in self.layers))
+
+
+def teacher_cost(env: Env, s: Setting) -> TeacherCost:
+    """The teacher's forward on each micro-batch of a Mixture-of-Students step (DeepSpeed-MoE
+    §4.2): the student's tp, each MoE layer at `teacher_choice`, in evaluation (inference
+    capacity, no dropout, no gradients), then the logits of every token for the KD loss."""
+    w = env.workload
+    teacher = replace(env, spec=env.teacher, teacher=None, workload=Workload(
+        mode="infer", global_batch=w.global_batch, micro_batch=w.micro_batch, seq_len=w.seq_len,
+        prompt_len=w.seq_len - 1, gen_len=1, dtype=w.dtype, zero_stage=0))
+    p = Pass(tokens=s.micro_batch * w.seq_len, context=w.seq_len, decode=False)
+    layers = []
+    for i, E in enumerate(teacher.spec.experts):
+        c = teacher_choice(teacher, E) if E else DENSE
+        cost = forward(teacher, s, i, c, p)
+        add_turn_wait(teacher, cost, train=False, exchanges=c.ep * c.es > 1)
+        cost.memory = weight_memory(teacher, s, i, c)
+        layers.append((c, cost))
+    spec, dev, b = teacher.spec, teacher.cluster.device, teacher.dtype_bytes
+    V, h = spec.vocab_size, spec.hidden
+    roof = roofline_s(gemm_s(p.tokens, V / s.tp, h, dev, w.dtype), b * V * h / s.tp, dev, 0.0)
+    slow, _ = sharing(teacher)
+    head = slow * (env.scales.compute * roof + fixed_s(teacher, Phase.HEAD, p))
+    return TeacherCost(layers, head, s.micro_steps(w))
+
+
 def head_cost(env: Env, s: Setting) -> LayerCost:
     """Token/position embedding and the tied LM head (vocabulary-parallel over tp)."""
     spec, dev, dt, b = env.spec, env.cluster.device, env.workload.dtype, env.dtype_bytes
@@ -140,6 +188,13 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
         cost.memory["optimizer_states"] = (optimizer_bytes_per_param(b) * params
                                            / (s.dp if zero >= 1 else 1))
         cost.memory["logits"] = 4.0 * p.tokens * V / s.tp  # fp32 logits for the loss
+        if env.teacher is not None:
+            t = teacher_cost(env, s)
+            cost.phases[Phase.TEACHER] = t.time_s
+            cost.memory["teacher_weights"] = (
+                b * embedding_params(env.teacher) / s.tp
+                + sum(v for _, c in t.layers for v in c.memory.values()))
+            cost.memory["logits"] *= 2  # the teacher's beside the student's
         return cost
     # Inference: logits only for the newest token of each sequence.
     tokens = s.micro_batch

@@ -6,11 +6,11 @@ This is the library entry point behind `moeplan search`; the CLI only parses and
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from moeplan import __version__
 from moeplan.cost_models.layer import COMPUTE_PHASES, DENSE, Env, LayerChoice
-from moeplan.cost_models.step import head_cost, prefill_head_s, with_untimed
+from moeplan.cost_models.step import head_cost, prefill_head_s, teacher_cost, with_untimed
 from moeplan.planner.band import band
 from moeplan.planner.diagnose import describe_layers, over_budget
 from moeplan.planner.options import Candidate, evaluate
@@ -30,11 +30,12 @@ from moeplan.spec.plan import (
     Predicted,
     Provenance,
     SearchSummary,
+    Teacher,
     digest,
 )
 from moeplan.spec.plan import Objective as PlanObjective
 from moeplan.spec.workload import Setting, Workload
-from moeplan.spec.zoo import load_cluster
+from moeplan.spec.zoo import load_cluster, load_model
 
 DEFAULT_TRAIN_BATCH = 512
 DEFAULT_PROMPT_LEN = 512
@@ -88,6 +89,23 @@ def check_gpus(gpus: int, cluster: ClusterProfile) -> None:
         raise ConfigError(f"--gpus {gpus} needs {nodes} nodes; {cluster.name} has {cluster.max_nodes}")
 
 
+def teacher_of(spec: ModelSpec, seq_len: int) -> ModelSpec:
+    """A Mixture-of-Students' teacher (`spec.distillation.teacher`: a built-in model or a file),
+    checked to share the student's vocabulary and cover its sequence length."""
+    name = spec.distillation.teacher
+    try:
+        teacher = load_model(name)
+    except MoeplanError as e:
+        raise ConfigError(f"{spec.name} distils from {name!r}, which does not load: {e}") from None
+    if teacher.vocab_size != spec.vocab_size:
+        raise ConfigError(f"{spec.name} distils from {teacher.name}, whose vocabulary has "
+                          f"{teacher.vocab_size} tokens, not {spec.vocab_size}")
+    if teacher.max_seq_len < seq_len:
+        raise ConfigError(f"{spec.name} distils from {teacher.name}, which has "
+                          f"{teacher.max_seq_len} positions, fewer than the {seq_len} trained")
+    return teacher
+
+
 def _check(spec: ModelSpec, cluster: ClusterProfile, r: Request) -> None:
     check_gpus(r.gpus, cluster)
     if r.mode == "train":
@@ -136,6 +154,9 @@ def make_env(spec: ModelSpec, cluster: ClusterProfile, r: Request) -> tuple[Env,
         w = Workload(mode="train", global_batch=batch, micro_batch=r.micro_batch or 1,
                      seq_len=r.seq_len or spec.max_seq_len, dtype=dtype, zero_stage=r.zero_stage)
         objective = Objective("throughput")
+        if spec.distillation is not None:
+            return Env(spec, cluster, w, r.gpus, runtime=r.runtime,
+                       teacher=teacher_of(spec, w.seq_len)), objective
     else:
         prompt, gen = infer_lengths(spec, r)
         name = r.objective or "latency"
@@ -229,7 +250,7 @@ def to_plan(env: Env, objective: Objective, result: SearchResult,
         w = w.model_copy(update={"global_batch": best.global_batch, "micro_batch": s.micro_batch})
     else:
         w = w.model_copy(update={"micro_batch": s.micro_batch})
-    final_env = Env(env.spec, env.cluster, w, env.gpus, runtime=env.runtime)
+    final_env = replace(env, workload=w)
     layers, breakdown = [], defaultdict(float)
     transient = best.head.transient_bytes
     for k, v in best.head.memory.items():
@@ -283,6 +304,7 @@ def to_plan(env: Env, objective: Objective, result: SearchResult,
                                             if result.simulated else [])])
     obj = PlanObjective(name=objective.name,
                         slo_ms=objective.slo_s * 1e3 if objective.slo_s is not None else None)
+    teacher = _teacher_plan(final_env, s) if final_env.teacher is not None else None
     return Plan(
         model=env.spec, cluster=cluster_ref(env.cluster, env), workload=w, objective=obj,
         parallel=Parallel(tp=s.tp, dp=s.dp, activation_checkpointing=s.recompute),
@@ -290,9 +312,26 @@ def to_plan(env: Env, objective: Objective, result: SearchResult,
         search=SearchSummary(settings=result.stats.settings,
                              layer_options=result.stats.layer_options,
                              plans_covered=result.stats.plans_covered),
-        notes=notes or [],
+        notes=notes or [], teacher=teacher,
         provenance=Provenance(moeplan_version=__version__, runtime=env.runtime,
                               inputs_digest=inputs_digest(env, obj)))
+
+
+def _teacher_plan(env: Env, s: Setting) -> Teacher:
+    """The teacher's layers with their degrees and forward seconds per training step."""
+    t = teacher_cost(env, s)
+    layers = []
+    for i, (c, cost) in enumerate(t.layers):
+        phases = {k: t.micro_steps * v for k, v in cost.phases.items()}
+        pred = LayerPrediction(time_s=sum(phases.values()), phases_s=phases,
+                               comm_bytes=dict(cost.comm_bytes), memory_bytes=dict(cost.memory),
+                               transient_bytes=cost.transient_bytes)
+        E = env.teacher.experts[i]
+        layers.append(LayerPlan(index=i + 1, kind="moe", experts=E, ep=c.ep, es=c.es,
+                                edp=c.edp(env.gpus), a2a=c.a2a, a2a_tp_coordinated=False,
+                                predicted=pred) if E else
+                      LayerPlan(index=i + 1, kind="dense", predicted=pred))
+    return Teacher(model=env.teacher, layers=layers)
 
 
 def inputs_digest(env: Env, objective: PlanObjective) -> str:

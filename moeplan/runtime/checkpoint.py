@@ -232,7 +232,10 @@ def resolve(directory: str | Path) -> Path:
     """The checkpoint at `directory`, or its `.old` copy when a save was interrupted between
     moving the previous one aside and putting the new one in place."""
     final = Path(directory)
-    old = final.with_name(final.name + ".old")
+    if not Path(os.path.abspath(final)).name:  # "/": no name to take a sibling of
+        return final
+    old = Path(os.path.abspath(final))
+    old = old.with_name(old.name + ".old")
     if not final.exists() and (old / "manifest.json").is_file():
         return old
     return final

@@ -36,6 +36,7 @@ class Groups:
     tp: Comm
     dp: Comm
     moe: dict[int, LayerGroups] = field(default_factory=dict)  # 0-based layer index
+    teacher: dict[int, LayerGroups] = field(default_factory=dict)  # a MoS plan's teacher's
 
 
 class _Maker:
@@ -71,16 +72,18 @@ def build_groups(plan: Plan, rank: int, world: int,
     make = _Maker(rank, world, timeout)
     groups = Groups(rank=rank, world=world, tp=make.all_of(L.tp_groups(N, tp)),
                     dp=make.all_of(L.dp_groups(N, tp)))
-    for layer in plan.layers:
-        if layer.kind != "moe":
-            continue
-        hier = layer.a2a == "hierarchical"
-        lay = L.moe_layout(N, G, layer.ep, layer.es, hier)
-        groups.moe[layer.index - 1] = LayerGroups(
-            ep=make.all_of(lay.ep), es=make.all_of(lay.es), edp=make.all_of(lay.edp),
-            intra=make.all_of(lay.intra) if hier else None,
-            inter=make.all_of(lay.inter) if hier else None,
-            coordinated=bool(layer.a2a_tp_coordinated))
+    for layers, out in ((plan.layers, groups.moe),
+                        (plan.teacher.layers if plan.teacher else [], groups.teacher)):
+        for layer in layers:
+            if layer.kind != "moe":
+                continue
+            hier = layer.a2a == "hierarchical"
+            lay = L.moe_layout(N, G, layer.ep, layer.es, hier)
+            out[layer.index - 1] = LayerGroups(
+                ep=make.all_of(lay.ep), es=make.all_of(lay.es), edp=make.all_of(lay.edp),
+                intra=make.all_of(lay.intra) if hier else None,
+                inter=make.all_of(lay.inter) if hier else None,
+                coordinated=bool(layer.a2a_tp_coordinated))
     if world > 1:
         for key, group in make.made.items():
             if rank in key:

@@ -415,7 +415,27 @@ class GPT(nn.Module):
         logits = F.linear(self.ln_f(x), self.wte.weight)  # tied LM head
         return logits, aux
 
-    def loss(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def loss(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor,
+             teacher_BSV: torch.Tensor | None = None, alpha: float = 0.0,
+             temperature: float = 1.0) -> tuple[torch.Tensor, dict]:
+        """LM loss + aux loss; with a teacher's logits also alpha × the distillation loss."""
         logits, aux = self(idx_BS)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets_BS.reshape(-1))
-        return ce + self.spec.aux_loss_coef * aux, {"ce": ce.detach(), "aux": aux.detach()}
+        total = ce + self.spec.aux_loss_coef * aux
+        parts = {"ce": ce.detach(), "aux": aux.detach()}
+        if teacher_BSV is not None:
+            kd = distillation_loss(logits, teacher_BSV, temperature)
+            total = total + alpha * kd
+            parts["kd"] = kd.detach()
+        return total, parts
+
+
+def distillation_loss(student_BSV: torch.Tensor, teacher_BSV: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """KL(teacher ‖ student) of the distributions softened by the temperature, times T² so its
+    gradients keep their scale (Hinton et al., 2015), averaged over tokens — the soft-label
+    term of the Mixture-of-Students loss (DeepSpeed-MoE §4.2)."""
+    V = student_BSV.shape[-1]
+    log_s = F.log_softmax(student_BSV.float().reshape(-1, V) / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_BSV.float().reshape(-1, V) / temperature, dim=-1)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature ** 2

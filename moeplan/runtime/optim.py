@@ -85,7 +85,8 @@ def clip_grads(model: GPT, replicas: dict[str, float], world: int, max_norm: flo
 @dataclass
 class MemoryBytes:
     """This rank's weights, gradients (whole, as the backward leaves them) and optimizer states,
-    non-expert and expert apart — the plan's memory terms of the same names."""
+    non-expert and expert apart, and a teacher's weights — the plan's memory terms of the same
+    names."""
 
     weights: float = 0.0
     expert_weights: float = 0.0
@@ -93,6 +94,7 @@ class MemoryBytes:
     expert_gradients: float = 0.0
     optimizer_states: float = 0.0
     expert_optimizer_states: float = 0.0
+    teacher_weights: float = 0.0  # a MoS plan's teacher
 
     def add(self, term: str, expert: bool, nbytes: float) -> None:
         key = f"expert_{term}" if expert else term
@@ -195,10 +197,12 @@ class Sharded:
         self.replicas = replicas(model, groups.world)
         keyed: OrderedDict[tuple, list] = OrderedDict()
         for name, p in model.named_parameters():
-            keyed.setdefault(sync_key(name, groups), []).append((name, p))
+            # experts apart from the rest even where they share a group (ep = 1), as DeepSpeed's
+            # MoE parameter groups: each kind is split evenly over the ranks
+            keyed.setdefault(sync_key(name, groups) + (is_expert(name),), []).append((name, p))
         self.buckets: list[_Bucket] = []
         decay, no_decay = [], []
-        for (pre, comm, scale), named in keyed.items():
+        for (pre, comm, scale, _), named in keyed.items():
             named.sort(key=lambda np_: not decays(*np_))  # decaying first: one cut point
             bucket = self._bucket(pre, comm, scale, named)
             self.buckets.append(bucket)

@@ -46,9 +46,10 @@ def load_full_state(model: GPT, full: dict[str, torch.Tensor]) -> None:
             p.copy_(src)
 
 
-def parallel_context(plan: Plan, groups: Groups) -> Parallel:
+def parallel_context(groups: Groups, teacher: bool = False) -> Parallel:
+    """The model's (or a MoS plan's teacher's) tensor slicing and per-MoE-layer exchange."""
     moe = {}
-    for index, g in groups.moe.items():
+    for index, g in (groups.teacher if teacher else groups.moe).items():
         exchange = (HierarchicalExchange(g.intra, g.inter) if g.intra is not None
                     else FlatExchange(g.ep))
         moe[index] = MoEParallel(ep=g.ep, es=g.es, exchange=exchange,
@@ -58,7 +59,7 @@ def parallel_context(plan: Plan, groups: Groups) -> Parallel:
 
 def parallelize(full: dict[str, torch.Tensor], plan: Plan, groups: Groups) -> GPT:
     """This rank's shard of the model whose full (single-device) state is `full`."""
-    sharded = GPT(plan.model, parallel_context(plan, groups))
+    sharded = GPT(plan.model, parallel_context(groups))
     load_full_state(sharded, full)
     return sharded
 

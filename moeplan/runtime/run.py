@@ -29,7 +29,7 @@ from moeplan.runtime.infer import generate
 from moeplan.runtime.kernels import select, use_kernels
 from moeplan.runtime.model import GPT, MoE
 from moeplan.runtime.optim import LossScaler, MemoryBytes, make_optimizer
-from moeplan.runtime.parallel import parallelize
+from moeplan.runtime.parallel import load_full_state, parallel_context, parallelize
 from moeplan.runtime.timers import NULL_TIMER, PhaseTimer, instrument
 from moeplan.spec.phases import HEAD_PHASE, LayerPhase, Phase
 from moeplan.spec.plan import Plan, digest
@@ -63,6 +63,8 @@ class RunConfig:
     schedule_steps: int | None = None  # the LR schedule's length [default: this run's end]
     data: str | None = None  # token ids or text (`data.open_corpus`); None: the stdlib corpus
     tokenizer: str | None = None
+    teacher: str | None = None  # a MoS plan's teacher checkpoint
+    kd_steps: int | None = None  # distil until this step [default: the spec's stop_step]
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class TrainResult:
 
     phases: dict[LayerPhase, float]
     step_s: float
+    teacher_s: float  # the teacher's forward per step (0: no distillation)
     grad_sync_s: float
     optimizer_s: float
     dropped: dict[int, int]
@@ -124,6 +127,28 @@ def build_model(plan: Plan, groups: Groups, cfg: RunConfig) -> tuple[GPT, Resume
         torch.manual_seed(cfg.seed)
         full = GPT(plan.model).state_dict()
     return parallelize(full, plan, groups), resume
+
+
+def build_teacher(plan: Plan, groups: Groups, path: str) -> GPT:
+    """A MoS plan's teacher from its checkpoint, sharded as the plan's teacher section says,
+    in evaluation (inference capacity, no dropout, no aux loss) and without gradients."""
+    manifest = checkpoint.read_manifest(path)
+    checkpoint.check_model(manifest, plan.teacher.model, path)
+    weights, _ = checkpoint.split(checkpoint.load_full(path)[0])
+    teacher = GPT(plan.teacher.model, parallel_context(groups, teacher=True))
+    load_full_state(teacher, weights)
+    return teacher.eval().requires_grad_(False)
+
+
+def kd_until(plan: Plan, cfg: RunConfig) -> int:
+    """The step distillation stops at (staged KD): --kd-steps, else the spec's stop_step, else
+    never; 0 without a teacher."""
+    if plan.teacher is None or (cfg.teacher is None and not cfg.kd_steps):
+        return 0
+    if cfg.kd_steps is not None:
+        return cfg.kd_steps
+    stop = plan.model.distillation.stop_step
+    return stop if stop is not None else 1 << 62
 
 
 def _moe_layers(model: GPT) -> dict[int, MoE]:
@@ -231,7 +256,7 @@ def _gather(obj, world: int) -> list:
 
 
 def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
-          resume: Resume | None = None) -> TrainResult:
+          resume: Resume | None = None, teacher: GPT | None = None) -> TrainResult:
     w = plan.workload
     cuda = next(model.parameters()).is_cuda
     dev = next(model.parameters()).device
@@ -258,8 +283,10 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
     scaler = LossScaler(enabled=w.dtype == "fp16")
     if resume:
         scaler.load(resume.position.loss_scaler)
-    losses, step_s, sync_s, opt_s = [], [], [], []
+    losses, step_s, sync_s, opt_s, teacher_s = [], [], [], [], []
     memory = MemoryBytes()
+    kd_stop = kd_until(plan, cfg) if teacher is not None else 0
+    kd = plan.model.distillation
     step_phases: list[dict[LayerPhase, float]] = []
     model.train()
     for step in range(start, start + total_steps):
@@ -269,14 +296,21 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
         timer.reset()
         _barrier(groups.world)
         t0 = time.perf_counter()
-        total = 0.0
+        total, taught = 0.0, 0.0
         for m in range(micro_steps):
             first = (groups.dp.rank_in_group * micro_steps + m) * w.micro_batch
             batch = data.batch(step, first, w.micro_batch, w.global_batch).to(dev)
             set_noise_keys(model, cfg.seed, step, first)
+            soft = None
+            if step < kd_stop:  # the teacher's soft labels, timed apart from the student
+                t_start = timer.now()
+                with torch.no_grad(), autocast:
+                    soft = teacher(batch[:, :-1])[0]
+                taught += timer.now() - t_start
             timer.begin()
             with autocast:
-                loss, _ = model.loss(batch[:, :-1], batch[:, 1:])
+                loss, _ = model.loss(batch[:, :-1], batch[:, 1:], soft,
+                                     kd.alpha if kd else 0.0, kd.temperature if kd else 1.0)
             timer.end()
             timer.begin_backward()
             (loss * (scaler.scale / micro_steps)).backward()
@@ -302,6 +336,7 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
         if measured:
             step_phases.append(timer.totals())
             step_s.append(t3 - t0)
+            teacher_s.append(taught)
             sync_s.append(t2 - t1)
             opt_s.append(t3 - t2)
         log(f"step {step + 1}/{start + total_steps}  loss {total:.4f}  {t3 - t0:.3f} s"
@@ -309,6 +344,9 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
     stepped = opt.memory()
     memory.optimizer_states = stepped.optimizer_states
     memory.expert_optimizer_states = stepped.expert_optimizer_states
+    if teacher is not None:
+        memory.teacher_weights = float(sum(p.numel() * p.element_size()
+                                           for p in teacher.parameters()))
     if cfg.save:
         checkpoint.save(model, cfg.save, start + total_steps, digest(plan), groups.rank,
                         groups.world, moments=opt.moments(),
@@ -329,6 +367,7 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
     routed = {i: sum(sum(s[i].load) for s in measured_loads) for i in loads.moe}
     return TrainResult(phases=_median_phases(step_phases),
                        step_s=median(step_s) if step_s else float("nan"),
+                       teacher_s=median(teacher_s) if teacher_s else 0.0,
                        grad_sync_s=median(sync_s) if sync_s else 0.0,
                        optimizer_s=median(opt_s) if opt_s else 0.0,
                        dropped=dropped, routed=routed, loads=loads.steps,
@@ -392,7 +431,12 @@ def execute(plan: Plan, cfg: RunConfig, rank: int, world: int, log=print) -> Run
     use_kernels(model, select(next(model.parameters()).device))
     say = log if rank == 0 else (lambda *_: None)
     if cfg.mode == "train":
-        result = train(plan, model, groups, cfg, say, resume)  # saves with its optimizer
+        teacher = None
+        if plan.teacher is not None and cfg.teacher is not None and kd_until(plan, cfg) > 0:
+            teacher = build_teacher(plan, groups, cfg.teacher)
+            teacher = teacher.cuda() if cuda else teacher
+            use_kernels(teacher, select(next(teacher.parameters()).device))
+        result = train(plan, model, groups, cfg, say, resume, teacher)  # saves its optimizer
     else:
         result = infer(plan, model, groups, cfg, say)
         if cfg.save:
@@ -448,8 +492,9 @@ def _record(plan: Plan, cfg: RunConfig, ranks: list[TrainResult] | list[InferRes
         measured = Measured(step_time_s=step, tokens_per_s=w.global_batch * w.seq_len / step,
                             grad_sync_s=sum(r.grad_sync_s for r in ranks) / world,
                             optimizer_s=sum(r.optimizer_s for r in ranks) / world,
-                            peak_memory_bytes=peak_bytes,
-                            memory_kind=memory_kind, head_phases_s={Phase.HEAD: head},
+                            peak_memory_bytes=peak_bytes, memory_kind=memory_kind,
+                            head_phases_s={Phase.HEAD: head, **({Phase.TEACHER: max(
+                                r.teacher_s for r in ranks)} if r0.teacher_s else {})},
                             memory_bytes={k: max(getattr(r.memory, k) for r in ranks)
                                           for k in asdict(r0.memory)})
         extra = {"losses": r0.losses, "eval_loss": r0.eval_loss, "measured_steps": r0.steps}

@@ -41,6 +41,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data")
     p.add_argument("--tokenizer")
     p.add_argument("--schedule-steps", type=int)
+    p.add_argument("--teacher")
+    p.add_argument("--kd-steps", type=int)
     return p.parse_args(argv)
 
 
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         fault = tuple(int(x) for x in a.fault.split(":")) if a.fault else None
         cfg = RunConfig(mode=a.mode, steps=a.steps, warmup=a.warmup, lr=a.lr, seed=a.seed,
                         save=a.save, load=a.load, fault=fault, timeout_s=a.timeout,
-                        data=a.data, tokenizer=a.tokenizer, schedule_steps=a.schedule_steps)
+                        data=a.data, tokenizer=a.tokenizer, schedule_steps=a.schedule_steps,
+                        teacher=a.teacher, kd_steps=a.kd_steps)
         if world > 1:
             dist.init_process_group("nccl" if cuda else "gloo",
                                     timeout=timedelta(seconds=a.timeout))

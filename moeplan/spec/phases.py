@@ -24,6 +24,7 @@ class Phase(str, Enum):
     UNTIMED = "untimed"  # what the step takes beyond its timed phases
     WAIT = "wait"  # ranks taking turns on shared cores, handed on to the next collective
     HEAD = "head"  # embedding, final norm, logits and loss
+    TEACHER = "teacher"  # a Mixture-of-Students teacher's forward (knowledge distillation)
 
     def __str__(self) -> str:
         return self.value

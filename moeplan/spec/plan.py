@@ -115,6 +115,33 @@ class Provenance(_Frozen):
     inputs_digest: str
 
 
+def _check_layers(model: ModelSpec, layers: list[LayerPlan], N: int) -> None:
+    if len(layers) != model.num_layers:
+        raise ValueError(f"{len(layers)} layers for a {model.num_layers}-layer model")
+    for i, layer in enumerate(layers, start=1):
+        E = model.experts[i - 1]
+        if layer.index != i or (layer.kind == "moe") != (E > 0):
+            raise ValueError(f"layer {i} does not match the model (index/kind)")
+        if layer.kind == "moe":
+            if layer.experts != E or None in (layer.ep, layer.es, layer.edp, layer.a2a):
+                raise ValueError(f"layer {i}: experts/ep/es/edp/a2a missing or wrong")
+            if E % layer.ep or layer.ep * layer.es * layer.edp != N:
+                raise ValueError(f"layer {i}: ep {layer.ep} × es {layer.es} × edp "
+                                 f"{layer.edp} must equal {N} GPUs and ep divide {E}")
+            if layer.es > 1 and layer.ep != E:
+                raise ValueError(f"layer {i}: expert slicing (es {layer.es}) needs every "
+                                 f"expert on its own rank (ep {layer.ep} = {E} experts)")
+
+
+class Teacher(_Frozen):
+    """A Mixture-of-Students plan's teacher: run forward on every micro-batch beside the
+    student (the student's tp and dp; its MoE layers' degrees here), its predictions the
+    forward's seconds per training step."""
+
+    model: ModelSpec
+    layers: list[LayerPlan]
+
+
 class Plan(_Frozen):
     schema_version: Literal[1] = SCHEMA_VERSION
     model: ModelSpec
@@ -127,14 +154,13 @@ class Plan(_Frozen):
     search: SearchSummary
     notes: list[str] = []  # what the planner says about the request (e.g. a clamped --fix)
     provenance: Provenance
+    teacher: Teacher | None = None  # Mixture-of-Students training: the teacher's forward
 
     @model_validator(mode="after")
     def _consistent(self) -> "Plan":
         N = self.cluster.gpus
         if self.parallel.tp * self.parallel.dp != N:
             raise ValueError(f"tp {self.parallel.tp} × dp {self.parallel.dp} != {N} GPUs")
-        if len(self.layers) != self.model.num_layers:
-            raise ValueError(f"{len(self.layers)} layers for a {self.model.num_layers}-layer model")
         w = self.workload
         if w.seq_len > self.model.max_seq_len:
             raise ValueError(f"workload seq_len {w.seq_len} exceeds the model's max_seq_len "
@@ -142,19 +168,15 @@ class Plan(_Frozen):
         if w.global_batch % (self.parallel.dp * w.micro_batch):
             raise ValueError(f"global_batch {w.global_batch} is not a multiple of dp "
                              f"{self.parallel.dp} × micro_batch {w.micro_batch}")
-        for i, layer in enumerate(self.layers, start=1):
-            E = self.model.experts[i - 1]
-            if layer.index != i or (layer.kind == "moe") != (E > 0):
-                raise ValueError(f"layer {i} does not match the model (index/kind)")
-            if layer.kind == "moe":
-                if layer.experts != E or None in (layer.ep, layer.es, layer.edp, layer.a2a):
-                    raise ValueError(f"layer {i}: experts/ep/es/edp/a2a missing or wrong")
-                if E % layer.ep or layer.ep * layer.es * layer.edp != N:
-                    raise ValueError(f"layer {i}: ep {layer.ep} × es {layer.es} × edp "
-                                     f"{layer.edp} must equal {N} GPUs and ep divide {E}")
-                if layer.es > 1 and layer.ep != E:
-                    raise ValueError(f"layer {i}: expert slicing (es {layer.es}) needs every "
-                                     f"expert on its own rank (ep {layer.ep} = {E} experts)")
+        _check_layers(self.model, self.layers, N)
+        if self.teacher is not None:
+            t = self.teacher.model
+            if self.workload.mode != "train":
+                raise ValueError("a teacher belongs to a training plan")
+            if t.vocab_size != self.model.vocab_size or t.max_seq_len < w.seq_len:
+                raise ValueError(f"teacher {t.name} has another vocabulary or fewer positions "
+                                 "than the student's workload")
+            _check_layers(t, self.teacher.layers, N)
         return self
 
     def to_json(self) -> str:
@@ -162,4 +184,5 @@ class Plan(_Frozen):
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, indent=2) + "\n"
 
 
-__all__ = ["Plan", "LayerPlan", "Parallel", "Predicted", "digest", "SCHEMA_VERSION", "ModelSpec"]
+__all__ = ["Plan", "LayerPlan", "Parallel", "Predicted", "Teacher", "digest", "SCHEMA_VERSION",
+           "ModelSpec"]

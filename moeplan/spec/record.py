@@ -109,8 +109,10 @@ def compare(plan: Plan, run: RunRecord) -> list[Comparison]:
         measured_phase[Phase.OPTIMIZER] = meas.optimizer_s or 0.0
         for k in STEP_END:
             predicted_phase[k] = predicted_phase.get(k, 0.0) + pred.head_phases_s.get(k, 0.0)
-    predicted_phase[Phase.HEAD] = pred.head_phases_s.get(Phase.HEAD, 0.0)
-    measured_phase[Phase.HEAD] = meas.head_phases_s.get(Phase.HEAD, 0.0)
+    for k in (Phase.HEAD, Phase.TEACHER):
+        if k in pred.head_phases_s or k in meas.head_phases_s:
+            predicted_phase[k] = pred.head_phases_s.get(k, 0.0)
+            measured_phase[k] = meas.head_phases_s.get(k, 0.0)
     if pred.head_phases_s.get(Phase.UNTIMED):  # the step outside every timed phase
         headline = meas.step_time_s if run.mode == "train" else meas.latency_s
         predicted_phase[Phase.UNTIMED] = pred.head_phases_s[Phase.UNTIMED]

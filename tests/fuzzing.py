@@ -142,6 +142,20 @@ def model_base() -> dict:
     return json.loads(load_model("tiny-pr-moe").model_dump_json())
 
 
+def hf_bases() -> list[dict]:
+    """Small Hugging Face configs of each architecture family moeplan reads."""
+    from hf_configs import DEEPSEEK_V2_LITE, MIXTRAL_8X7B, QWEN15_MOE_A27B
+
+    small = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "num_key_value_heads": 4, "vocab_size": 256, "max_position_embeddings": 128}
+    return [dict(MIXTRAL_8X7B, **small, intermediate_size=128, num_local_experts=4),
+            dict(QWEN15_MOE_A27B, **small, moe_intermediate_size=32, num_experts=4,
+                 shared_expert_intermediate_size=64),
+            dict(DEEPSEEK_V2_LITE, **small, moe_intermediate_size=32, n_routed_experts=4,
+                 kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                 num_experts_per_tok=2)]
+
+
 def cluster_base() -> dict:
     return json.loads(load_cluster("local-cpu").model_dump_json())
 
@@ -172,16 +186,21 @@ SEARCH_OPTIONS = {
 }
 
 
+def _hostile(draw, argv: list[str], options: dict, most: int) -> list[str]:
+    """`argv` with 1..`most` of `options` appended, each with a value drawn for it."""
+    names = draw(st.lists(st.sampled_from(sorted(options)), min_size=1, max_size=most,
+                          unique=True))
+    for name in names:
+        argv += [name, str(draw(options[name]))]
+    return argv
+
+
 @st.composite
 def search_options(draw) -> list[str]:
     """A `moeplan search` command line for tiny-pr-moe with 1-4 options drawn hostile."""
     argv = ["search", "--model", "tiny-pr-moe", "--cluster", "local-cpu", "--gpus", "4",
             "--global-batch", "8", "--seq-len", "32", "--simulate-top", "2", "--json"]
-    names = draw(st.lists(st.sampled_from(sorted(SEARCH_OPTIONS)), min_size=1, max_size=4,
-                          unique=True))
-    for name in names:
-        argv += [name, str(draw(SEARCH_OPTIONS[name]))]
-    return argv
+    return _hostile(draw, argv, SEARCH_OPTIONS, 4)
 
 
 # what `moeplan sweep` takes besides what it shares with search: (option, values drawn for it)
@@ -214,11 +233,7 @@ def sweep_options(draw) -> list[str]:
     argv = ["sweep", "--model", "tiny-pr-moe", "--cluster", "local-cpu", "--gpus", "2-4",
             "--global-batch", "8", "--seq-len", "32", "--simulate-top", "2", "--jobs", "1",
             "--out", "sweep.out.csv"]
-    names = draw(st.lists(st.sampled_from(sorted(SWEEP_OPTIONS)), min_size=1, max_size=4,
-                          unique=True))
-    for name in names:
-        argv += [name, str(draw(SWEEP_OPTIONS[name]))]
-    return argv
+    return _hostile(draw, argv, SWEEP_OPTIONS, 4)
 
 
 # what `moerun` takes: (option, values drawn for it); the command ends at --print-torchrun, after
@@ -244,11 +259,22 @@ def moerun_options(draw) -> list[str]:
     """A `moerun` command line for the tiny plans (plain and Mixture-of-Students), 1-4 options
     drawn hostile."""
     argv = ["--plan", "mos.json", "--print-torchrun"]
-    names = draw(st.lists(st.sampled_from(sorted(MOERUN_OPTIONS)), min_size=1, max_size=4,
-                          unique=True))
-    for name in names:
-        argv += [name, str(draw(MOERUN_OPTIONS[name]))]
-    return argv
+    return _hostile(draw, argv, MOERUN_OPTIONS, 4)
+
+
+EXPORT_OPTIONS = {
+    "--to": st.sampled_from(["deepspeed", "megatron-deepspeed", "megatron-core", "", "x"]),
+    "--out": st.sampled_from(["", ".", "/", "export.out", "plan.json", "sub/none/x", "ckpt"]),
+    "--profile": st.sampled_from(["", "nope", "plan.json", "run.json", "/"]),
+}
+
+
+@st.composite
+def export_options(draw) -> list[str]:
+    """A `moeplan export` command line for the tiny plans, 1-3 options drawn hostile."""
+    argv = ["export", draw(st.sampled_from(["plan.json", "mos.json"])), "--to", "deepspeed",
+            "--out", "export.out"]
+    return _hostile(draw, argv, EXPORT_OPTIONS, 3)
 
 
 # ---- the targets: (what is drawn, how it is fed to the CLI) ----
@@ -338,6 +364,15 @@ def targets(work: Path) -> dict:
         return outcome(moerun_main, ["--plan", path, "--teacher", "ckpt", "--print-torchrun"],
                        work)
 
+    def hf_config(text):
+        path = _file(work, "fuzz-hf.json", text)
+        return outcome(moeplan_main, ["search", "--model", path, *MOEPLAN_SEARCH], work)
+
+    def plan_export(text):
+        path = _file(work, "fuzz-plan.json", text)
+        return outcome(moeplan_main, ["export", path, "--to", "megatron-deepspeed", "--out",
+                                      "export.out"], work)
+
     def sweep_file(text):
         path = _file(work, "fuzz-sweep.json", text)
         return outcome(moeplan_main, ["report", "--sweep", path, "--jobs", "1", "--out",
@@ -349,6 +384,9 @@ def targets(work: Path) -> dict:
             "plan (moerun)": (doc(plan), plan_moerun),
             "MoS plan (moerun)": (doc(mos), mos_plan),
             "moerun options": (moerun_options(), moerun_argv),
+            "plan (export)": (doc(plan), plan_export),
+            "Hugging Face config": (st.one_of(*(doc(c) for c in hf_bases())), hf_config),
+            "export options": (export_options(), search),
             "run record": (doc(run), run_validate),
             "search options": (search_options(), search),
             "sweep options": (sweep_options(), search),

@@ -10,7 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 TARGETS = ["model spec", "cluster profile", "plan (validate)", "plan (moerun)",
-           "MoS plan (moerun)", "moerun options", "run record", "search options",
+           "MoS plan (moerun)", "moerun options", "plan (export)", "export options",
+           "Hugging Face config",
+           "run record", "search options",
            "sweep options", "sweep file", "data file"]
 
 
@@ -41,5 +43,5 @@ def test_hostile_input_is_rc_0_or_one_line_rc_2(work, target, data):
                "fuzz-cluster.json", "fuzz-plan.json", "fuzz-run.json", "sweep.json",
                "sweep.out.csv", "s.csv", "s.json", "fuzz-sweep.json", "report.out",
                "fuzz-data.txt", "fuzz-data.npy", "fuzz-data.bin", "ckpt", "ckpt.lock",
-               "mos.json"}
+               "mos.json", "export.out", "fuzz-hf.json"}
     assert {p.name for p in d.iterdir()} <= allowed

@@ -13,7 +13,7 @@ from moeplan import __version__
 from moeplan.cli import capacity
 from moeplan.cli.errors import run
 from moeplan.cli.options import finite, load_profile
-from moeplan.spec.errors import CheckFailed, ConfigError
+from moeplan.spec.errors import CheckFailed, ConfigError, MoeplanError
 from moeplan.spec.files import output_path, write_atomic
 
 
@@ -263,6 +263,69 @@ def validate(plan_path: str, run_path: str, as_json: bool, max_error: float | No
     if breaches:
         more = f" (and {len(breaches) - 1} more)" if len(breaches) > 1 else ""
         raise CheckFailed(breaches[0] + more)
+
+
+EXPORT_MARKER = "export.json"  # the summary; its presence marks a folder this command wrote
+
+
+@cli.command("export")
+@click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False))
+@click.option("--to", "engine", type=click.Choice(["deepspeed", "megatron-deepspeed",
+                                                   "megatron-core"]), required=True,
+              help="The engine whose configuration to write.")
+@click.option("--out", default=None, metavar="DIR",
+              help="Write the files here (created; or a folder an earlier export wrote) "
+                   "[default: export-ENGINE].")
+@click.option("--profile", default=None,
+              help="The ClusterProfile the plan was made with, when it is not built in: the "
+                   "closest configuration is costed on it.")
+def export_cmd(plan_path: str, engine: str, out: str | None, profile: str | None) -> None:
+    """Write PLAN as ENGINE's configuration: DeepSpeed's config JSON and each MoE layer's
+    `deepspeed.moe.layer.MoE` arguments; Megatron-DeepSpeed's or Megatron-Core's
+    `pretrain_gpt.py` arguments (args.txt, one per line). What the engine cannot express is a
+    note, and the closest configuration it can run is costed beside the plan."""
+    from moeplan.planner.export import closest, export, plan_cluster
+    from moeplan.spec.files import prepare_folder
+    from moeplan.spec.plan import Plan
+    from moeplan.spec.zoo import parse_file
+
+    plan = parse_file(Path(plan_path), Plan)
+    cluster = load_profile(profile) if profile else None
+    ex = export(plan, engine)
+    base = plan_cluster(plan, cluster)
+    summary: dict = {"engine": engine, "plan": plan_path, "notes": ex.notes,
+                     "files": sorted(ex.files), "closest": None}
+    headline = "step_time_s" if plan.workload.mode == "train" else "latency_s"
+    if base is not None:
+        try:
+            near = closest(plan, ex, base)
+        except MoeplanError as e:  # e.g. the engine's configuration does not fit
+            summary["closest"] = {"runtime": ex.runtime, "error": str(e)}
+        else:
+            got, want = getattr(near.predicted, headline), getattr(plan.predicted, headline)
+            summary["closest"] = {"runtime": ex.runtime, headline: got,
+                                  "plan_" + headline: want,
+                                  "memory_per_gpu_bytes": near.predicted.memory_per_gpu_bytes}
+    folder = prepare_folder(f"export-{engine}" if out is None else out, EXPORT_MARKER,
+                            "a moeplan export")
+    for name, content in ex.files.items():
+        write_atomic(folder / name, content)
+    write_atomic(folder / EXPORT_MARKER, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    for note in ex.notes:
+        click.echo(f"note: {note}")
+    c = summary["closest"]
+    what = "step" if plan.workload.mode == "train" else "per-token latency"
+    if c is None:
+        click.echo(f"not costed: the plan's profile {plan.cluster.name} is not built in; give "
+                   "it with --profile")
+    elif "error" in c:
+        click.echo(f"{engine}'s closest configuration: {c['error']}")
+    else:
+        got, want = c[headline], c["plan_" + headline]
+        click.echo(f"{engine}'s closest configuration: {what} {got:.4g} s (the plan: "
+                   f"{want:.4g} s, {100 * (got / want - 1):+.1f}%), costed with {ex.runtime}'s "
+                   "kernels")
+    click.echo(f"wrote {', '.join(sorted(ex.files))} and {EXPORT_MARKER} in {folder}")
 
 
 cli.add_command(capacity.sweep)

@@ -29,7 +29,7 @@ from moeplan.cost_models.memory import (
     moe_activation_bytes,
     optimizer_bytes_per_param,
 )
-from moeplan.cost_models.params import layer_params
+from moeplan.cost_models.params import attention_shape, layer_params, mlp_matrices
 from moeplan.cost_models.runtimes import DEEPSPEED_SYNCS, HOST_SYNC_S, operations
 from moeplan.spec.cluster import DTYPE_BYTES, ClusterProfile
 from moeplan.spec.model import ModelSpec
@@ -222,9 +222,12 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     cost = LayerCost()
     ph, cb = cost.phases, cost.comm_bytes
 
-    attn_flops_s = (gemm_s(T, 3 * h / tp, h, dev, dt) + gemm_s(T, h, h / tp, dev, dt)
-                    + 2 * gemm_s(T, p.context, h / tp, dev, dt))
-    kv_read = kv_cache_bytes(T, p.context, h, tp, b) if p.decode else 0.0
+    a = attention_shape(spec)
+    attn_flops_s = (gemm_s(T, a.projection_out / tp, h, dev, dt)
+                    + gemm_s(T, h, a.output_in / tp, dev, dt)
+                    + gemm_s(T, p.context, a.qk / tp, dev, dt)
+                    + gemm_s(T, p.context, a.v / tp, dev, dt))
+    kv_read = kv_cache_bytes(T, p.context, spec, tp, b) if p.decode else 0.0
     kind = "moe" if E else "dense"
 
     def fixed(phase: str, local_experts: int = 0, in_situ: bool = False) -> float:
@@ -251,15 +254,19 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     # the softmax's work on every score element of every head (`Device.score_element_s`)
     score_s = spec.heads / tp * T * p.context * dev.score_element_s
     ph[Phase.ATTENTION] = compute(Phase.ATTENTION, attn_flops_s,
-                                  b * (4 * h * h / tp + 2 * T * h) + kv_read,
+                                  b * (a.weights / tp + 2 * T * h) + kv_read,
                                   serial_bytes=elementwise_bytes(env, s, p, Phase.ATTENTION),
                                   serial_s=score_s)
 
-    has_mlp = E == 0 or spec.residual
+    # a dense layer's MLP, or beside the experts PR-MoE's residual MLP or shared experts
+    f_mlp = f if (E == 0 or spec.residual) else spec.shared_ffn_hidden
+    has_mlp = f_mlp > 0
+    m = mlp_matrices(spec)
     if has_mlp:
-        mlp_flops_s = gemm_s(T, f / tp, h, dev, dt) + gemm_s(T, h, f / tp, dev, dt)
-        ph[Phase.MLP] = compute(Phase.MLP, mlp_flops_s, b * (2 * h * f / tp + 2 * T * h),
-                                serial_bytes=elementwise_bytes(env, s, p, Phase.MLP))
+        mlp_flops_s = (m - 1) * gemm_s(T, f_mlp / tp, h, dev, dt) + gemm_s(T, h, f_mlp / tp,
+                                                                          dev, dt)
+        ph[Phase.MLP] = compute(Phase.MLP, mlp_flops_s, b * (m * h * f_mlp / tp + 2 * T * h),
+                                serial_bytes=elementwise_bytes(env, s, p, Phase.MLP, f_mlp))
 
     tp_span = env.span(tp, 1)
     cb["tp_allreduce"] = T * h * b
@@ -320,9 +327,10 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     skips = (not deepspeed and dev.kind == "gpu"
              and (p.decode or env.workload.mode == "infer"))
     active = local * (1.0 - (1.0 - 1.0 / E) ** routed) if skips else local
-    expert_flops_s = local * (gemm_s(expert_rows, f / c.es, h, dev, dt)
-                              + gemm_s(expert_rows, h, f / c.es, dev, dt))
-    expert_bytes = b * (active * 2 * h * f / c.es + local * expert_rows * 2 * h)
+    fe = spec.expert_ffn
+    expert_flops_s = local * ((m - 1) * gemm_s(expert_rows, fe / c.es, h, dev, dt)
+                              + gemm_s(expert_rows, h, fe / c.es, dev, dt))
+    expert_bytes = b * (active * m * h * fe / c.es + local * expert_rows * 2 * h)
     ph[Phase.EXPERTS] = compute(Phase.EXPERTS, expert_flops_s, expert_bytes, local)
     if deepspeed:
         ph[Phase.COMBINE] = compute(Phase.COMBINE, gemm_s(T_r, h, rows, dev, dt), einsum_bytes)
@@ -364,7 +372,7 @@ def gate_tokens(env: Env, s: Setting, c: LayerChoice, p: Pass) -> int:
     return T_r * (c.es if es_inference(env, s, c, p) == "gather" else 1)
 
 
-def elementwise_bytes(env: Env, s: Setting, p: Pass, phase: str) -> float:
+def elementwise_bytes(env: Env, s: Setting, p: Pass, phase: str, f: int = 0) -> float:
     """Bytes of the memory-bound kernels beside a block's GEMMs, on a GPU (on a CPU profile the
     measured work scale covers them): layer norm (read, write), bias adds, GELU, dropout in
     training (read, write, mask) and the residual add (two reads, a write), each over the
@@ -374,7 +382,7 @@ def elementwise_bytes(env: Env, s: Setting, p: Pass, phase: str) -> float:
     if env.cluster.device.kind != "gpu":
         return 0.0
     spec, b, tp, T = env.spec, env.dtype_bytes, s.tp, p.tokens
-    h, f = spec.hidden, spec.ffn_hidden
+    h, f = spec.hidden, f or spec.ffn_hidden
     train = env.workload.mode == "train" and not p.decode
     passes_h = 2 + 2 + 3 + (3 if train else 0)  # norm, bias, residual, dropout
     if phase == Phase.MLP:
@@ -432,8 +440,9 @@ def activation_bytes(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) 
     spec, b, tp, T = env.spec, env.dtype_bytes, s.tp, p.tokens
     E = spec.experts[index]
     total = attention_activation_bytes(T, p.context, spec.hidden, spec.heads, tp, b)
-    if E == 0 or spec.residual:
-        total += mlp_activation_bytes(T, spec.hidden, tp, b)
+    f_mlp = spec.ffn_hidden if (E == 0 or spec.residual) else spec.shared_ffn_hidden
+    if f_mlp:
+        total += mlp_activation_bytes(T, spec.hidden, tp, b, f_mlp, spec.mlp == "swiglu")
     if E:
         T_r = gate_tokens(env, s, c, p)
         C = spec.capacity(E, T_r, train=env.workload.mode == "train")

@@ -15,6 +15,7 @@ reduce-scatters during the backward; moerun reduces after it (`layer.gradient_sh
 
 from __future__ import annotations
 
+from moeplan.cost_models.params import attention_shape
 from moeplan.spec.model import ModelSpec
 
 
@@ -28,20 +29,28 @@ def attention_activation_bytes(tokens: float, context: float, h: int, heads: int
     return tokens * per_token * dtype_bytes / 2
 
 
-def mlp_activation_bytes(tokens: float, h: int, tp: int, dtype_bytes: int) -> float:
-    return tokens * h * (5 + 16 / tp) * dtype_bytes / 2
+def mlp_activation_bytes(tokens: float, h: int, tp: int, dtype_bytes: int, f: int | None = None,
+                         gated: bool = False) -> float:
+    """(5h + 4f/t) per token: the FFN-width terms scale with f (16h/t at f = 4h); a gated MLP
+    keeps its gate's output as well (+2f/t)."""
+    f = 4 * h if f is None else f
+    return tokens * (5 * h + (6 if gated else 4) * f / tp) * dtype_bytes / 2
 
 
 def moe_activation_bytes(spec: ModelSpec, experts: int, tokens: float, gate_tokens: float,
                          rows: float, received_rows: float, es: int, dtype_bytes: int) -> float:
     """MoE FFN buffers on one GPU: `rows` = experts·capacity dispatched by this GPU,
     `received_rows` = rows its local expert slices compute on (es·experts·capacity)."""
-    h, f = spec.hidden, spec.ffn_hidden
+    h, f = spec.hidden, spec.expert_ffn
     buffers = (2 * rows * h + received_rows * (2 * h + 2 * f / es) + tokens * 2 * h) * dtype_bytes
     probs = 2 * 4 * gate_tokens * experts
     return buffers + probs
 
 
-def kv_cache_bytes(sequences: float, length: int, h: int, tp: int, dtype_bytes: int) -> float:
-    """Keys and values of one layer for `sequences` of `length` tokens, heads split over tp."""
-    return 2 * sequences * length * h / tp * dtype_bytes
+def kv_cache_bytes(sequences: float, length: int, spec: ModelSpec, tp: int,
+                   dtype_bytes: int) -> float:
+    """Keys and values of one layer for `sequences` of `length` tokens, heads split over tp
+    (an MLA latent is whole on every rank): `params.attention_shape`."""
+    shape = attention_shape(spec)
+    return (sequences * length * shape.kv_per_token / (tp if shape.kv_sliced else 1)
+            * dtype_bytes)

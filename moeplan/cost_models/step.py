@@ -105,7 +105,7 @@ def infer_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> tuple[Layer
     add_turn_wait(env, prefill, train=False, exchanges=c.ep * c.es > 1)
     decode.memory = weight_memory(env, s, index, c)
     w = env.workload
-    decode.memory["kv_cache"] = kv_cache_bytes(s.micro_batch, w.seq_len, env.spec.hidden, s.tp,
+    decode.memory["kv_cache"] = kv_cache_bytes(s.micro_batch, w.seq_len, env.spec, s.tp,
                                                env.dtype_bytes)
     decode.transient_bytes = activation_bytes(env, s, index, c, prefill_p)
     return decode, prefill

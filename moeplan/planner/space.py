@@ -94,9 +94,13 @@ def divisors(n: int) -> list[int]:
 
 
 def tp_degrees(env: Env) -> list[int]:
+    """Tensor-slicing degrees within a node that split the heads, the FFN widths and the world;
+    grouped-query attention's kv heads split over tp or are replicated within it."""
     spec, G = env.spec, env.gpus_per_node
+    g = spec.kv_heads or spec.heads
     return [t for t in divisors(G)
-            if spec.heads % t == 0 and spec.ffn_hidden % t == 0 and env.gpus % t == 0]
+            if spec.heads % t == 0 and spec.ffn_hidden % t == 0 and env.gpus % t == 0
+            and spec.shared_ffn_hidden % t == 0 and (g % t == 0 or t % g == 0)]
 
 
 def micro_batches(per_rank: int, fixed: int | None, cap: int = 64) -> list[int]:
@@ -139,7 +143,7 @@ def settings(env: Env, global_batch: int | None, micro_batch: int | None,
 def layer_choices(env: Env, s: Setting, experts: int, fix: Fix = NO_FIX) -> list[LayerChoice]:
     """Every valid (ep, es, a2a, coordinated) for a MoE layer of `experts` experts that agrees
     with the fixed degrees."""
-    N, G, f = env.gpus, env.gpus_per_node, env.spec.ffn_hidden
+    N, G, f = env.gpus, env.gpus_per_node, env.spec.expert_ffn
     out: list[LayerChoice] = []
     for ep in divisors(experts):
         if fix.ep is not None and ep != fix.ep_for(experts):

@@ -18,6 +18,7 @@ from moeplan import __version__
 from moeplan.planner import sweep as S
 from moeplan.report import analysis as A
 from moeplan.report import figures as F
+from moeplan.spec import files
 from moeplan.spec.errors import ConfigError
 from moeplan.spec.files import write_atomic
 from moeplan.spec.sweep import SweepFile, SweepRow
@@ -52,27 +53,7 @@ img { max-width: 100%; } .note { color: #555; font-size: 0.9em; }
 
 def prepare_folder(out: str) -> Path:
     """The report's directory: created here, or an existing empty one, or a previous report."""
-    folder = Path(out)
-    if not str(out).strip():
-        raise ConfigError("--out is empty")
-    if folder.is_symlink():
-        raise ConfigError(f"--out {out} is a symbolic link; name the directory itself")
-    if folder.exists():
-        if not folder.is_dir():
-            raise ConfigError(f"--out {out} exists and is not a directory")
-        if any(folder.iterdir()) and not (folder / MARKER).is_file():
-            raise ConfigError(f"--out {out} is a directory with files that are not a moeplan "
-                              "report; name a new or empty directory")
-        if folder.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
-            raise ConfigError(f"--out {out} is the working directory or above it")
-    else:
-        if not folder.parent.is_dir():
-            raise ConfigError(f"--out {out}: the folder {folder.parent} does not exist")
-        try:
-            folder.mkdir()
-        except OSError as e:
-            raise ConfigError(f"cannot create {out}: {e.strerror}") from None
-    return folder
+    return files.prepare_folder(out, MARKER, "a moeplan report")
 
 
 @dataclass

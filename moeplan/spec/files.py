@@ -86,3 +86,29 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def prepare_folder(out: str, marker: str, what: str) -> Path:
+    """An output directory: created here, or an existing empty one, or one this program wrote
+    before (it holds `marker`). Never a link, the working directory or a folder above it."""
+    folder = Path(out)
+    if not str(out).strip():
+        raise ConfigError("--out is empty")
+    if folder.is_symlink():
+        raise ConfigError(f"--out {out} is a symbolic link; name the directory itself")
+    if folder.exists():
+        if not folder.is_dir():
+            raise ConfigError(f"--out {out} exists and is not a directory")
+        if any(folder.iterdir()) and not (folder / marker).is_file():
+            raise ConfigError(f"--out {out} is a directory with files that are not {what}; "
+                              "name a new or empty directory")
+        if folder.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+            raise ConfigError(f"--out {out} is the working directory or above it")
+    else:
+        if not folder.parent.is_dir():
+            raise ConfigError(f"--out {out}: the folder {folder.parent} does not exist")
+        try:
+            folder.mkdir()
+        except OSError as e:
+            raise ConfigError(f"cannot create {out}: {e.strerror}") from None
+    return folder

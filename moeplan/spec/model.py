@@ -30,6 +30,20 @@ class Distillation(BaseModel):
     source: str = ""
 
 
+class LatentAttention(BaseModel):
+    """DeepSeek-V2/V3's multi-head latent attention (MLA): queries through an optional low-rank
+    `q_lora_rank` projection, keys and values through a shared `kv_lora_rank` latent plus a
+    decoupled rotary key of `qk_rope_head_dim` per token."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    q_lora_rank: int = Field(0, ge=0)  # 0: queries projected at full rank
+    kv_lora_rank: int = Field(gt=0)
+    qk_nope_head_dim: int = Field(gt=0)
+    qk_rope_head_dim: int = Field(gt=0)
+    v_head_dim: int = Field(gt=0)
+
+
 MAX_EXPERTS = 2**16  # far beyond any published MoE (DeepSeek-V3: 256 routed experts)
 
 
@@ -53,7 +67,8 @@ class ModelSpec(BaseModel):
     max_seq_len: int = Field(gt=0)
     experts: list[int]
     residual: bool = False
-    top_k: Literal[1, 2] = 1
+    top_k: int = Field(1, ge=1, le=8)
+    renormalize_top_k: bool = True  # the chosen experts' weights rescaled to sum to 1 (k > 1)
     capacity_factor: float = Field(1.0, gt=0)
     eval_capacity_factor: float = Field(1.0, gt=0)
     min_capacity: int = Field(4, ge=0)
@@ -71,7 +86,22 @@ class ModelSpec(BaseModel):
     noisy_gate_policy: Literal["none", "rsample"] = "none"
     tied_embeddings: bool = True
     reported_params: float | None = Field(None, gt=0)
+    reported_active_params: float | None = Field(None, gt=0)
     distillation: Distillation | None = None
+    # the blocks of today's MoE models (Hugging Face configs: `moeplan.spec.hf`); the defaults
+    # are DeepSpeed-MoE's GPT-2 blocks, so the zoo's models do not set them
+    mlp: Literal["gelu", "swiglu"] = "gelu"  # swiglu: a gated MLP, three matrices
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    positions: Literal["learned", "rope"] = "learned"
+    kv_heads: int | None = Field(None, gt=0)  # grouped-query attention [default: heads]
+    head_dim: int | None = Field(None, gt=0)  # [default: hidden / heads]
+    bias: bool = True  # biases of the linear layers
+    qkv_bias: bool | None = None  # biases of the query/key/value projections [default: bias]
+    qk_norm: Literal["none", "head", "full"] = "none"  # norms of queries and keys (Qwen3, OLMoE)
+    latent_attention: LatentAttention | None = None  # MLA (DeepSeek-V2/V3) instead of MHA/GQA
+    expert_ffn_hidden: int | None = Field(None, gt=0)  # fine-grained experts [default: ffn_hidden]
+    shared_ffn_hidden: int = Field(0, ge=0)  # always-on shared expert(s), their total width
+    shared_gate: bool = False  # a sigmoid gate Linear(h, 1) on the shared expert (Qwen2-MoE)
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
@@ -83,11 +113,49 @@ class ModelSpec(BaseModel):
             raise ValueError("every expert count must be 0 (dense) or at least 2")
         if any(e > MAX_EXPERTS for e in self.experts):
             raise ValueError(f"an expert count above {MAX_EXPERTS} is not a model one can plan")
-        if self.hidden % self.heads:
+        if self.head_dim is None and self.latent_attention is None and self.hidden % self.heads:
             raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
-        if self.top_k == 2 and any(0 < e < 2 for e in self.experts):
-            raise ValueError("top-2 gating needs at least 2 experts per MoE layer")
+        if self.kv_heads is not None and self.heads % self.kv_heads:
+            raise ValueError(f"heads {self.heads} are not a multiple of kv_heads {self.kv_heads}")
+        if any(0 < e < self.top_k for e in self.experts):
+            raise ValueError(f"top-{self.top_k} gating needs at least {self.top_k} experts per "
+                             "MoE layer")
+        if self.residual and self.shared_ffn_hidden:
+            raise ValueError("a residual MLP (PR-MoE) and a shared expert are two names for one "
+                             "thing: give one")
         return self
+
+    def unsupported_by_moerun(self) -> list[str]:
+        """What this model needs that moerun's runtime does not run yet."""
+        out = []
+        for name, value, default in (("mlp", self.mlp, "gelu"), ("norm", self.norm, "layernorm"),
+                                     ("positions", self.positions, "learned"),
+                                     ("bias", self.bias, True), ("qk_norm", self.qk_norm, "none")):
+            if value != default:
+                out.append(f"{name} {value}")
+        if self.kv_heads not in (None, self.heads):
+            out.append(f"grouped-query attention ({self.kv_heads} kv heads)")
+        if self.head_dim not in (None, self.hidden // self.heads):
+            out.append(f"head_dim {self.head_dim}")
+        if self.qkv_bias not in (None, self.bias):
+            out.append("query/key/value biases apart from the others")
+        if self.latent_attention is not None:
+            out.append("latent attention (MLA)")
+        if self.expert_ffn_hidden not in (None, self.ffn_hidden):
+            out.append(f"expert FFN width {self.expert_ffn_hidden}")
+        if self.shared_ffn_hidden:
+            out.append("shared experts")
+        if self.top_k > 2:
+            out.append(f"top-{self.top_k} routing")
+        if self.top_k > 1 and not self.renormalize_top_k:
+            out.append("unnormalised top-k weights")
+        if not self.tied_embeddings:
+            out.append("untied embeddings")
+        return out
+
+    @property
+    def expert_ffn(self) -> int:
+        return self.expert_ffn_hidden or self.ffn_hidden
 
     def capacity(self, experts: int, gate_tokens: int, train: bool) -> int:
         """Rows per expert of one gate call of `gate_tokens` tokens (DeepSpeed TopKGate):

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ValidationError
 from moeplan.spec.cluster import ClusterProfile
 from moeplan.spec.errors import SpecError, UnknownNameError
 from moeplan.spec.files import read_document
+from moeplan.spec.hf import from_hf, is_hf_config
 from moeplan.spec.model import ModelSpec
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -39,8 +40,16 @@ def _one_line(err: ValidationError) -> str:
 def parse_file(path: Path, cls: type[T]) -> T:
     """Read a JSON file into `cls`; every failure is a one-line `SpecError` naming the file —
     also a FIFO or device (never opened: reading one could block for ever), a file too large
-    to be a spec, bytes that are not UTF-8, and JSON nested too deep to parse."""
+    to be a spec, bytes that are not UTF-8, and JSON nested too deep to parse. A model file may
+    also be a Hugging Face config.json (`spec.hf`)."""
     data = read_document(path, cls.__name__)
+    if cls is ModelSpec and is_hf_config(data):
+        stem = path.stem if path.stem != "config" else path.resolve().parent.name
+        try:
+            return from_hf(data, stem[:200] or "hf-model")
+        except (SpecError, ValidationError, ValueError, TypeError) as e:
+            why = _one_line(e) if isinstance(e, ValidationError) else str(e)
+            raise SpecError(f"{path}: {why}") from None
     try:
         return cls.model_validate(data)
     except ValidationError as e:

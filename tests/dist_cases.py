@@ -25,6 +25,36 @@ SEQ = 16
 PER_SHARD = 2  # sequences per data-parallel shard
 
 
+def mla_spec():
+    """A tiny DeepSeek-V2 from a Hugging Face config: latent attention with a low-rank query,
+    a first dense layer, fine-grained and shared experts, top-2 of 4, room enough not to drop."""
+    from hf_configs import DEEPSEEK_V2_LITE
+
+    from moeplan.spec.hf import from_hf
+
+    small = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "num_key_value_heads": 4, "vocab_size": 256, "max_position_embeddings": 128,
+             "intermediate_size": 128, "moe_intermediate_size": 32, "n_routed_experts": 4,
+             "num_experts_per_tok": 2, "q_lora_rank": 24, "kv_lora_rank": 16,
+             "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8}
+    return from_hf(dict(DEEPSEEK_V2_LITE, **small), "tiny-deepseek").model_copy(
+        update={"drop_tokens": True, "capacity_factor": 4.0, "eval_capacity_factor": 4.0})
+
+
+def modern_spec(qk_norm: str = "head"):
+    """tiny-pr-moe's sizes with today's blocks (what Hugging Face configs bring): SwiGLU,
+    RMSNorm, rotary positions, grouped-query attention (4 heads, 2 kv heads), no biases but on
+    q/k/v, query/key norms, an untied head, fine-grained experts (128 wide) with a gated shared
+    expert (64 wide), top-3 of 4 or 8 experts without renormalisation."""
+    return load_model("tiny-pr-moe").model_copy(update={
+        "name": "tiny-modern", "mlp": "swiglu", "norm": "rmsnorm", "norm_eps": 1e-6,
+        "positions": "rope", "rope_theta": 10000.0, "kv_heads": 2, "bias": False,
+        "qkv_bias": True, "qk_norm": qk_norm, "tied_embeddings": False,
+        "expert_ffn_hidden": 128, "residual": False, "shared_ffn_hidden": 64,
+        "shared_gate": True, "experts": [0, 4, 0, 4, 0, 8, 0, 8], "top_k": 3,
+        "renormalize_top_k": False, "noisy_gate_policy": "none", "capacity_factor": 2.0})
+
+
 def choice(ep, es=1, a2a="flat", coordinated=False):
     return LayerChoice(ep=ep, es=es, a2a=a2a, coordinated=coordinated)
 
@@ -146,6 +176,24 @@ def _cases4(spec) -> dict:
 def world4(rank: int, world: int) -> dict:
     spec = load_model("tiny-pr-moe")
     results = {name: parity(plan, rank, world) for name, plan in _cases4(spec).items()}
+    modern = modern_spec()
+    results["modern blocks, tp=2"] = parity(
+        make_plan(4, 2, {1: choice(2), 3: choice(4), 5: choice(2), 7: choice(4)}, spec=modern),
+        rank, world)
+    results["modern blocks, ep=E"] = parity(
+        make_plan(4, 1, {1: choice(4), 3: choice(4), 5: choice(4), 7: choice(4)}, spec=modern),
+        rank, world)
+    results["modern blocks, full q/k norm, tp=2"] = parity(
+        make_plan(4, 2, {}, spec=modern_spec("full")), rank, world)
+    results["modern blocks, dropless, ep=E"] = parity(
+        make_plan(4, 1, {1: choice(4), 3: choice(2), 5: choice(4), 7: choice(4)},
+                  spec=modern.model_copy(update={"drop_tokens": False, "capacity_factor": 0.5})),
+        rank, world)
+    results["generate modern tp=2"] = generation(make_plan(4, 2, {}, spec=modern), rank, world)
+    mla = mla_spec()
+    results["latent attention (MLA), tp=2"] = parity(
+        make_plan(4, 2, {1: choice(2), 2: choice(4), 3: choice(2)}, spec=mla), rank, world)
+    results["generate MLA tp=2"] = generation(make_plan(4, 2, {}, spec=mla), rank, world)
     results["skewed router (zero tokens for some experts)"] = parity(
         make_plan(4, 1, {5: choice(4)}), rank, world, skew_layer=5)
     results["exchange"] = exchange_exact(rank, world)

@@ -43,5 +43,5 @@ def test_hostile_input_is_rc_0_or_one_line_rc_2(work, target, data):
                "fuzz-cluster.json", "fuzz-plan.json", "fuzz-run.json", "sweep.json",
                "sweep.out.csv", "s.csv", "s.json", "fuzz-sweep.json", "report.out",
                "fuzz-data.txt", "fuzz-data.npy", "fuzz-data.bin", "ckpt", "ckpt.lock",
-               "mos.json", "export.out", "fuzz-hf.json"}
+               "mos.json", "export.out", "fuzz-hf.json", "run.plan.json"}
     assert {p.name for p in d.iterdir()} <= allowed

@@ -69,7 +69,8 @@ def test_what_is_not_read_is_one_line(tmp_path, doc, message):
 
 def test_mixtral_plans_on_h100s_and_exports(tmp_path, monkeypatch, capsys):
     """The issue's command: Mixtral-8x7B inference on 16 H100s plans; its DeepSpeed export
-    writes each layer's MoE arguments; moerun refuses it in one line (not its blocks)."""
+    writes each layer's MoE arguments; moerun runs these blocks (tests/test_runtime_parity.py)
+    and checks the plan against this host before any rank starts (16 GPUs: one line)."""
     from test_cli import invoke
 
     from moeplan.cli import main as moeplan_cli
@@ -89,7 +90,7 @@ def test_mixtral_plans_on_h100s_and_exports(tmp_path, monkeypatch, capsys):
     layers = json.loads((tmp_path / "export-deepspeed" / "moe_layers.json").read_text())
     assert len(layers["layers"]) == 32 and layers["layers"][0]["k"] == 2
     code, _, err = invoke(moerun_cli, ["--plan", "plan.json"], monkeypatch, capsys)
-    assert code == 2 and "swiglu" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("name", ["mixtral-8x7b", "deepseek-v2-lite", "qwen1.5-moe-a2.7b"])

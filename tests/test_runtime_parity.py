@@ -19,7 +19,9 @@ from moeplan.spec import load_model
 CHAIN = gpt_chain(load_model("tiny-pr-moe"), tokens=4 * PER_SHARD * SEQ, seq=SEQ, ranks=4)
 PARITY4 = ["ep=E flat", "ep<E mixed, hierarchical", "tp=2 uncoordinated",
            "tp=2 coordinated hierarchical", "es=2", "es=2 with tp=2", "top-2 with drops",
-           "skewed router (zero tokens for some experts)"]
+           "skewed router (zero tokens for some experts)", "modern blocks, tp=2",
+           "modern blocks, ep=E", "modern blocks, full q/k norm, tp=2",
+           "modern blocks, dropless, ep=E", "latent attention (MLA), tp=2"]
 PARITY2 = ["ep=E", "ep=1", "tp=2", "tp=2 coordinated"]
 
 
@@ -56,6 +58,12 @@ def test_parity_world2(world2, case):
         _check(rank[case], case)
 
 
+def test_dropless_routing_drops_nothing(world4):
+    """drop_tokens=False at capacity factor 0.5 (which would drop half): every choice kept, the
+    buffers sized to the busiest expert of the exchange, and the same function as one device."""
+    assert all(rank["modern blocks, dropless, ep=E"]["dropped"] == 0 for rank in world4)
+
+
 def test_drop_paths_are_exercised(world4):
     # top-2 at capacity factor 1 and a router that sends every token to expert 0 both drop tokens;
     # the coordinated cases run with room enough that they must not
@@ -84,7 +92,8 @@ def test_hierarchical_exchange_equals_flat_bitwise(world4):
         assert rank["exchange"] == {"forward_equal": True, "backward_equal": True, "moved": True}
 
 
-@pytest.mark.parametrize("case", ["generate tp=1", "generate tp=2"])
+@pytest.mark.parametrize("case", ["generate tp=1", "generate tp=2", "generate modern tp=2",
+                                  "generate MLA tp=2"])
 def test_distributed_generation_equals_single_process(world4, case):
     for rank in world4:
         assert rank[case]["equal"] and rank[case]["tokens"] == 36

@@ -127,12 +127,6 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
     """Execute PLAN with torch.distributed (gloo on CPU, NCCL on CUDA), measure every layer and
     phase, write OUT, and print measured against predicted."""
     plan, recosted = _load_plan(plan_path, mode)
-    for spec in (plan.model, plan.teacher.model if plan.teacher else None):
-        missing = spec.unsupported_by_moerun() if spec is not None else []
-        if missing:
-            raise ConfigError(f"moerun runs DeepSpeed-MoE's GPT-2 blocks; {spec.name} needs "
-                              f"{', '.join(missing)}: run its plan on an engine (`moeplan "
-                              "export`)")
     mode = plan.workload.mode
     world = plan.cluster.gpus
     if nproc is not None and nproc != world:

@@ -291,6 +291,8 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     sec_bytes = 18.0 * T_r * rows if deepspeed else 0.0
     ph[Phase.GATE] = compute(Phase.GATE, gemm_s(T_r, E, h, dev, "fp32"),
                              4 * T_r * (h + 3 * E) + sec_bytes)
+    if not deepspeed and not spec.drop_tokens and dev.kind == "gpu":
+        ph[Phase.GATE] += HOST_SYNC_S  # dropless: moerun reads the busiest expert's load back
     if deepspeed:
         ph[Phase.GATE] += DEEPSPEED_SYNCS * HOST_SYNC_S
         # dispatch "sec,sm->ecm" and combine "sec,ecm->sm" are dense GEMMs over S·E·C

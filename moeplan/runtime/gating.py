@@ -119,9 +119,12 @@ def _random_keep(mask_TE: torch.Tensor, uniform_T: torch.Tensor, cap: int) -> to
 
 def gate(logits_TE: torch.Tensor, top_k: int, cap: int, valid_T: torch.Tensor | None = None,
          reduce_stats: Callable[[torch.Tensor], torch.Tensor] | None = None,
-         with_aux: bool = True, noise: Noise | None = None) -> Routing:
+         with_aux: bool = True, noise: Noise | None = None,
+         renormalize: bool = True) -> Routing:
     """Route tokens; `valid_T` marks real tokens (padding never takes a slot or counts).
-    `with_aux=False` (inference) skips the aux loss's statistics and their reduction."""
+    `with_aux=False` (inference) skips the aux loss's statistics and their reduction. Top-k
+    above 2 takes each next choice with the earlier ones masked (DeepSpeed's topkgating);
+    `renormalize=False` keeps the chosen experts' raw probabilities as weights."""
     T, E = logits_TE.shape
     logits_TE = logits_TE.float()
     probs_TE = F.softmax(logits_TE, dim=-1)
@@ -133,6 +136,12 @@ def gate(logits_TE: torch.Tensor, top_k: int, cap: int, valid_T: torch.Tensor | 
         second_from = noisy if noise is not None and noise.second else logits_TE
         experts.append(second_from.masked_fill(one_hot(first_T, E).bool(), float("-inf"))
                        .argmax(-1))
+    elif top_k > 2:
+        taken_TE = one_hot(first_T, E).bool()
+        for _ in range(top_k - 1):
+            nxt = logits_TE.masked_fill(taken_TE, float("-inf")).argmax(-1)
+            experts.append(nxt)
+            taken_TE = taken_TE | one_hot(nxt, E).bool()
     # one-hot masks of real tokens (padding rows all zero; no mask work when there is none)
     masks = [one_hot(e, E) if valid_T is None else one_hot(e, E) * valid_T[:, None]
              for e in experts]
@@ -155,7 +164,7 @@ def gate(logits_TE: torch.Tensor, top_k: int, cap: int, valid_T: torch.Tensor | 
     expert_TK = torch.stack(experts, dim=1)
     keep_TK = slot_TK < cap if valid_T is None else (slot_TK < cap) & valid_T[:, None]
     weight_TK = probs_TE.gather(1, expert_TK) * keep_TK
-    if top_k == 2:
+    if top_k > 1 and renormalize:
         denom = weight_TK.sum(-1, keepdim=True).clamp(min=torch.finfo(weight_TK.dtype).eps)
         weight_TK = weight_TK / denom
     return Routing(expert_TK, slot_TK, keep_TK, weight_TK, cap, aux, *counts(keep_TK, valid_T),
@@ -194,4 +203,6 @@ def combine(y_ECH: torch.Tensor, r: Routing) -> torch.Tensor:
     w = r.weight_TK.to(y_ECH.dtype)
     if rows.shape[1] == 1:
         return rows[:, 0] * w
-    return rows[:, 0] * w[:, :1] + rows[:, 1] * w[:, 1:]
+    if rows.shape[1] == 2:
+        return rows[:, 0] * w[:, :1] + rows[:, 1] * w[:, 1:]
+    return (rows * w[:, :, None]).sum(1)

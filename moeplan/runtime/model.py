@@ -21,9 +21,11 @@ plan-independent checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -78,7 +80,7 @@ class LayerKV:
 @dataclass
 class KVCache:
     """Every layer's keys and values, allocated once per generation (`GPT.new_cache`)."""
-    layers: list[LayerKV]
+    layers: list[LayerKV | LatentKV]
     positions_M: torch.Tensor  # 0 … M-1, for the visibility mask of a decode step
 
     @property
@@ -86,31 +88,92 @@ class KVCache:
         return self.positions_M.shape[0]
 
 
+def norm_layer(spec: ModelSpec, width: int | None = None) -> nn.Module:
+    width = width or spec.hidden
+    if spec.norm == "rmsnorm":
+        return nn.RMSNorm(width, eps=spec.norm_eps)
+    return nn.LayerNorm(width, eps=spec.norm_eps)
+
+
+def rotate(x_BASD: torch.Tensor, pos_S: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary positions (the half-split form of GPT-NeoX and Hugging Face's Llama family):
+    each pair (i, i + D/2) turned by pos · theta^(-2i/D)."""
+    D = x_BASD.shape[-1]
+    inv = theta ** (-torch.arange(0, D, 2, device=x_BASD.device, dtype=torch.float32) / D)
+    angles = pos_S.to(torch.float32)[:, None] * inv[None]
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(x_BASD.dtype) for f in (torch.cos,
+                                                                                torch.sin))
+    half = D // 2
+    rotated = torch.cat([-x_BASD[..., half:], x_BASD[..., :half]], dim=-1)
+    return x_BASD * cos + rotated * sin
+
+
 class Attention(nn.Module):
-    """Causal self-attention; heads split over tp (q/k/v by rows, projection by columns)."""
+    """Causal self-attention; heads split over tp (q/k/v by rows, projection by columns).
+    Grouped-query attention splits the kv heads over tp too (kv_heads divisible by tp), each
+    serving heads / kv_heads query heads; rotary positions turn q and k; query/key norms per
+    head, or over the whole projection ("full": its statistics summed over tp)."""
 
     timer = NULL_TIMER
 
-    def __init__(self, h: int, heads: int, tp: Comm):
+    def __init__(self, spec: ModelSpec, tp: Comm):
         super().__init__()
-        self.tp, self.d = tp, h // heads
+        h, heads = spec.hidden, spec.heads
+        g = spec.kv_heads or heads
+        self.tp, self.d = tp, spec.head_dim or h // heads
         self.a0, self.a1 = (x * self.d for x in _part(heads, tp))
-        width = self.a1 - self.a0
-        self.q, self.k, self.v = (nn.Linear(h, width) for _ in range(3))
-        self.proj = nn.Linear(width, h, bias=False)
-        self.proj_bias = nn.Parameter(torch.zeros(h))
+        self.g0, self.g1 = (x * self.d for x in _part(g, tp))
+        self.group = heads // g
+        qkv_bias = spec.bias if spec.qkv_bias is None else spec.qkv_bias
+        self.q = nn.Linear(h, self.a1 - self.a0, bias=qkv_bias)
+        self.k, self.v = (nn.Linear(h, self.g1 - self.g0, bias=qkv_bias) for _ in range(2))
+        self.proj = nn.Linear(self.a1 - self.a0, h, bias=False)
+        self.proj_bias = nn.Parameter(torch.zeros(h)) if spec.bias else None
+        self.rope = spec.rope_theta if spec.positions == "rope" else None
+        self.qk_norm, self.eps = spec.qk_norm, spec.norm_eps
+        if spec.qk_norm == "head":
+            self.q_norm, self.k_norm = nn.RMSNorm(self.d, eps=spec.norm_eps), nn.RMSNorm(
+                self.d, eps=spec.norm_eps)
+        elif spec.qk_norm == "full":  # weights cut as the projections' rows
+            self.q_norm_weight = nn.Parameter(torch.ones(self.a1 - self.a0))
+            self.k_norm_weight = nn.Parameter(torch.ones(self.g1 - self.g0))
+            self.widths = (heads * self.d, g * self.d)
 
     def slices(self) -> dict[str, Slice]:
-        rows = ((0, self.a0, self.a1),)
-        return {"q.weight": rows, "q.bias": rows, "k.weight": rows, "k.bias": rows,
-                "v.weight": rows, "v.bias": rows, "proj.weight": ((1, self.a0, self.a1),),
-                "proj_bias": ()}
+        rows, kv = ((0, self.a0, self.a1),), ((0, self.g0, self.g1),)
+        out = {"q.weight": rows, "q.bias": rows, "k.weight": kv, "k.bias": kv,
+               "v.weight": kv, "v.bias": kv, "proj.weight": ((1, self.a0, self.a1),),
+               "proj_bias": (), "q_norm_weight": rows, "k_norm_weight": kv}
+        names = {n for n, _ in self.named_parameters()}
+        return {k: v for k, v in out.items() if k in names}
 
     def new_cache(self, batch: int, max_len: int) -> LayerKV:
         """Zeros, not empty: masked positions still enter the attention product (times 0)."""
         w = self.q.weight
-        shape = (batch, (self.a1 - self.a0) // self.d, max_len, self.d)
+        shape = (batch, (self.g1 - self.g0) // self.d, max_len, self.d)
         return LayerKV(w.new_zeros(shape), w.new_zeros(shape))
+
+    def _full_norm(self, x: torch.Tensor, weight: torch.Tensor, width: int) -> torch.Tensor:
+        """RMSNorm over the whole projection, of which this rank holds a slice: the squares
+        summed over tp, and in backward their gradients too (each rank's slice used the sum)."""
+        sq = C.copy_to(C.reduce_from(x.float().pow(2).sum(-1, keepdim=True), self.tp), self.tp)
+        return (x.float() * torch.rsqrt(sq / width + self.eps)).to(x.dtype) * weight
+
+    def _heads(self, x_BSH: torch.Tensor, pos_S: torch.Tensor | None):
+        B, S, _ = x_BSH.shape
+        q, k, v = self.q(x_BSH), self.k(x_BSH), self.v(x_BSH)
+        if self.qk_norm == "full":
+            q = self._full_norm(q, self.q_norm_weight, self.widths[0])
+            k = self._full_norm(k, self.k_norm_weight, self.widths[1])
+        q, k, v = (t.view(B, S, -1, self.d).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            q, k = rotate(q, pos_S, self.rope), rotate(k, pos_S, self.rope)
+        return q, k, v
+
+    def _expand(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.group == 1 else t.repeat_interleave(self.group, dim=1)
 
     def forward(self, x_BSH: torch.Tensor, kv: LayerKV | None = None,
                 pos_1: torch.Tensor | None = None,
@@ -121,71 +184,212 @@ class Attention(nn.Module):
         B, S, _ = x_BSH.shape
         t = self.timer
         x = t.to(C.copy_to(t.to(x_BSH, Phase.TP_COMM), self.tp), Phase.ATTENTION)
-        q, k, v = (m(x).view(B, S, -1, self.d).transpose(1, 2) for m in (self.q, self.k, self.v))
+        pos_S = None
+        if self.rope is not None:
+            pos_S = pos_1 if pos_1 is not None else torch.arange(S, device=x.device)
+        q, k, v = self._heads(x, pos_S)
         if pos_1 is None:
             if kv is not None:
                 kv.k_BAMD[:, :, :S] = k
                 kv.v_BAMD[:, :, :S] = v
-            y_BASD = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1)
+            y_BASD = F.scaled_dot_product_attention(q, self._expand(k), self._expand(v),
+                                                    is_causal=S > 1)
         else:
             if S > 1:
                 raise ValueError("a decode step takes one new token per sequence")
             kv.write(pos_1, k, v)
-            y_BASD = F.scaled_dot_product_attention(q, kv.k_BAMD, kv.v_BAMD, attn_mask=visible_1M)
+            y_BASD = F.scaled_dot_product_attention(q, self._expand(kv.k_BAMD),
+                                                    self._expand(kv.v_BAMD),
+                                                    attn_mask=visible_1M)
         y = self.proj(y_BASD.transpose(1, 2).reshape(B, S, -1))
         y = C.reduce_from(t.to(y, Phase.TP_COMM), self.tp)
-        return t.to(y, Phase.ATTENTION) + self.proj_bias
+        y = t.to(y, Phase.ATTENTION)
+        return y + self.proj_bias if self.proj_bias is not None else y
 
 
-class MLP(nn.Module):
-    """h -> F -> h with GELU; F split over tp (fc1 by rows, fc2 by columns)."""
+@dataclass
+class LatentKV:
+    """One MLA layer's cache: the normalised latent and the rotated shared key part of every
+    position, whole on every tp rank (each rank expands its own heads from them)."""
+    latent_BMC: torch.Tensor
+    kpe_BMR: torch.Tensor
+
+    def write(self, pos_1: torch.Tensor, latent_B1C: torch.Tensor, kpe_B1R: torch.Tensor) -> None:
+        self.latent_BMC.index_copy_(1, pos_1, latent_B1C)
+        self.kpe_BMR.index_copy_(1, pos_1, kpe_B1R)
+
+
+class LatentAttention(nn.Module):
+    """DeepSeek's multi-head latent attention. Keys and values come from a shared latent
+    (kv_a: h -> kv_lora_rank + rope, normed, then kv_b up to each head's key and value) plus a
+    rotary key part shared by the heads; queries through an optional low-rank q_a -> q_b.
+    Heads split over tp (q_b / q_proj and kv_b by rows, o_proj by columns); the down
+    projections and their norms are whole on every rank, their gradients summed over tp."""
 
     timer = NULL_TIMER
 
-    def __init__(self, h: int, f: int, tp: Comm):
+    def __init__(self, spec: ModelSpec, tp: Comm):
         super().__init__()
-        self.tp = tp
+        m, h = spec.latent_attention, spec.hidden
+        self.tp, self.m = tp, m
+        self.qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+        a0, a1 = _part(spec.heads, tp)
+        self.heads = a1 - a0
+        self.q_rows = (a0 * self.qk, a1 * self.qk)
+        self.kv_rows = (a0 * (m.qk_nope_head_dim + m.v_head_dim),
+                        a1 * (m.qk_nope_head_dim + m.v_head_dim))
+        self.o_cols = (a0 * m.v_head_dim, a1 * m.v_head_dim)
+        if m.q_lora_rank:
+            self.q_a = nn.Linear(h, m.q_lora_rank, bias=False)
+            self.q_a_norm = nn.RMSNorm(m.q_lora_rank, eps=spec.norm_eps)
+            self.q_b = nn.Linear(m.q_lora_rank, self.heads * self.qk, bias=False)
+        else:
+            self.q_proj = nn.Linear(h, self.heads * self.qk, bias=False)
+        self.kv_a = nn.Linear(h, m.kv_lora_rank + m.qk_rope_head_dim, bias=False)
+        self.kv_a_norm = nn.RMSNorm(m.kv_lora_rank, eps=spec.norm_eps)
+        self.kv_b = nn.Linear(m.kv_lora_rank, self.heads * (m.qk_nope_head_dim + m.v_head_dim),
+                              bias=False)
+        self.o_proj = nn.Linear(self.heads * m.v_head_dim, h, bias=False)
+        self.proj_bias = nn.Parameter(torch.zeros(h)) if spec.bias else None
+        self.rope = spec.rope_theta if spec.positions == "rope" else None
+
+    def slices(self) -> dict[str, Slice]:
+        out = {"q_b.weight": ((0, *self.q_rows),), "q_proj.weight": ((0, *self.q_rows),),
+               "kv_b.weight": ((0, *self.kv_rows),), "o_proj.weight": ((1, *self.o_cols),)}
+        names = {n for n, _ in self.named_parameters()}
+        return {k: v for k, v in out.items() if k in names}
+
+    def new_cache(self, batch: int, max_len: int) -> LatentKV:
+        w = self.kv_a.weight
+        return LatentKV(w.new_zeros(batch, max_len, self.m.kv_lora_rank),
+                        w.new_zeros(batch, max_len, self.m.qk_rope_head_dim))
+
+    def _latent(self, x_BSH: torch.Tensor, pos_S: torch.Tensor | None):
+        c = self.kv_a(x_BSH)
+        latent, kpe = c.split([self.m.kv_lora_rank, self.m.qk_rope_head_dim], dim=-1)
+        if self.rope is not None:
+            kpe = rotate(kpe[:, None], pos_S, self.rope)[:, 0]
+        return self.kv_a_norm(latent), kpe
+
+    def _keys_values(self, latent_BMC: torch.Tensor, kpe_BMR: torch.Tensor):
+        B, M, _ = latent_BMC.shape
+        m = self.m
+        kv = self.kv_b(latent_BMC).view(B, M, self.heads, m.qk_nope_head_dim + m.v_head_dim)
+        k_nope, v = kv.transpose(1, 2).split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)
+        k_pe = kpe_BMR[:, None].expand(B, self.heads, M, m.qk_rope_head_dim)
+        return torch.cat([k_nope, k_pe], dim=-1), v
+
+    def forward(self, x_BSH: torch.Tensor, kv: LatentKV | None = None,
+                pos_1: torch.Tensor | None = None,
+                visible_1M: torch.Tensor | None = None) -> torch.Tensor:
+        B, S, _ = x_BSH.shape
+        t = self.timer
+        x = t.to(C.copy_to(t.to(x_BSH, Phase.TP_COMM), self.tp), Phase.ATTENTION)
+        pos_S = pos_1 if pos_1 is not None else torch.arange(S, device=x.device)
+        q = self.q_b(self.q_a_norm(self.q_a(x))) if self.m.q_lora_rank else self.q_proj(x)
+        q = q.view(B, S, self.heads, self.qk).transpose(1, 2)
+        if self.rope is not None:
+            q_nope, q_pe = q.split([self.m.qk_nope_head_dim, self.m.qk_rope_head_dim], dim=-1)
+            q = torch.cat([q_nope, rotate(q_pe, pos_S, self.rope)], dim=-1)
+        latent, kpe = self._latent(x, pos_S)
+        if pos_1 is None:
+            if kv is not None:
+                kv.latent_BMC[:, :S] = latent
+                kv.kpe_BMR[:, :S] = kpe
+            k, v = self._keys_values(latent, kpe)
+            y_BASD = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1)
+        else:
+            if S > 1:
+                raise ValueError("a decode step takes one new token per sequence")
+            kv.write(pos_1, latent, kpe)
+            k, v = self._keys_values(kv.latent_BMC, kv.kpe_BMR)
+            y_BASD = F.scaled_dot_product_attention(q, k, v, attn_mask=visible_1M)
+        y = self.o_proj(y_BASD.transpose(1, 2).reshape(B, S, -1))
+        y = C.reduce_from(t.to(y, Phase.TP_COMM), self.tp)
+        y = t.to(y, Phase.ATTENTION)
+        return y + self.proj_bias if self.proj_bias is not None else y
+
+
+class MLP(nn.Module):
+    """h -> F -> h with GELU, or gated (SwiGLU: silu(fc1 x) · fc3 x); F split over tp (fc1
+    and fc3 by rows, fc2 by columns)."""
+
+    timer = NULL_TIMER
+
+    def __init__(self, spec: ModelSpec, f: int, tp: Comm):
+        super().__init__()
+        h = spec.hidden
+        self.tp, self.gated = tp, spec.mlp == "swiglu"
         self.f0, self.f1 = _part(f, tp)
-        self.fc1 = nn.Linear(h, self.f1 - self.f0)
+        self.fc1 = nn.Linear(h, self.f1 - self.f0, bias=spec.bias)
+        if self.gated:
+            self.fc3 = nn.Linear(h, self.f1 - self.f0, bias=spec.bias)
         self.fc2 = nn.Linear(self.f1 - self.f0, h, bias=False)
-        self.fc2_bias = nn.Parameter(torch.zeros(h))
+        self.fc2_bias = nn.Parameter(torch.zeros(h)) if spec.bias else None
 
     def slices(self) -> dict[str, Slice]:
         rows = ((0, self.f0, self.f1),)
-        return {"fc1.weight": rows, "fc1.bias": rows, "fc2.weight": ((1, self.f0, self.f1),),
-                "fc2_bias": ()}
+        out = {"fc1.weight": rows, "fc1.bias": rows, "fc3.weight": rows, "fc3.bias": rows,
+               "fc2.weight": ((1, self.f0, self.f1),), "fc2_bias": ()}
+        names = {n for n, _ in self.named_parameters()}
+        return {k: v for k, v in out.items() if k in names}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.timer
         x = t.to(C.copy_to(t.to(x, Phase.TP_COMM), self.tp), Phase.MLP)
-        y = self.fc2(F.gelu(self.fc1(x)))
-        return t.to(C.reduce_from(t.to(y, Phase.TP_COMM), self.tp), Phase.MLP) + self.fc2_bias
+        inner = F.silu(self.fc1(x)) * self.fc3(x) if self.gated else F.gelu(self.fc1(x))
+        y = self.fc2(inner)
+        y = t.to(C.reduce_from(t.to(y, Phase.TP_COMM), self.tp), Phase.MLP)
+        return y + self.fc2_bias if self.fc2_bias is not None else y
 
 
 class Experts(nn.Module):
-    """L local experts, each FFN sliced over es."""
+    """L local experts, each FFN sliced over es; gated (SwiGLU) experts have a third matrix."""
 
-    def __init__(self, experts: int, h: int, f: int, ep: Comm, es: Comm):
+    def __init__(self, experts: int, h: int, f: int, ep: Comm, es: Comm, gated: bool = False,
+                 bias: bool = True):
         super().__init__()
         self.e0, self.e1 = _part(experts, ep)
         self.f0, self.f1 = _part(f, es)
         L, Fl = self.e1 - self.e0, self.f1 - self.f0
         self.es_rank0 = es.rank_in_group == 0
+        self.gated, self.bias = gated, bias
         self.w1 = nn.Parameter(torch.empty(L, h, Fl))
-        self.b1 = nn.Parameter(torch.zeros(L, Fl))
+        self.b1 = nn.Parameter(torch.zeros(L, Fl)) if bias else None
         self.w2 = nn.Parameter(torch.empty(L, Fl, h))
-        self.b2 = nn.Parameter(torch.zeros(L, h))
+        self.b2 = nn.Parameter(torch.zeros(L, h)) if bias else None
         nn.init.normal_(self.w1, std=0.02)
         nn.init.normal_(self.w2, std=0.02)
+        if gated:
+            self.w3 = nn.Parameter(torch.empty(L, h, Fl))
+            self.b3 = nn.Parameter(torch.zeros(L, Fl)) if bias else None
+            nn.init.normal_(self.w3, std=0.02)
 
     def slices(self) -> dict[str, Slice]:
         e, f = (0, self.e0, self.e1), (self.f0, self.f1)
-        return {"w1": (e, (2, *f)), "b1": (e, (1, *f)), "w2": (e, (1, *f)), "b2": (e,)}
+        out = {"w1": (e, (2, *f)), "b1": (e, (1, *f)), "w2": (e, (1, *f)), "b2": (e,),
+               "w3": (e, (2, *f)), "b3": (e, (1, *f))}
+        names = {n for n, _ in self.named_parameters()}
+        return {k: v for k, v in out.items() if k in names}
 
     def forward(self, x_PLCH: torch.Tensor, ffn=ffn_loop) -> torch.Tensor:
         """[P, L, C, H] as received (source rank, local expert, slot) -> the same layout out.
         The output bias is added once per expert: by the first slice, before the es sum."""
-        return ffn(x_PLCH, self.w1, self.b1, self.w2, self.b2, self.es_rank0)
+        if not self.gated and self.bias:
+            return ffn(x_PLCH, self.w1, self.b1, self.w2, self.b2, self.es_rank0)
+        # gated or bias-free experts: one batched GEMM per matrix (the grouped GEMM's layout)
+        P, L, Cap, H = x_PLCH.shape
+        x = x_PLCH.transpose(0, 1).reshape(L, P * Cap, H)
+
+        def linear(w, b):
+            return torch.bmm(x, w) if b is None else torch.baddbmm(b[:, None], x, w)
+
+        inner = (F.silu(linear(self.w1, self.b1)) * linear(self.w3, self.b3) if self.gated
+                 else F.gelu(linear(self.w1, self.b1)))
+        y = torch.bmm(inner, self.w2)
+        if self.b2 is not None and self.es_rank0:
+            y = y + self.b2[:, None]
+        return y.view(L, P, Cap, H).transpose(0, 1)
 
 
 def _es_infer(par: MoEParallel, tp: Comm) -> str | None:
@@ -213,9 +417,14 @@ class MoE(nn.Module):
         self.spec, self.E, self.tp, self.par = spec, experts, tp, par
         h = spec.hidden
         self.router = nn.Linear(h, experts, bias=False)
-        self.experts = Experts(experts, h, spec.ffn_hidden, par.ep, par.es)
-        self.residual = MLP(h, spec.ffn_hidden, tp) if spec.residual else None
+        self.experts = Experts(experts, h, spec.expert_ffn, par.ep, par.es,
+                               gated=spec.mlp == "swiglu", bias=spec.bias)
+        self.residual = MLP(spec, spec.ffn_hidden, tp) if spec.residual else None
         self.coef = nn.Linear(h, 2) if spec.residual else None
+        # shared experts (DeepSeek, Qwen2-MoE): an always-on MLP beside the routed experts
+        self.shared = MLP(spec, spec.shared_ffn_hidden, tp) if spec.shared_ffn_hidden else None
+        self.shared_gate = (nn.Linear(h, 1, bias=False) if self.shared is not None
+                            and spec.shared_gate else None)
         self.last: gating.Routing | None = None
         self.es_infer = _es_infer(par, tp)
         # seeds this layer's training gate noise (`run.set_noise_keys`); 0 until the trainer sets it
@@ -225,6 +434,8 @@ class MoE(nn.Module):
         out = {f"experts.{k}": v for k, v in self.experts.slices().items()}
         if self.residual is not None:
             out.update({f"residual.{k}": v for k, v in self.residual.slices().items()})
+        if self.shared is not None:
+            out.update({f"shared.{k}": v for k, v in self.shared.slices().items()})
         return out
 
     def _tokens(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
@@ -264,6 +475,11 @@ class MoE(nn.Module):
         if self.residual is not None:
             c = F.softmax(self.coef(x_BSH), dim=-1)
             out = out * c[..., :1] + self.residual(x_BSH) * c[..., 1:]
+        if self.shared is not None:
+            y = self.shared(x_BSH)
+            if self.shared_gate is not None:
+                y = torch.sigmoid(self.shared_gate(x_BSH)) * y
+            out = out + y
         return out, aux
 
     def _my_rows(self, t: torch.Tensor) -> torch.Tensor:
@@ -277,16 +493,40 @@ class MoE(nn.Module):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gate, dispatch, experts, combine: this rank's routed tokens -> their expert outputs
         (partial sums over the FFN slice when `es_mode` is set) and the aux loss."""
-        cap = self.spec.capacity(self.E, gate_tokens, train=self.training)
+        dropless = not self.spec.drop_tokens
+        # dropless (DeepSpeed's drop_tokens=False): route without a limit, then size the buffers
+        # to the busiest expert across the exchange's ranks (`_dropless`)
+        cap = (gate_tokens * self.spec.top_k if dropless
+               else self.spec.capacity(self.E, gate_tokens, train=self.training))
         reduce = (lambda t: C.reduce_from(t, self.tp)) if self.par.coordinated else None
         logits_TE = F.linear(xr_TH.float(), self.router.weight.float())  # fp32 router
-        r = self.kernels.gate(logits_TE, self.spec.top_k, cap, valid_T, reduce,
-                              with_aux=self.training, noise=noise)
+        k = self.spec.top_k
+        # top-k > 2 or raw weights: the torch reference (the Triton kernels do k = 1, 2)
+        kern = self.kernels if k <= 2 and self.spec.renormalize_top_k else REFERENCE
+        r = (kern.gate(logits_TE, k, cap, valid_T, reduce, with_aux=self.training, noise=noise)
+             if kern is self.kernels else
+             gating.gate(logits_TE, k, cap, valid_T, reduce, with_aux=self.training, noise=noise,
+                         renormalize=self.spec.renormalize_top_k))
+        if dropless:
+            r = self._dropless(r)
         self.last = r
         t = self.timer
-        buf_ECH = self.kernels.dispatch(t.to(xr_TH, Phase.DISPATCH), r, self.E)
+        buf_ECH = kern.dispatch(t.to(xr_TH, Phase.DISPATCH), r, self.E)
         y_ECH = t.to(self._experts(buf_ECH, gather_es=es_mode is None), Phase.COMBINE)
-        return self.kernels.combine(y_ECH, r), r.aux_loss
+        return kern.combine(y_ECH, r), r.aux_loss
+
+    def _dropless(self, r: gating.Routing) -> gating.Routing:
+        """The routing with its capacity cut to the most choices any expert received on any
+        rank of the exchange (every rank's buffers must have one shape): nothing is dropped.
+        Reads that number back to the host, once per call — as DeepSpeed does."""
+        load = gating.one_hot(r.expert_TK.reshape(-1), self.E)
+        if r.valid_T is not None:
+            load = load * r.valid_T[:, None].expand_as(r.expert_TK).reshape(-1, 1)
+        most = load.sum(0).max().reshape(1)
+        for comm in (self.par.ep, self.par.es, self.tp if self.par.coordinated else None):
+            if comm is not None and comm.size > 1:
+                dist.all_reduce(most, op=dist.ReduceOp.MAX, group=comm.group)
+        return dataclasses.replace(r, capacity=max(1, int(most)))
 
     def _noise(self, T: int, device) -> gating.Noise | None:
         spec, E = self.spec, self.E
@@ -333,12 +573,12 @@ class Block(nn.Module):
     def __init__(self, spec: ModelSpec, index: int, par: Parallel):
         super().__init__()
         self.index = index
-        h = spec.hidden
-        self.ln1, self.ln2 = nn.LayerNorm(h), nn.LayerNorm(h)
-        self.attn = Attention(h, spec.heads, par.tp)
+        self.ln1, self.ln2 = norm_layer(spec), norm_layer(spec)
+        self.attn = (LatentAttention(spec, par.tp) if spec.latent_attention is not None
+                     else Attention(spec, par.tp))
         E = spec.experts[index]
-        self.ffn = MoE(spec, E, par.tp, par.for_layer(index)) if E else MLP(h, spec.ffn_hidden,
-                                                                             par.tp)
+        self.ffn = (MoE(spec, E, par.tp, par.for_layer(index)) if E
+                    else MLP(spec, spec.ffn_hidden, par.tp))
 
     def slices(self) -> dict[str, Slice]:
         out = {f"attn.{k}": v for k, v in self.attn.slices().items()}
@@ -365,9 +605,12 @@ class GPT(nn.Module):
         par = par or Parallel()
         self.spec, self.par = spec, par
         self.wte = nn.Embedding(spec.vocab_size, spec.hidden)
-        self.wpe = nn.Embedding(spec.max_seq_len, spec.hidden)
+        self.wpe = (nn.Embedding(spec.max_seq_len, spec.hidden) if spec.positions == "learned"
+                    else None)
         self.blocks = nn.ModuleList(Block(spec, i, par) for i in range(spec.num_layers))
-        self.ln_f = nn.LayerNorm(spec.hidden)
+        self.ln_f = norm_layer(spec)
+        self.lm_head = (None if spec.tied_embeddings
+                        else nn.Linear(spec.hidden, spec.vocab_size, bias=False))
         # GPT-2 initialisation: N(0, 0.02) weights, zero biases (a shared bias would give every
         # token the same preferred expert at step 0)
         for m in self.modules():
@@ -376,7 +619,8 @@ class GPT(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         nn.init.normal_(self.wte.weight, std=0.02)
-        nn.init.normal_(self.wpe.weight, std=0.02)
+        if self.wpe is not None:
+            nn.init.normal_(self.wpe.weight, std=0.02)
 
     def slices(self) -> dict[str, Slice]:
         out = {}
@@ -403,7 +647,7 @@ class GPT(nn.Module):
         else:
             pos_S = pos_1
             visible_1M = (cache.positions_M <= pos_1)[None]  # [query, key]
-        x = self.wte(idx_BS) + self.wpe(pos_S)
+        x = self.wte(idx_BS) + self.wpe(pos_S) if self.wpe is not None else self.wte(idx_BS)
         aux = x.new_zeros(())
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else cache.layers[i]
@@ -412,7 +656,8 @@ class GPT(nn.Module):
                 aux = aux + a
         self.timer.layer = HEAD_LAYER
         x = self.timer.to(x, Phase.HEAD)
-        logits = F.linear(self.ln_f(x), self.wte.weight)  # tied LM head
+        head = self.wte.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(self.ln_f(x), head)  # tied (GPT-2) or untied LM head
         return logits, aux
 
     def loss(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor,

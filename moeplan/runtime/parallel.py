@@ -9,6 +9,8 @@ the modules' own `slices()`, so the sharded model computes the same function.
 Gradient synchronisation (`GradSync`), derived from which ranks saw which tokens:
   non-expert parameters   sum over dp, / dp       (tp ranks hold identical or disjoint slices)
   router, TP-coordinated  sum over tp first       (each tp rank routed 1/tp of the tokens)
+  per-head q/k norms,     sum over tp first       (whole on every tp rank, each applied to
+  MLA down projections                            its own heads: `REPLICATED_PER_HEADS`)
   experts of layer l      sum over edp_l, / (dp · t), t = tp unless the layer is TP-coordinated
                           (uncoordinated, every tp rank dispatches the same tokens again)
 """
@@ -64,6 +66,12 @@ def parallelize(full: dict[str, torch.Tensor], plan: Plan, groups: Groups) -> GP
     return sharded
 
 
+# parameters every tp rank holds whole but applies to its own heads only: their gradients are
+# partial sums over tp (per-head query/key norms; MLA's down projections and their norms)
+REPLICATED_PER_HEADS = ("attn.q_norm.weight", "attn.k_norm.weight", "attn.q_a.weight",
+                        "attn.q_a_norm.weight", "attn.kv_a.weight", "attn.kv_a_norm.weight")
+
+
 def sync_key(name: str, groups: Groups) -> tuple:
     """How a parameter's gradient is reduced: (group reduced over first or None, the
     data-parallel group, the scale after the sum) — see the module's table."""
@@ -76,6 +84,8 @@ def sync_key(name: str, groups: Groups) -> tuple:
         return (None, g.edp, 1.0 / (dp.size * (1 if coordinated else tp.size)))
     if g is not None and parts[3] == "router" and coordinated:
         return (tp, dp, 1.0 / dp.size)
+    if name.endswith(REPLICATED_PER_HEADS) and tp.size > 1:
+        return (tp, dp, 1.0 / dp.size)  # whole on every tp rank, each used for its own heads
     return (None, dp, 1.0 / dp.size)
 
 

@@ -71,7 +71,8 @@ def from_hf(doc: dict, name: str) -> ModelSpec:
         source="Hugging Face config.json", num_layers=L, hidden=h, heads=heads,
         vocab_size=_get(doc, "vocab_size"), max_seq_len=_get(doc, "max_position_embeddings"),
         kv_heads=_get(doc, "num_key_value_heads", default=heads), mlp="swiglu", norm="rmsnorm",
-        positions="rope", bias=False,
+        positions="rope", bias=False, norm_eps=float(doc.get("rms_norm_eps") or 1e-6),
+        rope_theta=float(doc.get("rope_theta") or 10000.0),
         tied_embeddings=_get(doc, "tie_word_embeddings", bool, False),
         capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=0, eval_min_capacity=0,
         drop_tokens=False, use_rts=False, second_expert_sampling=False)

@@ -92,7 +92,9 @@ class ModelSpec(BaseModel):
     # are DeepSpeed-MoE's GPT-2 blocks, so the zoo's models do not set them
     mlp: Literal["gelu", "swiglu"] = "gelu"  # swiglu: a gated MLP, three matrices
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = Field(1e-5, gt=0)
     positions: Literal["learned", "rope"] = "learned"
+    rope_theta: float = Field(10000.0, gt=0)
     kv_heads: int | None = Field(None, gt=0)  # grouped-query attention [default: heads]
     head_dim: int | None = Field(None, gt=0)  # [default: hidden / heads]
     bias: bool = True  # biases of the linear layers
@@ -124,34 +126,6 @@ class ModelSpec(BaseModel):
             raise ValueError("a residual MLP (PR-MoE) and a shared expert are two names for one "
                              "thing: give one")
         return self
-
-    def unsupported_by_moerun(self) -> list[str]:
-        """What this model needs that moerun's runtime does not run yet."""
-        out = []
-        for name, value, default in (("mlp", self.mlp, "gelu"), ("norm", self.norm, "layernorm"),
-                                     ("positions", self.positions, "learned"),
-                                     ("bias", self.bias, True), ("qk_norm", self.qk_norm, "none")):
-            if value != default:
-                out.append(f"{name} {value}")
-        if self.kv_heads not in (None, self.heads):
-            out.append(f"grouped-query attention ({self.kv_heads} kv heads)")
-        if self.head_dim not in (None, self.hidden // self.heads):
-            out.append(f"head_dim {self.head_dim}")
-        if self.qkv_bias not in (None, self.bias):
-            out.append("query/key/value biases apart from the others")
-        if self.latent_attention is not None:
-            out.append("latent attention (MLA)")
-        if self.expert_ffn_hidden not in (None, self.ffn_hidden):
-            out.append(f"expert FFN width {self.expert_ffn_hidden}")
-        if self.shared_ffn_hidden:
-            out.append("shared experts")
-        if self.top_k > 2:
-            out.append(f"top-{self.top_k} routing")
-        if self.top_k > 1 and not self.renormalize_top_k:
-            out.append("unnormalised top-k weights")
-        if not self.tied_embeddings:
-            out.append("untied embeddings")
-        return out
 
     @property
     def expert_ffn(self) -> int:

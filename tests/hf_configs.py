@@ -28,6 +28,10 @@ DEEPSEEK_V2_LITE = {
     "moe_layer_freq": 1, "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
     "qk_rope_head_dim": 64, "v_head_dim": 128, "norm_topk_prob": False, "vocab_size": 102400,
     "max_position_embeddings": 163840, "aux_loss_alpha": 0.001, "tie_word_embeddings": False}
+DEEPSEEK_V2 = dict(
+    DEEPSEEK_V2_LITE, hidden_size=5120, num_hidden_layers=60, num_attention_heads=128,
+    num_key_value_heads=128, q_lora_rank=1536, intermediate_size=12288,
+    moe_intermediate_size=1536, n_routed_experts=160, n_shared_experts=2)
 QWEN3_30B_A3B = {
     "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
     "intermediate_size": 6144, "num_hidden_layers": 48, "num_attention_heads": 32,
@@ -50,6 +54,7 @@ PUBLISHED = {
     "qwen1.5-moe-a2.7b": (QWEN15_MOE_A27B, 14.3e9, 2.7e9, "Qwen1.5-MoE-A2.7B model card"),
     "olmoe-1b-7b": (OLMOE_1B_7B, 6.9e9, 1.3e9, "Muennighoff et al., OLMoE (2024)"),
     "deepseek-v2-lite": (DEEPSEEK_V2_LITE, 15.7e9, 2.4e9, "DeepSeek-V2-Lite model card"),
+    "deepseek-v2": (DEEPSEEK_V2, 236e9, 21e9, "DeepSeek-V2 technical report"),
     "qwen3-30b-a3b": (QWEN3_30B_A3B, 30.5e9, 3.3e9, "Qwen3-30B-A3B model card"),
     "deepseek-v3": (DEEPSEEK_V3, 671e9, 37e9, "DeepSeek-V3 technical report (main model)"),
 }

@@ -1,7 +1,8 @@
 """Model quality at toy scale: DeepSpeed-MoE's design claims, each variant trained on the same
 tokens on CPU.
 
-    python bench/bench_quality.py [--steps 300] [--jobs 2] [--out bench/results/quality.json]
+    python bench/bench_quality.py [--steps 300] [--jobs 2] [--seed 0]
+                                  [--out bench/results/quality.json]
 
 Every variant shares the base (8 layers, hidden 64, 4 heads, FFN 256, byte vocabulary, 128
 tokens; MoE on every other layer), moerun's recipe (AdamW 0.9/0.95, weight decay 0.1, clip 1,
@@ -76,13 +77,14 @@ def train(job: dict) -> dict:
     plan = fixed_plan(spec, load_cluster("local-cpu"), req, 1, choices)
     t0 = time.perf_counter()
     record = execute(plan, RunConfig(mode="train", steps=job["steps"], warmup=0, lr=3e-3,
-                                     save=job["save"], teacher=job.get("teacher"),
-                                     kd_steps=job.get("kd_steps")), 0, 1, log=lambda *_: None)
+                                     seed=job["seed"], save=job["save"],
+                                     teacher=job.get("teacher"), kd_steps=job.get("kd_steps")),
+                     0, 1, log=lambda *_: None)
     wall = time.perf_counter() - t0
     model = GPT(spec)
     load_full_state(model, checkpoint.split(checkpoint.load_full(job["save"])[0])[0])
     model.eval()
-    data = Batches(open_corpus(None, None, spec.vocab_size, SEQ), SEQ, seed=0)
+    data = Batches(open_corpus(None, None, spec.vocab_size, SEQ), SEQ, seed=0)  # one held-out set
     windows = data.eval_batch(EVAL_WINDOWS)
     with torch.no_grad():
         losses = [float(model.loss(w[:, :-1], w[:, 1:])[0]) for w in windows.split(BATCH)]
@@ -130,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kd-stop", type=float, default=0.6,
                     help="staged KD: the share of the steps distilled [0.6]")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="weight initialisation and data order of every variant [0]")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         def job(name: str, doc: dict, **kw) -> dict:
             path = work / f"{name}.json"
             path.write_text(json.dumps(doc))
-            return {"name": name, "spec": str(path), "steps": a.steps,
+            return {"name": name, "spec": str(path), "steps": a.steps, "seed": a.seed,
                     "save": str(work / f"{name}.ckpt"), **kw}
 
         first = [job(n, spec_doc(n, u)) for n, u in VARIANTS.items()]
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {'holds' if c['holds'] else 'DOES NOT HOLD':13s} {c['claim']}: {c['figures']}")
     if a.out:
         Path(a.out).write_text(json.dumps(
-            {"bench": "quality", "steps": a.steps, "batch": BATCH, "seq_len": SEQ,
+            {"bench": "quality", "steps": a.steps, "seed": a.seed, "batch": BATCH, "seq_len": SEQ,
              "kd_stop": a.kd_stop, "eval_windows": EVAL_WINDOWS, "variants": results,
              "claims": checks, "wall_s": round(time.perf_counter() - t0, 1)},
             indent=2, sort_keys=True) + "\n")

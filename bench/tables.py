@@ -149,17 +149,25 @@ def zero_table() -> str:
 
 
 def quality_table() -> str:
-    d = _load("quality.json")
-    lines = ["| variant | parameters | held-out loss (nats/byte) |", "|---|---|---|"]
+    """Every seed's run (quality.json is seed 0, quality-seed-N.json the others)."""
+    runs = [_load("quality.json")] + [
+        _load(p.name) for p in sorted(RESULTS.glob("quality-seed-*.json"))]
+    seeds = [str(d.get("seed", 0)) for d in runs]
+    lines = ["| variant | parameters | " + " | ".join(f"held-out loss, seed {x}" for x in seeds)
+             + " |", "|---|---|" + "---|" * len(runs)]
     order = ["dense", "moe-top1", "moe-top2", "residual", "pr-moe", "mos-no-kd", "mos-kd",
              "mos-staged-kd"]
-    for name, r in sorted(d["variants"].items(),
-                          key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
-        lines.append(f"| {name} | {r['params']:,} | {r['held_out_loss']:.4f} |")
-    lines += ["", "| claim (paper) | here | figures |", "|---|---|---|"]
-    for c in d["claims"]:
-        lines.append(f"| {c['claim']} | {'holds' if c['holds'] else 'does not hold'} | "
-                     f"{c['figures']} |")
+    for name in sorted(runs[0]["variants"], key=lambda k: order.index(k) if k in order
+                       else len(order)):
+        r = runs[0]["variants"][name]
+        lines.append(f"| {name} | {r['params']:,} | " + " | ".join(
+            f"{d['variants'][name]['held_out_loss']:.4f}" for d in runs) + " |")
+    lines += ["", "| claim (paper) | " + " | ".join(f"seed {x}" for x in seeds) + " |",
+              "|---|" + "---|" * len(runs)]
+    for i, c in enumerate(runs[0]["claims"]):
+        cells = [f"{'holds' if d['claims'][i]['holds'] else 'does not hold'} "
+                 f"({d['claims'][i]['figures']})" for d in runs]
+        lines.append(f"| {c['claim']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -240,8 +240,9 @@ def to_megatron_deepspeed(plan: Plan) -> Export:
     spec, w = plan.model, plan.workload
     choices, ep = _common_choices(plan, notes, one_ep=True, coordinated=True, es_tp=True)
     _gate_notes(plan, notes, rsample_flag=False)
-    args = _model_args(plan) + _megatron_ds_blocks(spec, notes) + ["--no-pipeline-parallel", "--zero-stage", str(w.zero_stage),
-                                "--deepspeed", "--deepspeed_config", "ds_config.json"]
+    args = _model_args(plan) + _megatron_ds_blocks(spec, notes) + [
+        "--no-pipeline-parallel", "--zero-stage", str(w.zero_stage), "--deepspeed",
+        "--deepspeed_config", "ds_config.json"]
     if plan.parallel.activation_checkpointing:
         args += ["--checkpoint-activations", "--deepspeed-activation-checkpointing"]
     moe = _moe_layers(plan)

@@ -51,15 +51,15 @@ def _worker_args(plan_file: str, mode: str, steps: int, warmup: int, out: str, l
     return args
 
 
-def _check_teacher(plan, mode: str, teacher: str | None, kd_steps: int | None) -> None:
+def _check_teacher(plan, mode: str, teacher: str | None, kd_steps: int | None) -> str | None:
     """Distillation's options against the plan, and the teacher's checkpoint, before any rank
-    starts."""
+    starts; what to say about it."""
     if (teacher is not None or kd_steps is not None) and (plan.teacher is None
                                                           or mode != "train"):
         raise ConfigError(f"--teacher and --kd-steps train a Mixture-of-Students; this is a "
                           f"{mode} plan of {plan.model.name}, which distils from no teacher")
     if plan.teacher is None or mode != "train" or kd_steps == 0:
-        return
+        return None
     name = plan.teacher.model.name
     if teacher is None:
         raise ConfigError(f"{plan.model.name} distils from {name}: give a checkpoint of it "
@@ -69,8 +69,8 @@ def _check_teacher(plan, mode: str, teacher: str | None, kd_steps: int | None) -
 
     check_model(read_manifest(teacher), plan.teacher.model, teacher)
     verify(teacher)
-    click.echo(f"moerun: distilling from {name} ({teacher})"
-               + (f" for {kd_steps} steps" if kd_steps is not None else ""), err=True)
+    return (f"moerun: distilling from {name} ({teacher})"
+            + (f" for {kd_steps} steps" if kd_steps is not None else ""))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -127,6 +127,7 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
     """Execute PLAN with torch.distributed (gloo on CPU, NCCL on CUDA), measure every layer and
     phase, write OUT, and print measured against predicted."""
     plan, recosted = _load_plan(plan_path, mode)
+    notes: list[str | None] = []  # said once every check has passed: an error is one line
     mode = plan.workload.mode
     world = plan.cluster.gpus
     if nproc is not None and nproc != world:
@@ -143,7 +144,8 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
         from moeplan.runtime.data import open_corpus
 
         corpus = open_corpus(data, tokenizer, plan.model.vocab_size, plan.workload.seq_len)
-        click.echo(f"moerun: data: {corpus.source}", err=True)  # checked before any rank starts
+        notes.append(f"moerun: data: {corpus.source}")  # checked before any rank starts
+    notes.append(_check_teacher(plan, mode, teacher, kd_steps))
     if load:
         from moeplan.runtime.checkpoint import check_model, read_manifest, verify
 
@@ -153,16 +155,15 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
 
         pos = position(manifest)
         if mode == "train" and pos is not None:
-            click.echo(f"moerun: resuming at step {pos.step}: weights, optimizer state, the "
-                       f"{pos.schedule_steps}-step learning-rate schedule and the data order "
-                       f"(seed {pos.seed})", err=True)
+            notes.append(f"moerun: resuming at step {pos.step}: weights, optimizer state, the "
+                         f"{pos.schedule_steps}-step learning-rate schedule and the data order "
+                         f"(seed {pos.seed})")
             if seed != pos.seed:
-                click.echo(f"moerun: note: --seed {seed} draws other data than the checkpoint's "
-                           f"run (seed {pos.seed})", err=True)
+                notes.append(f"moerun: note: --seed {seed} draws other data than the "
+                             f"checkpoint's run (seed {pos.seed})")
         elif mode == "train" and manifest.get("step"):
-            click.echo(f"moerun: note: the checkpoint holds weights only; optimizer state and "
-                       "learning-rate schedule start again from step 0", err=True)
-    _check_teacher(plan, mode, teacher, kd_steps)
+            notes.append("moerun: note: the checkpoint holds weights only; optimizer state and "
+                         "learning-rate schedule start again from step 0")
     if save is not None:
         from moeplan.runtime.checkpoint import check_save_target
 
@@ -182,6 +183,9 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
         if why:
             raise ConfigError(f"{why}; for a cluster, print its launch with `moerun --plan "
                               f"{plan_path} --print-torchrun`, or start here anyway with --force")
+    for note in notes:
+        if note:
+            click.echo(note, err=True)
     plan_file = plan_path
     if recosted:
         # re-costed: the ranks, and `moeplan validate` later, read this plan

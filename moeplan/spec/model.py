@@ -86,7 +86,6 @@ class ModelSpec(BaseModel):
     noisy_gate_policy: Literal["none", "rsample"] = "none"
     tied_embeddings: bool = True
     reported_params: float | None = Field(None, gt=0)
-    reported_active_params: float | None = Field(None, gt=0)
     distillation: Distillation | None = None
     # the blocks of today's MoE models (Hugging Face configs: `moeplan.spec.hf`); the defaults
     # are DeepSpeed-MoE's GPT-2 blocks, so the zoo's models do not set them

@@ -78,7 +78,7 @@ def attention_shape(spec: ModelSpec) -> AttentionShape:
     h, a = spec.hidden, spec.heads
     m = spec.latent_attention
     if m is not None:
-        weights = attention_params(spec.model_copy(update={"bias": False}))
+        weights = attention_params(spec) - (h if spec.bias else 0)  # the matrices only
         return AttentionShape(projection_out=(weights - a * m.v_head_dim * h) // h,
                               output_in=a * m.v_head_dim,
                               qk=a * (m.qk_nope_head_dim + m.qk_rope_head_dim),

@@ -177,21 +177,36 @@ def _model_args(plan: Plan) -> list[str]:
     return args
 
 
-def _megatron_ds_blocks(spec, notes: list[str]) -> list[str]:
-    """Megatron-DeepSpeed's flags for today's blocks, and what it has none for."""
-    args = []
-    if spec.mlp == "swiglu":
-        args.append("--swiglu")
+# how each Megatron spells today's blocks (read from their parsers: engine_flags in the tests)
+BLOCK_FLAGS = {
+    "megatron-deepspeed": {"rmsnorm": ["--normalization", "rmsnorm"],
+                           "rope": ["--use-rotary-position-embeddings", "--no-position-embedding"],
+                           "kv": ["--num-key-value-heads"]},
+    "megatron-core": {"rmsnorm": ["--normalization", "RMSNorm"],
+                      "rope": ["--position-embedding-type", "rope"],
+                      "kv": ["--group-query-attention", "--num-query-groups"]},
+}
+
+
+def _block_args(spec, engine: str) -> list[str]:
+    """The flags both Megatrons have for today's blocks, in the engine's spelling."""
+    flags = BLOCK_FLAGS[engine]
+    args = ["--swiglu"] if spec.mlp == "swiglu" else []
     if spec.norm == "rmsnorm":
-        args += ["--normalization", "rmsnorm"]
+        args += flags["rmsnorm"]
     if spec.positions == "rope":
-        args += ["--use-rotary-position-embeddings", "--no-position-embedding"]
+        args += flags["rope"]
     if spec.kv_heads not in (None, spec.heads):
-        args += ["--num-key-value-heads", str(spec.kv_heads)]
+        args += [*flags["kv"], str(spec.kv_heads)]
     if not spec.bias:
         args.append("--disable-bias-linear")
     if not spec.tied_embeddings:
         args.append("--untie-embeddings-and-output-weights")
+    return args
+
+
+def _megatron_ds_blocks(spec, notes: list[str]) -> list[str]:
+    """Megatron-DeepSpeed's flags for today's blocks, and what it has none for."""
     for what, missing in (("experts of their own width", spec.expert_ffn != spec.ffn_hidden),
                           ("shared experts", spec.shared_ffn_hidden > 0),
                           ("latent attention (MLA)", spec.latent_attention is not None),
@@ -201,30 +216,18 @@ def _megatron_ds_blocks(spec, notes: list[str]) -> list[str]:
         if missing:
             notes.append(f"{what}: Megatron-DeepSpeed has no option for them; the arguments "
                          "describe the nearest GPT blocks")
-    return args
+    return _block_args(spec, "megatron-deepspeed")
 
 
-def _megatron_core_blocks(spec, notes: list[str]) -> list[str]:
+def _megatron_core_blocks(spec) -> list[str]:
     """Megatron-Core's flags for today's blocks."""
-    args = []
-    if spec.mlp == "swiglu":
-        args.append("--swiglu")
-    if spec.norm == "rmsnorm":
-        args += ["--normalization", "RMSNorm"]
-    if spec.positions == "rope":
-        args += ["--position-embedding-type", "rope"]
-    if spec.kv_heads not in (None, spec.heads):
-        args += ["--group-query-attention", "--num-query-groups", str(spec.kv_heads)]
+    args = _block_args(spec, "megatron-core")
     if spec.head_dim not in (None, spec.hidden // spec.heads):
         args += ["--kv-channels", str(spec.head_dim)]
-    if not spec.bias:
-        args.append("--disable-bias-linear")
-        if spec.qkv_bias:
-            args.append("--add-qkv-bias")
+    if not spec.bias and spec.qkv_bias:
+        args.append("--add-qkv-bias")
     if spec.qk_norm != "none":
         args.append("--qk-layernorm")
-    if not spec.tied_embeddings:
-        args.append("--untie-embeddings-and-output-weights")
     m = spec.latent_attention
     if m is not None:
         args += ["--multi-latent-attention", "--kv-lora-rank", str(m.kv_lora_rank),
@@ -289,7 +292,7 @@ def to_megatron_core(plan: Plan) -> Export:
     spec, w, tp = plan.model, plan.workload, plan.parallel.tp
     choices, ep = _common_choices(plan, notes, one_ep=True, coordinated=True, es_tp=False)
     _gate_notes(plan, notes, rsample_flag=False)
-    args = _model_args(plan) + _megatron_core_blocks(spec, notes)
+    args = _model_args(plan) + _megatron_core_blocks(spec)
     if plan.parallel.activation_checkpointing:
         args += ["--recompute-granularity", "full", "--recompute-method", "uniform",
                  "--recompute-num-layers", "1"]

@@ -1,5 +1,5 @@
 """A GPT decoder with dense, MoE and Residual-MoE (PR-MoE) layers, written for one device and
-parameterised by a `Parallel` context that `parallelize` fills in.
+parameterised by a `Parallel` context that `parallelize` fills in (its attention: attention.py).
 
 Legend: B batch, S sequence, H hidden, F FFN width, A local heads, D head dim, T tokens (B·S),
 E experts (global), L local experts, C capacity, P expert-parallel group size, M positions of
@@ -32,13 +32,19 @@ import torch.nn.functional as F
 from moeplan.runtime import comm as C
 from moeplan.runtime import gating
 from moeplan.runtime.a2a import FlatExchange, HierarchicalExchange
+from moeplan.runtime.attention import (
+    Attention,
+    KVCache,
+    LatentAttention,
+    LayerKV,
+    Slice,
+    part,
+)
 from moeplan.runtime.comm import Comm
 from moeplan.runtime.kernels import REFERENCE, ffn_loop
 from moeplan.runtime.timers import NULL_TIMER
 from moeplan.spec.model import ModelSpec
 from moeplan.spec.phases import HEAD_LAYER, Phase
-
-Slice = tuple[tuple[int, int, int], ...]
 
 
 @dataclass
@@ -61,253 +67,11 @@ class Parallel:
         return MoEParallel(ep=solo, es=solo, exchange=FlatExchange(solo), coordinated=False)
 
 
-def _part(n: int, comm: Comm) -> tuple[int, int]:
-    size = n // comm.size
-    return comm.rank_in_group * size, (comm.rank_in_group + 1) * size
-
-
-@dataclass
-class LayerKV:
-    """One layer's keys and values for every position of a generation."""
-    k_BAMD: torch.Tensor
-    v_BAMD: torch.Tensor
-
-    def write(self, pos_1: torch.Tensor, k_BA1D: torch.Tensor, v_BA1D: torch.Tensor) -> None:
-        self.k_BAMD.index_copy_(2, pos_1, k_BA1D)
-        self.v_BAMD.index_copy_(2, pos_1, v_BA1D)
-
-
-@dataclass
-class KVCache:
-    """Every layer's keys and values, allocated once per generation (`GPT.new_cache`)."""
-    layers: list[LayerKV | LatentKV]
-    positions_M: torch.Tensor  # 0 … M-1, for the visibility mask of a decode step
-
-    @property
-    def max_len(self) -> int:
-        return self.positions_M.shape[0]
-
-
 def norm_layer(spec: ModelSpec, width: int | None = None) -> nn.Module:
     width = width or spec.hidden
     if spec.norm == "rmsnorm":
         return nn.RMSNorm(width, eps=spec.norm_eps)
     return nn.LayerNorm(width, eps=spec.norm_eps)
-
-
-def rotate(x_BASD: torch.Tensor, pos_S: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary positions (the half-split form of GPT-NeoX and Hugging Face's Llama family):
-    each pair (i, i + D/2) turned by pos · theta^(-2i/D)."""
-    D = x_BASD.shape[-1]
-    inv = theta ** (-torch.arange(0, D, 2, device=x_BASD.device, dtype=torch.float32) / D)
-    angles = pos_S.to(torch.float32)[:, None] * inv[None]
-    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(x_BASD.dtype) for f in (torch.cos,
-                                                                                torch.sin))
-    half = D // 2
-    rotated = torch.cat([-x_BASD[..., half:], x_BASD[..., :half]], dim=-1)
-    return x_BASD * cos + rotated * sin
-
-
-class Attention(nn.Module):
-    """Causal self-attention; heads split over tp (q/k/v by rows, projection by columns).
-    Grouped-query attention splits the kv heads over tp too (kv_heads divisible by tp), each
-    serving heads / kv_heads query heads; rotary positions turn q and k; query/key norms per
-    head, or over the whole projection ("full": its statistics summed over tp)."""
-
-    timer = NULL_TIMER
-
-    def __init__(self, spec: ModelSpec, tp: Comm):
-        super().__init__()
-        h, heads = spec.hidden, spec.heads
-        g = spec.kv_heads or heads
-        self.tp, self.d = tp, spec.head_dim or h // heads
-        self.a0, self.a1 = (x * self.d for x in _part(heads, tp))
-        self.g0, self.g1 = (x * self.d for x in _part(g, tp))
-        self.group = heads // g
-        qkv_bias = spec.bias if spec.qkv_bias is None else spec.qkv_bias
-        self.q = nn.Linear(h, self.a1 - self.a0, bias=qkv_bias)
-        self.k, self.v = (nn.Linear(h, self.g1 - self.g0, bias=qkv_bias) for _ in range(2))
-        self.proj = nn.Linear(self.a1 - self.a0, h, bias=False)
-        self.proj_bias = nn.Parameter(torch.zeros(h)) if spec.bias else None
-        self.rope = spec.rope_theta if spec.positions == "rope" else None
-        self.qk_norm, self.eps = spec.qk_norm, spec.norm_eps
-        if spec.qk_norm == "head":
-            self.q_norm, self.k_norm = nn.RMSNorm(self.d, eps=spec.norm_eps), nn.RMSNorm(
-                self.d, eps=spec.norm_eps)
-        elif spec.qk_norm == "full":  # weights cut as the projections' rows
-            self.q_norm_weight = nn.Parameter(torch.ones(self.a1 - self.a0))
-            self.k_norm_weight = nn.Parameter(torch.ones(self.g1 - self.g0))
-            self.widths = (heads * self.d, g * self.d)
-
-    def slices(self) -> dict[str, Slice]:
-        rows, kv = ((0, self.a0, self.a1),), ((0, self.g0, self.g1),)
-        out = {"q.weight": rows, "q.bias": rows, "k.weight": kv, "k.bias": kv,
-               "v.weight": kv, "v.bias": kv, "proj.weight": ((1, self.a0, self.a1),),
-               "proj_bias": (), "q_norm_weight": rows, "k_norm_weight": kv}
-        names = {n for n, _ in self.named_parameters()}
-        return {k: v for k, v in out.items() if k in names}
-
-    def new_cache(self, batch: int, max_len: int) -> LayerKV:
-        """Zeros, not empty: masked positions still enter the attention product (times 0)."""
-        w = self.q.weight
-        shape = (batch, (self.g1 - self.g0) // self.d, max_len, self.d)
-        return LayerKV(w.new_zeros(shape), w.new_zeros(shape))
-
-    def _full_norm(self, x: torch.Tensor, weight: torch.Tensor, width: int) -> torch.Tensor:
-        """RMSNorm over the whole projection, of which this rank holds a slice: the squares
-        summed over tp, and in backward their gradients too (each rank's slice used the sum)."""
-        sq = C.copy_to(C.reduce_from(x.float().pow(2).sum(-1, keepdim=True), self.tp), self.tp)
-        return (x.float() * torch.rsqrt(sq / width + self.eps)).to(x.dtype) * weight
-
-    def _heads(self, x_BSH: torch.Tensor, pos_S: torch.Tensor | None):
-        B, S, _ = x_BSH.shape
-        q, k, v = self.q(x_BSH), self.k(x_BSH), self.v(x_BSH)
-        if self.qk_norm == "full":
-            q = self._full_norm(q, self.q_norm_weight, self.widths[0])
-            k = self._full_norm(k, self.k_norm_weight, self.widths[1])
-        q, k, v = (t.view(B, S, -1, self.d).transpose(1, 2) for t in (q, k, v))
-        if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.rope is not None:
-            q, k = rotate(q, pos_S, self.rope), rotate(k, pos_S, self.rope)
-        return q, k, v
-
-    def _expand(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.group == 1 else t.repeat_interleave(self.group, dim=1)
-
-    def forward(self, x_BSH: torch.Tensor, kv: LayerKV | None = None,
-                pos_1: torch.Tensor | None = None,
-                visible_1M: torch.Tensor | None = None) -> torch.Tensor:
-        """Without `pos_1`: the tokens attend causally among themselves (and, with `kv`, fill
-        its first S positions — a prompt). With `pos_1`: one token per sequence, written at that
-        position, attending to the positions of `visible_1M` — a decode step."""
-        B, S, _ = x_BSH.shape
-        t = self.timer
-        x = t.to(C.copy_to(t.to(x_BSH, Phase.TP_COMM), self.tp), Phase.ATTENTION)
-        pos_S = None
-        if self.rope is not None:
-            pos_S = pos_1 if pos_1 is not None else torch.arange(S, device=x.device)
-        q, k, v = self._heads(x, pos_S)
-        if pos_1 is None:
-            if kv is not None:
-                kv.k_BAMD[:, :, :S] = k
-                kv.v_BAMD[:, :, :S] = v
-            y_BASD = F.scaled_dot_product_attention(q, self._expand(k), self._expand(v),
-                                                    is_causal=S > 1)
-        else:
-            if S > 1:
-                raise ValueError("a decode step takes one new token per sequence")
-            kv.write(pos_1, k, v)
-            y_BASD = F.scaled_dot_product_attention(q, self._expand(kv.k_BAMD),
-                                                    self._expand(kv.v_BAMD),
-                                                    attn_mask=visible_1M)
-        y = self.proj(y_BASD.transpose(1, 2).reshape(B, S, -1))
-        y = C.reduce_from(t.to(y, Phase.TP_COMM), self.tp)
-        y = t.to(y, Phase.ATTENTION)
-        return y + self.proj_bias if self.proj_bias is not None else y
-
-
-@dataclass
-class LatentKV:
-    """One MLA layer's cache: the normalised latent and the rotated shared key part of every
-    position, whole on every tp rank (each rank expands its own heads from them)."""
-    latent_BMC: torch.Tensor
-    kpe_BMR: torch.Tensor
-
-    def write(self, pos_1: torch.Tensor, latent_B1C: torch.Tensor, kpe_B1R: torch.Tensor) -> None:
-        self.latent_BMC.index_copy_(1, pos_1, latent_B1C)
-        self.kpe_BMR.index_copy_(1, pos_1, kpe_B1R)
-
-
-class LatentAttention(nn.Module):
-    """DeepSeek's multi-head latent attention. Keys and values come from a shared latent
-    (kv_a: h -> kv_lora_rank + rope, normed, then kv_b up to each head's key and value) plus a
-    rotary key part shared by the heads; queries through an optional low-rank q_a -> q_b.
-    Heads split over tp (q_b / q_proj and kv_b by rows, o_proj by columns); the down
-    projections and their norms are whole on every rank, their gradients summed over tp."""
-
-    timer = NULL_TIMER
-
-    def __init__(self, spec: ModelSpec, tp: Comm):
-        super().__init__()
-        m, h = spec.latent_attention, spec.hidden
-        self.tp, self.m = tp, m
-        self.qk = m.qk_nope_head_dim + m.qk_rope_head_dim
-        a0, a1 = _part(spec.heads, tp)
-        self.heads = a1 - a0
-        self.q_rows = (a0 * self.qk, a1 * self.qk)
-        self.kv_rows = (a0 * (m.qk_nope_head_dim + m.v_head_dim),
-                        a1 * (m.qk_nope_head_dim + m.v_head_dim))
-        self.o_cols = (a0 * m.v_head_dim, a1 * m.v_head_dim)
-        if m.q_lora_rank:
-            self.q_a = nn.Linear(h, m.q_lora_rank, bias=False)
-            self.q_a_norm = nn.RMSNorm(m.q_lora_rank, eps=spec.norm_eps)
-            self.q_b = nn.Linear(m.q_lora_rank, self.heads * self.qk, bias=False)
-        else:
-            self.q_proj = nn.Linear(h, self.heads * self.qk, bias=False)
-        self.kv_a = nn.Linear(h, m.kv_lora_rank + m.qk_rope_head_dim, bias=False)
-        self.kv_a_norm = nn.RMSNorm(m.kv_lora_rank, eps=spec.norm_eps)
-        self.kv_b = nn.Linear(m.kv_lora_rank, self.heads * (m.qk_nope_head_dim + m.v_head_dim),
-                              bias=False)
-        self.o_proj = nn.Linear(self.heads * m.v_head_dim, h, bias=False)
-        self.proj_bias = nn.Parameter(torch.zeros(h)) if spec.bias else None
-        self.rope = spec.rope_theta if spec.positions == "rope" else None
-
-    def slices(self) -> dict[str, Slice]:
-        out = {"q_b.weight": ((0, *self.q_rows),), "q_proj.weight": ((0, *self.q_rows),),
-               "kv_b.weight": ((0, *self.kv_rows),), "o_proj.weight": ((1, *self.o_cols),)}
-        names = {n for n, _ in self.named_parameters()}
-        return {k: v for k, v in out.items() if k in names}
-
-    def new_cache(self, batch: int, max_len: int) -> LatentKV:
-        w = self.kv_a.weight
-        return LatentKV(w.new_zeros(batch, max_len, self.m.kv_lora_rank),
-                        w.new_zeros(batch, max_len, self.m.qk_rope_head_dim))
-
-    def _latent(self, x_BSH: torch.Tensor, pos_S: torch.Tensor | None):
-        c = self.kv_a(x_BSH)
-        latent, kpe = c.split([self.m.kv_lora_rank, self.m.qk_rope_head_dim], dim=-1)
-        if self.rope is not None:
-            kpe = rotate(kpe[:, None], pos_S, self.rope)[:, 0]
-        return self.kv_a_norm(latent), kpe
-
-    def _keys_values(self, latent_BMC: torch.Tensor, kpe_BMR: torch.Tensor):
-        B, M, _ = latent_BMC.shape
-        m = self.m
-        kv = self.kv_b(latent_BMC).view(B, M, self.heads, m.qk_nope_head_dim + m.v_head_dim)
-        k_nope, v = kv.transpose(1, 2).split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)
-        k_pe = kpe_BMR[:, None].expand(B, self.heads, M, m.qk_rope_head_dim)
-        return torch.cat([k_nope, k_pe], dim=-1), v
-
-    def forward(self, x_BSH: torch.Tensor, kv: LatentKV | None = None,
-                pos_1: torch.Tensor | None = None,
-                visible_1M: torch.Tensor | None = None) -> torch.Tensor:
-        B, S, _ = x_BSH.shape
-        t = self.timer
-        x = t.to(C.copy_to(t.to(x_BSH, Phase.TP_COMM), self.tp), Phase.ATTENTION)
-        pos_S = pos_1 if pos_1 is not None else torch.arange(S, device=x.device)
-        q = self.q_b(self.q_a_norm(self.q_a(x))) if self.m.q_lora_rank else self.q_proj(x)
-        q = q.view(B, S, self.heads, self.qk).transpose(1, 2)
-        if self.rope is not None:
-            q_nope, q_pe = q.split([self.m.qk_nope_head_dim, self.m.qk_rope_head_dim], dim=-1)
-            q = torch.cat([q_nope, rotate(q_pe, pos_S, self.rope)], dim=-1)
-        latent, kpe = self._latent(x, pos_S)
-        if pos_1 is None:
-            if kv is not None:
-                kv.latent_BMC[:, :S] = latent
-                kv.kpe_BMR[:, :S] = kpe
-            k, v = self._keys_values(latent, kpe)
-            y_BASD = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1)
-        else:
-            if S > 1:
-                raise ValueError("a decode step takes one new token per sequence")
-            kv.write(pos_1, latent, kpe)
-            k, v = self._keys_values(kv.latent_BMC, kv.kpe_BMR)
-            y_BASD = F.scaled_dot_product_attention(q, k, v, attn_mask=visible_1M)
-        y = self.o_proj(y_BASD.transpose(1, 2).reshape(B, S, -1))
-        y = C.reduce_from(t.to(y, Phase.TP_COMM), self.tp)
-        y = t.to(y, Phase.ATTENTION)
-        return y + self.proj_bias if self.proj_bias is not None else y
 
 
 class MLP(nn.Module):
@@ -320,7 +84,7 @@ class MLP(nn.Module):
         super().__init__()
         h = spec.hidden
         self.tp, self.gated = tp, spec.mlp == "swiglu"
-        self.f0, self.f1 = _part(f, tp)
+        self.f0, self.f1 = part(f, tp)
         self.fc1 = nn.Linear(h, self.f1 - self.f0, bias=spec.bias)
         if self.gated:
             self.fc3 = nn.Linear(h, self.f1 - self.f0, bias=spec.bias)
@@ -349,8 +113,8 @@ class Experts(nn.Module):
     def __init__(self, experts: int, h: int, f: int, ep: Comm, es: Comm, gated: bool = False,
                  bias: bool = True):
         super().__init__()
-        self.e0, self.e1 = _part(experts, ep)
-        self.f0, self.f1 = _part(f, es)
+        self.e0, self.e1 = part(experts, ep)
+        self.f0, self.f1 = part(f, es)
         L, Fl = self.e1 - self.e0, self.f1 - self.f0
         self.es_rank0 = es.rank_in_group == 0
         self.gated, self.bias = gated, bias
@@ -500,13 +264,12 @@ class MoE(nn.Module):
                else self.spec.capacity(self.E, gate_tokens, train=self.training))
         reduce = (lambda t: C.reduce_from(t, self.tp)) if self.par.coordinated else None
         logits_TE = F.linear(xr_TH.float(), self.router.weight.float())  # fp32 router
-        k = self.spec.top_k
+        k, renormalize = self.spec.top_k, self.spec.renormalize_top_k
         # top-k > 2 or raw weights: the torch reference (the Triton kernels do k = 1, 2)
-        kern = self.kernels if k <= 2 and self.spec.renormalize_top_k else REFERENCE
-        r = (kern.gate(logits_TE, k, cap, valid_T, reduce, with_aux=self.training, noise=noise)
-             if kern is self.kernels else
-             gating.gate(logits_TE, k, cap, valid_T, reduce, with_aux=self.training, noise=noise,
-                         renormalize=self.spec.renormalize_top_k))
+        kern = self.kernels if k <= 2 and renormalize else REFERENCE
+        extra = {} if renormalize else {"renormalize": False}
+        r = kern.gate(logits_TE, k, cap, valid_T, reduce, with_aux=self.training, noise=noise,
+                      **extra)
         if dropless:
             r = self._dropless(r)
         self.last = r

@@ -178,6 +178,7 @@ class _Bucket:
     hi: int
     split: int  # parameters before `split` (in buffer order) decay, those after do not
     pieces: list[torch.Tensor]  # [lo, hi) cut at `split`: the tensors AdamW steps
+    grad: torch.Tensor | None = None  # this step's reduced gradient of [lo, hi)
 
     def segments(self):
         """(name, this rank's part of the parameter as a slice of [lo, hi))."""
@@ -253,6 +254,7 @@ class Sharded:
                 mine = torch.empty(b.hi - b.lo, dtype=grads.dtype, device=grads.device)
                 reduce_scatter_tensor(mine, grads, group=b.comm.group)
             mine.mul_(b.scale)
+            b.grad = mine  # the pieces' gradients are views of it
             b.pieces[0].grad = mine[:b.split]
             b.pieces[1].grad = mine[b.split:]
 
@@ -266,10 +268,9 @@ class Sharded:
         sq = torch.zeros(1, dtype=torch.float64)
         grads = []
         for b in self.buckets:
-            g = torch.cat([b.pieces[0].grad, b.pieces[1].grad])
             for name, part in b.segments():
                 # this piece is on 1/comm of the ranks that hold the parameter
-                sq += g[part].double().pow(2).sum() * b.comm.size / self.replicas[name]
+                sq += b.grad[part].double().pow(2).sum() * b.comm.size / self.replicas[name]
             grads += [x.grad for x in b.pieces]
         return _scale_grads(grads, sq, self.world, max_norm)
 

@@ -143,7 +143,7 @@ def build_teacher(plan: Plan, groups: Groups, path: str) -> GPT:
 def kd_until(plan: Plan, cfg: RunConfig) -> int:
     """The step distillation stops at (staged KD): --kd-steps, else the spec's stop_step, else
     never; 0 without a teacher."""
-    if plan.teacher is None or (cfg.teacher is None and not cfg.kd_steps):
+    if plan.teacher is None or cfg.teacher is None:
         return 0
     if cfg.kd_steps is not None:
         return cfg.kd_steps
@@ -432,7 +432,7 @@ def execute(plan: Plan, cfg: RunConfig, rank: int, world: int, log=print) -> Run
     say = log if rank == 0 else (lambda *_: None)
     if cfg.mode == "train":
         teacher = None
-        if plan.teacher is not None and cfg.teacher is not None and kd_until(plan, cfg) > 0:
+        if kd_until(plan, cfg) > 0:  # a MoS plan, its teacher given, distilling
             teacher = build_teacher(plan, groups, cfg.teacher)
             teacher = teacher.cuda() if cuda else teacher
             use_kernels(teacher, select(next(teacher.parameters()).device))

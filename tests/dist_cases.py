@@ -204,7 +204,7 @@ def world4(rank: int, world: int) -> dict:
     results["resume"] = resume(rank, world)
     results["zero"] = zero_stages(rank, world)
     results["profile exchanges"] = profile_exchanges(rank, world)
-    return results
+    return _remove_tmpdirs(results)
 
 
 def profile_exchanges(rank: int, world: int) -> list[dict]:
@@ -222,7 +222,7 @@ def world2(rank: int, world: int) -> dict:
     # before anything imports triton (torch.optim may, through torch._dynamo)
     os.environ.setdefault("TRITON_INTERPRET", "1")
     spec = load_model("tiny-pr-moe")
-    return {
+    return _remove_tmpdirs({
         "ep=E": parity(make_plan(2, 1, {}), rank, world),
         "ep=1": parity(make_plan(2, 1, {i: choice(1) for i in (1, 3, 5, 7)}), rank, world),
         "tp=2": parity(make_plan(2, 2, {}), rank, world),
@@ -235,7 +235,11 @@ def world2(rank: int, world: int) -> dict:
         "routers": routers(rank, world),
         "mos": mos(rank, world),
         "ep=E, triton kernels": _triton_parity(rank, world),
-    }
+        "today's blocks (top-3 raw), triton kernels": _triton_parity(rank, world, modern_spec()),
+    })
+
+
+_TMPDIRS: list[str] = []  # rank 0's, removed by `_remove_tmpdirs` once every case has run
 
 
 def _shared_tmpdir(world: int) -> str:
@@ -243,7 +247,19 @@ def _shared_tmpdir(world: int) -> str:
 
     box = [tempfile.mkdtemp(prefix="moeplan-ckpt-") if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
+    if dist.get_rank() == 0:
+        _TMPDIRS.append(box[0])
     return box[0]
+
+
+def _remove_tmpdirs(results: dict) -> dict:
+    """After every rank is done with them, rank 0 removes the folders the cases made."""
+    import shutil
+
+    dist.barrier()
+    while _TMPDIRS:
+        shutil.rmtree(_TMPDIRS.pop())
+    return results
 
 
 def checkpoints(rank: int, world: int) -> dict:
@@ -414,8 +430,9 @@ def mos(rank: int, world: int) -> dict:
             "plain": plain, "taught": taught, "staged": staged}
 
 
-def _triton_parity(rank: int, world: int) -> dict:
-    """The parity case on the Triton kernels (CPU interpreter), when triton is installed."""
+def _triton_parity(rank: int, world: int, spec=None) -> dict:
+    """The parity case on the Triton kernels (CPU interpreter), when triton is installed:
+    DeepSpeed-style top-2, or `spec`."""
     import os
 
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -423,7 +440,7 @@ def _triton_parity(rank: int, world: int) -> dict:
 
     if not triton_available():
         return {"skipped": "triton is not installed"}
-    spec = load_model("tiny-pr-moe").model_copy(update={"top_k": 2})
+    spec = spec or load_model("tiny-pr-moe").model_copy(update={"top_k": 2})
     return parity(make_plan(2, 1, {}, spec=spec), rank, world, kernels=triton_kernels())
 
 

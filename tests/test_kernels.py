@@ -1,9 +1,10 @@
 """Triton gating / dispatch / combine == the torch reference, under TRITON_INTERPRET=1 on CPU.
 
 Values, routing tables, dropped counts and gradients, on the edge cases that break such kernels:
-an expert that receives no token, every token on one expert, capacity below demand, top-2,
-padding tokens (TP-coordinated gating), odd hidden sizes, no tokens at all; and the whole model
-with either implementation.
+an expert that receives no token, every token on one expert, capacity below demand, top-2 up to
+top-8 (today's fine-grained models), the chosen probabilities unnormalised, padding tokens
+(TP-coordinated gating), odd hidden sizes, no tokens at all; and the whole model with either
+implementation.
 """
 
 from __future__ import annotations
@@ -27,27 +28,31 @@ TRITON = triton_kernels()
 
 def logits_for(case: str, T: int, E: int, g: torch.Generator) -> torch.Tensor:
     x = torch.randn(T, E, generator=g)
-    if case == "one expert":
+    if case.startswith("one expert"):
         x[:, 3 % E] += 20.0  # every first choice on one expert
-    if case == "empty expert":
+    if case.startswith("empty expert"):
         x[:, 0] -= 20.0  # expert 0 gets nothing
     return x
 
 
-CASES = [  # (case, T, E, k, capacity, hidden, padded tokens)
-    ("uniform", 37, 8, 1, 6, 13, 0),
-    ("uniform top-2", 64, 4, 2, 40, 32, 0),
-    ("capacity below demand", 50, 4, 2, 3, 7, 0),
-    ("one expert", 40, 8, 1, 5, 9, 0),
-    ("one expert top-2", 40, 8, 2, 5, 9, 0),
-    ("empty expert", 33, 4, 1, 16, 31, 0),
-    ("padding (coordinated)", 30, 8, 2, 6, 17, 7),
-    ("no tokens", 0, 4, 2, 4, 8, 0),
+CASES = [  # (case, T, E, k, capacity, hidden, padded tokens, renormalise)
+    ("uniform", 37, 8, 1, 6, 13, 0, True),
+    ("uniform top-2", 64, 4, 2, 40, 32, 0, True),
+    ("capacity below demand", 50, 4, 2, 3, 7, 0, True),
+    ("one expert", 40, 8, 1, 5, 9, 0, True),
+    ("one expert top-2", 40, 8, 2, 5, 9, 0, True),
+    ("empty expert", 33, 4, 1, 16, 31, 0, True),
+    ("padding (coordinated)", 30, 8, 2, 6, 17, 7, True),
+    ("no tokens", 0, 4, 2, 4, 8, 0, True),
+    ("top-4 capacity below demand", 45, 8, 4, 9, 11, 0, True),
+    ("top-8 of 16, padding", 29, 16, 8, 15, 10, 5, True),
+    ("top-6 raw weights", 40, 12, 6, 30, 9, 0, False),
+    ("empty expert top-3", 26, 6, 3, 20, 5, 0, True),
 ]
 
 
-@pytest.mark.parametrize("case, T, E, k, cap, H, pad", CASES, ids=[c[0] for c in CASES])
-def test_triton_equals_reference(case, T, E, k, cap, H, pad):
+@pytest.mark.parametrize("case, T, E, k, cap, H, pad, norm", CASES, ids=[c[0] for c in CASES])
+def test_triton_equals_reference(case, T, E, k, cap, H, pad, norm):
     g = torch.Generator().manual_seed(hash(case) % 1000)
     logits = logits_for(case, T, E, g).requires_grad_()
     valid = torch.arange(T) < T - pad
@@ -56,7 +61,7 @@ def test_triton_equals_reference(case, T, E, k, cap, H, pad):
     dy = torch.randn(T, H, generator=g)
     outs = {}
     for impl in (REFERENCE, TRITON):
-        r = impl.gate(logits, k, cap, valid)
+        r = impl.gate(logits, k, cap, valid, renormalize=norm)
         buf = impl.dispatch(x, r, E)
         out = impl.combine(y, r)
         loss = (out * dy).sum() + r.aux_loss + (buf * buf).sum()
@@ -81,17 +86,33 @@ def test_triton_equals_reference(case, T, E, k, cap, H, pad):
     terms = {0: None, 1: None, 2: 2 * (magnitude(g_weight) + E / max(T, 1))}
     for i, (p, q) in enumerate(zip(ga, gb)):
         assert_rounding_close(q, p, chain=T + E + 2 * k + H, scale=terms[i])
-    if case.startswith("capacity") or case.startswith("one expert"):
+    if "capacity" in case or case.startswith("one expert"):
         assert ra.dropped > 0
-    if case == "empty expert":
+    if case.startswith("empty expert"):
         assert not (ra.expert_TK == 0).any()
+    if not norm:  # raw probabilities: a token's kept weights sum below 1
+        assert (ra.weight_TK.sum(-1) < 1).all()
 
 
-def test_whole_model_with_either_implementation():
-    from moeplan.runtime.model import GPT
+def _spec(name: str):
+    """tiny-pr-moe with top-2, or with today's blocks and top-3 of raw probabilities."""
     from moeplan.spec import load_model
 
-    spec = load_model("tiny-pr-moe").model_copy(update={"top_k": 2})
+    if name == "top-3 raw (today's blocks)":
+        from dist_cases import modern_spec
+
+        return modern_spec()
+    return load_model("tiny-pr-moe").model_copy(update={"top_k": 2})
+
+
+SPECS = ["top-2", "top-3 raw (today's blocks)"]
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_whole_model_with_either_implementation(name):
+    from moeplan.runtime.model import GPT
+
+    spec = _spec(name)
     B, S = 2, 16
     x = torch.randint(0, 256, (B, S + 1))
     results = []
@@ -136,8 +157,8 @@ def test_grouped_and_looped_expert_ffn_agree():
                 assert_rounding_close(q, p, chain=2 * (H + F_) + P * C)
 
 
-@pytest.mark.parametrize("case, T, E, k, cap, H, pad", CASES, ids=[c[0] for c in CASES])
-def test_one_launch_inference_gate_equals_reference(case, T, E, k, cap, H, pad):
+@pytest.mark.parametrize("case, T, E, k, cap, H, pad, norm", CASES, ids=[c[0] for c in CASES])
+def test_one_launch_inference_gate_equals_reference(case, T, E, k, cap, H, pad, norm):
     """Inference (no gradients, no aux loss): the whole routing table from one kernel launch,
     the same table as the reference's."""
     from moeplan.runtime.kernels.triton_moe import gate_infer
@@ -146,13 +167,14 @@ def test_one_launch_inference_gate_equals_reference(case, T, E, k, cap, H, pad):
     logits = logits_for(case, T, E, g)
     valid = (torch.arange(T) < T - pad) if pad else None
     with torch.no_grad():
-        ra = REFERENCE.gate(logits, k, cap, valid, with_aux=False)
-        rb = gate_infer(logits, k, cap, valid)
-        assert TRITON.gate(logits, k, cap, valid, with_aux=False).slot_TK.shape == (T, k)
+        ra = REFERENCE.gate(logits, k, cap, valid, with_aux=False, renormalize=norm)
+        rb = gate_infer(logits, k, cap, valid, renormalize=norm)
+        assert TRITON.gate(logits, k, cap, valid, with_aux=False,
+                           renormalize=norm).slot_TK.shape == (T, k)
     assert torch.equal(ra.expert_TK, rb.expert_TK) and torch.equal(ra.keep_TK, rb.keep_TK)
     assert torch.equal(ra.slot_TK[ra.keep_TK], rb.slot_TK[rb.keep_TK])
     assert int(ra.dropped) == int(rb.dropped) and int(ra.routed) == int(rb.routed)
-    assert_rounding_close(rb.weight_TK, ra.weight_TK, chain=E + k)  # softmax, then top-2's sum
+    assert_rounding_close(rb.weight_TK, ra.weight_TK, chain=E + k)  # softmax, then top-k's sum
     assert float(rb.aux_loss) == 0.0
 
 
@@ -178,14 +200,14 @@ def test_inference_grouped_ffn_skips_experts_without_tokens():
     assert_rounding_close(got[:, keep], want[:, keep], chain=H + F_)
 
 
-def test_generation_on_the_triton_fast_path_equals_the_reference():
+@pytest.mark.parametrize("name", SPECS)
+def test_generation_on_the_triton_fast_path_equals_the_reference(name):
     """Greedy decoding with the one-launch gate and the skipping grouped GEMM (what CUDA runs)
     gives the reference's tokens."""
     from moeplan.runtime.infer import generate
     from moeplan.runtime.model import GPT
-    from moeplan.spec import load_model
 
-    spec = load_model("tiny-pr-moe").model_copy(update={"top_k": 2})
+    spec = _spec(name)
     prompt = torch.randint(0, 256, (3, 9), generator=torch.Generator().manual_seed(4))
     tokens = []
     for impl in (REFERENCE, TRITON):
@@ -194,3 +216,35 @@ def test_generation_on_the_triton_fast_path_equals_the_reference():
         use_kernels(model, impl)
         tokens.append(generate(model, prompt, 6, graph=False))
     assert torch.equal(tokens[0], tokens[1]) and tokens[0].unique().numel() > 1
+
+
+@pytest.mark.parametrize("k, renormalize", [(1, True), (2, True), (6, True), (8, False)])
+def test_training_gate_launches_what_the_cost_model_charges(k, renormalize):
+    """The Triton training gate's forward: its torch ops (the interpreter's argument copies
+    excluded) plus its two kernel launches, for any top-k — what `runtimes.operations` charges
+    a moerun gate on a GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from moeplan.cost_models.runtimes import operations
+    from moeplan.spec import load_model
+    from moeplan.spec.phases import Phase
+
+    interpreter = {"new_empty", "set_", "empty", "copy_"}  # TRITON_INTERPRET's host copies
+    views = {"view", "_unsafe_view", "unsqueeze", "expand", "slice", "select", "detach"}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func.overloadpacket.__name__ not in interpreter | views
+            return func(*args, **(kwargs or {}))
+
+    logits = torch.randn(64, 16, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    with Count():
+        TRITON.gate(logits, k, 20, torch.ones(64, dtype=torch.bool), renormalize=renormalize)
+    spec = load_model("tiny-pr-moe").model_copy(update={
+        "top_k": k, "renormalize_top_k": renormalize, "use_rts": False,
+        "noisy_gate_policy": "none", "second_expert_sampling": False})
+    fwd_and_bwd = 3 * operations("moerun", "gpu", Phase.GATE, True, spec=spec)
+    backward = 24  # the backward's count is an estimate (autograd nodes), not recounted here
+    assert Count.n + 2 == fwd_and_bwd - backward

@@ -224,9 +224,11 @@ def test_training_records_each_steps_routing(world2):
         assert dropped == pytest.approx(layer["dropped"], abs=0.5)
 
 
-def test_parity_with_triton_kernels(world2):
+@pytest.mark.parametrize("case", ["ep=E, triton kernels",
+                                  "today's blocks (top-3 raw), triton kernels"])
+def test_parity_with_triton_kernels(world2, case):
     for rank in world2:
-        result = rank["ep=E, triton kernels"]
+        result = rank[case]
         if "skipped" in result:
             pytest.skip(result["skipped"])
-        _check(result, "ep=E, triton kernels")
+        _check(result, case)

@@ -16,10 +16,13 @@ RUNTIME_OPS = {Phase.ATTENTION: (8, 18), Phase.MLP: (6, 8), "residual_mlp": (11,
                Phase.GATE: (31, 31), Phase.DISPATCH: (8, 2), Phase.COMBINE: (5, 5),
                Phase.HEAD: (12, 11)}
 # CUDA (Triton gating / dispatch / combine, one grouped expert GEMM pair): kernel launches and
-# torch ops around them, counted by reading runtime/kernels/triton_moe.py (not traced on a GPU);
+# torch ops around them, counted by reading runtime/kernels/triton_moe.py (not traced on a GPU;
+# the gate's forward — 2 launches + 30 torch ops for any top-k > 1 with renormalised weights,
+# CUDA_RENORM_OPS fewer without — is recounted under TRITON_INTERPRET by tests/test_kernels.py);
 # the other phases launch one kernel per aten op, as on CPU.
-CUDA_OPS = {**RUNTIME_OPS, Phase.GATE: (35, 24), Phase.DISPATCH: (7, 2), Phase.COMBINE: (8, 11),
+CUDA_OPS = {**RUNTIME_OPS, Phase.GATE: (32, 24), Phase.DISPATCH: (7, 2), Phase.COMBINE: (8, 11),
             Phase.EXPERTS: (4, 8)}
+CUDA_RENORM_OPS = 3  # sum, clamp, div
 # CUDA inference (no autograd): the router GEMM and its two casts, the gate's buffers, one
 # Triton launch for the whole routing table and the device-side counts; dispatch and combine
 # each a launch and their index tensors; the experts' grouped GEMMs that skip empty experts,
@@ -76,6 +79,9 @@ def operations(runtime: str, device_kind: str, name: str, training: bool,
         if not training and name in CUDA_INFER_OPS:
             return CUDA_INFER_OPS[name]
         fwd, bwd = CUDA_OPS[name]
+        if name == Phase.GATE and spec is not None and not (spec.top_k > 1
+                                                            and spec.renormalize_top_k):
+            fwd -= CUDA_RENORM_OPS
     elif name == Phase.EXPERTS:
         fwd, bwd = 1 + 3 * local_experts, 5 + 7 * local_experts
     else:

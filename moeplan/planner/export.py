@@ -327,8 +327,8 @@ def to_megatron_core(plan: Plan) -> Export:
                              "probability, never at random; by position here")
             if spec.min_capacity > 1:
                 notes.append(f"min capacity {spec.min_capacity}: Megatron-Core has none")
-        if spec.expert_ffn != spec.ffn_hidden:
-            args += ["--moe-ffn-hidden-size", str(spec.expert_ffn)]
+        # always explicit: unset, Megatron-Core warns and falls back to --ffn-hidden-size
+        args += ["--moe-ffn-hidden-size", str(spec.expert_ffn)]
         if spec.shared_ffn_hidden:
             args += ["--moe-shared-expert-intermediate-size", str(spec.shared_ffn_hidden)]
             if spec.shared_gate:

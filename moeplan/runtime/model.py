@@ -265,11 +265,9 @@ class MoE(nn.Module):
         reduce = (lambda t: C.reduce_from(t, self.tp)) if self.par.coordinated else None
         logits_TE = F.linear(xr_TH.float(), self.router.weight.float())  # fp32 router
         k, renormalize = self.spec.top_k, self.spec.renormalize_top_k
-        # top-k > 2 or raw weights: the torch reference (the Triton kernels do k = 1, 2)
-        kern = self.kernels if k <= 2 and renormalize else REFERENCE
-        extra = {} if renormalize else {"renormalize": False}
+        kern = self.kernels
         r = kern.gate(logits_TE, k, cap, valid_T, reduce, with_aux=self.training, noise=noise,
-                      **extra)
+                      renormalize=renormalize)
         if dropless:
             r = self._dropless(r)
         self.last = r

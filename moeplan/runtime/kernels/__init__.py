@@ -45,8 +45,8 @@ def ffn_grouped(x_PLCH: torch.Tensor, w1, b1, w2, b2, add_b2: bool) -> torch.Ten
 @dataclass(frozen=True)
 class Kernels:
     name: str
-    gate: Callable  # (logits_TE, top_k, capacity, valid_T, reduce_stats, with_aux, noise)
-    #               -> Routing
+    gate: Callable  # (logits_TE, top_k, capacity, valid_T, reduce_stats, with_aux, noise,
+    #               renormalize) -> Routing
     dispatch: Callable  # (x_TH, routing, experts) -> buf [E, C, H]
     combine: Callable  # (y_ECH, routing) -> out [T, H]
     ffn: Callable = ffn_loop  # (x_PLCH, w1, b1, w2, b2, add_b2) -> y_PLCH

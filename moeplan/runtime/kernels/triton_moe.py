@@ -3,13 +3,15 @@
 Legend: T tokens, E experts, K choices per token, C capacity, H hidden.
 
   _softmax_topk   one program per block of tokens: fp32 softmax of the router logits, the first
-                  choice (argmax of the probabilities) and, for top-2, the second (argmax of the
-                  logits with the first masked) — ties to the lowest index, as torch.argmax
-  _slots          one program per expert: a prefix scan over the tokens in order (first choices,
-                  then second choices), giving each choice its slot in the expert's buffer and
-                  the expert's first-choice count for the aux loss — O(T) per expert, no one-hot
+                  choice (argmax of the probabilities) and each next one up to K = 8 (argmax of
+                  the logits with the earlier choices masked) — ties to the lowest index, as
+                  torch.argmax
+  _slots          one program per expert: a prefix scan over the tokens in order (every first
+                  choice, then every second choice, ...), giving each choice its slot in the
+                  expert's buffer and the expert's first-choice count for the aux loss — O(K·T)
+                  per expert, no one-hot
   _gate_infer     inference, one launch for the whole routing table: one program per expert
-                  recomputes the softmax and top-k of every token block (O(T·E) each — small
+                  recomputes the softmax and top-k of every token block (O(K²·T·E) each — small
                   for a decode step) and scans its own expert's choices, writing each choice's
                   slot, keep flag and weight (every choice is its expert's, so no two programs
                   write one entry); no probabilities kept, no aux loss, nothing read back
@@ -40,64 +42,63 @@ from moeplan.runtime.gating import Routing
 
 
 @triton.jit
-def _softmax_topk(logits_ptr, probs_ptr, first_ptr, second_ptr, T, E,
-                  TOP2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_E)
+def _choose(x, p, cols, cmask, UPTO: tl.constexpr):
+    """Choice number UPTO (0-based) of each row: the first by the probabilities, each next by
+    the logits with the earlier choices masked (`gating.gate`)."""
+    choice = tl.argmax(tl.where(cmask[None, :], p, -1.0), 1)
+    taken = cols[None, :] == choice[:, None]
+    for _ in tl.static_range(UPTO):
+        choice = tl.argmax(tl.where(taken, float("-inf"), x), 1)
+        taken = taken | (cols[None, :] == choice[:, None])
+    return choice
+
+
+@triton.jit
+def _probs(logits_ptr, rows, cols, T, E):
+    """Router logits of a block of tokens (finite on rows past T) and their fp32 softmax."""
     rmask, cmask = rows < T, cols < E
     m2 = rmask[:, None] & cmask[None, :]
     x = tl.load(logits_ptr + rows[:, None] * E + cols[None, :], mask=m2, other=float("-inf"))
     x = tl.where(rmask[:, None], x, 0.0)  # rows past T: finite, never stored
     ex = tl.where(m2, tl.exp(x - tl.max(x, 1)[:, None]), 0.0)
-    p = ex / tl.maximum(tl.sum(ex, 1), 1e-30)[:, None]
-    tl.store(probs_ptr + rows[:, None] * E + cols[None, :], p, mask=m2)
-    first = tl.argmax(tl.where(cmask[None, :], p, -1.0), 1)
-    tl.store(first_ptr + rows, first, mask=rmask)
-    if TOP2:
-        masked = tl.where(cols[None, :] == first[:, None], float("-inf"), x)
-        tl.store(second_ptr + rows, tl.argmax(masked, 1), mask=rmask)
+    return x, ex / tl.maximum(tl.sum(ex, 1), 1e-30)[:, None]
 
 
 @triton.jit
-def _scan_choice(choice_ptr, valid_ptr, slot_ptr, e, T, running, BLOCK: tl.constexpr):
-    for start in range(0, T, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        m = offs < T
-        ids = tl.load(choice_ptr + offs, mask=m, other=-1)
-        ok = tl.load(valid_ptr + offs, mask=m, other=0)
-        hit = ((ids == e) & (ok != 0)).to(tl.int32)
-        c = tl.cumsum(hit, 0)
-        tl.store(slot_ptr + offs, running + c - 1, mask=m & (hit != 0))
-        running += tl.sum(hit, 0)
-    return running
+def _softmax_topk(logits_ptr, probs_ptr, choice_ptr, T, E,
+                  K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    rmask, cmask = rows < T, cols < E
+    x, p = _probs(logits_ptr, rows, cols, T, E)
+    tl.store(probs_ptr + rows[:, None] * E + cols[None, :], p,
+             mask=rmask[:, None] & cmask[None, :])
+    choice = tl.argmax(tl.where(cmask[None, :], p, -1.0), 1)
+    taken = cols[None, :] == choice[:, None]
+    tl.store(choice_ptr + rows * K, choice, mask=rmask)
+    for k in tl.static_range(1, K):
+        choice = tl.argmax(tl.where(taken, float("-inf"), x), 1)
+        taken = taken | (cols[None, :] == choice[:, None])
+        tl.store(choice_ptr + rows * K + k, choice, mask=rmask)
 
 
 @triton.jit
-def _slots(first_ptr, second_ptr, valid_ptr, slot1_ptr, slot2_ptr, counts_ptr, T,
-           TOP2: tl.constexpr, BLOCK: tl.constexpr):
+def _slots(choice_ptr, valid_ptr, slot_ptr, counts_ptr, T,
+           K: tl.constexpr, BLOCK: tl.constexpr):
     e = tl.program_id(0)
     running = tl.zeros((), dtype=tl.int32)
-    running = _scan_choice(first_ptr, valid_ptr, slot1_ptr, e, T, running, BLOCK)
-    tl.store(counts_ptr + e, running)
-    if TOP2:
-        _scan_choice(second_ptr, valid_ptr, slot2_ptr, e, T, running, BLOCK)
-
-
-@triton.jit
-def _route_block(logits_ptr, valid_ptr, rows, cols, T, E, TOP2: tl.constexpr):
-    """Softmax, first and second choice of a block of tokens (as `_softmax_topk`)."""
-    rmask, cmask = rows < T, cols < E
-    m2 = rmask[:, None] & cmask[None, :]
-    x = tl.load(logits_ptr + rows[:, None] * E + cols[None, :], mask=m2, other=float("-inf"))
-    x = tl.where(rmask[:, None], x, 0.0)
-    ex = tl.where(m2, tl.exp(x - tl.max(x, 1)[:, None]), 0.0)
-    p = ex / tl.maximum(tl.sum(ex, 1), 1e-30)[:, None]
-    first = tl.argmax(tl.where(cmask[None, :], p, -1.0), 1)
-    second = first
-    if TOP2:
-        second = tl.argmax(tl.where(cols[None, :] == first[:, None], float("-inf"), x), 1)
-    ok = tl.load(valid_ptr + rows, mask=rmask, other=0) != 0
-    return p, first, second, ok & rmask
+    for k in tl.static_range(K):  # every first choice before every second choice, ...
+        for start in range(0, T, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            m = offs < T
+            ids = tl.load(choice_ptr + offs * K + k, mask=m, other=-1)
+            ok = tl.load(valid_ptr + offs, mask=m, other=0)
+            hit = ((ids == e) & (ok != 0)).to(tl.int32)
+            c = tl.cumsum(hit, 0)
+            tl.store(slot_ptr + offs * K + k, running + c - 1, mask=m & (hit != 0))
+            running += tl.sum(hit, 0)
+        if k == 0:
+            tl.store(counts_ptr + e, running)
 
 
 @triton.jit
@@ -106,21 +107,23 @@ def _gate_infer(logits_ptr, valid_ptr, expert_ptr, slot_ptr, keep_ptr, weight_pt
     e = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
     running = tl.zeros((), dtype=tl.int32)
-    for k in tl.static_range(K):  # every first choice before every second choice
+    for k in tl.static_range(K):  # every first choice before every second choice, ...
         for start in range(0, T, BLOCK_T):
             rows = start + tl.arange(0, BLOCK_T)
-            p, first, second, ok = _route_block(logits_ptr, valid_ptr, rows, cols, T, E, K == 2)
-            choice = first if k == 0 else second
+            rmask = rows < T
+            x, p = _probs(logits_ptr, rows, cols, T, E)
+            choice = _choose(x, p, cols, cols < E, k)
+            ok = (tl.load(valid_ptr + rows, mask=rmask, other=0) != 0) & rmask
             if e == 0:
-                tl.store(expert_ptr + rows * K + k, choice, mask=rows < T)
+                tl.store(expert_ptr + rows * K + k, choice, mask=rmask)
             hit = (choice == e) & ok
             slot = running + tl.cumsum(hit.to(tl.int32), 0) - 1
             keep = hit & (slot < cap)
             w = tl.sum(tl.where(cols[None, :] == e, p, 0.0), 1)
             out = rows * K + k
             tl.store(slot_ptr + out, slot, mask=hit)
-            tl.store(keep_ptr + out, keep.to(tl.int8), mask=(choice == e) & (rows < T))
-            tl.store(weight_ptr + out, tl.where(keep, w, 0.0), mask=(choice == e) & (rows < T))
+            tl.store(keep_ptr + out, keep.to(tl.int8), mask=(choice == e) & rmask)
+            tl.store(weight_ptr + out, tl.where(keep, w, 0.0), mask=(choice == e) & rmask)
             running += tl.sum(hit.to(tl.int32), 0)
 
 
@@ -207,25 +210,31 @@ class _SoftmaxTopK(torch.autograd.Function):
         T, E = logits_TE.shape
         logits_TE = logits_TE.contiguous()
         probs = torch.empty_like(logits_TE)
-        first = torch.zeros(T, dtype=torch.int64, device=logits_TE.device)
-        second = torch.zeros(T, dtype=torch.int64, device=logits_TE.device)
+        choice = torch.zeros(T, top_k, dtype=torch.int64, device=logits_TE.device)
         if T:
             bt = 16
-            _softmax_topk[(triton.cdiv(T, bt),)](logits_TE, probs, first, second, T, E,
-                                                  TOP2=top_k == 2, BLOCK_T=bt,
-                                                  BLOCK_E=_block(E, 1 << 16))
+            _softmax_topk[(triton.cdiv(T, bt),)](logits_TE, probs, choice, T, E, K=top_k,
+                                                  BLOCK_T=bt, BLOCK_E=_block(E, 1 << 16))
         ctx.save_for_backward(probs)
-        ctx.mark_non_differentiable(first, second)
-        return probs, first, second
+        ctx.mark_non_differentiable(choice)
+        return probs, choice
 
     @staticmethod
-    def backward(ctx, g_probs, _g1, _g2):
+    def backward(ctx, g_probs, _g_choice):
         (p,) = ctx.saved_tensors
         return p * (g_probs - (g_probs * p).sum(-1, keepdim=True)), None
 
 
+def _weights(weight_TK: torch.Tensor, renormalize: bool) -> torch.Tensor:
+    """The kept choices' probabilities, renormalised over a token's choices (top-k > 1)."""
+    if weight_TK.shape[1] > 1 and renormalize:
+        return weight_TK / weight_TK.sum(-1, keepdim=True).clamp(
+            min=torch.finfo(weight_TK.dtype).eps)
+    return weight_TK
+
+
 def gate_infer(logits_TE: torch.Tensor, top_k: int, cap: int,
-               valid_T: torch.Tensor | None = None) -> Routing:
+               valid_T: torch.Tensor | None = None, renormalize: bool = True) -> Routing:
     """`gating.gate` for inference (no gradients, no aux loss) in one kernel launch."""
     T, E = logits_TE.shape
     dev = logits_TE.device
@@ -239,43 +248,36 @@ def gate_infer(logits_TE: torch.Tensor, top_k: int, cap: int,
                           keep, weight, T, E, cap, K=top_k, BLOCK_T=_block(T, 64),
                           BLOCK_E=_block(E, 1 << 16))
     keep_TK = keep.bool()
-    if top_k == 2:
-        weight = weight / weight.sum(-1, keepdim=True).clamp(min=torch.finfo(weight.dtype).eps)
-    return Routing(expert, slot, keep_TK, weight, cap, weight.new_zeros(()),
-                   *gating.counts(keep_TK, valid_T), valid_T)
+    return Routing(expert, slot, keep_TK, _weights(weight, renormalize), cap,
+                   weight.new_zeros(()), *gating.counts(keep_TK, valid_T), valid_T)
 
 
 def gate(logits_TE: torch.Tensor, top_k: int, cap: int, valid_T: torch.Tensor | None = None,
          reduce_stats: Callable[[torch.Tensor], torch.Tensor] | None = None,
-         with_aux: bool = True, noise: gating.Noise | None = None) -> Routing:
-    """`gating.gate` with the softmax, top-k and capacity scan in Triton; without gradients or
-    aux loss (inference), the whole table in one launch (`gate_infer`). A training call with
-    random token selection or sampled choices (`noise`) runs the torch reference: the scan
-    keeps tokens in order and picks by argmax only."""
+         with_aux: bool = True, noise: gating.Noise | None = None,
+         renormalize: bool = True) -> Routing:
+    """`gating.gate` with the softmax, top-k (k <= 8) and capacity scan in Triton; without
+    gradients or aux loss (inference), the whole table in one launch (`gate_infer`). A training
+    call with random token selection or sampled choices (`noise`) runs the torch reference: the
+    scan keeps tokens in order and picks by argmax only."""
     if noise is not None:
-        return gating.gate(logits_TE, top_k, cap, valid_T, reduce_stats, with_aux, noise)
+        return gating.gate(logits_TE, top_k, cap, valid_T, reduce_stats, with_aux, noise,
+                           renormalize)
     if not with_aux and not (torch.is_grad_enabled() and logits_TE.requires_grad):
-        return gate_infer(logits_TE, top_k, cap, valid_T)
+        return gate_infer(logits_TE, top_k, cap, valid_T, renormalize)
     T, E = logits_TE.shape
     dev = logits_TE.device
-    probs_TE, first, second = _SoftmaxTopK.apply(logits_TE.float(), top_k)
+    probs_TE, expert_TK = _SoftmaxTopK.apply(logits_TE.float(), top_k)
     valid = torch.ones(T, dtype=torch.bool, device=dev) if valid_T is None else valid_T
-    slot1 = torch.zeros(T, dtype=torch.int32, device=dev)
-    slot2 = torch.zeros(T, dtype=torch.int32, device=dev)
+    slot_TK = torch.zeros(T, top_k, dtype=torch.int32, device=dev)
     counts = torch.zeros(E, dtype=torch.int32, device=dev)
-    _slots[(E,)](first, second, valid.to(torch.int8), slot1, slot2, counts, T,
-                 TOP2=top_k == 2, BLOCK=_block(T))
-    experts = [first, second][:top_k]
-    slots = [slot1.long(), slot2.long()][:top_k]
+    _slots[(E,)](expert_TK, valid.to(torch.int8), slot_TK, counts, T, K=top_k,
+                 BLOCK=_block(T))
     aux = (_aux_loss(probs_TE, counts, valid, reduce_stats) if with_aux
            else probs_TE.new_zeros(()))
-    expert_TK = torch.stack(experts, dim=1)
-    slot_TK = torch.stack(slots, dim=1)
+    slot_TK = slot_TK.long()
     keep_TK = (slot_TK < cap) & valid[:, None]
-    weight_TK = probs_TE.gather(1, expert_TK) * keep_TK
-    if top_k == 2:
-        denom = weight_TK.sum(-1, keepdim=True).clamp(min=torch.finfo(weight_TK.dtype).eps)
-        weight_TK = weight_TK / denom
+    weight_TK = _weights(probs_TE.gather(1, expert_TK) * keep_TK, renormalize)
     return Routing(expert_TK, slot_TK, keep_TK, weight_TK, cap, aux,
                    *gating.counts(keep_TK, valid_T), valid_T)
 

@@ -278,3 +278,40 @@ def test_a_teacher_of_another_vocabulary_is_refused():
         update={"teacher": "no-such-model"})})
     with pytest.raises(ConfigError, match="does not load"):
         plan(gone, load_cluster("local-cpu"), Request(gpus=2))
+
+
+def test_moerun_keeps_no_attention_scores_for_backward():
+    """moerun's fused attention saves nothing of size [heads, ctx] per token (what the cost
+    model charges moerun, `attention_activation_bytes(scores=False)`): at a fixed 256 tokens per
+    batch, the bytes autograd saves barely move from 32- to 128-token sequences, where kept
+    scores (DeepSpeed's Megatron attention, fp32 here) would add 5·heads·96 per token a layer."""
+    import torch
+
+    from moeplan.cost_models.memory import attention_activation_bytes
+    from moeplan.runtime.model import GPT
+
+    spec = load_model("tiny-pr-moe")
+    torch.manual_seed(0)
+    model = GPT(spec)
+
+    def saved_bytes(seq: int) -> int:
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        x = torch.randint(0, spec.vocab_size, (256 // seq, seq + 1),
+                          generator=torch.Generator().manual_seed(seq))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.loss(x[:, :-1], x[:, 1:])
+        return sum(storages.values())
+
+    grown = saved_bytes(128) - saved_bytes(32)
+    kept_scores = len(spec.experts) * (
+        attention_activation_bytes(256, 128, spec.hidden, spec.heads, 1, 4)
+        - attention_activation_bytes(256, 32, spec.hidden, spec.heads, 1, 4))
+    assert kept_scores > 0 and abs(grown) < 0.02 * kept_scores, (grown, kept_scores)
+    fused = [attention_activation_bytes(256, ctx, spec.hidden, spec.heads, 1, 4, scores=False)
+             for ctx in (32, 128)]
+    assert fused[0] == fused[1]

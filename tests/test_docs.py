@@ -39,3 +39,23 @@ def test_the_readme_stays_a_front_door():
     readme = (ROOT / "README.md").read_text().splitlines()
     assert len(readme) <= 150
     assert not any("../shared" in line for line in readme)
+
+
+def test_the_documented_search_output_is_the_commands_own(tmp_path, monkeypatch, capsys):
+    """docs/commands.md shows `moeplan search --model 1.3b-pr-moe --gpus 64`'s output: its plan
+    table and figures (all but the search's own timing) are what the command prints today."""
+    from test_cli import invoke
+
+    from moeplan.cli import main as moeplan_cli
+
+    page = (ROOT / "docs" / "commands.md").read_text()
+    block = page.split("$ moeplan search --model 1.3b-pr-moe --gpus 64\n", 1)[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, err = invoke(moeplan_cli, ["search", "--model", "1.3b-pr-moe", "--gpus", "64"],
+                            monkeypatch, capsys)
+    assert code == 0, err
+    printed = [line.rstrip() for line in out.splitlines()]
+    for line in block.splitlines():
+        if not line.startswith("searched "):  # it ends with the search's wall time
+            assert line in printed, f"docs/commands.md is stale: {line!r}"

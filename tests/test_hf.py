@@ -4,6 +4,8 @@ exporting them, and one line for what moeplan does not read."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 from hf_configs import MIXTRAL_8X7B, PUBLISHED
@@ -85,9 +87,15 @@ def test_mixtral_plans_on_h100s_and_exports(tmp_path, monkeypatch, capsys):
     assert code == 0, err
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["model"]["name"] == "mixtral-config" and plan["predicted"]["latency_s"] > 0
+    # the README quotes this plan and its export: its figures are these commands' own
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    quoted = re.search(r"per-token latency ([\d.]+) ms, ([\d.]+) GiB per GPU", readme)
+    assert f"per-token latency {quoted[1]} ms" in out and f"memory per GPU {quoted[2]} GiB" in out
     code, out, err = invoke(moeplan_cli, ["export", "plan.json", "--to", "deepspeed"],
                             monkeypatch, capsys)
     assert code == 0, err
+    quoted = re.search(r"closest configuration: (per-token latency .*%\))", readme)
+    assert quoted[1] in out, (quoted[1], out)
     layers = json.loads((tmp_path / "export-deepspeed" / "moe_layers.json").read_text())
     assert len(layers["layers"]) == 32 and layers["layers"][0]["k"] == 2
     code, _, err = invoke(moerun_cli, ["--plan", "plan.json"], monkeypatch, capsys)
@@ -118,3 +126,21 @@ def test_todays_blocks_reach_megatron_core(tmp_path, name):
         assert a.moe_layer_freq == str([0] + [1] * 26).replace(" ", "")
     if name == "qwen1.5-moe-a2.7b":
         assert a.add_qkv_bias and a.moe_shared_expert_gate
+
+
+def test_training_defaults_to_4k_sequences_not_the_context_window(tmp_path):
+    """A config's positions are its context window (Mixtral 32768, DeepSeek-V3 163840):
+    training defaults to 4096-token sequences unless --seq-len says otherwise; the zoo's
+    2048-position models train at 2048."""
+    from moeplan.planner.planning import Request, make_env
+    from moeplan.spec import load_cluster
+
+    cluster = load_cluster("dgx-h100-80gb")
+    mixtral = load_model(_write(tmp_path, "mixtral", MIXTRAL_8X7B))
+    assert mixtral.max_seq_len == 32768
+    env, _ = make_env(mixtral, cluster, Request(gpus=64))
+    assert env.workload.seq_len == 4096
+    env, _ = make_env(mixtral, cluster, Request(gpus=64, seq_len=32768))
+    assert env.workload.seq_len == 32768
+    env, _ = make_env(load_model("1.3b-pr-moe"), cluster, Request(gpus=64))
+    assert env.workload.seq_len == 2048

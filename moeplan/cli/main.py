@@ -47,7 +47,8 @@ def _load_cluster(cluster: str | None, profile: str | None):
 @click.option("--micro-batch", type=click.IntRange(min=1), default=None,
               help="Sequences per data-parallel rank per pass (train) [default: searched].")
 @click.option("--seq-len", type=click.IntRange(min=1), default=None,
-              help="Training sequence length [default: the model's, 2048].")
+              help="Training sequence length [default: the model's positions, at most "
+                   "4096].")
 @click.option("--prompt-len", type=click.IntRange(min=1), default=None,
               help="Inference prompt tokens [default: 512].")
 @click.option("--gen-len", type=click.IntRange(min=1), default=None,

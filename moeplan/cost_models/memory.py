@@ -3,7 +3,10 @@
 Activation sizes follow Korthikanti et al., "Reducing Activation Recomputation in Large Transformer
 Models" (2022), eq. 2 with tensor parallelism and no sequence parallelism, per token and 2-byte
 activations: attention block (3 + 8/t)·h + 5·a·ctx/t (scores, softmax, dropout mask), MLP
-(3 + 16/t)·h, two LayerNorm inputs 2·h each. A MoE FFN stores its dispatched, received, expert-internal
+(3 + 16/t)·h, two LayerNorm inputs 2·h each. The 5·a·ctx/t of scores is kept only where the
+attention materialises them (DeepSpeed-MoE's Megatron attention); moerun's fused attention
+(`scaled_dot_product_attention`: flash kernels on CUDA and for causal training on CPU) keeps
+a log-sum-exp per head (4 bytes) instead; its output is the projection's input, counted. A MoE FFN stores its dispatched, received, expert-internal
 and combined buffers (rows = experts × capacity) and the fp32 gate probabilities.
 
 Mixed-precision Adam (DeepSpeed/Megatron): 2-byte weights and gradients, 12 bytes of fp32 master
@@ -24,8 +27,12 @@ def optimizer_bytes_per_param(dtype_bytes: int) -> int:
 
 
 def attention_activation_bytes(tokens: float, context: float, h: int, heads: int, tp: int,
-                               dtype_bytes: int) -> float:
-    per_token = h * (5 + 8 / tp) + 5 * heads * context / tp
+                               dtype_bytes: int, scores: bool = True) -> float:
+    """`scores`: the [heads, ctx] scores, softmax and dropout mask are kept per token
+    (unfused attention); else the fused kernel's fp32 log-sum-exp per head (its output is the
+    projection's input, counted in 8h/t)."""
+    per_token = h * (5 + 8 / tp) + (5 * heads * context / tp if scores
+                                    else heads / tp * 4 * 2 / dtype_bytes)
     return tokens * per_token * dtype_bytes / 2
 
 

@@ -40,6 +40,11 @@ from moeplan.spec.zoo import load_cluster, load_model
 DEFAULT_TRAIN_BATCH = 512
 DEFAULT_PROMPT_LEN = 512
 DEFAULT_GEN_LEN = 128
+# Training sequences default to the model's positions, at most 4096: a Hugging Face config's
+# positions are its context window, not the length most of its tokens trained at (4K:
+# DeepSeek-V3 technical report, pre-training hyper-parameters; Qwen3 technical report,
+# pre-training stages 1 and 2; OLMoE's 4096 positions).
+DEFAULT_TRAIN_SEQ_LEN = 4096
 RUNTIMES = ("moerun", "deepspeed")
 
 
@@ -73,6 +78,11 @@ def infer_lengths(spec: ModelSpec, r: Request) -> tuple[int, int]:
         return DEFAULT_PROMPT_LEN, DEFAULT_GEN_LEN
     prompt = spec.max_seq_len * 3 // 4
     return prompt, spec.max_seq_len - prompt
+
+
+def train_seq_len(spec: ModelSpec, r: Request) -> int:
+    """The training sequence length: as asked, else the model's positions up to 4096."""
+    return r.seq_len or min(spec.max_seq_len, DEFAULT_TRAIN_SEQ_LEN)
 
 
 def check_gpus(gpus: int, cluster: ClusterProfile) -> None:
@@ -152,7 +162,7 @@ def make_env(spec: ModelSpec, cluster: ClusterProfile, r: Request) -> tuple[Env,
     if r.mode == "train":
         batch = r.global_batch or DEFAULT_TRAIN_BATCH
         w = Workload(mode="train", global_batch=batch, micro_batch=r.micro_batch or 1,
-                     seq_len=r.seq_len or spec.max_seq_len, dtype=dtype, zero_stage=r.zero_stage)
+                     seq_len=train_seq_len(spec, r), dtype=dtype, zero_stage=r.zero_stage)
         objective = Objective("throughput")
         if spec.distillation is not None:
             return Env(spec, cluster, w, r.gpus, runtime=r.runtime,

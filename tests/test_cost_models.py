@@ -165,21 +165,53 @@ def test_zero_and_recompute_shrink_memory():
     assert rc.phases["attention"] == pytest.approx(full.phases["attention"] * 4 / 3, rel=F64_REL)
 
 
-def test_runtime_op_counts_match_the_runtime():
-    """The per-phase operation counts the cost model charges are the runtime's own."""
+def _op_spec(name: str):
+    """Tiny models of each kind of block the cost model counts operations for."""
+    from dist_cases import mla_spec, modern_spec
+
+    from moeplan.spec import load_model
+
+    tiny = load_model("tiny-pr-moe")
+    return {
+        "DeepSpeed-MoE blocks (PR-MoE, RTS + RSample)": tiny,
+        "top-8 of 16, GELU with biases": tiny.model_copy(update={
+            "experts": [0, 16, 0, 16, 0, 16, 0, 16], "top_k": 8, "use_rts": False,
+            "noisy_gate_policy": "none", "capacity_factor": 2.0}),
+        "Mixtral-like (rotary, GQA, RMSNorm, SwiGLU, no biases, top-2)": tiny.model_copy(update={
+            "mlp": "swiglu", "norm": "rmsnorm", "positions": "rope", "rope_theta": 1e6,
+            "kv_heads": 2, "bias": False, "tied_embeddings": False, "residual": False,
+            "top_k": 2, "use_rts": False, "noisy_gate_policy": "none",
+            "second_expert_sampling": False, "capacity_factor": 2.0}),
+        "Qwen-like (q/k norms, q/k/v biases, gated shared expert, top-3 raw)": modern_spec(),
+        "full q/k norm": modern_spec("full"),
+        "DeepSeek-like (latent attention, low-rank query)": mla_spec(),
+        "DeepSeek-like, full-rank query": mla_spec().model_copy(update={
+            "latent_attention": mla_spec().latent_attention.model_copy(
+                update={"q_lora_rank": None})}),
+    }[name]
+
+
+@pytest.mark.parametrize("name", [
+    "DeepSpeed-MoE blocks (PR-MoE, RTS + RSample)", "top-8 of 16, GELU with biases",
+    "Mixtral-like (rotary, GQA, RMSNorm, SwiGLU, no biases, top-2)",
+    "Qwen-like (q/k norms, q/k/v biases, gated shared expert, top-3 raw)", "full q/k norm",
+    "DeepSeek-like (latent attention, low-rank query)", "DeepSeek-like, full-rank query"])
+def test_runtime_op_counts_match_the_runtime(name):
+    """The per-phase operation counts the cost model charges moerun's torch reference are the
+    runtime's own, for each kind of block."""
     torch = pytest.importorskip("torch")
     from collections import Counter
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from moeplan.cost_models.runtimes import RUNTIME_OPS, gate_noise_ops
+    from moeplan.cost_models.runtimes import gate_noise_ops, operations
     from moeplan.runtime.model import GPT
     from moeplan.runtime.timers import PhaseTimer, instrument
-    from moeplan.spec import load_model
 
     torch.manual_seed(0)
-    spec = load_model("tiny-pr-moe")
-    assert gate_noise_ops(spec) == 9 + 8  # random token selection and RSample
+    spec = _op_spec(name)
+    if name.startswith("DeepSpeed"):
+        assert gate_noise_ops(spec) == 9 + 8  # random token selection and RSample
     model, timer = GPT(spec), PhaseTimer()
     instrument(model, timer)
     counts = {False: Counter(), True: Counter()}
@@ -197,6 +229,7 @@ def test_runtime_op_counts_match_the_runtime():
             return func(*args, **(kwargs or {}))
 
     x = torch.randint(0, 256, (2, 17))
+    model.loss(x[:, :-1], x[:, 1:])  # warm-up: the shared rotary table is made once
     with Count() as mode:
         timer.begin()
         loss, _ = model.loss(x[:, :-1], x[:, 1:])
@@ -209,13 +242,12 @@ def test_runtime_op_counts_match_the_runtime():
     for (kind, phase), n in counts[False].items():
         per_layer = n / (1 if kind == "head" else layers[kind])
         back = counts[True][(kind, phase)] / (1 if kind == "head" else layers[kind])
-        if phase == "experts":
-            assert (per_layer, back) == (1 + 3 * kind, 5 + 7 * kind)  # ep = 1: L = E
-        else:
-            name = "residual_mlp" if phase == "mlp" and kind else phase
-            fwd, bwd = RUNTIME_OPS[name]
-            noise = gate_noise_ops(spec) if phase == "gate" else 0  # training only
-            assert (per_layer, back) == (fwd + noise, bwd), (kind, phase)
+        key = "residual_mlp" if phase == "mlp" and kind else phase
+        local = kind if phase == "experts" else 0  # ep = 1: every expert is local
+        fwd = operations("moerun", "cpu", key, False, local, spec)
+        fwd += gate_noise_ops(spec) if phase == "gate" else 0  # training only
+        bwd = 3 * operations("moerun", "cpu", key, True, local, spec) - fwd
+        assert (per_layer, back) == (fwd, pytest.approx(bwd)), (kind, phase)
 
 
 def test_attention_charges_every_score_element_of_every_head():

@@ -222,10 +222,10 @@ def test_generation_on_the_triton_fast_path_equals_the_reference(name):
 def test_training_gate_launches_what_the_cost_model_charges(k, renormalize):
     """The Triton training gate's forward: its torch ops (the interpreter's argument copies
     excluded) plus its two kernel launches, for any top-k — what `runtimes.operations` charges
-    a moerun gate on a GPU."""
+    a moerun gate on a GPU beside the norm, the router GEMM and its casts."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from moeplan.cost_models.runtimes import operations
+    from moeplan.cost_models.runtimes import CUDA_GATE_AROUND, operations
     from moeplan.spec import load_model
     from moeplan.spec.phases import Phase
 
@@ -247,4 +247,4 @@ def test_training_gate_launches_what_the_cost_model_charges(k, renormalize):
         "noisy_gate_policy": "none", "second_expert_sampling": False})
     fwd_and_bwd = 3 * operations("moerun", "gpu", Phase.GATE, True, spec=spec)
     backward = 24  # the backward's count is an estimate (autograd nodes), not recounted here
-    assert Count.n + 2 == fwd_and_bwd - backward
+    assert Count.n + 2 == fwd_and_bwd - backward - CUDA_GATE_AROUND

@@ -30,7 +30,7 @@ from moeplan.cost_models.memory import (
     optimizer_bytes_per_param,
 )
 from moeplan.cost_models.params import attention_shape, layer_params, mlp_matrices
-from moeplan.cost_models.runtimes import DEEPSPEED_SYNCS, HOST_SYNC_S, operations
+from moeplan.cost_models.runtimes import DEEPSPEED_SYNCS, HOST_SYNC_S, block_scale, operations
 from moeplan.spec.cluster import DTYPE_BYTES, ClusterProfile
 from moeplan.spec.model import ModelSpec
 from moeplan.spec.phases import COMM, COMPUTE, EXCHANGE, Phase
@@ -159,7 +159,8 @@ def fixed_s(env: Env, key: str, p: Pass, local_experts: int = 0) -> float:
             return 0.0
         return (o.forward_s + o.backward_s) / (2 if comm else 3) if train else o.infer_s
 
-    t = one(key)
+    name = "residual_mlp" if key == "moe.mlp" else phase
+    t = one(key) * block_scale(name, env.spec, train)  # the probe's blocks -> the spec's
     if key == "moe.experts":
         t += local_experts * one("moe.experts_per_local")
     return k * t
@@ -267,6 +268,8 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
                                                                           dev, dt)
         ph[Phase.MLP] = compute(Phase.MLP, mlp_flops_s, b * (m * h * f_mlp / tp + 2 * T * h),
                                 serial_bytes=elementwise_bytes(env, s, p, Phase.MLP, f_mlp))
+    elif E:  # no MLP beside the experts: the phase is the block's residual adds
+        ph[Phase.MLP] = fixed(Phase.MLP)
 
     tp_span = env.span(tp, 1)
     cb["tp_allreduce"] = T * h * b

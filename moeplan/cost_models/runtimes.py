@@ -16,18 +16,21 @@ RUNTIME_OPS = {Phase.ATTENTION: (8, 18), Phase.MLP: (6, 8), "residual_mlp": (11,
                Phase.GATE: (31, 31), Phase.DISPATCH: (8, 2), Phase.COMBINE: (5, 5),
                Phase.HEAD: (12, 11)}
 # CUDA (Triton gating / dispatch / combine, one grouped expert GEMM pair): kernel launches and
-# torch ops around them, counted by reading runtime/kernels/triton_moe.py (not traced on a GPU;
-# the gate's forward — 2 launches + 30 torch ops for any top-k > 1 with renormalised weights,
-# CUDA_RENORM_OPS fewer without — is recounted under TRITON_INTERPRET by tests/test_kernels.py);
-# the other phases launch one kernel per aten op, as on CPU.
-CUDA_OPS = {**RUNTIME_OPS, Phase.GATE: (32, 24), Phase.DISPATCH: (7, 2), Phase.COMBINE: (8, 11),
-            Phase.EXPERTS: (4, 8)}
+# torch ops around them, counted by reading runtime/kernels/triton_moe.py (not traced on a GPU);
+# the gate's forward: the layer norm, the router GEMM and its two casts to fp32 (CUDA_GATE_AROUND)
+# and the Triton gate — 2 launches + 30 torch ops for any top-k > 1 with renormalised weights,
+# CUDA_RENORM_OPS fewer without, recounted under TRITON_INTERPRET by tests/test_kernels.py. The
+# other phases launch one kernel per aten op, as on CPU.
+CUDA_GATE_AROUND = 4
+CUDA_OPS = {**RUNTIME_OPS, Phase.GATE: (CUDA_GATE_AROUND + 32, 24), Phase.DISPATCH: (7, 2),
+            Phase.COMBINE: (8, 11), Phase.EXPERTS: (4, 8)}
 CUDA_RENORM_OPS = 3  # sum, clamp, div
 # CUDA inference (no autograd): the router GEMM and its two casts, the gate's buffers, one
 # Triton launch for the whole routing table and the device-side counts; dispatch and combine
 # each a launch and their index tensors; the experts' grouped GEMMs that skip empty experts,
 # with the device flag — read off kernels/triton_moe.py, not traced on a GPU.
 CUDA_INFER_OPS = {Phase.GATE: 15, Phase.DISPATCH: 6, Phase.COMBINE: 6, Phase.EXPERTS: 8}
+GATED_EXPERTS_INFER = 4  # gated experts: a third skipping GEMM (buffer + launch), silu, product
 # DeepSpeed-MoE (deepspeed/moe/sharded_moe.py, experts.py at 38327e0; Megatron-DeepSpeed's
 # ParallelMLP as the expert): GPU kernels per MoE layer phase (forward, backward). Forward counted
 # with a TorchDispatchMode over DeepSpeed's top-1 TopKGate (CPU, fp32) less the CPU-only capacity
@@ -57,6 +60,103 @@ def gate_noise_ops(spec) -> int:
     return RTS_OPS * rts + GUMBEL_OPS * gumbel
 
 
+# What today's blocks add to (or take from) the counts above, which are DeepSpeed-MoE's blocks
+# (LayerNorm, learned positions, multi-head attention with biases, GELU MLP with biases, a
+# PR-MoE residual MLP), per phase (forward, backward); counted like RUNTIME_OPS, views excluded,
+# with torch 2.13 on CPU, and recounted over tiny models of each kind by tests/test_cost_models.py
+# (a CUDA build may fuse RMSNorm into fewer kernels: not checked on a GPU).
+RMSNORM = (4, 13)  # nn.RMSNorm decomposes (pow, mean, add, rsqrt, mul, mul); LayerNorm is one op
+ROPE = (11, 10)  # the shared table's rows for the positions, q and k each turned (neg, cat, 3)
+ROPE_HEAD = (-2, -2)  # no learned position embedding to look up and add
+GQA = (2, 4)  # keys and values repeated to the query heads
+QK_NORM = {"head": (13, 28), "full": (12, 28)}
+NO_PROJ_BIAS, NO_QKV_BIAS = (-1, -1), (0, -3)
+LATENT = (27, 29)  # DeepSeek's latent attention (rotary, no bias) over the base's attention
+LOW_RANK_QUERY = (6, 16)  # its q_lora_rank: a down projection and its norm
+SWIGLU = (2, 6)  # the third matrix and the product
+SHARED_NOT_RESIDUAL, SHARED_GATE = (-4, -12), (3, 7)  # no mix coefficients; sigmoid gate
+UNTIED = (0, -1)
+BLOCK_ADDS = (2, 0)  # a MoE layer's mlp phase without a residual or shared MLP
+# moerun's torch gate (CPU, no noise) beyond top-1: the next choices' masked argmaxes and their
+# slots, and renormalising the weights; dispatch and combine over k choices.
+GATE_TOP2, GATE_TOPK, GATE_NEXT, GATE_RENORM = (13, 0), (17, 0), (14, 0), (3, 10)
+# the experts as batched GEMMs (gated or bias-free: `kernels.ffn_grouped`) instead of the loop
+GROUPED_EXPERTS = {(False, False): (3, 5), (True, True): (5, 13), (True, False): (5, 10)}
+
+
+def _add(*terms: tuple[int, int]) -> tuple[int, int]:
+    return sum(t[0] for t in terms), sum(t[1] for t in terms)
+
+
+def block_delta(name: str, spec) -> tuple[int, int]:
+    """Operations the spec's blocks add to a phase's DeepSpeed-MoE count (forward, backward);
+    the gate phase holds a MoE layer's second norm."""
+    rms = spec.norm == "rmsnorm"
+    gated = spec.mlp == "swiglu"
+    terms = []
+    if name == Phase.ATTENTION:
+        terms.append(RMSNORM if rms else (0, 0))
+        if spec.latent_attention is not None:
+            terms += [LATENT, LOW_RANK_QUERY if spec.latent_attention.q_lora_rank else (0, 0),
+                      (1, 1) if spec.bias else (0, 0)]
+        else:
+            qkv_bias = spec.bias if spec.qkv_bias is None else spec.qkv_bias
+            terms += [ROPE if spec.positions == "rope" else (0, 0),
+                      GQA if spec.kv_heads not in (None, spec.heads) else (0, 0),
+                      QK_NORM.get(spec.qk_norm, (0, 0)),
+                      (0, 0) if spec.bias else NO_PROJ_BIAS,
+                      (0, 0) if qkv_bias else NO_QKV_BIAS]
+    elif name == "residual_mlp" and not spec.residual and not spec.shared_ffn_hidden:
+        # no MLP beside the experts: what is left of the phase is the block's residual adds
+        base = RUNTIME_OPS["residual_mlp"]
+        terms.append((BLOCK_ADDS[0] - base[0], BLOCK_ADDS[1] - base[1]))
+    elif name in (Phase.MLP, "residual_mlp"):
+        terms += [SWIGLU if gated else (0, 0), (0, 0) if spec.bias else (-1, -(2 + gated))]
+        if name == Phase.MLP:
+            terms.append(RMSNORM if rms else (0, 0))
+        elif not spec.residual:
+            terms += [SHARED_NOT_RESIDUAL, SHARED_GATE if spec.shared_gate else (0, 0)]
+    elif name == Phase.GATE:
+        # without a residual or shared MLP beside the experts, the norm's output has one user:
+        # no gradient sum
+        alone = not spec.residual and not spec.shared_ffn_hidden
+        terms += [RMSNORM if rms else (0, 0), (0, -1) if alone else (0, 0)]
+    elif name == Phase.HEAD:
+        terms += [RMSNORM if rms else (0, 0), ROPE_HEAD if spec.positions == "rope" else (0, 0),
+                  (0, 0) if spec.tied_embeddings else UNTIED]
+    return _add(*terms)
+
+
+def block_scale(name: str, spec, training: bool) -> float:
+    """How many times the operations of DeepSpeed-MoE's block a phase of the spec's blocks
+    launches: scales framework seconds measured on the profile's probe (DeepSpeed-style
+    blocks) to the spec's."""
+    base = RUNTIME_OPS.get(name)
+    if base is None:
+        return 1.0
+    fwd, bwd = _add(base, block_delta(name, spec))
+    return (fwd + bwd) / (base[0] + base[1]) if training else fwd / base[0]
+
+
+def torch_moe_ops(name: str, spec, local_experts: int) -> tuple[int, int]:
+    """moerun's torch reference (CPU) for a MoE phase (forward, backward), the spec's top-k,
+    weights and expert FFN counted."""
+    k = spec.top_k
+    if name == Phase.EXPERTS:
+        if spec.mlp == "swiglu" or not spec.bias:
+            return GROUPED_EXPERTS[(spec.mlp == "swiglu", spec.bias)]
+        return 1 + 3 * local_experts, 5 + 7 * local_experts
+    fwd, bwd = RUNTIME_OPS[name]
+    if name == Phase.GATE and k > 1:  # top-2 has a branch of its own; beyond, a loop
+        return _add((fwd, bwd), GATE_TOP2 if k == 2 else GATE_TOPK, *[GATE_NEXT] * (k - 2),
+                    GATE_RENORM if spec.renormalize_top_k else (0, 0))
+    if name == Phase.DISPATCH and k > 1:
+        return fwd + 1, bwd
+    if name == Phase.COMBINE and k > 1:
+        return (fwd + 2, bwd + 5) if k == 2 else (fwd + 1, bwd)
+    return fwd, bwd
+
+
 def operations(runtime: str, device_kind: str, name: str, training: bool,
                local_experts: int = 0, spec=None) -> float:
     """Operations one forward pass of a phase is charged: its forward count for inference; for
@@ -65,8 +165,9 @@ def operations(runtime: str, device_kind: str, name: str, training: bool,
     training gate."""
     noise = gate_noise_ops(spec) if (spec is not None and training and name == Phase.GATE
                                      and runtime != "deepspeed") else 0
+    blocks = block_delta(name, spec) if spec is not None else (0, 0)
     if noise:
-        fwd, bwd = RUNTIME_OPS[Phase.GATE]
+        fwd, bwd = _add(torch_moe_ops(name, spec, local_experts), blocks)
         return (fwd + noise + bwd) / 3
     if runtime == "deepspeed":
         if name == Phase.EXPERTS:
@@ -76,14 +177,22 @@ def operations(runtime: str, device_kind: str, name: str, training: bool,
             if name == Phase.GATE and not training:
                 fwd -= DEEPSPEED_RTS_OPS
     elif device_kind == "gpu":
+        gated = spec is not None and spec.mlp == "swiglu"
         if not training and name in CUDA_INFER_OPS:
-            return CUDA_INFER_OPS[name]
+            return CUDA_INFER_OPS[name] + blocks[0] + (GATED_EXPERTS_INFER * gated
+                                                       if name == Phase.EXPERTS else 0)
         fwd, bwd = CUDA_OPS[name]
+        if name == Phase.EXPERTS and spec is not None and (gated or not spec.bias):
+            fwd, bwd = GROUPED_EXPERTS[(gated, spec.bias)]  # the same batched GEMMs as on CPU
         if name == Phase.GATE and spec is not None and not (spec.top_k > 1
                                                             and spec.renormalize_top_k):
             fwd -= CUDA_RENORM_OPS
+    elif spec is not None and name in (Phase.GATE, Phase.DISPATCH, Phase.COMBINE,
+                                       Phase.EXPERTS):
+        fwd, bwd = torch_moe_ops(name, spec, local_experts)
     elif name == Phase.EXPERTS:
         fwd, bwd = 1 + 3 * local_experts, 5 + 7 * local_experts
     else:
         fwd, bwd = RUNTIME_OPS[name]
+    fwd, bwd = _add((fwd, bwd), blocks)
     return (fwd + bwd) / 3 if training else fwd

@@ -51,17 +51,41 @@ class KVCache:
         return self.positions_M.shape[0]
 
 
-def rotate(x_BASD: torch.Tensor, pos_S: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary positions (the half-split form of GPT-NeoX and Hugging Face's Llama family):
-    each pair (i, i + D/2) turned by pos · theta^(-2i/D)."""
-    D = x_BASD.shape[-1]
-    inv = theta ** (-torch.arange(0, D, 2, device=x_BASD.device, dtype=torch.float32) / D)
-    angles = pos_S.to(torch.float32)[:, None] * inv[None]
-    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(x_BASD.dtype) for f in (torch.cos,
-                                                                                torch.sin))
-    half = D // 2
+_ROTARY: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def rotary_table(theta: float, D: int, length: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [length, D] (fp32) of positions 0 … length-1, pair (i, i + D/2) turned by
+    pos · theta^(-2i/D); computed once per (theta, D, device) and shared by every layer."""
+    key = (theta, D, str(device))
+    table = _ROTARY.get(key)
+    if table is None or table[0].shape[0] < length:
+        inv = theta ** (-torch.arange(0, D, 2, device=device, dtype=torch.float32) / D)
+        angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv[None]
+        table = tuple(torch.cat([f(angles)] * 2, dim=-1) for f in (torch.cos, torch.sin))
+        _ROTARY[key] = table
+    return table
+
+
+def rotate(x_BASD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
+    """Rotary positions (the half-split form of GPT-NeoX and Hugging Face's Llama family), by
+    the table rows of the tokens' positions (`Rotary.at`)."""
+    half = x_BASD.shape[-1] // 2
     rotated = torch.cat([-x_BASD[..., half:], x_BASD[..., :half]], dim=-1)
-    return x_BASD * cos + rotated * sin
+    return x_BASD * cos_SD + rotated * sin_SD
+
+
+class Rotary:
+    """A layer's rotary positions: the model's shared table, looked up once per pass for
+    every tensor the layer turns (no per-call trigonometry: fewer kernels per decode step)."""
+
+    def __init__(self, theta: float, D: int, positions: int):
+        self.theta, self.D, self.positions = theta, D, positions
+
+    def at(self, pos_S: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = rotary_table(self.theta, self.D, self.positions, pos_S.device)
+        return cos[pos_S].to(dtype), sin[pos_S].to(dtype)
 
 
 class Attention(nn.Module):
@@ -85,7 +109,8 @@ class Attention(nn.Module):
         self.k, self.v = (nn.Linear(h, self.g1 - self.g0, bias=qkv_bias) for _ in range(2))
         self.proj = nn.Linear(self.a1 - self.a0, h, bias=False)
         self.proj_bias = nn.Parameter(torch.zeros(h)) if spec.bias else None
-        self.rope = spec.rope_theta if spec.positions == "rope" else None
+        self.rope = (Rotary(spec.rope_theta, self.d, spec.max_seq_len)
+                     if spec.positions == "rope" else None)
         self.qk_norm, self.eps = spec.qk_norm, spec.norm_eps
         if spec.qk_norm == "head":
             self.q_norm, self.k_norm = nn.RMSNorm(self.d, eps=spec.norm_eps), nn.RMSNorm(
@@ -125,7 +150,8 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
-            q, k = rotate(q, pos_S, self.rope), rotate(k, pos_S, self.rope)
+            cos, sin = self.rope.at(pos_S, q.dtype)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         return q, k, v
 
     def _expand(self, t: torch.Tensor) -> torch.Tensor:
@@ -207,7 +233,8 @@ class LatentAttention(nn.Module):
                               bias=False)
         self.o_proj = nn.Linear(self.heads * m.v_head_dim, h, bias=False)
         self.proj_bias = nn.Parameter(torch.zeros(h)) if spec.bias else None
-        self.rope = spec.rope_theta if spec.positions == "rope" else None
+        self.rope = (Rotary(spec.rope_theta, m.qk_rope_head_dim, spec.max_seq_len)
+                     if spec.positions == "rope" else None)
 
     def slices(self) -> dict[str, Slice]:
         out = {"q_b.weight": ((0, *self.q_rows),), "q_proj.weight": ((0, *self.q_rows),),
@@ -220,11 +247,11 @@ class LatentAttention(nn.Module):
         return LatentKV(w.new_zeros(batch, max_len, self.m.kv_lora_rank),
                         w.new_zeros(batch, max_len, self.m.qk_rope_head_dim))
 
-    def _latent(self, x_BSH: torch.Tensor, pos_S: torch.Tensor | None):
+    def _latent(self, x_BSH: torch.Tensor, turn: tuple | None):
         c = self.kv_a(x_BSH)
         latent, kpe = c.split([self.m.kv_lora_rank, self.m.qk_rope_head_dim], dim=-1)
-        if self.rope is not None:
-            kpe = rotate(kpe[:, None], pos_S, self.rope)[:, 0]
+        if turn is not None:
+            kpe = rotate(kpe[:, None], *turn)[:, 0]
         return self.kv_a_norm(latent), kpe
 
     def _keys_values(self, latent_BMC: torch.Tensor, kpe_BMR: torch.Tensor):
@@ -244,10 +271,11 @@ class LatentAttention(nn.Module):
         pos_S = pos_1 if pos_1 is not None else torch.arange(S, device=x.device)
         q = self.q_b(self.q_a_norm(self.q_a(x))) if self.m.q_lora_rank else self.q_proj(x)
         q = q.view(B, S, self.heads, self.qk).transpose(1, 2)
-        if self.rope is not None:
+        turn = self.rope.at(pos_S, q.dtype) if self.rope is not None else None
+        if turn is not None:
             q_nope, q_pe = q.split([self.m.qk_nope_head_dim, self.m.qk_rope_head_dim], dim=-1)
-            q = torch.cat([q_nope, rotate(q_pe, pos_S, self.rope)], dim=-1)
-        latent, kpe = self._latent(x, pos_S)
+            q = torch.cat([q_nope, rotate(q_pe, *turn)], dim=-1)
+        latent, kpe = self._latent(x, turn)
         if pos_1 is None:
             if kv is not None:
                 kv.latent_BMC[:, :S] = latent

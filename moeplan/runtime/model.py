@@ -139,21 +139,8 @@ class Experts(nn.Module):
     def forward(self, x_PLCH: torch.Tensor, ffn=ffn_loop) -> torch.Tensor:
         """[P, L, C, H] as received (source rank, local expert, slot) -> the same layout out.
         The output bias is added once per expert: by the first slice, before the es sum."""
-        if not self.gated and self.bias:
-            return ffn(x_PLCH, self.w1, self.b1, self.w2, self.b2, self.es_rank0)
-        # gated or bias-free experts: one batched GEMM per matrix (the grouped GEMM's layout)
-        P, L, Cap, H = x_PLCH.shape
-        x = x_PLCH.transpose(0, 1).reshape(L, P * Cap, H)
-
-        def linear(w, b):
-            return torch.bmm(x, w) if b is None else torch.baddbmm(b[:, None], x, w)
-
-        inner = (F.silu(linear(self.w1, self.b1)) * linear(self.w3, self.b3) if self.gated
-                 else F.gelu(linear(self.w1, self.b1)))
-        y = torch.bmm(inner, self.w2)
-        if self.b2 is not None and self.es_rank0:
-            y = y + self.b2[:, None]
-        return y.view(L, P, Cap, H).transpose(0, 1)
+        return ffn(x_PLCH, self.w1, self.b1, self.w2, self.b2, self.es_rank0,
+                   *((self.w3, self.b3) if self.gated else ()))
 
 
 def _es_infer(par: MoEParallel, tp: Comm) -> str | None:

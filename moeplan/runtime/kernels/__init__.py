@@ -17,11 +17,15 @@ import torch.nn.functional as F
 from moeplan.runtime import gating
 
 
-def ffn_loop(x_PLCH: torch.Tensor, w1, b1, w2, b2, add_b2: bool) -> torch.Tensor:
+def ffn_loop(x_PLCH: torch.Tensor, w1, b1, w2, b2, add_b2: bool, w3=None,
+             b3=None) -> torch.Tensor:
     """The experts' FFNs, one GEMM pair per local expert with the biases folded in, written
     straight into the [P, L, C, H] result. Fastest on CPU: each expert's [P·C, F] intermediate
     stays in cache (one batched GEMM over all experts measured slower). `unbind`, not indexing:
-    its backward stacks the pieces instead of zero-filling a whole gradient per expert."""
+    its backward stacks the pieces instead of zero-filling a whole gradient per expert. Gated
+    (`w3`) or bias-free experts: `ffn_grouped`."""
+    if w3 is not None or b1 is None:
+        return ffn_grouped(x_PLCH, w1, b1, w2, b2, add_b2, w3, b3)
     P, _, C, H = x_PLCH.shape
     out = []
     for x, w1_, b1_, w2_, b2_ in zip(x_PLCH.unbind(1), w1.unbind(0), b1.unbind(0), w2.unbind(0),
@@ -32,13 +36,20 @@ def ffn_loop(x_PLCH: torch.Tensor, w1, b1, w2, b2, add_b2: bool) -> torch.Tensor
     return torch.stack(out, dim=1)
 
 
-def ffn_grouped(x_PLCH: torch.Tensor, w1, b1, w2, b2, add_b2: bool) -> torch.Tensor:
-    """The same as one grouped GEMM per layer: every local expert has the same number of rows
-    (the capacity buffer), so a batched matmul is the grouped GEMM — one launch on CUDA."""
+def ffn_grouped(x_PLCH: torch.Tensor, w1, b1, w2, b2, add_b2: bool, w3=None,
+                b3=None) -> torch.Tensor:
+    """The same as one grouped GEMM per matrix: every local expert has the same number of rows
+    (the capacity buffer), so a batched matmul is the grouped GEMM — one launch on CUDA. `w3`:
+    gated (SwiGLU) experts, silu(x·w1) · (x·w3); a bias of None is none."""
     P, L, C, H = x_PLCH.shape
     x = x_PLCH.transpose(0, 1).reshape(L, P * C, H)
-    h = F.gelu(torch.baddbmm(b1[:, None], x, w1))
-    y = torch.baddbmm(b2[:, None], h, w2) if add_b2 else torch.bmm(h, w2)
+
+    def linear(w, b):
+        return torch.bmm(x, w) if b is None else torch.baddbmm(b[:, None], x, w)
+
+    inner = F.silu(linear(w1, b1)) * linear(w3, b3) if w3 is not None else F.gelu(linear(w1, b1))
+    y = (torch.baddbmm(b2[:, None], inner, w2) if add_b2 and b2 is not None
+         else torch.bmm(inner, w2))
     return y.view(L, P, C, H).transpose(0, 1)
 
 
@@ -49,7 +60,7 @@ class Kernels:
     #               renormalize) -> Routing
     dispatch: Callable  # (x_TH, routing, experts) -> buf [E, C, H]
     combine: Callable  # (y_ECH, routing) -> out [T, H]
-    ffn: Callable = ffn_loop  # (x_PLCH, w1, b1, w2, b2, add_b2) -> y_PLCH
+    ffn: Callable = ffn_loop  # (x_PLCH, w1, b1, w2, b2, add_b2, w3, b3) -> y_PLCH
 
 
 REFERENCE = Kernels("torch", gating.gate, gating.dispatch, gating.combine)
@@ -63,14 +74,15 @@ def triton_available() -> bool:
     return True
 
 
-def ffn_triton(x_PLCH: torch.Tensor, w1, b1, w2, b2, add_b2: bool) -> torch.Tensor:
+def ffn_triton(x_PLCH: torch.Tensor, w1, b1, w2, b2, add_b2: bool, w3=None,
+               b3=None) -> torch.Tensor:
     """Training: the batched GEMMs (`ffn_grouped`, autograd through cuBLAS); inference: the
     Triton grouped GEMM that skips experts without a token (`triton_moe.ffn_grouped_skip`)."""
     if torch.is_grad_enabled() and (x_PLCH.requires_grad or w1.requires_grad):
-        return ffn_grouped(x_PLCH, w1, b1, w2, b2, add_b2)
+        return ffn_grouped(x_PLCH, w1, b1, w2, b2, add_b2, w3, b3)
     from moeplan.runtime.kernels import triton_moe
 
-    return triton_moe.ffn_grouped_skip(x_PLCH, w1, b1, w2, b2, add_b2)
+    return triton_moe.ffn_grouped_skip(x_PLCH, w1, b1, w2, b2, add_b2, w3, b3)
 
 
 def triton_kernels() -> Kernels:

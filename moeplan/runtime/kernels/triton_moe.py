@@ -15,7 +15,8 @@ Legend: T tokens, E experts, K choices per token, C capacity, H hidden.
                   for a decode step) and scans its own expert's choices, writing each choice's
                   slot, keep flag and weight (every choice is its expert's, so no two programs
                   write one entry); no probabilities kept, no aux loss, nothing read back
-  _expert_linear  inference's grouped expert GEMM, [L, R, K]·[L, K, N] + bias (GELU optional),
+  _expert_linear  inference's grouped expert GEMM, [L, R, K]·[L, K, N] (+ bias, GELU optional;
+                  gated experts take three: silu(x·w1)·(x·w3), then ·w2),
                   one program per (expert, row block, column block); an expert whose rows are
                   all empty (a device flag, no host read) writes zeros without reading its
                   weights — a decode step reads only the experts its tokens chose
@@ -34,6 +35,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -151,26 +153,33 @@ def _expert_linear(x_ptr, w_ptr, b_ptr, flag_ptr, out_ptr, R, K, N,
              acc.to(out_ptr.dtype.element_ty), mask=(rows < R)[:, None] & (cols < N)[None, :])
 
 
-def _grouped_linear(x_LRK, w_LKN, b_LN, flag_L, gelu: bool, add_b: bool) -> torch.Tensor:
+def _grouped_linear(x_LRK, w_LKN, b_LN, flag_L, gelu: bool = False) -> torch.Tensor:
+    """[L, R, K]·[L, K, N] (+ bias unless None, GELU optional), skipping unflagged experts."""
     L, R, K = x_LRK.shape
     N = w_LKN.shape[2]
     out = x_LRK.new_empty(L, R, N)
     if L and R:
         br, bn, bk = (max(16, _block(n, 64)) for n in (R, N, K))
+        w = w_LKN.contiguous()
         _expert_linear[(L, triton.cdiv(R, br), triton.cdiv(N, bn))](
-            x_LRK.contiguous(), w_LKN.contiguous(), b_LN.contiguous(), flag_L, out, R, K, N,
-            GELU=gelu, HAS_B=add_b, BLOCK_R=br, BLOCK_N=bn, BLOCK_K=bk)
+            x_LRK.contiguous(), w, w if b_LN is None else b_LN.contiguous(), flag_L, out, R, K,
+            N, GELU=gelu, HAS_B=b_LN is not None, BLOCK_R=br, BLOCK_N=bn, BLOCK_K=bk)
     return out
 
 
-def ffn_grouped_skip(x_PLCH: torch.Tensor, w1, b1, w2, b2, add_b2: bool) -> torch.Tensor:
+def ffn_grouped_skip(x_PLCH: torch.Tensor, w1, b1, w2, b2, add_b2: bool, w3=None,
+                     b3=None) -> torch.Tensor:
     """`ffn_grouped` for inference: an expert that received no token (all its rows zero, as
-    dispatch leaves empty slots) reads no weight and outputs zeros — rows no combine reads."""
+    dispatch leaves empty slots) reads no weight and outputs zeros — rows no combine reads.
+    Gated experts (`w3`): silu(x·w1)·(x·w3), zero where skipped."""
     P, L, C, H = x_PLCH.shape
     x = x_PLCH.transpose(0, 1).reshape(L, P * C, H)
     flag_L = x.ne(0).flatten(1).any(1).to(torch.int8)  # on the device: no host read
-    h = _grouped_linear(x, w1, b1, flag_L, gelu=True, add_b=True)
-    y = _grouped_linear(h, w2, b2, flag_L, gelu=False, add_b=add_b2)
+    if w3 is None:
+        inner = _grouped_linear(x, w1, b1, flag_L, gelu=True)
+    else:
+        inner = F.silu(_grouped_linear(x, w1, b1, flag_L)) * _grouped_linear(x, w3, b3, flag_L)
+    y = _grouped_linear(inner, w2, b2 if add_b2 else None, flag_L)
     return y.view(L, P, C, H).transpose(0, 1)
 
 

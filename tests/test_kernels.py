@@ -26,6 +26,41 @@ from moeplan.runtime.kernels import REFERENCE, select, triton_kernels, use_kerne
 TRITON = triton_kernels()
 
 
+VIEWS = {"view", "_unsafe_view", "unsqueeze", "expand", "slice", "select", "detach", "transpose",
+         "t", "alias", "as_strided", "squeeze", "permute", "unbind", "split"}
+
+
+def count_ops(call, monkeypatch) -> tuple[int, object]:
+    """Framework operations of `call` on the Triton path: torch ops (views excluded) plus
+    kernel launches, every kernel replaced by a stub that only counts its launch (under the
+    interpreter a kernel's own host copies would count too)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from moeplan.runtime.kernels import triton_moe
+
+    n = [0]
+
+    class Launch:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                n[0] += 1
+            return launch
+
+    with monkeypatch.context() as m:
+        for name in ("_softmax_topk", "_slots", "_gate_infer", "_expert_linear",
+                     "_scatter_rows", "_gather_rows"):
+            m.setattr(triton_moe, name, Launch())
+
+        class Count(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                n[0] += func.overloadpacket.__name__ not in VIEWS
+                return func(*args, **(kwargs or {}))
+
+        with Count():
+            out = call()
+    return n[0], out
+
+
 def logits_for(case: str, T: int, E: int, g: torch.Generator) -> torch.Tensor:
     x = torch.randn(T, E, generator=g)
     if case.startswith("one expert"):
@@ -178,9 +213,12 @@ def test_one_launch_inference_gate_equals_reference(case, T, E, k, cap, H, pad, 
     assert float(rb.aux_loss) == 0.0
 
 
-def test_inference_grouped_ffn_skips_experts_without_tokens():
+@pytest.mark.parametrize("gated, bias", [(False, True), (True, False), (True, True),
+                                         (False, False)])
+def test_inference_grouped_ffn_skips_experts_without_tokens(gated, bias):
     """An expert whose rows are all empty reads no weight: its weights are NaN here, and its
-    output is exact zeros (a read would spread NaN); the others equal the loop's."""
+    output is exact zeros (a read would spread NaN); the others equal the reference's — for
+    GELU experts with biases, and gated (SwiGLU) or bias-free ones."""
     from moeplan.runtime.kernels import ffn_loop, ffn_triton
 
     g = torch.Generator().manual_seed(7)
@@ -188,16 +226,18 @@ def test_inference_grouped_ffn_skips_experts_without_tokens():
     x = torch.randn(P, L, C, H, generator=g)
     x[:, 1] = 0.0  # expert 1 received no token
     x[:, 2, 3:] = 0.0  # expert 2 only a few rows: padding rows stay
-    w1, b1 = torch.randn(L, H, F_, generator=g), torch.randn(L, F_, generator=g)
-    w2, b2 = torch.randn(L, F_, H, generator=g), torch.randn(L, H, generator=g)
-    w1[1], w2[1] = float("nan"), float("nan")
+    w1, w2, w3 = (torch.randn(*s, generator=g) for s in ((L, H, F_), (L, F_, H), (L, H, F_)))
+    b1, b2, b3 = (torch.randn(L, n, generator=g) if bias else None for n in (F_, H, F_))
+    for w in (w1, w2, w3):
+        w[1] = float("nan")
+    gate = (w3, b3) if gated else ()
     with torch.no_grad():
-        want = ffn_loop(x, w1, b1, w2, b2, True)
-        got = ffn_triton(x, w1, b1, w2, b2, True)
+        want = ffn_loop(x, w1, b1, w2, b2, True, *gate)
+        got = ffn_triton(x, w1, b1, w2, b2, True, *gate)
     assert torch.equal(got[:, 1], torch.zeros_like(got[:, 1]))
     keep = [0, 2]
-    # fp32: forward reductions over H then F
-    assert_rounding_close(got[:, keep], want[:, keep], chain=H + F_)
+    # fp32: forward reductions over H then F (the gated product adds one rounding)
+    assert_rounding_close(got[:, keep], want[:, keep], chain=H + F_ + gated)
 
 
 @pytest.mark.parametrize("name", SPECS)
@@ -219,32 +259,55 @@ def test_generation_on_the_triton_fast_path_equals_the_reference(name):
 
 
 @pytest.mark.parametrize("k, renormalize", [(1, True), (2, True), (6, True), (8, False)])
-def test_training_gate_launches_what_the_cost_model_charges(k, renormalize):
-    """The Triton training gate's forward: its torch ops (the interpreter's argument copies
-    excluded) plus its two kernel launches, for any top-k — what `runtimes.operations` charges
-    a moerun gate on a GPU beside the norm, the router GEMM and its casts."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+def test_training_gate_launches_what_the_cost_model_charges(k, renormalize, monkeypatch):
+    """The Triton training gate's forward, torch ops and launches, for any top-k: what
+    `runtimes.operations` charges a moerun gate on a GPU beside the norm, the router GEMM and
+    its casts."""
     from moeplan.cost_models.runtimes import CUDA_GATE_AROUND, operations
     from moeplan.spec import load_model
     from moeplan.spec.phases import Phase
 
-    interpreter = {"new_empty", "set_", "empty", "copy_"}  # TRITON_INTERPRET's host copies
-    views = {"view", "_unsafe_view", "unsqueeze", "expand", "slice", "select", "detach"}
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += func.overloadpacket.__name__ not in interpreter | views
-            return func(*args, **(kwargs or {}))
-
     logits = torch.randn(64, 16, generator=torch.Generator().manual_seed(1)).requires_grad_()
-    with Count():
-        TRITON.gate(logits, k, 20, torch.ones(64, dtype=torch.bool), renormalize=renormalize)
+    n, _ = count_ops(lambda: TRITON.gate(logits, k, 20, torch.ones(64, dtype=torch.bool),
+                                         renormalize=renormalize), monkeypatch)
     spec = load_model("tiny-pr-moe").model_copy(update={
         "top_k": k, "renormalize_top_k": renormalize, "use_rts": False,
         "noisy_gate_policy": "none", "second_expert_sampling": False})
     fwd_and_bwd = 3 * operations("moerun", "gpu", Phase.GATE, True, spec=spec)
     backward = 24  # the backward's count is an estimate (autograd nodes), not recounted here
-    assert Count.n + 2 == fwd_and_bwd - backward - CUDA_GATE_AROUND
+    assert n == fwd_and_bwd - backward - CUDA_GATE_AROUND
+
+
+@pytest.mark.parametrize("k, renormalize, gated", [(1, True, False), (2, True, True),
+                                                    (6, True, True), (8, False, False)])
+def test_inference_path_launches_what_the_cost_model_charges(k, renormalize, gated,
+                                                             monkeypatch):
+    """Inference on the Triton path (no gradients): the torch ops and kernel launches of the
+    gate, dispatch, skipping expert GEMMs and combine are what `runtimes.operations` charges a
+    moerun decode step on a GPU (experts received from two ranks)."""
+    from moeplan.cost_models.runtimes import CUDA_GATE_AROUND, operations
+    from moeplan.runtime.kernels import ffn_triton
+    from moeplan.spec import load_model
+    from moeplan.spec.phases import Phase
+
+    g = torch.Generator().manual_seed(2)
+    T, E, H, F_, cap = 4, 16, 8, 12, 4
+    logits, x = torch.randn(T, E, generator=g), torch.randn(T, H, generator=g)
+    L = E // 2
+    w = [torch.randn(L, H, F_), torch.randn(L, F_), torch.randn(L, F_, H), torch.randn(L, H)]
+    gate = (torch.randn(L, H, F_), torch.randn(L, F_)) if gated else ()
+    counted = {}
+    with torch.no_grad():
+        counted[Phase.GATE], r = count_ops(lambda: TRITON.gate(
+            logits, k, cap, None, with_aux=False, renormalize=renormalize), monkeypatch)
+        counted[Phase.DISPATCH], buf = count_ops(lambda: TRITON.dispatch(x, r, E), monkeypatch)
+        received = buf.view(2, L, cap, H)  # [P, L, C, H], as after the exchange
+        counted[Phase.EXPERTS], y = count_ops(lambda: ffn_triton(received, *w, True, *gate),
+                                              monkeypatch)
+        counted[Phase.COMBINE], _ = count_ops(lambda: TRITON.combine(y.reshape(E, cap, H), r),
+                                              monkeypatch)
+    spec = load_model("tiny-pr-moe").model_copy(update={
+        "top_k": k, "renormalize_top_k": renormalize, "mlp": "swiglu" if gated else "gelu"})
+    for phase, n in counted.items():
+        around = CUDA_GATE_AROUND if phase == Phase.GATE else 0
+        assert n + around == operations("moerun", "gpu", phase, False, spec=spec), phase

@@ -25,12 +25,15 @@ CUDA_GATE_AROUND = 4
 CUDA_OPS = {**RUNTIME_OPS, Phase.GATE: (CUDA_GATE_AROUND + 32, 24), Phase.DISPATCH: (7, 2),
             Phase.COMBINE: (8, 11), Phase.EXPERTS: (4, 8)}
 CUDA_RENORM_OPS = 3  # sum, clamp, div
-# CUDA inference (no autograd): the router GEMM and its two casts, the gate's buffers, one
-# Triton launch for the whole routing table and the device-side counts; dispatch and combine
-# each a launch and their index tensors; the experts' grouped GEMMs that skip empty experts,
-# with the device flag — read off kernels/triton_moe.py, not traced on a GPU.
-CUDA_INFER_OPS = {Phase.GATE: 15, Phase.DISPATCH: 6, Phase.COMBINE: 6, Phase.EXPERTS: 8}
-GATED_EXPERTS_INFER = 4  # gated experts: a third skipping GEMM (buffer + launch), silu, product
+# CUDA inference (no autograd): around the gate as in training, then the gate's buffers, one
+# Triton launch for the whole routing table and the device-side counts (CUDA_RENORM_OPS more for
+# renormalised top-k > 1); dispatch and combine each a launch and their index tensors; the
+# experts' grouped GEMMs that skip empty experts, with the device flag (GATED_EXPERTS_INFER more
+# for gated experts: a third GEMM's buffer and launch, silu, product). Torch ops plus launches,
+# recounted under TRITON_INTERPRET by tests/test_kernels.py; not traced on a GPU.
+CUDA_INFER_OPS = {Phase.GATE: CUDA_GATE_AROUND + 12, Phase.DISPATCH: 6, Phase.COMBINE: 6,
+                  Phase.EXPERTS: 8}
+GATED_EXPERTS_INFER = 4
 # DeepSpeed-MoE (deepspeed/moe/sharded_moe.py, experts.py at 38327e0; Megatron-DeepSpeed's
 # ParallelMLP as the expert): GPU kernels per MoE layer phase (forward, backward). Forward counted
 # with a TorchDispatchMode over DeepSpeed's top-1 TopKGate (CPU, fp32) less the CPU-only capacity
@@ -179,8 +182,10 @@ def operations(runtime: str, device_kind: str, name: str, training: bool,
     elif device_kind == "gpu":
         gated = spec is not None and spec.mlp == "swiglu"
         if not training and name in CUDA_INFER_OPS:
-            return CUDA_INFER_OPS[name] + blocks[0] + (GATED_EXPERTS_INFER * gated
-                                                       if name == Phase.EXPERTS else 0)
+            renorm = spec is not None and spec.top_k > 1 and spec.renormalize_top_k
+            return (CUDA_INFER_OPS[name] + blocks[0]
+                    + (GATED_EXPERTS_INFER * gated if name == Phase.EXPERTS else 0)
+                    + (CUDA_RENORM_OPS * renorm if name == Phase.GATE else 0))
         fwd, bwd = CUDA_OPS[name]
         if name == Phase.EXPERTS and spec is not None and (gated or not spec.bias):
             fwd, bwd = GROUPED_EXPERTS[(gated, spec.bias)]  # the same batched GEMMs as on CPU

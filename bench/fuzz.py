@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -68,6 +69,10 @@ def main() -> None:
            "wall_s": round(time.perf_counter() - t0, 1), "targets": report}
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    if any(r["failures"] for r in report.values()):
+        print(f"inputs and outputs kept in {work}", file=sys.stderr)
+    else:
+        shutil.rmtree(work)  # ours alone (mkdtemp), nothing found to look at
 
 
 if __name__ == "__main__":

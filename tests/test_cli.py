@@ -118,11 +118,14 @@ def _tiny() -> dict:
 
 @pytest.mark.parametrize("flag, doc, change, message", [
     ("--profile", _local_cpu, lambda d: d["device"]["peak_flops"].update(fp32=0),
-     "peak_flops.fp32: Input should be greater than 0"),
+     "peak_flops.fp32: Input should be greater than or equal to 1"),
     ("--profile", _local_cpu, lambda d: d["device"]["peak_flops"].update(fp32=-1e12),
-     "peak_flops.fp32: Input should be greater than 0"),
+     "peak_flops.fp32: Input should be greater than or equal to 1"),
     ("--profile", _local_cpu, lambda d: d.update(nics_per_node=10**15),
      "nics_per_node: Input should be less than or equal to 1024"),
+    # a finite but absurd latency once overflowed the band's sum of squares (fuzz, sweep file)
+    ("--profile", _local_cpu, lambda d: d["intra"].update(latency_s=7.4e152),
+     "intra.latency_s: Input should be less than or equal to 60"),
     ("--profile", _local_cpu, lambda d: d["inter"].update(bandwidth_Bps=float("inf")),
      "finite number"),
     ("--model", _tiny, lambda d: d.update(capacity_factor=float("inf")), "finite number"),

@@ -10,7 +10,7 @@ quadrature: p10 = t − √Σ(t − t_lo)², p90 = t + √Σ(t_hi − t)².
 from __future__ import annotations
 
 from dataclasses import replace
-from math import fsum, sqrt
+from math import fsum, hypot
 
 from moeplan.cost_models import step
 from moeplan.cost_models.layer import Env, Scales
@@ -42,6 +42,7 @@ def band(env: Env, cand: Candidate) -> Band | None:
     for name, sp in sorted(spread.items()):
         terms[name] = tuple(recost_s(replace(env, scales=_scales(name, f)), cand)
                             for f in (sp.p10, sp.p90))
-    below = sqrt(fsum((t - lo) ** 2 for lo, _ in terms.values()))
-    above = sqrt(fsum((hi - t) ** 2 for _, hi in terms.values()))
+    # the terms combined in quadrature (hypot: no overflow on absurd profiles' huge times)
+    below = hypot(*(t - lo for lo, _ in terms.values()))
+    above = hypot(*(hi - t for _, hi in terms.values()))
     return Band(p10_s=max(0.0, t - below), p90_s=t + above, terms_s=terms)

@@ -7,13 +7,20 @@ networkx is imported only there, so `moeplan search` starts fast.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moeplan.spec.model import PRINTABLE
 
 MAX_PER_NODE = 1024  # GPUs or NICs in one node: far above any machine, low enough to enumerate
+# Bounds no real machine comes near — a minute of fixed time per message, operation or phase; a
+# byte or FLOP per second; a millionth of peak; a factor of a million — which keep every cost
+# far inside float range whatever a profile file says.
+Seconds = Annotated[float, Field(ge=0, le=60)]
+Rate = Annotated[float, Field(ge=1, le=1e21)]
+Fraction = Annotated[float, Field(ge=1e-6, le=1)]
+Factor = Annotated[float, Field(ge=1e-6, le=1e6)]
 
 if TYPE_CHECKING:  # pragma: no cover
     import networkx
@@ -31,8 +38,8 @@ class EfficiencyCurve(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    max_efficiency: float = Field(gt=0, le=1)
-    half_flops: float = Field(ge=0)
+    max_efficiency: Fraction
+    half_flops: float = Field(ge=0, le=1e21)
     source: str = ""
 
 
@@ -42,17 +49,17 @@ class PhaseOverhead(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    forward_s: float = Field(ge=0)
-    backward_s: float = Field(ge=0)
-    infer_s: float = Field(ge=0)
-    work_scale: float = Field(1.0, gt=0, description=(
+    forward_s: Seconds
+    backward_s: Seconds
+    infer_s: Seconds
+    work_scale: Factor = Field(1.0, description=(
         "training passes: measured time above the fixed part over the phase's roofline time "
         "(its kernels' distance from the fitted GEMM/bandwidth roofline: attention kernels, "
         "GELU, layer norms, gathers), at the first probe size"))
-    work_points: list[tuple[float, float]] = Field(default_factory=list, description=(
+    work_points: list[tuple[Seconds, Factor]] = Field(default_factory=list, description=(
         "(roofline seconds of one forward pass, work scale) at each probe size; the cost model "
         "interpolates between them"))
-    decode_points: list[tuple[float, float]] = Field(default_factory=list, description=(
+    decode_points: list[tuple[Seconds, Factor]] = Field(default_factory=list, description=(
         "the same for one decode token (infer_s measured at the smallest probe size)"))
 
 
@@ -69,37 +76,37 @@ class FrameworkOverhead(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     phases: dict[str, PhaseOverhead]
-    optimizer_tensor_s: float = Field(ge=0, description="AdamW step, gradient clipping and "
+    optimizer_tensor_s: Seconds = Field(description="AdamW step, gradient clipping and "
                                                         "zero_grad per parameter tensor ...")
-    optimizer_param_s: float = Field(0.0, ge=0, description="... and per parameter (one rank "
+    optimizer_param_s: Seconds = Field(0.0, description="... and per parameter (one rank "
                                                             "alone)")
     ranks: int = Field(1, ge=1, description="ranks on the measured host")
     cores: int | None = Field(None, ge=1, description=(
         "CPU cores the ranks share; a CPU profile describes one host that runs every rank, as "
         "`moerun` does (None: each rank has a device of its own)"))
-    contention: float = Field(1.0, gt=0, description=(
+    contention: Factor = Field(1.0, description=(
         "the probe's time with every rank of the node running it at once over its time on one "
         "rank alone (others idle): ranks sharing cores, memory bandwidth, SMT siblings"))
-    decode_contention: float = Field(1.0, gt=0, description="the same, greedy decoding")
-    exchange_extra_s: float = Field(0.0, ge=0, description=(
+    decode_contention: Factor = Field(1.0, description="the same, greedy decoding")
+    exchange_extra_s: Seconds = Field(0.0, description=(
         "seconds each all-to-all call of a training pass took inside a running step beyond what "
         "the model charged it (microbenchmarked exchange + waits): ranks arriving at different "
         "moments, waking blocked ranks — the probe run expert-parallel on every rank"))
-    decode_exchange_extra_s: float = Field(0.0, ge=0, description="the same, decoding")
-    untimed_fraction: float = Field(0.0, ge=0, description=(
+    decode_exchange_extra_s: Seconds = Field(0.0, description="the same, decoding")
+    untimed_fraction: float = Field(0.0, ge=0, le=1e6, description=(
         "a training step's time outside every timed phase (batch preparation, loss readout, "
         "learning-rate schedule, glue between phases) over the timed time, in that run"))
-    decode_untimed_fraction: float = Field(0.0, ge=0, description="the same, per decode token")
-    grad_sync_extra_s: float = Field(0.0, ge=0, description=(
+    decode_untimed_fraction: float = Field(0.0, ge=0, le=1e6, description="the same, per decode token")
+    grad_sync_extra_s: Seconds = Field(0.0, description=(
         "seconds the gradient sync of that run took per step beyond what the model charged it"))
-    in_step: float = Field(1.0, gt=0, description=(
+    in_step: Factor = Field(1.0, description=(
         "the compute of that run (its timed time less its all-to-alls and gradient sync) over "
         "what the model charged it: what compute costs inside a running step beyond the "
         "microbenchmarks and `contention` — waking from every collective wait, caches the "
         "exchanges evicted, the runtime's own loop; every compute phase, the head and the "
         "optimizer are charged this much more (training)"))
-    decode_in_step: float = Field(1.0, gt=0, description="the same, per decode token")
-    skew: float = Field(0.0, ge=0, description=(
+    decode_in_step: Factor = Field(1.0, description="the same, per decode token")
+    skew: float = Field(0.0, ge=0, le=1e6, description=(
         "how far the slowest rank trails the mean over one training step of the probe, all "
         "ranks at once: what a rank waits at a collective for its peers, per second of compute"))
     source: str = ""
@@ -112,19 +119,19 @@ class Device(BaseModel):
     kind: Literal["gpu", "cpu"] = Field(
         "gpu", description="what the runtime executes on: CUDA (Triton kernels, grouped expert "
                            "GEMM) or CPU (the torch reference) — it sets the operation counts")
-    memory_bytes: int = Field(gt=0)
+    memory_bytes: int = Field(gt=0, le=2**60)
     reserved_bytes: int = Field(0, ge=0)
-    peak_flops: dict[str, PositiveFloat]
-    hbm_Bps: float = Field(gt=0)
-    hbm_efficiency: float = Field(gt=0, le=1)
+    peak_flops: dict[str, Rate]
+    hbm_Bps: Rate
+    hbm_efficiency: Fraction
     gemm_efficiency: EfficiencyCurve
-    op_overhead_s: float = Field(0.0, ge=0)
-    score_element_s: float = Field(
-        0.0, ge=0, description="seconds of attention's work per score element and head in one "
+    op_overhead_s: Seconds = 0.0
+    score_element_s: Seconds = Field(
+        0.0, description="seconds of attention's work per score element and head in one "
                                "forward pass (scale, max, exp, sum), beyond its matrix products: "
                                "what makes many narrow heads cost more than few wide ones")
     framework: FrameworkOverhead | None = None
-    board_power_w: float | None = Field(None, gt=0, description=(
+    board_power_w: float | None = Field(None, gt=0, le=1e6, description=(
         "the board's maximum power (TDP, datasheet): energy from it is an upper bound"))
     source: str = ""
 
@@ -139,9 +146,9 @@ class LinkTier(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: str
-    bandwidth_Bps: float = Field(gt=0)
-    latency_s: float = Field(ge=0)
-    efficiency: float = Field(gt=0, le=1)
+    bandwidth_Bps: Rate
+    latency_s: Seconds
+    efficiency: Fraction
     source: str = ""
 
 
@@ -152,8 +159,8 @@ class FittedCollective(BaseModel):
 
     collective: Literal["allreduce", "allgather", "reduce_scatter", "all_to_all"]
     tier: Literal["intra", "inter"]
-    latency_s: float = Field(ge=0)
-    bandwidth_Bps: float = Field(gt=0)
+    latency_s: Seconds
+    bandwidth_Bps: Rate
     r2: float | None = None
     source: str = ""
 
@@ -169,13 +176,13 @@ class ExchangeScale(BaseModel):
     algorithm: Literal["flat", "hierarchical"]
     group_size: int = Field(gt=1)
     per_node: int = Field(gt=1)
-    latency_scale: float = Field(gt=0)
-    transfer_scale: float = Field(gt=0)
-    rested_latency_scale: float | None = Field(None, gt=0, description=(
+    latency_scale: Factor
+    transfer_scale: Factor
+    rested_latency_scale: Factor | None = Field(None, description=(
         "the same fit over exchanges timed after every rank idled (`measure.REST_S`): what the "
         "links do when they have rested — a rate limiter's token bucket full again"))
-    rested_transfer_scale: float | None = Field(None, gt=0)
-    credit_s: float = Field(0.0, ge=0, description=(
+    rested_transfer_scale: Factor | None = None
+    credit_s: Seconds = Field(0.0, description=(
         "seconds of exchange time that resting saves at most (back to back less rested, where it "
         "saved clearly: `build.CLEAR_SAVING`): the bucket's depth in seconds, also the idle time that "
         "refills it; one per link, the smaller of the algorithms' estimates"))
@@ -231,8 +238,8 @@ class Spread(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    p10: float = Field(gt=0, le=1)
-    p90: float = Field(ge=1)
+    p10: Fraction
+    p90: float = Field(ge=1, le=1e6)
     source: str = ""
 
 

@@ -53,8 +53,11 @@ def main() -> None:
             got = feed(drawn)
             counts[got.kind] += 1
             if got.kind != "clean" and len(failures) < 5:
+                kept = work / f"failure-{name.replace(' ', '-')}-{len(failures)}.txt"
+                kept.write_text(repr(drawn))  # the whole input, to replay it
                 failures.append({"kind": got.kind, "why": got.why, "rc": got.rc,
-                                 "stderr": got.err[-400:], "input": repr(drawn)[:400]})
+                                 "stderr": got.err[-400:], "input": repr(drawn)[:400],
+                                 "kept": str(kept)})
 
         one()
         report[name] = {"tried": sum(counts.values()), **{k: counts[k] for k in

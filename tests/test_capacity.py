@@ -24,7 +24,7 @@ from moeplan.planner.planning import plan
 from moeplan.report import analysis as A
 from moeplan.report import build as R
 from moeplan.spec import load_cluster, load_model
-from moeplan.spec.errors import ConfigError
+from moeplan.spec.errors import ConfigError, SpecError
 from moeplan.spec.sweep import SweepFile
 
 CLUSTER = "ndv4-a100-40gb"
@@ -294,3 +294,22 @@ def test_the_pareto_front_is_each_models_undominated_points(report):
         on_front = any(f is r for f in front)
         assert on_front == (not any(beats(o, r) for o in rivals)) or not on_front and any(
             f.model == r.model and f.latency_s == r.latency_s for f in front)
+
+
+@pytest.mark.parametrize("change, message", [
+    # a feasible point without its figures once broke the recommendation's sort (fuzz)
+    (lambda d: d["rows"][0].update(tokens_per_s_per_gpu=None),
+     "a feasible point needs tokens_per_s_per_gpu"),
+    (lambda d: d["answers"].append({"model": "350m", "mode": "train", "met": True,
+                                    "point": None, "text": "met"}),
+     "a met answer points at no feasible row"),
+])
+def test_a_sweep_file_that_contradicts_itself_is_one_line(report, tmp_path, change, message):
+    doc, _ = report
+    data = json.loads(doc.model_dump_json())
+    change(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(SpecError, match=message) as e:
+        S.load_document(path)
+    assert "\n" not in str(e.value)

@@ -402,5 +402,7 @@ def load_document(path: Path) -> SweepFile:
     for a in doc.answers:
         if a.point is not None and not 0 <= a.point < len(doc.rows):
             raise SpecError(f"{path}: an answer points at row {a.point}, outside the rows")
+        if a.met and (a.point is None or not doc.rows[a.point].feasible):
+            raise SpecError(f"{path}: a met answer points at no feasible row")
     options_from(doc.options)
     return doc

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moeplan.spec.cluster import ClusterProfile
 from moeplan.spec.model import ModelSpec
@@ -48,6 +48,18 @@ class SweepRow(BaseModel):
         "GPU-hours times the boards' maximum power: an upper bound (GPUs only, no host, "
         "network or cooling)"))
     plan: Plan | None = None
+
+    @model_validator(mode="after")
+    def _costed(self) -> SweepRow:
+        """A feasible point carries the figures every reader of the file relies on."""
+        if self.feasible:
+            need = ("global_batch", "tokens_per_s", "tokens_per_s_per_gpu",
+                    "memory_per_gpu_bytes", "gpu_hours_per_m_tokens",
+                    "step_time_s" if self.mode == "train" else "latency_s")
+            missing = [name for name in need if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"a feasible point needs {', '.join(missing)}")
+        return self
 
     def table(self) -> dict:
         """The CSV's columns: everything but the plan."""

@@ -303,6 +303,10 @@ def test_the_pareto_front_is_each_models_undominated_points(report):
     (lambda d: d["answers"].append({"model": "350m", "mode": "train", "met": True,
                                     "point": None, "text": "met"}),
      "a met answer points at no feasible row"),
+    # options out of the command line's bounds reached the search (fuzz)
+    (lambda d: d["options"].update(prompt_len=-1),
+     "prompt_len: Input should be greater than or equal to 1"),
+    (lambda d: d["options"].update(runtime="vllm"), "runtime"),
 ])
 def test_a_sweep_file_that_contradicts_itself_is_one_line(report, tmp_path, change, message):
     doc, _ = report
@@ -310,6 +314,6 @@ def test_a_sweep_file_that_contradicts_itself_is_one_line(report, tmp_path, chan
     change(data)
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(SpecError, match=message) as e:
+    with pytest.raises((SpecError, ConfigError), match=message) as e:
         S.load_document(path)
     assert "\n" not in str(e.value)

@@ -17,9 +17,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from math import ceil
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Annotated, Callable, Iterable, Literal
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
 from moeplan.planner.planning import Request, check_gpus, plan
 from moeplan.planner.space import NO_FIX, Fix
@@ -66,23 +66,27 @@ def _count(text: str) -> int:
     return int(text)
 
 
+Count = Annotated[int, Field(ge=1, le=2**31)]  # sequences or tokens, as the CLI allows
+
+
 @dataclass(frozen=True)
 class Options:
-    """What every point shares (None: the search's defaults)."""
+    """What every point shares (None: the search's defaults); read back from a sweep file
+    within the bounds the command line sets."""
 
-    global_batch: int | None = None  # training
-    micro_batch: int | None = None
-    seq_len: int | None = None
-    per_gpu_batch: int = 8  # inference: sequences in flight per GPU (the paper's Fig. 10: ~8)
-    prompt_len: int | None = None
-    gen_len: int | None = None
-    dtype: str | None = None
-    zero_stage: int = 1
+    global_batch: Count | None = None  # training
+    micro_batch: Count | None = None
+    seq_len: Count | None = None
+    per_gpu_batch: Count = 8  # inference: sequences in flight per GPU (the paper's Fig. 10: ~8)
+    prompt_len: Count | None = None
+    gen_len: Count | None = None
+    dtype: Literal["bf16", "fp16", "fp32"] | None = None
+    zero_stage: Annotated[int, Field(ge=0, le=2)] = 1
     fix: Fix = NO_FIX
-    runtime: str = "moerun"
-    simulate_top: int = 16
-    price_per_gpu_hour: float | None = None  # overrides every cluster's list price
-    train_tokens: float = PAPER_TRAIN_TOKENS
+    runtime: Literal["moerun", "deepspeed"] = "moerun"
+    simulate_top: Annotated[int, Field(ge=0, le=1000)] = 16
+    price_per_gpu_hour: Annotated[float, Field(gt=0, le=1e4)] | None = None  # every cluster's
+    train_tokens: Annotated[float, Field(ge=1, le=1e16)] = PAPER_TRAIN_TOKENS
 
 
 @dataclass(frozen=True)

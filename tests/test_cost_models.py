@@ -347,3 +347,25 @@ def test_moerun_keeps_no_attention_scores_for_backward():
     fused = [attention_activation_bytes(256, ctx, spec.hidden, spec.heads, 1, 4, scores=False)
              for ctx in (32, 128)]
     assert fused[0] == fused[1]
+
+
+def test_todays_blocks_add_their_elementwise_passes():
+    """DeepSpeed-MoE's blocks add nothing; RMSNorm 5 more passes over the hidden than a fused
+    LayerNorm, rotary 10 over q and k (kv heads only for k), per-head q/k norms 7, SwiGLU 3 over
+    the FFN width — bytes at the activations' width, per rank."""
+    from moeplan.cost_models.layer import block_elementwise_bytes
+
+    s = Setting(tp=2, dp=32, micro_batch=1, recompute=False)
+    p = Pass(tokens=1000, context=1000, decode=False)
+    env = _env()
+    for phase in ("attention", "mlp", "gate", "experts"):
+        assert block_elementwise_bytes(env, s, p, phase) == 0.0
+    spec = env.spec.model_copy(update={"norm": "rmsnorm", "positions": "rope", "kv_heads": 4,
+                                       "qk_norm": "head", "mlp": "swiglu"})
+    env = Env(spec, env.cluster, env.workload, env.gpus)
+    b, h, d = env.dtype_bytes, spec.hidden, spec.hidden // spec.heads
+    q, k = spec.heads * d / 2, 4 * d / 2
+    assert block_elementwise_bytes(env, s, p, "attention") == b * 1000 * (
+        5 * h + 10 * (q + k) + 7 * (q + k))
+    assert block_elementwise_bytes(env, s, p, "mlp", 512) == b * 1000 * (5 * h + 3 * 512 / 2)
+    assert block_elementwise_bytes(env, s, p, "gate") == b * 1000 * 5 * h

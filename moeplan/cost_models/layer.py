@@ -293,7 +293,8 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     # the einsums: 18 bytes per element written and read (counted from sharded_moe.py).
     sec_bytes = 18.0 * T_r * rows if deepspeed else 0.0
     ph[Phase.GATE] = compute(Phase.GATE, gemm_s(T_r, E, h, dev, "fp32"),
-                             4 * T_r * (h + 3 * E) + sec_bytes)
+                             4 * T_r * (h + 3 * E) + sec_bytes,
+                             serial_bytes=block_elementwise_bytes(env, s, p, Phase.GATE))
     if not deepspeed and not spec.drop_tokens and dev.kind == "gpu":
         ph[Phase.GATE] += HOST_SYNC_S  # dropless: moerun reads the busiest expert's load back
     if deepspeed:
@@ -335,7 +336,8 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     fe = spec.expert_ffn
     expert_flops_s = local * ((m - 1) * gemm_s(expert_rows, fe / c.es, h, dev, dt)
                               + gemm_s(expert_rows, h, fe / c.es, dev, dt))
-    expert_bytes = b * (active * m * h * fe / c.es + local * expert_rows * 2 * h)
+    expert_bytes = b * (active * m * h * fe / c.es + local * expert_rows * 2 * h
+                        + (SWIGLU_PASSES * local * expert_rows * fe / c.es if m == 3 else 0))
     ph[Phase.EXPERTS] = compute(Phase.EXPERTS, expert_flops_s, expert_bytes, local)
     if deepspeed:
         ph[Phase.COMBINE] = compute(Phase.COMBINE, gemm_s(T_r, h, rows, dev, dt), einsum_bytes)
@@ -384,18 +386,54 @@ def elementwise_bytes(env: Env, s: Setting, p: Pass, phase: str, f: int = 0) -> 
     whole hidden on every tp rank (no sequence parallelism); DeepSpeed's attention (Megatron,
     no fused attention) also writes its [B, A/tp, S, ctx] scores and reads and writes them in
     the masked softmax, in training dropout and in the product with the values."""
+    extra = block_elementwise_bytes(env, s, p, phase, f)
     if env.cluster.device.kind != "gpu":
-        return 0.0
+        return extra
     spec, b, tp, T = env.spec, env.dtype_bytes, s.tp, p.tokens
     h, f = spec.hidden, f or spec.ffn_hidden
     train = env.workload.mode == "train" and not p.decode
     passes_h = 2 + 2 + 3 + (3 if train else 0)  # norm, bias, residual, dropout
     if phase == Phase.MLP:
-        return b * T * (passes_h * h + 2 * f / tp)  # + the GELU over the FFN width
+        return b * T * (passes_h * h + 2 * f / tp) + extra  # + the GELU over the FFN width
     scores = 0.0
     if env.runtime == "deepspeed":
         scores = b * T * spec.heads / tp * p.context * (5 + (3 if train else 0))
-    return b * T * passes_h * h + scores
+    return b * T * passes_h * h + scores + extra
+
+
+# Passes over a tensor (reads + writes) of the elementwise work today's blocks add to
+# DeepSpeed-MoE's, as moerun runs them (one kernel per operation, `runtimes.block_delta`):
+RMSNORM_PASSES = 5  # pow, mean, rsqrt, two products: 7 passes where a fused LayerNorm makes 2
+ROPE_PASSES = 10  # per rotated tensor: negated half, concatenation, two products, the sum
+QK_NORM_PASSES = {"head": 7, "full": 5}  # an RMSNorm over q and k each (full: fp32, fused sum)
+SWIGLU_PASSES = 3  # silu and the product: 5 passes over the FFN width where GELU makes 2
+
+
+def block_elementwise_bytes(env: Env, s: Setting, p: Pass, phase: str, f: int = 0) -> float:
+    """Bytes of the memory-bound work today's blocks add beyond DeepSpeed-MoE's (which a CPU
+    profile's measured work scale already covers): RMSNorm run as separate operations, rotary
+    positions over q and k, per-head or whole q/k norms, SwiGLU's silu and product."""
+    spec, b, tp, T = env.spec, env.dtype_bytes, s.tp, p.tokens
+    h = spec.hidden
+    rms = RMSNORM_PASSES * h if spec.norm == "rmsnorm" else 0
+    if phase == Phase.ATTENTION:
+        d = spec.head_dim or h // spec.heads
+        q, kv = spec.heads * d / tp, (spec.kv_heads or spec.heads) * d / tp  # widths per rank
+        rope = 0
+        if spec.positions == "rope":
+            if spec.latent_attention is not None:  # the rotary parts: q's per head, k's shared
+                r = spec.latent_attention.qk_rope_head_dim
+                rope = ROPE_PASSES * (spec.heads / tp * r + r)
+            else:
+                rope = ROPE_PASSES * (q + kv)
+        qk = (QK_NORM_PASSES.get(spec.qk_norm, 0) * (q + kv)
+              if spec.latent_attention is None else 0)
+        return b * T * (rms + rope + qk)
+    if phase in (Phase.MLP, Phase.GATE):
+        gated = SWIGLU_PASSES * (f or spec.ffn_hidden) / tp if (
+            phase == Phase.MLP and spec.mlp == "swiglu") else 0
+        return b * T * (rms + gated)
+    return 0.0
 
 
 def _shared(env: Env, cost: LayerCost, p: Pass) -> LayerCost:

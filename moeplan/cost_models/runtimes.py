@@ -67,11 +67,11 @@ def gate_noise_ops(spec) -> int:
 # (LayerNorm, learned positions, multi-head attention with biases, GELU MLP with biases, a
 # PR-MoE residual MLP), per phase (forward, backward); counted like RUNTIME_OPS, views excluded,
 # with torch 2.13 on CPU, and recounted over tiny models of each kind by tests/test_cost_models.py
-# (a CUDA build may fuse RMSNorm into fewer kernels: not checked on a GPU).
+# (a CUDA build may fuse RMSNorm into fewer kernels: not checked on a GPU). Grouped-query
+# attention adds none: the fused attention serves each kv head's queries itself.
 RMSNORM = (4, 13)  # nn.RMSNorm decomposes (pow, mean, add, rsqrt, mul, mul); LayerNorm is one op
 ROPE = (11, 10)  # the shared table's rows for the positions, q and k each turned (neg, cat, 3)
 ROPE_HEAD = (-2, -2)  # no learned position embedding to look up and add
-GQA = (2, 4)  # keys and values repeated to the query heads
 QK_NORM = {"head": (13, 28), "full": (12, 28)}
 NO_PROJ_BIAS, NO_QKV_BIAS = (-1, -1), (0, -3)
 LATENT = (27, 29)  # DeepSeek's latent attention (rotary, no bias) over the base's attention
@@ -105,7 +105,6 @@ def block_delta(name: str, spec) -> tuple[int, int]:
         else:
             qkv_bias = spec.bias if spec.qkv_bias is None else spec.qkv_bias
             terms += [ROPE if spec.positions == "rope" else (0, 0),
-                      GQA if spec.kv_heads not in (None, spec.heads) else (0, 0),
                       QK_NORM.get(spec.qk_norm, (0, 0)),
                       (0, 0) if spec.bias else NO_PROJ_BIAS,
                       (0, 0) if qkv_bias else NO_QKV_BIAS]

@@ -154,9 +154,6 @@ class Attention(nn.Module):
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         return q, k, v
 
-    def _expand(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.group == 1 else t.repeat_interleave(self.group, dim=1)
-
     def forward(self, x_BSH: torch.Tensor, kv: LayerKV | None = None,
                 pos_1: torch.Tensor | None = None,
                 visible_1M: torch.Tensor | None = None) -> torch.Tensor:
@@ -174,15 +171,16 @@ class Attention(nn.Module):
             if kv is not None:
                 kv.k_BAMD[:, :, :S] = k
                 kv.v_BAMD[:, :, :S] = v
-            y_BASD = F.scaled_dot_product_attention(q, self._expand(k), self._expand(v),
-                                                    is_causal=S > 1)
+            # grouped-query: the kernel serves each kv head's queries (no repeated copies)
+            y_BASD = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1,
+                                                    enable_gqa=self.group > 1)
         else:
             if S > 1:
                 raise ValueError("a decode step takes one new token per sequence")
             kv.write(pos_1, k, v)
-            y_BASD = F.scaled_dot_product_attention(q, self._expand(kv.k_BAMD),
-                                                    self._expand(kv.v_BAMD),
-                                                    attn_mask=visible_1M)
+            y_BASD = F.scaled_dot_product_attention(q, kv.k_BAMD, kv.v_BAMD,
+                                                    attn_mask=visible_1M,
+                                                    enable_gqa=self.group > 1)
         y = self.proj(y_BASD.transpose(1, 2).reshape(B, S, -1))
         y = C.reduce_from(t.to(y, Phase.TP_COMM), self.tp)
         y = t.to(y, Phase.ATTENTION)

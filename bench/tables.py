@@ -197,13 +197,25 @@ def known_error() -> dict:
     return out
 
 
+def blocks_table() -> str:
+    d = _load("blocks.json")
+    lines = ["| model | predicted step | measured step | error |", "|---|---|---|---|"]
+    for name, m in sorted(d["models"].items()):
+        lines.append(f"| {name} ({m['plan']}) | {m['predicted_step_s']:.2f} s | "
+                     f"{m['measured_step_s']:.2f} s | {_pct(m['error'])} |")
+    lines.append(f"| today's blocks / DeepSpeed-MoE's | {d['ratio_predicted']:.2f}× | "
+                 f"{d['ratio_measured']:.2f}× | {_pct(d['ratio_predicted'] / d['ratio_measured'] - 1)} |")
+    return "\n".join(lines)
+
+
 def known_error_text() -> str:
     return json.dumps(known_error(), indent=1) + "\n"
 
 
 TABLES = {"accuracy": accuracy_table, "accuracy-runs": accuracy_runs_table,
           "random-grid": random_grid_table, "published": published_table,
-          "routers": routers_table, "zero": zero_table, "quality": quality_table}
+          "routers": routers_table, "zero": zero_table, "quality": quality_table,
+          "blocks": blocks_table}
 
 
 def render(page: str) -> str:

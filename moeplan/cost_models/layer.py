@@ -244,12 +244,16 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
         return t
 
     def compute(phase: str, flops_s: float, nbytes: float, local_experts: int = 0,
-                serial_bytes: float = 0.0, serial_s: float = 0.0) -> float:
+                serial_bytes: float = 0.0, serial_s: float = 0.0,
+                added_bytes: float = 0.0) -> float:
         """Roofline (bound by FLOPs or bytes) plus the bytes of the memory-bound kernels that
         run after it (`serial_bytes`) and other work charged per element (`serial_s`), times
-        the phase's measured work scale, plus its fixed framework seconds."""
+        the phase's measured work scale, plus the passes today's blocks add (which the work
+        scale, measured on DeepSpeed-style blocks, does not describe) and the phase's fixed
+        framework seconds."""
         roof = roofline_s(flops_s, nbytes, dev, 0.0) + memory_s(serial_bytes, dev) + serial_s
-        return (env.scales.compute * work_scale(env, kind + "." + phase, p, roof) * roof
+        return (env.scales.compute * (work_scale(env, kind + "." + phase, p, roof) * roof
+                                      + memory_s(added_bytes, dev))
                 + fixed(phase, local_experts))
 
     # the softmax's work on every score element of every head (`Device.score_element_s`)
@@ -257,7 +261,8 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     ph[Phase.ATTENTION] = compute(Phase.ATTENTION, attn_flops_s,
                                   b * (a.weights / tp + 2 * T * h) + kv_read,
                                   serial_bytes=elementwise_bytes(env, s, p, Phase.ATTENTION),
-                                  serial_s=score_s)
+                                  serial_s=score_s,
+                                  added_bytes=block_elementwise_bytes(env, s, p, Phase.ATTENTION))
 
     # a dense layer's MLP, or beside the experts PR-MoE's residual MLP or shared experts
     f_mlp = f if (E == 0 or spec.residual) else spec.shared_ffn_hidden
@@ -267,7 +272,8 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
         mlp_flops_s = (m - 1) * gemm_s(T, f_mlp / tp, h, dev, dt) + gemm_s(T, h, f_mlp / tp,
                                                                           dev, dt)
         ph[Phase.MLP] = compute(Phase.MLP, mlp_flops_s, b * (m * h * f_mlp / tp + 2 * T * h),
-                                serial_bytes=elementwise_bytes(env, s, p, Phase.MLP, f_mlp))
+                                serial_bytes=elementwise_bytes(env, s, p, Phase.MLP, f_mlp),
+                                added_bytes=block_elementwise_bytes(env, s, p, Phase.MLP, f_mlp))
     elif E:  # no MLP beside the experts: the phase is the block's residual adds
         ph[Phase.MLP] = fixed(Phase.MLP)
 
@@ -294,7 +300,7 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     sec_bytes = 18.0 * T_r * rows if deepspeed else 0.0
     ph[Phase.GATE] = compute(Phase.GATE, gemm_s(T_r, E, h, dev, "fp32"),
                              4 * T_r * (h + 3 * E) + sec_bytes,
-                             serial_bytes=block_elementwise_bytes(env, s, p, Phase.GATE))
+                             added_bytes=block_elementwise_bytes(env, s, p, Phase.GATE))
     if not deepspeed and not spec.drop_tokens and dev.kind == "gpu":
         ph[Phase.GATE] += HOST_SYNC_S  # dropless: moerun reads the busiest expert's load back
     if deepspeed:
@@ -336,9 +342,10 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     fe = spec.expert_ffn
     expert_flops_s = local * ((m - 1) * gemm_s(expert_rows, fe / c.es, h, dev, dt)
                               + gemm_s(expert_rows, h, fe / c.es, dev, dt))
-    expert_bytes = b * (active * m * h * fe / c.es + local * expert_rows * 2 * h
-                        + (SWIGLU_PASSES * local * expert_rows * fe / c.es if m == 3 else 0))
-    ph[Phase.EXPERTS] = compute(Phase.EXPERTS, expert_flops_s, expert_bytes, local)
+    expert_bytes = b * (active * m * h * fe / c.es + local * expert_rows * 2 * h)
+    ph[Phase.EXPERTS] = compute(Phase.EXPERTS, expert_flops_s, expert_bytes, local,
+                                added_bytes=block_elementwise_bytes(
+                                    env, s, p, Phase.EXPERTS, fe // c.es, local, expert_rows))
     if deepspeed:
         ph[Phase.COMBINE] = compute(Phase.COMBINE, gemm_s(T_r, h, rows, dev, dt), einsum_bytes)
     else:
@@ -386,19 +393,18 @@ def elementwise_bytes(env: Env, s: Setting, p: Pass, phase: str, f: int = 0) -> 
     whole hidden on every tp rank (no sequence parallelism); DeepSpeed's attention (Megatron,
     no fused attention) also writes its [B, A/tp, S, ctx] scores and reads and writes them in
     the masked softmax, in training dropout and in the product with the values."""
-    extra = block_elementwise_bytes(env, s, p, phase, f)
     if env.cluster.device.kind != "gpu":
-        return extra
+        return 0.0
     spec, b, tp, T = env.spec, env.dtype_bytes, s.tp, p.tokens
     h, f = spec.hidden, f or spec.ffn_hidden
     train = env.workload.mode == "train" and not p.decode
     passes_h = 2 + 2 + 3 + (3 if train else 0)  # norm, bias, residual, dropout
     if phase == Phase.MLP:
-        return b * T * (passes_h * h + 2 * f / tp) + extra  # + the GELU over the FFN width
+        return b * T * (passes_h * h + 2 * f / tp)  # + the GELU over the FFN width
     scores = 0.0
     if env.runtime == "deepspeed":
         scores = b * T * spec.heads / tp * p.context * (5 + (3 if train else 0))
-    return b * T * passes_h * h + scores + extra
+    return b * T * passes_h * h + scores
 
 
 # Passes over a tensor (reads + writes) of the elementwise work today's blocks add to
@@ -409,10 +415,13 @@ QK_NORM_PASSES = {"head": 7, "full": 5}  # an RMSNorm over q and k each (full: f
 SWIGLU_PASSES = 3  # silu and the product: 5 passes over the FFN width where GELU makes 2
 
 
-def block_elementwise_bytes(env: Env, s: Setting, p: Pass, phase: str, f: int = 0) -> float:
+def block_elementwise_bytes(env: Env, s: Setting, p: Pass, phase: str, f: int = 0,
+                            local_experts: int = 0, rows: int = 0) -> float:
     """Bytes of the memory-bound work today's blocks add beyond DeepSpeed-MoE's (which a CPU
     profile's measured work scale already covers): RMSNorm run as separate operations, rotary
-    positions over q and k, per-head or whole q/k norms, SwiGLU's silu and product."""
+    positions over q and k, per-head or whole q/k norms, SwiGLU's silu and product (in the
+    MLP over the FFN width `f` per rank; in the experts over each local expert's `rows` at its
+    slice `f`)."""
     spec, b, tp, T = env.spec, env.dtype_bytes, s.tp, p.tokens
     h = spec.hidden
     rms = RMSNORM_PASSES * h if spec.norm == "rmsnorm" else 0
@@ -433,6 +442,8 @@ def block_elementwise_bytes(env: Env, s: Setting, p: Pass, phase: str, f: int = 
         gated = SWIGLU_PASSES * (f or spec.ffn_hidden) / tp if (
             phase == Phase.MLP and spec.mlp == "swiglu") else 0
         return b * T * (rms + gated)
+    if phase == Phase.EXPERTS and spec.mlp == "swiglu":
+        return b * SWIGLU_PASSES * local_experts * rows * f
     return 0.0
 
 

@@ -311,3 +311,24 @@ def test_inference_path_launches_what_the_cost_model_charges(k, renormalize, gat
     for phase, n in counted.items():
         around = CUDA_GATE_AROUND if phase == Phase.GATE else 0
         assert n + around == operations("moerun", "gpu", phase, False, spec=spec), phase
+
+
+def test_the_shared_rotary_table_made_in_inference_mode_serves_training():
+    """The rotary table is shared by every layer and pass: made first under inference_mode
+    (a user's evaluation), it still serves a training step's backward."""
+    from dist_cases import modern_spec
+
+    from moeplan.runtime import attention
+    from moeplan.runtime.model import GPT
+
+    attention._ROTARY.clear()
+    torch.manual_seed(0)
+    model = GPT(modern_spec())
+    x = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        model.eval()
+        model(x[:, :-1])
+    model.train()
+    loss, _ = model.loss(x[:, :-1], x[:, 1:])
+    loss.backward()
+    assert torch.isfinite(loss.detach())

@@ -61,9 +61,12 @@ def rotary_table(theta: float, D: int, length: int,
     key = (theta, D, str(device))
     table = _ROTARY.get(key)
     if table is None or table[0].shape[0] < length:
-        inv = theta ** (-torch.arange(0, D, 2, device=device, dtype=torch.float32) / D)
-        angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv[None]
-        table = tuple(torch.cat([f(angles)] * 2, dim=-1) for f in (torch.cos, torch.sin))
+        # plain tensors whatever mode the first caller is in: every later pass shares them
+        with torch.inference_mode(False), torch.no_grad():
+            inv = theta ** (-torch.arange(0, D, 2, device=device, dtype=torch.float32) / D)
+            angles = (torch.arange(length, device=device, dtype=torch.float32)[:, None]
+                      * inv[None])
+            table = tuple(torch.cat([f(angles)] * 2, dim=-1) for f in (torch.cos, torch.sin))
         _ROTARY[key] = table
     return table
 

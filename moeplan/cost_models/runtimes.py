@@ -19,8 +19,8 @@ RUNTIME_OPS = {Phase.ATTENTION: (8, 18), Phase.MLP: (6, 8), "residual_mlp": (11,
 # torch ops around them, counted by reading runtime/kernels/triton_moe.py (not traced on a GPU);
 # the gate's forward: the layer norm, the router GEMM and its two casts to fp32 (CUDA_GATE_AROUND)
 # and the Triton gate — 2 launches + 30 torch ops for any top-k > 1 with renormalised weights,
-# CUDA_RENORM_OPS fewer without, recounted under TRITON_INTERPRET by tests/test_kernels.py. The
-# other phases launch one kernel per aten op, as on CPU.
+# CUDA_RENORM_OPS fewer without, recounted by tests/test_kernels.py with each kernel stubbed to
+# count its launch. The other phases launch one kernel per aten op, as on CPU.
 CUDA_GATE_AROUND = 4
 CUDA_OPS = {**RUNTIME_OPS, Phase.GATE: (CUDA_GATE_AROUND + 32, 24), Phase.DISPATCH: (7, 2),
             Phase.COMBINE: (8, 11), Phase.EXPERTS: (4, 8)}
@@ -30,7 +30,7 @@ CUDA_RENORM_OPS = 3  # sum, clamp, div
 # renormalised top-k > 1); dispatch and combine each a launch and their index tensors; the
 # experts' grouped GEMMs that skip empty experts, with the device flag (GATED_EXPERTS_INFER more
 # for gated experts: a third GEMM's buffer and launch, silu, product). Torch ops plus launches,
-# recounted under TRITON_INTERPRET by tests/test_kernels.py; not traced on a GPU.
+# recounted the same way by tests/test_kernels.py; not traced on a GPU.
 CUDA_INFER_OPS = {Phase.GATE: CUDA_GATE_AROUND + 12, Phase.DISPATCH: 6, Phase.COMBINE: 6,
                   Phase.EXPERTS: 8}
 GATED_EXPERTS_INFER = 4
@@ -70,7 +70,7 @@ def gate_noise_ops(spec) -> int:
 # (a CUDA build may fuse RMSNorm into fewer kernels: not checked on a GPU). Grouped-query
 # attention adds none: the fused attention serves each kv head's queries itself.
 RMSNORM = (4, 13)  # nn.RMSNorm decomposes (pow, mean, add, rsqrt, mul, mul); LayerNorm is one op
-ROPE = (11, 10)  # the shared table's rows for the positions, q and k each turned (neg, cat, 3)
+ROPE = (11, 10)  # table rows for the positions; q and k each negated, joined, multiplied, summed
 ROPE_HEAD = (-2, -2)  # no learned position embedding to look up and add
 QK_NORM = {"head": (13, 28), "full": (12, 28)}
 NO_PROJ_BIAS, NO_QKV_BIAS = (-1, -1), (0, -3)

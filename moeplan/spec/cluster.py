@@ -96,7 +96,8 @@ class FrameworkOverhead(BaseModel):
     untimed_fraction: float = Field(0.0, ge=0, le=1e6, description=(
         "a training step's time outside every timed phase (batch preparation, loss readout, "
         "learning-rate schedule, glue between phases) over the timed time, in that run"))
-    decode_untimed_fraction: float = Field(0.0, ge=0, le=1e6, description="the same, per decode token")
+    decode_untimed_fraction: float = Field(0.0, ge=0, le=1e6,
+                                           description="the same, per decode token")
     grad_sync_extra_s: Seconds = Field(0.0, description=(
         "seconds the gradient sync of that run took per step beyond what the model charged it"))
     in_step: Factor = Field(1.0, description=(

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from moeplan.cli.options import finite, load_profile
+from moeplan.spec import workload as W
 from moeplan.spec.errors import ConfigError
 from moeplan.spec.files import output_path, write_atomic
 
@@ -39,15 +40,15 @@ def sweep_options(f):
                      help="GPU counts: A-B (whole nodes, powers of two) or a list A,B,C."),
         click.option("--mode", type=click.Choice(["train", "infer", "both"]), default="both",
                      show_default=True),
-        click.option("--global-batch", type=click.IntRange(1, 2**31), default=None,
+        click.option("--global-batch", type=click.IntRange(1, W.MAX_COUNT), default=None,
                      help="Training: sequences per step [default: the search's, 512]."),
-        click.option("--micro-batch", type=click.IntRange(1, 2**31), default=None),
-        click.option("--seq-len", type=click.IntRange(1, 2**31), default=None),
+        click.option("--micro-batch", type=click.IntRange(1, W.MAX_COUNT), default=None),
+        click.option("--seq-len", type=click.IntRange(1, W.MAX_COUNT), default=None),
         click.option("--per-gpu-batch", default="8", show_default=True, callback=_batches,
                      metavar="N[,N...]",
                      help="Inference: sequences in flight per GPU (a list sweeps them too)."),
-        click.option("--prompt-len", type=click.IntRange(1, 2**31), default=None),
-        click.option("--gen-len", type=click.IntRange(1, 2**31), default=None),
+        click.option("--prompt-len", type=click.IntRange(1, W.MAX_COUNT), default=None),
+        click.option("--gen-len", type=click.IntRange(1, W.MAX_COUNT), default=None),
         click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None),
         click.option("--zero", "zero_stage", type=click.Choice(["0", "1", "2"]), default="1",
                      show_default=True, help="ZeRO stage for training."),
@@ -55,12 +56,13 @@ def sweep_options(f):
                      help="Fix a degree at every point, as `moeplan search --fix`."),
         click.option("--runtime", type=click.Choice(["moerun", "deepspeed"]), default="moerun",
                      show_default=True),
-        click.option("--simulate-top", type=click.IntRange(0, 1000), default=16,
+        click.option("--simulate-top", type=click.IntRange(0, W.MAX_SIMULATE_TOP), default=16,
                      show_default=True, help="As `moeplan search` (0: analytic only, faster)."),
-        click.option("--price-per-gpu-hour", type=click.FloatRange(0, 1e4, min_open=True),
+        click.option("--price-per-gpu-hour",
+                     type=click.FloatRange(0, W.MAX_PRICE, min_open=True),
                      default=None, callback=finite, metavar="USD",
                      help="Price instead of each cluster's dated list price."),
-        click.option("--train-tokens", type=click.FloatRange(1, 1e16), default=300e9,
+        click.option("--train-tokens", type=click.FloatRange(1, W.MAX_TRAIN_TOKENS), default=300e9,
                      show_default=True, callback=finite,
                      help="Tokens of a training run (the paper's 300B)."),
         click.option("--days", type=click.FloatRange(0, 1e5, min_open=True), default=None,

@@ -15,6 +15,7 @@ from moeplan.cli.errors import run
 from moeplan.cli.options import finite, load_profile
 from moeplan.spec.errors import CheckFailed, ConfigError, MoeplanError
 from moeplan.spec.files import output_path, write_atomic
+from moeplan.spec.workload import MAX_COUNT
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,7 +42,7 @@ def _load_cluster(cluster: str | None, profile: str | None):
               help="Built-in cluster (see `moeplan clusters`) [default: ndv4-a100-40gb].")
 @click.option("--profile", default=None, help="ClusterProfile JSON file (e.g. from `moeplan profile`).")
 @click.option("--mode", type=click.Choice(["train", "infer"]), default="train", show_default=True)
-@click.option("--global-batch", type=click.IntRange(min=1, max=2**31), default=None,
+@click.option("--global-batch", type=click.IntRange(min=1, max=MAX_COUNT), default=None,
               help="Sequences per step (train, default 512) or in flight (infer, default = GPUs; "
                    "searched for --objective throughput).")
 @click.option("--micro-batch", type=click.IntRange(min=1), default=None,

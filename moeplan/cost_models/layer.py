@@ -143,13 +143,13 @@ def fixed_s(env: Env, key: str, p: Pass, local_experts: int = 0) -> float:
     measured forward + backward."""
     dev = env.cluster.device
     phase = key.rpartition(".")[2]
+    name = "residual_mlp" if key == "moe.mlp" else phase  # the operation counts' name
     comm = phase in COMM_PHASES
     fw = dev.framework
     k = env.scales.framework
     if fw is None:
         if comm:
             return 0.0
-        name = "residual_mlp" if key == "moe.mlp" else phase
         return k * ops(env, name, p, local_experts) * dev.op_overhead_s
     train = env.workload.mode == "train" and not p.decode
 
@@ -159,7 +159,6 @@ def fixed_s(env: Env, key: str, p: Pass, local_experts: int = 0) -> float:
             return 0.0
         return (o.forward_s + o.backward_s) / (2 if comm else 3) if train else o.infer_s
 
-    name = "residual_mlp" if key == "moe.mlp" else phase
     t = one(key) * block_scale(name, env.spec, train)  # the probe's blocks -> the spec's
     if key == "moe.experts":
         t += local_experts * one("moe.experts_per_local")

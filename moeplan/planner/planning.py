@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 from moeplan import __version__
 from moeplan.cost_models.layer import COMPUTE_PHASES, DENSE, Env, LayerChoice
@@ -45,7 +46,8 @@ DEFAULT_GEN_LEN = 128
 # DeepSeek-V3 technical report, pre-training hyper-parameters; Qwen3 technical report,
 # pre-training stages 1 and 2; OLMoE's 4096 positions).
 DEFAULT_TRAIN_SEQ_LEN = 4096
-RUNTIMES = ("moerun", "deepspeed")
+Runtime = Literal["moerun", "deepspeed"]  # whose kernels, launches and loops are costed
+RUNTIMES: tuple[str, ...] = get_args(Runtime)
 
 
 @dataclass(frozen=True)

@@ -17,19 +17,20 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from math import ceil
 from pathlib import Path
-from typing import Annotated, Callable, Iterable, Literal
+from typing import Annotated, Callable, Iterable
 
 from pydantic import Field, TypeAdapter, ValidationError
 
-from moeplan.planner.planning import Request, check_gpus, plan
+from moeplan.planner.planning import Request, Runtime, check_gpus, plan
 from moeplan.planner.space import NO_FIX, Fix
-from moeplan.spec.cluster import ClusterProfile
+from moeplan.spec.cluster import ClusterProfile, Dtype
 from moeplan.spec.errors import ConfigError, MoeplanError, SpecError, one_line
 from moeplan.spec.files import read_document
 from moeplan.spec.model import ModelSpec
 from moeplan.spec.plan import Plan
 from moeplan.spec.sweep import COLUMNS, SweepAnswer, SweepFile
 from moeplan.spec.sweep import SweepRow as Row
+from moeplan.spec.workload import MAX_COUNT, MAX_PRICE, MAX_SIMULATE_TOP, MAX_TRAIN_TOKENS
 
 PAPER_TRAIN_TOKENS = 300e9  # DeepSpeed-MoE's models saw 300B tokens (Rajbhandari et al. §4.1)
 MAX_POINTS = 10_000
@@ -66,7 +67,7 @@ def _count(text: str) -> int:
     return int(text)
 
 
-Count = Annotated[int, Field(ge=1, le=2**31)]  # sequences or tokens, as the CLI allows
+Count = Annotated[int, Field(ge=1, le=MAX_COUNT)]  # sequences or tokens
 
 
 @dataclass(frozen=True)
@@ -80,13 +81,13 @@ class Options:
     per_gpu_batch: Count = 8  # inference: sequences in flight per GPU (the paper's Fig. 10: ~8)
     prompt_len: Count | None = None
     gen_len: Count | None = None
-    dtype: Literal["bf16", "fp16", "fp32"] | None = None
+    dtype: Dtype | None = None
     zero_stage: Annotated[int, Field(ge=0, le=2)] = 1
     fix: Fix = NO_FIX
-    runtime: Literal["moerun", "deepspeed"] = "moerun"
-    simulate_top: Annotated[int, Field(ge=0, le=1000)] = 16
-    price_per_gpu_hour: Annotated[float, Field(gt=0, le=1e4)] | None = None  # every cluster's
-    train_tokens: Annotated[float, Field(ge=1, le=1e16)] = PAPER_TRAIN_TOKENS
+    runtime: Runtime = "moerun"
+    simulate_top: Annotated[int, Field(ge=0, le=MAX_SIMULATE_TOP)] = 16
+    price_per_gpu_hour: Annotated[float, Field(gt=0, le=MAX_PRICE)] | None = None  # all clusters'
+    train_tokens: Annotated[float, Field(ge=1, le=MAX_TRAIN_TOKENS)] = PAPER_TRAIN_TOKENS
 
 
 @dataclass(frozen=True)

@@ -163,12 +163,18 @@ def gate(logits_TE: torch.Tensor, top_k: int, cap: int, valid_T: torch.Tensor | 
         slot_TK = torch.stack(slots, dim=1)
     expert_TK = torch.stack(experts, dim=1)
     keep_TK = slot_TK < cap if valid_T is None else (slot_TK < cap) & valid_T[:, None]
-    weight_TK = probs_TE.gather(1, expert_TK) * keep_TK
-    if top_k > 1 and renormalize:
-        denom = weight_TK.sum(-1, keepdim=True).clamp(min=torch.finfo(weight_TK.dtype).eps)
-        weight_TK = weight_TK / denom
+    weight_TK = combine_weights(probs_TE.gather(1, expert_TK) * keep_TK, renormalize)
     return Routing(expert_TK, slot_TK, keep_TK, weight_TK, cap, aux, *counts(keep_TK, valid_T),
                    valid_T)
+
+
+def combine_weights(weight_TK: torch.Tensor, renormalize: bool) -> torch.Tensor:
+    """The kept choices' probabilities, renormalised over a token's choices where top-k > 1
+    and `renormalize` (dropped choices weigh 0 and take no share)."""
+    if weight_TK.shape[1] > 1 and renormalize:
+        return weight_TK / weight_TK.sum(-1, keepdim=True).clamp(
+            min=torch.finfo(weight_TK.dtype).eps)
+    return weight_TK
 
 
 def slot_positions(r: Routing) -> torch.Tensor:

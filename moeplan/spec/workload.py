@@ -12,6 +12,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# Bounds of the options (sequences or tokens, the simulator's candidates, a price, a run's
+# tokens), shared by the command line and the sweep file read back
+MAX_COUNT, MAX_SIMULATE_TOP, MAX_PRICE, MAX_TRAIN_TOKENS = 2**31, 1000, 1e4, 1e16
+
 
 class Workload(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -44,14 +44,25 @@ from moeplan.runtime.gating import Routing
 
 
 @triton.jit
-def _choose(x, p, cols, cmask, UPTO: tl.constexpr):
-    """Choice number UPTO (0-based) of each row: the first by the probabilities, each next by
-    the logits with the earlier choices masked (`gating.gate`)."""
+def _first(p, cols, cmask):
+    """Each row's first choice, by the probabilities, and the mask of the columns taken."""
     choice = tl.argmax(tl.where(cmask[None, :], p, -1.0), 1)
-    taken = cols[None, :] == choice[:, None]
+    return choice, cols[None, :] == choice[:, None]
+
+
+@triton.jit
+def _next(x, taken, cols):
+    """Each row's next choice, by the logits with the earlier choices masked (`gating.gate`)."""
+    choice = tl.argmax(tl.where(taken, float("-inf"), x), 1)
+    return choice, taken | (cols[None, :] == choice[:, None])
+
+
+@triton.jit
+def _choose(x, p, cols, cmask, UPTO: tl.constexpr):
+    """Choice number UPTO (0-based) of each row."""
+    choice, taken = _first(p, cols, cmask)
     for _ in tl.static_range(UPTO):
-        choice = tl.argmax(tl.where(taken, float("-inf"), x), 1)
-        taken = taken | (cols[None, :] == choice[:, None])
+        choice, taken = _next(x, taken, cols)
     return choice
 
 
@@ -75,12 +86,10 @@ def _softmax_topk(logits_ptr, probs_ptr, choice_ptr, T, E,
     x, p = _probs(logits_ptr, rows, cols, T, E)
     tl.store(probs_ptr + rows[:, None] * E + cols[None, :], p,
              mask=rmask[:, None] & cmask[None, :])
-    choice = tl.argmax(tl.where(cmask[None, :], p, -1.0), 1)
-    taken = cols[None, :] == choice[:, None]
+    choice, taken = _first(p, cols, cmask)
     tl.store(choice_ptr + rows * K, choice, mask=rmask)
     for k in tl.static_range(1, K):
-        choice = tl.argmax(tl.where(taken, float("-inf"), x), 1)
-        taken = taken | (cols[None, :] == choice[:, None])
+        choice, taken = _next(x, taken, cols)
         tl.store(choice_ptr + rows * K + k, choice, mask=rmask)
 
 
@@ -234,14 +243,6 @@ class _SoftmaxTopK(torch.autograd.Function):
         return p * (g_probs - (g_probs * p).sum(-1, keepdim=True)), None
 
 
-def _weights(weight_TK: torch.Tensor, renormalize: bool) -> torch.Tensor:
-    """The kept choices' probabilities, renormalised over a token's choices (top-k > 1)."""
-    if weight_TK.shape[1] > 1 and renormalize:
-        return weight_TK / weight_TK.sum(-1, keepdim=True).clamp(
-            min=torch.finfo(weight_TK.dtype).eps)
-    return weight_TK
-
-
 def gate_infer(logits_TE: torch.Tensor, top_k: int, cap: int,
                valid_T: torch.Tensor | None = None, renormalize: bool = True) -> Routing:
     """`gating.gate` for inference (no gradients, no aux loss) in one kernel launch."""
@@ -257,7 +258,7 @@ def gate_infer(logits_TE: torch.Tensor, top_k: int, cap: int,
                           keep, weight, T, E, cap, K=top_k, BLOCK_T=_block(T, 64),
                           BLOCK_E=_block(E, 1 << 16))
     keep_TK = keep.bool()
-    return Routing(expert, slot, keep_TK, _weights(weight, renormalize), cap,
+    return Routing(expert, slot, keep_TK, gating.combine_weights(weight, renormalize), cap,
                    weight.new_zeros(()), *gating.counts(keep_TK, valid_T), valid_T)
 
 
@@ -286,7 +287,7 @@ def gate(logits_TE: torch.Tensor, top_k: int, cap: int, valid_T: torch.Tensor | 
            else probs_TE.new_zeros(()))
     slot_TK = slot_TK.long()
     keep_TK = (slot_TK < cap) & valid[:, None]
-    weight_TK = _weights(probs_TE.gather(1, expert_TK) * keep_TK, renormalize)
+    weight_TK = gating.combine_weights(probs_TE.gather(1, expert_TK) * keep_TK, renormalize)
     return Routing(expert_TK, slot_TK, keep_TK, weight_TK, cap, aux,
                    *gating.counts(keep_TK, valid_T), valid_T)
 

@@ -27,6 +27,37 @@ def test_the_packaged_known_error_matches_its_results():
     assert tables.KNOWN_ERROR.read_text() == tables.known_error_text(), "run python bench/tables.py"
 
 
+def test_the_published_comparison_is_todays_cost_model(tmp_path, capsys):
+    """bench/results/published.json (and so the accuracy page and the README's rows) is what
+    bench/bench_published.py computes with today's code. The figures are float arithmetic of
+    the cost model, printed to two decimals: a relative 1e-9 is far below any shown digit and
+    far above reassociation noise (about 1e-15)."""
+    import json
+    import math
+
+    spec = importlib.util.spec_from_file_location("bench_published",
+                                                  ROOT / "bench" / "bench_published.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--out", str(tmp_path / "published.json")])
+    capsys.readouterr()
+    fresh = json.loads((tmp_path / "published.json").read_text())
+    stored = json.loads((ROOT / "bench" / "results" / "published.json").read_text())
+
+    def same(a, b) -> bool:
+        if isinstance(a, dict):
+            return isinstance(b, dict) and a.keys() == b.keys() and all(
+                same(a[k], b[k]) for k in a)
+        if isinstance(a, list):
+            return isinstance(b, list) and len(a) == len(b) and all(map(same, a, b))
+        if isinstance(a, float) and isinstance(b, (int, float)):
+            return math.isclose(a, b, rel_tol=1e-9)
+        return a == b
+
+    assert same(fresh, stored), "rerun python bench/bench_published.py --out " \
+        "bench/results/published.json, then python bench/tables.py"
+
+
 def test_a_hand_edited_table_is_caught():
     tables = _tables()
     page = tables.PAGE.read_text()

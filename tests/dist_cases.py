@@ -59,10 +59,13 @@ def choice(ep, es=1, a2a="flat", coordinated=False):
     return LayerChoice(ep=ep, es=es, a2a=a2a, coordinated=coordinated)
 
 
-def make_plan(world: int, tp: int, choices: dict, spec=None, zero: int = 1):
+def make_plan(world: int, tp: int, choices: dict, spec=None, zero: int = 1, mode: str = "train",
+              dtype: str | None = None):
     spec = spec or load_model("tiny-pr-moe")
-    req = Request(gpus=world, mode="train", global_batch=PER_SHARD * world // tp, seq_len=SEQ,
-                  zero_stage=zero)
+    lengths = dict(seq_len=SEQ) if mode == "train" else dict(prompt_len=SEQ // 2,
+                                                             gen_len=SEQ // 2)
+    req = Request(gpus=world, mode=mode, global_batch=PER_SHARD * world // tp, zero_stage=zero,
+                  dtype=dtype, **lengths)
     return fixed_plan(spec, load_cluster("local-cpu"), req, tp, choices)
 
 
@@ -203,6 +206,7 @@ def world4(rank: int, world: int) -> dict:
     results["checkpoints"] = checkpoints(rank, world)
     results["resume"] = resume(rank, world)
     results["zero"] = zero_stages(rank, world)
+    results["infer memory"] = infer_memory(rank, world)
     results["profile exchanges"] = profile_exchanges(rank, world)
     return _remove_tmpdirs(results)
 
@@ -361,6 +365,24 @@ def zero_stages(rank: int, world: int) -> dict:
                     "state": checkpoint.load_full(ckpt)[0],
                     "memory": {r.phase: (r.predicted, r.measured)
                                for r in record.memory_comparison}}
+    return out
+
+
+def infer_memory(rank: int, world: int) -> dict:
+    """One bf16 generation per layout of `zero_stages`: the weights and KV cache a rank holds,
+    counted against the plan's."""
+    from moeplan.runtime.run import RunConfig, execute
+
+    layouts = {"tp=1": (1, {1: choice(2), 5: choice(4)}),
+               "tp=2 es=2": (2, {1: choice(2, es=2), 3: choice(2, es=2, coordinated=True),
+                                 5: choice(2)})}
+    out = {}
+    for name, (tp, choices) in layouts.items():
+        plan = make_plan(4, tp, choices, mode="infer", dtype="bf16")
+        record = execute(plan, RunConfig(mode="infer", steps=1, warmup=0), rank, world,
+                         log=lambda *_: None)
+        if rank == 0:
+            out[name] = {r.phase: (r.predicted, r.measured) for r in record.memory_comparison}
     return out
 
 

@@ -71,3 +71,26 @@ def test_distillation_loss_is_the_softened_kl_times_t_squared():
     want = (p_t * (torch.log_softmax(t / T, -1) - torch.log_softmax(s / T, -1))).sum(-1).mean()
     # fp32 sums of 11 terms of magnitude <= ~3: within 1e-5 relative
     assert float(distillation_loss(s, t, T)) == pytest.approx(float(want) * T * T, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_inference_runs_in_the_plans_dtype(dtype):
+    """Inference serves the weights, activations and KV cache in the plan's dtype, as the plan
+    costs them: the run counts its weights and cache, and they are the plan's bytes exactly
+    (half of fp32's in bf16 and fp16)."""
+    from moeplan.runtime.run import RunConfig, execute
+
+    torch.manual_seed(0)
+    spec = load_model("tiny-pr-moe")
+    req = Request(gpus=1, mode="infer", global_batch=4, prompt_len=16, gen_len=8, dtype=dtype)
+    choices = {i: LayerChoice(1, 1, "flat", False) for i in spec.moe_layers}
+    plan = fixed_plan(spec, load_cluster("local-cpu"), req, 1, choices)
+    record = execute(plan, RunConfig(mode="infer", steps=1, warmup=0), 0, 1,
+                     log=lambda *_: None)
+    predicted = plan.predicted.memory_breakdown_bytes
+    measured = record.measured.memory_bytes
+    assert set(measured) == {"weights", "expert_weights", "kv_cache"}
+    for term, nbytes in measured.items():
+        assert nbytes == predicted[term], term
+    assert record.measured.latency_s > 0
+    assert {row.phase for row in record.memory_comparison} == set(measured)

@@ -153,6 +153,18 @@ def test_zero_stages_train_as_zero_0(world4, layout):
 
 
 @pytest.mark.parametrize("layout", ["tp=1", "tp=2 es=2"])
+def test_inference_memory_counted_against_the_plan(world4, layout):
+    """A bf16 generation's weights (in bf16) and KV cache on a rank are the plan's: the cache
+    exactly (whole heads per tp rank), the weights within what the cost model leaves out (layer
+    norms and biases whole on every tp rank, as in training)."""
+    mem = world4[0]["infer memory"][layout]
+    assert set(mem) == {"weights", "expert_weights", "kv_cache"}
+    for term, (predicted, measured) in mem.items():
+        tol = 0 if term == "kv_cache" else (0.03 if layout == "tp=1" else 0.1)
+        assert measured == pytest.approx(predicted, rel=tol), (term, predicted, measured)
+
+
+@pytest.mark.parametrize("layout", ["tp=1", "tp=2 es=2"])
 def test_zero_memory_counted_against_the_plan(world4, layout):
     """The optimizer states a rank holds fall by the data-parallel degree (dp for the shared
     parameters, edp for experts) as the plan predicts; weights and whole gradients do not

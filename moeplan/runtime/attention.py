@@ -50,6 +50,12 @@ class KVCache:
     def max_len(self) -> int:
         return self.positions_M.shape[0]
 
+    @property
+    def nbytes(self) -> int:
+        """The cache's bytes on this rank (the plan's `kv_cache` term)."""
+        return sum(t.numel() * t.element_size() for layer in self.layers
+                   for t in vars(layer).values())
+
 
 _ROTARY: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 

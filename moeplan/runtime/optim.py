@@ -85,8 +85,8 @@ def clip_grads(model: GPT, replicas: dict[str, float], world: int, max_norm: flo
 @dataclass
 class MemoryBytes:
     """This rank's weights, gradients (whole, as the backward leaves them) and optimizer states,
-    non-expert and expert apart, and a teacher's weights — the plan's memory terms of the same
-    names."""
+    non-expert and expert apart, a teacher's weights, and in inference the KV cache — the plan's
+    memory terms of the same names."""
 
     weights: float = 0.0
     expert_weights: float = 0.0
@@ -95,6 +95,7 @@ class MemoryBytes:
     optimizer_states: float = 0.0
     expert_optimizer_states: float = 0.0
     teacher_weights: float = 0.0  # a MoS plan's teacher
+    kv_cache: float = 0.0  # inference: one generation's static cache
 
     def add(self, term: str, expert: bool, nbytes: float) -> None:
         key = f"expert_{term}" if expert else term

@@ -28,13 +28,14 @@ from moeplan.runtime.groups import Groups, build_groups
 from moeplan.runtime.infer import generate
 from moeplan.runtime.kernels import select, use_kernels
 from moeplan.runtime.model import GPT, MoE
-from moeplan.runtime.optim import LossScaler, MemoryBytes, make_optimizer
+from moeplan.runtime.optim import LossScaler, MemoryBytes, is_expert, make_optimizer
 from moeplan.runtime.parallel import load_full_state, parallel_context, parallelize
 from moeplan.runtime.timers import NULL_TIMER, PhaseTimer, instrument
 from moeplan.spec.phases import HEAD_PHASE, LayerPhase, Phase
 from moeplan.spec.plan import Plan, digest
 from moeplan.spec.record import LayerMeasure, Measured, RunRecord, compare, compare_memory
 
+LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the plan's dtype -> torch's
 MIN_LR_FRACTION = 0.1  # cosine decay ends at a tenth of the peak learning rate
 
 
@@ -91,7 +92,7 @@ class TrainResult:
 class InferResult:
     """One rank's generations: each (layer, phase)'s seconds per decode token, the token latency
     and the prefill, medians over the measured generations; dropped and routed choices per MoE
-    layer; the last generation's first sequence, as text."""
+    layer; the last generation's first sequence, as text; its weights and KV cache."""
 
     phases: dict[LayerPhase, float]
     latency_s: float
@@ -99,6 +100,7 @@ class InferResult:
     dropped: dict[int, int]
     routed: dict[int, int]
     sample: str
+    memory: MemoryBytes
 
 
 @dataclass(frozen=True)
@@ -278,7 +280,7 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
     loads = _Loads(model)
     # the plan's dtype: fp32 as is; bf16 and fp16 under autocast with fp32 weights, gradients
     # and Adam states (the master copy); fp16 with dynamic loss scaling
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(w.dtype)
+    low = LOW_PRECISION.get(w.dtype)
     autocast = (torch.autocast(dev.type, dtype=low) if low is not None else nullcontext())
     scaler = LossScaler(enabled=w.dtype == "fp16")
     if resume:
@@ -376,6 +378,9 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
 
 def infer(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> InferResult:
     w = plan.workload
+    low = LOW_PRECISION.get(w.dtype)
+    if low is not None:  # served in the plan's dtype, as it is costed: weights, activations, cache
+        model.to(low)
     cuda = next(model.parameters()).is_cuda
     dev = next(model.parameters()).device
     data = Batches(open_corpus(cfg.data, cfg.tokenizer, plan.model.vocab_size, w.seq_len),
@@ -415,9 +420,14 @@ def infer(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> InferR
             f"ms/token" + ("  (warm-up)" if rep < cfg.warmup else ""))
     instrument(model, NULL_TIMER)
     dropped, routed = drops.totals()
+    # the cache as `generate` allocates it: every prompt and new-token position
+    memory = MemoryBytes(kv_cache=model.new_cache(prompts.shape[0],
+                                                  prompts.shape[1] + w.gen_len).nbytes)
+    for name, p in model.named_parameters():
+        memory.add("weights", is_expert(name), p.numel() * p.element_size())
     return InferResult(phases=_median_phases(token_phases),
                        latency_s=median(latencies), prefill_s=median(prefills),
-                       dropped=dropped, routed=routed,
+                       dropped=dropped, routed=routed, memory=memory,
                        sample=bytes(out[0].clamp(0, 255).tolist()).decode("utf-8", "replace"))
 
 
@@ -503,7 +513,9 @@ def _record(plan: Plan, cfg: RunConfig, ranks: list[TrainResult] | list[InferRes
         measured = Measured(latency_s=latency, prefill_s=max(r.prefill_s for r in ranks),
                             tokens_per_s=w.global_batch / latency,
                             peak_memory_bytes=peak_bytes,
-                            memory_kind=memory_kind, head_phases_s={Phase.HEAD: head})
+                            memory_kind=memory_kind, head_phases_s={Phase.HEAD: head},
+                            memory_bytes={k: max(getattr(r.memory, k) for r in ranks)
+                                          for k in ("weights", "expert_weights", "kv_cache")})
         extra = {"measured_steps": cfg.steps}
     record = RunRecord(plan_digest=digest(plan), mode=cfg.mode, world=world, backend=backend,
                        device=device, warmup_steps=cfg.warmup, measured=measured, layers=layers,

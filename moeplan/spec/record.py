@@ -44,8 +44,9 @@ class Measured(BaseModel):
     peak_memory_bytes: float
     memory_kind: str  # "cuda max allocated" or "cpu peak rss (whole process)"
     head_phases_s: dict[str, float]
-    # training: the largest rank's bytes of the plan's memory terms of the same names (weights,
-    # gradients as the backward leaves them, optimizer states; expert_* apart), counted exactly
+    # the largest rank's bytes of the plan's memory terms of the same names, counted exactly:
+    # training's weights, gradients as the backward leaves them and optimizer states (expert_*
+    # apart); inference's weights in the plan's dtype and its KV cache
     memory_bytes: dict[str, float] = {}
 
 

@@ -155,14 +155,40 @@ def test_zero_and_recompute_shrink_memory():
     # moerun reduces once the backward is over: its whole gradients exist until then;
     # DeepSpeed's ZeRO-2 reduce-scatters during the backward and keeps only its piece
     assert z2["gradients"] == z1["gradients"]
-    ds = replace(_env(zero=2), runtime="deepspeed")
-    assert train_layer(ds, s, 1, c).memory["gradients"] == pytest.approx(
-        z1["gradients"] / 64, rel=F64_REL)
+    ds1, ds2 = (train_layer(replace(_env(zero=z), runtime="deepspeed"), s, 1, c).memory
+                for z in (1, 2))
+    assert ds2["gradients"] == pytest.approx(ds1["gradients"] / 64, rel=F64_REL)
     rc = train_layer(_env(), Setting(tp=1, dp=64, micro_batch=2, recompute=True), 1, c)
     full = train_layer(_env(), s, 1, c)
     assert rc.memory["activations"] < full.memory["activations"] / 10
     assert rc.transient_bytes == pytest.approx(full.memory["activations"], rel=F64_REL)
     assert rc.phases["attention"] == pytest.approx(full.phases["attention"] * 4 / 3, rel=F64_REL)
+
+
+def test_training_state_follows_the_runtimes_precision_layout():
+    """bf16 training: DeepSpeed holds bf16 weights and gradients and an fp32 master with Adam's
+    moments (2 + 2 + 12 bytes a parameter); moerun trains under autocast over fp32 weights,
+    which are the master, with fp32 gradients (4 + 4 + 8) — and reduces those fp32 gradients.
+    In fp32 both hold 4 + 4 + 8."""
+    s = Setting(tp=1, dp=64, micro_batch=2, recompute=False)
+    c = LayerChoice(64, 1, "flat", False)
+    params = {}
+    for runtime in ("moerun", "deepspeed"):
+        for dtype in ("bf16", "fp32"):
+            env = replace(_env(zero=0), runtime=runtime, workload=_env(zero=0).workload.model_copy(
+                update={"dtype": dtype}))
+            mem = train_layer(env, s, 1, c).memory
+            n = mem["weights"] / env.state_bytes[0]
+            params[runtime, dtype] = (mem["weights"] / n, mem["gradients"] / n,
+                                      mem["optimizer_states"] / n,
+                                      train_layer(env, s, 1, c).phases["grad_sync"])
+    assert params["moerun", "bf16"][:3] == pytest.approx((4, 4, 8), rel=F64_REL)
+    assert params["deepspeed", "bf16"][:3] == pytest.approx((2, 2, 12), rel=F64_REL)
+    assert params["moerun", "fp32"][:3] == params["deepspeed", "fp32"][:3]
+    assert params["moerun", "fp32"][:3] == pytest.approx((4, 4, 8), rel=F64_REL)
+    # fp32 gradients: moerun's bf16 gradient sync moves what its fp32 one does
+    assert params["moerun", "bf16"][3] == pytest.approx(params["moerun", "fp32"][3], rel=F64_REL)
+    assert params["deepspeed", "bf16"][3] < params["deepspeed", "fp32"][3]
 
 
 def _op_spec(name: str):

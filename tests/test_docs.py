@@ -90,3 +90,21 @@ def test_the_documented_search_output_is_the_commands_own(tmp_path, monkeypatch,
     for line in block.splitlines():
         if not line.startswith("searched "):  # it ends with the search's wall time
             assert line in printed, f"docs/commands.md is stale: {line!r}"
+
+
+def test_the_documented_sizing_answer_is_the_commands_own(tmp_path, monkeypatch, capsys):
+    """docs/capacity.md quotes the answer of a sweep whose target no point meets: it is what
+    the quoted command prints today."""
+    from test_cli import invoke
+
+    from moeplan.cli import main as moeplan_cli
+
+    page = (ROOT / "docs" / "capacity.md").read_text()
+    command = "moeplan sweep --mode train --target-tokens-per-s 5e6"
+    quoted = page.split(f"`{command}` ends with\n`", 1)[1].split("`", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "400")
+    code, out, err = invoke(moeplan_cli, command.split()[1:] + ["--jobs", "1", "--out", "s.csv"],
+                            monkeypatch, capsys)
+    assert code == 0, err
+    assert quoted in (out + err).replace("\n", " "), "docs/capacity.md is stale"

@@ -165,8 +165,9 @@ def test_elementwise_traffic_is_charged_on_gpus_only():
     scores = 2 * p.tokens * spec.heads / 8 * 2048 * 8
     assert attn == pytest.approx(2 * p.tokens * 10 * spec.hidden + scores, rel=F64_REL)
     moerun = Env(spec, gpu.cluster, gpu.workload, 128, runtime="moerun")
+    # fused attention: no score traffic; and moerun has no dropout (3 passes fewer)
     assert elementwise_bytes(moerun, s, p, "attention") == pytest.approx(
-        2 * p.tokens * 10 * spec.hidden, rel=F64_REL)  # fused attention: no score traffic
+        2 * p.tokens * 7 * spec.hidden, rel=F64_REL)
     cpu = Env(spec, load_cluster("local-cpu"), gpu.workload, 128)
     assert elementwise_bytes(cpu, s, p, "mlp") == 0.0
 

@@ -43,7 +43,9 @@ def test_training_runs_in_the_plans_dtype(dtype):
     """bf16 and fp16 train under CPU autocast with fp32 weights and Adam states; fp16 scales
     its loss (2^11 at first) and unscales the gradients before clipping. The losses of the
     three precisions start within the low precision's rounding of the loss (bf16 keeps 8
-    significant bits: 2^-8 relative) and all fall."""
+    significant bits: 2^-8 relative) and all fall. The weights, gradients and optimizer states
+    the rank holds are the plan's bytes exactly: the plan costs moerun's precision layout (fp32
+    weights and gradients under autocast), not DeepSpeed's."""
     from moeplan.runtime.run import RunConfig, execute
 
     torch.manual_seed(0)
@@ -58,6 +60,9 @@ def test_training_runs_in_the_plans_dtype(dtype):
     assert all(x is not None and math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0] - 0.3, losses
     assert losses[0] == pytest.approx(math.log(256), rel=2 ** -8 * 4)  # uniform over bytes
+    rows = record.memory_comparison
+    assert {r.phase for r in rows} >= {"weights", "gradients", "optimizer_states"}
+    assert all(r.measured == r.predicted for r in rows), rows
 
 
 def test_distillation_loss_is_the_softened_kl_times_t_squared():

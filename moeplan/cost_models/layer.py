@@ -27,7 +27,7 @@ from moeplan.cost_models.memory import (
     kv_cache_bytes,
     mlp_activation_bytes,
     moe_activation_bytes,
-    optimizer_bytes_per_param,
+    train_state_bytes,
 )
 from moeplan.cost_models.params import attention_shape, layer_params, mlp_matrices
 from moeplan.cost_models.runtimes import DEEPSPEED_SYNCS, HOST_SYNC_S, block_scale, operations
@@ -76,6 +76,12 @@ class Env:
     @property
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.workload.dtype]
+
+    @property
+    def state_bytes(self) -> tuple[int, int, int]:
+        """Training: bytes per parameter of weights, gradients, optimizer states (the runtime's
+        precision layout, `memory.train_state_bytes`)."""
+        return train_state_bytes(self.dtype_bytes, self.runtime)
 
     def span(self, size: int, stride: int) -> coll.GroupSpan:
         return coll.group_span(size, stride, self.gpus_per_node)
@@ -388,21 +394,22 @@ def gate_tokens(env: Env, s: Setting, c: LayerChoice, p: Pass) -> int:
 def elementwise_bytes(env: Env, s: Setting, p: Pass, phase: str, f: int = 0) -> float:
     """Bytes of the memory-bound kernels beside a block's GEMMs, on a GPU (on a CPU profile the
     measured work scale covers them): layer norm (read, write), bias adds, GELU, dropout in
-    training (read, write, mask) and the residual add (two reads, a write), each over the
-    whole hidden on every tp rank (no sequence parallelism); DeepSpeed's attention (Megatron,
-    no fused attention) also writes its [B, A/tp, S, ctx] scores and reads and writes them in
-    the masked softmax, in training dropout and in the product with the values."""
+    DeepSpeed's training (read, write, mask; moerun has no dropout) and the residual add (two
+    reads, a write), each over the whole hidden on every tp rank (no sequence parallelism);
+    DeepSpeed's attention (Megatron, no fused attention) also writes its [B, A/tp, S, ctx]
+    scores and reads and writes them in the masked softmax, in training dropout and in the
+    product with the values."""
     if env.cluster.device.kind != "gpu":
         return 0.0
     spec, b, tp, T = env.spec, env.dtype_bytes, s.tp, p.tokens
     h, f = spec.hidden, f or spec.ffn_hidden
-    train = env.workload.mode == "train" and not p.decode
-    passes_h = 2 + 2 + 3 + (3 if train else 0)  # norm, bias, residual, dropout
+    dropout = (env.workload.mode == "train" and not p.decode and env.runtime == "deepspeed")
+    passes_h = 2 + 2 + 3 + (3 if dropout else 0)  # norm, bias, residual, dropout
     if phase == Phase.MLP:
         return b * T * (passes_h * h + 2 * f / tp)  # + the GELU over the FFN width
     scores = 0.0
     if env.runtime == "deepspeed":
-        scores = b * T * spec.heads / tp * p.context * (5 + (3 if train else 0))
+        scores = b * T * spec.heads / tp * p.context * (5 + (3 if dropout else 0))
     return b * T * passes_h * h + scores
 
 
@@ -508,15 +515,15 @@ def activation_bytes(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) 
 def weight_memory(env: Env, s: Setting, index: int, c: LayerChoice) -> dict[str, float]:
     """Weights, gradients and optimizer states of this layer on one GPU."""
     lp = layer_params(env.spec, index)
-    b, zero = env.dtype_bytes, env.workload.zero_stage
+    zero, train = env.workload.zero_stage, env.workload.mode == "train"
+    b, g, opt = env.state_bytes if train else (env.dtype_bytes, 0, 0)
     non_expert = lp.non_expert / s.tp
     expert = (lp.experts // c.ep) * lp.per_expert / c.es if lp.experts else 0.0
     edp = c.edp(env.gpus)
     mem = {"weights": b * non_expert, "expert_weights": b * expert}
-    if env.workload.mode == "train":
-        opt = optimizer_bytes_per_param(b)
-        mem["gradients"] = b * non_expert / gradient_share(env, s.dp)
-        mem["expert_gradients"] = b * expert / gradient_share(env, edp)
+    if train:
+        mem["gradients"] = g * non_expert / gradient_share(env, s.dp)
+        mem["expert_gradients"] = g * expert / gradient_share(env, edp)
         mem["optimizer_states"] = opt * non_expert / (s.dp if zero >= 1 else 1)
         mem["expert_optimizer_states"] = opt * expert / (edp if zero >= 1 else 1)
     return {k: v for k, v in mem.items() if v}

@@ -9,8 +9,10 @@ attention materialises them (DeepSpeed-MoE's Megatron attention); moerun's fused
 a log-sum-exp per head (4 bytes) instead; its output is the projection's input, counted. A MoE FFN stores its dispatched, received, expert-internal
 and combined buffers (rows = experts × capacity) and the fp32 gate probabilities.
 
-Mixed-precision Adam (DeepSpeed/Megatron): 2-byte weights and gradients, 12 bytes of fp32 master
-weights, momentum and variance per parameter (8 without a master copy when training in fp32).
+Training state per parameter (`train_state_bytes`): DeepSpeed/Megatron's mixed-precision Adam
+keeps 2-byte weights and gradients and 12 bytes of fp32 master weights, momentum and variance;
+moerun trains bf16/fp16 under autocast over fp32 weights — they are the master copy, their
+gradients fp32 — so 4 + 4 bytes and 8 of moments, as both do in fp32.
 ZeRO stage 1 partitions optimizer states over the data-parallel group (experts: over their edp
 group); stage 2 also partitions gradients — at their peak only under DeepSpeed, which
 reduce-scatters during the backward; moerun reduces after it (`layer.gradient_share`).
@@ -22,8 +24,12 @@ from moeplan.cost_models.params import attention_shape
 from moeplan.spec.model import ModelSpec
 
 
-def optimizer_bytes_per_param(dtype_bytes: int) -> int:
-    return 12 if dtype_bytes < 4 else 8
+def train_state_bytes(dtype_bytes: int, runtime: str) -> tuple[int, int, int]:
+    """Bytes per parameter of a training rank's weights, gradients and optimizer states, before
+    any ZeRO partitioning, for the plan's dtype and runtime (see the module's docstring)."""
+    if runtime == "moerun" or dtype_bytes >= 4:
+        return 4, 4, 8
+    return dtype_bytes, dtype_bytes, 12
 
 
 def attention_activation_bytes(tokens: float, context: float, h: int, heads: int, tp: int,

@@ -35,7 +35,7 @@ from moeplan.cost_models.layer import (
     weight_memory,
     work_scale,
 )
-from moeplan.cost_models.memory import kv_cache_bytes, optimizer_bytes_per_param
+from moeplan.cost_models.memory import kv_cache_bytes
 from moeplan.cost_models.params import embedding_params, layer_params
 from moeplan.spec.phases import Phase
 from moeplan.spec.workload import Setting, Workload
@@ -74,13 +74,13 @@ def train_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> LayerCost:
             cost.fixed[name] = steps * passes * fwd.fixed[name]
     add_turn_wait(env, cost, train=True, exchanges=c.ep * c.es > 1)
     lp = layer_params(env.spec, index)
-    b = env.dtype_bytes
+    b, g = env.dtype_bytes, env.state_bytes[1]  # activations; gradients as reduced
     non_expert = lp.non_expert / s.tp
     expert = (lp.experts // c.ep) * lp.per_expert / c.es if lp.experts else 0.0
     edp = c.edp(env.gpus)
-    sync = grad_sync_s(env, b * non_expert, s.dp, s.tp, latency=False, micro_steps=steps)
+    sync = grad_sync_s(env, g * non_expert, s.dp, s.tp, latency=False, micro_steps=steps)
     if expert:
-        sync += grad_sync_s(env, b * expert, edp, c.ep * c.es, micro_steps=steps)
+        sync += grad_sync_s(env, g * expert, edp, c.ep * c.es, micro_steps=steps)
     cost.phases[Phase.GRAD_SYNC] = sync
     zero = env.workload.zero_stage >= 1
     cost.phases[Phase.OPTIMIZER] = optimizer_s(
@@ -164,8 +164,10 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
     params = embedding_params(spec) / s.tp
     tp_span = env.span(s.tp, 1)
     cost = LayerCost()
-    cost.memory["weights"] = b * params
-    if env.workload.mode == "train":
+    train = env.workload.mode == "train"
+    weight, grad, opt = env.state_bytes if train else (b, 0, 0)
+    cost.memory["weights"] = weight * params
+    if train:
         slow, _ = sharing(env)
         p = train_pass(env, s)
         steps = s.micro_steps(env.workload)
@@ -178,15 +180,14 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
         # last all-to-all, the gradient sync); charged with the gradient sync
         fw = dev.framework
         cost.phases[Phase.GRAD_SYNC] = (
-            grad_sync_s(env, b * params, s.dp, s.tp, micro_steps=steps)
+            grad_sync_s(env, grad * params, s.dp, s.tp, micro_steps=steps)
             + wait_factor(env) * cost.phases[Phase.HEAD]
             + (k.communication * fw.grad_sync_extra_s if fw and env.gpus > 1 else 0.0))
         zero = env.workload.zero_stage
         cost.phases[Phase.OPTIMIZER] = optimizer_s(env, params / (s.dp if zero >= 1 else 1),
                                                    HEAD_TENSORS)
-        cost.memory["gradients"] = b * params / gradient_share(env, s.dp)
-        cost.memory["optimizer_states"] = (optimizer_bytes_per_param(b) * params
-                                           / (s.dp if zero >= 1 else 1))
+        cost.memory["gradients"] = grad * params / gradient_share(env, s.dp)
+        cost.memory["optimizer_states"] = opt * params / (s.dp if zero >= 1 else 1)
         cost.memory["logits"] = 4.0 * p.tokens * V / s.tp  # fp32 logits for the loss
         if env.teacher is not None:
             t = teacher_cost(env, s)

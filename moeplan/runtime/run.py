@@ -445,13 +445,16 @@ def execute(plan: Plan, cfg: RunConfig, rank: int, world: int, log=print) -> Run
         if kd_until(plan, cfg) > 0:  # a MoS plan, its teacher given, distilling
             teacher = build_teacher(plan, groups, cfg.teacher)
             teacher = teacher.cuda() if cuda else teacher
+            low = LOW_PRECISION.get(plan.workload.dtype)
+            if low is not None:  # forward only: held in the plan's dtype, as it is costed
+                teacher.to(low)
             use_kernels(teacher, select(next(teacher.parameters()).device))
         result = train(plan, model, groups, cfg, say, resume, teacher)  # saves its optimizer
     else:
-        result = infer(plan, model, groups, cfg, say)
-        if cfg.save:
+        if cfg.save:  # the weights as loaded, before `infer` casts them to the plan's dtype
             checkpoint.save(model, cfg.save, 0, digest(plan), rank, world)
             say(f"saved checkpoint {cfg.save}")
+        result = infer(plan, model, groups, cfg, say)
     peak, kind = _peak_memory(cuda)
     everyone = _gather((result, peak), world)
     if rank != 0:

@@ -41,7 +41,7 @@ from moeplan.calibrate.probe import Framework, InSitu
 from moeplan.calibrate.progress import Progress
 from moeplan.calibrate.sampling import Bench, Pool, moments, per_moment
 from moeplan.runtime.a2a import FlatExchange, HierarchicalExchange
-from moeplan.runtime.comm import Comm, all_gather_tensor, reduce_scatter_tensor
+from moeplan.runtime.comm import Comm, all_gather_tensor, backend, reduce_scatter_tensor
 from moeplan.runtime.launch import die_with_launcher, take_ctrl_c_once
 from moeplan.spec.files import write_atomic
 from moeplan.spec.layout import split_by_node
@@ -232,9 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     else:
         torch.set_num_threads(1)
-    backend = "nccl" if cuda else "gloo"
     if world > 1:
-        dist.init_process_group(backend, timeout=timedelta(seconds=a.timeout))
+        dist.init_process_group(backend(cuda), timeout=timedelta(seconds=a.timeout))
     device = torch.device("cuda") if cuda else torch.device("cpu")
     quick = a.quick
     b = Bench(rank, world, device, warmup=2 if quick else 3, repeats=5 if quick else 9)
@@ -275,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     fw = fw.result()
     if rank == 0:
 
-        info = {"host": platform.node(), "ranks": world, "backend": backend,
+        info = {"host": platform.node(), "ranks": world, "backend": "nccl" if cuda else "gloo",
                 "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
                 "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                 "dtype": "bf16" if cuda else "fp32"}

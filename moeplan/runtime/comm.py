@@ -19,6 +19,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+
+def backend(cuda: bool) -> str:
+    """The job's torch.distributed backend: on GPUs NCCL for device tensors and gloo for the
+    host ones (timings, flags; NCCL alone refuses a CPU tensor), gloo on CPU ranks."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
 # torch >= 2.13 names them *_single (the *_tensor spellings warn); older releases lack them
 all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor

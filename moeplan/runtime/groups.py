@@ -84,10 +84,11 @@ def build_groups(plan: Plan, rank: int, world: int,
                 intra=make.all_of(lay.intra) if hier else None,
                 inter=make.all_of(lay.inter) if hier else None,
                 coordinated=bool(layer.a2a_tp_coordinated))
-    if world > 1:
+    if world > 1:  # on the job's device, so that NCCL's communicators exist before timing
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         for key, group in make.made.items():
             if rank in key:
-                t = torch.ones(1)
+                t = torch.ones(1, device=device)
                 dist.all_reduce(t, group=group)
                 if int(t.item()) != len(key):
                     raise RuntimeError(f"warm-up of group {list(key)} returned {t.item()}")

@@ -72,8 +72,9 @@ def _scale_grads(grads: list[torch.Tensor], sq: torch.Tensor, world: int,
 
 
 def clip_grads(model: GPT, replicas: dict[str, float], world: int, max_norm: float) -> float:
-    """Clip whole gradients by the global norm; a piece held by n ranks counts 1/n on each."""
-    sq = torch.zeros(1, dtype=torch.float64)
+    """Clip whole gradients by the global norm; a piece held by n ranks counts 1/n on each.
+    The sum stays on the gradients' device: one read back, in `_scale_grads`."""
+    sq = torch.zeros(1, dtype=torch.float64, device=next(model.parameters()).device)
     grads = []
     for name, p in model.named_parameters():
         if p.grad is not None:
@@ -266,7 +267,7 @@ class Sharded:
         self.torch.zero_grad(set_to_none=True)
 
     def clip(self, max_norm: float) -> float:
-        sq = torch.zeros(1, dtype=torch.float64)
+        sq = torch.zeros(1, dtype=torch.float64, device=self.buckets[0].flat.device)
         grads = []
         for b in self.buckets:
             for name, part in b.segments():

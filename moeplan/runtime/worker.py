@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from moeplan.runtime.comm import backend
 from moeplan.runtime.launch import die_with_launcher, take_ctrl_c_once
 from moeplan.runtime.run import RunConfig, execute
 from moeplan.spec.errors import MoeplanError, one_line
@@ -70,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                         data=a.data, tokenizer=a.tokenizer, schedule_steps=a.schedule_steps,
                         teacher=a.teacher, kd_steps=a.kd_steps)
         if world > 1:
-            dist.init_process_group("nccl" if cuda else "gloo",
-                                    timeout=timedelta(seconds=a.timeout))
+            dist.init_process_group(backend(cuda), timeout=timedelta(seconds=a.timeout))
         record = execute(plan, cfg, rank, world, log=lambda m: print(m, flush=True))
         if record is not None:
             write_atomic(a.out, record.model_dump_json(indent=2) + "\n")

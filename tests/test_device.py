@@ -52,3 +52,19 @@ def test_clipping_sums_on_the_gradients_device(monkeypatch):
     monkeypatch.setattr(optim, "_scale_grads", scale)
     optim.clip_grads(model, {n: 1.0 for n, _ in model.named_parameters()}, 1, 1.0)
     assert seen["device"].type == "meta"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU it runs for minutes")
+def test_gpu_check_reports_nothing_without_a_gpu(tmp_path, capsys):
+    """bench/gpu_check.py, the one-GPU check for a session that has one, measures nothing here
+    and says so (exit 0, no results folder)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--out", str(tmp_path / "out")]) == 0
+    assert "no CUDA device" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()

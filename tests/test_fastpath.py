@@ -162,3 +162,14 @@ def test_cuda_graph_replay_equals_eager():
     eager = generate(model, prompt, 12, graph=False)
     graphed = generate(model, prompt, 12, graph=True)
     assert torch.equal(eager, graphed)
+
+
+def test_dropless_routing_is_never_captured():
+    """Dropless routing sizes its buffers to each step's busiest expert, read back to the host:
+    a CUDA graph cannot hold that, so `generate` refuses to capture it and decodes eagerly by
+    default."""
+    spec = SPEC.model_copy(update={"drop_tokens": False})
+    model = _model(spec)
+    with pytest.raises(ValueError, match="dropless"):
+        generate(model, _prompt(), 4, graph=True)
+    assert generate(model, _prompt(), 4).shape == (3, 4)

@@ -99,3 +99,61 @@ def test_inference_runs_in_the_plans_dtype(dtype):
         assert nbytes == predicted[term], term
     assert record.measured.latency_s > 0
     assert {row.phase for row in record.memory_comparison} == set(measured)
+
+
+def test_the_router_stays_fp32_under_autocast():
+    """Autocast would run the router's linear in bf16 (it is on autocast's low-precision list)
+    and only then cast its logits to fp32; DeepSpeed's gate, and the cost model, compute the
+    router in fp32. Under autocast the logits equal the fp32 model's bit for bit."""
+    from moeplan.runtime.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(load_model("tiny-pr-moe")).eval()
+    x = torch.randint(0, 256, (2, 16))
+    seen = {}
+    moe = next(b.ffn for b in model.blocks if hasattr(b.ffn, "router"))
+    real_gate = moe.kernels.gate
+
+    def gate(logits_TE, *args, **kwargs):
+        seen.setdefault("logits", []).append(logits_TE.clone())
+        return real_gate(logits_TE, *args, **kwargs)
+
+    moe.kernels = moe.kernels.__class__(moe.kernels.name, gate, moe.kernels.dispatch,
+                                        moe.kernels.combine, moe.kernels.ffn)
+    with torch.no_grad():
+        hidden = {}
+        moe.register_forward_pre_hook(lambda m, args: hidden.setdefault("x", args[0].clone()))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
+    got = seen["logits"][0]
+    assert got.dtype == torch.float32
+    xr = hidden["x"].reshape(-1, hidden["x"].shape[-1]).float()
+    want = torch.nn.functional.linear(xr, moe.router.weight.float())
+    assert torch.equal(got, want)
+
+
+def test_tokens_cross_the_exchange_in_the_autocast_dtype():
+    """Under autocast the residual stream and the layer norm's output are fp32, but the experts'
+    GEMMs compute in bf16: the tokens are cast before dispatch, so the all-to-all moves 2-byte
+    rows, as the plan charges (the GEMM would make the same cast: the result is unchanged)."""
+    from moeplan.runtime.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(load_model("tiny-pr-moe"))
+    moe = next(b.ffn for b in model.blocks if hasattr(b.ffn, "router"))
+    dtypes = []
+    real = moe.kernels.dispatch
+
+    def dispatch(x_TH, r, E):
+        out = real(x_TH, r, E)
+        dtypes.append(out.dtype)
+        return out
+
+    moe.kernels = moe.kernels.__class__(moe.kernels.name, moe.kernels.gate, dispatch,
+                                        moe.kernels.combine, moe.kernels.ffn)
+    x = torch.randint(0, 256, (2, 17))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model.loss(x[:, :-1], x[:, 1:])
+    loss.backward()
+    assert dtypes == [torch.bfloat16]
+    assert moe.router.weight.grad is not None and moe.experts.w1.grad.dtype == torch.float32

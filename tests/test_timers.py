@@ -57,3 +57,56 @@ def test_phase_figures_are_medians_over_steps():
              {(0, "attention"): 2.0, (0, "mlp"): 4.0}]
     # one slow step does not move the figure; a phase missing from a step counts as nothing
     assert _median_phases(steps) == {(0, "attention"): 2.0, (0, "mlp"): 2.0}
+
+
+class _DeferredClock:
+    """A device-like clock: stamps are opaque; their seconds are only read when asked, and the
+    test records when that happens (a CUDA event pair would synchronise there)."""
+
+    deferred = True
+
+    def __init__(self):
+        self.reads = 0
+
+    def stamp(self):
+        return [time.perf_counter()]
+
+    def seconds(self, a, b) -> float:
+        self.reads += 1
+        return b[0] - a[0]
+
+
+def test_device_stamps_are_read_once_after_the_step():
+    """On CUDA a boundary records an event and reads nothing (the host launches ahead, as in an
+    untimed step); the intervals are read when the tables are, and give what reading them at
+    once gives: the same keys, every interval inside the span."""
+    torch.manual_seed(0)
+    spec = load_model("tiny-pr-moe")
+    model, clock = GPT(spec), _DeferredClock()
+    timer = PhaseTimer(clock=clock)
+    instrument(model, timer)
+    x = torch.randint(0, 256, (2, 33))
+    t0 = timer.now()
+    timer.begin()
+    loss, _ = model.loss(x[:, :-1], x[:, 1:])
+    timer.end()
+    timer.begin_backward()
+    loss.backward()
+    timer.end_backward()
+    t1 = timer.now()
+    assert clock.reads == 0  # no boundary read a stamp
+    totals = timer.totals()
+    assert clock.reads > 20
+    wall = timer.elapsed(t0, t1)
+    assert 0 < sum(totals.values()) <= wall and all(v >= 0 for v in totals.values())
+    host = PhaseTimer()
+    instrument(model, host)
+    host.begin()
+    loss, _ = model.loss(x[:, :-1], x[:, 1:])
+    host.end()
+    host.begin_backward()
+    loss.backward()
+    host.end_backward()
+    assert set(host.totals()) == set(totals)
+    timer.reset()
+    assert timer.totals() == {}

@@ -78,6 +78,13 @@ class Env:
         return DTYPE_BYTES[self.workload.dtype]
 
     @property
+    def residual_bytes(self) -> int:
+        """Bytes per element of the residual stream: moerun trains under autocast, whose
+        residual stream (embedding + projections) and layer-norm inputs stay fp32."""
+        train = self.workload.mode == "train"
+        return 4 if (self.runtime == "moerun" and train) else self.dtype_bytes
+
+    @property
     def state_bytes(self) -> tuple[int, int, int]:
         """Training: bytes per parameter of weights, gradients, optimizer states (the runtime's
         precision layout, `memory.train_state_bytes`)."""
@@ -509,7 +516,8 @@ def activation_bytes(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) 
         C = spec.capacity(E, T_r, train=env.workload.mode == "train")
         received = E * C * (1 if es_inference(env, s, c, p) else c.es)
         total += moe_activation_bytes(spec, E, T, T_r, E * C, received, c.es, b)
-    return total
+    # the two layer norms' inputs, counted above at the dtype's bytes, are the residual stream's
+    return total + 2 * T * spec.hidden * (env.residual_bytes - b)
 
 
 def weight_memory(env: Env, s: Setting, index: int, c: LayerChoice) -> dict[str, float]:

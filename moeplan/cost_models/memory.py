@@ -12,7 +12,8 @@ and combined buffers (rows = experts × capacity) and the fp32 gate probabilitie
 Training state per parameter (`train_state_bytes`): DeepSpeed/Megatron's mixed-precision Adam
 keeps 2-byte weights and gradients and 12 bytes of fp32 master weights, momentum and variance;
 moerun trains bf16/fp16 under autocast over fp32 weights — they are the master copy, their
-gradients fp32 — so 4 + 4 bytes and 8 of moments, as both do in fp32.
+gradients fp32 — so 4 + 4 bytes and 8 of moments, as both do in fp32; its residual stream and
+so the layer norms' inputs stay fp32 under autocast too (`layer.Env.residual_bytes`).
 ZeRO stage 1 partitions optimizer states over the data-parallel group (experts: over their edp
 group); stage 2 also partitions gradients — at their peak only under DeepSpeed, which
 reduce-scatters during the backward; moerun reduces after it (`layer.gradient_share`).

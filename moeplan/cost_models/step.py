@@ -74,7 +74,7 @@ def train_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> LayerCost:
             cost.fixed[name] = steps * passes * fwd.fixed[name]
     add_turn_wait(env, cost, train=True, exchanges=c.ep * c.es > 1)
     lp = layer_params(env.spec, index)
-    b, g = env.dtype_bytes, env.state_bytes[1]  # activations; gradients as reduced
+    g = env.state_bytes[1]  # bytes per gradient element, as reduced
     non_expert = lp.non_expert / s.tp
     expert = (lp.experts // c.ep) * lp.per_expert / c.es if lp.experts else 0.0
     edp = c.edp(env.gpus)
@@ -89,7 +89,7 @@ def train_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> LayerCost:
     cost.memory = weight_memory(env, s, index, c)
     act = activation_bytes(env, s, index, c, p)
     if s.recompute:  # keep the layer input; rebuild the rest one layer at a time in backward
-        cost.memory["activations"] = p.tokens * env.spec.hidden * b
+        cost.memory["activations"] = p.tokens * env.spec.hidden * env.residual_bytes
         cost.transient_bytes = act
     else:
         cost.memory["activations"] = act

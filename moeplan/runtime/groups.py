@@ -86,7 +86,7 @@ def build_groups(plan: Plan, rank: int, world: int,
                 coordinated=bool(layer.a2a_tp_coordinated))
     if world > 1:  # on the job's device, so that NCCL's communicators exist before timing
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        for key, group in make.made.items():
+        for key, group in [(tuple(range(world)), None), *make.made.items()]:
             if rank in key:
                 t = torch.ones(1, device=device)
                 dist.all_reduce(t, group=group)

@@ -61,12 +61,16 @@ def generate(model: GPT, prompt_BS: torch.Tensor, new_tokens: int,
     """Greedy continuation [B, new_tokens] of `prompt_BS`.
 
     `on_token(i)` is called after token i is produced (i = 0 is the prefill), for timers.
-    `graph`: replay decode steps from a CUDA graph (default: on CUDA)."""
+    `graph`: replay decode steps from a CUDA graph (default: on CUDA, unless the routing is
+    dropless — its buffers are sized to each step's busiest expert, read back to the host)."""
     B, S = prompt_BS.shape
     if S + new_tokens > model.spec.max_seq_len:
         raise ValueError(f"prompt {S} + {new_tokens} new tokens exceed "
                          f"{model.spec.max_seq_len} positions")
-    use_graph = prompt_BS.is_cuda if graph is None else graph
+    dropless = not model.spec.drop_tokens and any(model.spec.experts)
+    if graph and dropless:
+        raise ValueError("dropless routing sizes its buffers every step: no CUDA graph")
+    use_graph = (prompt_BS.is_cuda and not dropless) if graph is None else graph
     was_training = model.training
     model.eval()
     cache = model.new_cache(B, S + new_tokens)

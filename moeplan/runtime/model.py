@@ -21,6 +21,7 @@ plan-independent checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -157,6 +158,18 @@ def _es_infer(par: MoEParallel, tp: Comm) -> str | None:
     return "shared" if peers == es else None
 
 
+
+def _autocast_dtype(kind: str) -> torch.dtype | None:
+    """The dtype autocast computes in on this device type, or None where it is off."""
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
+def _no_autocast(kind: str):
+    return (torch.autocast(kind, enabled=False) if _autocast_dtype(kind) is not None
+            else contextlib.nullcontext())
+
 class MoE(nn.Module):
     """Router + experts + (optionally) the PR-MoE residual MLP and its mixing coefficient."""
 
@@ -250,7 +263,8 @@ class MoE(nn.Module):
         cap = (gate_tokens * self.spec.top_k if dropless
                else self.spec.capacity(self.E, gate_tokens, train=self.training))
         reduce = (lambda t: C.reduce_from(t, self.tp)) if self.par.coordinated else None
-        logits_TE = F.linear(xr_TH.float(), self.router.weight.float())  # fp32 router
+        with _no_autocast(xr_TH.device.type):  # an fp32 router, as DeepSpeed's
+            logits_TE = F.linear(xr_TH.float(), self.router.weight.float())
         k, renormalize = self.spec.top_k, self.spec.renormalize_top_k
         kern = self.kernels
         r = kern.gate(logits_TE, k, cap, valid_T, reduce, with_aux=self.training, noise=noise,
@@ -259,7 +273,11 @@ class MoE(nn.Module):
             r = self._dropless(r)
         self.last = r
         t = self.timer
-        buf_ECH = kern.dispatch(t.to(xr_TH, Phase.DISPATCH), r, self.E)
+        x_TH = t.to(xr_TH, Phase.DISPATCH)
+        low = _autocast_dtype(x_TH.device.type)
+        if low is not None:  # the experts' GEMMs cast the tokens to it anyway: the exchanges
+            x_TH = x_TH.to(low)  # move half the bytes
+        buf_ECH = kern.dispatch(x_TH, r, self.E)
         y_ECH = t.to(self._experts(buf_ECH, gather_es=es_mode is None), Phase.COMBINE)
         return kern.combine(y_ECH, r), r.aux_loss
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import resource
-import time
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -86,6 +85,7 @@ class TrainResult:
     eval_loss: float
     steps: int  # measured steps
     memory: MemoryBytes  # weights, whole gradients and optimizer states on this rank
+    peak: tuple[float, str]  # the rank's peak memory over the steps (`_peak_memory`)
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,7 @@ class InferResult:
     routed: dict[int, int]
     sample: str
     memory: MemoryBytes
+    peak: tuple[float, str]  # the rank's peak memory over the generations
 
 
 @dataclass(frozen=True)
@@ -297,8 +298,8 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
         measured = step - start >= cfg.warmup
         timer.reset()
         _barrier(groups.world)
-        t0 = time.perf_counter()
-        total, taught = 0.0, 0.0
+        t0 = timer.now()
+        total, taught = torch.zeros((), device=dev), []
         for m in range(micro_steps):
             first = (groups.dp.rank_in_group * micro_steps + m) * w.micro_batch
             batch = data.batch(step, first, w.micro_batch, w.global_batch).to(dev)
@@ -308,7 +309,7 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
                 t_start = timer.now()
                 with torch.no_grad(), autocast:
                     soft = teacher(batch[:, :-1])[0]
-                taught += timer.now() - t_start
+                taught.append((t_start, timer.now()))
             timer.begin()
             with autocast:
                 loss, _ = model.loss(batch[:, :-1], batch[:, 1:], soft,
@@ -318,7 +319,7 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
             (loss * (scaler.scale / micro_steps)).backward()
             timer.end_backward()
             loads.add()
-            total += float(loss.detach()) / micro_steps
+            total += loss.detach() / micro_steps  # read after the step: no sync inside it
         if step == start:
             memory = opt.memory()  # the whole gradients exist now, the moments not yet
         t1 = timer.now()
@@ -333,15 +334,17 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
                 f"{scaler.scale:g}")
         sched.step()
         t3 = timer.now()
+        total = float(total)
         losses.append(total)
         loads.end()  # read back after the step's timed region
+        seconds = timer.elapsed(t0, t3)
         if measured:
             step_phases.append(timer.totals())
-            step_s.append(t3 - t0)
-            teacher_s.append(taught)
-            sync_s.append(t2 - t1)
-            opt_s.append(t3 - t2)
-        log(f"step {step + 1}/{start + total_steps}  loss {total:.4f}  {t3 - t0:.3f} s"
+            step_s.append(seconds)
+            teacher_s.append(sum(timer.elapsed(a, b) for a, b in taught))
+            sync_s.append(timer.elapsed(t1, t2))
+            opt_s.append(timer.elapsed(t2, t3))
+        log(f"step {step + 1}/{start + total_steps}  loss {total:.4f}  {seconds:.3f} s"
             + ("" if measured else "  (warm-up)"))
     stepped = opt.memory()
     memory.optimizer_states = stepped.optimizer_states
@@ -349,6 +352,7 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
     if teacher is not None:
         memory.teacher_weights = float(sum(p.numel() * p.element_size()
                                            for p in teacher.parameters()))
+    peak = _peak_memory(cuda)  # before the save gathers whole moments
     if cfg.save:
         checkpoint.save(model, cfg.save, start + total_steps, digest(plan), groups.rank,
                         groups.world, moments=opt.moments(),
@@ -373,7 +377,7 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
                        grad_sync_s=median(sync_s) if sync_s else 0.0,
                        optimizer_s=median(opt_s) if opt_s else 0.0,
                        dropped=dropped, routed=routed, loads=loads.steps,
-                       losses=losses, eval_loss=eval_loss, steps=n, memory=memory)
+                       losses=losses, eval_loss=eval_loss, steps=n, memory=memory, peak=peak)
 
 
 def infer(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> InferResult:
@@ -389,7 +393,7 @@ def infer(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> InferR
     timer = PhaseTimer(cuda)
     instrument(model, timer)
     drops = _Drops(model)
-    stamps: list[float] = []
+    stamps: list = []
 
     def on_token(i: int) -> None:
         stamps.append(timer.now())
@@ -411,14 +415,16 @@ def infer(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> InferR
         t0 = timer.now()
         # eager steps: the phase timers stamp every boundary, which a CUDA graph cannot hold
         out = generate(model, prompts, w.gen_len, on_token, graph=False)
+        prefill = timer.elapsed(t0, stamps[0])
         if rep >= cfg.warmup:
-            prefills.append(stamps[0] - t0)
-            latencies.append((stamps[-1] - stamps[0]) / per_token)
+            prefills.append(prefill)
+            latencies.append(timer.elapsed(stamps[0], stamps[-1]) / per_token)
             token_phases.append({k: v / per_token for k, v in timer.totals().items()})
         log(f"generation {rep + 1}: {out.shape[0]} x {out.shape[1]} tokens, prefill "
-            f"{(stamps[0] - t0) * 1e3:.1f} ms, {latencies[-1] * 1e3 if latencies else 0:.2f} "
+            f"{prefill * 1e3:.1f} ms, {latencies[-1] * 1e3 if latencies else 0:.2f} "
             f"ms/token" + ("  (warm-up)" if rep < cfg.warmup else ""))
     instrument(model, NULL_TIMER)
+    peak = _peak_memory(cuda)
     dropped, routed = drops.totals()
     # the cache as `generate` allocates it: every prompt and new-token position
     memory = MemoryBytes(kv_cache=model.new_cache(prompts.shape[0],
@@ -427,7 +433,7 @@ def infer(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log) -> InferR
         memory.add("weights", is_expert(name), p.numel() * p.element_size())
     return InferResult(phases=_median_phases(token_phases),
                        latency_s=median(latencies), prefill_s=median(prefills),
-                       dropped=dropped, routed=routed, memory=memory,
+                       dropped=dropped, routed=routed, memory=memory, peak=peak,
                        sample=bytes(out[0].clamp(0, 255).tolist()).decode("utf-8", "replace"))
 
 
@@ -436,30 +442,33 @@ def execute(plan: Plan, cfg: RunConfig, rank: int, world: int, log=print) -> Run
     groups = build_groups(plan, rank, world, None if cfg.timeout_s is None
                           else timedelta(seconds=cfg.timeout_s))
     model, resume = build_model(plan, groups, cfg)
-    if cuda:
-        model = model.cuda()
-    use_kernels(model, select(next(model.parameters()).device))
+    device = torch.device("cuda") if cuda else torch.device("cpu")
+    low = LOW_PRECISION.get(plan.workload.dtype)
     say = log if rank == 0 else (lambda *_: None)
+    teacher = None
     if cfg.mode == "train":
-        teacher = None
+        model.to(device)
         if kd_until(plan, cfg) > 0:  # a MoS plan, its teacher given, distilling
-            teacher = build_teacher(plan, groups, cfg.teacher)
-            teacher = teacher.cuda() if cuda else teacher
-            low = LOW_PRECISION.get(plan.workload.dtype)
-            if low is not None:  # forward only: held in the plan's dtype, as it is costed
-                teacher.to(low)
-            use_kernels(teacher, select(next(teacher.parameters()).device))
-        result = train(plan, model, groups, cfg, say, resume, teacher)  # saves its optimizer
+            # forward only: held in the plan's dtype, as it is costed (cast before it moves)
+            teacher = build_teacher(plan, groups, cfg.teacher).to(device=device, dtype=low)
+            use_kernels(teacher, select(device))
     else:
-        if cfg.save:  # the weights as loaded, before `infer` casts them to the plan's dtype
+        if cfg.save:  # the weights as loaded, before they are cast to the plan's dtype
             checkpoint.save(model, cfg.save, 0, digest(plan), rank, world)
             say(f"saved checkpoint {cfg.save}")
+        model.to(device=device, dtype=low)  # served in the plan's dtype, cast before it moves
+    use_kernels(model, select(device))
+    if cuda:  # the run's own peak, not the set-up's
+        torch.cuda.reset_peak_memory_stats()
+    if cfg.mode == "train":
+        result = train(plan, model, groups, cfg, say, resume, teacher)  # saves its optimizer
+    else:
         result = infer(plan, model, groups, cfg, say)
-    peak, kind = _peak_memory(cuda)
-    everyone = _gather((result, peak), world)
+    everyone = _gather(result, world)
     if rank != 0:
         return None
-    return _record(plan, cfg, [r for r, _ in everyone], max(p for _, p in everyone), kind,
+    peak, kind = max(r.peak for r in everyone)
+    return _record(plan, cfg, everyone, peak, kind,
                    "nccl" if cuda else "gloo", torch.cuda.get_device_name() if cuda else "cpu")
 
 

@@ -7,8 +7,11 @@ forward that closes the running phase.
 The call also threads `x` through an identity autograd function whose backward closes the running
 backward phase and switches back to the phase that preceded the marker in forward — so backward
 time is attributed at the same boundaries, measured, not scaled from forward.
-On CUDA every boundary synchronises the device first (timing is then exact but slower); on CPU the
-gloo collectives are synchronous, so wall-clock stamps are exact already.
+On CPU a stamp is the wall clock (gloo's collectives are synchronous, so stamps are exact). On
+CUDA a stamp is an event recorded on the stream: a boundary does not synchronise, so the host
+keeps launching ahead as in an untimed step, and the seconds between two stamps are read once,
+when the tables are read (`settle`) — the device's time from one boundary to the next, idle gaps
+included where the host could not keep it busy.
 """
 
 from __future__ import annotations
@@ -45,23 +48,76 @@ class _Mark(torch.autograd.Function):
         return g, None, None
 
 
-class PhaseTimer:
-    def __init__(self, cuda: bool = False):
-        self.cuda = cuda
-        self.layer: int | str = HEAD_LAYER
-        self.forward_s: dict[LayerPhase, float] = defaultdict(float)
-        self.backward_s: dict[LayerPhase, float] = defaultdict(float)
-        self._cur, self._t0 = HEAD_PHASE, 0.0
-        self._bcur, self._bt0 = HEAD_PHASE, 0.0
+class HostClock:
+    """Wall-clock stamps: a stamp is a time, read at once."""
 
-    def now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
+    deferred = False
+
+    def stamp(self) -> float:
         return time.perf_counter()
 
+    def seconds(self, a: float, b: float) -> float:
+        return b - a
+
+
+class DeviceClock:
+    """CUDA events recorded on the current stream; the seconds between two wait for the later."""
+
+    deferred = True
+
+    def stamp(self) -> torch.cuda.Event:
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def seconds(self, a: torch.cuda.Event, b: torch.cuda.Event) -> float:
+        b.synchronize()
+        return a.elapsed_time(b) / 1e3
+
+
+class PhaseTimer:
+    def __init__(self, cuda: bool = False, clock=None):
+        self.clock = clock or (DeviceClock() if cuda else HostClock())
+        self.layer: int | str = HEAD_LAYER
+        self._forward: dict[LayerPhase, float] = defaultdict(float)
+        self._backward: dict[LayerPhase, float] = defaultdict(float)
+        self._pending: list[tuple[dict, LayerPhase, object, object]] = []
+        self._cur, self._t0 = HEAD_PHASE, self.now()
+        self._bcur, self._bt0 = HEAD_PHASE, self._t0
+
+    def now(self):
+        """A stamp: pass two to `elapsed`."""
+        return self.clock.stamp()
+
+    def elapsed(self, a, b) -> float:
+        return self.clock.seconds(a, b)
+
+    def _add(self, table: dict, key: LayerPhase, a, b) -> None:
+        if self.clock.deferred:
+            self._pending.append((table, key, a, b))
+        else:
+            table[key] += self.clock.seconds(a, b)
+
+    def settle(self) -> None:
+        """Read the deferred intervals into the tables (on CUDA: waits for the last stamp)."""
+        for table, key, a, b in self._pending:
+            table[key] += self.clock.seconds(a, b)
+        self._pending.clear()
+
+    @property
+    def forward_s(self) -> dict[LayerPhase, float]:
+        self.settle()
+        return self._forward
+
+    @property
+    def backward_s(self) -> dict[LayerPhase, float]:
+        self.settle()
+        return self._backward
+
     def reset(self) -> None:
-        self.forward_s.clear()
-        self.backward_s.clear()
+        self._pending.clear()
+        self._forward.clear()
+        self._backward.clear()
 
     # forward -----------------------------------------------------------------------------
     def begin(self) -> None:
@@ -69,14 +125,14 @@ class PhaseTimer:
 
     def to(self, x: torch.Tensor, phase: Phase) -> torch.Tensor:
         now = self.now()
-        self.forward_s[self._cur] += now - self._t0
+        self._add(self._forward, self._cur, self._t0, now)
         prev, self._cur, self._t0 = self._cur, LayerPhase(self.layer, phase), now
         if torch.is_grad_enabled() and x.requires_grad:
             return _Mark.apply(x, self, prev)
         return x
 
     def end(self) -> None:
-        self.forward_s[self._cur] += self.now() - self._t0
+        self._add(self._forward, self._cur, self._t0, self.now())
         self.layer, self._cur = HEAD_LAYER, HEAD_PHASE
 
     # backward ----------------------------------------------------------------------------
@@ -85,7 +141,7 @@ class PhaseTimer:
 
     def _switch_backward(self, prev: LayerPhase) -> None:
         now = self.now()
-        self.backward_s[self._bcur] += now - self._bt0
+        self._add(self._backward, self._bcur, self._bt0, now)
         self._bcur, self._bt0 = prev, now
 
     def end_backward(self) -> None:

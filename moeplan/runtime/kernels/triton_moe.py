@@ -141,8 +141,8 @@ def _gate_infer(logits_ptr, valid_ptr, expert_ptr, slot_ptr, keep_ptr, weight_pt
 @triton.jit
 def _expert_linear(x_ptr, w_ptr, b_ptr, flag_ptr, out_ptr, R, K, N,
                    GELU: tl.constexpr, HAS_B: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    e = tl.program_id(0)
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    e = tl.program_id(0).to(tl.int64)  # e·R·K passes 2^31 elements at large sizes
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
@@ -153,7 +153,7 @@ def _expert_linear(x_ptr, w_ptr, b_ptr, flag_ptr, out_ptr, R, K, N,
                         mask=(rows < R)[:, None] & (ks < K)[None, :], other=0.0)
             w = tl.load(w_ptr + e * K * N + ks[:, None] * N + cols[None, :],
                         mask=(ks < K)[:, None] & (cols < N)[None, :], other=0.0)
-            acc += tl.dot(a.to(w.dtype), w)
+            acc += tl.dot(a.to(w.dtype), w, input_precision=PRECISION)
         if HAS_B:
             acc += tl.load(b_ptr + e * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         if GELU:  # exact (erf) GELU, as F.gelu
@@ -172,7 +172,9 @@ def _grouped_linear(x_LRK, w_LKN, b_LN, flag_L, gelu: bool = False) -> torch.Ten
         w = w_LKN.contiguous()
         _expert_linear[(L, triton.cdiv(R, br), triton.cdiv(N, bn))](
             x_LRK.contiguous(), w, w if b_LN is None else b_LN.contiguous(), flag_L, out, R, K,
-            N, GELU=gelu, HAS_B=b_LN is not None, BLOCK_R=br, BLOCK_N=bn, BLOCK_K=bk)
+            N, GELU=gelu, HAS_B=b_LN is not None, BLOCK_R=br, BLOCK_N=bn, BLOCK_K=bk,
+            # fp32 experts in full fp32, as torch's matmuls (Triton's default would be TF32)
+            PRECISION="ieee" if w.dtype == torch.float32 else None)
     return out
 
 
@@ -195,7 +197,7 @@ def ffn_grouped_skip(x_PLCH: torch.Tensor, w1, b1, w2, b2, add_b2: bool, w3=None
 @triton.jit
 def _scatter_rows(src_ptr, pos_ptr, keep_ptr, scale_ptr, out_ptr, H,
                   K: tl.constexpr, BLOCK_H: tl.constexpr):
-    tk = tl.program_id(0)
+    tk = tl.program_id(0).to(tl.int64)  # (tk // K)·H passes 2^31 in a long prefill
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     if tl.load(keep_ptr + tk) != 0:
         pos = tl.load(pos_ptr + tk)
@@ -207,7 +209,7 @@ def _scatter_rows(src_ptr, pos_ptr, keep_ptr, scale_ptr, out_ptr, H,
 @triton.jit
 def _gather_rows(src_ptr, pos_ptr, keep_ptr, scale_ptr, out_ptr, H,
                  K: tl.constexpr, BLOCK_H: tl.constexpr):
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for k in tl.static_range(K):

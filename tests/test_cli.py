@@ -49,6 +49,10 @@ BAD = [
     (["search", "--mode", "infer", "--slo-ms", "10"], "--slo-ms needs --objective throughput"),
     (["search", "--mode", "infer", "--objective", "throughput", "--slo-ms", "0.001"],
      "no plan meets --slo-ms"),
+    (["search", "--mode", "infer", "--objective", "throughput", "--slo-ms", "5e-324"],
+     "not in the range"),  # 5e-324 ms / 1000 was 0 s: a division by zero (fuzz, sweep)
+    (["sweep", "--mode", "infer", "--slo-ms", "5e-324"], "not in the range"),
+    (["sweep", "--mode", "train", "--days", "5e-324"], "not in the range"),
     (["search", "--global-batch", "100"], "--global-batch 100 cannot be split"),
     (["search", "--global-batch", "0"], "0 is not in the range"),
     (["search", "--seq-len", "4096"], "exceeds 1.3b-pr-moe's 2048 positions"),

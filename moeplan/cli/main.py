@@ -15,7 +15,7 @@ from moeplan.cli.errors import run
 from moeplan.cli.options import finite, load_profile
 from moeplan.spec.errors import CheckFailed, ConfigError, MoeplanError
 from moeplan.spec.files import output_path, write_atomic
-from moeplan.spec.workload import MAX_COUNT
+from moeplan.spec.workload import MAX_COUNT, SLO_MS_RANGE
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -56,7 +56,7 @@ def _load_cluster(cluster: str | None, profile: str | None):
               help="Inference generated tokens [default: 128].")
 @click.option("--objective", type=click.Choice(["throughput", "latency"]), default=None,
               help="train: throughput; infer: latency (default) or throughput (under --slo-ms).")
-@click.option("--slo-ms", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--slo-ms", type=click.FloatRange(*SLO_MS_RANGE), default=None,
               callback=finite,
               help="Infer throughput: the per-token latency limit in ms.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,

@@ -49,7 +49,8 @@ def is_expert(name: str) -> bool:
 
 def replicas(model: GPT, world: int) -> dict[str, float]:
     """Per parameter, how many ranks hold the same piece of it (world × piece / whole)."""
-    whole = {n: p.numel() for n, p in GPT(model.spec).named_parameters()}
+    with torch.device("meta"):  # shapes only: no whole model in memory
+        whole = {n: p.numel() for n, p in GPT(model.spec).named_parameters()}
     return {n: world * p.numel() / whole[n] for n, p in model.named_parameters()}
 
 

@@ -17,6 +17,7 @@ Gradient synchronisation (`GradSync`), derived from which ranks saw which tokens
 
 from __future__ import annotations
 
+import zlib
 from collections import OrderedDict
 
 import torch
@@ -24,8 +25,10 @@ import torch
 from moeplan.runtime.a2a import FlatExchange, HierarchicalExchange
 from moeplan.runtime.comm import allreduce_
 from moeplan.runtime.groups import Groups
-from moeplan.runtime.model import GPT, MoEParallel, Parallel
+from moeplan.runtime.model import GPT, Experts, MoEParallel, Parallel
 from moeplan.spec.plan import Plan
+
+INIT_STD = 0.02  # GPT-2's: every randomly initialised weight of `model.GPT` (tested)
 
 
 def cut(full: torch.Tensor, spec: tuple) -> torch.Tensor:
@@ -46,6 +49,38 @@ def load_full_state(model: GPT, full: dict[str, torch.Tensor]) -> None:
                 raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} does not fit "
                                  f"{tuple(p.shape)}")
             p.copy_(src)
+
+
+def _drawn(seed: int, name: str, shape: torch.Size, expert: int = -1) -> torch.Tensor:
+    """N(0, INIT_STD) from a generator of its own: (seed, parameter name[, expert])."""
+    # the CPU generator (mt19937) keeps 32 bits of its seed: hash all three into them
+    g = torch.Generator().manual_seed(zlib.crc32(f"{seed}#{name}#{expert}".encode()))
+    return torch.empty(shape).normal_(0.0, INIT_STD, generator=g)
+
+
+def init_seeded(model: GPT, seed: int) -> None:
+    """A fresh model, sharded or not, one parameter (one expert) at a time: a parameter its
+    construction drew at random becomes this rank's slice of a whole tensor drawn from a
+    generator of (seed, name) — (seed, name, expert) for an expert's weights, so a rank draws
+    only its own experts — and a constant one (zero biases, unit norms) stays. Every plan then
+    holds pieces of one model, and the host never holds more than one whole parameter, where
+    initialising the whole model on every rank held all of it on every rank."""
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in GPT(model.spec).named_parameters()}
+    experts = {f"{m}.": 0 for m, mod in model.named_modules() if isinstance(mod, Experts)}
+    slices = model.slices()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.numel() == 0 or bool((p == p.reshape(-1)[0]).all()):
+                continue  # constant: the same piece whatever the slice
+            cuts = slices.get(name, ())
+            if name.rsplit(".", 1)[0] + "." not in experts:
+                p.copy_(cut(_drawn(seed, name, shapes[name]), cuts))
+                continue
+            (_, e0, e1), *rest = cuts  # an expert stack: experts along dim 0, then its slice
+            inner = tuple((dim - 1, a, b) for dim, a, b in rest)
+            for e in range(e0, e1):
+                p[e - e0].copy_(cut(_drawn(seed, name, shapes[name][1:], e), inner))
 
 
 def parallel_context(groups: Groups, teacher: bool = False) -> Parallel:

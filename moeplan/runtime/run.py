@@ -28,7 +28,12 @@ from moeplan.runtime.infer import generate
 from moeplan.runtime.kernels import select, use_kernels
 from moeplan.runtime.model import GPT, MoE
 from moeplan.runtime.optim import LossScaler, MemoryBytes, is_expert, make_optimizer
-from moeplan.runtime.parallel import load_full_state, parallel_context, parallelize
+from moeplan.runtime.parallel import (
+    init_seeded,
+    load_full_state,
+    parallel_context,
+    parallelize,
+)
 from moeplan.runtime.timers import NULL_TIMER, PhaseTimer, instrument
 from moeplan.spec.phases import HEAD_PHASE, LayerPhase, Phase
 from moeplan.spec.plan import Plan, digest
@@ -115,8 +120,8 @@ class Resume:
 
 def build_model(plan: Plan, groups: Groups, cfg: RunConfig) -> tuple[GPT, Resume | None]:
     """The sharded model: weights from a checkpoint (and, when it holds them, the optimizer
-    states to resume with), or the seeded single-device initialisation (identical on every rank,
-    so the sharded model equals the single-device one)."""
+    states to resume with), or a seeded initialisation drawn per parameter
+    (`parallel.init_seeded`), so that every plan holds pieces of the same model."""
     resume = None
     if cfg.load:
         manifest = checkpoint.read_manifest(cfg.load)
@@ -126,10 +131,11 @@ def build_model(plan: Plan, groups: Groups, cfg: RunConfig) -> tuple[GPT, Resume
         pos = checkpoint.position(manifest)
         if pos is not None:
             resume = Resume(moments, pos)
-    else:
-        torch.manual_seed(cfg.seed)
-        full = GPT(plan.model).state_dict()
-    return parallelize(full, plan, groups), resume
+        return parallelize(full, plan, groups), resume
+    torch.manual_seed(cfg.seed)
+    model = GPT(plan.model, parallel_context(groups))
+    init_seeded(model, cfg.seed)
+    return model, None
 
 
 def build_teacher(plan: Plan, groups: Groups, path: str) -> GPT:

@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # Bounds of the options (sequences or tokens, the simulator's candidates, a price, a run's
 # tokens), shared by the command line and the sweep file read back
 MAX_COUNT, MAX_SIMULATE_TOP, MAX_PRICE, MAX_TRAIN_TOKENS = 2**31, 1000, 1e4, 1e16
+# a per-token latency target from a microsecond to a day (a smaller one underflowed to 0 s in
+# milliseconds / 1000), a training run from a minute and a half (1e-3 days) to 270 years
+SLO_MS_RANGE, DAYS_RANGE = (1e-3, 8.64e7), (1e-3, 1e5)
 
 
 class Workload(BaseModel):

@@ -68,3 +68,15 @@ def test_gpu_check_reports_nothing_without_a_gpu(tmp_path, capsys):
     assert module.main(["--out", str(tmp_path / "out")]) == 0
     assert "no CUDA device" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
+
+
+def test_clipping_square_sums_keep_their_precision_without_an_fp64_copy():
+    """The global norm's Σ g² per tensor is summed in fp32 by torch's cascaded sum: its error
+    is at most about log2(n) roundings of the total (Higham §4.2, pairwise summation), far
+    below what moves a clipping factor; no fp64 copy of the gradient is made."""
+    n = 2 ** 22
+    g = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    exact = float(g.double().pow(2).sum())
+    got = float(optim._square_sum(g))
+    bound = 2 * 22 * torch.finfo(torch.float32).eps / 2 * exact  # two orders, log2(n) levels
+    assert abs(got - exact) <= bound, (got, exact, bound)

@@ -72,6 +72,13 @@ def _scale_grads(grads: list[torch.Tensor], sq: torch.Tensor, world: int,
     return norm
 
 
+def _square_sum(g: torch.Tensor) -> torch.Tensor:
+    """Σ g², summed in the gradient's fp32 (torch's cascaded / tree sum: about 1e-7 relative)
+    and added up in fp64 across tensors: one fp32 temporary, where a `.double()` copy made two
+    fp64 ones — four times an expert stack's gradient on the device at once."""
+    return g.square().sum().double()
+
+
 def clip_grads(model: GPT, replicas: dict[str, float], world: int, max_norm: float) -> float:
     """Clip whole gradients by the global norm; a piece held by n ranks counts 1/n on each.
     The sum stays on the gradients' device: one read back, in `_scale_grads`."""
@@ -79,7 +86,7 @@ def clip_grads(model: GPT, replicas: dict[str, float], world: int, max_norm: flo
     grads = []
     for name, p in model.named_parameters():
         if p.grad is not None:
-            sq += p.grad.double().pow(2).sum() / replicas[name]
+            sq += _square_sum(p.grad) / replicas[name]
             grads.append(p.grad)
     return _scale_grads(grads, sq, world, max_norm)
 
@@ -273,7 +280,7 @@ class Sharded:
         for b in self.buckets:
             for name, part in b.segments():
                 # this piece is on 1/comm of the ranks that hold the parameter
-                sq += b.grad[part].double().pow(2).sum() * b.comm.size / self.replicas[name]
+                sq += _square_sum(b.grad[part]) * b.comm.size / self.replicas[name]
             grads += [x.grad for x in b.pieces]
         return _scale_grads(grads, sq, self.world, max_norm)
 

@@ -13,6 +13,16 @@ from moeplan.spec import load_model
 from moeplan.spec.phases import HEAD_PHASE
 
 
+def _step(model: GPT, timer: PhaseTimer, x: torch.Tensor) -> None:
+    """One timed forward and backward of the loss on `x`."""
+    timer.begin()
+    loss, _ = model.loss(x[:, :-1], x[:, 1:])
+    timer.end()
+    timer.begin_backward()
+    loss.backward()
+    timer.end_backward()
+
+
 def test_forward_and_backward_are_attributed_to_the_cost_model_phases():
     torch.manual_seed(0)
     spec = load_model("tiny-pr-moe")
@@ -20,12 +30,7 @@ def test_forward_and_backward_are_attributed_to_the_cost_model_phases():
     instrument(model, timer)
     x = torch.randint(0, 256, (2, 33))
     t0 = time.perf_counter()
-    timer.begin()
-    loss, _ = model.loss(x[:, :-1], x[:, 1:])
-    timer.end()
-    timer.begin_backward()
-    loss.backward()
-    timer.end_backward()
+    _step(model, timer, x)
     wall = time.perf_counter() - t0
     for table in (timer.forward_s, timer.backward_s):
         for i, E in enumerate(spec.experts):
@@ -87,12 +92,7 @@ def test_device_stamps_are_read_once_after_the_step():
     instrument(model, timer)
     x = torch.randint(0, 256, (2, 33))
     t0 = timer.now()
-    timer.begin()
-    loss, _ = model.loss(x[:, :-1], x[:, 1:])
-    timer.end()
-    timer.begin_backward()
-    loss.backward()
-    timer.end_backward()
+    _step(model, timer, x)
     t1 = timer.now()
     assert clock.reads == 0  # no boundary read a stamp
     totals = timer.totals()
@@ -101,12 +101,7 @@ def test_device_stamps_are_read_once_after_the_step():
     assert 0 < sum(totals.values()) <= wall and all(v >= 0 for v in totals.values())
     host = PhaseTimer()
     instrument(model, host)
-    host.begin()
-    loss, _ = model.loss(x[:, :-1], x[:, 1:])
-    host.end()
-    host.begin_backward()
-    loss.backward()
-    host.end_backward()
+    _step(model, host, x)
     assert set(host.totals()) == set(totals)
     timer.reset()
     assert timer.totals() == {}

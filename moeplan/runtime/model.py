@@ -158,7 +158,6 @@ def _es_infer(par: MoEParallel, tp: Comm) -> str | None:
     return "shared" if peers == es else None
 
 
-
 def _autocast_dtype(kind: str) -> torch.dtype | None:
     """The dtype autocast computes in on this device type, or None where it is off."""
     if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
@@ -169,6 +168,7 @@ def _autocast_dtype(kind: str) -> torch.dtype | None:
 def _no_autocast(kind: str):
     return (torch.autocast(kind, enabled=False) if _autocast_dtype(kind) is not None
             else contextlib.nullcontext())
+
 
 class MoE(nn.Module):
     """Router + experts + (optionally) the PR-MoE residual MLP and its mixing coefficient."""

@@ -305,7 +305,7 @@ def train(plan: Plan, model: GPT, groups: Groups, cfg: RunConfig, log,
         timer.reset()
         _barrier(groups.world)
         t0 = timer.now()
-        total, taught = torch.zeros((), device=dev), []
+        total, taught = torch.zeros((), dtype=torch.float64, device=dev), []
         for m in range(micro_steps):
             first = (groups.dp.rank_in_group * micro_steps + m) * w.micro_batch
             batch = data.batch(step, first, w.micro_batch, w.global_batch).to(dev)

@@ -429,3 +429,59 @@ def test_in_situ_keeps_the_median_sample_whole():
     got = in_situ_medians(kept)
     assert got["train"] == slow[1] and got["infer"] == fast[1] and got["world"] == 2
     assert in_situ_medians({"world": 2, "train": slow[0]}) == {"world": 2, "train": slow[0]}
+
+
+def test_a_fit_that_fails_keeps_the_base_term_and_says_so():
+    """Launch-bound GEMM and copy times (flat with size, as a GPU shows at CPU-sized sweeps)
+    cannot be fitted: the profile keeps the base profile's peak, curve and bandwidth and names
+    the failed fits in its source, instead of ending without a profile."""
+    info = {"host": "test", "ranks": 4, "backend": "gloo", "date": "2026-12-01",
+            "device": "cpu", "dtype": "fp32"}
+    m = synthetic_measurements(random.Random(2))
+    flat = {**m, "gemm": [{**r, "time_s": 5e-6} for r in m["gemm"]],
+            "copy": [{**r, "time_s": 5e-6} for r in m["copy"]]}
+    prof = build_profile("local-cpu", "flat", 2, info, flat)
+    base = load_cluster("local-cpu").device
+    assert prof.device.peak_flops["fp32"] == pytest.approx(
+        base.peak_flops["fp32"] * base.gemm_efficiency.max_efficiency, rel=F64_REL)
+    assert prof.device.hbm_Bps == pytest.approx(base.hbm_Bps * base.hbm_efficiency, rel=F64_REL)
+    assert "GEMM throughput not fitted" in prof.device.source
+    assert "memory bandwidth not fitted" in prof.device.source
+    assert prof.device.score_element_s == pytest.approx(2e-9, rel=0.1)  # that fit still holds
+
+
+def test_a_gpu_profile_scales_its_unmeasured_dtypes():
+    """On a GPU only bf16 is measured: fp16 takes the bf16 rate (the same tensor cores) and
+    fp32 the base profile's scaled by the measured bf16 over the base's."""
+    info = {"host": "test", "ranks": 2, "backend": "nccl", "date": "2026-12-01",
+            "device": "GPU", "dtype": "bf16"}
+    prof = build_profile("ndv4-a100-40gb", "gpu", 8, info,
+                         synthetic_measurements(random.Random(3)))
+    base = load_cluster("ndv4-a100-40gb").device.peak_flops
+    peaks = prof.device.peak_flops
+    assert peaks["fp16"] == peaks["bf16"]
+    assert peaks["fp32"] / base["fp32"] == pytest.approx(peaks["bf16"] / base["bf16"],
+                                                         rel=F64_REL)
+
+
+def test_nvml_errors_on_a_gpu_are_reported_not_raised(monkeypatch):
+    """A GPU NVML lists but cannot describe (lost, or a query refused) ends in no topology
+    with a reason, never a traceback of `moeplan profile`."""
+    import types
+
+    from moeplan.runtime import nvml
+
+    class NVMLError(Exception):
+        pass
+
+    def lost(*_):
+        raise NVMLError("GPU is lost")
+
+    fake = types.SimpleNamespace(
+        NVMLError=NVMLError, nvmlInit=lambda: None, nvmlShutdown=lambda: None,
+        nvmlDeviceGetCount=lambda: 2, nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetName=lost)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    topo = nvml.topology()
+    assert topo == {"available": False,
+                    "reason": "NVML could not describe the GPUs (GPU is lost)"}

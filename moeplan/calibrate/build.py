@@ -56,31 +56,61 @@ def build_profile(base: str, name: str, gpus_per_node: int, info: dict,
     output) cover replaced by its fit, each naming its source."""
     base_p = load_cluster(base)
     where = f"on {info['host']} ({info['ranks']} ranks, {info['backend']}, {info['date']})"
-    peak, half, r2_g = fit.fit_gemm([r["flops"] for r in raw["gemm"]],
-                                    [r["time_s"] for r in raw["gemm"]])
-    bw, _, r2_m = fit.fit_memory([r["bytes"] for r in raw["copy"]],
-                                 [r["time_s"] for r in raw["copy"]])
+    dtype, bd = info["dtype"], base_p.device
+    kept = []  # the fits that failed: their terms stay the base profile's, and say so
+
+    def fitted(what: str, fn, *args):
+        try:
+            return fn(*args)
+        except ValueError as e:
+            kept.append(f"{what} not fitted ({e}): {base}'s")
+            return None
+
+    g = fitted("GEMM throughput", fit.fit_gemm, [r["flops"] for r in raw["gemm"]],
+               [r["time_s"] for r in raw["gemm"]])
+    peak, half, r2_g = g or (bd.peak_flops[dtype] * bd.gemm_efficiency.max_efficiency,
+                             bd.gemm_efficiency.half_flops, None)
+    m = fitted("memory bandwidth", fit.fit_memory, [r["bytes"] for r in raw["copy"]],
+               [r["time_s"] for r in raw["copy"]])
+    bw, r2_m = (m[0], m[2]) if m else (bd.hbm_Bps * bd.hbm_efficiency, None)
     score_s, r2_s = 0.0, None  # raw measurements taken before the score sweep: none charged
     if raw.get("scores"):
-        score_s, _, r2_s = fit.fit_per_item([r["elements"] for r in raw["scores"]],
-                                            [r["time_s"] for r in raw["scores"]], "attention")
-    dtype = info["dtype"]
-    dev = base_p.device.model_copy(update={
-        "name": info["device"], "kind": "gpu" if info["backend"] == "nccl" else "cpu",
-        "peak_flops": {**base_p.device.peak_flops, dtype: peak},
+        sc = fitted("work per score element", fit.fit_per_item,
+                    [r["elements"] for r in raw["scores"]], [r["time_s"] for r in raw["scores"]],
+                    "attention")
+        score_s, r2_s = (sc[0], sc[2]) if sc else (bd.score_element_s, None)
+    gpu = info["backend"] == "nccl"
+    peaks = {**bd.peak_flops, dtype: peak}
+    if gpu and dtype == "bf16" and g is not None:
+        # unmeasured dtypes of a GPU scale with the measured one: fp16 runs on the same tensor
+        # cores at the bf16 rate (NVIDIA A100 and H100 datasheets), fp32 as in the base profile
+        scale = peak / bd.peak_flops["bf16"]
+        peaks = {k: (peak if k == "fp16" else v * scale) for k, v in peaks.items()} | {
+            "bf16": peak}
+
+    def r2(v: float | None) -> str:
+        return f"{v:.3f}" if v is not None else "not fitted"
+
+    dev = bd.model_copy(update={
+        "name": info["device"], "kind": "gpu" if gpu else "cpu",
+        "peak_flops": peaks,
         "gemm_efficiency": EfficiencyCurve(
             max_efficiency=1.0, half_flops=half,
-            source=f"fitted {where}: {len(raw['gemm'])} GEMMs, r2={r2_g:.3f}"),
+            source=(f"fitted {where}: {len(raw['gemm'])} GEMMs, r2={r2(r2_g)}" if g else
+                    f"{base}'s (the GEMM fit failed {where})")),
         "hbm_Bps": bw, "hbm_efficiency": 1.0, "op_overhead_s": raw["op_overhead_s"],
         "score_element_s": score_s,
 
-        "memory_bytes": info.get("memory_bytes", base_p.device.memory_bytes),
-        "source": f"measured {where}; peak = fitted GEMM throughput (r2={r2_g:.3f}), "
-                  f"memory bandwidth from copies (r2={r2_m:.3f}), op overhead from a small "
+        "memory_bytes": info.get("memory_bytes", bd.memory_bytes),
+        "source": f"measured {where}; peak = fitted GEMM throughput (r2={r2(r2_g)}), "
+                  f"memory bandwidth from copies (r2={r2(r2_m)}), op overhead from a small "
                   "autograd op, "
-                  + (f"work per score element from attention at head dim 4 (r2={r2_s:.3f}), "
-                     if r2_s is not None else "")
-                  + "framework overhead per phase from the runtime's own model"})
+                  + (f"work per score element from attention at head dim 4 (r2={r2(r2_s)}), "
+                     if raw.get("scores") else "")
+                  + "framework overhead per phase from the runtime's own model"
+                  + ("; on a GPU fp16 at the measured bf16 rate and fp32 scaled by it"
+                     if gpu and g is not None else "")
+                  + "".join(f"; {k}" for k in kept)})
     if "framework" in raw:
         measured = base_p.model_copy(update={"device": dev})
         roof = {**{size: roofline(measured, dtype, size) for size in WORK_SIZES},

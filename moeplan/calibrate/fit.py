@@ -64,12 +64,22 @@ def fit_alpha_beta(steps: list[float], volumes: list[float], times: list[float]
     return latency, bandwidth, f.r2
 
 
+# assumed: a sweep whose largest size spends under 5% of its time in the size-dependent part
+# (launch- or overhead-bound throughout) resolves no rate; NNLS would return a vanishing slope
+RESOLVED_SHARE = 0.05
+
+
+def _grows(slope: float, sizes: list[float], times: list[float]) -> bool:
+    i = max(range(len(sizes)), key=lambda j: sizes[j])
+    return slope * sizes[i] >= RESOLVED_SHARE * times[i]
+
+
 def fit_gemm(flops: list[float], times: list[float]) -> tuple[float, float, float]:
     """(achieved peak FLOP/s, half_flops, r²) for an efficiency curve with e_max = 1:
     t = flops / peak + half / peak."""
     f = fit_nonneg([flops, [1.0] * len(flops)], times)
     inv_peak, fixed = f.coef
-    if inv_peak <= 0:
+    if not _grows(inv_peak, flops, times):
         raise ValueError("GEMM times do not grow with size; cannot fit a throughput")
     return 1.0 / inv_peak, fixed / inv_peak, f.r2
 
@@ -79,7 +89,7 @@ def fit_per_item(items: list[float], times: list[float], what: str
     """(seconds per item, per-operation overhead_s, r²) from t = overhead + items·s."""
     f = fit_nonneg([items, [1.0] * len(items)], times)
     per_item, overhead = f.coef
-    if per_item <= 0:
+    if not _grows(per_item, items, times):
         raise ValueError(f"{what} times do not grow with size; cannot fit a rate")
     return per_item, overhead, f.r2
 

@@ -66,23 +66,33 @@ class DeviceSweeps:
                  repeats: int):
         self.bench = Bench(0, 1, device, warmup, repeats)
         self.pool = Pool()
+        gpu = device.type == "cuda"
         self.gemm: dict[tuple, callable] = {}
-        for m in _sizes(16, 1024 if quick else 4096):
-            for n, k in ((256, 64), (64, 256), (256, 256)):
-                x = torch.randn(m, k, device=device, dtype=dtype)
-                w = torch.randn(k, n, device=device, dtype=dtype)
-                self.gemm[(m, n, k)] = lambda x=x, w=w: x @ w
+        # a GPU saturates only on large square-ish GEMMs (its half-efficiency point is near
+        # 2 GFLOP) and its launch costs about as much as a CPU's whole small GEMM
+        shapes = ([(m, m, m) for m in _sizes(256, 4096 if quick else 8192, per_octave=2)]
+                  if gpu else [(m, n, k) for m in _sizes(16, 1024 if quick else 4096)
+                               for n, k in ((256, 64), (64, 256), (256, 256))])
+        for m, n, k in shapes:
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            w = torch.randn(k, n, device=device, dtype=dtype)
+            self.gemm[(m, n, k)] = lambda x=x, w=w: x @ w
         self.copy: dict[int, callable] = {}
-        for n in _sizes(1 << 12, (1 << 22) if quick else (1 << 24)):
+        # copies far beyond a GPU's L2 cache (40-50 MB on A100/H100), or a CPU's
+        lo, hi = ((1 << 26), (1 << 28) if quick else (1 << 30)) if gpu else \
+            ((1 << 12), (1 << 22) if quick else (1 << 24))
+        for n in _sizes(lo, hi):
             src = torch.empty(n // 4, device=device)
             dst = torch.empty_like(src)
             self.copy[n] = lambda src=src, dst=dst: dst.copy_(src)
         # attention's work per score element (scale, max, exp, sum): the runtime's attention at a
-        # head dim of 4, where its matrix products are negligible, over 64×64 scores per head
+        # head dim of 4, where its matrix products are negligible, over S×S scores per head
+        # (S = 64 on CPU ranks; 1024 on a GPU, whose launch would hide smaller ones)
+        S = 1024 if gpu else 64
         self.scores: dict[int, callable] = {}
         for heads in _sizes(2, 16 if quick else 64):
-            q = torch.randn(1, heads, 64, 4, device=device, dtype=dtype)
-            self.scores[heads * 64 * 64] = lambda q=q: F.scaled_dot_product_attention(q, q, q)
+            q = torch.randn(1, heads, S, 4, device=device, dtype=dtype)
+            self.scores[heads * S * S] = lambda q=q: F.scaled_dot_product_attention(q, q, q)
         x = torch.ones(8, device=device, requires_grad=True)
         self.small_op = lambda: (x * 2).sum().backward()
 
@@ -157,12 +167,21 @@ def tier_comms(b: Bench, gpus_per_node: int) -> dict:
     return out
 
 
+def message_sizes(device: torch.device, quick: bool) -> list[int]:
+    """Message sizes of the collective and exchange sweeps: 4 KiB up to 8 MiB on CPU ranks
+    (1 MiB quick); on GPUs up to 256 MiB (64 MiB quick), where NCCL reaches its bus bandwidth
+    (its small messages are latency- and protocol-bound)."""
+    gpu = device.type == "cuda"
+    return _sizes(1 << 12, {(False, True): 1 << 20, (False, False): 1 << 23,
+                            (True, True): 1 << 26, (True, False): 1 << 28}[gpu, quick])
+
+
 def collective_jobs(b: Bench, comms: dict, quick: bool) -> list:
     """allreduce / allgather / reduce-scatter / all-to-all over message sizes on each tier's
     groups (`tier_comms`): one job (a call returning its rows) per collective, tier and size,
     so the profile can spread them between its moments."""
     jobs = []
-    sizes = _sizes(1 << 12, (1 << 20) if quick else (1 << 23))
+    sizes = message_sizes(b.device, quick)
     for tier, comm in comms.items():
         group, size = comm.group, len(comm.ranks)
         for name in COLLECTIVES:
@@ -192,7 +211,7 @@ def exchange_jobs(b: Bench, comms: dict, quick: bool) -> list:
                   "hierarchical": HierarchicalExchange(comms["intra"], comms["inter"])}
     jobs = []
     for name, exchange in algorithms.items():
-        for nbytes in _sizes(1 << 12, (1 << 20) if quick else (1 << 23)):
+        for nbytes in message_sizes(b.device, quick):
             def job(name=name, exchange=exchange, nbytes=nbytes) -> list:
                 x = torch.ones(world, max(1, nbytes // 4 // world), device=b.device)
                 row = {"algorithm": name, "group_size": world, "per_node": G,
@@ -229,7 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = torch.cuda.is_available() and a.backend != "gloo"
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if local >= torch.cuda.device_count():
+            raise SystemExit(f"rank {rank}: local rank {local} but torch sees "
+                             f"{torch.cuda.device_count()} GPUs")
+        torch.cuda.set_device(local)
     else:
         torch.set_num_threads(1)
     if world > 1:

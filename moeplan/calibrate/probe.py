@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -30,10 +31,24 @@ from moeplan.spec.phases import EXCHANGE, Phase
 from moeplan.spec.zoo import load_cluster
 
 
-def _probe_model(device: torch.device, size: str):
-    """The runtime's own GPT (one dense and two MoE layers) at one of `shapes.PROBE_SIZES`."""
+def _probe_model(device: torch.device, size: str, serve: bool = False):
+    """The runtime's own GPT (one dense and two MoE layers) at one of `shapes.PROBE_SIZES`,
+    with the kernels `moerun` selects on this device; to `serve`, on CUDA in bf16, as `moerun`
+    serves a bf16 plan (trainers run under `_autocast`, as it trains)."""
     torch.manual_seed(0)
-    return GPT(probe_spec(size)).to(device)
+    model = GPT(probe_spec(size)).to(device=device, dtype=_low(device) if serve else None)
+    use_kernels(model, select(device))
+    return model
+
+
+def _low(device: torch.device) -> torch.dtype | None:
+    """A GPU's profile is measured in bf16 (`measure.py`); CPU ranks in fp32."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def _autocast(device: torch.device):
+    low = _low(device)
+    return torch.autocast(device.type, dtype=low) if low is not None else nullcontext()
 
 
 def _slowest(b: Bench, values: dict) -> dict:
@@ -87,7 +102,8 @@ def _trainer(b: Bench, size: str):
     def train_once(timer) -> None:
         instrument(model, timer)
         timer.begin()
-        loss, _ = model.loss(idx[:, :-1], idx[:, 1:])
+        with _autocast(b.device):
+            loss, _ = model.loss(idx[:, :-1], idx[:, 1:])
         timer.end()
         timer.begin_backward()
         loss.backward()
@@ -101,7 +117,7 @@ def _decoder(b: Bench, size: str):
     """Greedy decoding of the probe with the KV cache, as `moerun --mode infer` serves: a batch
     of prompts, then new tokens one at a time; decode tokens only in the timer it is handed."""
 
-    model = _probe_model(b.device, size)
+    model = _probe_model(b.device, size, serve=True)
     B = PROBE_SIZES[size][3]
     prompt, new_tokens = decode_shape(size)
     g = torch.Generator().manual_seed(0)

@@ -168,18 +168,23 @@ def profile(out, nproc, gpus_per_node, backend, base, name, quick) -> None:
     import platform
 
     output_path(out)  # a bad --out ends here, not after minutes of profiling
+    import torch
+
     from moeplan.runtime.launch import launch
     from moeplan.runtime.nvml import topology
     from moeplan.spec import load_cluster
 
     topo = topology()
-    gpus = len(topo["gpus"]) if topo["available"] else 0
-    if not topo["available"] and backend == "nccl":
-        raise ConfigError(f"--backend nccl needs GPUs, and NVML sees none ({topo['reason']})")
+    # the GPUs the ranks can use are torch's (CUDA_VISIBLE_DEVICES applies; NVML ignores it);
+    # NVML only describes them
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not gpus and backend == "nccl":
+        raise ConfigError("--backend nccl needs GPUs, and torch sees none"
+                          + ("" if topo["available"] else f" (NVML: {topo['reason']})"))
     use_gpu = gpus > 0 and backend != "gloo"
     nproc = nproc or (gpus if use_gpu else 4)
     if use_gpu and nproc > gpus:
-        raise ConfigError(f"--nproc {nproc} exceeds the {gpus} GPUs NVML sees")
+        raise ConfigError(f"--nproc {nproc} exceeds the {gpus} GPUs torch sees")
     G = gpus_per_node or (min(gpus, nproc) if use_gpu else min(2, nproc))
     if nproc % G:
         raise ConfigError(f"--nproc {nproc} is not a whole number of {G}-rank nodes")
@@ -187,13 +192,15 @@ def profile(out, nproc, gpus_per_node, backend, base, name, quick) -> None:
     load_cluster(base)  # an unknown base fails here, in one line, before any rank starts
     name = name or f"measured-{platform.node() or 'host'}"
     if topo["available"]:
-        click.echo(f"NVML: {gpus} x {topo['gpus'][0]['name']}, driver {topo['driver']}", err=True)
+        click.echo(f"NVML: {len(topo['gpus'])} x {topo['gpus'][0]['name']}, driver "
+                   f"{topo['driver']}", err=True)
     else:
-        click.echo(f"NVML: {topo['reason']}; profiling CPU ranks with gloo", err=True)
-    click.echo(f"profiling {nproc} ranks as {nproc // G} node(s) of {G}"
-               f"{' (quick)' if quick else ''}; writing {out}", err=True)
+        click.echo(f"NVML: {topo['reason']}", err=True)
+    click.echo(f"profiling {nproc} {'GPU ranks with NCCL' if use_gpu else 'CPU ranks with gloo'}"
+               f" as {nproc // G} node(s) of {G}{' (quick)' if quick else ''}; writing {out}",
+               err=True)
     args = ["--out", out, "--gpus-per-node", str(G), "--base", base, "--name", name,
-            "--backend", backend]
+            "--backend", "nccl" if use_gpu else "gloo"]  # the ranks decide nothing themselves
     if topo["available"]:
         import json as _json
         import tempfile

@@ -29,6 +29,8 @@ def topology() -> dict:
             g["nvlink_peers"] = sorted({bus_to_index.get(b, -1) for b in buses} - {-1})
         return {"available": True, "driver": _text(pynvml.nvmlSystemGetDriverVersion()),
                 "gpus": gpus}
+    except pynvml.NVMLError as e:  # a GPU lost or a query refused: no topology, no crash
+        return {"available": False, "reason": f"NVML could not describe the GPUs ({e})"}
     finally:
         pynvml.nvmlShutdown()
 

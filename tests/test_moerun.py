@@ -360,6 +360,24 @@ def test_host_refusal_rules(ranks, memory, host_, refused):
     assert (why is None) if refused is None else (refused in why), why
 
 
+@pytest.mark.parametrize("names, indices", [
+    (None, [0, 1, 2, 3]), ("2,0", [2, 0]), ("", []), ("1,7,2", [1]), ("3,-1,0", [3]),
+    ("GPU-5f2c,1", [1, 1]),  # a UUID: one of them, counted at the smallest memory
+])
+def test_host_counts_only_the_gpus_cuda_may_use(names, indices, monkeypatch):
+    """NVML lists every GPU of the host, CUDA only CUDA_VISIBLE_DEVICES's (stopping at the
+    first entry it cannot use): the host check counts what the ranks will see."""
+    from moeplan.runtime.host import visible
+
+    gpus = [{"index": i, "memory_bytes": 40e9 + i} for i in range(4)]
+    gpus[1]["memory_bytes"] = 1.0  # the smallest
+    if names is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", names)
+    assert [g["index"] for g in visible(gpus)] == indices
+
+
 def test_validate_says_whether_the_run_fell_inside_the_band(work, monkeypatch, capsys):
     from moeplan.cli import main as moeplan_cli
 

@@ -30,9 +30,30 @@ class Host:
     gpu_memory_bytes: float  # the smallest GPU's
 
 
+def visible(gpus: list[dict]) -> list[dict]:
+    """The GPUs a process may use: NVML lists every GPU, CUDA only those CUDA_VISIBLE_DEVICES
+    names (indices; any other token - a UUID - is taken as one of them, unknown which), up to
+    the first it cannot parse, as CUDA does; unset: all."""
+    names = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if names is None:
+        return gpus
+    out = []
+    for token in (t.strip() for t in names.split(",")):
+        if not token or token.startswith("-"):
+            break  # CUDA stops at an empty or negative entry
+        if token.isdigit():
+            match = [g for g in gpus if g["index"] == int(token)]
+            if not match:
+                break
+            out += match
+        elif len(out) < len(gpus):
+            out.append(min(gpus, key=lambda g: g["memory_bytes"]))  # a UUID or MIG name
+    return out
+
+
 def this_host() -> Host:
     topo = topology()
-    gpus = topo["gpus"] if topo["available"] else []
+    gpus = visible(topo["gpus"]) if topo["available"] else []
     return Host(cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                 else os.cpu_count() or 1,
                 available_bytes=_available_memory_bytes(), gpus=len(gpus),

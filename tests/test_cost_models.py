@@ -395,3 +395,21 @@ def test_todays_blocks_add_their_elementwise_passes():
         5 * h + 10 * (q + k) + 7 * (q + k))
     assert block_elementwise_bytes(env, s, p, "mlp", 512) == b * 1000 * (5 * h + 3 * 512 / 2)
     assert block_elementwise_bytes(env, s, p, "gate") == b * 1000 * 5 * h
+
+
+def test_no_dropout_no_mask():
+    """moerun has no dropout: its attention and MLP activations keep no h-wide dropout mask
+    (one byte an element in Korthikanti et al.'s 2-byte accounting), DeepSpeed's training keeps
+    one per block."""
+    from moeplan.cost_models.memory import attention_activation_bytes, mlp_activation_bytes
+
+    T, h, b = 1000, 256, 2
+    for fn, args in ((attention_activation_bytes, (T, 64, h, 4, 2, b)),
+                     (mlp_activation_bytes, (T, h, 2, b))):
+        assert fn(*args) - fn(*args, dropout=False) == pytest.approx(T * h * b / 2, rel=F64_REL)
+    env = _env()
+    s = Setting(tp=1, dp=64, micro_batch=2, recompute=False)
+    c = LayerChoice(64, 1, "flat", False)
+    mr = train_layer(env, s, 0, c).memory["activations"]
+    ds = train_layer(replace(env, runtime="deepspeed"), s, 0, c).memory["activations"]
+    assert ds > mr

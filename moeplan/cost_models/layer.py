@@ -506,11 +506,14 @@ def activation_bytes(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) 
     """Activations one forward pass of this layer keeps for backward (or needs as workspace)."""
     spec, b, tp, T = env.spec, env.dtype_bytes, s.tp, p.tokens
     E = spec.experts[index]
+    deepspeed = env.runtime == "deepspeed"  # Megatron's attention and dropout; moerun has none
+    dropout = deepspeed and env.workload.mode == "train"
     total = attention_activation_bytes(T, p.context, spec.hidden, spec.heads, tp, b,
-                                       scores=env.runtime == "deepspeed")
+                                       scores=deepspeed, dropout=dropout)
     f_mlp = spec.ffn_hidden if (E == 0 or spec.residual) else spec.shared_ffn_hidden
     if f_mlp:
-        total += mlp_activation_bytes(T, spec.hidden, tp, b, f_mlp, spec.mlp == "swiglu")
+        total += mlp_activation_bytes(T, spec.hidden, tp, b, f_mlp, spec.mlp == "swiglu",
+                                      dropout=dropout)
     if E:
         T_r = gate_tokens(env, s, c, p)
         C = spec.capacity(E, T_r, train=env.workload.mode == "train")

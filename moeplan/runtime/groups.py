@@ -85,7 +85,9 @@ def build_groups(plan: Plan, rank: int, world: int,
                 inter=make.all_of(lay.inter) if hier else None,
                 coordinated=bool(layer.a2a_tp_coordinated))
     if world > 1:  # on the job's device, so that NCCL's communicators exist before timing
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        # (a gloo job on a GPU host, `moeplan profile --backend gloo`, stays on the CPU)
+        gpu = torch.cuda.is_available() and dist.get_backend() != "gloo"
+        device = torch.device("cuda") if gpu else torch.device("cpu")
         for key, group in [(tuple(range(world)), None), *make.made.items()]:
             if rank in key:
                 t = torch.ones(1, device=device)

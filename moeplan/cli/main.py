@@ -168,23 +168,22 @@ def profile(out, nproc, gpus_per_node, backend, base, name, quick) -> None:
     import platform
 
     output_path(out)  # a bad --out ends here, not after minutes of profiling
-    import torch
-
+    from moeplan.runtime.host import visible
     from moeplan.runtime.launch import launch
     from moeplan.runtime.nvml import topology
     from moeplan.spec import load_cluster
 
     topo = topology()
-    # the GPUs the ranks can use are torch's (CUDA_VISIBLE_DEVICES applies; NVML ignores it);
-    # NVML only describes them
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    # the GPUs the ranks may use: NVML's, less those CUDA_VISIBLE_DEVICES hides (as moerun
+    # counts them)
+    gpus = len(visible(topo["gpus"])) if topo["available"] else 0
     if not gpus and backend == "nccl":
-        raise ConfigError("--backend nccl needs GPUs, and torch sees none"
+        raise ConfigError("--backend nccl needs GPUs, and none is visible"
                           + ("" if topo["available"] else f" (NVML: {topo['reason']})"))
     use_gpu = gpus > 0 and backend != "gloo"
     nproc = nproc or (gpus if use_gpu else 4)
     if use_gpu and nproc > gpus:
-        raise ConfigError(f"--nproc {nproc} exceeds the {gpus} GPUs torch sees")
+        raise ConfigError(f"--nproc {nproc} exceeds the {gpus} visible GPUs")
     G = gpus_per_node or (min(gpus, nproc) if use_gpu else min(2, nproc))
     if nproc % G:
         raise ConfigError(f"--nproc {nproc} is not a whole number of {G}-rank nodes")

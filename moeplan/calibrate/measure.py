@@ -171,9 +171,9 @@ def message_sizes(device: torch.device, quick: bool) -> list[int]:
     """Message sizes of the collective and exchange sweeps: 4 KiB up to 8 MiB on CPU ranks
     (1 MiB quick); on GPUs up to 256 MiB (64 MiB quick), where NCCL reaches its bus bandwidth
     (its small messages are latency- and protocol-bound)."""
-    gpu = device.type == "cuda"
-    return _sizes(1 << 12, {(False, True): 1 << 20, (False, False): 1 << 23,
-                            (True, True): 1 << 26, (True, False): 1 << 28}[gpu, quick])
+    if device.type == "cuda":
+        return _sizes(1 << 12, (1 << 26) if quick else (1 << 28))
+    return _sizes(1 << 12, (1 << 20) if quick else (1 << 23))
 
 
 def collective_jobs(b: Bench, comms: dict, quick: bool) -> list:

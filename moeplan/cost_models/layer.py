@@ -86,8 +86,11 @@ class Env:
 
     @property
     def state_bytes(self) -> tuple[int, int, int]:
-        """Training: bytes per parameter of weights, gradients, optimizer states (the runtime's
-        precision layout, `memory.train_state_bytes`)."""
+        """Bytes per parameter of weights, gradients, optimizer states: in training the
+        runtime's precision layout (`memory.train_state_bytes`); in inference the weights in the
+        plan's dtype, nothing else."""
+        if self.workload.mode != "train":
+            return self.dtype_bytes, 0, 0
         return train_state_bytes(self.dtype_bytes, self.runtime)
 
     def span(self, size: int, stride: int) -> coll.GroupSpan:
@@ -527,7 +530,7 @@ def weight_memory(env: Env, s: Setting, index: int, c: LayerChoice) -> dict[str,
     """Weights, gradients and optimizer states of this layer on one GPU."""
     lp = layer_params(env.spec, index)
     zero, train = env.workload.zero_stage, env.workload.mode == "train"
-    b, g, opt = env.state_bytes if train else (env.dtype_bytes, 0, 0)
+    b, g, opt = env.state_bytes
     non_expert = lp.non_expert / s.tp
     expert = (lp.experts // c.ep) * lp.per_expert / c.es if lp.experts else 0.0
     edp = c.edp(env.gpus)

@@ -39,8 +39,8 @@ def attention_activation_bytes(tokens: float, context: float, h: int, heads: int
     """`scores`: the [heads, ctx] scores, softmax and dropout mask are kept per token
     (unfused attention); else the fused kernel's fp32 log-sum-exp per head (its output is the
     projection's input, counted in 8h/t). Without `dropout` (moerun has none) no h-wide mask."""
-    per_token = h * (5 - (not dropout) + 8 / tp) + (5 * heads * context / tp if scores
-                                                    else heads / tp * 4 * 2 / dtype_bytes)
+    per_token = h * (4 + dropout + 8 / tp) + (5 * heads * context / tp if scores
+                                              else heads / tp * 4 * 2 / dtype_bytes)
     return tokens * per_token * dtype_bytes / 2
 
 
@@ -49,7 +49,7 @@ def mlp_activation_bytes(tokens: float, h: int, tp: int, dtype_bytes: int, f: in
     """(5h + 4f/t) per token: the FFN-width terms scale with f (16h/t at f = 4h); a gated MLP
     keeps its gate's output as well (+2f/t); without `dropout`, no h-wide mask (4h)."""
     f = 4 * h if f is None else f
-    return tokens * ((5 - (not dropout)) * h + (6 if gated else 4) * f / tp) * dtype_bytes / 2
+    return tokens * ((4 + dropout) * h + (6 if gated else 4) * f / tp) * dtype_bytes / 2
 
 
 def moe_activation_bytes(spec: ModelSpec, experts: int, tokens: float, gate_tokens: float,

@@ -165,7 +165,7 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
     tp_span = env.span(s.tp, 1)
     cost = LayerCost()
     train = env.workload.mode == "train"
-    weight, grad, opt = env.state_bytes if train else (b, 0, 0)
+    weight, grad, opt = env.state_bytes
     cost.memory["weights"] = weight * params
     if train:
         slow, _ = sharing(env)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from moeplan.runtime.comm import Comm, all_gather_tensor, allreduce_, reduce_scatter_tensor
 from moeplan.runtime.groups import Groups
 from moeplan.runtime.model import GPT
-from moeplan.runtime.parallel import GradSync, cut, sync_key
+from moeplan.runtime.parallel import GradSync, cut, sync_key, whole_shapes
 
 WEIGHT_DECAY = 0.1  # the DeepSpeed-MoE training scripts' (Megatron-DeepSpeed examples MoE/)
 BETAS = (0.9, 0.95)
@@ -49,9 +49,8 @@ def is_expert(name: str) -> bool:
 
 def replicas(model: GPT, world: int) -> dict[str, float]:
     """Per parameter, how many ranks hold the same piece of it (world × piece / whole)."""
-    with torch.device("meta"):  # shapes only: no whole model in memory
-        whole = {n: p.numel() for n, p in GPT(model.spec).named_parameters()}
-    return {n: world * p.numel() / whole[n] for n, p in model.named_parameters()}
+    whole = whole_shapes(model.spec)
+    return {n: world * p.numel() / whole[n].numel() for n, p in model.named_parameters()}
 
 
 def _adamw(decay: list, no_decay: list, lr: float) -> torch.optim.AdamW:

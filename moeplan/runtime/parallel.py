@@ -58,6 +58,12 @@ def _drawn(seed: int, name: str, shape: torch.Size, expert: int = -1) -> torch.T
     return torch.empty(shape).normal_(0.0, INIT_STD, generator=g)
 
 
+def whole_shapes(spec) -> dict[str, torch.Size]:
+    """Every parameter's shape in the single-device model, from a meta-device copy (no memory)."""
+    with torch.device("meta"):
+        return {n: p.shape for n, p in GPT(spec).named_parameters()}
+
+
 def init_seeded(model: GPT, seed: int) -> None:
     """A fresh model, sharded or not, one parameter (one expert) at a time: a parameter its
     construction drew at random becomes this rank's slice of a whole tensor drawn from a
@@ -65,9 +71,8 @@ def init_seeded(model: GPT, seed: int) -> None:
     only its own experts — and a constant one (zero biases, unit norms) stays. Every plan then
     holds pieces of one model, and the host never holds more than one whole parameter, where
     initialising the whole model on every rank held all of it on every rank."""
-    with torch.device("meta"):
-        shapes = {n: p.shape for n, p in GPT(model.spec).named_parameters()}
-    experts = {f"{m}.": 0 for m, mod in model.named_modules() if isinstance(mod, Experts)}
+    shapes = whole_shapes(model.spec)
+    experts = {f"{m}." for m, mod in model.named_modules() if isinstance(mod, Experts)}
     slices = model.slices()
     with torch.no_grad():
         for name, p in model.named_parameters():

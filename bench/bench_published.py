@@ -17,12 +17,24 @@ The only real GPU figures at hand are the paper's (Rajbhandari et al., "DeepSpee
              128 experts on 256 GPUs: expert slicing 2, §5.2); its batch is not stated. An upper
              bound, not a point: costed at one sequence per data-parallel rank (the fastest), it
              meets the ±25% target for some latency under 25 ms only below 1.25 × 25 ms
+  Megatron  the same cost model against a second, independent set of real GPU measurements:
+             Megatron-LM's weak-scaling runs (Narayanan et al., "Efficient Large-Scale Language
+             Model Training on GPU Clusters Using Megatron-LM", SC 2021, Table 1), the rows
+             without pipeline parallelism: 1.7B / 3.6B / 7.5B / 18.4B GPTs at tp 1 / 2 / 4 / 8
+             on 32 / 64 / 128 / 256 A100-80GB of NVIDIA's Selene (DGX A100 with 8 HDR NICs per
+             node = the `dgx-a100-80gb` profile), sequence 2048, vocabulary 51,200, mixed
+             precision, activation recomputation; reported as TFLOP/s per GPU by the paper's
+             Eq. 3, F = 96·B·s·l·h²·(1 + s/6h + V/16lh) per step, which the script applies to the
+             predicted step time. The micro-batch is not stated: the row is costed at the fastest
+             one that fits (as the authors tuned theirs) and the slowest is printed beside it.
+             Costed with `--runtime deepspeed`, whose dense layers are Megatron's
 Each configuration is fixed (`--fix`) and costed by the same model as the search. One constant
 of the profile is fitted to one of these points: the per-operation framework overhead
 (`op_overhead_s`, the eager PyTorch + DeepSpeed Python cost of launching one kernel) to the
 52B latency at 8 GPUs — `--fit` solves for it and prints it. That row is marked fitted and is
 not a check; every other constant is a datasheet value or an assumption stated in the profile,
-so the other rows are validation. Targets: each validation point within ±25%, the 8→64 GPU
+so the other rows are validation (no constant is fitted to Megatron-LM's runs either).
+Targets: each validation point within ±25%, the 8→64 GPU
 latency ratio within 1.6–2.8× (paper 2.15×), the training ratio MoE/dense within 4.2–6.5×
 (paper 5.3×). It also prints the planner's own best moerun plans for the 52B inference cases:
 their latency must fall from 8 to 64 GPUs.
@@ -40,6 +52,8 @@ from moeplan.planner.planning import Request, plan
 from moeplan.planner.space import Fix
 from moeplan.spec import load_cluster, load_model
 from moeplan.spec.cluster import ClusterProfile
+from moeplan.spec.errors import InfeasibleError
+from moeplan.spec.model import ModelSpec
 
 CLUSTER = "ndv4-a100-40gb"
 # (label, model, GPUs, global batch, fixed degrees, published samples/s) — Table 3
@@ -51,6 +65,12 @@ INFERENCE = [(8, 27.3), (16, 19.0), (32, 14.6), (64, 12.7)]
 SEQUENCES_PER_GPU = 8
 # (label, model, GPUs, fixed degrees, published upper bound in ms per token) — §5.5.2
 TRILLION = ("1T (24B+MoE-128), 256 GPUs", "24b-moe-128", 256, Fix(tp=8, ep=128, es=2), 25.0)
+# (label, heads, hidden, layers, tp, GPUs, global batch, published TFLOP/s per GPU) —
+# Narayanan et al., SC 2021, Table 1, the rows with pipeline-parallel size 1
+MEGATRON = [("1.7B", 24, 2304, 24, 1, 32, 512, 137.0), ("3.6B", 32, 3072, 30, 2, 64, 512, 138.0),
+            ("7.5B", 32, 4096, 36, 4, 128, 512, 142.0),
+            ("18.4B", 48, 6144, 40, 8, 256, 1024, 135.0)]
+MEGATRON_CLUSTER, MEGATRON_SEQ, MEGATRON_VOCAB = "dgx-a100-80gb", 2048, 51200
 FITTED = "infer 52B 8 GPUs"  # the point `op_overhead_s` of the profile is fitted to
 
 
@@ -66,6 +86,39 @@ def latency_ms(gpus: int, cluster: ClusterProfile | None = None) -> float:
     p = costed("1.3b-moe-128", gpus, "infer", SEQUENCES_PER_GPU * gpus,
                Fix(tp=1, ep=gpus, es=1), "deepspeed", cluster)
     return p.predicted.latency_s * 1e3
+
+
+def megatron_flops(batch: int, seq: int, layers: int, hidden: int, vocab: int) -> float:
+    """FLOPs of one training step with activation recomputation, as Megatron-LM counts them
+    (Narayanan et al., SC 2021, Eq. 3)."""
+    return (96.0 * batch * seq * layers * hidden ** 2
+            * (1 + seq / (6 * hidden) + vocab / (16 * layers * hidden)))
+
+
+def megatron_tflops(heads: int, hidden: int, layers: int, tp: int, gpus: int,
+                    batch: int) -> tuple[float, float]:
+    """Predicted TFLOP/s per GPU of a Megatron-LM GPT run (4h FFN, learned positions, tied
+    embeddings): at the fastest micro-batch that fits, and at the slowest."""
+    base = load_model("6.7b").model_dump()
+    base.update(name=f"megatron-gpt-{hidden}x{layers}", num_layers=layers, hidden=hidden,
+                heads=heads, ffn_hidden=4 * hidden, vocab_size=MEGATRON_VOCAB,
+                max_seq_len=MEGATRON_SEQ, experts=[0] * layers,
+                source="Narayanan et al., SC 2021, Table 1")
+    spec = ModelSpec.model_validate(base)
+    cluster = load_cluster(MEGATRON_CLUSTER)
+    flops = megatron_flops(batch, MEGATRON_SEQ, layers, hidden, MEGATRON_VOCAB)
+    per_rank = batch * tp // gpus
+    rates = []
+    for mb in (m for m in range(1, per_rank + 1) if per_rank % m == 0):
+        req = Request(gpus=gpus, mode="train", global_batch=batch, zero_stage=0, dtype="fp16",
+                      fix=Fix(tp=tp, micro_batch=mb, recompute=True), runtime="deepspeed",
+                      simulate_top=0)
+        try:
+            p = plan(spec, cluster, req)[0]
+        except InfeasibleError:  # this micro-batch does not fit
+            continue
+        rates.append(flops / (p.predicted.step_time_s * gpus) / 1e12)
+    return max(rates), min(rates)
 
 
 def fit_op_overhead() -> float:
@@ -94,11 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows: list[dict] = []
 
-    def point(case: str, label: str, predicted: float, published: float) -> float:
+    def point(case: str, label: str, predicted: float, published: float, unit: str) -> float:
         ratio = predicted / published
         fitted = case == FITTED
         hit = abs(ratio - 1) <= 0.25
-        rows.append({"case": case, "predicted": predicted, "published": published,
+        rows.append({"case": case, "predicted": predicted, "published": published, "unit": unit,
                      "ratio": ratio, "within_25pct": hit, "fitted": fitted})
         verdict = "fitted, not a check" if fitted else ("ok" if hit else "MISS")
         print(f"  {label:14s} predicted {predicted:7.2f}  published {published:6.1f}  "
@@ -114,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     train = {}
     for label, model, gpus, batch, fix, published in TRAINING:
         p = costed(model, gpus, "train", batch, fix, "deepspeed")
-        train[label] = point(f"train {label}", label, batch / p.predicted.step_time_s, published)
+        train[label] = point(f"train {label}", label, batch / p.predicted.step_time_s, published,
+                             unit="samples/s")
     speedup = train["1.3B+MoE-128"] / train["6.7B dense"]
     ok = within("MoE / dense throughput", speedup, 4.2, 6.5, 5.3)
 
@@ -123,9 +177,19 @@ def main(argv: list[str] | None = None) -> int:
     latency = {}
     for gpus, published in INFERENCE:
         latency[gpus] = point(f"infer 52B {gpus} GPUs", f"{gpus} GPUs", latency_ms(gpus),
-                              published)
+                              published, unit="ms per token")
     fall = latency[8] / latency[64]
     ok &= within("8 -> 64 GPU latency ratio", fall, 1.6, 2.8, 2.15)
+
+    print(f"Megatron-LM, SC 2021 Table 1, rows without pipeline parallelism, on "
+          f"{MEGATRON_CLUSTER} (TFLOP/s per GPU by the paper's Eq. 3), --runtime deepspeed")
+    for label, heads, hidden, layers, tp, gpus, batch, published in MEGATRON:
+        best, worst = megatron_tflops(heads, hidden, layers, tp, gpus, batch)
+        point(f"train Megatron-LM {label} tp={tp} {gpus} GPUs", f"{label} tp={tp}", best,
+              published, unit="TFLOP/s per GPU")
+        rows[-1]["slowest_micro_batch"] = worst
+        print(f"  {'':14s} (slowest micro-batch that fits: {worst:.1f}, ratio "
+              f"{worst / published:.2f})")
 
     label, model, gpus, fix, bound = TRILLION
     print(f"Section 5.5.2, {label}: published under {bound:g} ms per token, --runtime deepspeed, "

@@ -23,9 +23,10 @@ The only real GPU figures at hand are the paper's (Rajbhandari et al., "DeepSpee
              without pipeline parallelism: 1.7B / 3.6B / 7.5B / 18.4B GPTs at tp 1 / 2 / 4 / 8
              on 32 / 64 / 128 / 256 A100-80GB of NVIDIA's Selene (DGX A100 with 8 HDR NICs per
              node = the `dgx-a100-80gb` profile), sequence 2048, vocabulary 51,200, mixed
-             precision, activation recomputation; reported as TFLOP/s per GPU by the paper's
-             Eq. 3, F = 96·B·s·l·h²·(1 + s/6h + V/16lh) per step, which the script applies to the
-             predicted step time. The micro-batch is not stated: the row is costed at the fastest
+             precision; reported as TFLOP/s per GPU by the paper's Eq. 3,
+             F = 96·B·s·l·h²·(1 + s/6h + V/16lh) per step, which counts activation recomputation's
+             extra forward pass — so the runs are costed with recomputation on — and which the
+             script applies to the predicted step time. The micro-batch is not stated: the row is costed at the fastest
              one that fits (as the authors tuned theirs) and the slowest is printed beside it.
              Costed with `--runtime deepspeed`, whose dense layers are Megatron's
 Each configuration is fixed (`--fix`) and costed by the same model as the search. One constant

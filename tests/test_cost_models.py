@@ -413,3 +413,79 @@ def test_no_dropout_no_mask():
     mr = train_layer(env, s, 0, c).memory["activations"]
     ds = train_layer(replace(env, runtime="deepspeed"), s, 0, c).memory["activations"]
     assert ds > mr
+
+
+def _optimizer_charge(runtime="moerun", zero=0, dtype="bf16", cluster=NDV4):
+    """(seconds per parameter tensor, seconds per parameter element) of the optimizer phase."""
+    from moeplan.cost_models.layer import optimizer_s
+
+    env = _env(zero=zero, cluster=cluster)
+    env = replace(env, runtime=runtime, workload=env.workload.model_copy(update={"dtype": dtype}))
+    base = optimizer_s(env, 0.0, 0)
+    return optimizer_s(env, 0.0, 1) - base, optimizer_s(env, 1e6, 0) / 1e6 - base
+
+
+def test_gpu_optimizer_is_charged_as_each_runtime_steps():
+    """On a GPU, moerun's step is clipping per tensor plus torch's foreach AdamW (few launches,
+    many passes); DeepSpeed's fp16 ZeRO-0 step checks every tensor on the host."""
+    from moeplan.cost_models.runtimes import HOST_SYNC_S
+
+    dev = NDV4.device
+    bandwidth = dev.hbm_Bps * dev.hbm_efficiency
+    per_tensor, per_element = _optimizer_charge("moerun")
+    assert per_tensor == pytest.approx(5.11 * dev.op_overhead_s, rel=F64_REL)
+    assert per_element == pytest.approx(92 / bandwidth + 8 / (65536 * 320) * dev.op_overhead_s,
+                                        rel=F64_REL)
+    per_tensor, per_element = _optimizer_charge("deepspeed", dtype="fp16")
+    assert per_tensor == pytest.approx(4 * dev.op_overhead_s + HOST_SYNC_S, rel=F64_REL)
+    assert per_element == pytest.approx(70 / bandwidth + dev.op_overhead_s / (65536 * 320),
+                                        rel=F64_REL)
+    # not counted: DeepSpeed's ZeRO 1/2 and bf16 optimizers keep the generic charge
+    generic = (16 * dev.op_overhead_s, 28 / bandwidth)
+    for zero, dtype in ((1, "fp16"), (0, "bf16")):
+        assert _optimizer_charge("deepspeed", zero, dtype) == pytest.approx(generic, rel=F64_REL)
+
+
+def test_moerun_optimizer_launch_counts_match_the_runtime():
+    """The counts behind moerun's GPU optimizer charge: clipping makes 5 operations a tensor,
+    and AdamW's foreach step 8 list operations over the device tensors whatever their number
+    (its step counters are host tensors)."""
+    torch = pytest.importorskip("torch")
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from moeplan.runtime.optim import _square_sum
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    def clip_ops(n):
+        grads = [torch.randn(8, 8) for _ in range(n)]
+        sq = torch.zeros(1, dtype=torch.float64)
+        with Count() as c:
+            for g in grads:  # as `clip_grads` sums each tensor's share
+                sq += _square_sum(g) / 2.0
+        return sum(c.ops.values())
+
+    assert clip_ops(3) - clip_ops(2) == 5
+
+    def adamw_ops(n):
+        params = [torch.nn.Parameter(torch.randn(8, 8)) for _ in range(n)]
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, foreach=True)
+        for p in params:
+            p.grad = torch.randn(8, 8)
+        with Count() as c:
+            opt.step()
+        return Counter({k: v for k, v in c.ops.items() if k.startswith("_foreach")})
+
+    ops = adamw_ops(3)
+    assert ops == adamw_ops(7)  # list operations: their number does not grow with the tensors
+    # the 8 device-list operations the charge counts, plus the host step counters' increment
+    assert sum(ops.values()) == 8 + 1, ops

@@ -30,7 +30,13 @@ from moeplan.cost_models.memory import (
     train_state_bytes,
 )
 from moeplan.cost_models.params import attention_shape, layer_params, mlp_matrices
-from moeplan.cost_models.runtimes import DEEPSPEED_SYNCS, HOST_SYNC_S, block_scale, operations
+from moeplan.cost_models.runtimes import (
+    DEEPSPEED_SYNCS,
+    HOST_SYNC_S,
+    block_scale,
+    gpu_optimizer,
+    operations,
+)
 from moeplan.spec.cluster import DTYPE_BYTES, ClusterProfile
 from moeplan.spec.model import ModelSpec
 from moeplan.spec.phases import COMM, COMPUTE, EXCHANGE, Phase
@@ -38,7 +44,7 @@ from moeplan.spec.workload import Setting, Workload
 
 COMPUTE_PHASES = COMPUTE
 COMM_PHASES = COMM
-OPTIMIZER_OPS_PER_TENSOR = 16  # AdamW single-tensor step 10.2, clipping + zero_grad 5.3 (same)
+OPTIMIZER_OPS_PER_TENSOR = 16  # CPU: AdamW single-tensor step 10.2, clipping + zero_grad 5.3
 ADAM_BYTES_PER_PARAM = 28  # read fp16 grad + fp32 master, m, v; write master, m, v and fp16 weight
 
 
@@ -574,8 +580,10 @@ def grad_sync_s(env: Env, nbytes: float, size: int, stride: int, latency: bool =
     return net * (reductions * coll.reduce_scatter_s(nbytes, span, env.cluster) + gather)
 
 
-def optimizer_s(env: Env, local_params: float, tensors: int) -> float:
-    """Adam's memory traffic over the local parameters plus its per-tensor operations."""
+def optimizer_s(env: Env, local_params: float, tensors: int, shards: int = 1) -> float:
+    """Adam's memory traffic over the local parameters plus its per-tensor operations; on a
+    GPU as the runtime's optimizer runs there (`runtimes.gpu_optimizer`), where a rank under
+    ZeRO 1/2 covers about 1/`shards` of the tensors."""
     dev = env.cluster.device
     fw = dev.framework
     k = env.scales
@@ -583,8 +591,16 @@ def optimizer_s(env: Env, local_params: float, tensors: int) -> float:
         slow, turns = sharing(env)
         return slow * turns * (k.framework * tensors * fw.optimizer_tensor_s
                                + k.compute * local_params * fw.optimizer_param_s)
-    return (k.compute * memory_s(ADAM_BYTES_PER_PARAM * local_params, dev)
-            + k.framework * tensors * OPTIMIZER_OPS_PER_TENSOR * dev.op_overhead_s)
+    w = env.workload
+    counted = gpu_optimizer(env.runtime, w.zero_stage, w.dtype) if dev.kind == "gpu" else None
+    if counted is None:
+        return (k.compute * memory_s(ADAM_BYTES_PER_PARAM * local_params, dev)
+                + k.framework * tensors * OPTIMIZER_OPS_PER_TENSOR * dev.op_overhead_s)
+    launches, syncs, nbytes, per_element = counted
+    mine = tensors / shards
+    return (k.compute * memory_s(nbytes * local_params, dev)
+            + k.framework * ((launches * mine + per_element * local_params) * dev.op_overhead_s
+                             + syncs * mine * HOST_SYNC_S))
 
 
 def layer_tensors(spec, index: int) -> int:

@@ -49,6 +49,34 @@ DEEPSPEED_RTS_OPS = 5  # random token selection: rand, sub, mul, add, mul (not i
 DEEPSPEED_SYNCS, HOST_SYNC_S = 1, 15e-6
 
 
+# The optimizer step on a GPU, where the profile has not measured the framework: (kernel
+# launches per parameter tensor, host syncs per tensor, bytes moved per parameter element,
+# launches per element). moerun: clipping per tensor (`runtime/optim.py`: square, sum, fp64
+# cast, divide, add: 5 launches, 12 bytes an fp32 element), then torch's AdamW, which on CUDA
+# takes its foreach path (torch 2.13 `_multi_tensor_adam`, decoupled decay): decay mul, lerp,
+# mul, addcmul, sqrt, div, add, addcdiv over fp32 lists, 80 bytes an element; each op launches
+# one kernel per 110 / 64 / 48 tensors of its 1 / 2 / 3 lists (96 / 48 with a scalar list) and
+# per 320 chunks of 65,536 elements (ATen MultiTensorApply.cuh): 0.11 launches a tensor.
+# Under ZeRO 1/2 a rank clips and steps only its piece (callers pass the tensors it covers).
+MOERUN_GPU_OPTIMIZER = (5 + 0.11, 0, 12 + 80, 8 / (65536 * 320))
+# DeepSpeed's fp16 optimizer under ZeRO 0 (runtime/fp16/fused_optimizer.py, FP16_Optimizer.step,
+# alike in v0.5 of the paper's time and v0.16.4): per tensor an overflow check (an fp32 copy and
+# its sum read on the host: 2 launches, 1 sync), the gradient's fp32 copy into the flat buffer
+# and the update copied back into the fp16 weight (1 launch each); per element 70 bytes: check
+# 10, fp32 copy 6, flatten 8, norm 4, unscale 8, fused Adam 28 (one multi-tensor launch per 320
+# chunks of 65,536), copy back 6. DeepSpeed's ZeRO 1/2 and bf16 optimizers are not counted.
+DEEPSPEED_FP16_OPTIMIZER = (4, 1, 70, 1 / (65536 * 320))
+
+
+def gpu_optimizer(runtime: str, zero_stage: int, dtype: str) -> tuple | None:
+    """The counted GPU optimizer step of this runtime and setting, or None where not counted."""
+    if runtime == "moerun":
+        return MOERUN_GPU_OPTIMIZER
+    if zero_stage == 0 and dtype == "fp16":
+        return DEEPSPEED_FP16_OPTIMIZER
+    return None
+
+
 # moerun's training gate noise (`gating.draw_noise`), forward ops counted like RUNTIME_OPS:
 # random token selection (top-1) 9, a Gumbel draw (top-1 RSample, top-2's second expert) 8; no
 # backward. With either, a CUDA training gate runs the torch reference instead of Triton.

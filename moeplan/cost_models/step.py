@@ -85,7 +85,7 @@ def train_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> LayerCost:
     zero = env.workload.zero_stage >= 1
     cost.phases[Phase.OPTIMIZER] = optimizer_s(
         env, non_expert / (s.dp if zero else 1) + expert / (edp if zero else 1),
-        layer_tensors(env.spec, index))
+        layer_tensors(env.spec, index), s.dp if zero else 1)
     cost.memory = weight_memory(env, s, index, c)
     act = activation_bytes(env, s, index, c, p)
     if s.recompute:  # keep the layer input; rebuild the rest one layer at a time in backward
@@ -184,8 +184,8 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
             + wait_factor(env) * cost.phases[Phase.HEAD]
             + (k.communication * fw.grad_sync_extra_s if fw and env.gpus > 1 else 0.0))
         zero = env.workload.zero_stage
-        cost.phases[Phase.OPTIMIZER] = optimizer_s(env, params / (s.dp if zero >= 1 else 1),
-                                                   HEAD_TENSORS)
+        shards = s.dp if zero >= 1 else 1
+        cost.phases[Phase.OPTIMIZER] = optimizer_s(env, params / shards, HEAD_TENSORS, shards)
         cost.memory["gradients"] = grad * params / gradient_share(env, s.dp)
         cost.memory["optimizer_states"] = opt * params / (s.dp if zero >= 1 else 1)
         cost.memory["logits"] = 4.0 * p.tokens * V / s.tp  # fp32 logits for the loss

@@ -151,6 +151,26 @@ def test_nonsense_in_files_is_one_line(run, tmp_path, flag, doc, change, message
     assert "\x1b" not in err
 
 
+@pytest.mark.parametrize("command", [["export", "plan.json", "--to", "deepspeed"],
+                                     ["validate", "plan.json", "run.json"]])
+@pytest.mark.parametrize("change, message", [
+    (lambda p: p.pop("step_time_s"), "a train plan without its predicted step_time_s"),
+    (lambda p: p.update(step_time_s=0.0), "step_time_s: Input should be greater than 0"),
+])
+def test_a_plan_without_its_headline_figure_is_refused(run, tmp_path, command, change, message):
+    """A training plan with no (or a zero) predicted step time was a TypeError in `moeplan
+    export` (fuzz, plan (export)): every reader compares with that figure."""
+    code, _, err = run("search", "--model", "tiny-pr-moe", "--gpus", "2", "--cluster",
+                       "local-cpu", "--out", str(tmp_path / "plan.json"))
+    assert code == 0, err
+    d = json.loads((tmp_path / "plan.json").read_text())
+    change(d["predicted"])
+    (tmp_path / "plan.json").write_text(json.dumps(d))
+    (tmp_path / "run.json").write_text("{}")
+    code, _, err = run(*[str(tmp_path / a) if a.endswith(".json") else a for a in command])
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
 def test_malformed_spec_files(run, tmp_path):
     (tmp_path / "broken.json").write_text("{")
     code, _, err = run("search", "--model", "broken.json")

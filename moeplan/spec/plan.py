@@ -84,8 +84,9 @@ class Band(_Frozen):
 
 
 class Predicted(_Frozen):
-    step_time_s: float | None = None
-    latency_s: float | None = Field(None, description="decode time per generated token")
+    step_time_s: float | None = Field(None, gt=0, description="a training step (train plans)")
+    latency_s: float | None = Field(None, gt=0, description="decode time per generated token "
+                                                            "(inference plans)")
     prefill_s: float | None = None
     tokens_per_s: float
     memory_per_gpu_bytes: float
@@ -169,6 +170,9 @@ class Plan(_Frozen):
             raise ValueError(f"global_batch {w.global_batch} is not a multiple of dp "
                              f"{self.parallel.dp} × micro_batch {w.micro_batch}")
         _check_layers(self.model, self.layers, N)
+        headline = "step_time_s" if w.mode == "train" else "latency_s"
+        if getattr(self.predicted, headline) is None:  # what validate and export compare with
+            raise ValueError(f"a {w.mode} plan without its predicted {headline}")
         if self.teacher is not None:
             t = self.teacher.model
             if self.workload.mode != "train":

@@ -440,10 +440,28 @@ def test_gpu_optimizer_is_charged_as_each_runtime_steps():
     assert per_tensor == pytest.approx(4 * dev.op_overhead_s + HOST_SYNC_S, rel=F64_REL)
     assert per_element == pytest.approx(70 / bandwidth + dev.op_overhead_s / (65536 * 320),
                                         rel=F64_REL)
-    # not counted: DeepSpeed's ZeRO 1/2 and bf16 optimizers keep the generic charge
+    # ZeRO 1/2: the rank's partition (the layer's tensors over dp = 64 ranks); fp16 adds the
+    # overflow check
+    chunk = dev.op_overhead_s / (65536 * 320)
+    for dtype, launches, nbytes in (("fp16", 9, 98), ("bf16", 2, 70)):
+        got = _optimizer_charge("deepspeed", 1, dtype)
+        assert got == pytest.approx((launches * dev.op_overhead_s, nbytes / bandwidth + chunk),
+                                    rel=F64_REL)
+    # not counted: DeepSpeed's bf16 ZeRO-0 optimizer keeps the generic charge
     generic = (16 * dev.op_overhead_s, 28 / bandwidth)
-    for zero, dtype in ((1, "fp16"), (0, "bf16")):
-        assert _optimizer_charge("deepspeed", zero, dtype) == pytest.approx(generic, rel=F64_REL)
+    assert _optimizer_charge("deepspeed", 0, "bf16") == pytest.approx(generic, rel=F64_REL)
+
+
+def test_a_zero_rank_is_charged_the_tensors_of_its_piece():
+    """Under ZeRO 1/2 each of dp ranks clips and steps about 1/dp of a layer's tensors."""
+    from moeplan.cost_models.layer import optimizer_s
+
+    for runtime, dtype, launches in (("moerun", "bf16", 5.11), ("deepspeed", "fp16", 9)):
+        env = _env(zero=1)
+        env = replace(env, runtime=runtime,
+                      workload=env.workload.model_copy(update={"dtype": dtype}))
+        per_tensor = optimizer_s(env, 0.0, 64, shards=64) - optimizer_s(env, 0.0, 0, shards=64)
+        assert per_tensor == pytest.approx(launches * NDV4.device.op_overhead_s, rel=F64_REL)
 
 
 def test_moerun_optimizer_launch_counts_match_the_runtime():

@@ -64,15 +64,26 @@ MOERUN_GPU_OPTIMIZER = (5 + 0.11, 0, 12 + 80, 8 / (65536 * 320))
 # its sum read on the host: 2 launches, 1 sync), the gradient's fp32 copy into the flat buffer
 # and the update copied back into the fp16 weight (1 launch each); per element 70 bytes: check
 # 10, fp32 copy 6, flatten 8, norm 4, unscale 8, fused Adam 28 (one multi-tensor launch per 320
-# chunks of 65,536), copy back 6. DeepSpeed's ZeRO 1/2 and bf16 optimizers are not counted.
+# chunks of 65,536), copy back 6.
 DEEPSPEED_FP16_OPTIMIZER = (4, 1, 70, 1 / (65536 * 320))
+# DeepSpeed ZeRO 1/2 (runtime/zero/stage_1_and_2.py step at v0.16.4), over the rank's partition:
+# per tensor a norm (fp64 copy, vector norm: 2 launches, 18 bytes an element), then the flat
+# partition's fp32 copy 10, unscale 8, fused Adam 28 and the copy back into the 16-bit partition
+# 6; with fp16 first an overflow check per tensor (fp32 copy, isnan, isinf, or, cast, max, sum:
+# 7 launches, 28 bytes), read on the host once a step. fp32 is charged as bf16. The paper's
+# v0.5 read each tensor's norm and overflow on the host instead; ZeRO 0 in bf16 or fp32 (its
+# BF16_Optimizer, or the bare optimizer) is not counted.
+DEEPSPEED_ZERO_OPTIMIZER = {"fp16": (9, 0, 98, 1 / (65536 * 320)),
+                            "bf16": (2, 0, 70, 1 / (65536 * 320))}
 
 
 def gpu_optimizer(runtime: str, zero_stage: int, dtype: str) -> tuple | None:
     """The counted GPU optimizer step of this runtime and setting, or None where not counted."""
     if runtime == "moerun":
         return MOERUN_GPU_OPTIMIZER
-    if zero_stage == 0 and dtype == "fp16":
+    if zero_stage >= 1:
+        return DEEPSPEED_ZERO_OPTIMIZER["fp16" if dtype == "fp16" else "bf16"]
+    if dtype == "fp16":
         return DEEPSPEED_FP16_OPTIMIZER
     return None
 

@@ -26,9 +26,10 @@ The only real GPU figures at hand are the paper's (Rajbhandari et al., "DeepSpee
              precision; reported as TFLOP/s per GPU by the paper's Eq. 3,
              F = 96·B·s·l·h²·(1 + s/6h + V/16lh) per step, which counts activation recomputation's
              extra forward pass — so the runs are costed with recomputation on — and which the
-             script applies to the predicted step time. The micro-batch is not stated: the row is costed at the fastest
-             one that fits (as the authors tuned theirs) and the slowest is printed beside it.
-             Costed with `--runtime deepspeed`, whose dense layers are Megatron's
+             script applies to the predicted step time. The micro-batch is not stated: the row
+             is costed at the fastest one that fits (as the authors tuned theirs) and the
+             slowest is printed beside it. Costed with `--runtime deepspeed`, whose dense layers
+             are Megatron's
 Each configuration is fixed (`--fix`) and costed by the same model as the search. One constant
 of the profile is fitted to one of these points: the per-operation framework overhead
 (`op_overhead_s`, the eager PyTorch + DeepSpeed Python cost of launching one kernel) to the
@@ -75,11 +76,12 @@ MEGATRON_CLUSTER, MEGATRON_SEQ, MEGATRON_VOCAB = "dgx-a100-80gb", 2048, 51200
 FITTED = "infer 52B 8 GPUs"  # the point `op_overhead_s` of the profile is fitted to
 
 
-def costed(model: str, gpus: int, mode: str, batch: int, fix: Fix, runtime: str,
+def costed(model: str | ModelSpec, gpus: int, mode: str, batch: int, fix: Fix, runtime: str,
            cluster: ClusterProfile | None = None):
     req = Request(gpus=gpus, mode=mode, global_batch=batch, zero_stage=0, dtype="fp16",
                   fix=fix, runtime=runtime, simulate_top=0)
-    return plan(load_model(model), cluster or load_cluster(CLUSTER), req)[0]
+    spec = load_model(model) if isinstance(model, str) else model
+    return plan(spec, cluster or load_cluster(CLUSTER), req)[0]
 
 
 def latency_ms(gpus: int, cluster: ClusterProfile | None = None) -> float:
@@ -111,11 +113,9 @@ def megatron_tflops(heads: int, hidden: int, layers: int, tp: int, gpus: int,
     per_rank = batch * tp // gpus
     rates = []
     for mb in (m for m in range(1, per_rank + 1) if per_rank % m == 0):
-        req = Request(gpus=gpus, mode="train", global_batch=batch, zero_stage=0, dtype="fp16",
-                      fix=Fix(tp=tp, micro_batch=mb, recompute=True), runtime="deepspeed",
-                      simulate_top=0)
         try:
-            p = plan(spec, cluster, req)[0]
+            p = costed(spec, gpus, "train", batch, Fix(tp=tp, micro_batch=mb, recompute=True),
+                       "deepspeed", cluster)
         except InfeasibleError:  # this micro-batch does not fit
             continue
         rates.append(flops / (p.predicted.step_time_s * gpus) / 1e12)

@@ -417,7 +417,7 @@ def test_no_dropout_no_mask():
 
 def _optimizer_charge(runtime="moerun", zero=0, dtype="bf16", cluster=NDV4):
     """(seconds per parameter tensor, seconds per parameter element) of the optimizer phase."""
-    from moeplan.cost_models.layer import optimizer_s
+    from moeplan.cost_models.update import optimizer_s
 
     env = _env(zero=zero, cluster=cluster)
     env = replace(env, runtime=runtime, workload=env.workload.model_copy(update={"dtype": dtype}))
@@ -454,7 +454,7 @@ def test_gpu_optimizer_is_charged_as_each_runtime_steps():
 
 def test_a_zero_rank_is_charged_the_tensors_of_its_piece():
     """Under ZeRO 1/2 each of dp ranks clips and steps about 1/dp of a layer's tensors."""
-    from moeplan.cost_models.layer import optimizer_s
+    from moeplan.cost_models.update import optimizer_s
 
     for runtime, dtype, launches in (("moerun", "bf16", 5.11), ("deepspeed", "fp16", 9)):
         env = _env(zero=1)

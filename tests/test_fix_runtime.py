@@ -224,7 +224,7 @@ def test_deepspeed_zero2_reduce_scatters_after_every_backward():
     """ZeRO-2 keeps only its gradient partition, so DeepSpeed reduce-scatters every micro-step;
     the parameter allgather stays once per step. moerun's plan charges one reduction a step."""
     from moeplan.cost_models import collectives as coll
-    from moeplan.cost_models.layer import grad_sync_s
+    from moeplan.cost_models.update import grad_sync_s
 
     ds, mr = _env("deepspeed", "train", gpus=128), _env("moerun", "train", gpus=128)
     nbytes, span = 2e9, ds.span(16, 8)

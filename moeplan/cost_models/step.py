@@ -26,10 +26,7 @@ from moeplan.cost_models.layer import (
     add_turn_wait,
     fixed_s,
     forward,
-    grad_sync_s,
     gradient_share,
-    layer_tensors,
-    optimizer_s,
     sharing,
     wait_factor,
     weight_memory,
@@ -37,6 +34,7 @@ from moeplan.cost_models.layer import (
 )
 from moeplan.cost_models.memory import kv_cache_bytes
 from moeplan.cost_models.params import embedding_params, layer_params
+from moeplan.cost_models.update import grad_sync_s, layer_tensors, optimizer_s
 from moeplan.spec.phases import Phase
 from moeplan.spec.workload import Setting, Workload
 
@@ -83,9 +81,10 @@ def train_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> LayerCost:
         sync += grad_sync_s(env, g * expert, edp, c.ep * c.es, micro_steps=steps)
     cost.phases[Phase.GRAD_SYNC] = sync
     zero = env.workload.zero_stage >= 1
+    shards = s.dp if zero else 1
     cost.phases[Phase.OPTIMIZER] = optimizer_s(
-        env, non_expert / (s.dp if zero else 1) + expert / (edp if zero else 1),
-        layer_tensors(env.spec, index), s.dp if zero else 1)
+        env, non_expert / shards + expert / (edp if zero else 1), layer_tensors(env.spec, index),
+        shards)
     cost.memory = weight_memory(env, s, index, c)
     act = activation_bytes(env, s, index, c, p)
     if s.recompute:  # keep the layer input; rebuild the rest one layer at a time in backward
@@ -183,11 +182,10 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
             grad_sync_s(env, grad * params, s.dp, s.tp, micro_steps=steps)
             + wait_factor(env) * cost.phases[Phase.HEAD]
             + (k.communication * fw.grad_sync_extra_s if fw and env.gpus > 1 else 0.0))
-        zero = env.workload.zero_stage
-        shards = s.dp if zero >= 1 else 1
+        shards = s.dp if env.workload.zero_stage >= 1 else 1
         cost.phases[Phase.OPTIMIZER] = optimizer_s(env, params / shards, HEAD_TENSORS, shards)
         cost.memory["gradients"] = grad * params / gradient_share(env, s.dp)
-        cost.memory["optimizer_states"] = opt * params / (s.dp if zero >= 1 else 1)
+        cost.memory["optimizer_states"] = opt * params / shards
         cost.memory["logits"] = 4.0 * p.tokens * V / s.tp  # fp32 logits for the loss
         if env.teacher is not None:
             t = teacher_cost(env, s)

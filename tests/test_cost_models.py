@@ -166,29 +166,44 @@ def test_zero_and_recompute_shrink_memory():
 
 
 def test_training_state_follows_the_runtimes_precision_layout():
-    """bf16 training: DeepSpeed holds bf16 weights and gradients and an fp32 master with Adam's
-    moments (2 + 2 + 12 bytes a parameter); moerun trains under autocast over fp32 weights,
-    which are the master, with fp32 gradients (4 + 4 + 8) — and reduces those fp32 gradients.
-    In fp32 both hold 4 + 4 + 8."""
+    """16-bit training: DeepSpeed holds 16-bit weights and gradients and an fp32 master with
+    Adam's moments (2 + 2 + 12 bytes a parameter); under bf16 without ZeRO its BF16 optimizer
+    also accumulates fp32 gradients (2 + 6) and partitions the 12 over dp, gathering the bf16
+    weights after the step; moerun trains under autocast over fp32 weights, which are the
+    master, with fp32 gradients (4 + 4 + 8) — and reduces those fp32 gradients. In fp32 both
+    hold 4 + 4 + 8."""
     s = Setting(tp=1, dp=64, micro_batch=2, recompute=False)
     c = LayerChoice(64, 1, "flat", False)
-    params = {}
+    params, sync, non_expert = {}, {}, None
     for runtime in ("moerun", "deepspeed"):
-        for dtype in ("bf16", "fp32"):
+        for dtype in ("bf16", "fp16", "fp32"):
             env = replace(_env(zero=0), runtime=runtime, workload=_env(zero=0).workload.model_copy(
                 update={"dtype": dtype}))
-            mem = train_layer(env, s, 1, c).memory
-            n = mem["weights"] / env.state_bytes[0]
-            params[runtime, dtype] = (mem["weights"] / n, mem["gradients"] / n,
-                                      mem["optimizer_states"] / n,
-                                      train_layer(env, s, 1, c).phases["grad_sync"])
-    assert params["moerun", "bf16"][:3] == pytest.approx((4, 4, 8), rel=F64_REL)
-    assert params["deepspeed", "bf16"][:3] == pytest.approx((2, 2, 12), rel=F64_REL)
-    assert params["moerun", "fp32"][:3] == params["deepspeed", "fp32"][:3]
-    assert params["moerun", "fp32"][:3] == pytest.approx((4, 4, 8), rel=F64_REL)
+            cost = train_layer(env, s, 1, c)
+            non_expert = cost.memory["weights"] / env.state.weights
+            params[runtime, dtype] = (cost.memory["weights"] / non_expert,
+                                      cost.memory["gradients"] / non_expert,
+                                      cost.memory["optimizer_states"] / non_expert)
+            sync[runtime, dtype] = cost.phases["grad_sync"]
+    assert params["moerun", "bf16"] == pytest.approx((4, 4, 8), rel=F64_REL)
+    assert params["deepspeed", "fp16"] == pytest.approx((2, 2, 12), rel=F64_REL)
+    assert params["deepspeed", "bf16"] == pytest.approx((2, 6, 12 / 64), rel=F64_REL)
+    assert params["moerun", "fp32"] == params["deepspeed", "fp32"]
+    assert params["moerun", "fp32"] == pytest.approx((4, 4, 8), rel=F64_REL)
     # fp32 gradients: moerun's bf16 gradient sync moves what its fp32 one does
-    assert params["moerun", "bf16"][3] == pytest.approx(params["moerun", "fp32"][3], rel=F64_REL)
-    assert params["deepspeed", "bf16"][3] < params["deepspeed", "fp32"][3]
+    assert sync["moerun", "bf16"] == pytest.approx(sync["moerun", "fp32"], rel=F64_REL)
+    assert sync["deepspeed", "fp16"] < sync["deepspeed", "fp32"]
+    # the BF16 optimizer's fp32 gradients travel as bf16, then its bf16 weights are gathered;
+    # the layer's non-expert bytes ride in the step's one bucket (no latency of their own)
+    env = _env(zero=0)
+    span = env.span(64, 1)
+
+    def bucket(f, nbytes):
+        return f(nbytes, span, NDV4) - f(1e-9, span, NDV4)
+
+    added = bucket(coll.allgather_s, 2 * non_expert)
+    # rel 1e-9: differences of sums of a few float64 terms of like size (cancellation ~1e-15)
+    assert sync["deepspeed", "bf16"] - sync["deepspeed", "fp16"] == pytest.approx(added, rel=1e-9)
 
 
 def _op_spec(name: str):
@@ -415,53 +430,87 @@ def test_no_dropout_no_mask():
     assert ds > mr
 
 
-def _optimizer_charge(runtime="moerun", zero=0, dtype="bf16", cluster=NDV4):
-    """(seconds per parameter tensor, seconds per parameter element) of the optimizer phase."""
+def _optimizer_charge(runtime="moerun", zero=0, dtype="bf16", cluster=NDV4, micro_steps=1,
+                      shards=1):
+    """(seconds per parameter tensor, seconds per parameter element) of a layer's optimizer
+    phase, for a rank stepping 1/`shards` of what it holds."""
     from moeplan.cost_models.update import optimizer_s
 
     env = _env(zero=zero, cluster=cluster)
     env = replace(env, runtime=runtime, workload=env.workload.model_copy(update={"dtype": dtype}))
-    base = optimizer_s(env, 0.0, 0)
-    return optimizer_s(env, 0.0, 1) - base, optimizer_s(env, 1e6, 0) / 1e6 - base
+
+    def charge(local, tensors):
+        return optimizer_s(env, local, local / shards, tensors, shards, micro_steps)
+
+    base = charge(0.0, 0)
+    return charge(0.0, 1) - base, charge(1e6, 0) / 1e6 - base
 
 
 def test_gpu_optimizer_is_charged_as_each_runtime_steps():
     """On a GPU, moerun's step is clipping per tensor plus torch's foreach AdamW (few launches,
-    many passes); DeepSpeed's fp16 ZeRO-0 step checks every tensor on the host."""
+    many passes); DeepSpeed's fp16 ZeRO-0 step checks every tensor on the host; its bf16 ZeRO-0
+    step (the BF16 optimizer) accumulates fp32 gradients every micro-step and steps its
+    partition; its fp32 ZeRO-0 step is the bare fused Adam after per-tensor clipping. Each
+    also pays its gradient reduction's local copies, DeepSpeed's ZeRO-2 every micro-step."""
     from moeplan.cost_models.runtimes import HOST_SYNC_S
 
     dev = NDV4.device
+    op = dev.op_overhead_s
     bandwidth = dev.hbm_Bps * dev.hbm_efficiency
+    chunk = op / (65536 * 320)
+    # moerun ZeRO 0: clipping + AdamW, and GradSync's concatenation and scaling (16 bytes)
     per_tensor, per_element = _optimizer_charge("moerun")
-    assert per_tensor == pytest.approx(5.11 * dev.op_overhead_s, rel=F64_REL)
-    assert per_element == pytest.approx(92 / bandwidth + 8 / (65536 * 320) * dev.op_overhead_s,
-                                        rel=F64_REL)
+    assert per_tensor == pytest.approx(5.11 * op, rel=F64_REL)
+    assert per_element == pytest.approx((92 + 16) / bandwidth + 8 * chunk, rel=F64_REL)
+    # fp16 ZeRO 0: + the reduction's flatten, scaling and copy back (12 bytes, a launch a tensor)
     per_tensor, per_element = _optimizer_charge("deepspeed", dtype="fp16")
-    assert per_tensor == pytest.approx(4 * dev.op_overhead_s + HOST_SYNC_S, rel=F64_REL)
-    assert per_element == pytest.approx(70 / bandwidth + dev.op_overhead_s / (65536 * 320),
-                                        rel=F64_REL)
-    # ZeRO 1/2: the rank's partition (the layer's tensors over dp = 64 ranks); fp16 adds the
-    # overflow check
-    chunk = dev.op_overhead_s / (65536 * 320)
+    assert per_tensor == pytest.approx(5 * op + HOST_SYNC_S, rel=F64_REL)
+    assert per_element == pytest.approx(82 / bandwidth + chunk, rel=F64_REL)
+    # ZeRO 1/2 (one rank: its partition is everything); fp16 adds the overflow check; the
+    # reduction copies a tensor into the bucket and into the partition (2 launches, 12 bytes)
     for dtype, launches, nbytes in (("fp16", 9, 98), ("bf16", 2, 70)):
         got = _optimizer_charge("deepspeed", 1, dtype)
-        assert got == pytest.approx((launches * dev.op_overhead_s, nbytes / bandwidth + chunk),
+        assert got == pytest.approx(((launches + 2) * op, (nbytes + 12) / bandwidth + chunk),
                                     rel=F64_REL)
-    # not counted: DeepSpeed's bf16 ZeRO-0 optimizer keeps the generic charge
-    generic = (16 * dev.op_overhead_s, 28 / bandwidth)
-    assert _optimizer_charge("deepspeed", 0, "bf16") == pytest.approx(generic, rel=F64_REL)
+        # ZeRO 2 reduces after each of 4 micro-steps: the copies 4 times
+        got = _optimizer_charge("deepspeed", 2, dtype, micro_steps=4)
+        assert got == pytest.approx(((launches + 8) * op, (nbytes + 48) / bandwidth + chunk),
+                                    rel=F64_REL)
+    # bf16 ZeRO 0, 4 micro-steps, 64 partitions: per tensor a norm at the step (4 launches)
+    # and a cast + add per micro-step (2), whatever the partition; per element held, 24 bytes
+    # at the step (norm, zeroing, the reduction's cast, scaling, copy back) and 18 a
+    # micro-step; per element of the partition, Adam and the copy to bf16
+    got = _optimizer_charge("deepspeed", 0, "bf16", micro_steps=4, shards=64)
+    assert got == pytest.approx(((4 + 4 * 2) * op,
+                                 (24 + 4 * 18) / bandwidth + (34 / bandwidth + chunk) / 64),
+                                rel=F64_REL)
+    # fp32 ZeRO 0: norm and clip a tensor, fused Adam 36 tensors a launch; the reduction's copies
+    got = _optimizer_charge("deepspeed", 0, "fp32")
+    assert got == pytest.approx(((3 + 1 / 36) * op, (40 + 24) / bandwidth + chunk), rel=F64_REL)
+
+
+def test_the_optimizers_once_a_step_host_syncs_are_charged_once():
+    """The BF16 optimizer reads two scalars on the host a step (its norm assert, the clipping
+    test), DeepSpeed's fp16 ZeRO 1/2 one (the overflow flag): charged once, with the embedding."""
+    from moeplan.cost_models.runtimes import HOST_SYNC_S
+    from moeplan.cost_models.update import optimizer_step_s
+
+    for runtime, zero, dtype, syncs in (("deepspeed", 0, "bf16", 2), ("deepspeed", 1, "fp16", 1),
+                                        ("deepspeed", 0, "fp16", 0), ("moerun", 0, "bf16", 0)):
+        env = _env(zero=zero)
+        env = replace(env, runtime=runtime,
+                      workload=env.workload.model_copy(update={"dtype": dtype}))
+        assert optimizer_step_s(env) == pytest.approx(syncs * HOST_SYNC_S, rel=F64_REL)
+    assert optimizer_step_s(_env(cluster=load_cluster("local-cpu"))) == 0.0
 
 
 def test_a_zero_rank_is_charged_the_tensors_of_its_piece():
-    """Under ZeRO 1/2 each of dp ranks clips and steps about 1/dp of a layer's tensors."""
-    from moeplan.cost_models.update import optimizer_s
-
-    for runtime, dtype, launches in (("moerun", "bf16", 5.11), ("deepspeed", "fp16", 9)):
-        env = _env(zero=1)
-        env = replace(env, runtime=runtime,
-                      workload=env.workload.model_copy(update={"dtype": dtype}))
-        per_tensor = optimizer_s(env, 0.0, 64, shards=64) - optimizer_s(env, 0.0, 0, shards=64)
-        assert per_tensor == pytest.approx(launches * NDV4.device.op_overhead_s, rel=F64_REL)
+    """Under ZeRO 1/2 each of dp ranks clips and steps about 1/dp of a layer's tensors, though
+    its reduction copies every gradient into the bucket (a launch a tensor)."""
+    for runtime, dtype, launches in (("moerun", "bf16", 5.11), ("deepspeed", "fp16", 9 + 1)):
+        per_tensor, _ = _optimizer_charge(runtime, 1, dtype, shards=64)
+        assert per_tensor == pytest.approx((launches / 64 + 1) * NDV4.device.op_overhead_s,
+                                           rel=F64_REL)
 
 
 def test_moerun_optimizer_launch_counts_match_the_runtime():

@@ -227,9 +227,10 @@ def test_deepspeed_zero2_reduce_scatters_after_every_backward():
     from moeplan.cost_models.update import grad_sync_s
 
     ds, mr = _env("deepspeed", "train", gpus=128), _env("moerun", "train", gpus=128)
-    nbytes, span = 2e9, ds.span(16, 8)
-    rs = coll.reduce_scatter_s(nbytes, span, NDV4)
-    ag = coll.allgather_s(nbytes, span, NDV4)
-    assert grad_sync_s(ds, nbytes, 16, 8, micro_steps=16) == pytest.approx(16 * rs + ag,
-                                                                           rel=F64_REL)
-    assert grad_sync_s(mr, nbytes, 16, 8, micro_steps=16) == pytest.approx(rs + ag, rel=F64_REL)
+    params, span = 1e9, ds.span(16, 8)
+    for env, reductions in ((ds, 16), (mr, 1)):
+        nbytes = env.state.reduced * params  # fp16 under DeepSpeed, fp32 under moerun
+        rs = coll.reduce_scatter_s(nbytes, span, NDV4)
+        ag = coll.allgather_s(env.state.gathered * params, span, NDV4)
+        assert grad_sync_s(env, params, 16, 8, micro_steps=16) == pytest.approx(
+            reductions * rs + ag, rel=F64_REL)

@@ -23,11 +23,12 @@ from math import ceil, log
 from moeplan.cost_models import collectives as coll
 from moeplan.cost_models.compute import gemm_s, memory_s, roofline_s
 from moeplan.cost_models.memory import (
+    TrainState,
     attention_activation_bytes,
     kv_cache_bytes,
     mlp_activation_bytes,
     moe_activation_bytes,
-    train_state_bytes,
+    train_state,
 )
 from moeplan.cost_models.params import attention_shape, layer_params, mlp_matrices
 from moeplan.cost_models.runtimes import DEEPSPEED_SYNCS, HOST_SYNC_S, block_scale, operations
@@ -83,13 +84,13 @@ class Env:
         return 4 if (self.runtime == "moerun" and train) else self.dtype_bytes
 
     @property
-    def state_bytes(self) -> tuple[int, int, int]:
-        """Bytes per parameter of weights, gradients, optimizer states: in training the
-        runtime's precision layout (`memory.train_state_bytes`); in inference the weights in the
-        plan's dtype, nothing else."""
-        if self.workload.mode != "train":
-            return self.dtype_bytes, 0, 0
-        return train_state_bytes(self.dtype_bytes, self.runtime)
+    def state(self) -> TrainState:
+        """The training state per parameter in the runtime's precision layout
+        (`memory.train_state`); in inference the weights in the plan's dtype, nothing else."""
+        w = self.workload
+        if w.mode != "train":
+            return TrainState(self.dtype_bytes, 0, 0, 0, 0, False)
+        return train_state(w.dtype, self.runtime, w.zero_stage)
 
     def span(self, size: int, stride: int) -> coll.GroupSpan:
         return coll.group_span(size, stride, self.gpus_per_node)
@@ -527,17 +528,17 @@ def activation_bytes(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) 
 def weight_memory(env: Env, s: Setting, index: int, c: LayerChoice) -> dict[str, float]:
     """Weights, gradients and optimizer states of this layer on one GPU."""
     lp = layer_params(env.spec, index)
-    zero, train = env.workload.zero_stage, env.workload.mode == "train"
-    b, g, opt = env.state_bytes
+    train = env.workload.mode == "train"
+    st = env.state
     non_expert = lp.non_expert / s.tp
     expert = (lp.experts // c.ep) * lp.per_expert / c.es if lp.experts else 0.0
     edp = c.edp(env.gpus)
-    mem = {"weights": b * non_expert, "expert_weights": b * expert}
+    mem = {"weights": st.weights * non_expert, "expert_weights": st.weights * expert}
     if train:
-        mem["gradients"] = g * non_expert / gradient_share(env, s.dp)
-        mem["expert_gradients"] = g * expert / gradient_share(env, edp)
-        mem["optimizer_states"] = opt * non_expert / (s.dp if zero >= 1 else 1)
-        mem["expert_optimizer_states"] = opt * expert / (edp if zero >= 1 else 1)
+        mem["gradients"] = st.gradients * non_expert / gradient_share(env, s.dp)
+        mem["expert_gradients"] = st.gradients * expert / gradient_share(env, edp)
+        mem["optimizer_states"] = st.optimizer * non_expert / (s.dp if st.sharded else 1)
+        mem["expert_optimizer_states"] = st.optimizer * expert / (edp if st.sharded else 1)
     return {k: v for k, v in mem.items() if v}
 
 

@@ -9,11 +9,14 @@ attention materialises them (DeepSpeed-MoE's Megatron attention); moerun's fused
 a log-sum-exp per head (4 bytes) instead; its output is the projection's input, counted. A MoE FFN stores its dispatched, received, expert-internal
 and combined buffers (rows = experts × capacity) and the fp32 gate probabilities.
 
-Training state per parameter (`train_state_bytes`): DeepSpeed/Megatron's mixed-precision Adam
+Training state per parameter (`train_state`): DeepSpeed/Megatron's mixed-precision Adam
 keeps 2-byte weights and gradients and 12 bytes of fp32 master weights, momentum and variance;
-moerun trains bf16/fp16 under autocast over fp32 weights — they are the master copy, their
-gradients fp32 — so 4 + 4 bytes and 8 of moments, as both do in fp32; its residual stream and
-so the layer norms' inputs stay fp32 under autocast too (`layer.Env.residual_bytes`).
+under bf16 without ZeRO, DeepSpeed's BF16 optimizer also accumulates the gradients in an fp32
+buffer (4 + 2 bytes) and partitions the fp32 states over the data-parallel group all the same,
+gathering the updated bf16 weights after each step; moerun trains bf16/fp16 under autocast over
+fp32 weights — they are the master copy, their gradients fp32 — so 4 + 4 bytes and 8 of
+moments, as both do in fp32; its residual stream and so the layer norms' inputs stay fp32
+under autocast too (`layer.Env.residual_bytes`).
 ZeRO stage 1 partitions optimizer states over the data-parallel group (experts: over their edp
 group); stage 2 also partitions gradients — at their peak only under DeepSpeed, which
 reduce-scatters during the backward; moerun reduces after it (`layer.gradient_share`).
@@ -21,16 +24,32 @@ reduce-scatters during the backward; moerun reduces after it (`layer.gradient_sh
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from moeplan.cost_models.params import attention_shape
 from moeplan.spec.model import ModelSpec
 
 
-def train_state_bytes(dtype_bytes: int, runtime: str) -> tuple[int, int, int]:
-    """Bytes per parameter of a training rank's weights, gradients and optimizer states, before
-    any ZeRO partitioning, for the plan's dtype and runtime (see the module's docstring)."""
-    if runtime == "moerun" or dtype_bytes >= 4:
-        return 4, 4, 8
-    return dtype_bytes, dtype_bytes, 12
+class TrainState(NamedTuple):
+    """Bytes per parameter of a rank's training state, and how a step moves it."""
+    weights: int
+    gradients: int  # at their peak
+    optimizer: int  # before any partitioning
+    reduced: int  # per gradient element in the data-parallel reduction
+    gathered: int  # per weight element all-gathered after a partitioned step (0: none)
+    sharded: bool  # optimizer states partitioned over the data-parallel group
+
+
+def train_state(dtype: str, runtime: str, zero_stage: int) -> TrainState:
+    """The runtime's precision layout for the plan's dtype and ZeRO stage (see the module's
+    docstring). DeepSpeed reduces in the 16-bit dtype (its default communication dtype), so
+    the BF16 optimizer's fp32 gradients travel as bf16 (engine.allreduce_bucket, v0.16.4)."""
+    sharded = zero_stage >= 1
+    if runtime == "moerun" or dtype == "fp32":
+        return TrainState(4, 4, 8, 4, 4 * sharded, sharded)
+    if dtype == "bf16" and not sharded:  # engine._do_optimizer_sanity_check: BF16_Optimizer
+        return TrainState(2, 2 + 4, 12, 2, 2, True)
+    return TrainState(2, 2, 12, 2, 2 * sharded, sharded)
 
 
 def attention_activation_bytes(tokens: float, context: float, h: int, heads: int, tp: int,

@@ -6,6 +6,8 @@ has not measured the framework itself.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from moeplan.spec.phases import Phase
 
 # Framework operations per layer (forward, backward) of moeplan's runtime, each paying the
@@ -49,43 +51,105 @@ DEEPSPEED_RTS_OPS = 5  # random token selection: rand, sub, mul, add, mul (not i
 DEEPSPEED_SYNCS, HOST_SYNC_S = 1, 15e-6
 
 
-# The optimizer step on a GPU, where the profile has not measured the framework: (kernel
-# launches per parameter tensor, host syncs per tensor, bytes moved per parameter element,
-# launches per element). moerun: clipping per tensor (`runtime/optim.py`: square, sum, fp64
-# cast, divide, add: 5 launches, 12 bytes an fp32 element), then torch's AdamW, which on CUDA
-# takes its foreach path (torch 2.13 `_multi_tensor_adam`, decoupled decay): decay mul, lerp,
-# mul, addcmul, sqrt, div, add, addcdiv over fp32 lists, 80 bytes an element; each op launches
-# one kernel per 110 / 64 / 48 tensors of its 1 / 2 / 3 lists (96 / 48 with a scalar list) and
-# per 320 chunks of 65,536 elements (ATen MultiTensorApply.cuh): 0.11 launches a tensor.
-# Under ZeRO 1/2 a rank clips and steps only its piece (callers pass the tensors it covers).
-MOERUN_GPU_OPTIMIZER = (5 + 0.11, 0, 12 + 80, 8 / (65536 * 320))
-# DeepSpeed's fp16 optimizer under ZeRO 0 (runtime/fp16/fused_optimizer.py, FP16_Optimizer.step,
-# alike in v0.5 of the paper's time and v0.16.4): per tensor an overflow check (an fp32 copy and
-# its sum read on the host: 2 launches, 1 sync), the gradient's fp32 copy into the flat buffer
-# and the update copied back into the fp16 weight (1 launch each); per element 70 bytes: check
-# 10, fp32 copy 6, flatten 8, norm 4, unscale 8, fused Adam 28 (one multi-tensor launch per 320
-# chunks of 65,536), copy back 6.
-DEEPSPEED_FP16_OPTIMIZER = (4, 1, 70, 1 / (65536 * 320))
-# DeepSpeed ZeRO 1/2 (runtime/zero/stage_1_and_2.py step at v0.16.4), over the rank's partition:
-# per tensor a norm (fp64 copy, vector norm: 2 launches, 18 bytes an element), then the flat
-# partition's fp32 copy 10, unscale 8, fused Adam 28 and the copy back into the 16-bit partition
-# 6; with fp16 first an overflow check per tensor (fp32 copy, isnan, isinf, or, cast, max, sum:
-# 7 launches, 28 bytes), read on the host once a step. fp32 is charged as bf16. The paper's
-# v0.5 read each tensor's norm and overflow on the host instead; ZeRO 0 in bf16 or fp32 (its
-# BF16_Optimizer, or the bare optimizer) is not counted.
-DEEPSPEED_ZERO_OPTIMIZER = {"fp16": (9, 0, 98, 1 / (65536 * 320)),
-                            "bf16": (2, 0, 70, 1 / (65536 * 320))}
+@dataclass(frozen=True)
+class OptimizerCount:
+    """A runtime's gradient reduction (its local copies; the collectives are `update.grad_sync_s`)
+    and optimizer step on a GPU, counted from its code, where the profile has not measured the
+    framework: kernel launches and host syncs per parameter tensor, bytes moved per parameter
+    element. `share` terms cover what the rank steps (about 1/dp of its tensors under ZeRO or
+    DeepSpeed's BF16 optimizer), `local` terms everything it holds — both once a step; `reduce`
+    terms recur with each reduction (every micro-step under DeepSpeed's ZeRO-2), `micro` terms
+    every micro-step; `step_syncs` come once a step; `chunk` is launches per element of the
+    share (multi-tensor kernels: one launch per 320 chunks of 65,536 elements). Launches made
+    once per flat bucket or parameter group (a few a step) are not charged."""
+    share_launches: float = 0.0
+    share_syncs: float = 0.0
+    share_bytes: float = 0.0
+    chunk: float = 1 / (65536 * 320)
+    local_launches: float = 0.0
+    local_bytes: float = 0.0
+    reduce_launches: float = 0.0
+    reduce_bytes: float = 0.0
+    reduce_share_launches: float = 0.0
+    reduce_share_bytes: float = 0.0
+    micro_launches: float = 0.0
+    micro_bytes: float = 0.0
+    step_syncs: float = 0.0
 
 
-def gpu_optimizer(runtime: str, zero_stage: int, dtype: str) -> tuple | None:
-    """The counted GPU optimizer step of this runtime and setting, or None where not counted."""
+# moerun: clipping per tensor (`runtime/optim.py`: square, sum, fp64 cast, divide, add: 5
+# launches, 12 bytes an fp32 element), then torch's AdamW, which on CUDA takes its foreach path
+# (torch 2.13 `_multi_tensor_adam`, decoupled decay): decay mul, lerp, mul, addcmul, sqrt, div,
+# add, addcdiv over fp32 lists, 80 bytes an element; each op launches one kernel per 110 / 64 /
+# 48 tensors of its 1 / 2 / 3 lists (96 / 48 with a scalar list) and per 320 chunks of 65,536
+# elements (ATen MultiTensorApply.cuh): 0.11 launches a tensor. Under ZeRO 1/2 a rank clips and
+# steps only its piece. Its reduction (fp32): ZeRO 0 (`parallel.GradSync`) concatenates each
+# bucket (8 bytes) and scales it (8), the gradients then views of it; ZeRO 1/2
+# (`optim.Partitioned.reduce`) zero-fills a bucket (4), copies each gradient in (a launch, 8),
+# and scales its piece (8), ZeRO 1 cloning the piece out of the allreduced bucket first (8).
+_MOERUN_STEP = dict(share_launches=5 + 0.11, share_bytes=12 + 80, chunk=8 / (65536 * 320))
+MOERUN_GPU_OPTIMIZER = {
+    0: OptimizerCount(**_MOERUN_STEP, reduce_bytes=8 + 8),
+    1: OptimizerCount(**_MOERUN_STEP, reduce_launches=1, reduce_bytes=4 + 8,
+                      reduce_share_bytes=8 + 8),
+    2: OptimizerCount(**_MOERUN_STEP, reduce_launches=1, reduce_bytes=4 + 8,
+                      reduce_share_bytes=8)}
+# DeepSpeed (v0.16.4 unless said) reduces ZeRO-0 gradients in `engine.allreduce_bucket`: the
+# bucket flattened (a copy, unless it is one flat tensor already), cast to the communication
+# dtype (the 16-bit one under fp16/bf16), scaled by 1/dp after the allreduce, copied back
+# (a launch per gradient tensor).
+# fp16 ZeRO 0 (runtime/fp16/fused_optimizer.py, FP16_Optimizer.step, alike in v0.5 of the
+# paper's time): per tensor an overflow check (an fp32 copy and its sum read on the host: 2
+# launches, 1 sync), the gradient's fp32 copy into the flat buffer and the update copied back
+# into the fp16 weight (1 launch each); per element 70 bytes: check 10, fp32 copy 6, flatten 8,
+# norm 4, unscale 8, fused Adam 28, copy back 6; the reduction's flatten 4, scaling 4 and copy
+# back 4.
+DEEPSPEED_FP16_OPTIMIZER = OptimizerCount(share_launches=4, share_syncs=1, share_bytes=70,
+                                          reduce_launches=1, reduce_bytes=12)
+# bf16 ZeRO 0 runs DeepSpeed's BF16_Optimizer (engine._do_optimizer_sanity_check: bf16 without
+# ZeRO accumulates gradients in fp32): after every backward each bf16 gradient is cast and added
+# into a flat fp32 buffer (2 launches a tensor, 18 bytes an element); the fp32 master weights
+# and Adam's moments are partitioned over the data-parallel group (`memory.train_state`). The
+# reduction: the flat fp32 gradients cast to bf16 (6), scaled (4), copied back (6). At the
+# step: per tensor a norm of its fp32 gradient (norm, pow, copy, add: 4 launches, 4 bytes);
+# over the rank's partition fused Adam 28 and the copy into the bf16 weights 6, then the bf16
+# weights all-gathered; the flat fp32 gradients zeroed (4); two host reads a step (the norm's
+# positivity assert and the clipping test). Charged without clipping (a step whose norm
+# exceeds the limit adds a launch and 8 bytes a tensor).
+DEEPSPEED_BF16_OPTIMIZER = OptimizerCount(local_launches=4, local_bytes=4 + 4,
+                                          share_bytes=28 + 6, reduce_bytes=6 + 4 + 6,
+                                          micro_launches=2, micro_bytes=18, step_syncs=2)
+# fp32 ZeRO 0: the bare FusedAdam after the engine's `clip_grad_norm_` (runtime/utils.py): per
+# tensor a norm and the clipping multiply (unconditional: the coefficient is clamped on the
+# device), 12 bytes; FusedAdam's multi-tensor launches take 36 tensors of its 4 lists at a time
+# (csrc/adam/multi_tensor_apply.cuh), 28 bytes; the reduction's flatten 8, scaling 8 and copy
+# back 8.
+DEEPSPEED_FP32_OPTIMIZER = OptimizerCount(share_launches=2 + 1 / 36, share_bytes=12 + 28,
+                                          reduce_launches=1, reduce_bytes=24)
+# DeepSpeed ZeRO 1/2 (runtime/zero/stage_1_and_2.py step), over the rank's partition: per tensor
+# a norm (fp64 copy, vector norm: 2 launches, 18 bytes an element), then the flat partition's
+# fp32 copy 10, unscale 8, fused Adam 28 and the copy back into the 16-bit partition 6; with
+# fp16 first an overflow check per tensor (fp32 copy, isnan, isinf, or, cast, max, sum: 7
+# launches, 28 bytes), read on the host once a step. The reduction (contiguous gradients, the
+# default): each gradient copied into the bucket buffer (a launch, 4 bytes), the bucket scaled
+# by 1/dp (4), then each gradient of the rank's partition copied into the partition's buffer (a
+# launch, 4). fp32 is charged as bf16. The paper's v0.5 read each tensor's norm and overflow on
+# the host instead (not modelled).
+_ZERO_REDUCTION = dict(reduce_launches=1, reduce_bytes=4 + 4, reduce_share_launches=1,
+                       reduce_share_bytes=4)
+DEEPSPEED_ZERO_OPTIMIZER = {
+    "fp16": OptimizerCount(share_launches=9, share_bytes=98, step_syncs=1, **_ZERO_REDUCTION),
+    "bf16": OptimizerCount(share_launches=2, share_bytes=70, **_ZERO_REDUCTION)}
+
+
+def gpu_optimizer(runtime: str, zero_stage: int, dtype: str) -> OptimizerCount:
+    """The counted GPU gradient reduction and optimizer step of this runtime and setting."""
     if runtime == "moerun":
-        return MOERUN_GPU_OPTIMIZER
+        return MOERUN_GPU_OPTIMIZER[zero_stage]
     if zero_stage >= 1:
         return DEEPSPEED_ZERO_OPTIMIZER["fp16" if dtype == "fp16" else "bf16"]
-    if dtype == "fp16":
-        return DEEPSPEED_FP16_OPTIMIZER
-    return None
+    return {"fp16": DEEPSPEED_FP16_OPTIMIZER, "bf16": DEEPSPEED_BF16_OPTIMIZER}.get(
+        dtype, DEEPSPEED_FP32_OPTIMIZER)
 
 
 # moerun's training gate noise (`gating.draw_noise`), forward ops counted like RUNTIME_OPS:

@@ -34,7 +34,7 @@ from moeplan.cost_models.layer import (
 )
 from moeplan.cost_models.memory import kv_cache_bytes
 from moeplan.cost_models.params import embedding_params, layer_params
-from moeplan.cost_models.update import grad_sync_s, layer_tensors, optimizer_s
+from moeplan.cost_models.update import grad_sync_s, layer_tensors, optimizer_s, optimizer_step_s
 from moeplan.spec.phases import Phase
 from moeplan.spec.workload import Setting, Workload
 
@@ -72,19 +72,18 @@ def train_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> LayerCost:
             cost.fixed[name] = steps * passes * fwd.fixed[name]
     add_turn_wait(env, cost, train=True, exchanges=c.ep * c.es > 1)
     lp = layer_params(env.spec, index)
-    g = env.state_bytes[1]  # bytes per gradient element, as reduced
     non_expert = lp.non_expert / s.tp
     expert = (lp.experts // c.ep) * lp.per_expert / c.es if lp.experts else 0.0
     edp = c.edp(env.gpus)
-    sync = grad_sync_s(env, g * non_expert, s.dp, s.tp, latency=False, micro_steps=steps)
+    sync = grad_sync_s(env, non_expert, s.dp, s.tp, latency=False, micro_steps=steps)
     if expert:
-        sync += grad_sync_s(env, g * expert, edp, c.ep * c.es, micro_steps=steps)
+        sync += grad_sync_s(env, expert, edp, c.ep * c.es, micro_steps=steps)
     cost.phases[Phase.GRAD_SYNC] = sync
-    zero = env.workload.zero_stage >= 1
-    shards = s.dp if zero else 1
+    sharded = env.state.sharded
+    shards = s.dp if sharded else 1
     cost.phases[Phase.OPTIMIZER] = optimizer_s(
-        env, non_expert / shards + expert / (edp if zero else 1), layer_tensors(env.spec, index),
-        shards)
+        env, non_expert + expert, non_expert / shards + expert / (edp if sharded else 1),
+        layer_tensors(env.spec, index), shards, micro_steps=steps)
     cost.memory = weight_memory(env, s, index, c)
     act = activation_bytes(env, s, index, c, p)
     if s.recompute:  # keep the layer input; rebuild the rest one layer at a time in backward
@@ -164,8 +163,8 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
     tp_span = env.span(s.tp, 1)
     cost = LayerCost()
     train = env.workload.mode == "train"
-    weight, grad, opt = env.state_bytes
-    cost.memory["weights"] = weight * params
+    st = env.state
+    cost.memory["weights"] = st.weights * params
     if train:
         slow, _ = sharing(env)
         p = train_pass(env, s)
@@ -179,13 +178,15 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
         # last all-to-all, the gradient sync); charged with the gradient sync
         fw = dev.framework
         cost.phases[Phase.GRAD_SYNC] = (
-            grad_sync_s(env, grad * params, s.dp, s.tp, micro_steps=steps)
+            grad_sync_s(env, params, s.dp, s.tp, micro_steps=steps)
             + wait_factor(env) * cost.phases[Phase.HEAD]
             + (k.communication * fw.grad_sync_extra_s if fw and env.gpus > 1 else 0.0))
-        shards = s.dp if env.workload.zero_stage >= 1 else 1
-        cost.phases[Phase.OPTIMIZER] = optimizer_s(env, params / shards, HEAD_TENSORS, shards)
-        cost.memory["gradients"] = grad * params / gradient_share(env, s.dp)
-        cost.memory["optimizer_states"] = opt * params / shards
+        shards = s.dp if st.sharded else 1
+        cost.phases[Phase.OPTIMIZER] = (
+            optimizer_s(env, params, params / shards, HEAD_TENSORS, shards, micro_steps=steps)
+            + optimizer_step_s(env))  # the step's once-only host syncs, charged here
+        cost.memory["gradients"] = st.gradients * params / gradient_share(env, s.dp)
+        cost.memory["optimizer_states"] = st.optimizer * params / shards
         cost.memory["logits"] = 4.0 * p.tokens * V / s.tp  # fp32 logits for the loss
         if env.teacher is not None:
             t = teacher_cost(env, s)

@@ -14,51 +14,76 @@ OPTIMIZER_OPS_PER_TENSOR = 16  # CPU: AdamW single-tensor step 10.2, clipping + 
 ADAM_BYTES_PER_PARAM = 28  # read fp16 grad + fp32 master, m, v; write master, m, v and fp16 weight
 
 
-def grad_sync_s(env: Env, nbytes: float, size: int, stride: int, latency: bool = True,
+def reductions(env: Env, micro_steps: int) -> int:
+    """Gradient reductions a step. DeepSpeed's ZeRO-2 keeps only its partition of the
+    gradients, so it reduce-scatters after every backward — once per micro-step, not once per
+    step (DeepSpeed issue #2252, its maintainer: "gradient reduction is required after every
+    backward because of gradient partitioning"); otherwise once, at the step."""
+    return micro_steps if env.workload.zero_stage == 2 and env.runtime == "deepspeed" else 1
+
+
+def grad_sync_s(env: Env, params: float, size: int, stride: int, latency: bool = True,
                 micro_steps: int = 1) -> float:
-    """Gradient synchronisation by ZeRO stage: allreduce (0), + parameter allgather (1),
-    reduce-scatter + allgather (2), over a group of `size` ranks with `stride`. DeepSpeed's
-    ZeRO-2 keeps only its partition of the gradients, so it reduce-scatters after every
-    backward — once per micro-step, not once per step (DeepSpeed issue #2252, its maintainer:
-    "gradient reduction is required after every backward because of gradient partitioning").
+    """Synchronisation of `params` gradient elements over a group of `size` ranks with
+    `stride`: an allreduce (ZeRO 0 and 1) or a reduce-scatter (2), then, where the optimizer
+    states are partitioned, the updated weights' allgather; bytes by the runtime's precision
+    layout (`memory.train_state`), as often as `reductions` says.
 
     The runtime reduces all gradients that share a group as one flat bucket, so a layer's
     non-expert gradients add only bytes (`latency=False`); the bucket's latency is charged once,
     with the embedding's gradients (`step.head_cost`)."""
     if not latency:
-        return max(0.0, grad_sync_s(env, nbytes, size, stride, micro_steps=micro_steps)
+        return max(0.0, grad_sync_s(env, params, size, stride, micro_steps=micro_steps)
                    - grad_sync_s(env, 1e-9, size, stride, micro_steps=micro_steps))
-    span, net = env.span(size, stride), env.scales.communication
-    if env.workload.zero_stage == 0:
-        return net * coll.allreduce_s(nbytes, span, env.cluster)
-    gather = coll.allgather_s(nbytes, span, env.cluster)
-    if env.workload.zero_stage == 1:
-        return net * (coll.allreduce_s(nbytes, span, env.cluster) + gather)
-    reductions = micro_steps if env.runtime == "deepspeed" else 1
-    return net * (reductions * coll.reduce_scatter_s(nbytes, span, env.cluster) + gather)
+    span, net, st = env.span(size, stride), env.scales.communication, env.state
+    reduced = st.reduced * params
+    if env.workload.zero_stage == 2:
+        sync = reductions(env, micro_steps) * coll.reduce_scatter_s(reduced, span, env.cluster)
+    else:
+        sync = coll.allreduce_s(reduced, span, env.cluster)
+    if st.gathered:
+        sync += coll.allgather_s(st.gathered * params, span, env.cluster)
+    return net * sync
 
 
-def optimizer_s(env: Env, local_params: float, tensors: int, shards: int = 1) -> float:
-    """Adam's memory traffic over the local parameters plus its per-tensor operations; on a
-    GPU as the runtime's optimizer runs there (`runtimes.gpu_optimizer`), where a rank under
-    ZeRO 1/2 covers about 1/`shards` of the tensors."""
+def optimizer_s(env: Env, local: float, share: float, tensors: int, shards: int = 1,
+                micro_steps: int = 1) -> float:
+    """The optimizer's work on a rank holding `local` parameter elements in `tensors` tensors
+    and stepping `share` of those elements, about 1/`shards` of the tensors (ZeRO 1/2 or
+    DeepSpeed's BF16 optimizer): Adam's memory traffic plus its per-tensor operations; on a GPU
+    as the runtime reduces and steps there (`runtimes.gpu_optimizer`: the reduction's local
+    copies, the gradient accumulation it does every micro-step). Once-a-step host syncs:
+    `optimizer_step_s`."""
     dev = env.cluster.device
     fw = dev.framework
     k = env.scales
     if fw is not None:  # measured on one rank alone; every rank steps at once, no collective
         slow, turns = sharing(env)
         return slow * turns * (k.framework * tensors * fw.optimizer_tensor_s
-                               + k.compute * local_params * fw.optimizer_param_s)
-    w = env.workload
-    counted = gpu_optimizer(env.runtime, w.zero_stage, w.dtype) if dev.kind == "gpu" else None
-    if counted is None:
-        return (k.compute * memory_s(ADAM_BYTES_PER_PARAM * local_params, dev)
+                               + k.compute * share * fw.optimizer_param_s)
+    if dev.kind != "gpu":
+        return (k.compute * memory_s(ADAM_BYTES_PER_PARAM * share, dev)
                 + k.framework * tensors * OPTIMIZER_OPS_PER_TENSOR * dev.op_overhead_s)
-    launches, syncs, nbytes, per_element = counted
-    mine = tensors / shards
-    return (k.compute * memory_s(nbytes * local_params, dev)
-            + k.framework * ((launches * mine + per_element * local_params) * dev.op_overhead_s
-                             + syncs * mine * HOST_SYNC_S))
+    w = env.workload
+    c = gpu_optimizer(env.runtime, w.zero_stage, w.dtype)
+    mine, times = tensors / shards, reductions(env, micro_steps)
+    nbytes = ((c.share_bytes + times * c.reduce_share_bytes) * share
+              + (c.local_bytes + times * c.reduce_bytes + micro_steps * c.micro_bytes) * local)
+    launches = ((c.share_launches + times * c.reduce_share_launches) * mine + c.chunk * share
+                + (c.local_launches + times * c.reduce_launches
+                   + micro_steps * c.micro_launches) * tensors)
+    return (k.compute * memory_s(nbytes, dev)
+            + k.framework * (launches * dev.op_overhead_s + c.share_syncs * mine * HOST_SYNC_S))
+
+
+def optimizer_step_s(env: Env) -> float:
+    """The optimizer's host syncs that come once a step, whatever the layers (on a GPU without
+    a measured framework)."""
+    dev, w = env.cluster.device, env.workload
+    if dev.framework is not None or dev.kind != "gpu":
+        return 0.0
+    syncs = gpu_optimizer(env.runtime, w.zero_stage, w.dtype).step_syncs
+    return env.scales.framework * syncs * HOST_SYNC_S
 
 
 def layer_tensors(spec, index: int) -> int:

@@ -466,16 +466,22 @@ def test_gpu_optimizer_is_charged_as_each_runtime_steps():
     per_tensor, per_element = _optimizer_charge("deepspeed", dtype="fp16")
     assert per_tensor == pytest.approx(5 * op + HOST_SYNC_S, rel=F64_REL)
     assert per_element == pytest.approx(82 / bandwidth + chunk, rel=F64_REL)
+    # micro-steps after the first add into moerun's fp32 gradients (a launch, 12 bytes)
+    got = _optimizer_charge("moerun", micro_steps=4)
+    assert got == pytest.approx(((5.11 + 3) * op, (92 + 16 + 3 * 12) / bandwidth + 8 * chunk),
+                                rel=F64_REL)
     # ZeRO 1/2 (one rank: its partition is everything); fp16 adds the overflow check; the
-    # reduction copies a tensor into the bucket and into the partition (2 launches, 12 bytes)
+    # reduction copies a tensor into the bucket and into the partition (2 launches) and moves
+    # 20 bytes an element (copy in, scaling, flattening, copies out)
     for dtype, launches, nbytes in (("fp16", 9, 98), ("bf16", 2, 70)):
         got = _optimizer_charge("deepspeed", 1, dtype)
-        assert got == pytest.approx(((launches + 2) * op, (nbytes + 12) / bandwidth + chunk),
+        assert got == pytest.approx(((launches + 2) * op, (nbytes + 20) / bandwidth + chunk),
                                     rel=F64_REL)
-        # ZeRO 2 reduces after each of 4 micro-steps: the copies 4 times
+        # ZeRO 2 reduces after each of 4 micro-steps, and the partition's gradients add up
+        # over the 3 after the first (a launch, 6 bytes)
         got = _optimizer_charge("deepspeed", 2, dtype, micro_steps=4)
-        assert got == pytest.approx(((launches + 8) * op, (nbytes + 48) / bandwidth + chunk),
-                                    rel=F64_REL)
+        assert got == pytest.approx(((launches + 4 * 2 + 3) * op,
+                                     (nbytes + 4 * 20 + 3 * 6) / bandwidth + chunk), rel=F64_REL)
     # bf16 ZeRO 0, 4 micro-steps, 64 partitions: per tensor a norm at the step (4 launches)
     # and a cast + add per micro-step (2), whatever the partition; per element held, 24 bytes
     # at the step (norm, zeroing, the reduction's cast, scaling, copy back) and 18 a
@@ -487,6 +493,45 @@ def test_gpu_optimizer_is_charged_as_each_runtime_steps():
     # fp32 ZeRO 0: norm and clip a tensor, fused Adam 36 tensors a launch; the reduction's copies
     got = _optimizer_charge("deepspeed", 0, "fp32")
     assert got == pytest.approx(((3 + 1 / 36) * op, (40 + 24) / bandwidth + chunk), rel=F64_REL)
+
+
+def test_deepspeeds_counts_are_what_deepspeed_did():
+    """runtimes.py's DeepSpeed weight-update counts against DeepSpeed 0.16.4 itself, run on 2
+    gloo ranks by bench/count_deepspeed_optimizer.py (its record under bench/results/): per
+    window, launches a tensor and bytes an element besides the wrapped optimizer's own update,
+    and the host reads. Counts of whole operations: equal to rounding (1e-9)."""
+    import json
+    from pathlib import Path
+
+    from moeplan.cost_models.memory import train_state
+    from moeplan.cost_models.runtimes import gpu_optimizer
+
+    path = Path(__file__).resolve().parent.parent / "bench/results/deepspeed-optimizer-counts.json"
+    record = json.loads(path.read_text())
+    assert record["deepspeed"] == "0.16.4"
+    windows = {"micro": {"micro"}, "boundary": {"micro", "reduce", "accumulate"},
+               "step": {"step"}}
+    seen = 0
+    for key, measured in record["worlds"]["2"].items():
+        dtype, zero = key.split(" zero")
+        zero = int(zero)
+        count = gpu_optimizer("deepspeed", zero, dtype)
+        ranks = 2 if train_state(dtype, "deepspeed", zero).sharded else 1
+        for window, whens in windows.items():
+            if zero == 2 and window == "micro":
+                whens = whens | {"reduce"}  # ZeRO-2 reduces after every backward
+            got = [0.0, 0.0]
+            for (when, over), work in count.work.items():
+                if when in whens:
+                    for i in (0, 1):
+                        got[i] += work[i] / (ranks if over == "share" else 1)
+            want = measured[window]
+            assert got == pytest.approx([want["launches_per_tensor"], want["bytes_per_element"]],
+                                        abs=1e-9), (key, window)
+            syncs = count.step_syncs if window == "step" else 0
+            assert want["host_reads"] == syncs, (key, window)
+            seen += 1
+    assert seen == 12
 
 
 def test_the_optimizers_once_a_step_host_syncs_are_charged_once():

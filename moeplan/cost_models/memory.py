@@ -18,8 +18,10 @@ fp32 weights — they are the master copy, their gradients fp32 — so 4 + 4 byt
 moments, as both do in fp32; its residual stream and so the layer norms' inputs stay fp32
 under autocast too (`layer.Env.residual_bytes`).
 ZeRO stage 1 partitions optimizer states over the data-parallel group (experts: over their edp
-group); stage 2 also partitions gradients — at their peak only under DeepSpeed, which
-reduce-scatters during the backward; moerun reduces after it (`layer.gradient_share`).
+group); stage 2 also partitions gradients — at their peak only under DeepSpeed, which reduces
+each bucket during the backward and keeps its partition; moerun reduces after it
+(`layer.gradient_share`). DeepSpeed's ZeRO 1/2 also hold a reduce bucket through each backward
+(`DEEPSPEED_REDUCE_BUCKET`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ from typing import NamedTuple
 
 from moeplan.cost_models.params import attention_shape
 from moeplan.spec.model import ModelSpec
+
+# Elements of the bucket DeepSpeed's ZeRO 1/2 allocate in the model's dtype at each backward
+# (v0.16.4 zero/config.py reduce_bucket_size default 5e8; stage_1_and_2.py backward; a second
+# one with overlap_comm, off by default below stage 3), whatever the model's size.
+DEEPSPEED_REDUCE_BUCKET = 500_000_000
 
 
 class TrainState(NamedTuple):

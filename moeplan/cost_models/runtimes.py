@@ -53,103 +53,126 @@ DEEPSPEED_SYNCS, HOST_SYNC_S = 1, 15e-6
 
 @dataclass(frozen=True)
 class OptimizerCount:
-    """A runtime's gradient reduction (its local copies; the collectives are `update.grad_sync_s`)
-    and optimizer step on a GPU, counted from its code, where the profile has not measured the
-    framework: kernel launches and host syncs per parameter tensor, bytes moved per parameter
-    element. `share` terms cover what the rank steps (about 1/dp of its tensors under ZeRO or
-    DeepSpeed's BF16 optimizer), `local` terms everything it holds — both once a step; `reduce`
-    terms recur with each reduction (every micro-step under DeepSpeed's ZeRO-2), `micro` terms
-    every micro-step; `step_syncs` come once a step; `chunk` is launches per element of the
-    share (multi-tensor kernels: one launch per 320 chunks of 65,536 elements). Launches made
-    once per flat bucket or parameter group (a few a step) are not charged."""
-    share_launches: float = 0.0
-    share_syncs: float = 0.0
-    share_bytes: float = 0.0
+    """A runtime's weight update on a GPU where the profile has not measured the framework: its
+    gradient accumulation and reduction (their local copies; the collectives are
+    `update.grad_sync_s`) and its optimizer step, as kernel launches per parameter tensor and
+    bytes moved per parameter element. `work` maps (when, over) to (launches, bytes): when —
+    "step" once a step, "reduce" at each gradient reduction (every micro-step under DeepSpeed's
+    ZeRO-2), "micro" every micro-step, "accumulate" every micro-step after the first (autograd
+    adding into the gradients there already); over — "local" every tensor and element the rank
+    holds, "share" those it steps (about 1/dp of them under ZeRO or DeepSpeed's BF16 optimizer).
+    `inner` is the wrapped optimizer's own update over the share (kept apart: DeepSpeed's fused
+    Adam, torch's foreach AdamW); `chunk` its multi-tensor launches per element of the share
+    (one per 320 chunks of 65,536 elements); `tensor_syncs` host reads per share tensor,
+    `step_syncs` once a step. A few launches per flat bucket or parameter group are not
+    charged."""
+    work: dict[tuple[str, str], tuple[float, float]]
+    inner: tuple[float, float] = (0.0, 28.0)
     chunk: float = 1 / (65536 * 320)
-    local_launches: float = 0.0
-    local_bytes: float = 0.0
-    reduce_launches: float = 0.0
-    reduce_bytes: float = 0.0
-    reduce_share_launches: float = 0.0
-    reduce_share_bytes: float = 0.0
-    micro_launches: float = 0.0
-    micro_bytes: float = 0.0
+    tensor_syncs: float = 0.0
     step_syncs: float = 0.0
 
 
-# moerun: clipping per tensor (`runtime/optim.py`: square, sum, fp64 cast, divide, add: 5
-# launches, 12 bytes an fp32 element), then torch's AdamW, which on CUDA takes its foreach path
-# (torch 2.13 `_multi_tensor_adam`, decoupled decay): decay mul, lerp, mul, addcmul, sqrt, div,
-# add, addcdiv over fp32 lists, 80 bytes an element; each op launches one kernel per 110 / 64 /
-# 48 tensors of its 1 / 2 / 3 lists (96 / 48 with a scalar list) and per 320 chunks of 65,536
-# elements (ATen MultiTensorApply.cuh): 0.11 launches a tensor. Under ZeRO 1/2 a rank clips and
-# steps only its piece. Its reduction (fp32): ZeRO 0 (`parallel.GradSync`) concatenates each
-# bucket (8 bytes) and scales it (8), the gradients then views of it; ZeRO 1/2
-# (`optim.Partitioned.reduce`) zero-fills a bucket (4), copies each gradient in (a launch, 8),
-# and scales its piece (8), ZeRO 1 cloning the piece out of the allreduced bucket first (8).
-_MOERUN_STEP = dict(share_launches=5 + 0.11, share_bytes=12 + 80, chunk=8 / (65536 * 320))
+# moerun (fp32 gradients under autocast): clipping per tensor (`runtime/optim.py`: square, sum,
+# fp64 cast, divide, add: 5 launches, 12 bytes), then torch's AdamW, which on CUDA takes its
+# foreach path (torch 2.13 `_multi_tensor_adam`, decoupled decay): decay mul, lerp, mul,
+# addcmul, sqrt, div, add, addcdiv over fp32 lists, 80 bytes an element; each op launches one
+# kernel per 110 / 64 / 48 tensors of its 1 / 2 / 3 lists (96 / 48 with a scalar list) and per
+# 320 chunks of 65,536 elements (ATen MultiTensorApply.cuh): 0.11 launches a tensor. Under
+# ZeRO 1/2 a rank clips and steps only its piece. Micro-steps accumulate in autograd (an add a
+# tensor, 12 bytes). Its reduction: ZeRO 0 (`parallel.GradSync`) concatenates each bucket (8)
+# and scales it (8), the gradients then views of it; ZeRO 1/2 (`optim.Partitioned.reduce`)
+# zero-fills a bucket (4), copies each gradient in (a launch, 8) and scales its piece (8),
+# ZeRO 1 cloning the piece out of the allreduced bucket first (8).
+_MOERUN = {("step", "share"): (5, 12), ("accumulate", "local"): (1, 12)}
 MOERUN_GPU_OPTIMIZER = {
-    0: OptimizerCount(**_MOERUN_STEP, reduce_bytes=8 + 8),
-    1: OptimizerCount(**_MOERUN_STEP, reduce_launches=1, reduce_bytes=4 + 8,
-                      reduce_share_bytes=8 + 8),
-    2: OptimizerCount(**_MOERUN_STEP, reduce_launches=1, reduce_bytes=4 + 8,
-                      reduce_share_bytes=8)}
-# DeepSpeed (v0.16.4 unless said) reduces ZeRO-0 gradients in `engine.allreduce_bucket`: the
-# bucket flattened (a copy, unless it is one flat tensor already), cast to the communication
-# dtype (the 16-bit one under fp16/bf16), scaled by 1/dp after the allreduce, copied back
-# (a launch per gradient tensor).
+    0: OptimizerCount({**_MOERUN, ("reduce", "local"): (0, 16)},
+                      inner=(0.11, 80), chunk=8 / (65536 * 320)),
+    1: OptimizerCount({**_MOERUN, ("reduce", "local"): (1, 12), ("reduce", "share"): (0, 16)},
+                      inner=(0.11, 80), chunk=8 / (65536 * 320)),
+    2: OptimizerCount({**_MOERUN, ("reduce", "local"): (1, 12), ("reduce", "share"): (0, 8)},
+                      inner=(0.11, 80), chunk=8 / (65536 * 320))}
+# DeepSpeed v0.16.4, read off its code and checked by running it (DS_ACCELERATOR=cpu, 1 and 2
+# gloo ranks: bench/count_deepspeed_optimizer.py, bench/results/deepspeed-optimizer-counts.json;
+# fp16 needs a GPU, so its counts are read only). Its fused Adam (the inner update) is 28 bytes
+# an element, one multi-tensor launch per 36 tensors of its 4 lists (csrc/adam/
+# multi_tensor_apply.cuh) or per chunks of a flat partition. Without ZeRO, gradients are reduced
+# by `engine.allreduce_bucket`: a bucket flattened (a copy, unless it is one flat tensor
+# already), cast to the communication dtype (the 16-bit one under fp16/bf16), scaled by 1/dp
+# after the allreduce, copied back (a launch per gradient tensor).
 # fp16 ZeRO 0 (runtime/fp16/fused_optimizer.py, FP16_Optimizer.step, alike in v0.5 of the
 # paper's time): per tensor an overflow check (an fp32 copy and its sum read on the host: 2
 # launches, 1 sync), the gradient's fp32 copy into the flat buffer and the update copied back
-# into the fp16 weight (1 launch each); per element 70 bytes: check 10, fp32 copy 6, flatten 8,
-# norm 4, unscale 8, fused Adam 28, copy back 6; the reduction's flatten 4, scaling 4 and copy
-# back 4.
-DEEPSPEED_FP16_OPTIMIZER = OptimizerCount(share_launches=4, share_syncs=1, share_bytes=70,
-                                          reduce_launches=1, reduce_bytes=12)
+# into the fp16 weight (1 launch each); per element 42 bytes besides Adam: check 10, fp32 copy 6,
+# flatten 8, norm 4, unscale 8, copy back 6; the reduction's flatten 4, scaling 4, copy back 4;
+# micro-steps accumulate in autograd (6).
+DEEPSPEED_FP16_OPTIMIZER = OptimizerCount(
+    {("step", "share"): (4, 42), ("reduce", "local"): (1, 12), ("accumulate", "local"): (1, 6)},
+    tensor_syncs=1)
 # bf16 ZeRO 0 runs DeepSpeed's BF16_Optimizer (engine._do_optimizer_sanity_check: bf16 without
 # ZeRO accumulates gradients in fp32): after every backward each bf16 gradient is cast and added
 # into a flat fp32 buffer (2 launches a tensor, 18 bytes an element); the fp32 master weights
 # and Adam's moments are partitioned over the data-parallel group (`memory.train_state`). The
 # reduction: the flat fp32 gradients cast to bf16 (6), scaled (4), copied back (6). At the
-# step: per tensor a norm of its fp32 gradient (norm, pow, copy, add: 4 launches, 4 bytes);
-# over the rank's partition fused Adam 28 and the copy into the bf16 weights 6, then the bf16
-# weights all-gathered; the flat fp32 gradients zeroed (4); two host reads a step (the norm's
+# step: per tensor a norm of its fp32 gradient (norm, pow, copy, add: 4 launches, 4 bytes) and
+# the flat gradients zeroed (4); over the rank's partition Adam and the copy into the bf16
+# weights (6), then the bf16 weights all-gathered; two host reads a step (the norm's
 # positivity assert and the clipping test). Charged without clipping (a step whose norm
 # exceeds the limit adds a launch and 8 bytes a tensor).
-DEEPSPEED_BF16_OPTIMIZER = OptimizerCount(local_launches=4, local_bytes=4 + 4,
-                                          share_bytes=28 + 6, reduce_bytes=6 + 4 + 6,
-                                          micro_launches=2, micro_bytes=18, step_syncs=2)
-# fp32 ZeRO 0: the bare FusedAdam after the engine's `clip_grad_norm_` (runtime/utils.py): per
+DEEPSPEED_BF16_OPTIMIZER = OptimizerCount(
+    {("micro", "local"): (2, 18), ("reduce", "local"): (0, 16), ("step", "local"): (4, 8),
+     ("step", "share"): (0, 6)}, step_syncs=2)
+# fp32 ZeRO 0: the bare fused Adam after the engine's `clip_grad_norm_` (runtime/utils.py): per
 # tensor a norm and the clipping multiply (unconditional: the coefficient is clamped on the
-# device), 12 bytes; FusedAdam's multi-tensor launches take 36 tensors of its 4 lists at a time
-# (csrc/adam/multi_tensor_apply.cuh), 28 bytes; the reduction's flatten 8, scaling 8 and copy
-# back 8.
-DEEPSPEED_FP32_OPTIMIZER = OptimizerCount(share_launches=2 + 1 / 36, share_bytes=12 + 28,
-                                          reduce_launches=1, reduce_bytes=24)
-# DeepSpeed ZeRO 1/2 (runtime/zero/stage_1_and_2.py step), over the rank's partition: per tensor
-# a norm (fp64 copy, vector norm: 2 launches, 18 bytes an element), then the flat partition's
-# fp32 copy 10, unscale 8, fused Adam 28 and the copy back into the 16-bit partition 6; with
-# fp16 first an overflow check per tensor (fp32 copy, isnan, isinf, or, cast, max, sum: 7
-# launches, 28 bytes), read on the host once a step. The reduction (contiguous gradients, the
-# default): each gradient copied into the bucket buffer (a launch, 4 bytes), the bucket scaled
-# by 1/dp (4), then each gradient of the rank's partition copied into the partition's buffer (a
-# launch, 4). fp32 is charged as bf16. The paper's v0.5 read each tensor's norm and overflow on
-# the host instead (not modelled).
-_ZERO_REDUCTION = dict(reduce_launches=1, reduce_bytes=4 + 4, reduce_share_launches=1,
-                       reduce_share_bytes=4)
+# device), 12 bytes; the reduction's flatten 8, scaling 8, copy back 8; micro-steps accumulate
+# in autograd (12).
+DEEPSPEED_FP32_OPTIMIZER = OptimizerCount(
+    {("step", "share"): (2, 12), ("reduce", "local"): (1, 24), ("accumulate", "local"): (1, 12)},
+    inner=(1 / 36, 28))
+# ZeRO 1/2 (runtime/zero/stage_1_and_2.py), over the rank's partition: per tensor a norm (fp64
+# copy, vector norm: 2 launches, 18 bytes an element), then the flat partition's fp32 copy 10,
+# unscale 8 and the copy back into the 16-bit partition 6; with fp16 first an overflow check per
+# tensor (fp32 copy, isnan, isinf, or, cast, max, sum: 7 launches, 28 bytes), read on the host
+# once a step. The reduction (contiguous gradients and one allreduce for all ranks' buckets,
+# the defaults): each gradient copied into the bucket buffer (a launch, 4 bytes), the bucket
+# scaled by 1/dp (4) and flattened (4), then the rank's slices copied back (4) and each of its
+# partition's gradients into the partition's buffer (a launch, 4). Micro-steps accumulate in
+# autograd: under ZeRO 1 every gradient (a launch, 6), under ZeRO 2 only the partition's (the
+# others are released after each reduction). fp32 is charged as bf16. The paper's v0.5 read
+# each tensor's norm and overflow on the host instead (not modelled).
+_ZERO = {("reduce", "local"): (1, 12), ("reduce", "share"): (1, 8)}
+_ZERO_STEP = {"fp16": {("step", "share"): (9, 70)}, "bf16": {("step", "share"): (2, 42)}}
+_ZERO_ACCUMULATE = {1: {("accumulate", "local"): (1, 6)}, 2: {("accumulate", "share"): (1, 6)}}
 DEEPSPEED_ZERO_OPTIMIZER = {
-    "fp16": OptimizerCount(share_launches=9, share_bytes=98, step_syncs=1, **_ZERO_REDUCTION),
-    "bf16": OptimizerCount(share_launches=2, share_bytes=70, **_ZERO_REDUCTION)}
+    (stage, dtype): OptimizerCount({**_ZERO, **_ZERO_STEP[dtype], **_ZERO_ACCUMULATE[stage]},
+                                   step_syncs=1 if dtype == "fp16" else 0)
+    for stage in (1, 2) for dtype in ("fp16", "bf16")}
 
 
 def gpu_optimizer(runtime: str, zero_stage: int, dtype: str) -> OptimizerCount:
-    """The counted GPU gradient reduction and optimizer step of this runtime and setting."""
+    """The counted GPU weight update of this runtime and setting."""
     if runtime == "moerun":
         return MOERUN_GPU_OPTIMIZER[zero_stage]
     if zero_stage >= 1:
-        return DEEPSPEED_ZERO_OPTIMIZER["fp16" if dtype == "fp16" else "bf16"]
+        return DEEPSPEED_ZERO_OPTIMIZER[zero_stage, "fp16" if dtype == "fp16" else "bf16"]
     return {"fp16": DEEPSPEED_FP16_OPTIMIZER, "bf16": DEEPSPEED_BF16_OPTIMIZER}.get(
         dtype, DEEPSPEED_FP32_OPTIMIZER)
+
+
+def optimizer_work(count: OptimizerCount, local: float, share: float, tensors: float,
+                   mine: float, micro_steps: int, reductions: int) -> tuple[float, float]:
+    """(kernel launches, bytes moved) of one step's weight update for a rank holding `local`
+    elements in `tensors` tensors and stepping `share` elements in `mine` tensors."""
+    times = {"step": 1, "reduce": reductions, "micro": micro_steps,
+             "accumulate": micro_steps - 1}
+    over = {"local": (tensors, local), "share": (mine, share)}
+    launches = (count.inner[0] * mine + count.chunk * share)
+    nbytes = count.inner[1] * share
+    for (when, which), (per_tensor, per_element) in count.work.items():
+        n_tensors, n_elements = over[which]
+        launches += times[when] * per_tensor * n_tensors
+        nbytes += times[when] * per_element * n_elements
+    return launches, nbytes
 
 
 # moerun's training gate noise (`gating.draw_noise`), forward ops counted like RUNTIME_OPS:

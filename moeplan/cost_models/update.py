@@ -8,7 +8,7 @@ from __future__ import annotations
 from moeplan.cost_models import collectives as coll
 from moeplan.cost_models.compute import memory_s
 from moeplan.cost_models.layer import Env, sharing
-from moeplan.cost_models.runtimes import HOST_SYNC_S, gpu_optimizer
+from moeplan.cost_models.runtimes import HOST_SYNC_S, gpu_optimizer, optimizer_work
 
 OPTIMIZER_OPS_PER_TENSOR = 16  # CPU: AdamW single-tensor step 10.2, clipping + zero_grad 5.3
 ADAM_BYTES_PER_PARAM = 28  # read fp16 grad + fp32 master, m, v; write master, m, v and fp16 weight
@@ -16,8 +16,8 @@ ADAM_BYTES_PER_PARAM = 28  # read fp16 grad + fp32 master, m, v; write master, m
 
 def reductions(env: Env, micro_steps: int) -> int:
     """Gradient reductions a step. DeepSpeed's ZeRO-2 keeps only its partition of the
-    gradients, so it reduce-scatters after every backward — once per micro-step, not once per
-    step (DeepSpeed issue #2252, its maintainer: "gradient reduction is required after every
+    gradients, so it reduces after every backward — once per micro-step, not once per step
+    (DeepSpeed issue #2252, its maintainer: "gradient reduction is required after every
     backward because of gradient partitioning"); otherwise once, at the step."""
     return micro_steps if env.workload.zero_stage == 2 and env.runtime == "deepspeed" else 1
 
@@ -25,9 +25,11 @@ def reductions(env: Env, micro_steps: int) -> int:
 def grad_sync_s(env: Env, params: float, size: int, stride: int, latency: bool = True,
                 micro_steps: int = 1) -> float:
     """Synchronisation of `params` gradient elements over a group of `size` ranks with
-    `stride`: an allreduce (ZeRO 0 and 1) or a reduce-scatter (2), then, where the optimizer
-    states are partitioned, the updated weights' allgather; bytes by the runtime's precision
-    layout (`memory.train_state`), as often as `reductions` says.
+    `stride`: an allreduce, as often as `reductions` says — moerun's ZeRO-2 reduce-scatters
+    instead, while DeepSpeed's allreduces each bucket whole for all ranks at once (v0.16.4
+    stage_1_and_2.py, `use_multi_rank_bucket_allreduce`, on by default) — then, where the
+    optimizer states are partitioned, the updated weights' allgather; bytes by the runtime's
+    precision layout (`memory.train_state`).
 
     The runtime reduces all gradients that share a group as one flat bucket, so a layer's
     non-expert gradients add only bytes (`latency=False`); the bucket's latency is charged once,
@@ -37,10 +39,10 @@ def grad_sync_s(env: Env, params: float, size: int, stride: int, latency: bool =
                    - grad_sync_s(env, 1e-9, size, stride, micro_steps=micro_steps))
     span, net, st = env.span(size, stride), env.scales.communication, env.state
     reduced = st.reduced * params
-    if env.workload.zero_stage == 2:
-        sync = reductions(env, micro_steps) * coll.reduce_scatter_s(reduced, span, env.cluster)
+    if env.workload.zero_stage == 2 and env.runtime != "deepspeed":
+        sync = coll.reduce_scatter_s(reduced, span, env.cluster)
     else:
-        sync = coll.allreduce_s(reduced, span, env.cluster)
+        sync = reductions(env, micro_steps) * coll.allreduce_s(reduced, span, env.cluster)
     if st.gathered:
         sync += coll.allgather_s(st.gathered * params, span, env.cluster)
     return net * sync
@@ -66,14 +68,11 @@ def optimizer_s(env: Env, local: float, share: float, tensors: int, shards: int 
                 + k.framework * tensors * OPTIMIZER_OPS_PER_TENSOR * dev.op_overhead_s)
     w = env.workload
     c = gpu_optimizer(env.runtime, w.zero_stage, w.dtype)
-    mine, times = tensors / shards, reductions(env, micro_steps)
-    nbytes = ((c.share_bytes + times * c.reduce_share_bytes) * share
-              + (c.local_bytes + times * c.reduce_bytes + micro_steps * c.micro_bytes) * local)
-    launches = ((c.share_launches + times * c.reduce_share_launches) * mine + c.chunk * share
-                + (c.local_launches + times * c.reduce_launches
-                   + micro_steps * c.micro_launches) * tensors)
+    mine = tensors / shards
+    launches, nbytes = optimizer_work(c, local, share, tensors, mine, micro_steps,
+                                      reductions(env, micro_steps))
     return (k.compute * memory_s(nbytes, dev)
-            + k.framework * (launches * dev.op_overhead_s + c.share_syncs * mine * HOST_SYNC_S))
+            + k.framework * (launches * dev.op_overhead_s + c.tensor_syncs * mine * HOST_SYNC_S))
 
 
 def optimizer_step_s(env: Env) -> float:

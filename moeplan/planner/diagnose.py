@@ -17,6 +17,7 @@ TERM_NAMES = {
     "expert_gradients": "expert gradients", "optimizer_states": "optimizer states",
     "expert_optimizer_states": "expert optimizer states", "activations": "activations",
     "kv_cache": "KV cache", "logits": "logits", "workspace": "one layer's working activations",
+    "reduce_bucket": "DeepSpeed's gradient reduce bucket",
 }
 
 

@@ -8,11 +8,8 @@ charges for `--runtime deepspeed` (which were first read off DeepSpeed's code).
 DeepSpeed's real engine (DS_ACCELERATOR=cpu, gloo, 1 and 2 ranks) trains a chain of bias-free
 square Linear layers — T weight tensors of d² elements — with two micro-steps a step, for bf16
 without ZeRO (its BF16 optimizer), fp32 without ZeRO, and bf16 under ZeRO 1 and 2 (fp16 needs a
-GPU: its counts stay read from the code). A TorchDispatchMode records every aten operation of
-the second step: per operation one kernel launch (views and allocations excluded), the bytes of
-its tensor inputs and outputs (an output it only writes — copy_, zero_, fill_ — is not read),
-and `_local_scalar_dense` as a host read; a copy_ onto the very same data is no operation (ATen
-returns before any kernel). Three windows per step:
+GPU: its counts stay read from the code). The counting mode of bench/op_count.py records the
+second step's launches, bytes and host reads. Three windows per step:
   micro     the engine's backward on the first micro-step, less the bare autograd backward of
             the same module (counted on a copy, gradients unset): what the engine adds to every
             micro-step but the last (gradient accumulation, ZeRO-2's bucket copies)
@@ -37,7 +34,8 @@ import json
 import os
 import socket
 import sys
-from collections import Counter
+
+from op_count import counter
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -52,57 +50,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _counter():
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    aten = torch.ops.aten
-    free = {aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default,
-            aten.new_empty.default, aten.new_empty_strided.default, aten.detach.default,
-            aten.lift_fresh.default, aten.set_.source_Storage_storage_offset,
-            aten.set_.source_Tensor, aten.resize_.default}
-    write_only = {"copy_", "zero_", "fill_"}
-
-    def _same_data(func, args) -> bool:
-        """copy_ onto the very same data: ATen returns at once, no kernel (Copy.cpp)."""
-        if func is not aten.copy_.default:
-            return False
-        dst, src = args[0], args[1]
-        return (dst.data_ptr() == src.data_ptr() and dst.dtype == src.dtype
-                and dst.shape == src.shape and dst.stride() == src.stride())
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.on, self.launches, self.bytes, self.syncs = True, 0, 0, 0
-            self.collectives, self.ops = Counter(), Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if not self.on:
-                return out
-            name = func.overloadpacket.__name__
-            if func.namespace == "c10d" or name.startswith("_c10d"):
-                self.collectives[name] += 1
-                return out
-            if func in (aten._local_scalar_dense.default,):
-                self.syncs += 1
-                return out
-            if func.is_view or func in free or _same_data(func, args):
-                return out
-            ins = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor)]
-            outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-            if name in write_only and ins:
-                ins = ins[1:]  # the destination is written, not read
-            self.launches += 1
-            self.ops[name] += 1
-            self.bytes += sum(t.numel() * t.element_size() for t in ins + outs)
-            return out
-
-    return Count
-
-
 def _rank(rank: int, world: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -115,7 +62,7 @@ def _rank(rank: int, world: int, port: int, queue) -> None:
     torch.set_num_threads(1)
     deepspeed.utils.logger.setLevel(logging.ERROR)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    count_cls = _counter()
+    count_cls = counter()
     quiet: list = []
 
     class Unc(torch.optim.SGD):
@@ -168,14 +115,15 @@ def _rank(rank: int, world: int, port: int, queue) -> None:
             c = count_cls()
             with c:
                 loss.backward()
-            for w in ("micro", "boundary"):
-                got[w].launches -= c.launches
-                got[w].bytes -= c.bytes
-                got[w].ops.subtract(c.ops)
+            for w in ("micro", "boundary"):  # less the bare autograd backward
+                got[w].launches.subtract(c.launches)
+                got[w].bytes.subtract(c.bytes)
+                got[w].ops["all"].subtract(c.ops["all"])
             results[f"{dtype} zero{zero} T{T} d{d}"] = {
-                w: {"launches": g.launches, "bytes": g.bytes, "syncs": g.syncs,
-                    "collectives": dict(g.collectives),
-                    "ops": {k: v for k, v in g.ops.items() if v}} for w, g in got.items()}
+                w: {"launches": g.launches["all"], "bytes": g.bytes["all"],
+                    "syncs": g.syncs["all"], "collectives": dict(g.collectives["all"]),
+                    "ops": {k: v for k, v in g.ops["all"].items() if v}}
+                for w, g in got.items()}
             eng.destroy()
     if rank == 0:
         queue.put(results)

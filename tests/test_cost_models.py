@@ -534,6 +534,35 @@ def test_deepspeeds_counts_are_what_deepspeed_did():
     assert seen == 12
 
 
+def test_deepspeed_moe_counts_are_what_deepspeeds_layer_did():
+    """DeepSpeed-MoE's per-phase kernel counts against DeepSpeed 0.16.4's layer run on a CPU rank
+    by bench/count_deepspeed_moe_ops.py (its record under bench/results/): the backward of gate,
+    dispatch and combine and combine's forward as counted (dispatch's backward plus the
+    all-to-all's copy, which one rank does not make); the experts as counted over the Experts
+    module on a 2-rank all-to-all's output, less the two kernels Megatron's expert does not
+    launch (a bias add fused into its GELU, the second bias DeepSpeed drops). Whole counts."""
+    import json
+    from pathlib import Path
+
+    from moeplan.cost_models.runtimes import DEEPSPEED_OPS, operations
+
+    path = Path(__file__).resolve().parent.parent / "bench/results/deepspeed-moe-ops.json"
+    record = json.loads(path.read_text())
+    assert record["deepspeed"] == "0.16.4"
+    got = record["summary"]
+    assert DEEPSPEED_OPS["gate"][1] == got["train backward gate"]["fixed"]
+    assert DEEPSPEED_OPS["dispatch"][1] == got["train backward dispatch"]["fixed"] + 1
+    assert DEEPSPEED_OPS["combine"] == (got["train forward combine"]["fixed"],
+                                        got["train backward combine"]["fixed"])
+    for local in (1, 4, 16):
+        forward = operations("deepspeed", "gpu", "experts", False, local)
+        both = 3 * operations("deepspeed", "gpu", "experts", True, local)
+        want = [got[f"train {way} experts, ep 2"]["fixed"]
+                + (got[f"train {way} experts, ep 2"]["per_local_expert"] - 1) * local
+                for way in ("forward", "backward")]
+        assert (forward, both - forward) == pytest.approx(want, abs=1e-9)
+
+
 def test_the_optimizers_once_a_step_host_syncs_are_charged_once():
     """The BF16 optimizer reads two scalars on the host a step (its norm assert, the clipping
     test), DeepSpeed's fp16 ZeRO 1/2 one (the overflow flag): charged once, with the embedding."""

@@ -36,14 +36,24 @@ CUDA_RENORM_OPS = 3  # sum, clamp, div
 CUDA_INFER_OPS = {Phase.GATE: CUDA_GATE_AROUND + 12, Phase.DISPATCH: 6, Phase.COMBINE: 6,
                   Phase.EXPERTS: 8}
 GATED_EXPERTS_INFER = 4
-# DeepSpeed-MoE (deepspeed/moe/sharded_moe.py, experts.py at 38327e0; Megatron-DeepSpeed's
-# ParallelMLP as the expert): GPU kernels per MoE layer phase (forward, backward). Forward counted
-# with a TorchDispatchMode over DeepSpeed's top-1 TopKGate (CPU, fp32) less the CPU-only capacity
-# scalars: gate 32 with random token selection (27 without: inference, where DeepSpeed-MoE turns
-# it off) + 2 fp16→fp32 casts; dispatch and combine a cast, the einsum's bmm and a copy each;
-# experts chunk + cat around 4 kernels per local expert (`ops`). Backward counts are estimates
-# (autograd nodes of the same ops), not counted.
-DEEPSPEED_OPS = {**CUDA_OPS, Phase.GATE: (34, 24), Phase.DISPATCH: (3, 3), Phase.COMBINE: (3, 3)}
+# DeepSpeed-MoE (deepspeed/moe/sharded_moe.py, experts.py at 38327e0 = v0.16.4; Megatron-
+# DeepSpeed's ParallelMLP as the expert): GPU kernels per MoE layer phase (forward, backward).
+# Gate forward counted with a TorchDispatchMode over DeepSpeed's top-1 TopKGate (CPU, fp32) less
+# the CPU-only capacity scalars: 32 with random token selection (27 without: inference, where
+# DeepSpeed-MoE turns it off) + 2 fp16→fp32 casts; dispatch a cast, the einsum's bmm and the
+# all-to-all's contiguous copy. The rest counted by running DeepSpeed's layer on one CPU rank
+# (bench/count_deepspeed_moe_ops.py, bench/results/deepspeed-moe-ops.json; bf16 tokens, fp32
+# gate): gate backward 12, dispatch backward the bmm (+ the all-to-all's copy, which one rank
+# does not make), combine 4 and 4 (a cast, the bmm, copies); the experts (`operations`) a cat
+# around each local expert's kernels.
+DEEPSPEED_OPS = {**CUDA_OPS, Phase.GATE: (34, 12), Phase.DISPATCH: (3, 2), Phase.COMBINE: (4, 4)}
+# Per local expert, as counted over DeepSpeed's Experts on the input an all-to-all over 2 ranks
+# leaves, 5 forward (the chunk's copy, GEMM, bias add, GELU, GEMM with bias) and 8 backward
+# (the copy, 4 GEMMs, 2 bias sums, GELU's), less what Megatron's expert does not launch: its
+# bias and GELU are one fused kernel, and DeepSpeed drops its second bias (experts.py: "Ignore
+# the bias term for now"). Plus the cat of the experts' outputs (its backward: the gradients'
+# cat of the chunks).
+DEEPSPEED_EXPERT_OPS, DEEPSPEED_EXPERTS_FIXED = (5 - 1, 8 - 1), (1, 1)
 DEEPSPEED_RTS_OPS = 5  # random token selection: rand, sub, mul, add, mul (not in inference)
 # DeepSpeed 0.5–0.13 (the paper's era) copies the gate's expert counts `.to('cpu')` on every
 # call (v0.6.0 sharded_moe.py:204), draining the launch queue: a PCIe round trip each (assumed
@@ -299,7 +309,8 @@ def operations(runtime: str, device_kind: str, name: str, training: bool,
         return (fwd + noise + bwd) / 3
     if runtime == "deepspeed":
         if name == Phase.EXPERTS:
-            fwd, bwd = 2 + 4 * local_experts, 2 + 8 * local_experts
+            fwd, bwd = (fixed + per * local_experts
+                        for fixed, per in zip(DEEPSPEED_EXPERTS_FIXED, DEEPSPEED_EXPERT_OPS))
         else:
             fwd, bwd = DEEPSPEED_OPS[name]
             if name == Phase.GATE and not training:

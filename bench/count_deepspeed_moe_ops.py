@@ -1,0 +1,193 @@
+"""Count DeepSpeed-MoE's kernels per MoE layer phase, forward and backward, by running its layer:
+to check the counts `moeplan/cost_models/runtimes.py` charges for `--runtime deepspeed`
+(`DEEPSPEED_OPS`, the experts' loop), whose backward figures were estimates.
+
+    pip install deepspeed==0.16.4      # in an environment of its own: not a moeplan dependency
+    python bench/count_deepspeed_moe_ops.py [--out bench/results/deepspeed-moe-ops.json]
+
+DeepSpeed's `deepspeed.moe.layer.MoE` (DS_ACCELERATOR=cpu, one gloo rank, so every expert is
+local and the all-to-alls move nothing) runs top-1 gating as the paper's models train it (random
+token selection on, capacity factor 1, min capacity 4, dropping tokens) over bf16 tokens (its
+gate computes in fp32, as on a GPU under fp16/bf16), experts of two linear layers with biases
+and a GELU. The counting mode of bench/op_count.py counts the training forward and backward of
+the layer (gradients flowing into its input, as inside a model; the output's gradient given, no
+loss), and the inference forward. Phases: gate (the TopKGate module), dispatch (from the gate's
+end to the experts: the einsum and the first all-to-all), experts (the Experts module), combine
+(after it). Forward operations go to the phase running; backward ones to the phase whose
+forward made the autograd node running them (by its sequence number, the node's prehook
+moving the phase). Counted for 2 and 4 local experts; the experts' figure is given as a + b·L
+for L local experts, also for the Experts module alone on the input an all-to-all over 2 ranks
+leaves (each expert's chunk is then not contiguous: a copy before its first GEMM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+
+from op_count import counter
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+PHASES = ("gate", "dispatch", "experts", "combine")
+TOKENS, HIDDEN, FFN = 64, 16, 32
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _count(experts: int) -> dict:
+    import torch
+    from deepspeed.moe.layer import MoE
+
+    torch.manual_seed(0)
+    expert = torch.nn.Sequential(torch.nn.Linear(HIDDEN, FFN), torch.nn.GELU(),
+                                 torch.nn.Linear(FFN, HIDDEN))
+    layer = MoE(hidden_size=HIDDEN, expert=expert, num_experts=experts, ep_size=1, k=1,
+                capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=4, use_rts=True,
+                drop_tokens=True)
+    layer.set_deepspeed_parallelism()
+    inner = layer.deepspeed_moe
+    inner.experts.to(torch.bfloat16)
+    count = counter()
+    marks: dict[str, int] = {}
+
+    def mark(name: str):
+        """The autograd sequence number now (a marker node, made while not counting)."""
+        was, c.on = c.on, False
+        marks[name] = (torch.ones(1, requires_grad=True) * 1).grad_fn._sequence_nr()
+        c.on = was
+
+    def enter(phase: str):
+        def hook(*_):  # returns None: the module's inputs and outputs stay as they are
+            mark(phase)
+            _go(phase)
+        return hook
+
+    def phase_hooks():
+        return [inner.gate.register_forward_pre_hook(enter("gate")),
+                inner.gate.register_forward_hook(enter("dispatch")),
+                inner.experts.register_forward_pre_hook(enter("experts")),
+                inner.experts.register_forward_hook(enter("combine"))]
+
+    def _go(phase: str):
+        c.phase = phase
+
+    out: dict = {}
+    for training in (True, False):
+        layer.train(training)
+        x = torch.randn(2, TOKENS // 2, HIDDEN, dtype=torch.bfloat16, requires_grad=training)
+        layer(x)  # warm-up (lazy buffers)
+        c = count("outside")
+        hooks = phase_hooks()
+        with c:
+            y, l_aux, _ = layer(x)
+            mark("end")
+            if training:
+                bounds = [(marks[p], p) for p in PHASES]
+
+                def phase_of(seq: int) -> str:
+                    name = "outside"
+                    for start, p in bounds:
+                        if seq >= start:
+                            name = p
+                    return name if seq < marks["end"] else "outside"
+
+                seen, todo = set(), [y.grad_fn, l_aux.grad_fn]
+                while todo:
+                    node = todo.pop()
+                    if node is None or node in seen:
+                        continue
+                    seen.add(node)
+                    p = phase_of(node._sequence_nr())
+                    node.register_prehook(lambda grads, p=p: _go("bwd " + p))
+                    todo.extend(n for n, _ in node.next_functions)
+                c.phase = "bwd outside"
+                torch.autograd.backward([y, l_aux], [torch.ones_like(y), torch.ones_like(l_aux)])
+        for h in hooks:
+            h.remove()
+        key = "train" if training else "infer"
+        out[key] = {
+            "forward": {p: c.launches[p] for p in PHASES},
+            "backward": {p: c.launches["bwd " + p] for p in PHASES} if training else {},
+            "syncs": {p: n for p, n in c.syncs.items() if n},
+            "outside": {"forward": c.launches["outside"], "backward": c.launches["bwd outside"]},
+            "ops": {p: dict(ops) for p, ops in c.ops.items() if ops}}
+    out["experts_ep2"] = _count_experts(experts)
+    return out
+
+
+def _count_experts(experts: int) -> dict:
+    """DeepSpeed's Experts module alone on the [ep, local experts, capacity, hidden] input an
+    all-to-all over 2 ranks leaves (each expert's chunk then not contiguous)."""
+    import torch
+    from deepspeed.moe.experts import Experts
+
+    torch.manual_seed(0)
+    expert = torch.nn.Sequential(torch.nn.Linear(HIDDEN, FFN), torch.nn.GELU(),
+                                 torch.nn.Linear(FFN, HIDDEN)).to(torch.bfloat16)
+    module = Experts(expert, experts)
+    x = torch.randn(2, experts, TOKENS // experts, HIDDEN, dtype=torch.bfloat16,
+                    requires_grad=True)
+    grad = torch.ones(2, experts, TOKENS // experts, HIDDEN, dtype=torch.bfloat16)
+    c = counter()("forward")
+    with c:
+        y = module(x)
+        c.phase = "backward"
+        y.backward(grad)
+    return {"forward": c.launches["forward"], "backward": c.launches["backward"],
+            "ops": {p: dict(ops) for p, ops in c.ops.items() if ops}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="write the counts as JSON here")
+    a = ap.parse_args(argv)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0")
+    try:
+        import deepspeed
+        import torch
+    except ImportError as e:
+        print(f"count_deepspeed_moe_ops: needs deepspeed (pip install deepspeed==0.16.4): {e}",
+              file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    counts = {L: _count(L) for L in (2, 4)}
+    record = {"deepspeed": deepspeed.__version__, "torch": torch.__version__,
+              "tokens": TOKENS, "hidden": HIDDEN, "ffn": FFN, "by_local_experts": counts}
+    summary = {}
+    for mode in ("train", "infer"):
+        for way in ("forward", "backward"):
+            two, four = (counts[L][mode][way] for L in (2, 4))
+            if not two:
+                continue
+            for p in PHASES:
+                per = (four[p] - two[p]) / 2
+                summary[f"{mode} {way} {p}"] = {"fixed": two[p] - 2 * per, "per_local_expert": per}
+                print(f"{mode:5s} {way:8s} {p:8s} {two[p] - 2 * per:4.0f} + {per:3.0f} per local "
+                      f"expert")
+    two, four = (counts[L]["experts_ep2"] for L in (2, 4))
+    for way in ("forward", "backward"):
+        per = (four[way] - two[way]) / 2
+        summary[f"train {way} experts, ep 2"] = {"fixed": two[way] - 2 * per,
+                                                 "per_local_expert": per}
+        print(f"train {way:8s} experts with ep 2: {two[way] - 2 * per:4.0f} + {per:3.0f} per "
+              f"local expert")
+    record["summary"] = summary
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

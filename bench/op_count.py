@@ -1,0 +1,69 @@
+"""Counting what a piece of PyTorch code would launch on a GPU, by running it on the CPU: the
+counting mode the DeepSpeed count benches share.
+
+Every aten operation counts as one kernel launch, except views (`_unsafe_view` too), allocations
+without a fill and a copy_ onto the very same data (ATen returns before any kernel); its bytes are those of its tensor
+inputs and outputs (an output it only writes — copy_, zero_, fill_ — is not read);
+`_local_scalar_dense` is a host read; collectives (c10d) are listed, not counted. Counts go to
+the mode's current `phase` (a string the caller moves).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+
+def counter():
+    """The counting mode's class (torch is imported here, so that callers can set up the
+    environment first)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    aten = torch.ops.aten
+    free = {aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default,
+            aten.new_empty.default, aten.new_empty_strided.default, aten.detach.default,
+            aten.lift_fresh.default, aten.set_.source_Storage_storage_offset,
+            aten.set_.source_Tensor, aten.resize_.default, aten._unsafe_view.default}
+    write_only = {"copy_", "zero_", "fill_"}
+
+    def same_data(func, args) -> bool:
+        if func is not aten.copy_.default:
+            return False
+        dst, src = args[0], args[1]
+        return (dst.data_ptr() == src.data_ptr() and dst.dtype == src.dtype
+                and dst.shape == src.shape and dst.stride() == src.stride())
+
+    class Count(TorchDispatchMode):
+        def __init__(self, phase: str = "all"):
+            super().__init__()
+            self.on, self.phase = True, phase
+            self.launches: Counter = Counter()
+            self.bytes: Counter = Counter()
+            self.syncs: Counter = Counter()
+            self.collectives: dict[str, Counter] = defaultdict(Counter)
+            self.ops: dict[str, Counter] = defaultdict(Counter)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not self.on:
+                return out
+            name = func.overloadpacket.__name__
+            if func.namespace == "c10d" or name.startswith("_c10d"):
+                self.collectives[self.phase][name] += 1
+                return out
+            if func is aten._local_scalar_dense.default:
+                self.syncs[self.phase] += 1
+                return out
+            if func.is_view or func in free or same_data(func, args):
+                return out
+            ins = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor)]
+            outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            if name in write_only and ins:
+                ins = ins[1:]  # the destination is written, not read
+            self.launches[self.phase] += 1
+            self.ops[self.phase][name] += 1
+            self.bytes[self.phase] += sum(t.numel() * t.element_size() for t in ins + outs)
+            return out
+
+    return Count

@@ -77,16 +77,59 @@ def _own_cpu_s() -> float:
 # the two layers
 
 
+def layer_spec(a, k: int, cf: float):
+    """The layer as a one-layer ModelSpec, with DeepSpeed's gating switches as the bench sets
+    them (no random token selection, no Gumbel sampling of top-2's second expert)."""
+    from moeplan.spec.model import ModelSpec
+
+    return ModelSpec(name="bench-moe-layer", num_layers=1, hidden=a.hidden, heads=a.hidden // 64,
+                     ffn_hidden=a.ffn, vocab_size=256, max_seq_len=a.seq, experts=[a.experts],
+                     residual=False, top_k=k, capacity_factor=cf, eval_capacity_factor=cf,
+                     min_capacity=a.min_capacity, drop_tokens=True, use_rts=False,
+                     second_expert_sampling=False)
+
+
+def predicted_ms(a, k: int, cf: float, world: int, runtime: str, profile: str) -> float:
+    """The cost model's forward + backward time of the layer's MoE phases (gate, dispatch, the
+    two all-to-alls, experts, combine) for `runtime` on a profile of this host measured with
+    `world` ranks, as `step.train_layer` charges them (compute three passes, exchanges two)
+    with the ranks' waits for each other over this layer's compute alone."""
+    from pathlib import Path
+
+    from moeplan.cost_models.layer import (
+        COMPUTE_PHASES,
+        Env,
+        LayerChoice,
+        LayerCost,
+        add_turn_wait,
+        forward,
+    )
+    from moeplan.cost_models.step import train_pass
+    from moeplan.spec.cluster import ClusterProfile
+    from moeplan.spec.phases import Phase
+    from moeplan.spec.workload import Setting, Workload
+
+    cluster = ClusterProfile.model_validate_json(Path(profile).read_text())
+    w = Workload(mode="train", global_batch=world * a.batch, micro_batch=a.batch, seq_len=a.seq,
+                 dtype="fp32", zero_stage=0)
+    env = Env(layer_spec(a, k, cf), cluster, w, world, runtime=runtime)
+    s = Setting(tp=1, dp=world, micro_batch=a.batch, recompute=False)
+    fwd = forward(env, s, 0, LayerChoice(ep=world, es=1, a2a="flat", coordinated=False),
+                  train_pass(env, s))
+    cost = LayerCost()
+    for p in (Phase.GATE, Phase.DISPATCH, Phase.DISPATCH_A2A, Phase.EXPERTS, Phase.COMBINE_A2A,
+              Phase.COMBINE):
+        cost.phases[p] = (3 if p in COMPUTE_PHASES else 2) * fwd.phases.get(p, 0.0)
+    add_turn_wait(env, cost, train=True, exchanges=world > 1)
+    return 1e3 * sum(cost.phases.values())
+
+
 def build_moeplan(a, k: int, cf: float, world: int, rank: int, group):
     from moeplan.runtime.a2a import FlatExchange
     from moeplan.runtime.comm import Comm
     from moeplan.runtime.model import MoE, MoEParallel
-    from moeplan.spec.model import ModelSpec
 
-    spec = ModelSpec(name="bench-moe-layer", num_layers=1, hidden=a.hidden, heads=a.hidden // 64,
-                     ffn_hidden=a.ffn, vocab_size=256, max_seq_len=a.seq, experts=[a.experts],
-                     residual=False, top_k=k, capacity_factor=cf, eval_capacity_factor=cf,
-                     min_capacity=a.min_capacity, drop_tokens=True)
+    spec = layer_spec(a, k, cf)
     ep = Comm(group=group, ranks=tuple(range(world)), rank_in_group=rank)
     par = MoEParallel(ep=ep, es=Comm.solo(), exchange=FlatExchange(ep), coordinated=False)
     torch.manual_seed(a.seed + rank)  # experts differ by rank (each rank holds E/ep of them)
@@ -318,6 +361,10 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="also print a torch.profiler table per implementation (rank 0, stderr)")
     ap.add_argument("--profile-rows", type=int, default=25)
+    ap.add_argument("--cluster-profile", action="append", default=[], metavar="WORLD=FILE",
+                    help="a `moeplan profile --nproc WORLD` of this host: each record of that "
+                         "world also gets the cost model's predicted step time of both layers "
+                         "(repeatable)")
     a = ap.parse_args()
     if a.quick:
         a.cf, a.iters, a.repeats, a.warmup = [1.0], 1, 3, 1
@@ -326,11 +373,18 @@ def main() -> None:
             ap.error(f"--experts {a.experts} is not divisible by world size {w}")
     if a.hidden % 64:
         ap.error("--hidden must be a multiple of 64 (ModelSpec needs hidden % heads == 0)")
+    profiles = {}
+    for item in a.cluster_profile:
+        world, _, path = item.partition("=")
+        if not world.isdigit() or not os.path.isfile(path):
+            ap.error(f"--cluster-profile {item!r}: give WORLD=FILE of an existing profile")
+        profiles[int(world)] = path
 
     cores = os.cpu_count() or 1
     notes = ["CPU only, gloo, torch.set_num_threads(1) per rank; ep = world size, es = tp = 1.",
              "Weights: moeplan's router and experts copied into DeepSpeed's layer, so both route "
-             "the same tokens; the input is identical for both (different per rank).",
+             "the same tokens; the input is identical for both (different per rank); neither "
+             "samples (no random token selection, no Gumbel noise).",
              "DeepSpeed: use_rts=False, drop_tokens=True, noisy_gate_policy=None, "
              "top2_2nd_expert_sampling=False (no Gumbel noise), use_tutel=False."]
     over = [w for w in a.world if w > cores]
@@ -368,6 +422,23 @@ def main() -> None:
         out["results"].extend(got["records"])
         out.setdefault("wall_s_per_world", {})[str(w)] = round(time.perf_counter() - t0, 1)
     out["wall_s"] = round(time.perf_counter() - t_all, 1)
+    for rec in out["results"]:
+        profile = profiles.get(rec.get("world"))
+        if profile is None:
+            continue
+        for name, runtime in (("moeplan", "moerun"), ("deepspeed", "deepspeed")):
+            if "step_ms_median" not in rec.get(name, {}):
+                continue
+            ms = predicted_ms(a, rec["top_k"], rec["capacity_factor"], rec["world"], runtime,
+                              profile)
+            rec[name]["predicted_ms"] = round(ms, 3)
+            rec[name]["prediction_error"] = round(ms / rec[name]["step_ms_median"] - 1, 4)
+    if profiles:
+        notes.append("predicted_ms: the cost model (`--runtime moerun` for moeplan's layer, "
+                     "`--runtime deepspeed` for DeepSpeed's) on the profiles given, the MoE "
+                     "phases of one training step's layer; prediction_error against the "
+                     "median step.")
+        out["cluster_profiles"] = {str(k): v for k, v in profiles.items()}
     if any(v > 0.05 for v in out.get("foreign_cpu_share", {}).values()):
         notes.append("Other processes used a noticeable share of the CPUs during the run "
                      "(foreign_cpu_share): medians are noisy; ratio_best_repeat is the steadier "

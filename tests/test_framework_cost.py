@@ -201,6 +201,34 @@ def test_work_scale_interpolates_in_log_roofline_and_clamps():
     assert work_scale(env, "dense.attention", p, 2e-4) == 1.0  # not measured
 
 
+def test_a_moerun_probe_describes_deepspeeds_own_kernels_by_their_counts_only(fitted):
+    """A measured profile's probe runs moerun: for DeepSpeed's own gate, dispatch, combine and
+    expert loop its fixed seconds scale by the two runtimes' operation counts, and its work
+    scales (moerun's gathers' distance from the roofline) do not apply; other phases are
+    shared."""
+    from dataclasses import replace
+
+    from moeplan.cost_models.runtimes import operations
+
+    fw, *_, cluster = fitted
+    scaled = fw.model_copy(update={"phases": {
+        k: v.model_copy(update={"work_scale": 7.0, "work_points": [(1e-4, 7.0)]})
+        for k, v in fw.phases.items()}})
+    mr = env_with(cluster, scaled)
+    ds = replace(mr, runtime="deepspeed")
+    train = Pass(256, 64, False)
+    for phase, local in (("gate", 0), ("dispatch", 0), ("combine", 0), ("experts", 2)):
+        ratio = (operations("deepspeed", "cpu", phase, True, local, ds.spec)
+                 / operations("moerun", "cpu", phase, True, local, mr.spec))
+        assert fixed_s(ds, f"moe.{phase}", train, local) == pytest.approx(
+            ratio * fixed_s(mr, f"moe.{phase}", train, local), rel=F64_REL)
+        assert work_scale(ds, f"moe.{phase}", train, 2e-4) == 1.0
+        assert work_scale(mr, f"moe.{phase}", train, 2e-4) == 7.0
+    for key in ("moe.attention", "dense.mlp"):
+        assert fixed_s(ds, key, train) == fixed_s(mr, key, train)
+        assert work_scale(ds, key, train, 2e-4) == 7.0
+
+
 def test_ranks_sharing_cores_take_turns_and_wait_at_the_all_to_alls(fitted):
     fw, *_, cluster = fitted
     env = env_with(cluster, fw)  # 4 ranks, 2 cores, contention 3 measured with 4 ranks

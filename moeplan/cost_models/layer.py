@@ -38,6 +38,10 @@ from moeplan.spec.phases import COMM, COMPUTE, EXCHANGE, Phase
 from moeplan.spec.workload import Setting, Workload
 
 COMPUTE_PHASES = COMPUTE
+# MoE phases each runtime implements its own way (DeepSpeed: fp32 gate with its capacity
+# scalars, one-hot einsum dispatch and combine, a loop over local experts): a measured
+# profile's probe, which runs moerun, describes them only for moerun
+OWN_KERNELS = (Phase.GATE, Phase.DISPATCH, Phase.COMBINE, Phase.EXPERTS)
 COMM_PHASES = COMM
 
 
@@ -177,6 +181,10 @@ def fixed_s(env: Env, key: str, p: Pass, local_experts: int = 0) -> float:
     t = one(key) * block_scale(name, env.spec, train)  # the probe's blocks -> the spec's
     if key == "moe.experts":
         t += local_experts * one("moe.experts_per_local")
+    if env.runtime != "moerun" and name in OWN_KERNELS:  # the probe is moerun's: its kernels
+        # -> the runtime's, by their operation counts
+        t *= ops(env, name, p, local_experts) / operations(
+            "moerun", dev.kind, name, train, local_experts, env.spec)
     return k * t
 
 
@@ -207,9 +215,11 @@ def work_scale(env: Env, key: str, p: Pass, roofline: float) -> float:
     """How far a phase's kernels run from the roofline, where the profile measured it (training
     passes and the prompt pass on the training points, decode passes on the decode points):
     interpolated in log(roofline seconds) between the probe sizes, the nearest one's outside
-    them. Unmeasured: 1."""
+    them. Unmeasured: 1 — as for another runtime's own MoE kernels (`OWN_KERNELS`: the probe
+    measured moerun's gather-based dispatch, combine and gate, not DeepSpeed's einsum GEMMs)."""
     fw = env.cluster.device.framework
-    if fw is None or key not in fw.phases:
+    own = key.rpartition(".")[2] in OWN_KERNELS and env.runtime != "moerun"
+    if fw is None or key not in fw.phases or own:
         return 1.0
     o = fw.phases[key]
     if p.decode:

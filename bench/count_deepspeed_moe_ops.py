@@ -23,23 +23,15 @@ leaves (each expert's chunk is then not contiguous: a copy before its first GEMM
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
 import sys
 
-from op_count import counter
+from op_count import counter, free_port, save_json
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 PHASES = ("gate", "dispatch", "experts", "combine")
 TOKENS, HIDDEN, FFN = 64, 16, 32
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _count(experts: int) -> dict:
@@ -149,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="write the counts as JSON here")
     a = ap.parse_args(argv)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
                       WORLD_SIZE="1", LOCAL_RANK="0")
     try:
         import deepspeed
@@ -182,10 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train {way:8s} experts with ep 2: {two[way] - 2 * per:4.0f} + {per:3.0f} per "
               f"local expert")
     record["summary"] = summary
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(record, f, indent=2, sort_keys=True)
-            f.write("\n")
+    save_json(record, a.out)
     return 0
 
 

@@ -30,24 +30,16 @@ kernel each, except where a fused CUDA kernel does more at once (not the case fo
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
 import sys
 
-from op_count import counter
+from op_count import counter, free_port, save_json
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 SHAPES = ((8, 64), (16, 64), (8, 128))  # (tensors T, width d): tensors of d² elements
 CONFIGS = (("bf16", 0), ("fp32", 0), ("bf16", 1), ("bf16", 2))
 WINDOWS = ("micro", "boundary", "step")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, world: int, port: int, queue) -> None:
@@ -166,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     for world in a.world:
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=_rank, args=(r, world, port, queue)) for r in range(world)]
         for p in procs:
             p.start()
@@ -179,10 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{world} rank(s) {key:11s} {w:8s} {v['launches_per_tensor']:5.2f} launches "
                       f"a tensor, {v['bytes_per_element']:6.2f} bytes an element, "
                       f"{v['host_reads']} host reads, collectives {v['collectives']}")
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(record, f, indent=2, sort_keys=True)
-            f.write("\n")
+    save_json(record, a.out)
     return 0
 
 

@@ -1,5 +1,5 @@
 """Counting what a piece of PyTorch code would launch on a GPU, by running it on the CPU: the
-counting mode the DeepSpeed count benches share.
+counting mode the DeepSpeed count benches share (and their small helpers).
 
 Every aten operation counts as one kernel launch, except views (`_unsafe_view` too), allocations
 without a fill and a copy_ onto the very same data (ATen returns before any kernel); its bytes are those of its tensor
@@ -10,7 +10,24 @@ the mode's current `phase` (a string the caller moves).
 
 from __future__ import annotations
 
+import json
+import socket
 from collections import Counter, defaultdict
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, for a local process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def save_json(record: dict, path: str | None) -> None:
+    """Write a bench's record as sorted, indented JSON (nothing without a path)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+            f.write("\n")
 
 
 def counter():

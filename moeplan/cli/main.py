@@ -78,7 +78,7 @@ def _load_cluster(cluster: str | None, profile: str | None):
 @click.option("--runtime", type=click.Choice(["moerun", "deepspeed"]), default="moerun",
               show_default=True,
               help="Whose kernels, launches and loops are costed: moerun's, or DeepSpeed-MoE's "
-                   "(per-expert loop, einsum dispatch/combine).")
+                   "(per-expert loop, einsum dispatch/combine: DeepSpeed up to 0.19.3).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of a table.")
 def search(model_name, gpus, cluster, profile, mode, global_batch, micro_batch, seq_len,
            prompt_len, gen_len, objective, slo_ms, dtype, zero_stage, simulate_top, routing_skew,

@@ -63,6 +63,9 @@ def test_the_architectures_are_read_as_their_code_builds_them(tmp_path):
     (dict(MIXTRAL_8X7B, num_local_experts=None), "has no 'num_local_experts'"),
     (dict(MIXTRAL_8X7B, hidden_size=-3), "not a whole number"),
     (dict(MIXTRAL_8X7B, num_experts_per_tok=9), "top_k"),
+    # fuzz (bench/fuzz.py seed 1949110652): 13,969,466 layers held `moeplan search` past its
+    # time bound; refused before any per-layer list is built
+    (dict(MIXTRAL_8X7B, num_hidden_layers=13_969_466), "num_hidden_layers is 13969466, above"),
 ])
 def test_what_is_not_read_is_one_line(tmp_path, doc, message):
     with pytest.raises(SpecError, match=message) as e:

@@ -101,6 +101,16 @@ def test_knapsack_equals_brute_force(layers, budget, floor):
             [floor] + [i.transient_bytes for i in chosen]) <= budget + 1
 
 
+def test_knapsack_ties_go_to_the_lexicographically_first_picks():
+    """Two plans of equal time and memory: the one whose picks come first in lexicographic
+    order, whatever order the frontier met them in."""
+    layer = [knapsack.Item(1.0, 2.0, 0.0), knapsack.Item(2.0, 1.0, 0.0)]
+    sol = knapsack.solve([layer, layer], 3.0)
+    assert (sol.time_s, sol.memory_bytes, sol.picks) == (3.0, 3.0, (0, 1))
+    three = knapsack.solve([layer, layer, layer], 5.0)  # (0, 0, 1), (0, 1, 0), (1, 0, 0) tie
+    assert (three.time_s, three.picks) == (4.0, (0, 0, 1))
+
+
 def test_plan_is_deterministic_and_valid():
     spec, cluster = load_model("1.3b-pr-moe"), load_cluster("ndv4-a100-40gb")
     a, _ = plan(spec, cluster, Request(gpus=64))

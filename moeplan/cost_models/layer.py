@@ -18,6 +18,7 @@ FLOPs; each communication runs once per forward pass and once in backward.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from math import ceil, log
 
 from moeplan.cost_models import collectives as coll
@@ -95,6 +96,11 @@ class Env:
         if w.mode != "train":
             return TrainState(self.dtype_bytes, 0, 0, 0, 0, False)
         return train_state(w.dtype, self.runtime, w.zero_stage)
+
+    @cached_property
+    def layers_per_moe_layer(self) -> float:
+        """The model's layers per MoE layer (a PR-MoE: 2), counted once per environment."""
+        return self.spec.num_layers / max(1, len(self.spec.moe_layers))
 
     def span(self, size: int, stride: int) -> coll.GroupSpan:
         return coll.group_span(size, stride, self.gpus_per_node)
@@ -382,7 +388,7 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     # step and refills whenever they idle: through the compute of this layer and of the layers
     # without an exchange that come with it (a PR-MoE has a dense layer per MoE layer), and
     # while its ranks wait for their peers' turns; the layer's two exchanges share that.
-    per_layer = spec.num_layers / max(1, sum(1 for e in spec.experts if e))
+    per_layer = env.layers_per_moe_layer
     idle = ((1.0 + wait_factor(env)) * per_layer / 2
             * sum(t for k, t in ph.items() if k in COMPUTE_PHASES))
     a2a_s = net * coll.all_to_all_s(a2a_bytes, ep_span, env.cluster, c.a2a, idle)

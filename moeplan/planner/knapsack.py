@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Item:
@@ -50,35 +52,52 @@ def undominated(items: Sequence[Item]) -> list[int]:
     return keep
 
 
-def _frontier(layers: Sequence[Sequence[tuple[int, Item]]], cap: float):
-    """Pareto frontier of (memory, time, picks) over all layers, memory within `cap`.
+def _fastest(layers: Sequence[Sequence[tuple[int, Item]]], cap: float):
+    """The fastest (memory, time, picks) over all layers with memory within `cap`: the last
+    point of the Pareto frontier of (memory, time) partial sums, built layer by layer.
 
     Sums are kept rounded to a milli-byte and a femtosecond so that sums equal up to the order of
-    addition tie; ties go to the lexicographically first picks, so the output is stable.
+    addition tie; ties go to the lexicographically first picks, so the output is stable. Each
+    point keeps the rank of its picks in lexicographic order among the frontier's and a link to
+    the point it extends (arrays: a layer costs the frontier times its options).
     """
     fixed = [(k, it) for opts in layers if len(opts) == 1 for k, it in opts]
     m0 = sum(it.memory_bytes for _, it in fixed)
     t0 = sum(it.time_s for _, it in fixed)
     if m0 > cap:
-        return []
-    frontier: list[tuple[float, float, tuple[int, ...]]] = [(m0, t0, ())]
+        return None
+    mem, tim, rank = np.array([m0]), np.array([t0]), np.zeros(1, dtype=np.int64)
+    steps: list = []  # per layer: its one pick, or (the point each point extends, its pick)
     for options in layers:
-        if len(options) == 1:  # already in (m0, t0): record the pick only
-            k = options[0][0]
-            frontier = [(m, t, picks + (k,)) for m, t, picks in frontier]
+        if len(options) == 1:  # already in (m0, t0): record the pick only (ranks unchanged)
+            steps.append(options[0][0])
             continue
-        merged = [(round(m + it.memory_bytes, 3), round(t + it.time_s, 15), picks + (k,))
-                  for m, t, picks in frontier for k, it in options
-                  if m + it.memory_bytes <= cap]
-        merged.sort()
-        frontier, best_t = [], float("inf")
-        for point in merged:
-            if point[1] < best_t:
-                frontier.append(point)
-                best_t = point[1]
-        if not frontier:
-            return []
-    return frontier
+        picks = np.array([k for k, _ in options])
+        m = mem[:, None] + np.array([it.memory_bytes for _, it in options])[None, :]
+        t = tim[:, None] + np.array([it.time_s for _, it in options])[None, :]
+        fits = m <= cap
+        parent = np.broadcast_to(np.arange(len(mem))[:, None], m.shape)[fits]
+        pick = np.broadcast_to(picks[None, :], m.shape)[fits]
+        m, t = np.round(m[fits], 3), np.round(t[fits], 15)
+        order = np.lexsort((pick, rank[parent], t, m))  # by memory, time, then picks
+        m, t, parent, pick = m[order], t[order], parent[order], pick[order]
+        keep = t < np.minimum.accumulate(np.concatenate(([np.inf], t[:-1])))
+        if not keep.any():
+            return None
+        mem, tim, parent, pick = m[keep], t[keep], parent[keep], pick[keep]
+        lex = np.lexsort((pick, rank[parent]))
+        rank = np.empty(len(lex), dtype=np.int64)
+        rank[lex] = np.arange(len(lex))
+        steps.append((parent, pick))
+    at, chosen = len(mem) - 1, []
+    for step in reversed(steps):
+        if isinstance(step, tuple):
+            parent, pick = step
+            chosen.append(int(pick[at]))
+            at = int(parent[at])
+        else:
+            chosen.append(step)
+    return float(mem[-1]), float(tim[-1]), tuple(reversed(chosen))
 
 
 def solve(layers: Sequence[Sequence[Item]], budget_bytes: float, floor_transient: float = 0.0,
@@ -99,10 +118,10 @@ def solve(layers: Sequence[Sequence[Item]], budget_bytes: float, floor_transient
         limit = best.time_s if best else bound_s
         if sum(min(it.time_s for _, it in a) for a in allowed) >= limit:
             continue
-        frontier = _frontier(allowed, budget_bytes - tau)
-        if not frontier:
+        fastest = _fastest(allowed, budget_bytes - tau)
+        if fastest is None:
             continue
-        mem, t, picks = frontier[-1]  # the fastest point that fits
+        mem, t, picks = fastest
         if t < limit:
             best = Solution(time_s=t, memory_bytes=mem + tau, picks=picks)
     return best

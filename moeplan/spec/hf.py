@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from moeplan.spec.errors import SpecError
-from moeplan.spec.model import LatentAttention, ModelSpec
+from moeplan.spec.model import MAX_LAYERS, LatentAttention, ModelSpec
 
 SUPPORTED = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
              "OlmoeForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
@@ -65,6 +65,9 @@ def from_hf(doc: dict, name: str) -> ModelSpec:
         raise SpecError(f"Hugging Face architecture {shown} is not one moeplan reads "
                         f"({', '.join(SUPPORTED)})")
     L = _get(doc, "num_hidden_layers")
+    if L > MAX_LAYERS:  # before any per-layer list is built
+        raise SpecError(f"the Hugging Face config's num_hidden_layers is {L}, above the "
+                        f"{MAX_LAYERS} moeplan plans")
     h, heads = _get(doc, "hidden_size"), _get(doc, "num_attention_heads")
     common: dict[str, Any] = dict(
         name=name, description=f"{arch} from a Hugging Face config",

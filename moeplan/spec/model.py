@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
 
 
+MAX_LAYERS = 1024
+
 class Distillation(BaseModel):
     """Staged knowledge distillation of a Mixture-of-Students (DeepSpeed-MoE §4.2).
 
@@ -59,7 +61,9 @@ class ModelSpec(BaseModel):
     name: str = Field(max_length=200, pattern=PRINTABLE)
     description: str = ""
     source: str = ""
-    num_layers: int = Field(gt=0)
+    # at most 1,024: the deepest transformer published (DeepNet, Wang et al. 2022) has 1,000
+    # layers; the exact search's time grows with the square of the layers (3 s at 1,000)
+    num_layers: int = Field(gt=0, le=MAX_LAYERS)
     hidden: int = Field(gt=0)
     heads: int = Field(gt=0)
     ffn_hidden: int = Field(gt=0)

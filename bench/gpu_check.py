@@ -9,9 +9,15 @@ Steps, each in its own process with a time limit, in order of what they cost:
   graph     tests/test_fastpath.py's CUDA-graph test (replay == eager)
   train     moeplan search (1 GPU, --mode train, bf16) -> moerun (5 steps) -> moeplan validate
   infer     the same for --mode infer
+  profiled  moeplan profile (1 GPU, --quick) -> a plan of PROFILED_MODEL costed on that measured
+            profile -> moerun -> validate: the measured profile's probe runs at most 256 tokens
+            at hidden 256, so this checks its work scales carried to a model 4x wider with
+            2,048-token sequences (on CPU ranks they over-predicted an MoE layer at 8x the
+            probe's tokens by +68% to +116%: docs/accuracy.md)
   kernels   bench/bench_kernels_gpu.py at a small size: Triton vs reference vs one-hot einsum
 Writes DIR/summary.json (each step's exit code, seconds and last lines) and each step's own
-output. Without CUDA it says so and exits 0: it never reports a figure it did not measure.
+output; `--step NAME` runs only the steps named (the device time is short). Without CUDA it
+says so and exits 0: it never reports a figure it did not measure.
 Prepared for a session with a GPU; not yet run on one.
 """
 
@@ -26,7 +32,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LIMIT_S = {"trace": 240, "graph": 240, "train": 300, "infer": 300, "kernels": 240}
+LIMIT_S = {"trace": 240, "graph": 240, "train": 300, "infer": 300, "profiled": 480,
+           "kernels": 240}
+PROFILED_MODEL = "350m-pr-moe"  # hidden 1024, sequences of 2,048: beyond the probe's sizes
 
 
 def trace_decode(model_name: str, batch: int, prompt: int, tokens: int) -> dict:
@@ -114,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="tiny-pr-moe")
     ap.add_argument("--cluster", default="dgx-h100-80gb",
                     help="the profile the plans are costed on (a GPU of this machine's kind)")
+    ap.add_argument("--step", action="append", choices=list(LIMIT_S), default=None,
+                    help="run only this step (repeatable) [default: all, in order]")
     ap.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)  # the trace step
     a = ap.parse_args(argv)
     import torch
@@ -144,10 +154,19 @@ def main(argv: list[str] | None = None) -> int:
             plan + ["--mode", "infer", "--out", "infer-plan.json"],
             moerun + ["--plan", "infer-plan.json", "--out", "infer-run.json"],
             validate + ["infer-plan.json", "infer-run.json"]))],
+        "profiled": ["sh", "-c", " && ".join(" ".join(c) for c in (
+            [py, "-m", "moeplan.cli.main", "profile", "--nproc", "1", "--quick", "--out",
+             "profile.json"],
+            [py, "-m", "moeplan.cli.main", "search", "--model", PROFILED_MODEL, "--gpus", "1",
+             "--profile", "profile.json", "--dtype", "bf16", "--mode", "train",
+             "--global-batch", "8", "--out", "profiled-plan.json"],
+            moerun + ["--plan", "profiled-plan.json", "--out", "profiled-run.json"],
+            validate + ["profiled-plan.json", "profiled-run.json"]))],
         "kernels": [py, str(ROOT / "bench" / "bench_kernels_gpu.py"), "--tokens", "4096",
                     "--experts", "8", "64", "--reps", "10"],
     }
-    summary = {name: run_step(name, argv, out, env) for name, argv in steps.items()}
+    summary = {name: run_step(name, argv, out, env) for name, argv in steps.items()
+               if a.step is None or name in a.step}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 0 if all(s["rc"] == 0 for s in summary.values()) else 1
 

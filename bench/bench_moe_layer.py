@@ -92,19 +92,12 @@ def layer_spec(a, k: int, cf: float):
 def predicted_ms(a, k: int, cf: float, world: int, runtime: str, profile: str) -> float:
     """The cost model's forward + backward time of the layer's MoE phases (gate, dispatch, the
     two all-to-alls, experts, combine) for `runtime` on a profile of this host measured with
-    `world` ranks, as `step.train_layer` charges them (compute three passes, exchanges two)
-    with the ranks' waits for each other over this layer's compute alone."""
+    `world` ranks, as `step.train_passes` charges them, the ranks' waits for each other taken
+    over this layer's compute alone."""
     from pathlib import Path
 
-    from moeplan.cost_models.layer import (
-        COMPUTE_PHASES,
-        Env,
-        LayerChoice,
-        LayerCost,
-        add_turn_wait,
-        forward,
-    )
-    from moeplan.cost_models.step import train_pass
+    from moeplan.cost_models.layer import Env, LayerChoice, LayerCost, forward
+    from moeplan.cost_models.step import train_pass, train_passes
     from moeplan.spec.cluster import ClusterProfile
     from moeplan.spec.phases import Phase
     from moeplan.spec.workload import Setting, Workload
@@ -116,12 +109,11 @@ def predicted_ms(a, k: int, cf: float, world: int, runtime: str, profile: str) -
     s = Setting(tp=1, dp=world, micro_batch=a.batch, recompute=False)
     fwd = forward(env, s, 0, LayerChoice(ep=world, es=1, a2a="flat", coordinated=False),
                   train_pass(env, s))
-    cost = LayerCost()
-    for p in (Phase.GATE, Phase.DISPATCH, Phase.DISPATCH_A2A, Phase.EXPERTS, Phase.COMBINE_A2A,
-              Phase.COMBINE):
-        cost.phases[p] = (3 if p in COMPUTE_PHASES else 2) * fwd.phases.get(p, 0.0)
-    add_turn_wait(env, cost, train=True, exchanges=world > 1)
-    return 1e3 * sum(cost.phases.values())
+    moe = (Phase.GATE, Phase.DISPATCH, Phase.DISPATCH_A2A, Phase.EXPERTS, Phase.COMBINE_A2A,
+           Phase.COMBINE)
+    only = LayerCost(phases={p: fwd.phases.get(p, 0.0) for p in moe},
+                     fixed={p: t for p, t in fwd.fixed.items() if p in moe})
+    return 1e3 * sum(train_passes(env, s, only, exchanges=world > 1).phases.values())
 
 
 def build_moeplan(a, k: int, cf: float, world: int, rank: int, group):

@@ -88,7 +88,7 @@ class Env:
         train = self.workload.mode == "train"
         return 4 if (self.runtime == "moerun" and train) else self.dtype_bytes
 
-    @property
+    @cached_property
     def state(self) -> TrainState:
         """The training state per parameter in the runtime's precision layout
         (`memory.train_state`); in inference the weights in the plan's dtype, nothing else."""
@@ -560,6 +560,6 @@ def weight_memory(env: Env, s: Setting, index: int, c: LayerChoice) -> dict[str,
 
 def gradient_share(env: Env, group: int) -> int:
     """Over how many ranks a parameter's gradient memory is split at its peak: ZeRO-2 under
-    DeepSpeed reduce-scatters buckets during the backward, so only pieces persist; moerun
+    DeepSpeed reduces buckets during the backward and keeps only its partition; moerun
     reduces once the backward is over, so the whole gradients exist until then."""
     return group if env.workload.zero_stage >= 2 and env.runtime == "deepspeed" else 1

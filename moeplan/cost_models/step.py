@@ -60,9 +60,10 @@ def prefill_pass(env: Env, s: Setting) -> Pass:
     return Pass(tokens=s.micro_batch * w.prompt_len, context=w.prompt_len, decode=False)
 
 
-def train_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> LayerCost:
-    p = train_pass(env, s)
-    fwd = forward(env, s, index, c, p)
+def train_passes(env: Env, s: Setting, fwd: LayerCost, exchanges: bool) -> LayerCost:
+    """A training step's phases from one forward pass's: compute phases run forward, (the
+    recomputed forward,) and backward at twice the forward; communication once each way; every
+    micro-step; then the ranks' waits for each other at the exchanges (`add_turn_wait`)."""
     steps, r = s.micro_steps(env.workload), int(s.recompute)
     cost = LayerCost(comm_bytes=fwd.comm_bytes)
     for name, t in fwd.phases.items():
@@ -70,7 +71,14 @@ def train_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> LayerCost:
         cost.phases[name] = steps * passes * t
         if name in fwd.fixed:
             cost.fixed[name] = steps * passes * fwd.fixed[name]
-    add_turn_wait(env, cost, train=True, exchanges=c.ep * c.es > 1)
+    add_turn_wait(env, cost, train=True, exchanges=exchanges)
+    return cost
+
+
+def train_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> LayerCost:
+    p = train_pass(env, s)
+    cost = train_passes(env, s, forward(env, s, index, c, p), exchanges=c.ep * c.es > 1)
+    steps = s.micro_steps(env.workload)
     lp = layer_params(env.spec, index)
     non_expert = lp.non_expert / s.tp
     expert = (lp.experts // c.ep) * lp.per_expert / c.es if lp.experts else 0.0

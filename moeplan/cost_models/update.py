@@ -8,7 +8,12 @@ from __future__ import annotations
 from moeplan.cost_models import collectives as coll
 from moeplan.cost_models.compute import memory_s
 from moeplan.cost_models.layer import Env, sharing
-from moeplan.cost_models.runtimes import HOST_SYNC_S, gpu_optimizer, optimizer_work
+from moeplan.cost_models.runtimes import (
+    HOST_SYNC_S,
+    OptimizerCount,
+    gpu_optimizer,
+    optimizer_work,
+)
 
 OPTIMIZER_OPS_PER_TENSOR = 16  # CPU: AdamW single-tensor step 10.2, clipping + zero_grad 5.3
 ADAM_BYTES_PER_PARAM = 28  # read fp16 grad + fp32 master, m, v; write master, m, v and fp16 weight
@@ -63,11 +68,10 @@ def optimizer_s(env: Env, local: float, share: float, tensors: int, shards: int 
         slow, turns = sharing(env)
         return slow * turns * (k.framework * tensors * fw.optimizer_tensor_s
                                + k.compute * share * fw.optimizer_param_s)
-    if dev.kind != "gpu":
+    c = counted(env)
+    if c is None:
         return (k.compute * memory_s(ADAM_BYTES_PER_PARAM * share, dev)
                 + k.framework * tensors * OPTIMIZER_OPS_PER_TENSOR * dev.op_overhead_s)
-    w = env.workload
-    c = gpu_optimizer(env.runtime, w.zero_stage, w.dtype)
     mine = tensors / shards
     launches, nbytes = optimizer_work(c, local, share, tensors, mine, micro_steps,
                                       reductions(env, micro_steps))
@@ -75,14 +79,19 @@ def optimizer_s(env: Env, local: float, share: float, tensors: int, shards: int 
             + k.framework * (launches * dev.op_overhead_s + c.tensor_syncs * mine * HOST_SYNC_S))
 
 
-def optimizer_step_s(env: Env) -> float:
-    """The optimizer's host syncs that come once a step, whatever the layers (on a GPU without
-    a measured framework)."""
+def counted(env: Env) -> OptimizerCount | None:
+    """The runtime's counted weight update where the cost model charges it: on a GPU whose
+    profile has not measured the framework (None elsewhere)."""
     dev, w = env.cluster.device, env.workload
     if dev.framework is not None or dev.kind != "gpu":
-        return 0.0
-    syncs = gpu_optimizer(env.runtime, w.zero_stage, w.dtype).step_syncs
-    return env.scales.framework * syncs * HOST_SYNC_S
+        return None
+    return gpu_optimizer(env.runtime, w.zero_stage, w.dtype)
+
+
+def optimizer_step_s(env: Env) -> float:
+    """The optimizer's host syncs that come once a step, whatever the layers."""
+    c = counted(env)
+    return 0.0 if c is None else env.scales.framework * c.step_syncs * HOST_SYNC_S
 
 
 def layer_tensors(spec, index: int) -> int:

@@ -89,6 +89,15 @@ def layer_spec(a, k: int, cf: float):
                      second_expert_sampling=False)
 
 
+def deepspeed_runtime(version: str | None) -> str:
+    """The `--runtime` that models this DeepSpeed: index dispatch from v0.19.4 on."""
+    try:
+        parts = tuple(int(x) for x in (version or "0").split("+")[0].split(".")[:3])
+    except ValueError:
+        return "deepspeed"
+    return "deepspeed-sparse" if parts >= (0, 19, 4) else "deepspeed"
+
+
 def predicted_ms(a, k: int, cf: float, world: int, runtime: str, profile: str) -> float:
     """The cost model's forward + backward time of the layer's MoE phases (gate, dispatch, the
     two all-to-alls, experts, combine) for `runtime` on a profile of this host measured with
@@ -414,11 +423,12 @@ def main() -> None:
         out["results"].extend(got["records"])
         out.setdefault("wall_s_per_world", {})[str(w)] = round(time.perf_counter() - t0, 1)
     out["wall_s"] = round(time.perf_counter() - t_all, 1)
+    ds_runtime = deepspeed_runtime(out.get("deepspeed_version"))
     for rec in out["results"]:
         profile = profiles.get(rec.get("world"))
         if profile is None:
             continue
-        for name, runtime in (("moeplan", "moerun"), ("deepspeed", "deepspeed")):
+        for name, runtime in (("moeplan", "moerun"), ("deepspeed", ds_runtime)):
             if "step_ms_median" not in rec.get(name, {}):
                 continue
             ms = predicted_ms(a, rec["top_k"], rec["capacity_factor"], rec["world"], runtime,
@@ -427,7 +437,7 @@ def main() -> None:
             rec[name]["prediction_error"] = round(ms / rec[name]["step_ms_median"] - 1, 4)
     if profiles:
         notes.append("predicted_ms: the cost model (`--runtime moerun` for moeplan's layer, "
-                     "`--runtime deepspeed` for DeepSpeed's) on the profiles given, the MoE "
+                     f"`--runtime {ds_runtime}` for DeepSpeed's) on the profiles given, the MoE "
                      "phases of one training step's layer; prediction_error against the "
                      "median step.")
         out["cluster_profiles"] = {str(k): v for k, v in profiles.items()}

@@ -38,8 +38,9 @@ not a check; every other constant is a datasheet value or an assumption stated i
 so the other rows are validation (no constant is fitted to Megatron-LM's runs either).
 Targets: each validation point within ±25%, the 8→64 GPU
 latency ratio within 1.6–2.8× (paper 2.15×), the training ratio MoE/dense within 4.2–6.5×
-(paper 5.3×). It also prints the planner's own best moerun plans for the 52B inference cases:
-their latency must fall from 8 to 64 GPUs.
+(paper 5.3×). It also prints the planner's own best moerun plans for the 52B inference cases
+(their latency must fall from 8 to 64 GPUs), and the training and inference configurations
+costed for today's DeepSpeed (`--runtime deepspeed-sparse`), which nothing published checks.
 """
 
 from __future__ import annotations
@@ -84,10 +85,11 @@ def costed(model: str | ModelSpec, gpus: int, mode: str, batch: int, fix: Fix, r
     return plan(spec, cluster or load_cluster(CLUSTER), req)[0]
 
 
-def latency_ms(gpus: int, cluster: ClusterProfile | None = None) -> float:
+def latency_ms(gpus: int, cluster: ClusterProfile | None = None,
+               runtime: str = "deepspeed") -> float:
     """DeepSpeed's per-token latency for the 52B model on `gpus` GPUs (Figure 10's setup)."""
     p = costed("1.3b-moe-128", gpus, "infer", SEQUENCES_PER_GPU * gpus,
-               Fix(tp=1, ep=gpus, es=1), "deepspeed", cluster)
+               Fix(tp=1, ep=gpus, es=1), runtime, cluster)
     return p.predicted.latency_s * 1e3
 
 
@@ -217,9 +219,23 @@ def main(argv: list[str] | None = None) -> int:
     falls = all(own[a] > own[b] for a, b in zip(sorted(own), sorted(own)[1:]))
     ok &= falls
     print(f"  latency falls from 8 to 64 GPUs: {'yes' if falls else 'NO'}")
+
+    print("Today's DeepSpeed (--runtime deepspeed-sparse: index dispatch, v0.19.4 on), the "
+          "same configurations; nothing published to compare with")
+    sparse = {}
+    for label, model, gpus, batch, fix, _ in TRAINING:
+        p = costed(model, gpus, "train", batch, fix, "deepspeed-sparse")
+        sparse[f"train {label}"] = batch / p.predicted.step_time_s
+        print(f"  {label:14s} {sparse[f'train {label}']:7.2f} samples/s "
+              f"({sparse[f'train {label}'] / train[label]:.2f}x the einsum runtime's)")
+    for gpus, _ in INFERENCE:
+        ms = latency_ms(gpus, runtime="deepspeed-sparse")
+        sparse[f"infer 52B {gpus} GPUs"] = ms
+        print(f"  52B {gpus:2d} GPUs    {ms:7.2f} ms per token ({ms / latency[gpus]:.2f}x)")
     out = {"cluster": CLUSTER, "rows": rows, "bounds": bounds, "train_ratio": speedup,
            "latency_8_over_64": fall,
            "moerun_best_ms": own, "moerun_latency_falls": falls, "all_targets_met": ok,
+           "deepspeed_sparse": sparse,
            "fitted_to_published": {"op_overhead_s": FITTED}}
     if a.out:
         with open(a.out, "w") as f:

@@ -15,8 +15,12 @@ loss), and the inference forward. Phases: gate (the TopKGate module), dispatch (
 end to the experts: the einsum and the first all-to-all), experts (the Experts module), combine
 (after it). Forward operations go to the phase running; backward ones to the phase whose
 forward made the autograd node running them (by its sequence number, the node's prehook
-moving the phase). Counted for 2 and 4 local experts; the experts' figure is given as a + b·L
-for L local experts, also for the Experts module alone on the input an all-to-all over 2 ranks
+moving the phase). Operations on host scalars (the capacity, computed from `torch.tensor`s that
+stay on the CPU on a GPU too) are listed apart as host operations, and reading them back as host
+reads, not device syncs (bench/op_count.py); `F.one_hot` runs as ATen runs it on CUDA (zeros and
+a scatter: its class checks, a min/max read back on the host, are CPU-only — Onehot.cpp relies on
+scatter's device asserts there). Counted for 2 and 4 local experts; the experts' figure is given
+as a + b·L for L local experts, also for the Experts module alone on the input an all-to-all over 2 ranks
 leaves (each expert's chunk is then not contiguous: a copy before its first GEMM).
 """
 
@@ -34,9 +38,24 @@ PHASES = ("gate", "dispatch", "experts", "combine")
 TOKENS, HIDDEN, FFN = 64, 16, 32
 
 
-def _count(experts: int) -> dict:
+def _cuda_one_hot(t, num_classes):
+    """`F.one_hot` as ATen runs it on CUDA: zeros and a scatter, no class checks read back
+    (DeepSpeed's gates always give `num_classes`)."""
     import torch
+
+    out = torch.zeros(*t.shape, num_classes, dtype=t.dtype, device=t.device)
+    return out.scatter_(-1, t.unsqueeze(-1), 1)
+
+
+def _count(experts: int) -> dict:
+    import deepspeed.moe.sharded_moe as sharded
+    import torch
+    import torch.nn.functional as F
     from deepspeed.moe.layer import MoE
+
+    F.one_hot = _cuda_one_hot  # this process only counts
+    if hasattr(sharded, "_one_hot_to_float"):  # up to 0.19.3: a TorchScript function around it
+        sharded._one_hot_to_float = lambda x, num_classes: _cuda_one_hot(x, num_classes).float()
 
     torch.manual_seed(0)
     expert = torch.nn.Sequential(torch.nn.Linear(HIDDEN, FFN), torch.nn.GELU(),
@@ -109,6 +128,8 @@ def _count(experts: int) -> dict:
             "forward": {p: c.launches[p] for p in PHASES},
             "backward": {p: c.launches["bwd " + p] for p in PHASES} if training else {},
             "syncs": {p: n for p, n in c.syncs.items() if n},
+            "host_reads": {p: n for p, n in c.host_reads.items() if n},
+            "host_ops": {p: dict(ops) for p, ops in c.host_ops.items() if ops},
             "outside": {"forward": c.launches["outside"], "backward": c.launches["bwd outside"]},
             "ops": {p: dict(ops) for p, ops in c.ops.items() if ops}}
     out["experts_ep2"] = _count_experts(experts)

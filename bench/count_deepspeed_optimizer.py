@@ -18,9 +18,11 @@ second step's launches, bytes and host reads. Three windows per step:
             whose step is not counted: on a GPU DeepSpeed's fused Adam runs there, counted from
             its kernels in runtimes.py)
 Per window, launches = a·T + b and bytes = c·T·d² + e are solved from T in {8, 16} and d in
-{64, 128}; the record holds a (per tensor), c (per element), the host reads, and the collectives
-seen (not charged here: `update.grad_sync_s` charges them). With 2 ranks each rank steps its
-half: the per-tensor and per-element figures then mix the rank's whole ("local") and its
+{64, 128}; the record holds a (per tensor), c (per element), the host reads at T = 8 (device
+syncs: `host_reads`, and how many of them come per tensor: `host_reads_per_tensor`; reads of
+host scalars, no sync on a GPU: `host_scalar_reads` — see bench/op_count.py), and the
+collectives seen (not charged here: `update.grad_sync_s` charges them). With 2 ranks each rank
+steps its half: the per-tensor and per-element figures then mix the rank's whole ("local") and its
 partition ("share") terms, which the 1-rank figures separate.
 
 The CPU's aten operations stand for the GPU's kernels: on CUDA the same operations launch one
@@ -113,7 +115,8 @@ def _rank(rank: int, world: int, port: int, queue) -> None:
                 got[w].ops["all"].subtract(c.ops["all"])
             results[f"{dtype} zero{zero} T{T} d{d}"] = {
                 w: {"launches": g.launches["all"], "bytes": g.bytes["all"],
-                    "syncs": g.syncs["all"], "collectives": dict(g.collectives["all"]),
+                    "syncs": g.syncs["all"], "host_scalar_reads": g.host_reads["all"],
+                    "collectives": dict(g.collectives["all"]),
                     "ops": {k: v for k, v in g.ops["all"].items() if v}}
                 for w, g in got.items()}
             eng.destroy()
@@ -135,7 +138,10 @@ def _coefficients(raw: dict) -> dict:
             per_tensor = (b[w]["launches"] - a[w]["launches"]) / (t1 - t0)
             per_element = (c[w]["bytes"] - a[w]["bytes"]) / (t0 * (d2 ** 2 - d0 ** 2))
             out[key][w] = {"launches_per_tensor": per_tensor, "bytes_per_element": per_element,
-                           "host_reads": a[w]["syncs"], "collectives": a[w]["collectives"],
+                           "host_reads": a[w]["syncs"],
+                           "host_reads_per_tensor": (b[w]["syncs"] - a[w]["syncs"]) / (t1 - t0),
+                           "host_scalar_reads": a[w]["host_scalar_reads"],
+                           "collectives": a[w]["collectives"],
                            "ops_T8_d64": a[w]["ops"]}
     return out
 

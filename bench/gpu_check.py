@@ -10,10 +10,10 @@ Steps, each in its own process with a time limit, in order of what they cost:
   train     moeplan search (1 GPU, --mode train, bf16) -> moerun (5 steps) -> moeplan validate
   infer     the same for --mode infer
   profiled  moeplan profile (1 GPU, --quick) -> a plan of PROFILED_MODEL costed on that measured
-            profile -> moerun -> validate: the measured profile's probe runs at most 256 tokens
-            at hidden 256, so this checks its work scales carried to a model 4x wider with
-            2,048-token sequences (on CPU ranks they over-predicted an MoE layer at 8x the
-            probe's tokens by +68% to +116%: docs/accuracy.md)
+            profile -> moerun -> validate: the measured profile's probe runs at hidden 256 to
+            2,048 with 1,024 to 8,192 tokens on a GPU, so this checks its work scales on a model
+            inside that range (hidden 1024, 2,048-token sequences); the first GPU run of the
+            probe at those sizes (shapes.PROBE_SIZES["gpu"])
   kernels   bench/bench_kernels_gpu.py at a small size: Triton vs reference vs one-hot einsum
 Writes DIR/summary.json (each step's exit code, seconds and last lines) and each step's own
 output; `--step NAME` runs only the steps named (the device time is short). Without CUDA it
@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT_S = {"trace": 240, "graph": 240, "train": 300, "infer": 300, "profiled": 480,
            "kernels": 240}
-PROFILED_MODEL = "350m-pr-moe"  # hidden 1024, sequences of 2,048: beyond the probe's sizes
+PROFILED_MODEL = "350m-pr-moe"  # hidden 1024, sequences of 2,048: inside the GPU probe's sizes
 
 
 def trace_decode(model_name: str, batch: int, prompt: int, tokens: int) -> dict:

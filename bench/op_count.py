@@ -6,12 +6,20 @@ without a fill and a copy_ onto the very same data (ATen returns before any kern
 inputs and outputs (an output it only writes — copy_, zero_, fill_ — is not read);
 `_local_scalar_dense` is a host read; collectives (c10d) are listed, not counted. Counts go to
 the mode's current `phase` (a string the caller moves).
+
+Host tensors: on a GPU, what the code makes with `torch.tensor(...)` (a scalar such as
+DeepSpeed's capacity factor) stays on the CPU, and so does whatever is computed from host tensors
+alone. The mode follows them: an operation whose tensor inputs are all host tensors is a host
+operation (listed apart, launching nothing on a GPU), and reading one back is a host read, not a
+device sync. Factories without tensor inputs count as device operations (the code under count
+places them on the device).
 """
 
 from __future__ import annotations
 
 import json
 import socket
+import weakref
 from collections import Counter, defaultdict
 
 
@@ -60,9 +68,23 @@ def counter():
             self.syncs: Counter = Counter()
             self.collectives: dict[str, Counter] = defaultdict(Counter)
             self.ops: dict[str, Counter] = defaultdict(Counter)
+            self.host_ops: dict[str, Counter] = defaultdict(Counter)
+            self.host_reads: Counter = Counter()
+            self._host: dict[int, weakref.ref] = {}  # id -> the host tensor (alive)
+
+        def _is_host(self, t) -> bool:
+            ref = self._host.get(id(t))
+            return ref is not None and ref() is t
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
+            ins = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor)]
+            outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            host = (func is aten.lift_fresh.default
+                    or (bool(ins) and all(self._is_host(t) for t in ins)))
+            if host:
+                for t in outs:
+                    self._host[id(t)] = weakref.ref(t)
             if not self.on:
                 return out
             name = func.overloadpacket.__name__
@@ -70,12 +92,13 @@ def counter():
                 self.collectives[self.phase][name] += 1
                 return out
             if func is aten._local_scalar_dense.default:
-                self.syncs[self.phase] += 1
+                (self.host_reads if host else self.syncs)[self.phase] += 1
                 return out
             if func.is_view or func in free or same_data(func, args):
                 return out
-            ins = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor)]
-            outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            if host:
+                self.host_ops[self.phase][name] += 1
+                return out
             if name in write_only and ins:
                 ins = ins[1:]  # the destination is written, not read
             self.launches[self.phase] += 1

@@ -173,7 +173,7 @@ SEARCH_OPTIONS = {
     "--slo-ms": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6)),
     "--simulate-top": st.integers(min_value=-2, max_value=2**40),
     "--mode": st.sampled_from(["train", "infer", "", "x"]),
-    "--runtime": st.sampled_from(["moerun", "deepspeed", "DeepSpeed"]),
+    "--runtime": st.sampled_from(["moerun", "deepspeed", "deepspeed-sparse", "DeepSpeed"]),
     "--zero": st.sampled_from(["0", "1", "2", "3", "-1"]),
     "--fix": st.one_of(
         st.tuples(st.sampled_from(["tp", "ep", "es", "edp", "a2a", "tp-coordinated",

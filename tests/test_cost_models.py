@@ -495,28 +495,32 @@ def test_gpu_optimizer_is_charged_as_each_runtime_steps():
     assert got == pytest.approx(((3 + 1 / 36) * op, (40 + 24) / bandwidth + chunk), rel=F64_REL)
 
 
-def test_deepspeeds_counts_are_what_deepspeed_did():
-    """runtimes.py's DeepSpeed weight-update counts against DeepSpeed 0.16.4 itself, run on 2
-    gloo ranks by bench/count_deepspeed_optimizer.py (its record under bench/results/): per
-    window, launches a tensor and bytes an element besides the wrapped optimizer's own update,
-    and the host reads. Counts of whole operations: equal to rounding (1e-9)."""
+@pytest.mark.parametrize("runtime, record, version", [
+    ("deepspeed", "deepspeed-optimizer-counts.json", "0.16.4"),
+    ("deepspeed-sparse", "deepspeed-optimizer-counts-0.19.8.json", "0.19.8")])
+def test_deepspeeds_counts_are_what_deepspeed_did(runtime, record, version):
+    """runtimes.py's DeepSpeed weight-update counts against DeepSpeed itself (v0.16.4 for
+    `deepspeed`, v0.19.8 for `deepspeed-sparse`), run on 2 gloo ranks by
+    bench/count_deepspeed_optimizer.py (its records under bench/results/): per window, launches a
+    tensor and bytes an element besides the wrapped optimizer's own update, and the device syncs
+    (at 8 tensors, and per tensor). Counts of whole operations: equal to rounding (1e-9)."""
     import json
     from pathlib import Path
 
     from moeplan.cost_models.memory import train_state
     from moeplan.cost_models.runtimes import gpu_optimizer
 
-    path = Path(__file__).resolve().parent.parent / "bench/results/deepspeed-optimizer-counts.json"
+    path = Path(__file__).resolve().parent.parent / "bench/results" / record
     record = json.loads(path.read_text())
-    assert record["deepspeed"] == "0.16.4"
+    assert record["deepspeed"] == version
     windows = {"micro": {"micro"}, "boundary": {"micro", "reduce", "accumulate"},
                "step": {"step"}}
     seen = 0
     for key, measured in record["worlds"]["2"].items():
         dtype, zero = key.split(" zero")
         zero = int(zero)
-        count = gpu_optimizer("deepspeed", zero, dtype)
-        ranks = 2 if train_state(dtype, "deepspeed", zero).sharded else 1
+        count = gpu_optimizer(runtime, zero, dtype)
+        ranks = 2 if train_state(dtype, runtime, zero).sharded else 1
         for window, whens in windows.items():
             if zero == 2 and window == "micro":
                 whens = whens | {"reduce"}  # ZeRO-2 reduces after every backward
@@ -528,39 +532,67 @@ def test_deepspeeds_counts_are_what_deepspeed_did():
             want = measured[window]
             assert got == pytest.approx([want["launches_per_tensor"], want["bytes_per_element"]],
                                         abs=1e-9), (key, window)
-            syncs = count.step_syncs if window == "step" else 0
-            assert want["host_reads"] == syncs, (key, window)
+            per_tensor = count.tensor_syncs / ranks if window == "step" else 0
+            syncs = 8 * per_tensor + (count.step_syncs if window == "step" else 0)
+            assert (want["host_reads"], want["host_reads_per_tensor"]) == (syncs, per_tensor), (
+                key, window)
             seen += 1
     assert seen == 12
 
 
-def test_deepspeed_moe_counts_are_what_deepspeeds_layer_did():
-    """DeepSpeed-MoE's per-phase kernel counts against DeepSpeed 0.16.4's layer run on a CPU rank
-    by bench/count_deepspeed_moe_ops.py (its record under bench/results/): the backward of gate,
-    dispatch and combine and combine's forward as counted (dispatch's backward plus the
-    all-to-all's copy, which one rank does not make); the experts as counted over the Experts
-    module on a 2-rank all-to-all's output, less the two kernels Megatron's expert does not
-    launch (a bias add fused into its GELU, the second bias DeepSpeed drops). Whole counts."""
+@pytest.mark.parametrize("runtime, record, version, copies", [
+    ("deepspeed", "deepspeed-moe-ops.json", "0.16.4", 1),
+    ("deepspeed-sparse", "deepspeed-moe-ops-0.19.8.json", "0.19.8", 0)])
+def test_deepspeed_moe_counts_are_what_deepspeeds_layer_did(runtime, record, version, copies):
+    """DeepSpeed-MoE's per-phase kernel counts against DeepSpeed's layer run on a CPU rank by
+    bench/count_deepspeed_moe_ops.py (its records under bench/results/; host scalars and
+    one_hot's CPU-only checks left out, as a GPU runs them): gate, dispatch and combine as
+    counted, the einsum dispatch (v0.16.4) plus the all-to-all's copy of its permuted output,
+    which one rank does not make (v0.19.8's gathers leave contiguous outputs: none); the
+    inference gate without random token selection; no device sync in either; the experts as
+    counted over the Experts module on a 2-rank all-to-all's output, less the two kernels
+    Megatron's expert does not launch (a bias add fused into its GELU, the second bias
+    DeepSpeed drops). Whole counts."""
     import json
     from pathlib import Path
 
-    from moeplan.cost_models.runtimes import DEEPSPEED_OPS, operations
+    from moeplan.cost_models.runtimes import (
+        DEEPSPEED_OPS,
+        DEEPSPEED_RTS_OPS,
+        DEEPSPEED_SPARSE_OPS,
+        operations,
+    )
 
-    path = Path(__file__).resolve().parent.parent / "bench/results/deepspeed-moe-ops.json"
+    path = Path(__file__).resolve().parent.parent / "bench/results" / record
     record = json.loads(path.read_text())
-    assert record["deepspeed"] == "0.16.4"
+    assert record["deepspeed"] == version
+    ops = DEEPSPEED_OPS if runtime == "deepspeed" else DEEPSPEED_SPARSE_OPS
     got = record["summary"]
-    assert DEEPSPEED_OPS["gate"][1] == got["train backward gate"]["fixed"]
-    assert DEEPSPEED_OPS["dispatch"][1] == got["train backward dispatch"]["fixed"] + 1
-    assert DEEPSPEED_OPS["combine"] == (got["train forward combine"]["fixed"],
-                                        got["train backward combine"]["fixed"])
+    for phase in ("gate", "dispatch", "combine"):
+        extra = copies if phase == "dispatch" else 0
+        assert ops[phase] == (got[f"train forward {phase}"]["fixed"] + extra,
+                              got[f"train backward {phase}"]["fixed"] + extra), phase
+    assert operations(runtime, "gpu", "gate", False) == (got["infer forward gate"]["fixed"]
+                                                         - DEEPSPEED_RTS_OPS)
+    for layer in record["by_local_experts"].values():
+        assert not layer["train"]["syncs"] and not layer["infer"]["syncs"]
     for local in (1, 4, 16):
-        forward = operations("deepspeed", "gpu", "experts", False, local)
-        both = 3 * operations("deepspeed", "gpu", "experts", True, local)
+        forward = operations(runtime, "gpu", "experts", False, local)
+        both = 3 * operations(runtime, "gpu", "experts", True, local)
         want = [got[f"train {way} experts, ep 2"]["fixed"]
                 + (got[f"train {way} experts, ep 2"]["per_local_expert"] - 1) * local
                 for way in ("forward", "backward")]
         assert (forward, both - forward) == pytest.approx(want, abs=1e-9)
+
+
+def test_runtime_choices_are_the_planners():
+    """The CLI's --runtime choices (a torch-free constant) are the planner's `Runtime` values."""
+    from typing import get_args
+
+    from moeplan.cost_models.runtimes import RUNTIMES
+    from moeplan.planner.planning import Runtime
+
+    assert get_args(Runtime) == RUNTIMES
 
 
 def test_the_optimizers_once_a_step_host_syncs_are_charged_once():

@@ -1,5 +1,6 @@
-"""`moeplan search --fix` (a configuration costed as given) and `--runtime moerun|deepspeed`
-(whose kernels are costed), and the cost terms that separate GPU runtimes."""
+"""`moeplan search --fix` (a configuration costed as given) and `--runtime
+moerun|deepspeed|deepspeed-sparse` (whose kernels are costed), and the cost terms that separate
+GPU runtimes."""
 
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ def test_the_issue_command_prints_a_costed_plan(run, tmp_path):  # noqa: F811
     assert plan_.provenance.runtime == "deepspeed"
 
 
-@given(st.lists(st.text(max_size=14), max_size=3), st.sampled_from(["moerun", "deepspeed", "x"]))
+@given(st.lists(st.text(max_size=14), max_size=3),
+       st.sampled_from(["moerun", "deepspeed", "deepspeed-sparse", "x"]))
 @settings(max_examples=40, deadline=20000)
 def test_any_fix_is_a_plan_or_one_line(tmp_path_factory, fixes, runtime):
     from moeplan.cli import main as moeplan_cli
@@ -151,6 +153,62 @@ def test_deepspeed_dispatch_and_combine_are_einsum_gemms_over_s_e_c():
     assert ds.phases["combine"] >= flops / (312e12 * 0.8)
     assert ds.phases["dispatch"] > 10 * mr.phases["dispatch"]
     assert ds.phases["gate"] > mr.phases["gate"]  # [S, E, C] tensors and two host syncs
+
+
+def test_deepspeed_sparse_dispatches_and_combines_by_index():
+    """DeepSpeed from v0.19.4 (`deepspeed-sparse`): no S·E·C einsum GEMMs nor [S, E, C]
+    tensors and no device sync — its gate charges the router and its [S, E] work only, dispatch
+    copies the tokens with a pad row and gathers the rows (2·b·(S + E·C)·M bytes), combine gathers
+    them back and weighs and sums the routes in fp32 (`sparse_combine_bytes`), each plus its
+    counted operations; the experts and the rest of the layer as under DeepSpeed's einsums."""
+    from moeplan.cost_models.compute import memory_s
+    from moeplan.cost_models.layer import sparse_combine_bytes
+    from moeplan.cost_models.runtimes import operations
+
+    s = Setting(tp=1, dp=128, micro_batch=4, recompute=True)
+    c = LayerChoice(ep=128, es=1, a2a="flat", coordinated=False)
+    p = Pass(tokens=4 * 2048, context=2048, decode=False)
+    env = _env("deepspeed-sparse", "train", gpus=128)
+    sparse, einsum = forward(env, s, 1, c, p), forward(_env("deepspeed", "train", gpus=128), s,
+                                                        1, c, p)
+    dev, h, T, E = NDV4.device, env.spec.hidden, p.tokens, 128
+    rows = E * env.spec.capacity(E, T, train=True)
+
+    def launches(phase: str) -> float:
+        return operations("deepspeed-sparse", "gpu", phase, True, 1, env.spec) * dev.op_overhead_s
+
+    assert sparse.phases["dispatch"] == pytest.approx(
+        memory_s(2 * 2 * (T * h + rows * h), dev) + launches("dispatch"), rel=F64_REL)
+    assert sparse.phases["combine"] == pytest.approx(
+        memory_s(sparse_combine_bytes(T, rows, h, 2, 1), dev) + launches("combine"), rel=F64_REL)
+    assert sparse_combine_bytes(T, rows, h, 2, 1) == 4 * rows * h + 24 * T * h  # bf16, top-1
+    assert sparse.phases["gate"] == pytest.approx(
+        max(gemm_s(T, E, h, dev, "fp32"), memory_s(4 * T * (h + 3 * E), dev))
+        + launches("gate"), rel=F64_REL)
+    einsum_gemm = 2 * T * rows * h / (312e12 * 0.8)  # S·(E·C)·M, the einsum's GEMM alone
+    assert sparse.phases["dispatch"] < einsum_gemm < einsum.phases["dispatch"]
+    for phase in ("experts", "attention", "mlp"):
+        assert sparse.phases[phase] == einsum.phases[phase]
+
+
+def test_deepspeed_sparse_steps_bf16_without_zero_unpartitioned():
+    """v0.19.8 runs bf16 without ZeRO through its FP16 optimizer in bf16: nothing partitioned, no
+    fp32 gradient buffer, no allgather after the step — v0.16.4's BF16 optimizer partitions the
+    fp32 states over the data-parallel ranks and accumulates in fp32."""
+    from moeplan.cost_models.memory import TrainState, train_state
+
+    assert train_state("bf16", "deepspeed-sparse", 0) == TrainState(2, 2, 12, 2, 0, False)
+    assert train_state("bf16", "deepspeed", 0) == TrainState(2, 6, 12, 2, 2, True)
+    for zero in (1, 2):
+        assert train_state("bf16", "deepspeed-sparse", zero) == train_state("bf16", "deepspeed",
+                                                                            zero)
+    req = dict(gpus=64, mode="train", global_batch=256, dtype="bf16", zero_stage=0,
+               fix=Fix(tp=1, ep=64, es=1, micro_batch=4), simulate_top=0)
+    spec = load_model("350m-moe-128")
+    old, _ = plan(spec, NDV4, Request(**req, runtime="deepspeed"))
+    new, _ = plan(spec, NDV4, Request(**req, runtime="deepspeed-sparse"))
+    mem = "optimizer_states"
+    assert new.predicted.memory_breakdown_bytes[mem] > old.predicted.memory_breakdown_bytes[mem]
 
 
 def test_elementwise_traffic_is_charged_on_gpus_only():

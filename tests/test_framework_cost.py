@@ -9,7 +9,7 @@ import pytest
 from tolerance import F64_REL
 
 from moeplan.calibrate.framework import framework_overhead, roofline
-from moeplan.calibrate.shapes import PROBE_EXPERTS, WORK_SIZES
+from moeplan.calibrate.shapes import PROBE_EXPERTS, PROBE_SIZES, WORK_SIZES
 from moeplan.calibrate.tables import Direction, Timed, to_raw
 from moeplan.cost_models.layer import (
     DENSE,
@@ -55,7 +55,7 @@ def synthetic_tables(fwd: dict, bwd: dict, infer: dict, per_local: tuple, scale:
         out[Timed(F, *HEAD_PHASE)], out[Timed(B, *HEAD_PHASE)] = fwd["head"], bwd["head"]
         return to_raw(out)
 
-    tokens = {"fixed": 7, "work": 15, "work2": 15, "work3": 15}
+    tokens = {"fixed": 7, **dict.fromkeys(WORK_SIZES, 15)}
 
     def decoded(size: str) -> dict:
         """Decode tables: the fixed part per token, plus `dscale[phase]` × the decode roofline
@@ -76,7 +76,7 @@ def synthetic_tables(fwd: dict, bwd: dict, infer: dict, per_local: tuple, scale:
     return {"train": table("train"), **{w: table(w) for w in WORK_SIZES},
             "work_all_ranks": {k: 3.0 * v for k, v in table("work").items()},
             "skew": 0.05, "infer_fixed": decoded("fixed"), "infer": inf,
-            "infer_work2": decoded("work2"), "infer_work3": decoded("work3"),
+            **{f"infer_{w}": decoded(w) for w in WORK_SIZES[1:]},
             "infer_all_ranks": {k: 2.0 * v for k, v in inf.items()},
             "decode_tokens": tokens,
             "optimizer": [(40 * 50e-6 + 1_000 * 2e-9, 1_000), (40 * 50e-6 + 500_000 * 2e-9,
@@ -95,7 +95,7 @@ def fitted():
     roof = {**{w: roofline(cluster, "fp32", w) for w in WORK_SIZES},
             **{"decode:" + w: roofline(cluster, "fp32", w, decode=True) for w in WORK_SIZES}}
     fw = framework_overhead(synthetic_tables(fwd, bwd, infer, (7e-6, 11e-6, 5e-6), scale, roof,
-                                             DECODE_SCALE), roof, 4, "test")
+                                             DECODE_SCALE), roof, 4, "test", "cpu")
     return fw, fwd, bwd, infer, scale, cluster
 
 
@@ -152,11 +152,47 @@ def test_profiles_decoded_at_one_size_still_build():
     tables = synthetic_tables(fwd, fwd, fwd, (0, 0, 0), {}, {**roof, **{
         "decode:" + w: {} for w in WORK_SIZES}}, {})
     old = {k: v for k, v in tables.items()
-           if k not in ("infer_fixed", "infer_work2", "infer_work3")}
+           if k not in ("infer_fixed", *(f"infer_{w}" for w in WORK_SIZES[1:]))}
     old["decode_tokens"] = 15
-    fw = framework_overhead(old, roof, 4, "test")
+    fw = framework_overhead(old, roof, 4, "test", "cpu")
     assert fw.phases["dense.mlp"].infer_s == pytest.approx(100e-6, rel=F64_REL)
     assert fw.phases["dense.mlp"].decode_points == []
+
+
+def test_profiles_probed_at_fewer_sizes_keep_the_points_they_have():
+    """Raw measurements from before the largest working size was probed: its tables are
+    missing, so its point is absent and the others' scales stand."""
+    cluster = load_cluster("local-cpu")
+    roof = {**{w: roofline(cluster, "fp32", w) for w in WORK_SIZES},
+            **{"decode:" + w: roofline(cluster, "fp32", w, decode=True) for w in WORK_SIZES}}
+    names = set(MOE_PHASES) | {"head"}
+    fwd = {ph: 100e-6 for ph in names}
+    tables = synthetic_tables(fwd, fwd, fwd, (0, 0, 0), {"mlp": 2.0}, roof, {"mlp": 3.0})
+    last = WORK_SIZES[-1]
+    del tables[last], tables[f"infer_{last}"]
+    fw = framework_overhead(tables, roof, 4, "test", "cpu")
+    o = fw.phases["dense.mlp"]
+    assert [s for _, s in o.work_points] == pytest.approx([2.0] * (len(WORK_SIZES) - 1), rel=1e-6)
+    assert [s for _, s in o.decode_points] == pytest.approx([3.0] * (len(WORK_SIZES) - 1),
+                                                            rel=1e-6)
+    assert str(PROBE_SIZES["cpu"][last]) not in fw.source
+
+
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_probe_sizes_grow_and_cost_on_their_device(kind):
+    """Each device kind's working sizes are valid models whose roofline grows from one size to
+    the next (the work scales are interpolated in it), the largest reaching a step's tokens."""
+    cluster = load_cluster("local-cpu" if kind == "cpu" else "ndv4-a100-40gb")
+    dtype = "fp32" if kind == "cpu" else "bf16"
+    sizes = PROBE_SIZES[kind]
+    for h, heads, f, _, _ in sizes.values():
+        assert h % heads == 0 and f % h == 0
+    totals = [sum(roofline(cluster, dtype, w).values()) for w in WORK_SIZES]
+    assert all(a < b for a, b in zip(totals, totals[1:]))
+    decode = [sum(roofline(cluster, dtype, w, decode=True).values()) for w in WORK_SIZES]
+    assert all(a < b for a, b in zip(decode, decode[1:]))
+    _, _, _, B, S = sizes[WORK_SIZES[-1]]
+    assert B * S >= (2048 if kind == "cpu" else 8192)
 
 
 def env_with(cluster, fw: FrameworkOverhead | None, gpus: int = 4, mode: str = "train") -> Env:
@@ -201,11 +237,14 @@ def test_work_scale_interpolates_in_log_roofline_and_clamps():
     assert work_scale(env, "dense.attention", p, 2e-4) == 1.0  # not measured
 
 
-def test_a_moerun_probe_describes_deepspeeds_own_kernels_by_their_counts_only(fitted):
+@pytest.mark.parametrize("runtime", ["deepspeed", "deepspeed-sparse"])
+def test_a_moerun_probe_describes_deepspeeds_own_kernels_by_their_counts_only(fitted, runtime):
     """A measured profile's probe runs moerun: for DeepSpeed's own gate, dispatch, combine and
     expert loop its fixed seconds scale by the two runtimes' operation counts, and its work
-    scales (moerun's gathers' distance from the roofline) do not apply; other phases are
-    shared."""
+    scales (moerun's gathers' distance from the roofline) do not apply to the gate, dispatch and
+    combine; the experts' does on CPU ranks, where moerun's loop over biased GELU experts runs
+    the same GEMMs as DeepSpeed's, and not on a GPU (moerun's grouped GEMM) nor for gated
+    experts (moerun's batched GEMMs); other phases are shared."""
     from dataclasses import replace
 
     from moeplan.cost_models.runtimes import operations
@@ -215,15 +254,21 @@ def test_a_moerun_probe_describes_deepspeeds_own_kernels_by_their_counts_only(fi
         k: v.model_copy(update={"work_scale": 7.0, "work_points": [(1e-4, 7.0)]})
         for k, v in fw.phases.items()}})
     mr = env_with(cluster, scaled)
-    ds = replace(mr, runtime="deepspeed")
+    ds = replace(mr, runtime=runtime)
     train = Pass(256, 64, False)
     for phase, local in (("gate", 0), ("dispatch", 0), ("combine", 0), ("experts", 2)):
-        ratio = (operations("deepspeed", "cpu", phase, True, local, ds.spec)
+        ratio = (operations(runtime, "cpu", phase, True, local, ds.spec)
                  / operations("moerun", "cpu", phase, True, local, mr.spec))
         assert fixed_s(ds, f"moe.{phase}", train, local) == pytest.approx(
             ratio * fixed_s(mr, f"moe.{phase}", train, local), rel=F64_REL)
-        assert work_scale(ds, f"moe.{phase}", train, 2e-4) == 1.0
+        assert work_scale(ds, f"moe.{phase}", train, 2e-4) == (7.0 if phase == "experts"
+                                                                else 1.0)
         assert work_scale(mr, f"moe.{phase}", train, 2e-4) == 7.0
+    gpu = replace(ds, cluster=ds.cluster.model_copy(update={
+        "device": ds.cluster.device.model_copy(update={"kind": "gpu"})}))
+    gated = replace(ds, spec=ds.spec.model_copy(update={"mlp": "swiglu"}))
+    for env in (gpu, gated):
+        assert work_scale(env, "moe.experts", train, 2e-4) == 1.0
     for key in ("moe.attention", "dense.mlp"):
         assert fixed_s(ds, key, train) == fixed_s(mr, key, train)
         assert work_scale(ds, key, train, 2e-4) == 7.0

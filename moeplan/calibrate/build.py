@@ -116,7 +116,7 @@ def build_profile(base: str, name: str, gpus_per_node: int, info: dict,
         roof = {**{size: roofline(measured, dtype, size) for size in WORK_SIZES},
                 **{f"decode:{size}": roofline(measured, dtype, size, decode=True)
                    for size in WORK_SIZES}}
-        fw = framework_overhead(raw["framework"], roof, gpus_per_node, where)
+        fw = framework_overhead(raw["framework"], roof, gpus_per_node, where, dev.kind)
         dev = dev.model_copy(update={"framework": fw})
     fits = fit_collectives(raw["collectives"], where)
     tiers = {}

@@ -28,12 +28,13 @@ def roofline(cluster: ClusterProfile, dtype: str, size: str, decode: bool = Fals
     part, no scale): per training step (forward + backward), or per decode token (the context
     of `step.decode_pass`)."""
 
-    spec = probe_spec(size)
-    _, _, _, B, S = PROBE_SIZES[size]
+    kind = cluster.device.kind
+    spec = probe_spec(size, kind)
+    _, _, _, B, S = PROBE_SIZES[kind][size]
     bare = cluster.model_copy(update={"device": cluster.device.model_copy(
         update={"framework": None, "op_overhead_s": 0.0})})
     if decode:
-        prompt, new = decode_shape(size)
+        prompt, new = decode_shape(size, kind)
         w = Workload(mode="infer", global_batch=B, micro_batch=B, seq_len=prompt + new,
                      prompt_len=prompt, gen_len=new, dtype=dtype, zero_stage=0)
         passes = 1
@@ -68,16 +69,18 @@ def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return max(0.0, my - slope * mx), slope
 
 
-DECODE_TABLES = {"fixed": "infer_fixed", "work": "infer", "work2": "infer_work2",
-                 "work3": "infer_work3"}
+# the decode table of each probe size (`probe.Framework`)
+DECODE_TABLES = {"fixed": "infer_fixed", "work": "infer",
+                 **{size: f"infer_{size}" for size in WORK_SIZES[1:]}}
 
 
 def framework_overhead(tables: dict, roofline: dict[str, dict[LayerPhase, float]], ranks: int,
-                       where: str) -> FrameworkOverhead:
+                       where: str, device_kind: str) -> FrameworkOverhead:
     """Per-phase fixed seconds from the probe's phase tables (`probe.Framework.result`: stored
     as `tables.to_raw` writes them), and per compute phase and "work" size the work scale:
     (measured − fixed) over `roofline[size]` (training) or over `roofline["decode:" + size]`
-    (one decode token).
+    (one decode token), at the probe sizes of a `device_kind` device (`shapes.PROBE_SIZES`); a size
+    the tables lack (a profile measured before it was probed) has no point.
 
     Dense phases come from the dense probe layer, MoE phases are the mean over the MoE probe
     layers, except `experts`, fitted as a + b·(local experts) over them."""
@@ -150,6 +153,7 @@ def framework_overhead(tables: dict, roofline: dict[str, dict[LayerPhase, float]
     out[Phase.HEAD] = overhead(fwd, bwd, dec, [HEAD_LAYER], Phase.HEAD, [fwd + bwd], [dec])
     (t1, p1), (t2, p2) = tables["optimizer"]
     per_param = max(0.0, (t2 - t1) / (p2 - p1)) if p2 > p1 else 0.0
+    sizes = ", ".join(str(PROBE_SIZES[device_kind][k]) for k in WORK_SIZES if k in tables)
     return FrameworkOverhead(
         phases=out, optimizer_tensor_s=max(0.0, t1 - per_param * p1) / max(1, tables["tensors"]),
         optimizer_param_s=per_param, ranks=tables.get("host_ranks", ranks),
@@ -160,4 +164,4 @@ def framework_overhead(tables: dict, roofline: dict[str, dict[LayerPhase, float]
         source=f"measured {where} on the runtime's own model at hidden 8 "
                f"({len(layers)} layers: experts {layers}), training and greedy decoding; work "
                f"scales at (hidden, heads, ffn, batch, sequence) "
-               f"{', '.join(str(PROBE_SIZES[k]) for k in WORK_SIZES)}")
+               f"{sizes}")

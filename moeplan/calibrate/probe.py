@@ -18,7 +18,13 @@ import torch.distributed as dist
 from moeplan.calibrate import fit
 from moeplan.calibrate.in_situ import in_situ_medians
 from moeplan.calibrate.sampling import Bench, Pool, per_moment, spread
-from moeplan.calibrate.shapes import PROBE_SIZES, decode_shape, in_situ_plans, probe_spec
+from moeplan.calibrate.shapes import (
+    PROBE_SIZES,
+    WORK_SIZES,
+    decode_shape,
+    in_situ_plans,
+    probe_spec,
+)
 from moeplan.calibrate.tables import Direction, Table, Timed, from_timer, to_raw
 from moeplan.runtime.groups import build_groups
 from moeplan.runtime.infer import generate
@@ -36,9 +42,14 @@ def _probe_model(device: torch.device, size: str, serve: bool = False):
     with the kernels `moerun` selects on this device; to `serve`, on CUDA in bf16, as `moerun`
     serves a bf16 plan (trainers run under `_autocast`, as it trains)."""
     torch.manual_seed(0)
-    model = GPT(probe_spec(size)).to(device=device, dtype=_low(device) if serve else None)
+    model = GPT(probe_spec(size, _kind(device))).to(device=device, dtype=_low(device) if serve else None)
     use_kernels(model, select(device))
     return model
+
+
+def _kind(device: torch.device) -> str:
+    """The device kind whose `shapes.PROBE_SIZES` the probe runs at."""
+    return "gpu" if device.type == "cuda" else "cpu"
 
 
 def _low(device: torch.device) -> torch.dtype | None:
@@ -95,7 +106,7 @@ def _trainer(b: Bench, size: str):
     timed by the runtime's phase timer it is handed."""
 
     model = _probe_model(b.device, size)
-    _, _, _, B, S = PROBE_SIZES[size]
+    _, _, _, B, S = PROBE_SIZES[_kind(b.device)][size]
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 16, (B, S + 1), generator=g).to(b.device)
 
@@ -118,8 +129,8 @@ def _decoder(b: Bench, size: str):
     of prompts, then new tokens one at a time; decode tokens only in the timer it is handed."""
 
     model = _probe_model(b.device, size, serve=True)
-    B = PROBE_SIZES[size][3]
-    prompt, new_tokens = decode_shape(size)
+    B = PROBE_SIZES[_kind(b.device)][size][3]
+    prompt, new_tokens = decode_shape(size, _kind(b.device))
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 16, (B, prompt), generator=g).to(b.device)
 
@@ -200,19 +211,21 @@ class Framework:
         self.pool, self.skew = Pool(), []
         inner = 10 if quick else 30
         fixed_step, self.work_step = _trainer(b, "fixed"), _trainer(b, "work")
+        # each larger size runs half as many calls a repeat (at least two)
+        calls = {size: max(2, inner // (5 << i)) for i, size in enumerate(WORK_SIZES)}
         self.train_cases = {"train": (fixed_step, inner, True),
-                            "work": (self.work_step, max(2, inner // 5), True),
-                            "work2": (_trainer(b, "work2"), max(2, inner // 10), True),
-                            "work3": (_trainer(b, "work3"), max(2, inner // 20), True),
-                            "work_all_ranks": (self.work_step, max(2, inner // 5), False)}
+                            "work": (self.work_step, calls["work"], True),
+                            **{size: (_trainer(b, size), calls[size], True)
+                               for size in WORK_SIZES[1:]},
+                            "work_all_ranks": (self.work_step, calls["work"], False)}
         # decoding at every probe size: the fixed part and how decode kernels compare with the
         # roofline (the "work" size also on every rank at once: decode contention)
         n = 2 if quick else 4
         work_decode = _decoder(b, "work")
         self.decode_cases = {"infer_fixed": (_decoder(b, "fixed"), n, True),
                              "infer": (work_decode, n, True),
-                             "infer_work2": (_decoder(b, "work2"), n, True),
-                             "infer_work3": (_decoder(b, "work3"), n, True),
+                             **{f"infer_{size}": (_decoder(b, size), n, True)
+                                for size in WORK_SIZES[1:]},
                              "infer_all_ranks": (work_decode, n, False)}
         self.steps = []  # (step function, parameters) of one optimizer step at both probe sizes
         idx = torch.zeros(1, 9, dtype=torch.long, device=b.device)
@@ -247,8 +260,8 @@ class Framework:
         size and the optimizer; communication — the in-step samples' all-to-all and gradient
         sync (one sample a moment)."""
         keys = self.pool.samples
-        work = [k for k in keys if k[0] in ("work", "work2", "work3", "infer", "infer_work2",
-                                             "infer_work3")]
+        work = [k for k in keys if k[0] in (*WORK_SIZES, "infer",
+                                             *(f"infer_{size}" for size in WORK_SIZES[1:]))]
         fixed = [k for k in keys if k[0] in ("train", "infer_fixed", "optimizer")]
 
         def in_step_samples(figures) -> list[float]:
@@ -270,7 +283,9 @@ class Framework:
 
     def result(self) -> dict:
         """The raw measurements `calibrate.framework.framework_overhead` reads: each case's
-        table in its stored form (`tables.to_raw`), skew, optimizer, host."""
+        table in its stored form (`tables.to_raw`), skew, optimizer, host, and the probe's
+        sizes (a record: the fit reads the sizes of the device kind)."""
+        kind = _kind(self.b.device)
         tables: dict[str, Table] = {name: {} for name in (*self.train_cases, *self.decode_cases)}
         for key, values in self.pool.samples.items():
             if key[0] in tables:
@@ -278,7 +293,9 @@ class Framework:
         counted = ("work", Timed(Direction.FORWARD, 0, Phase.ATTENTION))
         return {**{name: to_raw(table) for name, table in tables.items()},
                 "skew": fit.robust_median(self.skew),
-                "decode_tokens": {size: decode_shape(size)[1] - 1 for size in PROBE_SIZES},
+                "decode_tokens": {size: decode_shape(size, kind)[1] - 1
+                                  for size in PROBE_SIZES[kind]},
+                "probe_sizes": PROBE_SIZES[kind],
                 "optimizer": [(self.pool.median(("optimizer", i)), n)
                               for i, (_, n) in enumerate(self.steps)],
                 "tensors": self.tensors, "samples": {name: len(v) for name, v in (

@@ -12,22 +12,32 @@ from moeplan.spec.model import ModelSpec
 from moeplan.spec.zoo import load_model
 
 PROBE_EXPERTS = (0, 2, 4)  # a dense layer, then MoE layers with 2 and 4 local experts
-# (hidden, heads, ffn, batch, sequence): at "fixed" all is framework; at "work" the arithmetic
-# shows how far each phase's kernels run from the GEMM/bandwidth roofline
-PROBE_SIZES = {"fixed": (8, 2, 16, 1, 8), "work": (64, 4, 256, 4, 64),
-               "work2": (128, 4, 512, 4, 64), "work3": (256, 8, 1024, 4, 64)}
-WORK_SIZES = ("work", "work2", "work3")
+# (hidden, heads, ffn, batch, sequence) per device kind: at "fixed" all is framework; at the
+# working sizes the arithmetic shows how far each phase's kernels run from the GEMM/bandwidth
+# roofline. A phase's scale moves with its rows as well as its width (CPU ranks: the experts at
+# 2.0-3.2x the roofline with 256 tokens a rank, 1.4x with 2,048), and beyond the largest size
+# the largest one's is carried unchanged, so the largest reaches the tokens a step holds: 2,048
+# a rank on CPU ranks; on a GPU 8,192 at hidden 2,048 (a 1.3B base's width; its kernels need
+# thousands of rows before they leave the launch-bound regime)
+PROBE_SIZES = {
+    "cpu": {"fixed": (8, 2, 16, 1, 8), "work": (64, 4, 256, 4, 64),
+            "work2": (128, 4, 512, 4, 64), "work3": (256, 8, 1024, 4, 64),
+            "work4": (256, 8, 1024, 8, 256)},
+    "gpu": {"fixed": (8, 2, 16, 1, 8), "work": (256, 4, 1024, 4, 256),
+            "work2": (512, 8, 2048, 4, 512), "work3": (1024, 8, 4096, 8, 512),
+            "work4": (2048, 16, 8192, 8, 1024)}}
+WORK_SIZES = ("work", "work2", "work3", "work4")
 
 
-def decode_shape(size: str) -> tuple[int, int]:
-    """(prompt tokens, new tokens) the probe decodes at one of `PROBE_SIZES`."""
-    S = PROBE_SIZES[size][4]
+def decode_shape(size: str, kind: str) -> tuple[int, int]:
+    """(prompt tokens, new tokens) the probe decodes at one of `PROBE_SIZES[kind]`."""
+    S = PROBE_SIZES[kind][size][4]
     return max(4, S // 4), max(8, S // 4)
 
 
-def probe_spec(size: str) -> ModelSpec:
+def probe_spec(size: str, kind: str) -> ModelSpec:
     """The model `moeplan profile` runs through the runtime to measure framework overhead."""
-    h, heads, f, _, S = PROBE_SIZES[size]
+    h, heads, f, _, S = PROBE_SIZES[kind][size]
     return load_model("tiny-pr-moe").model_copy(update={
         "name": f"probe-{size}", "num_layers": len(PROBE_EXPERTS), "hidden": h, "heads": heads,
         "ffn_hidden": f, "vocab_size": 16 if size == "fixed" else 256,
@@ -43,9 +53,10 @@ def in_situ_plans(cluster: ClusterProfile, world: int) -> dict:
     (train and infer): each MoE layer expert-parallel over as many ranks as it has experts
     (at most the world), flat all-to-all, no tensor slicing; costed on `cluster`."""
 
-    spec = probe_spec(IN_SITU_SIZE)
-    _, _, _, B, S = PROBE_SIZES[IN_SITU_SIZE]
-    prompt, new = decode_shape(IN_SITU_SIZE)
+    kind = cluster.device.kind
+    spec = probe_spec(IN_SITU_SIZE, kind)
+    _, _, _, B, S = PROBE_SIZES[kind][IN_SITU_SIZE]
+    prompt, new = decode_shape(IN_SITU_SIZE, kind)
     choices = {}
     for i, E in enumerate(spec.experts):
         ep = min(E, world)

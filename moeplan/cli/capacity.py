@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from moeplan.cli.options import finite, load_profile
+from moeplan.cost_models.runtimes import RUNTIME_HELP, RUNTIMES
 from moeplan.spec import workload as W
 from moeplan.spec.errors import ConfigError
 from moeplan.spec.files import output_path, write_atomic
@@ -54,8 +55,8 @@ def sweep_options(f):
                      show_default=True, help="ZeRO stage for training."),
         click.option("--fix", "fixes", multiple=True, metavar="KEY=VALUE",
                      help="Fix a degree at every point, as `moeplan search --fix`."),
-        click.option("--runtime", type=click.Choice(["moerun", "deepspeed"]), default="moerun",
-                     show_default=True),
+        click.option("--runtime", type=click.Choice(RUNTIMES), default="moerun",
+                     show_default=True, help=RUNTIME_HELP),
         click.option("--simulate-top", type=click.IntRange(0, W.MAX_SIMULATE_TOP), default=16,
                      show_default=True, help="As `moeplan search` (0: analytic only, faster)."),
         click.option("--price-per-gpu-hour",

@@ -13,6 +13,7 @@ from moeplan import __version__
 from moeplan.cli import capacity
 from moeplan.cli.errors import run
 from moeplan.cli.options import finite, load_profile
+from moeplan.cost_models.runtimes import RUNTIME_HELP, RUNTIMES
 from moeplan.spec.errors import CheckFailed, ConfigError, MoeplanError
 from moeplan.spec.files import output_path, write_atomic
 from moeplan.spec.workload import MAX_COUNT, SLO_MS_RANGE
@@ -75,10 +76,8 @@ def _load_cluster(cluster: str | None, profile: str | None):
                    "a2a=flat|hierarchical, tp-coordinated=true|false, micro-batch, "
                    "recompute=true|false. Fixing all costs one configuration; an ep above a "
                    "layer's experts is clamped to them.")
-@click.option("--runtime", type=click.Choice(["moerun", "deepspeed"]), default="moerun",
-              show_default=True,
-              help="Whose kernels, launches and loops are costed: moerun's, or DeepSpeed-MoE's "
-                   "(per-expert loop, einsum dispatch/combine: DeepSpeed up to 0.19.3).")
+@click.option("--runtime", type=click.Choice(RUNTIMES), default="moerun", show_default=True,
+              help=RUNTIME_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of a table.")
 def search(model_name, gpus, cluster, profile, mode, global_batch, micro_batch, seq_len,
            prompt_len, gen_len, objective, slo_ms, dtype, zero_stage, simulate_top, routing_skew,

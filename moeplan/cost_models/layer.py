@@ -32,7 +32,13 @@ from moeplan.cost_models.memory import (
     train_state,
 )
 from moeplan.cost_models.params import attention_shape, layer_params, mlp_matrices
-from moeplan.cost_models.runtimes import DEEPSPEED_SYNCS, HOST_SYNC_S, block_scale, operations
+from moeplan.cost_models.runtimes import (
+    DEEPSPEED_SYNCS,
+    HOST_SYNC_S,
+    block_scale,
+    is_deepspeed,
+    operations,
+)
 from moeplan.spec.cluster import DTYPE_BYTES, ClusterProfile
 from moeplan.spec.model import ModelSpec
 from moeplan.spec.phases import COMM, COMPUTE, EXCHANGE, Phase
@@ -217,15 +223,28 @@ def sharing(env: Env, decode: bool = False) -> tuple[float, float]:
     return side_by_side * in_step, max(1.0, env.gpus / fw.cores)
 
 
+def own_kernels(env: Env, phase: str) -> bool:
+    """Whether the runtime runs a MoE phase with kernels the measured profile's probe (moerun)
+    did not time: DeepSpeed's gate, dispatch and combine (its fp32 gate, its einsums or
+    gathers); its per-expert loop only where moerun's experts run otherwise — on a GPU (one
+    grouped GEMM) or as batched GEMMs (gated or bias-free experts): on CPU ranks moerun's loop
+    over biased GELU experts launches the same GEMMs as DeepSpeed's, whose work scale the probe
+    measured."""
+    if env.runtime == "moerun" or phase not in OWN_KERNELS:
+        return False
+    if phase != Phase.EXPERTS:
+        return True
+    spec = env.spec
+    return env.cluster.device.kind == "gpu" or spec.mlp == "swiglu" or not spec.bias
+
+
 def work_scale(env: Env, key: str, p: Pass, roofline: float) -> float:
     """How far a phase's kernels run from the roofline, where the profile measured it (training
     passes and the prompt pass on the training points, decode passes on the decode points):
     interpolated in log(roofline seconds) between the probe sizes, the nearest one's outside
-    them. Unmeasured: 1 — as for another runtime's own MoE kernels (`OWN_KERNELS`: the probe
-    measured moerun's gather-based dispatch, combine and gate, not DeepSpeed's einsum GEMMs)."""
+    them. Unmeasured: 1 — as for another runtime's own MoE kernels (`own_kernels`)."""
     fw = env.cluster.device.framework
-    own = key.rpartition(".")[2] in OWN_KERNELS and env.runtime != "moerun"
-    if fw is None or key not in fw.phases or own:
+    if fw is None or key not in fw.phases or own_kernels(env, key.rpartition(".")[2]):
         return 1.0
     o = fw.phases[key]
     if p.decode:
@@ -323,21 +342,24 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     # expert slicing gathers the rows after the exchange (training), or the tokens before the
     # gate (inference: the slices then share the gate's rows)
     expert_rows = c.ep * C * (1 if es_mode else c.es)
-    deepspeed = env.runtime == "deepspeed"
-    # DeepSpeed's TopKGate runs the router and softmax in fp32. DeepSpeed also builds the
+    deepspeed = is_deepspeed(env.runtime)
+    einsum = env.runtime == "deepspeed"  # DeepSpeed up to v0.19.3: one-hot einsum dispatch
+    # DeepSpeed's TopKGate runs the router and softmax in fp32. Up to v0.19.3 it also builds the
     # [S, E, C] combine weights in fp32 (einsum), a bool dispatch mask and a cast of each for
     # the einsums: 18 bytes per element written and read (counted from sharded_moe.py).
-    sec_bytes = 18.0 * T_r * rows if deepspeed else 0.0
+    sec_bytes = 18.0 * T_r * rows if einsum else 0.0
     ph[Phase.GATE] = compute(Phase.GATE, gemm_s(T_r, E, h, dev, "fp32"),
                              4 * T_r * (h + 3 * E) + sec_bytes,
                              added_bytes=block_elementwise_bytes(env, s, p, Phase.GATE))
     if not deepspeed and not spec.drop_tokens and dev.kind == "gpu":
         ph[Phase.GATE] += HOST_SYNC_S  # dropless: moerun reads the busiest expert's load back
-    if deepspeed:
+    if einsum:
         ph[Phase.GATE] += DEEPSPEED_SYNCS * HOST_SYNC_S
         # dispatch "sec,sm->ecm" and combine "sec,ecm->sm" are dense GEMMs over S·E·C
         einsum_bytes = b * (T_r * rows + T_r * h + rows * h)
         ph[Phase.DISPATCH] = compute(Phase.DISPATCH, gemm_s(rows, h, T_r, dev, dt), einsum_bytes)
+    elif deepspeed:  # _sparse_encode: the tokens copied with a zero pad row, one gather
+        ph[Phase.DISPATCH] = compute(Phase.DISPATCH, 0.0, 2 * b * (T_r * h + rows * h))
     else:
         ph[Phase.DISPATCH] = compute(Phase.DISPATCH, 0.0, b * (T_r * h + rows * h))
     a2a_bytes = rows * h * b
@@ -376,8 +398,11 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     ph[Phase.EXPERTS] = compute(Phase.EXPERTS, expert_flops_s, expert_bytes, local,
                                 added_bytes=block_elementwise_bytes(
                                     env, s, p, Phase.EXPERTS, fe // c.es, local, expert_rows))
-    if deepspeed:
+    if einsum:
         ph[Phase.COMBINE] = compute(Phase.COMBINE, gemm_s(T_r, h, rows, dev, dt), einsum_bytes)
+    elif deepspeed:
+        ph[Phase.COMBINE] = compute(Phase.COMBINE, 0.0, sparse_combine_bytes(T_r, rows, h, b,
+                                                                             spec.top_k))
     else:
         ph[Phase.COMBINE] = compute(Phase.COMBINE, 0.0, b * (rows * h + T_r * h))
     if c.coordinated and tp > 1:
@@ -395,6 +420,14 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     for phase in EXCHANGE:
         ph[phase] += a2a_s
     return cost
+
+
+def sparse_combine_bytes(tokens: int, rows: int, h: int, b: int, k: int) -> float:
+    """Bytes of DeepSpeed's `_sparse_decode` (v0.19.4 on) for one gate call's `tokens` and the
+    `rows` the exchange brought back, `b` bytes an element, top-`k`: the rows copied with a pad
+    row, each route's row gathered, weighed by its fp32 gate value into fp32, the routes summed
+    in fp32 and the sum cast back."""
+    return (2 * b * rows * h + tokens * h * (2 * b * k + (b + 4) * k + 4 * (k + 1) + 4 + b))
 
 
 def es_inference(env: Env, s: Setting, c: LayerChoice, p: Pass) -> str | None:
@@ -428,12 +461,12 @@ def elementwise_bytes(env: Env, s: Setting, p: Pass, phase: str, f: int = 0) -> 
         return 0.0
     spec, b, tp, T = env.spec, env.dtype_bytes, s.tp, p.tokens
     h, f = spec.hidden, f or spec.ffn_hidden
-    dropout = (env.workload.mode == "train" and not p.decode and env.runtime == "deepspeed")
+    dropout = (env.workload.mode == "train" and not p.decode and is_deepspeed(env.runtime))
     passes_h = 2 + 2 + 3 + (3 if dropout else 0)  # norm, bias, residual, dropout
     if phase == Phase.MLP:
         return b * T * (passes_h * h + 2 * f / tp)  # + the GELU over the FFN width
     scores = 0.0
-    if env.runtime == "deepspeed":
+    if is_deepspeed(env.runtime):
         scores = b * T * spec.heads / tp * p.context * (5 + (3 if dropout else 0))
     return b * T * passes_h * h + scores
 
@@ -524,7 +557,7 @@ def activation_bytes(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) 
     """Activations one forward pass of this layer keeps for backward (or needs as workspace)."""
     spec, b, tp, T = env.spec, env.dtype_bytes, s.tp, p.tokens
     E = spec.experts[index]
-    deepspeed = env.runtime == "deepspeed"  # Megatron's attention and dropout; moerun has none
+    deepspeed = is_deepspeed(env.runtime)  # Megatron's attention and dropout; moerun has none
     dropout = deepspeed and env.workload.mode == "train"
     total = attention_activation_bytes(T, p.context, spec.hidden, spec.heads, tp, b,
                                        scores=deepspeed, dropout=dropout)
@@ -562,4 +595,4 @@ def gradient_share(env: Env, group: int) -> int:
     """Over how many ranks a parameter's gradient memory is split at its peak: ZeRO-2 under
     DeepSpeed reduces buckets during the backward and keeps only its partition; moerun
     reduces once the backward is over, so the whole gradients exist until then."""
-    return group if env.workload.zero_stage >= 2 and env.runtime == "deepspeed" else 1
+    return group if env.workload.zero_stage >= 2 and is_deepspeed(env.runtime) else 1

@@ -11,9 +11,10 @@ and combined buffers (rows = experts × capacity) and the fp32 gate probabilitie
 
 Training state per parameter (`train_state`): DeepSpeed/Megatron's mixed-precision Adam
 keeps 2-byte weights and gradients and 12 bytes of fp32 master weights, momentum and variance;
-under bf16 without ZeRO, DeepSpeed's BF16 optimizer also accumulates the gradients in an fp32
-buffer (4 + 2 bytes) and partitions the fp32 states over the data-parallel group all the same,
-gathering the updated bf16 weights after each step; moerun trains bf16/fp16 under autocast over
+under bf16 without ZeRO, DeepSpeed v0.16.4's BF16 optimizer also accumulates the gradients in an
+fp32 buffer (4 + 2 bytes) and partitions the fp32 states over the data-parallel group all the
+same, gathering the updated bf16 weights after each step (v0.19.8 — `--runtime
+deepspeed-sparse` — runs its FP16 optimizer in bf16 there instead: the plain layout); moerun trains bf16/fp16 under autocast over
 fp32 weights — they are the master copy, their gradients fp32 — so 4 + 4 bytes and 8 of
 moments, as both do in fp32; its residual stream and so the layer norms' inputs stay fp32
 under autocast too (`layer.Env.residual_bytes`).
@@ -54,7 +55,9 @@ def train_state(dtype: str, runtime: str, zero_stage: int) -> TrainState:
     sharded = zero_stage >= 1
     if runtime == "moerun" or dtype == "fp32":
         return TrainState(4, 4, 8, 4, 4 * sharded, sharded)
-    if dtype == "bf16" and not sharded:  # engine._do_optimizer_sanity_check: BF16_Optimizer
+    if dtype == "bf16" and not sharded and runtime == "deepspeed":
+        # v0.16.4 engine._do_optimizer_sanity_check: BF16_Optimizer (v0.19.8: DDP_BFLOAT16, its
+        # FP16_Optimizer in bf16, the plain layout below)
         return TrainState(2, 2 + 4, 12, 2, 2, True)
     return TrainState(2, 2, 12, 2, 2 * sharded, sharded)
 

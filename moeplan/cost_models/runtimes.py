@@ -37,16 +37,40 @@ CUDA_INFER_OPS = {Phase.GATE: CUDA_GATE_AROUND + 12, Phase.DISPATCH: 6, Phase.CO
                   Phase.EXPERTS: 8}
 GATED_EXPERTS_INFER = 4
 # DeepSpeed-MoE (deepspeed/moe/sharded_moe.py, experts.py at 38327e0 = v0.16.4; Megatron-
-# DeepSpeed's ParallelMLP as the expert): GPU kernels per MoE layer phase (forward, backward).
-# Gate forward counted with a TorchDispatchMode over DeepSpeed's top-1 TopKGate (CPU, fp32) less
-# the CPU-only capacity scalars: 32 with random token selection (27 without: inference, where
-# DeepSpeed-MoE turns it off) + 2 fp16→fp32 casts; dispatch a cast, the einsum's bmm and the
-# all-to-all's contiguous copy. The rest counted by running DeepSpeed's layer on one CPU rank
-# (bench/count_deepspeed_moe_ops.py, bench/results/deepspeed-moe-ops.json; bf16 tokens, fp32
-# gate): gate backward 12, dispatch backward the bmm (+ the all-to-all's copy, which one rank
-# does not make), combine 4 and 4 (a cast, the bmm, copies); the experts (`operations`) a cat
-# around each local expert's kernels.
-DEEPSPEED_OPS = {**CUDA_OPS, Phase.GATE: (34, 12), Phase.DISPATCH: (3, 2), Phase.COMBINE: (4, 4)}
+# DeepSpeed's ParallelMLP as the expert): GPU kernels per MoE layer phase (forward, backward),
+# counted by running DeepSpeed's layer on one CPU rank (bench/count_deepspeed_moe_ops.py,
+# bench/results/deepspeed-moe-ops.json; bf16 tokens, fp32 gate, top-1 with random token
+# selection) as a GPU would launch them: the capacity's host scalars and F.one_hot's CPU-only
+# class checks left out. Gate forward 33 (28 without random token selection: inference, where
+# DeepSpeed-MoE turns it off), backward 12; dispatch a cast and the einsum's bmm (+ the
+# all-to-all's contiguous copy of the permuted bmm output, which one rank does not make),
+# backward the bmm (+ the copy); combine 4 and 4 (a cast, the bmm, copies); the experts
+# (`operations`) a cat around each local expert's kernels.
+DEEPSPEED_OPS = {**CUDA_OPS, Phase.GATE: (33, 12), Phase.DISPATCH: (3, 2), Phase.COMBINE: (4, 4)}
+# DeepSpeed from v0.19.4 (`--runtime deepspeed-sparse`) routes by index (sharded_moe.py
+# `_sparse_encode` / `_sparse_decode`, always on): its gate returns each token's expert, slot
+# and weight instead of [S, E, C] combine weights; dispatch scatters each slot's source token
+# and gathers the padded tokens once, combine gathers the rows back, weighs them in fp32 and
+# sums the routes. Counted the same way over v0.19.8 (deepspeed-moe-ops-0.19.8.json): gate 34
+# and 10, dispatch 13 and 2, combine 6 and 7 (the gathers' outputs are contiguous: the
+# all-to-alls copy nothing more); the experts' loop as in v0.16.4. No device sync: the capacity
+# is a host scalar.
+DEEPSPEED_SPARSE_OPS = {**DEEPSPEED_OPS, Phase.GATE: (34, 10), Phase.DISPATCH: (13, 2),
+                        Phase.COMBINE: (6, 7)}
+DEEPSPEED_RUNTIMES = ("deepspeed", "deepspeed-sparse")
+RUNTIMES = ("moerun", *DEEPSPEED_RUNTIMES)  # `planning.Runtime`'s values, for the CLI's choices
+RUNTIME_HELP = ("Whose kernels, launches and loops are costed: moerun's; deepspeed: DeepSpeed-"
+                "MoE as the paper and DeepSpeed up to 0.19.3 run it (per-expert loop, one-hot "
+                "einsum dispatch/combine); deepspeed-sparse: DeepSpeed 0.19.4 and later (index "
+                "dispatch/combine).")
+
+
+def is_deepspeed(runtime: str) -> bool:
+    """Whether the runtime is DeepSpeed's (either MoE dispatch): its engine, its optimizers and
+    Megatron's blocks."""
+    return runtime in DEEPSPEED_RUNTIMES
+
+
 # Per local expert, as counted over DeepSpeed's Experts on the input an all-to-all over 2 ranks
 # leaves, 5 forward (the chunk's copy, GEMM, bias add, GELU, GEMM with bias) and 8 backward
 # (the copy, 4 GEMMs, 2 bias sums, GELU's), less what Megatron's expert does not launch: its
@@ -159,10 +183,30 @@ DEEPSPEED_ZERO_OPTIMIZER = {
     for stage in (1, 2) for dtype in ("fp16", "bf16")}
 
 
+# DeepSpeed v0.19.8 (`--runtime deepspeed-sparse`), counted the same way
+# (deepspeed-optimizer-counts-0.19.8.json): bf16 without ZeRO is no longer the BF16 optimizer but
+# its FP16_Optimizer in bf16 (engine._do_optimizer_sanity_check: DDP_BFLOAT16), unpartitioned,
+# whose reduction and accumulation match v0.16.4's fp16 ones; at the step per tensor a norm, an
+# inf/nan check (abs, eq, ne, amax, amin, logical ops) read on the host (a sync a tensor, one
+# more a step), the fp32 copy and the update copied back: 19 launches, 34 bytes. ZeRO 1/2 reduce
+# and accumulate as v0.16.4 but check each partition tensor at the step too: 15 launches and
+# 46 bytes, three host syncs a step. fp16 (needs a GPU) and fp32 as v0.16.4.
+DEEPSPEED_SPARSE_BF16_OPTIMIZER = OptimizerCount(
+    {("step", "share"): (19, 34), ("reduce", "local"): (1, 12), ("accumulate", "local"): (1, 6)},
+    tensor_syncs=1, step_syncs=1)
+DEEPSPEED_SPARSE_ZERO_OPTIMIZER = {
+    stage: OptimizerCount({**_ZERO, ("step", "share"): (15, 46), **_ZERO_ACCUMULATE[stage]},
+                          step_syncs=3)
+    for stage in (1, 2)}
+
+
 def gpu_optimizer(runtime: str, zero_stage: int, dtype: str) -> OptimizerCount:
     """The counted GPU weight update of this runtime and setting."""
     if runtime == "moerun":
         return MOERUN_GPU_OPTIMIZER[zero_stage]
+    if runtime == "deepspeed-sparse" and dtype == "bf16":
+        return (DEEPSPEED_SPARSE_ZERO_OPTIMIZER[zero_stage] if zero_stage >= 1
+                else DEEPSPEED_SPARSE_BF16_OPTIMIZER)
     if zero_stage >= 1:
         return DEEPSPEED_ZERO_OPTIMIZER[zero_stage, "fp16" if dtype == "fp16" else "bf16"]
     return {"fp16": DEEPSPEED_FP16_OPTIMIZER, "bf16": DEEPSPEED_BF16_OPTIMIZER}.get(
@@ -302,17 +346,17 @@ def operations(runtime: str, device_kind: str, name: str, training: bool,
     passes (see `step.train_layer`). `spec`: the model, whose gate options add to moerun's
     training gate."""
     noise = gate_noise_ops(spec) if (spec is not None and training and name == Phase.GATE
-                                     and runtime != "deepspeed") else 0
+                                     and not is_deepspeed(runtime)) else 0
     blocks = block_delta(name, spec) if spec is not None else (0, 0)
     if noise:
         fwd, bwd = _add(torch_moe_ops(name, spec, local_experts), blocks)
         return (fwd + noise + bwd) / 3
-    if runtime == "deepspeed":
+    if is_deepspeed(runtime):
         if name == Phase.EXPERTS:
             fwd, bwd = (fixed + per * local_experts
                         for fixed, per in zip(DEEPSPEED_EXPERTS_FIXED, DEEPSPEED_EXPERT_OPS))
         else:
-            fwd, bwd = DEEPSPEED_OPS[name]
+            fwd, bwd = (DEEPSPEED_OPS if runtime == "deepspeed" else DEEPSPEED_SPARSE_OPS)[name]
             if name == Phase.GATE and not training:
                 fwd -= DEEPSPEED_RTS_OPS
     elif device_kind == "gpu":

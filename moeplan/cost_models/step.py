@@ -34,6 +34,7 @@ from moeplan.cost_models.layer import (
 )
 from moeplan.cost_models.memory import DEEPSPEED_REDUCE_BUCKET, kv_cache_bytes
 from moeplan.cost_models.params import embedding_params, layer_params
+from moeplan.cost_models.runtimes import is_deepspeed
 from moeplan.cost_models.update import grad_sync_s, layer_tensors, optimizer_s, optimizer_step_s
 from moeplan.spec.phases import Phase
 from moeplan.spec.workload import Setting, Workload
@@ -196,7 +197,7 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
         cost.memory["gradients"] = st.gradients * params / gradient_share(env, s.dp)
         cost.memory["optimizer_states"] = st.optimizer * params / shards
         cost.memory["logits"] = 4.0 * p.tokens * V / s.tp  # fp32 logits for the loss
-        if env.runtime == "deepspeed" and env.workload.zero_stage >= 1:
+        if is_deepspeed(env.runtime) and env.workload.zero_stage >= 1:
             cost.memory["reduce_bucket"] = DEEPSPEED_REDUCE_BUCKET * st.weights
         if env.teacher is not None:
             t = teacher_cost(env, s)

@@ -12,6 +12,7 @@ from moeplan.cost_models.runtimes import (
     HOST_SYNC_S,
     OptimizerCount,
     gpu_optimizer,
+    is_deepspeed,
     optimizer_work,
 )
 
@@ -24,7 +25,7 @@ def reductions(env: Env, micro_steps: int) -> int:
     gradients, so it reduces after every backward — once per micro-step, not once per step
     (DeepSpeed issue #2252, its maintainer: "gradient reduction is required after every
     backward because of gradient partitioning"); otherwise once, at the step."""
-    return micro_steps if env.workload.zero_stage == 2 and env.runtime == "deepspeed" else 1
+    return micro_steps if env.workload.zero_stage == 2 and is_deepspeed(env.runtime) else 1
 
 
 def grad_sync_s(env: Env, params: float, size: int, stride: int, latency: bool = True,
@@ -44,7 +45,7 @@ def grad_sync_s(env: Env, params: float, size: int, stride: int, latency: bool =
                    - grad_sync_s(env, 1e-9, size, stride, micro_steps=micro_steps))
     span, net, st = env.span(size, stride), env.scales.communication, env.state
     reduced = st.reduced * params
-    if env.workload.zero_stage == 2 and env.runtime != "deepspeed":
+    if env.workload.zero_stage == 2 and not is_deepspeed(env.runtime):
         sync = coll.reduce_scatter_s(reduced, span, env.cluster)
     else:
         sync = reductions(env, micro_steps) * coll.allreduce_s(reduced, span, env.cluster)

@@ -46,7 +46,9 @@ DEFAULT_GEN_LEN = 128
 # DeepSeek-V3 technical report, pre-training hyper-parameters; Qwen3 technical report,
 # pre-training stages 1 and 2; OLMoE's 4096 positions).
 DEFAULT_TRAIN_SEQ_LEN = 4096
-Runtime = Literal["moerun", "deepspeed"]  # whose kernels, launches and loops are costed
+# whose kernels, launches and loops are costed: moerun; DeepSpeed-MoE as the paper and DeepSpeed
+# up to v0.19.3 run it (one-hot einsum dispatch); DeepSpeed from v0.19.4 (index dispatch)
+Runtime = Literal["moerun", "deepspeed", "deepspeed-sparse"]
 RUNTIMES: tuple[str, ...] = get_args(Runtime)
 
 

@@ -20,8 +20,8 @@ stay on the CPU on a GPU too) are listed apart as host operations, and reading t
 reads, not device syncs (bench/op_count.py); `F.one_hot` runs as ATen runs it on CUDA (zeros and
 a scatter: its class checks, a min/max read back on the host, are CPU-only — Onehot.cpp relies on
 scatter's device asserts there). Counted for 2 and 4 local experts; the experts' figure is given
-as a + b·L for L local experts, also for the Experts module alone on the input an all-to-all over 2 ranks
-leaves (each expert's chunk is then not contiguous: a copy before its first GEMM).
+as a + b·L for L local experts, also for the Experts module alone on the input an all-to-all
+over 2 ranks leaves (each expert's chunk is then not contiguous: a copy before its first GEMM).
 """
 
 from __future__ import annotations

@@ -54,11 +54,17 @@ def accuracy_table() -> str:
     return "\n".join(lines)
 
 
+def _reruns() -> list[Path]:
+    """The accuracy bench's reruns in the order they were taken (rerun, rerun-2, rerun-3, …)."""
+    return sorted(RESULTS.glob("accuracy-cpu-rerun*.json"),
+                  key=lambda p: int(re.search(r"rerun-?(\d*)", p.stem).group(1) or 1))
+
+
 def accuracy_runs_table() -> str:
     """Every stored run of the fixed plans, with the host speed its profiles measured."""
     lines = ["| run | host: fp32 GFLOP/s, 2 / 4 ranks | profiling | median / worst error vs "
              "median run (target 10% / 25%) | vs lower-quartile run |", "|---|---|---|---|---|"]
-    for path in sorted(RESULTS.glob("accuracy-cpu*.json")):
+    for path in [RESULTS / "accuracy-cpu.json", *_reruns()]:
         d = json.loads(path.read_text())
         host = d.get("host")
         speed = " / ".join(f"{host[r]['fp32_gflops']:.0f}" for r in sorted(host)) if host else "—"
@@ -189,9 +195,7 @@ def known_error() -> dict:
                  "(--runtime deepspeed; the fitted point excluded)",
         "points": len(checks), "median_abs_error": statistics.median(checks),
         "worst_abs_error": max(checks), "result": "bench/results/published.json"}]}
-    reruns = sorted(RESULTS.glob("accuracy-cpu-rerun*.json"),
-                    key=lambda p: int(re.search(r"rerun-?(\d*)", p.stem).group(1) or 1))
-    for name in ("accuracy-cpu.json", reruns[-1].name):
+    for name in ("accuracy-cpu.json", _reruns()[-1].name):
         d = _load(name)
         s = d["against_median_run"]["step_or_token_time"]["analytic"]
         host = d.get("host", {}).get("2", {}).get("fp32_gflops")

@@ -2,10 +2,11 @@
 counting mode the DeepSpeed count benches share (and their small helpers).
 
 Every aten operation counts as one kernel launch, except views (`_unsafe_view` too), allocations
-without a fill and a copy_ onto the very same data (ATen returns before any kernel); its bytes are those of its tensor
-inputs and outputs (an output it only writes — copy_, zero_, fill_ — is not read);
-`_local_scalar_dense` is a host read; collectives (c10d) are listed, not counted. Counts go to
-the mode's current `phase` (a string the caller moves).
+without a fill and a copy_ onto the very same data (ATen returns before any kernel); its bytes
+are those of its tensor inputs and outputs (an output it only writes — copy_, zero_, fill_ — is
+not read); `_local_scalar_dense` is a host read; collectives (c10d) are listed, not counted, and
+the profiler's record_function marks are left out. Counts go to the mode's current `phase` (a
+string the caller moves).
 
 Host tensors: on a GPU, what the code makes with `torch.tensor(...)` (a scalar such as
 DeepSpeed's capacity factor) stays on the CPU, and so does whatever is computed from host tensors
@@ -88,6 +89,8 @@ def counter():
             if not self.on:
                 return out
             name = func.overloadpacket.__name__
+            if func.namespace == "profiler":  # record_function marks: no kernel
+                return out
             if func.namespace == "c10d" or name.startswith("_c10d"):
                 self.collectives[self.phase][name] += 1
                 return out

@@ -112,7 +112,7 @@ class SearchSummary(_Frozen):
 
 class Provenance(_Frozen):
     moeplan_version: str
-    runtime: str = "moerun"  # whose kernels and loops the predictions cost: moerun | deepspeed
+    runtime: str = "moerun"  # whose kernels the predictions cost: moerun | deepspeed[-sparse]
     inputs_digest: str
 
 

@@ -195,6 +195,34 @@ def test_probe_sizes_grow_and_cost_on_their_device(kind):
     assert B * S >= (2048 if kind == "cpu" else 8192)
 
 
+def test_a_working_size_the_device_cannot_hold_is_left_out(monkeypatch):
+    """A GPU too small for the probe's largest size runs out of memory building or running it:
+    the probe leaves that size out (its tables, its decode tokens, its recorded shape) instead of
+    failing the profile, and keeps the others."""
+    torch = pytest.importorskip("torch")
+    from moeplan.calibrate import probe
+    from moeplan.calibrate.sampling import Bench
+
+    real, last = probe._trainer, WORK_SIZES[-1]
+
+    def trainer(b, size):
+        if size != last:
+            return real(b, size)
+
+        def out_of_memory(timer):
+            raise torch.OutOfMemoryError("out of memory (test)")
+        return out_of_memory
+
+    monkeypatch.setattr(probe, "_trainer", trainer)
+    fw = probe.Framework(Bench(0, 1, torch.device("cpu"), 0, 1), quick=True)
+    assert last not in fw.train_cases and f"infer_{last}" not in fw.decode_cases
+    assert all(size in fw.train_cases for size in WORK_SIZES[1:-1])
+    fw.sample(0)  # one moment, so that the result has its figures
+    raw = fw.result()
+    assert last not in raw and last not in raw["probe_sizes"] and last not in raw["decode_tokens"]
+    assert list(raw["probe_sizes"]) == ["fixed", *WORK_SIZES[:-1]]
+
+
 def env_with(cluster, fw: FrameworkOverhead | None, gpus: int = 4, mode: str = "train") -> Env:
     dev = cluster.device.model_copy(update={"framework": fw})
     c = cluster.model_copy(update={"device": dev})

@@ -195,6 +195,27 @@ def _solo_time(b: Bench, fn, warmup: int, repeats: int) -> float:
     return float(t)
 
 
+def _sized(b: Bench, size: str):
+    """The probe's trainer and decoder at a working size, each run once on every rank — or None
+    where a rank's device runs out of memory (a GPU too small for the largest sizes): every rank
+    then leaves the size out, and the profile has no point there (`framework_overhead`)."""
+    cuda = b.device.type == "cuda"
+    try:
+        run = _trainer(b, size), _decoder(b, size)
+        for once in run:
+            once(PhaseTimer(cuda))
+        ok = 1
+    except torch.OutOfMemoryError:
+        run, ok = None, 0
+        if cuda:
+            torch.cuda.empty_cache()
+    if b.world > 1:
+        t = torch.tensor([ok], device=b.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        ok = int(t.item())
+    return run if ok else None
+
+
 class Framework:
     """The runtime's fixed cost per layer phase and how its kernels compare with the roofline:
     the probe model trained and served (greedy decoding with the KV cache, as `moerun --mode
@@ -204,19 +225,22 @@ class Framework:
     zero_grad) at both sizes, for its cost per tensor and per parameter. Sampled at every
     moment of the profile (`sample`), pooled (`result`): the per-phase work scales and the
     contention are differences and ratios of these tables, so a stretch of one speed of the
-    host must not set them."""
+    host must not set them. A working size some rank's device cannot hold is left out
+    (`_sized`)."""
 
     def __init__(self, b: Bench, quick: bool):
         self.b, self.quick = b, quick
         self.pool, self.skew = Pool(), []
         inner = 10 if quick else 30
         fixed_step, self.work_step = _trainer(b, "fixed"), _trainer(b, "work")
-        # each larger size runs half as many calls a repeat (at least two)
+        # the larger sizes this device holds (every rank agrees); each runs half as many calls a
+        # repeat as the one before (at least two)
+        larger = {size: run for size in WORK_SIZES[1:] if (run := _sized(b, size)) is not None}
         calls = {size: max(2, inner // (5 << i)) for i, size in enumerate(WORK_SIZES)}
         self.train_cases = {"train": (fixed_step, inner, True),
                             "work": (self.work_step, calls["work"], True),
-                            **{size: (_trainer(b, size), calls[size], True)
-                               for size in WORK_SIZES[1:]},
+                            **{size: (train, calls[size], True)
+                               for size, (train, _) in larger.items()},
                             "work_all_ranks": (self.work_step, calls["work"], False)}
         # decoding at every probe size: the fixed part and how decode kernels compare with the
         # roofline (the "work" size also on every rank at once: decode contention)
@@ -224,9 +248,10 @@ class Framework:
         work_decode = _decoder(b, "work")
         self.decode_cases = {"infer_fixed": (_decoder(b, "fixed"), n, True),
                              "infer": (work_decode, n, True),
-                             **{f"infer_{size}": (_decoder(b, size), n, True)
-                                for size in WORK_SIZES[1:]},
+                             **{f"infer_{size}": (decode, n, True)
+                                for size, (_, decode) in larger.items()},
                              "infer_all_ranks": (work_decode, n, False)}
+        self.sizes = ["fixed", "work", *larger]
         self.steps = []  # (step function, parameters) of one optimizer step at both probe sizes
         idx = torch.zeros(1, 9, dtype=torch.long, device=b.device)
         for size in ("fixed", "work"):
@@ -293,9 +318,8 @@ class Framework:
         counted = ("work", Timed(Direction.FORWARD, 0, Phase.ATTENTION))
         return {**{name: to_raw(table) for name, table in tables.items()},
                 "skew": fit.robust_median(self.skew),
-                "decode_tokens": {size: decode_shape(size, kind)[1] - 1
-                                  for size in PROBE_SIZES[kind]},
-                "probe_sizes": PROBE_SIZES[kind],
+                "decode_tokens": {size: decode_shape(size, kind)[1] - 1 for size in self.sizes},
+                "probe_sizes": {size: PROBE_SIZES[kind][size] for size in self.sizes},
                 "optimizer": [(self.pool.median(("optimizer", i)), n)
                               for i, (_, n) in enumerate(self.steps)],
                 "tensors": self.tensors, "samples": {name: len(v) for name, v in (

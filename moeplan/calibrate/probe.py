@@ -42,7 +42,8 @@ def _probe_model(device: torch.device, size: str, serve: bool = False):
     with the kernels `moerun` selects on this device; to `serve`, on CUDA in bf16, as `moerun`
     serves a bf16 plan (trainers run under `_autocast`, as it trains)."""
     torch.manual_seed(0)
-    model = GPT(probe_spec(size, _kind(device))).to(device=device, dtype=_low(device) if serve else None)
+    model = GPT(probe_spec(size, _kind(device))).to(device=device,
+                                                    dtype=_low(device) if serve else None)
     use_kernels(model, select(device))
     return model
 

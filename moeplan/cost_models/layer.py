@@ -46,8 +46,8 @@ from moeplan.spec.workload import Setting, Workload
 
 COMPUTE_PHASES = COMPUTE
 # MoE phases each runtime implements its own way (DeepSpeed: fp32 gate with its capacity
-# scalars, one-hot einsum dispatch and combine, a loop over local experts): a measured
-# profile's probe, which runs moerun, describes them only for moerun
+# scalars, einsum or gather dispatch and combine, a loop over local experts): a measured
+# profile's probe, which runs moerun, describes them for moerun (`own_kernels` says where else)
 OWN_KERNELS = (Phase.GATE, Phase.DISPATCH, Phase.COMBINE, Phase.EXPERTS)
 COMM_PHASES = COMM
 

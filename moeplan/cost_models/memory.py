@@ -14,9 +14,9 @@ keeps 2-byte weights and gradients and 12 bytes of fp32 master weights, momentum
 under bf16 without ZeRO, DeepSpeed v0.16.4's BF16 optimizer also accumulates the gradients in an
 fp32 buffer (4 + 2 bytes) and partitions the fp32 states over the data-parallel group all the
 same, gathering the updated bf16 weights after each step (v0.19.8 — `--runtime
-deepspeed-sparse` — runs its FP16 optimizer in bf16 there instead: the plain layout); moerun trains bf16/fp16 under autocast over
-fp32 weights — they are the master copy, their gradients fp32 — so 4 + 4 bytes and 8 of
-moments, as both do in fp32; its residual stream and so the layer norms' inputs stay fp32
+deepspeed-sparse` — runs its FP16 optimizer in bf16 there instead: the plain layout); moerun
+trains bf16/fp16 under autocast over fp32 weights — they are the master copy, their gradients
+fp32 — so 4 + 4 bytes and 8 of moments, as both do in fp32; its residual stream and so the layer norms' inputs stay fp32
 under autocast too (`layer.Env.residual_bytes`).
 ZeRO stage 1 partitions optimizer states over the data-parallel group (experts: over their edp
 group); stage 2 also partitions gradients — at their peak only under DeepSpeed, which reduces

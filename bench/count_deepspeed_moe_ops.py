@@ -19,7 +19,9 @@ moving the phase). Operations on host scalars (the capacity, computed from `torc
 stay on the CPU on a GPU too) are listed apart as host operations, and reading them back as host
 reads, not device syncs (bench/op_count.py); `F.one_hot` runs as ATen runs it on CUDA (zeros and
 a scatter: its class checks, a min/max read back on the host, are CPU-only — Onehot.cpp relies on
-scatter's device asserts there). Counted for 2 and 4 local experts; the experts' figure is given
+scatter's device asserts there). Counted for 2 and 4 local experts on one rank, and again
+expert-parallel over 2 gloo ranks (`by_local_experts_ep2`: the all-to-alls run, and the copies
+they make of non-contiguous inputs are counted); the experts' figure is given
 as a + b·L for L local experts, also for the Experts module alone on the input an all-to-all
 over 2 ranks leaves (each expert's chunk is then not contiguous: a copy before its first GEMM).
 """
@@ -47,7 +49,8 @@ def _cuda_one_hot(t, num_classes):
     return out.scatter_(-1, t.unsqueeze(-1), 1)
 
 
-def _count(experts: int) -> dict:
+def _count(experts: int, ep: int = 1) -> dict:
+    """The layer's counts with `experts` local experts, expert-parallel over `ep` ranks."""
     import deepspeed.moe.sharded_moe as sharded
     import torch
     import torch.nn.functional as F
@@ -60,7 +63,7 @@ def _count(experts: int) -> dict:
     torch.manual_seed(0)
     expert = torch.nn.Sequential(torch.nn.Linear(HIDDEN, FFN), torch.nn.GELU(),
                                  torch.nn.Linear(FFN, HIDDEN))
-    layer = MoE(hidden_size=HIDDEN, expert=expert, num_experts=experts, ep_size=1, k=1,
+    layer = MoE(hidden_size=HIDDEN, expert=expert, num_experts=experts * ep, ep_size=ep, k=1,
                 capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=4, use_rts=True,
                 drop_tokens=True)
     layer.set_deepspeed_parallelism()
@@ -129,11 +132,29 @@ def _count(experts: int) -> dict:
             "backward": {p: c.launches["bwd " + p] for p in PHASES} if training else {},
             "syncs": {p: n for p, n in c.syncs.items() if n},
             "host_reads": {p: n for p, n in c.host_reads.items() if n},
+            "collectives": {p: dict(v) for p, v in c.collectives.items() if v},
             "host_ops": {p: dict(ops) for p, ops in c.host_ops.items() if ops},
             "outside": {"forward": c.launches["outside"], "backward": c.launches["bwd outside"]},
             "ops": {p: dict(ops) for p, ops in c.ops.items() if ops}}
-    out["experts_ep2"] = _count_experts(experts)
+    if ep == 1:
+        out["experts_ep2"] = _count_experts(experts)
     return out
+
+
+def _rank(rank: int, world: int, port: int, queue) -> None:
+    """One rank of an expert-parallel world: the layer counted with its all-to-alls."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    import deepspeed
+    import torch
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    counts = {L: _count(L, ep=world) for L in (2, 4)}
+    if rank == 0:
+        queue.put(counts)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def _count_experts(experts: int) -> dict:
@@ -174,8 +195,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     counts = {L: _count(L) for L in (2, 4)}
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank, args=(r, 2, port, queue)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    ep2 = queue.get(timeout=600)
+    for proc in procs:
+        proc.join(timeout=120)
     record = {"deepspeed": deepspeed.__version__, "torch": torch.__version__,
-              "tokens": TOKENS, "hidden": HIDDEN, "ffn": FFN, "by_local_experts": counts}
+              "tokens": TOKENS, "hidden": HIDDEN, "ffn": FFN, "by_local_experts": counts,
+              "by_local_experts_ep2": ep2}
     summary = {}
     for mode in ("train", "infer"):
         for way in ("forward", "backward"):
@@ -187,6 +220,13 @@ def main(argv: list[str] | None = None) -> int:
                 summary[f"{mode} {way} {p}"] = {"fixed": two[p] - 2 * per, "per_local_expert": per}
                 print(f"{mode:5s} {way:8s} {p:8s} {two[p] - 2 * per:4.0f} + {per:3.0f} per local "
                       f"expert")
+    for way in ("forward", "backward"):
+        for p in ("dispatch", "combine"):
+            two, four = (ep2[L]["train"][way][p] for L in (2, 4))
+            per = (four - two) / 2
+            summary[f"ep 2 train {way} {p}"] = {"fixed": two - 2 * per, "per_local_expert": per}
+            print(f"ep 2 {way:8s} {p:8s} {two - 2 * per:4.0f} + {per:3.0f} per local expert "
+                  f"(all-to-alls: {ep2[2]['train'].get('collectives', {})})")
     two, four = (counts[L]["experts_ep2"] for L in (2, 4))
     for way in ("forward", "backward"):
         per = (four[way] - two[way]) / 2

@@ -540,16 +540,16 @@ def test_deepspeeds_counts_are_what_deepspeed_did(runtime, record, version):
     assert seen == 12
 
 
-@pytest.mark.parametrize("runtime, record, version, copies", [
-    ("deepspeed", "deepspeed-moe-ops.json", "0.16.4", 1),
-    ("deepspeed-sparse", "deepspeed-moe-ops-0.19.8.json", "0.19.8", 0)])
-def test_deepspeed_moe_counts_are_what_deepspeeds_layer_did(runtime, record, version, copies):
+@pytest.mark.parametrize("runtime, record, version", [
+    ("deepspeed", "deepspeed-moe-ops.json", "0.16.4"),
+    ("deepspeed-sparse", "deepspeed-moe-ops-0.19.8.json", "0.19.8")])
+def test_deepspeed_moe_counts_are_what_deepspeeds_layer_did(runtime, record, version):
     """DeepSpeed-MoE's per-phase kernel counts against DeepSpeed's layer run on a CPU rank by
     bench/count_deepspeed_moe_ops.py (its records under bench/results/; host scalars and
-    one_hot's CPU-only checks left out, as a GPU runs them): gate, dispatch and combine as
-    counted, the einsum dispatch (v0.16.4) plus the all-to-all's copy of its permuted output,
-    which one rank does not make (v0.19.8's gathers leave contiguous outputs: none); the
-    inference gate without random token selection; no device sync in either; the experts as
+    one_hot's CPU-only checks left out, as a GPU runs them): the gate as counted on one rank,
+    dispatch and combine as counted expert-parallel over 2 ranks (all-to-alls running) and the
+    same as on one rank (their all-to-alls copy nothing); the inference gate without random
+    token selection; no device sync in either; the experts as
     counted over the Experts module on a 2-rank all-to-all's output, less the two kernels
     Megatron's expert does not launch (a bias add fused into its GELU, the second bias
     DeepSpeed drops). Whole counts."""
@@ -568,13 +568,16 @@ def test_deepspeed_moe_counts_are_what_deepspeeds_layer_did(runtime, record, ver
     assert record["deepspeed"] == version
     ops = DEEPSPEED_OPS if runtime == "deepspeed" else DEEPSPEED_SPARSE_OPS
     got = record["summary"]
-    for phase in ("gate", "dispatch", "combine"):
-        extra = copies if phase == "dispatch" else 0
-        assert ops[phase] == (got[f"train forward {phase}"]["fixed"] + extra,
-                              got[f"train backward {phase}"]["fixed"] + extra), phase
+    assert ops["gate"] == (got["train forward gate"]["fixed"],
+                           got["train backward gate"]["fixed"])
+    for phase in ("dispatch", "combine"):
+        for ep in ("", "ep 2 "):
+            assert ops[phase] == (got[f"{ep}train forward {phase}"]["fixed"],
+                                  got[f"{ep}train backward {phase}"]["fixed"]), (phase, ep)
     assert operations(runtime, "gpu", "gate", False) == (got["infer forward gate"]["fixed"]
                                                          - DEEPSPEED_RTS_OPS)
-    for layer in record["by_local_experts"].values():
+    for layer in (*record["by_local_experts"].values(),
+                  *record["by_local_experts_ep2"].values()):
         assert not layer["train"]["syncs"] and not layer["infer"]["syncs"]
     for local in (1, 4, 16):
         forward = operations(runtime, "gpu", "experts", False, local)

@@ -38,23 +38,22 @@ CUDA_INFER_OPS = {Phase.GATE: CUDA_GATE_AROUND + 12, Phase.DISPATCH: 6, Phase.CO
 GATED_EXPERTS_INFER = 4
 # DeepSpeed-MoE (deepspeed/moe/sharded_moe.py, experts.py at 38327e0 = v0.16.4; Megatron-
 # DeepSpeed's ParallelMLP as the expert): GPU kernels per MoE layer phase (forward, backward),
-# counted by running DeepSpeed's layer on one CPU rank (bench/count_deepspeed_moe_ops.py,
+# counted by running DeepSpeed's layer on CPU ranks (bench/count_deepspeed_moe_ops.py,
 # bench/results/deepspeed-moe-ops.json; bf16 tokens, fp32 gate, top-1 with random token
 # selection) as a GPU would launch them: the capacity's host scalars and F.one_hot's CPU-only
 # class checks left out. Gate forward 33 (28 without random token selection: inference, where
-# DeepSpeed-MoE turns it off), backward 12; dispatch a cast and the einsum's bmm (+ the
-# all-to-all's contiguous copy of the permuted bmm output, which one rank does not make),
-# backward the bmm (+ the copy); combine 4 and 4 (a cast, the bmm, copies); the experts
-# (`operations`) a cat around each local expert's kernels.
-DEEPSPEED_OPS = {**CUDA_OPS, Phase.GATE: (33, 12), Phase.DISPATCH: (3, 2), Phase.COMBINE: (4, 4)}
+# DeepSpeed-MoE turns it off), backward 12; dispatch a cast and the einsum's bmm, backward the
+# bmm; combine 4 and 4 (a cast, the bmm, copies) — dispatch and combine as counted
+# expert-parallel over 2 ranks (the all-to-alls copy nothing: their inputs are contiguous); the
+# experts (`operations`) a cat around each local expert's kernels.
+DEEPSPEED_OPS = {**CUDA_OPS, Phase.GATE: (33, 12), Phase.DISPATCH: (2, 1), Phase.COMBINE: (4, 4)}
 # DeepSpeed from v0.19.4 (`--runtime deepspeed-sparse`) routes by index (sharded_moe.py
 # `_sparse_encode` / `_sparse_decode`, always on): its gate returns each token's expert, slot
 # and weight instead of [S, E, C] combine weights; dispatch scatters each slot's source token
 # and gathers the padded tokens once, combine gathers the rows back, weighs them in fp32 and
 # sums the routes. Counted the same way over v0.19.8 (deepspeed-moe-ops-0.19.8.json): gate 34
-# and 10, dispatch 13 and 2, combine 6 and 7 (the gathers' outputs are contiguous: the
-# all-to-alls copy nothing more); the experts' loop as in v0.16.4. No device sync: the capacity
-# is a host scalar.
+# and 10, dispatch 13 and 2, combine 6 and 7; the experts' loop as in v0.16.4. No device sync:
+# the capacity is a host scalar.
 DEEPSPEED_SPARSE_OPS = {**DEEPSPEED_OPS, Phase.GATE: (34, 10), Phase.DISPATCH: (13, 2),
                         Phase.COMBINE: (6, 7)}
 DEEPSPEED_RUNTIMES = ("deepspeed", "deepspeed-sparse")

@@ -49,8 +49,8 @@ def _cuda_one_hot(t, num_classes):
     return out.scatter_(-1, t.unsqueeze(-1), 1)
 
 
-def _count(experts: int, ep: int = 1) -> dict:
-    """The layer's counts with `experts` local experts, expert-parallel over `ep` ranks."""
+def _count(experts: int, ep: int = 1, k: int = 1) -> dict:
+    """The layer's counts with `experts` local experts, expert-parallel over `ep` ranks, top-k."""
     import deepspeed.moe.sharded_moe as sharded
     import torch
     import torch.nn.functional as F
@@ -63,7 +63,7 @@ def _count(experts: int, ep: int = 1) -> dict:
     torch.manual_seed(0)
     expert = torch.nn.Sequential(torch.nn.Linear(HIDDEN, FFN), torch.nn.GELU(),
                                  torch.nn.Linear(FFN, HIDDEN))
-    layer = MoE(hidden_size=HIDDEN, expert=expert, num_experts=experts * ep, ep_size=ep, k=1,
+    layer = MoE(hidden_size=HIDDEN, expert=expert, num_experts=experts * ep, ep_size=ep, k=k,
                 capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=4, use_rts=True,
                 drop_tokens=True)
     layer.set_deepspeed_parallelism()
@@ -136,7 +136,7 @@ def _count(experts: int, ep: int = 1) -> dict:
             "host_ops": {p: dict(ops) for p, ops in c.host_ops.items() if ops},
             "outside": {"forward": c.launches["outside"], "backward": c.launches["bwd outside"]},
             "ops": {p: dict(ops) for p, ops in c.ops.items() if ops}}
-    if ep == 1:
+    if ep == 1 and k == 1:
         out["experts_ep2"] = _count_experts(experts)
     return out
 
@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     counts = {L: _count(L) for L in (2, 4)}
+    # top-2 (second expert sampled, DeepSpeed's default) and top-4 (its topkgating), 4 local
+    # experts on one rank: the gate's counts per k
+    top_k = {k: _count(4, k=k) for k in (2, 4)}
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -208,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         proc.join(timeout=120)
     record = {"deepspeed": deepspeed.__version__, "torch": torch.__version__,
               "tokens": TOKENS, "hidden": HIDDEN, "ffn": FFN, "by_local_experts": counts,
-              "by_local_experts_ep2": ep2}
+              "by_local_experts_ep2": ep2, "by_top_k": top_k}
     summary = {}
     for mode in ("train", "infer"):
         for way in ("forward", "backward"):
@@ -227,6 +230,14 @@ def main(argv: list[str] | None = None) -> int:
             summary[f"ep 2 train {way} {p}"] = {"fixed": two - 2 * per, "per_local_expert": per}
             print(f"ep 2 {way:8s} {p:8s} {two - 2 * per:4.0f} + {per:3.0f} per local expert "
                   f"(all-to-alls: {ep2[2]['train'].get('collectives', {})})")
+    for k, got in top_k.items():
+        for mode, ways in (("train", ("forward", "backward")), ("infer", ("forward",))):
+            for way in ways:
+                for p in ("gate", "dispatch", "combine"):
+                    summary[f"top-{k} {mode} {way} {p}"] = {"fixed": got[mode][way][p],
+                                                            "per_local_expert": 0.0}
+                print(f"top-{k} {mode:5s} {way:8s} gate {got[mode][way]['gate']:3d} dispatch "
+                      f"{got[mode][way]['dispatch']:3d} combine {got[mode][way]['combine']:3d}")
     two, four = (counts[L]["experts_ep2"] for L in (2, 4))
     for way in ("forward", "backward"):
         per = (four[way] - two[way]) / 2

@@ -577,8 +577,17 @@ def test_deepspeed_moe_counts_are_what_deepspeeds_layer_did(runtime, record, ver
     assert operations(runtime, "gpu", "gate", False) == (got["infer forward gate"]["fixed"]
                                                          - DEEPSPEED_RTS_OPS)
     for layer in (*record["by_local_experts"].values(),
-                  *record["by_local_experts_ep2"].values()):
+                  *record["by_local_experts_ep2"].values(), *record["by_top_k"].values()):
         assert not layer["train"]["syncs"] and not layer["infer"]["syncs"]
+    for k in (2, 4):  # top-2 and DeepSpeed's topkgating (top-k > 2): as counted at k = 2 and 4
+        spec = load_model("tiny-pr-moe").model_copy(update={"top_k": k})
+        for phase in ("gate", "dispatch", "combine"):
+            fwd, bwd = (got[f"top-{k} train {way} {phase}"]["fixed"]
+                        for way in ("forward", "backward"))
+            assert 3 * operations(runtime, "gpu", phase, True, 0, spec) == pytest.approx(
+                fwd + bwd, rel=F64_REL), (k, phase)
+            assert operations(runtime, "gpu", phase, False, 0, spec) == (
+                got[f"top-{k} infer forward {phase}"]["fixed"]), (k, phase)
     for local in (1, 4, 16):
         forward = operations(runtime, "gpu", "experts", False, local)
         both = 3 * operations(runtime, "gpu", "experts", True, local)

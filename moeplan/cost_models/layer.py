@@ -50,6 +50,12 @@ COMPUTE_PHASES = COMPUTE
 # profile's probe, which runs moerun, describes them for moerun (`own_kernels` says where else)
 OWN_KERNELS = (Phase.GATE, Phase.DISPATCH, Phase.COMBINE, Phase.EXPERTS)
 COMM_PHASES = COMM
+# Bytes written and read per [S, E, C] element by DeepSpeed's einsum gates (sharded_moe.py,
+# v0.16.4): top-1 the fp32 combine weights (4), the bool mask (4 + 1) and both cast for the
+# einsums (1 + 2, 4 + 2) = 18; top-2 two combine tensors and their sum (+16) = 34; top-k > 2
+# (`topkgating`) the one-hot locations in int64 and their fp32 copy (8 + 12) and the product
+# with the gates (8) before the mask and the casts = 42
+SEC_BYTES = {1: 18.0, 2: 34.0, 3: 42.0}
 
 
 @dataclass(frozen=True)
@@ -346,8 +352,8 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     einsum = env.runtime == "deepspeed"  # DeepSpeed up to v0.19.3: one-hot einsum dispatch
     # DeepSpeed's TopKGate runs the router and softmax in fp32. Up to v0.19.3 it also builds the
     # [S, E, C] combine weights in fp32 (einsum), a bool dispatch mask and a cast of each for
-    # the einsums: 18 bytes per element written and read (counted from sharded_moe.py).
-    sec_bytes = 18.0 * T_r * rows if einsum else 0.0
+    # the einsums (`SEC_BYTES`)
+    sec_bytes = SEC_BYTES[min(spec.top_k, 3)] * T_r * rows if einsum else 0.0
     ph[Phase.GATE] = compute(Phase.GATE, gemm_s(T_r, E, h, dev, "fp32"),
                              4 * T_r * (h + 3 * E) + sec_bytes,
                              added_bytes=block_elementwise_bytes(env, s, p, Phase.GATE))

@@ -56,6 +56,12 @@ DEEPSPEED_OPS = {**CUDA_OPS, Phase.GATE: (33, 12), Phase.DISPATCH: (2, 1), Phase
 # the capacity is a host scalar.
 DEEPSPEED_SPARSE_OPS = {**DEEPSPEED_OPS, Phase.GATE: (34, 10), Phase.DISPATCH: (13, 2),
                         Phase.COMBINE: (6, 7)}
+# Beyond top-1, counted the same way (`by_top_k`, 4 local experts): the gate (forward, backward)
+# at top-2 — its second expert sampled, DeepSpeed's default, in inference too — and at top-k > 2
+# (`topkgating`, k = 4 counted); index dispatch makes one more operation for k > 1.
+DEEPSPEED_GATE_TOPK = {"deepspeed": {2: (67, 48), 4: (33, 25)},
+                       "deepspeed-sparse": {2: (66, 40), 4: (38, 25)}}
+DEEPSPEED_SPARSE_DISPATCH_TOPK = 14
 DEEPSPEED_RUNTIMES = ("deepspeed", "deepspeed-sparse")
 RUNTIMES = ("moerun", *DEEPSPEED_RUNTIMES)  # `planning.Runtime`'s values, for the CLI's choices
 RUNTIME_HELP = ("Whose kernels, launches and loops are costed: moerun's; deepspeed: DeepSpeed-"
@@ -356,8 +362,13 @@ def operations(runtime: str, device_kind: str, name: str, training: bool,
                         for fixed, per in zip(DEEPSPEED_EXPERTS_FIXED, DEEPSPEED_EXPERT_OPS))
         else:
             fwd, bwd = (DEEPSPEED_OPS if runtime == "deepspeed" else DEEPSPEED_SPARSE_OPS)[name]
-            if name == Phase.GATE and not training:
-                fwd -= DEEPSPEED_RTS_OPS
+            k = spec.top_k if spec is not None else 1
+            if name == Phase.GATE and k > 1:
+                fwd, bwd = DEEPSPEED_GATE_TOPK[runtime][2 if k == 2 else 4]
+            elif name == Phase.GATE and not training:
+                fwd -= DEEPSPEED_RTS_OPS  # random token selection: top-1 training only
+            if name == Phase.DISPATCH and k > 1 and runtime == "deepspeed-sparse":
+                fwd = DEEPSPEED_SPARSE_DISPATCH_TOPK
     elif device_kind == "gpu":
         gated = spec is not None and spec.mlp == "swiglu"
         if not training and name in CUDA_INFER_OPS:

@@ -32,7 +32,7 @@ import argparse
 import os
 import sys
 
-from op_count import counter, free_port, save_json
+from op_count import counter, free_port, rank_env, run_world, save_json
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -143,8 +143,7 @@ def _count(experts: int, ep: int = 1, k: int = 1) -> dict:
 
 def _rank(rank: int, world: int, port: int, queue) -> None:
     """One rank of an expert-parallel world: the layer counted with its all-to-alls."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    rank_env(rank, world, port)
     import deepspeed
     import torch
 
@@ -183,8 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="write the counts as JSON here")
     a = ap.parse_args(argv)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
-                      WORLD_SIZE="1", LOCAL_RANK="0")
+    rank_env(0, 1, free_port())
     try:
         import deepspeed
         import torch
@@ -198,17 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     # top-2 (second expert sampled, DeepSpeed's default) and top-4 (its topkgating), 4 local
     # experts on one rank: the gate's counts per k
     top_k = {k: _count(4, k=k) for k in (2, 4)}
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, queue)) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    ep2 = queue.get(timeout=600)
-    for proc in procs:
-        proc.join(timeout=120)
+    ep2 = run_world(_rank, 2)
     record = {"deepspeed": deepspeed.__version__, "torch": torch.__version__,
               "tokens": TOKENS, "hidden": HIDDEN, "ffn": FFN, "by_local_experts": counts,
               "by_local_experts_ep2": ep2, "by_top_k": top_k}

@@ -35,7 +35,7 @@ import argparse
 import os
 import sys
 
-from op_count import counter, free_port, save_json
+from op_count import counter, rank_env, run_world, save_json
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -45,8 +45,7 @@ WINDOWS = ("micro", "boundary", "step")
 
 
 def _rank(rank: int, world: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    rank_env(rank, world, port)
     import copy
     import logging
 
@@ -154,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import deepspeed
         import torch
-        import torch.multiprocessing as mp
     except ImportError as e:
         print(f"count_deepspeed_optimizer: needs deepspeed (pip install deepspeed==0.16.4): {e}",
               file=sys.stderr)
@@ -162,15 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"deepspeed": deepspeed.__version__, "torch": torch.__version__,
               "shapes": [list(s) for s in SHAPES], "worlds": {}}
     for world in a.world:
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        port = free_port()
-        procs = [ctx.Process(target=_rank, args=(r, world, port, queue)) for r in range(world)]
-        for p in procs:
-            p.start()
-        raw = queue.get(timeout=900)
-        for p in procs:
-            p.join(timeout=120)
+        raw = run_world(_rank, world)
         record["worlds"][str(world)] = _coefficients(raw)
         for key, windows in record["worlds"][str(world)].items():
             for w, v in windows.items():

@@ -19,6 +19,7 @@ places them on the device).
 from __future__ import annotations
 
 import json
+import os
 import socket
 import weakref
 from collections import Counter, defaultdict
@@ -29,6 +30,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int) -> None:
+    """The environment torch.distributed / DeepSpeed read for one rank of a loopback world."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+
+
+def run_world(target, world: int, timeout_s: float = 900):
+    """Run `target(rank, world, port, queue)` in `world` spawned processes over loopback and
+    return what rank 0 puts on the queue."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, queue)) for r in range(world)]
+    for proc in procs:
+        proc.start()
+    got = queue.get(timeout=timeout_s)
+    for proc in procs:
+        proc.join(timeout=120)
+    return got
 
 
 def save_json(record: dict, path: str | None) -> None:

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from statistics import median
 
-from moeplan.cost_models.layer import LayerChoice
+from moeplan.cost_models.env import LayerChoice
 from moeplan.planner.planning import Request, fixed_plan
 from moeplan.spec import load_cluster, load_model
 from moeplan.spec.record import RunRecord, compare, summarize

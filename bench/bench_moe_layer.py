@@ -105,7 +105,8 @@ def predicted_ms(a, k: int, cf: float, world: int, runtime: str, profile: str) -
     over this layer's compute alone."""
     from pathlib import Path
 
-    from moeplan.cost_models.layer import Env, LayerChoice, LayerCost, forward
+    from moeplan.cost_models.env import Env, LayerChoice, LayerCost
+    from moeplan.cost_models.layer import forward
     from moeplan.cost_models.step import train_pass, train_passes
     from moeplan.spec.cluster import ClusterProfile
     from moeplan.spec.phases import Phase

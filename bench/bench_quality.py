@@ -62,7 +62,7 @@ def train(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from moeplan.cost_models.layer import LayerChoice
+    from moeplan.cost_models.env import LayerChoice
     from moeplan.planner.planning import Request, fixed_plan
     from moeplan.runtime import checkpoint
     from moeplan.runtime.data import Batches, open_corpus

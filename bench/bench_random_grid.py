@@ -31,7 +31,7 @@ from statistics import median, quantiles
 
 from bench_accuracy import MOEPLAN, run_once  # noqa: E402  (bench/ is the script's folder)
 
-from moeplan.cost_models.layer import LayerChoice
+from moeplan.cost_models.env import LayerChoice
 from moeplan.planner.planning import Request, fixed_plan
 from moeplan.spec import ModelSpec, load_cluster, load_model
 from moeplan.spec.record import RunRecord

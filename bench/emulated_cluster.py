@@ -202,7 +202,7 @@ MODELS = {"tiny-pr-moe": "tiny-pr-moe",
 def _plans(spec, cluster, req, world: int) -> dict:
     """The flat and the hierarchical plan of a configuration: every MoE layer expert-parallel
     over as many ranks as it has experts, with that all-to-all where it spans the world."""
-    from moeplan.cost_models.layer import LayerChoice
+    from moeplan.cost_models.env import LayerChoice
     from moeplan.planner.planning import fixed_plan
 
     return {algo: fixed_plan(spec, cluster, req, 1, {

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from fastpath_probe import decode_probe
 
-from moeplan.cost_models.layer import LayerChoice
+from moeplan.cost_models.env import LayerChoice
 from moeplan.planner.planning import Request, fixed_plan
 from moeplan.runtime.a2a import FlatExchange, HierarchicalExchange
 from moeplan.runtime.groups import build_groups

@@ -8,7 +8,8 @@ import pytest
 from tolerance import F64_REL
 
 from moeplan.calibrate.sampling import Pool, spread
-from moeplan.cost_models.layer import Env, LayerChoice, Pass, Scales, forward
+from moeplan.cost_models.env import Env, LayerChoice, Pass, Scales
+from moeplan.cost_models.layer import forward
 from moeplan.planner.band import recost_s
 from moeplan.planner.planning import Request, plan
 from moeplan.spec import load_cluster, load_model

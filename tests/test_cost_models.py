@@ -9,7 +9,8 @@ from tolerance import F64_REL
 
 from moeplan.cost_models import collectives as coll
 from moeplan.cost_models.compute import gemm_efficiency, gemm_s, roofline_s
-from moeplan.cost_models.layer import Env, LayerChoice, Pass, forward, weight_memory
+from moeplan.cost_models.env import Env, LayerChoice, Pass
+from moeplan.cost_models.layer import forward, weight_memory
 from moeplan.cost_models.step import infer_layer, train_layer
 from moeplan.spec import load_cluster, load_model
 from moeplan.spec.cluster import FittedCollective
@@ -394,7 +395,7 @@ def test_todays_blocks_add_their_elementwise_passes():
     """DeepSpeed-MoE's blocks add nothing; RMSNorm 5 more passes over the hidden than a fused
     LayerNorm, rotary 10 over q and k (kv heads only for k), per-head q/k norms 7, SwiGLU 3 over
     the FFN width — bytes at the activations' width, per rank."""
-    from moeplan.cost_models.layer import block_elementwise_bytes
+    from moeplan.cost_models.traffic import block_elementwise_bytes
 
     s = Setting(tp=2, dp=32, micro_batch=1, recompute=False)
     p = Pass(tokens=1000, context=1000, decode=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from moeplan.cost_models.layer import LayerChoice
+from moeplan.cost_models.env import LayerChoice
 from moeplan.planner.export import closest, export, plan_cluster
 from moeplan.planner.planning import Request, fixed_plan, plan
 from moeplan.spec import load_cluster, load_model

@@ -14,7 +14,9 @@ from test_moerun import _in_process
 from tolerance import F64_REL
 
 from moeplan.cost_models.compute import gemm_floor_s, gemm_s
-from moeplan.cost_models.layer import Env, LayerChoice, Pass, elementwise_bytes, forward
+from moeplan.cost_models.env import Env, LayerChoice, Pass
+from moeplan.cost_models.layer import forward
+from moeplan.cost_models.traffic import elementwise_bytes
 from moeplan.planner.planning import Request, plan
 from moeplan.planner.space import Fix, parse_fix
 from moeplan.spec import load_cluster, load_model
@@ -162,8 +164,8 @@ def test_deepspeed_sparse_dispatches_and_combines_by_index():
     them back and weighs and sums the routes in fp32 (`sparse_combine_bytes`), each plus its
     counted operations; the experts and the rest of the layer as under DeepSpeed's einsums."""
     from moeplan.cost_models.compute import memory_s
-    from moeplan.cost_models.layer import sparse_combine_bytes
     from moeplan.cost_models.runtimes import operations
+    from moeplan.cost_models.traffic import sparse_combine_bytes
 
     s = Setting(tp=1, dp=128, micro_batch=4, recompute=True)
     c = LayerChoice(ep=128, es=1, a2a="flat", coordinated=False)

@@ -11,17 +11,8 @@ from tolerance import F64_REL
 from moeplan.calibrate.framework import framework_overhead, roofline
 from moeplan.calibrate.shapes import PROBE_EXPERTS, PROBE_SIZES, WORK_SIZES
 from moeplan.calibrate.tables import Direction, Timed, to_raw
-from moeplan.cost_models.layer import (
-    DENSE,
-    Env,
-    LayerChoice,
-    Pass,
-    fixed_s,
-    forward,
-    sharing,
-    wait_factor,
-    work_scale,
-)
+from moeplan.cost_models.env import DENSE, Env, LayerChoice, Pass
+from moeplan.cost_models.layer import fixed_s, forward, sharing, wait_factor, work_scale
 from moeplan.cost_models.step import train_layer
 from moeplan.planner.planning import Request, _hand_on_waits, fixed_plan
 from moeplan.spec import load_cluster, load_model

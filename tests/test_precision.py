@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from moeplan.cost_models.layer import LayerChoice
+from moeplan.cost_models.env import LayerChoice
 from moeplan.planner.planning import Request, fixed_plan
 from moeplan.runtime.optim import LossScaler
 from moeplan.spec import load_cluster, load_model

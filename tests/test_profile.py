@@ -142,7 +142,7 @@ def test_rested_exchanges_give_back_a_token_bucket_that_the_step_refills():
     untouched."""
     from moeplan.calibrate.in_situ import predicted_phases_s
     from moeplan.cost_models import collectives as coll
-    from moeplan.cost_models.layer import LayerChoice
+    from moeplan.cost_models.env import LayerChoice
     from moeplan.planner.planning import Request, fixed_plan
     from moeplan.spec import load_model
 

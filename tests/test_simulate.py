@@ -10,7 +10,7 @@ import pytest
 from tolerance import F64_REL
 
 from moeplan.cost_models import collectives as coll
-from moeplan.cost_models.layer import Env
+from moeplan.cost_models.env import Env
 from moeplan.planner.planning import Request, plan
 from moeplan.planner.simulate import Simulator, links_for, max_min_rates, sample_loads, transfer_s
 from moeplan.spec import layout as L

@@ -11,7 +11,8 @@ from moeplan.calibrate.shapes import (
     probe_spec,
 )
 from moeplan.calibrate.tables import from_raw, seconds
-from moeplan.cost_models.layer import COMPUTE_PHASES, DENSE, Env, LayerChoice, Pass, forward
+from moeplan.cost_models.env import DENSE, Env, LayerChoice, Pass
+from moeplan.cost_models.layer import COMPUTE_PHASES, forward
 from moeplan.cost_models.step import decode_pass, head_cost
 from moeplan.spec.cluster import (
     ClusterProfile,

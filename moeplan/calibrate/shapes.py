@@ -3,7 +3,7 @@ with on every rank inside `moerun`'s loop (`in_situ_plans`)."""
 
 from __future__ import annotations
 
-from moeplan.cost_models.layer import LayerChoice
+from moeplan.cost_models.env import LayerChoice
 from moeplan.planner.planning import Request, fixed_plan
 from moeplan.spec.cluster import (
     ClusterProfile,

@@ -17,19 +17,16 @@ FLOPs; each communication runs once per forward pass and once in backward.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from functools import cached_property
 from math import ceil, log
 
 from moeplan.cost_models import collectives as coll
 from moeplan.cost_models.compute import gemm_s, memory_s, roofline_s
+from moeplan.cost_models.env import Env, LayerChoice, LayerCost, Pass
 from moeplan.cost_models.memory import (
-    TrainState,
     attention_activation_bytes,
     kv_cache_bytes,
     mlp_activation_bytes,
     moe_activation_bytes,
-    train_state,
 )
 from moeplan.cost_models.params import attention_shape, layer_params, mlp_matrices
 from moeplan.cost_models.runtimes import (
@@ -39,10 +36,14 @@ from moeplan.cost_models.runtimes import (
     is_deepspeed,
     operations,
 )
-from moeplan.spec.cluster import DTYPE_BYTES, ClusterProfile
-from moeplan.spec.model import ModelSpec
+from moeplan.cost_models.traffic import (
+    SEC_BYTES,
+    block_elementwise_bytes,
+    elementwise_bytes,
+    sparse_combine_bytes,
+)
 from moeplan.spec.phases import COMM, COMPUTE, EXCHANGE, Phase
-from moeplan.spec.workload import Setting, Workload
+from moeplan.spec.workload import Setting
 
 COMPUTE_PHASES = COMPUTE
 # MoE phases each runtime implements its own way (DeepSpeed: fp32 gate with its capacity
@@ -50,116 +51,6 @@ COMPUTE_PHASES = COMPUTE
 # profile's probe, which runs moerun, describes them for moerun (`own_kernels` says where else)
 OWN_KERNELS = (Phase.GATE, Phase.DISPATCH, Phase.COMBINE, Phase.EXPERTS)
 COMM_PHASES = COMM
-# Bytes written and read per [S, E, C] element by DeepSpeed's einsum gates (sharded_moe.py,
-# v0.16.4): top-1 the fp32 combine weights (4), the bool mask (4 + 1) and both cast for the
-# einsums (1 + 2, 4 + 2) = 18; top-2 two combine tensors and their sum (+16) = 34; top-k > 2
-# (`topkgating`) the one-hot locations in int64 and their fp32 copy (8 + 12) and the product
-# with the gates (8) before the mask and the casts = 42
-SEC_BYTES = {1: 18.0, 2: 34.0, 3: 42.0}
-
-
-@dataclass(frozen=True)
-class Scales:
-    """Factors on the seconds of each group of calibrated terms (`ClusterProfile.spread`):
-    1 is the profile as calibrated; the band on a prediction re-costs it at each group's p10
-    and p90."""
-
-    compute: float = 1.0
-    framework: float = 1.0
-    communication: float = 1.0
-
-
-@dataclass(frozen=True)
-class Env:
-    """The fixed inputs of a search: model, cluster, workload, world size."""
-
-    spec: ModelSpec
-    cluster: ClusterProfile
-    workload: Workload
-    gpus: int
-    runtime: str = "moerun"  # whose kernels, launches and loops are costed: moerun | deepspeed
-    scales: Scales = Scales()
-    teacher: ModelSpec | None = None  # a Mixture-of-Students' teacher, run forward each step
-
-    @property
-    def gpus_per_node(self) -> int:
-        return min(self.cluster.gpus_per_node, self.gpus)
-
-    @property
-    def nodes(self) -> int:
-        return ceil(self.gpus / self.gpus_per_node)
-
-    @property
-    def dtype_bytes(self) -> int:
-        return DTYPE_BYTES[self.workload.dtype]
-
-    @property
-    def residual_bytes(self) -> int:
-        """Bytes per element of the residual stream: moerun trains under autocast, whose
-        residual stream (embedding + projections) and layer-norm inputs stay fp32."""
-        train = self.workload.mode == "train"
-        return 4 if (self.runtime == "moerun" and train) else self.dtype_bytes
-
-    @cached_property
-    def state(self) -> TrainState:
-        """The training state per parameter in the runtime's precision layout
-        (`memory.train_state`); in inference the weights in the plan's dtype, nothing else."""
-        w = self.workload
-        if w.mode != "train":
-            return TrainState(self.dtype_bytes, 0, 0, 0, 0, False)
-        return train_state(w.dtype, self.runtime, w.zero_stage)
-
-    @cached_property
-    def layers_per_moe_layer(self) -> float:
-        """The model's layers per MoE layer (a PR-MoE: 2), counted once per environment."""
-        return self.spec.num_layers / max(1, len(self.spec.moe_layers))
-
-    def span(self, size: int, stride: int) -> coll.GroupSpan:
-        return coll.group_span(size, stride, self.gpus_per_node)
-
-
-@dataclass(frozen=True, order=True)
-class LayerChoice:
-    """Per-MoE-layer degrees; dense layers use `DENSE`."""
-
-    ep: int
-    es: int
-    a2a: str
-    coordinated: bool
-
-    def edp(self, gpus: int) -> int:
-        return gpus // (self.ep * self.es)
-
-
-DENSE = LayerChoice(ep=1, es=1, a2a="none", coordinated=False)
-
-
-@dataclass(frozen=True)
-class Pass:
-    """One forward pass: tokens per data-parallel rank and the attention context per token."""
-
-    tokens: int
-    context: int
-    decode: bool
-
-
-@dataclass
-class LayerCost:
-    phases: dict[str, float] = field(default_factory=dict)  # seconds (per step / per token)
-    comm_bytes: dict[str, float] = field(default_factory=dict)  # bytes per GPU per operation
-    memory: dict[str, float] = field(default_factory=dict)  # persistent bytes per GPU
-    transient_bytes: float = 0.0  # working memory while this layer runs
-    # the framework's fixed seconds inside each communication phase (same units as `phases`),
-    # kept apart so the simulator rescales only the collective itself
-    fixed: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def time_s(self) -> float:
-        return sum(self.phases.values())
-
-    @property
-    def memory_bytes(self) -> float:
-        return sum(self.memory.values())
 
 
 def ops(env: Env, name: str, p: Pass, local_experts: int = 0) -> float:
@@ -428,14 +319,6 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     return cost
 
 
-def sparse_combine_bytes(tokens: int, rows: int, h: int, b: int, k: int) -> float:
-    """Bytes of DeepSpeed's `_sparse_decode` (v0.19.4 on) for one gate call's `tokens` and the
-    `rows` the exchange brought back, `b` bytes an element, top-`k`: the rows copied with a pad
-    row, each route's row gathered, weighed by its fp32 gate value into fp32, the routes summed
-    in fp32 and the sum cast back."""
-    return (2 * b * rows * h + tokens * h * (2 * b * k + (b + 4) * k + 4 * (k + 1) + 4 + b))
-
-
 def es_inference(env: Env, s: Setting, c: LayerChoice, p: Pass) -> str | None:
     """How an inference pass runs expert slicing (`runtime/model.py` chooses the same): "gather"
     (the es ranks hold different tokens: gathered before the gate, as DeepSpeed-MoE's inference
@@ -453,68 +336,6 @@ def gate_tokens(env: Env, s: Setting, c: LayerChoice, p: Pass) -> int:
     where inference gathers the slicing group's tokens before the gate."""
     T_r = ceil(p.tokens / s.tp) if c.coordinated else p.tokens
     return T_r * (c.es if es_inference(env, s, c, p) == "gather" else 1)
-
-
-def elementwise_bytes(env: Env, s: Setting, p: Pass, phase: str, f: int = 0) -> float:
-    """Bytes of the memory-bound kernels beside a block's GEMMs, on a GPU (on a CPU profile the
-    measured work scale covers them): layer norm (read, write), bias adds, GELU, dropout in
-    DeepSpeed's training (read, write, mask; moerun has no dropout) and the residual add (two
-    reads, a write), each over the whole hidden on every tp rank (no sequence parallelism);
-    DeepSpeed's attention (Megatron, no fused attention) also writes its [B, A/tp, S, ctx]
-    scores and reads and writes them in the masked softmax, in training dropout and in the
-    product with the values."""
-    if env.cluster.device.kind != "gpu":
-        return 0.0
-    spec, b, tp, T = env.spec, env.dtype_bytes, s.tp, p.tokens
-    h, f = spec.hidden, f or spec.ffn_hidden
-    dropout = (env.workload.mode == "train" and not p.decode and is_deepspeed(env.runtime))
-    passes_h = 2 + 2 + 3 + (3 if dropout else 0)  # norm, bias, residual, dropout
-    if phase == Phase.MLP:
-        return b * T * (passes_h * h + 2 * f / tp)  # + the GELU over the FFN width
-    scores = 0.0
-    if is_deepspeed(env.runtime):
-        scores = b * T * spec.heads / tp * p.context * (5 + (3 if dropout else 0))
-    return b * T * passes_h * h + scores
-
-
-# Passes over a tensor (reads + writes) of the elementwise work today's blocks add to
-# DeepSpeed-MoE's, as moerun runs them (one kernel per operation, `runtimes.block_delta`):
-RMSNORM_PASSES = 5  # pow, mean, rsqrt, two products: 7 passes where a fused LayerNorm makes 2
-ROPE_PASSES = 10  # per rotated tensor: negated half, concatenation, two products, the sum
-QK_NORM_PASSES = {"head": 7, "full": 5}  # an RMSNorm over q and k each (full: fp32, fused sum)
-SWIGLU_PASSES = 3  # silu and the product: 5 passes over the FFN width where GELU makes 2
-
-
-def block_elementwise_bytes(env: Env, s: Setting, p: Pass, phase: str, f: int = 0,
-                            local_experts: int = 0, rows: int = 0) -> float:
-    """Bytes of the memory-bound work today's blocks add beyond DeepSpeed-MoE's (which a CPU
-    profile's measured work scale already covers): RMSNorm run as separate operations, rotary
-    positions over q and k, per-head or whole q/k norms, SwiGLU's silu and product (in the
-    MLP over the FFN width `f` per rank; in the experts over each local expert's `rows` at its
-    slice `f`)."""
-    spec, b, tp, T = env.spec, env.dtype_bytes, s.tp, p.tokens
-    h = spec.hidden
-    rms = RMSNORM_PASSES * h if spec.norm == "rmsnorm" else 0
-    if phase == Phase.ATTENTION:
-        d = spec.head_dim or h // spec.heads
-        q, kv = spec.heads * d / tp, (spec.kv_heads or spec.heads) * d / tp  # widths per rank
-        rope = 0
-        if spec.positions == "rope":
-            if spec.latent_attention is not None:  # the rotary parts: q's per head, k's shared
-                r = spec.latent_attention.qk_rope_head_dim
-                rope = ROPE_PASSES * (spec.heads / tp * r + r)
-            else:
-                rope = ROPE_PASSES * (q + kv)
-        qk = (QK_NORM_PASSES.get(spec.qk_norm, 0) * (q + kv)
-              if spec.latent_attention is None else 0)
-        return b * T * (rms + rope + qk)
-    if phase in (Phase.MLP, Phase.GATE):
-        gated = SWIGLU_PASSES * (f or spec.ffn_hidden) / tp if (
-            phase == Phase.MLP and spec.mlp == "swiglu") else 0
-        return b * T * (rms + gated)
-    if phase == Phase.EXPERTS and spec.mlp == "swiglu":
-        return b * SWIGLU_PASSES * local_experts * rows * f
-    return 0.0
 
 
 def _shared(env: Env, cost: LayerCost, p: Pass) -> LayerCost:

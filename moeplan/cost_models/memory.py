@@ -17,7 +17,7 @@ same, gathering the updated bf16 weights after each step (v0.19.8 — `--runtime
 deepspeed-sparse` — runs its FP16 optimizer in bf16 there instead: the plain layout); moerun
 trains bf16/fp16 under autocast over fp32 weights — they are the master copy, their gradients
 fp32 — so 4 + 4 bytes and 8 of moments, as both do in fp32; its residual stream and so the layer norms' inputs stay fp32
-under autocast too (`layer.Env.residual_bytes`).
+under autocast too (`env.Env.residual_bytes`).
 ZeRO stage 1 partitions optimizer states over the data-parallel group (experts: over their edp
 group); stage 2 also partitions gradients — at their peak only under DeepSpeed, which reduces
 each bucket during the backward and keeps its partition; moerun reduces after it

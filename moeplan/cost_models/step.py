@@ -14,14 +14,10 @@ from math import ceil
 
 from moeplan.cost_models import collectives as coll
 from moeplan.cost_models.compute import gemm_s, memory_s, roofline_s
+from moeplan.cost_models.env import DENSE, Env, LayerChoice, LayerCost, Pass
 from moeplan.cost_models.layer import (
     COMM_PHASES,
     COMPUTE_PHASES,
-    DENSE,
-    Env,
-    LayerChoice,
-    LayerCost,
-    Pass,
     activation_bytes,
     add_turn_wait,
     fixed_s,

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from moeplan.cost_models import collectives as coll
 from moeplan.cost_models.compute import memory_s
-from moeplan.cost_models.layer import Env, sharing
+from moeplan.cost_models.env import Env
+from moeplan.cost_models.layer import sharing
 from moeplan.cost_models.runtimes import (
     HOST_SYNC_S,
     OptimizerCount,

@@ -2,7 +2,7 @@
 
 Each group of calibrated terms (`ClusterProfile.spread`: compute, framework, communication) is
 set to its p10 and to its p90 in turn, and so is the model's own error where the profile states
-it (every term at once) (`cost_models.layer.Scales`) and the chosen configuration
+it (every term at once) (`cost_models.env.Scales`) and the chosen configuration
 is costed again; the groups move independently, so their deviations from the prediction add in
 quadrature: p10 = t − √Σ(t − t_lo)², p90 = t + √Σ(t_hi − t)².
 """
@@ -13,7 +13,7 @@ from dataclasses import replace
 from math import fsum, hypot
 
 from moeplan.cost_models import step
-from moeplan.cost_models.layer import Env, Scales
+from moeplan.cost_models.env import Env, Scales
 from moeplan.planner.options import Candidate, evaluate
 from moeplan.spec.plan import Band
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from moeplan.cost_models import step
-from moeplan.cost_models.layer import Env
+from moeplan.cost_models.env import Env
 from moeplan.planner.options import layer_options
 from moeplan.planner.space import NO_FIX, Fix
 from moeplan.spec.workload import Setting

@@ -23,7 +23,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 
-from moeplan.cost_models.layer import LayerChoice
+from moeplan.cost_models.env import LayerChoice
 from moeplan.planner.diagnose import describe_layers
 from moeplan.planner.planning import Request, fixed_plan
 from moeplan.spec.cluster import ClusterProfile

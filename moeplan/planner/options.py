@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moeplan.cost_models import step
-from moeplan.cost_models.layer import DENSE, Env, LayerChoice, LayerCost
+from moeplan.cost_models.env import DENSE, Env, LayerChoice, LayerCost
 from moeplan.planner import knapsack
 from moeplan.planner.space import NO_FIX, Fix, layer_choices
 from moeplan.spec.workload import Setting

@@ -10,7 +10,8 @@ from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
 from moeplan import __version__
-from moeplan.cost_models.layer import COMPUTE_PHASES, DENSE, Env, LayerChoice
+from moeplan.cost_models.env import DENSE, Env, LayerChoice
+from moeplan.cost_models.layer import COMPUTE_PHASES
 from moeplan.cost_models.step import head_cost, prefill_head_s, teacher_cost, with_untimed
 from moeplan.planner.band import band
 from moeplan.planner.diagnose import describe_layers, over_budget

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from math import prod
 
 from moeplan.cost_models import step
-from moeplan.cost_models.layer import Env
+from moeplan.cost_models.env import Env
 from moeplan.planner import knapsack
 from moeplan.planner.diagnose import why_infeasible
 from moeplan.planner.options import Candidate, Evaluated, layer_options

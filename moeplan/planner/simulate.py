@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from math import ceil
 
 from moeplan.cost_models import collectives as coll
-from moeplan.cost_models.layer import Env, gate_tokens
+from moeplan.cost_models.env import Env
+from moeplan.cost_models.layer import gate_tokens
 from moeplan.cost_models.step import decode_pass, train_pass
 from moeplan.planner.options import Candidate
 from moeplan.spec import layout as L

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from math import isqrt
 
-from moeplan.cost_models.layer import Env, LayerChoice
+from moeplan.cost_models.env import Env, LayerChoice
 from moeplan.spec.errors import ConfigError
 from moeplan.spec.workload import Setting
 

@@ -37,7 +37,8 @@ from op_count import counter, free_port, rank_env, run_world, save_json
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 PHASES = ("gate", "dispatch", "experts", "combine")
-TOKENS, HIDDEN, FFN = 64, 16, 32
+TOKENS, HIDDEN = 64, 16
+FFN = 2 * HIDDEN  # the experts' width, as `_count` builds them
 
 
 def _cuda_one_hot(t, num_classes):
@@ -49,8 +50,14 @@ def _cuda_one_hot(t, num_classes):
     return out.scatter_(-1, t.unsqueeze(-1), 1)
 
 
-def _count(experts: int, ep: int = 1, k: int = 1) -> dict:
-    """The layer's counts with `experts` local experts, expert-parallel over `ep` ranks, top-k."""
+def _count(experts: int, ep: int = 1, k: int = 1, tokens: int = TOKENS, hidden: int = HIDDEN,
+           capacity_factor: float = 1.0, dtype: str = "bfloat16", alone: bool = True,
+           eval_rts: bool = True) -> dict:
+    """The layer's counts with `experts` local experts, expert-parallel over `ep` ranks, top-k,
+    for `tokens` tokens of width `hidden` in `dtype` (the experts' FFN twice the width); with
+    the Experts module also counted `alone` (top-1, one rank); inference with random token
+    selection if `eval_rts` (the training layer in eval mode) or without (as DeepSpeed's
+    inference MoE builds its gate: moe_inference.py, use_rts=False)."""
     import deepspeed.moe.sharded_moe as sharded
     import torch
     import torch.nn.functional as F
@@ -61,14 +68,15 @@ def _count(experts: int, ep: int = 1, k: int = 1) -> dict:
         sharded._one_hot_to_float = lambda x, num_classes: _cuda_one_hot(x, num_classes).float()
 
     torch.manual_seed(0)
-    expert = torch.nn.Sequential(torch.nn.Linear(HIDDEN, FFN), torch.nn.GELU(),
-                                 torch.nn.Linear(FFN, HIDDEN))
-    layer = MoE(hidden_size=HIDDEN, expert=expert, num_experts=experts * ep, ep_size=ep, k=k,
-                capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=4, use_rts=True,
-                drop_tokens=True)
+    dt = getattr(torch, dtype)
+    expert = torch.nn.Sequential(torch.nn.Linear(hidden, 2 * hidden), torch.nn.GELU(),
+                                 torch.nn.Linear(2 * hidden, hidden))
+    layer = MoE(hidden_size=hidden, expert=expert, num_experts=experts * ep, ep_size=ep, k=k,
+                capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor,
+                min_capacity=4, use_rts=True, drop_tokens=True)
     layer.set_deepspeed_parallelism()
     inner = layer.deepspeed_moe
-    inner.experts.to(torch.bfloat16)
+    inner.experts.to(dt)
     count = counter()
     marks: dict[str, int] = {}
 
@@ -96,7 +104,8 @@ def _count(experts: int, ep: int = 1, k: int = 1) -> dict:
     out: dict = {}
     for training in (True, False):
         layer.train(training)
-        x = torch.randn(2, TOKENS // 2, HIDDEN, dtype=torch.bfloat16, requires_grad=training)
+        inner.gate.use_rts = training or eval_rts
+        x = torch.randn(2, tokens // 2, hidden, dtype=dt, requires_grad=training)
         layer(x)  # warm-up (lazy buffers)
         c = count("outside")
         hooks = phase_hooks()
@@ -135,8 +144,12 @@ def _count(experts: int, ep: int = 1, k: int = 1) -> dict:
             "collectives": {p: dict(v) for p, v in c.collectives.items() if v},
             "host_ops": {p: dict(ops) for p, ops in c.host_ops.items() if ops},
             "outside": {"forward": c.launches["outside"], "backward": c.launches["bwd outside"]},
-            "ops": {p: dict(ops) for p, ops in c.ops.items() if ops}}
-    if ep == 1 and k == 1:
+            "ops": {p: dict(ops) for p, ops in c.ops.items() if ops},
+            "bytes": {way: {p: {"bytes": c.bytes[pre + p], "gemm_bytes": c.gemm_bytes[pre + p],
+                                "gemm_flops": c.flops[pre + p]} for p in PHASES}
+                      for way, pre in (("forward", ""), ("backward", "bwd "))
+                      if training or way == "forward"}}
+    if ep == 1 and k == 1 and alone:
         out["experts_ep2"] = _count_experts(experts)
     return out
 

@@ -3,9 +3,13 @@ counting mode the DeepSpeed count benches share (and their small helpers).
 
 Every aten operation counts as one kernel launch, except views (`_unsafe_view` too), allocations
 without a fill and a copy_ onto the very same data (ATen returns before any kernel); its bytes
-are those of its tensor inputs and outputs (an output it only writes — copy_, zero_, fill_ — is
-not read); `_local_scalar_dense` is a host read; collectives (c10d) are listed, not counted, and
-the profiler's record_function marks are left out. Counts go to the mode's current `phase` (a
+are those of its tensor inputs and outputs (a broadcast input's distinct elements; an output it
+only writes — copy_, zero_, fill_ — is not read; a gather reads the rows it selects, a scatter
+writes what its index addresses and reads nothing else of its destination), GEMMs' kept apart
+(`mm`, `addmm`, `bmm`, `baddbmm` of inner dimension above 1, their FLOPs counted too: one of
+inner dimension 1 is an outer product, memory-bound like the rest); `_local_scalar_dense` is a
+host read; collectives (c10d) are listed, not counted, and the profiler's record_function marks
+are left out. Counts go to the mode's current `phase` (a
 string the caller moves).
 
 Host tensors: on a GPU, what the code makes with `torch.tensor(...)` (a scalar such as
@@ -76,6 +80,39 @@ def counter():
             aten.lift_fresh.default, aten.set_.source_Storage_storage_offset,
             aten.set_.source_Tensor, aten.resize_.default, aten._unsafe_view.default}
     write_only = {"copy_", "zero_", "fill_"}
+    gathers = {"index_select", "gather", "index", "embedding"}
+    scatters = {"scatter_", "scatter_add_", "index_put_", "index_add_", "index_copy_"}
+
+    def nbytes(t) -> int:
+        """Distinct elements' bytes: a broadcast (stride-0) dimension is read once."""
+        n = 1
+        for size, stride in zip(t.shape, t.stride()):
+            n *= size if stride else 1
+        return n * t.element_size()
+
+    def moved_bytes(name: str, ins, outs) -> int:
+        """Bytes an operation reads and writes: its inputs and outputs, except that a gather
+        reads only the rows it selects (its output's size) besides its index, and a scatter
+        into a tensor reads its index and source and writes (an add: reads too) only the
+        elements they address."""
+        if name in gathers and outs:
+            return 2 * sum(map(nbytes, outs)) + sum(map(nbytes, ins[1:]))
+        if name in scatters and ins:
+            rest = ins[1:]
+            n = max((t.numel() for t in rest), default=0) * ins[0].element_size()
+            return sum(map(nbytes, rest)) + n * (2 if "add" in name else 1)
+        return sum(map(nbytes, ins + outs))
+
+    gemms = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+
+    def gemm_flops(func, args) -> int:
+        """2·M·N·K of a GEMM (summed over a batch), 0 for anything else or K = 1."""
+        if func not in gemms:
+            return 0
+        a, b = (args[1], args[2]) if func in (aten.addmm.default, aten.baddbmm.default) else (
+            args[0], args[1])
+        k = a.shape[-1]
+        return 2 * a.numel() * b.shape[-1] if k > 1 else 0
 
     def same_data(func, args) -> bool:
         if func is not aten.copy_.default:
@@ -90,6 +127,8 @@ def counter():
             self.on, self.phase = True, phase
             self.launches: Counter = Counter()
             self.bytes: Counter = Counter()
+            self.gemm_bytes: Counter = Counter()  # the part of `bytes` GEMMs move
+            self.flops: Counter = Counter()  # GEMM FLOPs
             self.syncs: Counter = Counter()
             self.collectives: dict[str, Counter] = defaultdict(Counter)
             self.ops: dict[str, Counter] = defaultdict(Counter)
@@ -130,7 +169,12 @@ def counter():
                 ins = ins[1:]  # the destination is written, not read
             self.launches[self.phase] += 1
             self.ops[self.phase][name] += 1
-            self.bytes[self.phase] += sum(t.numel() * t.element_size() for t in ins + outs)
+            moved = moved_bytes(name, ins, outs)
+            self.bytes[self.phase] += moved
+            flops = gemm_flops(func, args)
+            if flops:
+                self.flops[self.phase] += flops
+                self.gemm_bytes[self.phase] += moved
             return out
 
     return Count

@@ -542,6 +542,43 @@ def test_deepspeeds_counts_are_what_deepspeed_did(runtime, record, version):
 
 
 @pytest.mark.parametrize("runtime, record, version", [
+    ("deepspeed", "deepspeed-moe-bytes.json", "0.16.4"),
+    ("deepspeed-sparse", "deepspeed-moe-bytes-0.19.8.json", "0.19.8")])
+def test_deepspeed_traffic_is_what_deepspeeds_layer_moved(runtime, record, version):
+    """The gate, dispatch and combine bytes and GEMM FLOPs charged for DeepSpeed are its
+    layer's as bench/count_deepspeed_moe_bytes.py counted them at every size it ran (top-1/2/4,
+    bf16 and fp32, 64-256 tokens, 4-16 experts, width 16/32, capacity factor 1 and 2): the
+    package's table is the record's fits, and they give back each counted point exactly —
+    inference its forward, a training pass (no recompute) a third of forward + backward."""
+    import json
+    from pathlib import Path
+
+    from moeplan.cost_models.traffic import deepspeed_counts, deepspeed_traffic
+
+    path = Path(__file__).resolve().parent.parent / "bench/results" / record
+    record = json.loads(path.read_text())
+    assert record["deepspeed"] == version
+    table = deepspeed_counts()[runtime]
+    assert table["deepspeed"] == version
+    assert table["fits"] == {k: v["per"] for k, v in record["fits"].items()}
+    assert all(v["largest_residual"] == 0 for v in record["fits"].values())
+    for pt in record["points"]:
+        b = 2 if pt["dtype"] == "bfloat16" else 4
+        for phase in ("gate", "dispatch", "combine"):
+            for training in (False, True):
+                t = deepspeed_traffic(runtime, phase, pt["k"], b, pt["tokens"], pt["experts"],
+                                      pt["capacity"], pt["hidden"], training, False)
+                ways = ([pt["train"]["forward"], pt["train"]["backward"]] if training
+                        else [pt["infer"]["forward"]])
+                want = [sum(w[phase][what] for w in ways) / len(ways) * (2 / 3 if training
+                                                                          else 1)
+                        for what in ("gemm_flops", "gemm_bytes", "bytes")]
+                got = [t.gemm_flops, t.gemm_bytes, t.gemm_bytes + t.other_bytes]
+                assert got == pytest.approx(want, rel=F64_REL), (pt, phase, training)
+    assert len(record["points"]) >= 200
+
+
+@pytest.mark.parametrize("runtime, record, version", [
     ("deepspeed", "deepspeed-moe-ops.json", "0.16.4"),
     ("deepspeed-sparse", "deepspeed-moe-ops-0.19.8.json", "0.19.8")])
 def test_deepspeed_moe_counts_are_what_deepspeeds_layer_did(runtime, record, version):

@@ -37,10 +37,9 @@ from moeplan.cost_models.runtimes import (
     operations,
 )
 from moeplan.cost_models.traffic import (
-    SEC_BYTES,
     block_elementwise_bytes,
+    deepspeed_traffic,
     elementwise_bytes,
-    sparse_combine_bytes,
 )
 from moeplan.spec.phases import COMM, COMPUTE, EXCHANGE, Phase
 from moeplan.spec.workload import Setting
@@ -241,22 +240,29 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     expert_rows = c.ep * C * (1 if es_mode else c.es)
     deepspeed = is_deepspeed(env.runtime)
     einsum = env.runtime == "deepspeed"  # DeepSpeed up to v0.19.3: one-hot einsum dispatch
-    # DeepSpeed's TopKGate runs the router and softmax in fp32. Up to v0.19.3 it also builds the
-    # [S, E, C] combine weights in fp32 (einsum), a bool dispatch mask and a cast of each for
-    # the einsums (`SEC_BYTES`)
-    sec_bytes = SEC_BYTES[min(spec.top_k, 3)] * T_r * rows if einsum else 0.0
-    ph[Phase.GATE] = compute(Phase.GATE, gemm_s(T_r, E, h, dev, "fp32"),
-                             4 * T_r * (h + 3 * E) + sec_bytes,
-                             added_bytes=block_elementwise_bytes(env, s, p, Phase.GATE))
+
+    def counted(phase: str, m_: int, n_: int, k_: int, dtype: str, **extra) -> float:
+        """A DeepSpeed phase as counted by running its layer (`deepspeed_traffic`): its GEMMs
+        (an m_×k_·k_×n_ product: the fp32 router, the einsums) at their roofline scaled to the
+        counted FLOPs, every other kernel's bytes after them."""
+        t = deepspeed_traffic(env.runtime, phase, spec.top_k, b, T_r, E, C, h,
+                              env.workload.mode == "train" and not p.decode, s.recompute)
+        scale = t.gemm_flops / (2.0 * m_ * n_ * k_)
+        return compute(phase, gemm_s(m_ * scale, n_, k_, dev, dtype), t.gemm_bytes,
+                       serial_bytes=t.other_bytes, **extra)
+
+    gate_blocks = block_elementwise_bytes(env, s, p, Phase.GATE)
+    if deepspeed:  # its TopKGate: router and softmax in fp32, int64 masks, [S, E, C] (einsum)
+        ph[Phase.GATE] = counted(Phase.GATE, T_r, E, h, "fp32", added_bytes=gate_blocks)
+    else:
+        ph[Phase.GATE] = compute(Phase.GATE, gemm_s(T_r, E, h, dev, "fp32"),
+                                 4 * T_r * (h + 3 * E), added_bytes=gate_blocks)
     if not deepspeed and not spec.drop_tokens and dev.kind == "gpu":
         ph[Phase.GATE] += HOST_SYNC_S  # dropless: moerun reads the busiest expert's load back
     if einsum:
         ph[Phase.GATE] += DEEPSPEED_SYNCS * HOST_SYNC_S
-        # dispatch "sec,sm->ecm" and combine "sec,ecm->sm" are dense GEMMs over S·E·C
-        einsum_bytes = b * (T_r * rows + T_r * h + rows * h)
-        ph[Phase.DISPATCH] = compute(Phase.DISPATCH, gemm_s(rows, h, T_r, dev, dt), einsum_bytes)
-    elif deepspeed:  # _sparse_encode: the tokens copied with a zero pad row, one gather
-        ph[Phase.DISPATCH] = compute(Phase.DISPATCH, 0.0, 2 * b * (T_r * h + rows * h))
+    if deepspeed:  # einsum "sec,sm->ecm" (a GEMM over S·E·C), or _sparse_encode's gather
+        ph[Phase.DISPATCH] = counted(Phase.DISPATCH, rows, h, T_r, dt)
     else:
         ph[Phase.DISPATCH] = compute(Phase.DISPATCH, 0.0, b * (T_r * h + rows * h))
     a2a_bytes = rows * h * b
@@ -295,11 +301,8 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     ph[Phase.EXPERTS] = compute(Phase.EXPERTS, expert_flops_s, expert_bytes, local,
                                 added_bytes=block_elementwise_bytes(
                                     env, s, p, Phase.EXPERTS, fe // c.es, local, expert_rows))
-    if einsum:
-        ph[Phase.COMBINE] = compute(Phase.COMBINE, gemm_s(T_r, h, rows, dev, dt), einsum_bytes)
-    elif deepspeed:
-        ph[Phase.COMBINE] = compute(Phase.COMBINE, 0.0, sparse_combine_bytes(T_r, rows, h, b,
-                                                                             spec.top_k))
+    if deepspeed:  # einsum "sec,ecm->sm", or _sparse_decode's gather, fp32 weighting and sum
+        ph[Phase.COMBINE] = counted(Phase.COMBINE, T_r, h, rows, dt)
     else:
         ph[Phase.COMBINE] = compute(Phase.COMBINE, 0.0, b * (rows * h + T_r * h))
     if c.coordinated and tp > 1:

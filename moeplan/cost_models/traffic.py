@@ -1,28 +1,74 @@
 """Bytes of the memory-bound work beside a layer's GEMMs on a GPU: layer norms, biases,
 activations, dropout and residual adds, unfused attention scores, the passes today's blocks add,
-and DeepSpeed's [S, E, C] gate tensors and index combine."""
+and DeepSpeed's gate, dispatch and combine as counted by running them."""
 
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
 
 from moeplan.cost_models.env import Env, Pass
 from moeplan.cost_models.runtimes import is_deepspeed
 from moeplan.spec.phases import Phase
 from moeplan.spec.workload import Setting
 
-# Bytes written and read per [S, E, C] element by DeepSpeed's einsum gates (sharded_moe.py,
-# v0.16.4): top-1 the fp32 combine weights (4), the bool mask (4 + 1) and both cast for the
-# einsums (1 + 2, 4 + 2) = 18; top-2 two combine tensors and their sum (+16) = 34; top-k > 2
-# (`topkgating`) the one-hot locations in int64 and their fp32 copy (8 + 12) and the product
-# with the gates (8) before the mask and the casts = 42
-SEC_BYTES = {1: 18.0, 2: 34.0, 3: 42.0}
+# DeepSpeed-MoE's gate, dispatch and combine as its layer runs them: bytes and GEMM FLOPs counted
+# by running DeepSpeed 0.16.4 (`--runtime deepspeed`) and 0.19.8 (`deepspeed-sparse`) at 36 sizes
+# each (bench/count_deepspeed_moe_bytes.py; records bench/results/deepspeed-moe-bytes*.json),
+# each phase's figure fitted exactly as a sum of size terms. The fits ship as
+# data/deepspeed_traffic.json, keyed "top-{1,2,4} {2,4}B {train,infer} {forward,backward}
+# {gate,dispatch,combine} {bytes,gemm_bytes,gemm_flops}" (top-k > 2 as counted at k = 4).
+TRAFFIC_TERMS = {"sech": lambda S, E, C, h: S * E * C * h, "seh": lambda S, E, C, h: S * E * h,
+                 "sec": lambda S, E, C, h: S * E * C, "se": lambda S, E, C, h: S * E,
+                 "sc": lambda S, E, C, h: S * C, "sh": lambda S, E, C, h: S * h,
+                 "ech": lambda S, E, C, h: E * C * h, "eh": lambda S, E, C, h: E * h,
+                 "s": lambda S, E, C, h: S, "ec": lambda S, E, C, h: E * C,
+                 "e": lambda S, E, C, h: E, "h": lambda S, E, C, h: h,
+                 "1": lambda S, E, C, h: 1}
 
 
-def sparse_combine_bytes(tokens: int, rows: int, h: int, b: int, k: int) -> float:
-    """Bytes of DeepSpeed's `_sparse_decode` (v0.19.4 on) for one gate call's `tokens` and the
-    `rows` the exchange brought back, `b` bytes an element, top-`k`: the rows copied with a pad
-    row, each route's row gathered, weighed by its fp32 gate value into fp32, the routes summed
-    in fp32 and the sum cast back."""
-    return (2 * b * rows * h + tokens * h * (2 * b * k + (b + 4) * k + 4 * (k + 1) + 4 + b))
+@cache
+def deepspeed_counts() -> dict:
+    """The counted fits per DeepSpeed runtime (package data)."""
+    text = resources.files("moeplan.cost_models").joinpath("data/deepspeed_traffic.json")
+    return json.loads(text.read_text())
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What one pass of a phase is charged: GEMM FLOPs, the bytes those GEMMs move, and the
+    bytes of everything else (memory-bound kernels that run one after another)."""
+
+    gemm_flops: float
+    gemm_bytes: float
+    other_bytes: float
+
+
+def deepspeed_traffic(runtime: str, phase: str, k: int, b: int, tokens: int, experts: int,
+                      capacity: int, h: int, training: bool, recompute: bool) -> Traffic:
+    """DeepSpeed's counted traffic for one gate call of `tokens` tokens over `experts` experts
+    of `capacity` rows, width `h`, `b`-byte activations, top-`k`, per forward pass charged: in
+    inference the forward; in training ((1 + r)·forward + backward) / (3 + r), since training
+    charges a compute phase 3 + r forward passes (r: recomputed)."""
+    fits = deepspeed_counts()[runtime]["fits"]
+    top = 1 if k == 1 else 2 if k == 2 else 4
+    size = (tokens, experts, capacity, h)
+
+    def value(mode: str, way: str, what: str) -> float:
+        per = fits[f"top-{top} {b}B {mode} {way} {phase} {what}"]
+        return sum(c * TRAFFIC_TERMS[t](*size) for t, c in per.items())
+
+    def charged(what: str) -> float:
+        if not training:
+            return value("infer", "forward", what)
+        r = int(recompute)
+        return ((1 + r) * value("train", "forward", what)
+                + value("train", "backward", what)) / (3 + r)
+
+    gemm_bytes = charged("gemm_bytes")
+    return Traffic(charged("gemm_flops"), gemm_bytes, charged("bytes") - gemm_bytes)
 
 
 def elementwise_bytes(env: Env, s: Setting, p: Pass, phase: str, f: int = 0) -> float:

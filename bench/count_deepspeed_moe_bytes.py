@@ -1,0 +1,124 @@
+"""Count the bytes and GEMM FLOPs of DeepSpeed-MoE's gate, dispatch and combine by running its
+layer at many sizes, and fit them as a sum of size terms: to check what
+`moeplan/cost_models/traffic.py` charges `--runtime deepspeed` / `deepspeed-sparse` for them.
+
+    pip install deepspeed==0.16.4      # in an environment of its own: not a moeplan dependency
+    python bench/count_deepspeed_moe_bytes.py [--out bench/results/deepspeed-moe-bytes.json] \
+        [--table moeplan/cost_models/data/deepspeed_traffic.json]
+
+The layer is the one bench/count_deepspeed_moe_ops.py counts (one gloo rank, DS_ACCELERATOR=cpu,
+random token selection, min capacity 4, dropping tokens; `F.one_hot` as CUDA runs it), counted
+by bench/op_count.py's mode: an operation's bytes are its tensor inputs and outputs (a kernel
+reads and writes each once), GEMMs' apart with their FLOPs. It runs top-1, top-2 and top-4 over
+bf16 and fp32 tokens at S tokens (64/128/256), E experts (4/8/16), width h (16/32) and capacity
+factor 1 and 2, so the capacity C = max(4, ceil(k'·cf·S/E)) (k' = 1, 2, k as `_capacity` is
+called) moves apart from S/E. Each phase's forward and backward bytes (and the inference
+forward's, without random token selection as DeepSpeed's inference MoE builds its gate) are
+then fitted by least squares to
+S·E·C·h, S·E·h (GEMM FLOPs), S·E·C, S·E, S·C, S·h, E·C·h, E·h, S, E·C, E, h and 1 (a
+size DeepSpeed cannot run, top-k capacity above S, is left out): every fit is exact (the largest residual is
+printed and recorded; a term outside that basis would show there). `--table` puts the fits into
+the cost model's table, under the runtime this DeepSpeed's version is (`deepspeed` up to 0.19.3,
+`deepspeed-sparse` from 0.19.4), beside the other runtime's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+
+from count_deepspeed_moe_ops import _count
+from op_count import free_port, rank_env, save_json
+
+TERMS = ("sech", "seh", "sec", "se", "sc", "sh", "ech", "eh", "s", "ec", "e", "h", "1")
+SIZES = dict(tokens=(64, 128, 256), experts=(4, 8, 16), hidden=(16, 32), capacity_factor=(1, 2))
+MIN_CAPACITY = 4
+
+
+def capacity(k: int, tokens: int, experts: int, factor: float) -> int:
+    """DeepSpeed's `_capacity` as its gates call it (top-2 at twice the factor, top-k at k)."""
+    return max(MIN_CAPACITY, math.ceil(tokens / experts * factor * k))
+
+
+def terms(S: int, E: int, C: int, h: int) -> list[float]:
+    return [S * E * C * h, S * E * h, S * E * C, S * E, S * C, S * h, E * C * h, E * h, S, E * C,
+            E, h, 1]
+
+
+def fit(rows: list[list[float]], values: list[float]) -> tuple[dict[str, float], float]:
+    """Least-squares coefficients of TERMS (rounded to quarters: counts of whole elements
+    of whole bytes) and the largest residual of the rounded fit, in bytes."""
+    import numpy as np
+
+    A, y = np.array(rows, dtype=float), np.array(values, dtype=float)
+    coef = np.round(np.linalg.lstsq(A, y, rcond=None)[0] * 4) / 4
+    residual = float(np.max(np.abs(A @ coef - y))) if len(y) else 0.0
+    return {t: float(c) for t, c in zip(TERMS, coef) if c}, residual
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="write the counts and fits as JSON here")
+    ap.add_argument("--table", default=None,
+                    help="put the fits into this cost-model table (JSON, updated in place)")
+    a = ap.parse_args(argv)
+    rank_env(0, 1, free_port())
+    try:
+        import deepspeed
+        import torch
+    except ImportError as e:
+        print(f"count_deepspeed_moe_bytes: needs deepspeed (pip install deepspeed==0.16.4): {e}",
+              file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    points, fits = [], {}
+    for k, dtype in itertools.product((1, 2, 4), ("bfloat16", "float32")):
+        rows, values = [], {}
+        for S, E, h, cf in itertools.product(*SIZES.values()):
+            C = capacity(k, S, E, cf)
+            if C > S:  # its gates pick each expert's C tokens out of S (torch.topk)
+                continue
+            got = _count(E, k=k, tokens=S, hidden=h, capacity_factor=cf, dtype=dtype,
+                         alone=False, eval_rts=False)
+            point = {"k": k, "dtype": dtype, "tokens": S, "experts": E, "hidden": h,
+                     "capacity_factor": cf, "capacity": C,
+                     "train": got["train"]["bytes"], "infer": got["infer"]["bytes"]}
+            points.append(point)
+            rows.append(terms(S, E, C, h))
+            for mode, ways in (("train", ("forward", "backward")), ("infer", ("forward",))):
+                for way in ways:
+                    for phase, counted in point[mode][way].items():
+                        if phase == "experts":
+                            continue
+                        for what, n in counted.items():
+                            values.setdefault((mode, way, phase, what), []).append(n)
+        b = torch.finfo(getattr(torch, dtype)).bits // 8
+        for (mode, way, phase, what), ys in values.items():
+            coef, residual = fit(rows, ys)
+            key = f"top-{k} {b}B {mode} {way} {phase} {what}"
+            fits[key] = {"per": coef, "largest_residual": residual}
+            shown = " + ".join(f"{c:g}·{t}" for t, c in coef.items()) or "0"
+            print(f"{key:45s} {shown}   (residual {residual:g})")
+    record = {"deepspeed": deepspeed.__version__, "torch": torch.__version__, "terms": TERMS,
+              "sizes": SIZES, "min_capacity": MIN_CAPACITY, "fits": fits, "points": points}
+    save_json(record, a.out)
+    if a.table:
+        version = tuple(int(x) for x in deepspeed.__version__.split("+")[0].split(".")[:3])
+        runtime = "deepspeed" if version < (0, 19, 4) else "deepspeed-sparse"
+        table = {}
+        if os.path.exists(a.table):
+            with open(a.table) as f:
+                table = json.load(f)
+        table[runtime] = {"deepspeed": deepspeed.__version__, "torch": torch.__version__,
+                          "terms": list(TERMS), "fits": {k: v["per"] for k, v in fits.items()}}
+        save_json(table, a.table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -58,6 +58,29 @@ def test_fixed_degrees_constrain_the_search_and_the_runtime_changes_the_cost():
     assert ds.provenance.inputs_digest != fixed.provenance.inputs_digest
 
 
+def test_deepspeed_exchanges_as_its_code_and_the_papers_inference_do():
+    """DeepSpeed's code has one flat all-to-all (training, and today's inference MoE); the
+    paper's inference system adds the hierarchical one: `deepspeed` offers it for inference
+    only, `deepspeed-sparse` never, moerun always (ep groups over several nodes)."""
+    from moeplan.cost_models.runtimes import a2a_algorithms
+    from moeplan.planner.space import layer_choices
+
+    spec = load_model("1.3b-moe-128")
+    s = Setting(tp=1, dp=64, micro_batch=4, recompute=True)
+    for runtime, mode, want in (("moerun", "train", {"flat", "hierarchical"}),
+                                ("moerun", "infer", {"flat", "hierarchical"}),
+                                ("deepspeed", "train", {"flat"}),
+                                ("deepspeed", "infer", {"flat", "hierarchical"}),
+                                ("deepspeed-sparse", "train", {"flat"}),
+                                ("deepspeed-sparse", "infer", {"flat"})):
+        env = Env(spec, NDV4, _env(runtime, mode).workload, 64, runtime=runtime)
+        assert set(a2a_algorithms(runtime, mode)) == want
+        assert {c.a2a for c in layer_choices(env, s, 128) if c.ep == 64} == want, (runtime, mode)
+    p, _ = plan(spec, NDV4, Request(gpus=128, mode="train", global_batch=512, simulate_top=0,
+                                    runtime="deepspeed", fix=Fix(tp=1, ep=128)))
+    assert {m.a2a for m in p.layers if m.kind == "moe"} == {"flat"}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--fix", "tp"], "expected KEY=VALUE"),
     (["--fix", "pp=2"], "KEY one of tp, ep"),
@@ -70,6 +93,10 @@ def test_fixed_degrees_constrain_the_search_and_the_runtime_changes_the_cost():
     (["--fix", "micro-batch=2", "--micro-batch", "4"], "contradicts"),
     (["--mode", "infer", "--fix", "recompute=true"], "apply to training"),
     (["--runtime", "tutel"], "'tutel' is not one of"),
+    (["--runtime", "deepspeed", "--fix", "a2a=hierarchical"],
+     "--runtime deepspeed exchanges flat in train"),
+    (["--runtime", "deepspeed-sparse", "--mode", "infer", "--fix", "a2a=hierarchical"],
+     "--runtime deepspeed-sparse exchanges flat in infer"),
     (["--model", "1.3b-moe-128", "--gpus", "8", "--fix", "ep=8", "--fix", "tp=1"],
      "does not fit on 8 x A100-SXM4-40GB with --fix tp=1 --fix ep=8"),
 ])

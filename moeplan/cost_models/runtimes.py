@@ -76,6 +76,17 @@ def is_deepspeed(runtime: str) -> bool:
     return runtime in DEEPSPEED_RUNTIMES
 
 
+def a2a_algorithms(runtime: str, mode: str) -> tuple[str, ...]:
+    """The all-to-all algorithms a runtime has. DeepSpeed's code exchanges flat, one
+    all_to_all_single over the expert-parallel group, in training (sharded_moe.py's _AllToAll)
+    and in its inference MoE (moe_inference.py), in 0.16.4 and 0.19.8 alike; the paper's
+    inference system adds the hierarchical one (DeepSpeed-MoE §5, with which its inference
+    latencies were measured), so `deepspeed` offers it for inference."""
+    if runtime == "moerun" or (runtime == "deepspeed" and mode == "infer"):
+        return ("flat", "hierarchical")
+    return ("flat",)
+
+
 # Per local expert, as counted over DeepSpeed's Experts on the input an all-to-all over 2 ranks
 # leaves, 5 forward (the chunk's copy, GEMM, bias add, GELU, GEMM with bias) and 8 backward
 # (the copy, 4 GEMMs, 2 bias sums, GELU's), less what Megatron's expert does not launch: its

@@ -12,6 +12,7 @@ from typing import Literal, get_args
 from moeplan import __version__
 from moeplan.cost_models.env import DENSE, Env, LayerChoice
 from moeplan.cost_models.layer import COMPUTE_PHASES
+from moeplan.cost_models.runtimes import a2a_algorithms
 from moeplan.cost_models.step import head_cost, prefill_head_s, teacher_cost, with_untimed
 from moeplan.planner.band import band
 from moeplan.planner.diagnose import describe_layers, over_budget
@@ -150,6 +151,10 @@ def _check(spec: ModelSpec, cluster: ClusterProfile, r: Request) -> None:
                               f"{spec.max_seq_len} positions")
     if r.runtime not in RUNTIMES:
         raise ConfigError(f"--runtime {r.runtime}: expected one of {', '.join(RUNTIMES)}")
+    if r.fix.a2a is not None and r.fix.a2a not in a2a_algorithms(r.runtime, r.mode):
+        raise ConfigError(f"--fix a2a={r.fix.a2a}: --runtime {r.runtime} exchanges "
+                          f"{' or '.join(a2a_algorithms(r.runtime, r.mode))} in {r.mode} "
+                          "(DeepSpeed's code has one flat all-to-all)")
     if r.mode == "infer" and (r.fix.micro_batch is not None or r.fix.recompute is not None):
         raise ConfigError("--fix micro-batch / recompute apply to training; for inference set "
                           "--global-batch (sequences in flight)")

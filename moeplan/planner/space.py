@@ -12,7 +12,8 @@ Rules (each rejects a combination the layout or the model cannot express):
   divides the GPUs of a node and the FFN width; ep·es divides N and either divides the node size
   or is a multiple of it (groups never straddle a node boundary unevenly); edp = N / (ep·es).
   The hierarchical all-to-all is offered only where the ep group spans several nodes with several
-  ranks on each (otherwise it is the flat one); TP-coordination only where tp > 1.
+  ranks on each (otherwise it is the flat one) and the runtime has it (`a2a_algorithms`: not
+  DeepSpeed's training nor today's DeepSpeed); TP-coordination only where tp > 1.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass, fields
 from math import isqrt
 
 from moeplan.cost_models.env import Env, LayerChoice
+from moeplan.cost_models.runtimes import a2a_algorithms
 from moeplan.spec.errors import ConfigError
 from moeplan.spec.workload import Setting
 
@@ -155,7 +157,8 @@ def layer_choices(env: Env, s: Setting, experts: int, fix: Fix = NO_FIX) -> list
             if fix.es not in (None, es) or fix.edp not in (None, N // size):
                 continue
             span = env.span(ep, es)
-            algos = ["flat", "hierarchical"] if span.nodes > 1 and span.per_node > 1 else ["flat"]
+            algos = (a2a_algorithms(env.runtime, env.workload.mode)
+                     if span.nodes > 1 and span.per_node > 1 else ("flat",))
             for a2a in algos:
                 for coordinated in ((False, True) if s.tp > 1 else (False,)):
                     if fix.a2a in (None, a2a) and fix.coordinated in (None, coordinated):

@@ -28,12 +28,12 @@ NDV4 = load_cluster("ndv4-a100-40gb")
 
 def test_fixing_every_degree_costs_one_configuration():
     req = Request(gpus=256, mode="infer", global_batch=256, runtime="deepspeed",
-                  fix=parse_fix(["tp=8", "ep=128", "es=2", "a2a=flat", "tp-coordinated=false"]))
+                  fix=parse_fix(["tp=8", "ep=128", "es=2", "a2a=flat", "tp-coordinated=true"]))
     p, result = plan(load_model("24b-moe-128"), NDV4, req)
     assert result.stats.settings == 1 and p.parallel.tp == 8
     moe = [layer for layer in p.layers if layer.kind == "moe"]
     assert {(m.ep, m.es, m.edp, m.a2a, m.a2a_tp_coordinated) for m in moe} == {
-        (128, 2, 1, "flat", False)}
+        (128, 2, 1, "flat", True)}
     assert result.stats.layer_options == 2  # one dense option, one MoE option
     assert p.provenance.runtime == "deepspeed" and p.predicted.latency_s > 0
 
@@ -81,6 +81,32 @@ def test_deepspeed_exchanges_as_its_code_and_the_papers_inference_do():
     assert {m.a2a for m in p.layers if m.kind == "moe"} == {"flat"}
 
 
+def test_deepspeed_routes_shared_tokens_once_and_slices_experts_over_tp_in_training():
+    """DeepSpeed drops the tokens tp ranks share before its all-to-all whenever tp > 1, and its
+    training slices experts only over the tp group (enable_expert_tensor_parallelism); its
+    inference (the paper's expert slicing) and moerun slice over any consecutive group."""
+    from moeplan.planner.space import layer_choices
+
+    spec = load_model("1.3b-moe-128")
+    for runtime in ("moerun", "deepspeed", "deepspeed-sparse"):
+        for mode in ("train", "infer"):
+            env = Env(spec, NDV4, _env(runtime, mode).workload, 256, runtime=runtime)
+            for tp in (1, 2, 4):
+                s = Setting(tp=tp, dp=256 // tp, micro_batch=4, recompute=True)
+                got = layer_choices(env, s, 128)
+                coordinated = {c.coordinated for c in got}
+                slices = {c.es for c in got}
+                if runtime == "moerun":
+                    assert coordinated == ({False} if tp == 1 else {False, True})
+                else:
+                    assert coordinated == {tp > 1}, (runtime, mode, tp)
+                room = {1, 2}  # 256 GPUs hold 128 experts sliced at most twice
+                if runtime != "moerun" and mode == "train":
+                    assert slices == room & {1, tp}, (runtime, tp)
+                else:
+                    assert slices == room, (runtime, mode, tp)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--fix", "tp"], "expected KEY=VALUE"),
     (["--fix", "pp=2"], "KEY one of tp, ep"),
@@ -97,6 +123,10 @@ def test_deepspeed_exchanges_as_its_code_and_the_papers_inference_do():
      "--runtime deepspeed exchanges flat in train"),
     (["--runtime", "deepspeed-sparse", "--mode", "infer", "--fix", "a2a=hierarchical"],
      "--runtime deepspeed-sparse exchanges flat in infer"),
+    (["--runtime", "deepspeed", "--fix", "tp=2", "--fix", "tp-coordinated=false"],
+     "routes the tokens tp ranks share once"),
+    (["--runtime", "deepspeed", "--fix", "tp=1", "--fix", "es=2"],
+     "slices experts in training only over the tp=1 group"),
     (["--model", "1.3b-moe-128", "--gpus", "8", "--fix", "ep=8", "--fix", "tp=1"],
      "does not fit on 8 x A100-SXM4-40GB with --fix tp=1 --fix ep=8"),
 ])

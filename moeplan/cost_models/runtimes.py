@@ -87,6 +87,22 @@ def a2a_algorithms(runtime: str, mode: str) -> tuple[str, ...]:
     return ("flat",)
 
 
+def coordination(runtime: str, tp: int) -> tuple[bool, ...]:
+    """Whether tokens the tp ranks share are routed once (TP-coordinated) or by every rank:
+    DeepSpeed drops the duplicates before its all-to-all whenever tp > 1 (sharded_moe.py
+    `drop_tokens`, 0.16.4 and 0.19.8; the paper's inference likewise, §5); moerun does either."""
+    if tp == 1:
+        return (False,)
+    return (True,) if is_deepspeed(runtime) else (False, True)
+
+
+def slices_experts(runtime: str, mode: str, es: int, tp: int) -> bool:
+    """Whether a runtime can slice experts `es` ways: DeepSpeed's training only over the tensor-
+    slicing group (MoE's enable_expert_tensor_parallelism: es = tp); its inference and moerun
+    over any group of consecutive ranks."""
+    return es == 1 or not (is_deepspeed(runtime) and mode == "train") or es == tp
+
+
 # Per local expert, as counted over DeepSpeed's Experts on the input an all-to-all over 2 ranks
 # leaves, 5 forward (the chunk's copy, GEMM, bias add, GELU, GEMM with bias) and 8 backward
 # (the copy, 4 GEMMs, 2 bias sums, GELU's), less what Megatron's expert does not launch: its

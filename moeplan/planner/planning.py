@@ -12,7 +12,7 @@ from typing import Literal, get_args
 from moeplan import __version__
 from moeplan.cost_models.env import DENSE, Env, LayerChoice
 from moeplan.cost_models.layer import COMPUTE_PHASES
-from moeplan.cost_models.runtimes import a2a_algorithms
+from moeplan.cost_models.runtimes import a2a_algorithms, coordination, slices_experts
 from moeplan.cost_models.step import head_cost, prefill_head_s, teacher_cost, with_untimed
 from moeplan.planner.band import band
 from moeplan.planner.diagnose import describe_layers, over_budget
@@ -155,6 +155,14 @@ def _check(spec: ModelSpec, cluster: ClusterProfile, r: Request) -> None:
         raise ConfigError(f"--fix a2a={r.fix.a2a}: --runtime {r.runtime} exchanges "
                           f"{' or '.join(a2a_algorithms(r.runtime, r.mode))} in {r.mode} "
                           "(DeepSpeed's code has one flat all-to-all)")
+    if (r.fix.coordinated is False and (r.fix.tp or 1) > 1
+            and False not in coordination(r.runtime, r.fix.tp)):
+        raise ConfigError(f"--fix tp-coordinated=false: --runtime {r.runtime} routes the tokens "
+                          "tp ranks share once whenever tp > 1 (DeepSpeed's drop_tokens)")
+    if None not in (r.fix.es, r.fix.tp) and not slices_experts(r.runtime, r.mode, r.fix.es,
+                                                                r.fix.tp):
+        raise ConfigError(f"--fix es={r.fix.es}: --runtime {r.runtime} slices experts in training "
+                          f"only over the tp={r.fix.tp} group (enable_expert_tensor_parallelism)")
     if r.mode == "infer" and (r.fix.micro_batch is not None or r.fix.recompute is not None):
         raise ConfigError("--fix micro-batch / recompute apply to training; for inference set "
                           "--global-batch (sequences in flight)")

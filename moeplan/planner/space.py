@@ -13,7 +13,9 @@ Rules (each rejects a combination the layout or the model cannot express):
   or is a multiple of it (groups never straddle a node boundary unevenly); edp = N / (ep·es).
   The hierarchical all-to-all is offered only where the ep group spans several nodes with several
   ranks on each (otherwise it is the flat one) and the runtime has it (`a2a_algorithms`: not
-  DeepSpeed's training nor today's DeepSpeed); TP-coordination only where tp > 1.
+  DeepSpeed's training nor today's DeepSpeed); TP-coordination only where tp > 1, and always
+  there under DeepSpeed (`coordination`); DeepSpeed's training slices experts only over tp
+  (`slices_experts`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass, fields
 from math import isqrt
 
 from moeplan.cost_models.env import Env, LayerChoice
-from moeplan.cost_models.runtimes import a2a_algorithms
+from moeplan.cost_models.runtimes import a2a_algorithms, coordination, slices_experts
 from moeplan.spec.errors import ConfigError
 from moeplan.spec.workload import Setting
 
@@ -156,11 +158,13 @@ def layer_choices(env: Env, s: Setting, experts: int, fix: Fix = NO_FIX) -> list
                 continue
             if fix.es not in (None, es) or fix.edp not in (None, N // size):
                 continue
+            if not slices_experts(env.runtime, env.workload.mode, es, s.tp):
+                continue
             span = env.span(ep, es)
             algos = (a2a_algorithms(env.runtime, env.workload.mode)
                      if span.nodes > 1 and span.per_node > 1 else ("flat",))
             for a2a in algos:
-                for coordinated in ((False, True) if s.tp > 1 else (False,)):
+                for coordinated in coordination(env.runtime, s.tp):
                     if fix.a2a in (None, a2a) and fix.coordinated in (None, coordinated):
                         out.append(LayerChoice(ep=ep, es=es, a2a=a2a, coordinated=coordinated))
     return out

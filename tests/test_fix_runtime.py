@@ -107,6 +107,27 @@ def test_deepspeed_routes_shared_tokens_once_and_slices_experts_over_tp_in_train
                     assert slices == room, (runtime, mode, tp)
 
 
+def test_deepspeeds_training_expert_groups_lie_within_a_data_parallel_group():
+    """DeepSpeed builds a training expert-parallel group from ranks of one tp index (its ep
+    divides the data-parallel degree; neighbours tp apart), so with tp = 2 on 8 nodes of 8 an
+    ep = 32 group spans all 8 nodes, 4 ranks on each (moerun's: 4 nodes of 8), and its expert
+    gradients are reduced over N / (ep · tp) ranks."""
+    from moeplan.planner.space import layer_choices
+
+    spec = load_model("1.3b-moe-128")
+    s = Setting(tp=2, dp=32, micro_batch=4, recompute=True)
+    ds, mr = (Env(spec, NDV4, _env(rt, "train").workload, 64, runtime=rt)
+              for rt in ("deepspeed", "moerun"))
+    assert max(c.ep for c in layer_choices(mr, s, 128)) == 64
+    assert max(c.ep for c in layer_choices(ds, s, 128)) == 32
+    c = LayerChoice(ep=32, es=1, a2a="flat", coordinated=True)
+    assert (ds.ep_stride(c, 2), mr.ep_stride(c, 2)) == (2, 1)
+    assert (ds.span(32, 2).nodes, ds.span(32, 2).per_node) == (8, 4)
+    assert (mr.span(32, 1).nodes, mr.span(32, 1).per_node) == (4, 8)
+    infer = Env(spec, NDV4, _env("deepspeed", "infer").workload, 64, runtime="deepspeed")
+    assert infer.ep_stride(c, 2) == 1  # the paper's inference layout: consecutive ranks
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--fix", "tp"], "expected KEY=VALUE"),
     (["--fix", "pp=2"], "KEY one of tp, ep"),

@@ -9,6 +9,7 @@ from math import ceil
 
 from moeplan.cost_models import collectives as coll
 from moeplan.cost_models.memory import TrainState, train_state
+from moeplan.cost_models.runtimes import is_deepspeed
 from moeplan.spec.cluster import DTYPE_BYTES, ClusterProfile
 from moeplan.spec.model import ModelSpec
 from moeplan.spec.workload import Workload
@@ -72,6 +73,16 @@ class Env:
 
     def span(self, size: int, stride: int) -> coll.GroupSpan:
         return coll.group_span(size, stride, self.gpus_per_node)
+
+    def ep_stride(self, c: LayerChoice, tp: int) -> int:
+        """Ranks between neighbours of an expert-parallel group: `es` in moerun's layout; in
+        DeepSpeed's training, whose expert-parallel groups lie within a data-parallel group
+        (ranks of one tp index: utils/groups.py `_get_expert_parallel_ranks`), tp (its es is 1
+        or tp). Its expert-data-parallel group is then N / (ep · stride) ranks, ep · stride
+        apart."""
+        if is_deepspeed(self.runtime) and self.workload.mode == "train":
+            return max(c.es, tp)
+        return c.es
 
 
 @dataclass(frozen=True, order=True)

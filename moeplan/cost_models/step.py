@@ -79,10 +79,11 @@ def train_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> LayerCost:
     lp = layer_params(env.spec, index)
     non_expert = lp.non_expert / s.tp
     expert = (lp.experts // c.ep) * lp.per_expert / c.es if lp.experts else 0.0
-    edp = c.edp(env.gpus)
+    stride = env.ep_stride(c, s.tp)
+    edp = env.gpus // (c.ep * stride)  # the expert-data-parallel group, ep · stride apart
     sync = grad_sync_s(env, non_expert, s.dp, s.tp, latency=False, micro_steps=steps)
     if expert:
-        sync += grad_sync_s(env, expert, edp, c.ep * c.es, micro_steps=steps)
+        sync += grad_sync_s(env, expert, edp, c.ep * stride, micro_steps=steps)
     cost.phases[Phase.GRAD_SYNC] = sync
     sharded = env.state.sharded
     shards = s.dp if sharded else 1

@@ -331,9 +331,10 @@ def simulate(env: Env, cand: Candidate, skew: float = 0.0, seed: int = 0,
                 factor = max(1.0, busiest / max(cap, 1))
                 dropped = 0.0
             a2a = cost.comm_bytes.get("a2a", 0.0) * factor
-            eps = L.ep_groups(N, c.ep, c.es)
+            stride = env.ep_stride(c, s.tp)
+            eps = L.ep_groups(N, c.ep, stride)
             analytic = coll.all_to_all_s(cost.comm_bytes.get("a2a", 0.0),
-                                         env.span(c.ep, c.es), env.cluster, c.a2a)
+                                         env.span(c.ep, stride), env.cluster, c.a2a)
             simulated = sim.all_to_all_s(eps, a2a, c.a2a)
             for ph in EXCHANGE:
                 phases[ph] = _scaled(phases[ph], analytic, simulated,

@@ -160,7 +160,10 @@ def layer_choices(env: Env, s: Setting, experts: int, fix: Fix = NO_FIX) -> list
                 continue
             if not slices_experts(env.runtime, env.workload.mode, es, s.tp):
                 continue
-            span = env.span(ep, es)
+            stride = env.ep_stride(LayerChoice(ep=ep, es=es, a2a="flat", coordinated=False), s.tp)
+            if N % (ep * stride):  # DeepSpeed's training: ep divides the data-parallel degree
+                continue
+            span = env.span(ep, stride)
             algos = (a2a_algorithms(env.runtime, env.workload.mode)
                      if span.nodes > 1 and span.per_node > 1 else ("flat",))
             for a2a in algos:

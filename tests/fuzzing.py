@@ -266,6 +266,7 @@ EXPORT_OPTIONS = {
     "--to": st.sampled_from(["deepspeed", "megatron-deepspeed", "megatron-core", "", "x"]),
     "--out": st.sampled_from(["", ".", "/", "export.out", "plan.json", "sub/none/x", "ckpt"]),
     "--profile": st.sampled_from(["", "nope", "plan.json", "run.json", "/"]),
+    "--runtime": st.sampled_from(["deepspeed", "deepspeed-sparse", "moerun", "", "DeepSpeed"]),
 }
 
 

@@ -116,7 +116,10 @@ def test_per_layer_degrees_become_one_ep_where_the_engine_has_one_flag():
     assert parsed(mds, "megatron-deepspeed").moe_expert_parallel_size == 64
     near = closest(p, mds, plan_cluster(p, None))
     assert {layer.ep for layer in near.layers if layer.kind == "moe"} == {64}
-    assert near.provenance.runtime == "deepspeed"
+    assert near.provenance.runtime == "deepspeed-sparse"  # DeepSpeed as pip installs it today
+    old = closest(p, export(p, "megatron-deepspeed", "deepspeed"), plan_cluster(p, None))
+    assert old.provenance.runtime == "deepspeed"
+    assert old.predicted.step_time_s > near.predicted.step_time_s  # its [S, E, C] einsums
 
 
 def test_a_students_distillation_reaches_megatron_deepspeed():
@@ -150,3 +153,8 @@ def test_export_command_writes_and_refuses(tmp_path, monkeypatch, capsys):
                                         "mine"], monkeypatch, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "not a moeplan export" in err
     assert (tmp_path / "mine" / "keep.txt").read_text() == "keep"
+    code, _, err = invoke(moeplan_cli, argv + ["--runtime", "deepspeed"], monkeypatch, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--to deepspeed or" in err
+    code, out, err = invoke(moeplan_cli, ["export", "plan.json", "--to", "deepspeed", "--runtime",
+                                          "deepspeed"], monkeypatch, capsys)
+    assert code == 0 and "costed with deepspeed's kernels" in out, err

@@ -13,7 +13,7 @@ from moeplan import __version__
 from moeplan.cli import capacity
 from moeplan.cli.errors import run
 from moeplan.cli.options import finite, load_profile
-from moeplan.cost_models.runtimes import RUNTIME_HELP, RUNTIMES
+from moeplan.cost_models.runtimes import DEEPSPEED_RUNTIMES, RUNTIME_HELP, RUNTIMES
 from moeplan.spec.errors import CheckFailed, ConfigError, MoeplanError
 from moeplan.spec.files import output_path, write_atomic
 from moeplan.spec.workload import MAX_COUNT, SLO_MS_RANGE
@@ -286,7 +286,12 @@ EXPORT_MARKER = "export.json"  # the summary; its presence marks a folder this c
 @click.option("--profile", default=None,
               help="The ClusterProfile the plan was made with, when it is not built in: the "
                    "closest configuration is costed on it.")
-def export_cmd(plan_path: str, engine: str, out: str | None, profile: str | None) -> None:
+@click.option("--runtime", type=click.Choice(DEEPSPEED_RUNTIMES), default=None,
+              help="Whose kernels cost a DeepSpeed engine's closest configuration: "
+                   "deepspeed-sparse (DeepSpeed 0.19.4 and later, the default) or deepspeed "
+                   "(0.19.3 and before: one-hot einsum dispatch).")
+def export_cmd(plan_path: str, engine: str, out: str | None, profile: str | None,
+               runtime: str | None) -> None:
     """Write PLAN as ENGINE's configuration: DeepSpeed's config JSON and each MoE layer's
     `deepspeed.moe.layer.MoE` arguments; Megatron-DeepSpeed's or Megatron-Core's
     `pretrain_gpt.py` arguments (args.txt, one per line). What the engine cannot express is a
@@ -298,7 +303,7 @@ def export_cmd(plan_path: str, engine: str, out: str | None, profile: str | None
 
     plan = parse_file(Path(plan_path), Plan)
     cluster = load_profile(profile) if profile else None
-    ex = export(plan, engine)
+    ex = export(plan, engine, runtime)
     base = plan_cluster(plan, cluster)
     summary: dict = {"engine": engine, "plan": plan_path, "notes": ex.notes,
                      "files": sorted(ex.files), "closest": None}

@@ -24,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from moeplan.cost_models.env import LayerChoice
+from moeplan.cost_models.runtimes import DEEPSPEED_RUNTIMES
 from moeplan.planner.diagnose import describe_layers
 from moeplan.planner.planning import Request, fixed_plan
 from moeplan.spec.cluster import ClusterProfile
@@ -32,6 +33,9 @@ from moeplan.spec.plan import Plan, digest
 from moeplan.spec.zoo import load_cluster
 
 ENGINES = ("deepspeed", "megatron-deepspeed", "megatron-core")
+# DeepSpeed as pip installs it today (0.19.4 and later: index dispatch); `--runtime deepspeed`
+# costs the one-hot einsum layer of 0.19.3 and before
+DEEPSPEED_EXPORT_RUNTIME = "deepspeed-sparse"
 # the fp16 block of the Megatron-DeepSpeed MoE examples' DeepSpeed configs (dynamic loss scale)
 FP16 = {"enabled": True, "loss_scale": 0, "loss_scale_window": 500, "hysteresis": 2,
         "min_loss_scale": 1, "initial_scale_power": 11}
@@ -44,7 +48,7 @@ class Export:
     notes: list[str] = field(default_factory=list)  # what the engine cannot express
     choices: dict[int, LayerChoice] = field(default_factory=dict)  # the closest degrees
     tp: int = 1
-    runtime: str = "deepspeed"  # whose kernels the closest configuration is costed with
+    runtime: str = "deepspeed-sparse"  # whose kernels the closest configuration is costed with
 
 
 def _moe_layers(plan: Plan):
@@ -347,11 +351,21 @@ def to_megatron_core(plan: Plan) -> Export:
                   runtime="moerun")
 
 
-def export(plan: Plan, engine: str) -> Export:
+def export(plan: Plan, engine: str, runtime: str | None = None) -> Export:
+    """The plan as `engine` takes it; a DeepSpeed engine's closest configuration costed with
+    `runtime`'s kernels (default `DEEPSPEED_EXPORT_RUNTIME`: the DeepSpeed pip installs today)."""
     if engine not in ENGINES:
         raise ConfigError(f"--to {engine}: expected one of {', '.join(ENGINES)}")
-    return {"deepspeed": to_deepspeed, "megatron-deepspeed": to_megatron_deepspeed,
-            "megatron-core": to_megatron_core}[engine](plan)
+    if runtime is not None and engine == "megatron-core":
+        raise ConfigError("--runtime applies to --to deepspeed or megatron-deepspeed "
+                          "(Megatron-Core's MoE is costed with moerun's kernels)")
+    if runtime not in (None, *DEEPSPEED_RUNTIMES):
+        raise ConfigError(f"--runtime {runtime}: expected one of {', '.join(DEEPSPEED_RUNTIMES)}")
+    ex = {"deepspeed": to_deepspeed, "megatron-deepspeed": to_megatron_deepspeed,
+          "megatron-core": to_megatron_core}[engine](plan)
+    if engine != "megatron-core":
+        ex.runtime = runtime or DEEPSPEED_EXPORT_RUNTIME
+    return ex
 
 
 def plan_cluster(plan: Plan, profile: ClusterProfile | None) -> ClusterProfile | None:

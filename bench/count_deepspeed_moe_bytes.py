@@ -1,5 +1,5 @@
-"""Count the bytes and GEMM FLOPs of DeepSpeed-MoE's gate, dispatch and combine by running its
-layer at many sizes, and fit them as a sum of size terms: to check what
+"""Count the bytes and GEMM FLOPs of DeepSpeed-MoE's gate, dispatch, experts and combine by
+running its layer at many sizes, and fit them as a sum of size terms: to check what
 `moeplan/cost_models/traffic.py` charges `--runtime deepspeed` / `deepspeed-sparse` for them.
 
     pip install deepspeed==0.16.4      # in an environment of its own: not a moeplan dependency
@@ -7,19 +7,19 @@ layer at many sizes, and fit them as a sum of size terms: to check what
         [--table moeplan/cost_models/data/deepspeed_traffic.json]
 
 The layer is the one bench/count_deepspeed_moe_ops.py counts (one gloo rank, DS_ACCELERATOR=cpu,
-random token selection, min capacity 4, dropping tokens; `F.one_hot` as CUDA runs it), counted
-by bench/op_count.py's mode: an operation's bytes are its tensor inputs and outputs (a kernel
-reads and writes each once), GEMMs' apart with their FLOPs. It runs top-1, top-2 and top-4 over
-bf16 and fp32 tokens at S tokens (64/128/256), E experts (4/8/16), width h (16/32) and capacity
-factor 1 and 2, so the capacity C = max(4, ceil(k'·cf·S/E)) (k' = 1, 2, k as `_capacity` is
-called) moves apart from S/E. Each phase's forward and backward bytes (and the inference
-forward's, without random token selection as DeepSpeed's inference MoE builds its gate) are
-then fitted by least squares to
-S·E·C·h, S·E·h (GEMM FLOPs), S·E·C, S·E, S·C, S·h, E·C·h, E·h, S, E·C, E, h and 1 (a
-size DeepSpeed cannot run, top-k capacity above S, is left out): every fit is exact (the largest residual is
-printed and recorded; a term outside that basis would show there). `--table` puts the fits into
-the cost model's table, under the runtime this DeepSpeed's version is (`deepspeed` up to 0.19.3,
-`deepspeed-sparse` from 0.19.4), beside the other runtime's.
+random token selection, min capacity 4, dropping tokens; `F.one_hot` as CUDA runs it; experts of
+two linear layers with biases and a GELU), counted by bench/op_count.py's mode: an operation's
+bytes are its tensor inputs and outputs (a kernel reads and writes each once), GEMMs' apart with
+their FLOPs. It runs top-1, top-2 and top-4 over bf16 and fp32 tokens at S tokens (64/128/256),
+E experts (4/8/16), width h (16/32), expert FFN f (2h/3h) and capacity factor 1 and 2, so the
+capacity C = max(4, ceil(k'·cf·S/E)) (k' = 1, 2, k as `_capacity` is called) moves apart from
+S/E; a size DeepSpeed cannot run (top-k capacity above S) is left out. Each phase's forward and
+backward figures (and the inference forward's, without random token selection, as DeepSpeed's
+inference MoE builds its gate) are fitted by least squares to the terms of `TERMS` (s = S,
+e = E, c = C, h, f; sech, seh and echf are GEMM FLOPs): every fit is exact (the largest
+residual is printed and recorded; a term outside that basis would show there). `--table` puts
+the fits into the cost model's table, under the runtime this DeepSpeed's version is (`deepspeed`
+up to 0.19.3, `deepspeed-sparse` from 0.19.4), beside the other runtime's.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ import sys
 from count_deepspeed_moe_ops import _count
 from op_count import free_port, rank_env, save_json
 
-TERMS = ("sech", "seh", "sec", "se", "sc", "sh", "ech", "eh", "s", "ec", "e", "h", "1")
-SIZES = dict(tokens=(64, 128, 256), experts=(4, 8, 16), hidden=(16, 32), capacity_factor=(1, 2))
+TERMS = ("sech", "seh", "echf", "sec", "se", "sc", "sh", "ech", "ecf", "ehf", "eh", "ef", "s",
+         "ec", "e", "h", "f", "1")
+SIZES = dict(tokens=(64, 128, 256), experts=(4, 8, 16), hidden=(16, 32), capacity_factor=(1, 2),
+             ffn_per_hidden=(2, 3))
 MIN_CAPACITY = 4
 
 
@@ -44,9 +46,9 @@ def capacity(k: int, tokens: int, experts: int, factor: float) -> int:
     return max(MIN_CAPACITY, math.ceil(tokens / experts * factor * k))
 
 
-def terms(S: int, E: int, C: int, h: int) -> list[float]:
-    return [S * E * C * h, S * E * h, S * E * C, S * E, S * C, S * h, E * C * h, E * h, S, E * C,
-            E, h, 1]
+def terms(S: int, E: int, C: int, h: int, f: int) -> list[float]:
+    return [S * E * C * h, S * E * h, E * C * h * f, S * E * C, S * E, S * C, S * h, E * C * h,
+            E * C * f, E * h * f, E * h, E * f, S, E * C, E, h, f, 1]
 
 
 def fit(rows: list[list[float]], values: list[float]) -> tuple[dict[str, float], float]:
@@ -79,22 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     points, fits = [], {}
     for k, dtype in itertools.product((1, 2, 4), ("bfloat16", "float32")):
         rows, values = [], {}
-        for S, E, h, cf in itertools.product(*SIZES.values()):
+        for S, E, h, cf, m in itertools.product(*SIZES.values()):
             C = capacity(k, S, E, cf)
             if C > S:  # its gates pick each expert's C tokens out of S (torch.topk)
                 continue
             got = _count(E, k=k, tokens=S, hidden=h, capacity_factor=cf, dtype=dtype,
-                         alone=False, eval_rts=False)
+                         alone=False, eval_rts=False, ffn=m * h)
             point = {"k": k, "dtype": dtype, "tokens": S, "experts": E, "hidden": h,
-                     "capacity_factor": cf, "capacity": C,
+                     "ffn": m * h, "capacity_factor": cf, "capacity": C,
                      "train": got["train"]["bytes"], "infer": got["infer"]["bytes"]}
             points.append(point)
-            rows.append(terms(S, E, C, h))
+            rows.append(terms(S, E, C, h, m * h))
             for mode, ways in (("train", ("forward", "backward")), ("infer", ("forward",))):
                 for way in ways:
                     for phase, counted in point[mode][way].items():
-                        if phase == "experts":
-                            continue
                         for what, n in counted.items():
                             values.setdefault((mode, way, phase, what), []).append(n)
         b = torch.finfo(getattr(torch, dtype)).bits // 8

@@ -52,9 +52,10 @@ def _cuda_one_hot(t, num_classes):
 
 def _count(experts: int, ep: int = 1, k: int = 1, tokens: int = TOKENS, hidden: int = HIDDEN,
            capacity_factor: float = 1.0, dtype: str = "bfloat16", alone: bool = True,
-           eval_rts: bool = True) -> dict:
+           eval_rts: bool = True, ffn: int | None = None) -> dict:
     """The layer's counts with `experts` local experts, expert-parallel over `ep` ranks, top-k,
-    for `tokens` tokens of width `hidden` in `dtype` (the experts' FFN twice the width); with
+    for `tokens` tokens of width `hidden` in `dtype` (the experts' FFN `ffn`, by default twice
+    the width); with
     the Experts module also counted `alone` (top-1, one rank); inference with random token
     selection if `eval_rts` (the training layer in eval mode) or without (as DeepSpeed's
     inference MoE builds its gate: moe_inference.py, use_rts=False)."""
@@ -69,8 +70,9 @@ def _count(experts: int, ep: int = 1, k: int = 1, tokens: int = TOKENS, hidden: 
 
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
-    expert = torch.nn.Sequential(torch.nn.Linear(hidden, 2 * hidden), torch.nn.GELU(),
-                                 torch.nn.Linear(2 * hidden, hidden))
+    f = ffn or 2 * hidden
+    expert = torch.nn.Sequential(torch.nn.Linear(hidden, f), torch.nn.GELU(),
+                                 torch.nn.Linear(f, hidden))
     layer = MoE(hidden_size=hidden, expert=expert, num_experts=experts * ep, ep_size=ep, k=k,
                 capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor,
                 min_capacity=4, use_rts=True, drop_tokens=True)

@@ -298,7 +298,13 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     expert_flops_s = local * ((m - 1) * gemm_s(expert_rows, fe / c.es, h, dev, dt)
                               + gemm_s(expert_rows, h, fe / c.es, dev, dt))
     expert_bytes = b * (active * m * h * fe / c.es + local * expert_rows * 2 * h)
+    # DeepSpeed's loop: besides the GEMMs its activation, bias and output cat, as counted
+    ds_expert_bytes = deepspeed_traffic(
+        env.runtime, Phase.EXPERTS, spec.top_k, b, T_r, local, expert_rows, h,
+        env.workload.mode == "train" and not p.decode, s.recompute, fe // c.es,
+    ).other_bytes if deepspeed else 0.0
     ph[Phase.EXPERTS] = compute(Phase.EXPERTS, expert_flops_s, expert_bytes, local,
+                                serial_bytes=ds_expert_bytes,
                                 added_bytes=block_elementwise_bytes(
                                     env, s, p, Phase.EXPERTS, fe // c.es, local, expert_rows))
     if deepspeed:  # einsum "sec,ecm->sm", or _sparse_decode's gather, fp32 weighting and sum

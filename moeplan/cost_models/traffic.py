@@ -14,19 +14,24 @@ from moeplan.cost_models.runtimes import is_deepspeed
 from moeplan.spec.phases import Phase
 from moeplan.spec.workload import Setting
 
-# DeepSpeed-MoE's gate, dispatch and combine as its layer runs them: bytes and GEMM FLOPs counted
-# by running DeepSpeed 0.16.4 (`--runtime deepspeed`) and 0.19.8 (`deepspeed-sparse`) at 36 sizes
-# each (bench/count_deepspeed_moe_bytes.py; records bench/results/deepspeed-moe-bytes*.json),
-# each phase's figure fitted exactly as a sum of size terms. The fits ship as
-# data/deepspeed_traffic.json, keyed "top-{1,2,4} {2,4}B {train,infer} {forward,backward}
-# {gate,dispatch,combine} {bytes,gemm_bytes,gemm_flops}" (top-k > 2 as counted at k = 4).
-TRAFFIC_TERMS = {"sech": lambda S, E, C, h: S * E * C * h, "seh": lambda S, E, C, h: S * E * h,
-                 "sec": lambda S, E, C, h: S * E * C, "se": lambda S, E, C, h: S * E,
-                 "sc": lambda S, E, C, h: S * C, "sh": lambda S, E, C, h: S * h,
-                 "ech": lambda S, E, C, h: E * C * h, "eh": lambda S, E, C, h: E * h,
-                 "s": lambda S, E, C, h: S, "ec": lambda S, E, C, h: E * C,
-                 "e": lambda S, E, C, h: E, "h": lambda S, E, C, h: h,
-                 "1": lambda S, E, C, h: 1}
+# DeepSpeed-MoE's gate, dispatch, experts and combine as its layer runs them: bytes and GEMM FLOPs
+# counted by running DeepSpeed 0.16.4 (`--runtime deepspeed`) and 0.19.8 (`deepspeed-sparse`) at
+# 72 sizes each (bench/count_deepspeed_moe_bytes.py; records bench/results/deepspeed-moe-bytes*
+# .json), each phase's figure fitted exactly as a sum of size terms (S tokens, E experts, C rows
+# an expert, width h, expert FFN f). The fits ship as data/deepspeed_traffic.json, keyed
+# "top-{1,2,4} {2,4}B {train,infer} {forward,backward} {gate,dispatch,experts,combine}
+# {bytes,gemm_bytes,gemm_flops}" (top-k > 2 as counted at k = 4).
+TRAFFIC_TERMS = {"sech": lambda S, E, C, h, f: S * E * C * h,
+                 "seh": lambda S, E, C, h, f: S * E * h,
+                 "echf": lambda S, E, C, h, f: E * C * h * f,
+                 "sec": lambda S, E, C, h, f: S * E * C, "se": lambda S, E, C, h, f: S * E,
+                 "sc": lambda S, E, C, h, f: S * C, "sh": lambda S, E, C, h, f: S * h,
+                 "ech": lambda S, E, C, h, f: E * C * h, "ecf": lambda S, E, C, h, f: E * C * f,
+                 "ehf": lambda S, E, C, h, f: E * h * f, "eh": lambda S, E, C, h, f: E * h,
+                 "ef": lambda S, E, C, h, f: E * f, "s": lambda S, E, C, h, f: S,
+                 "ec": lambda S, E, C, h, f: E * C, "e": lambda S, E, C, h, f: E,
+                 "h": lambda S, E, C, h, f: h, "f": lambda S, E, C, h, f: f,
+                 "1": lambda S, E, C, h, f: 1}
 
 
 @cache
@@ -47,14 +52,16 @@ class Traffic:
 
 
 def deepspeed_traffic(runtime: str, phase: str, k: int, b: int, tokens: int, experts: int,
-                      capacity: int, h: int, training: bool, recompute: bool) -> Traffic:
+                      capacity: int, h: int, training: bool, recompute: bool,
+                      ffn: int = 0) -> Traffic:
     """DeepSpeed's counted traffic for one gate call of `tokens` tokens over `experts` experts
-    of `capacity` rows, width `h`, `b`-byte activations, top-`k`, per forward pass charged: in
+    of `capacity` rows (for the experts phase: the local experts and the rows each receives),
+    width `h`, expert FFN `ffn`, `b`-byte activations, top-`k`, per forward pass charged: in
     inference the forward; in training ((1 + r)·forward + backward) / (3 + r), since training
     charges a compute phase 3 + r forward passes (r: recomputed)."""
     fits = deepspeed_counts()[runtime]["fits"]
     top = 1 if k == 1 else 2 if k == 2 else 4
-    size = (tokens, experts, capacity, h)
+    size = (tokens, experts, capacity, h, ffn)
 
     def value(mode: str, way: str, what: str) -> float:
         per = fits[f"top-{top} {b}B {mode} {way} {phase} {what}"]

@@ -32,7 +32,7 @@ import os
 import sys
 
 from count_deepspeed_moe_ops import _count
-from op_count import free_port, rank_env, save_json
+from op_count import save_json, start_deepspeed
 
 TERMS = ("sech", "seh", "echf", "sec", "se", "sc", "sh", "ech", "ecf", "ehf", "eh", "ef", "s",
          "ec", "e", "h", "f", "1")
@@ -68,16 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--table", default=None,
                     help="put the fits into this cost-model table (JSON, updated in place)")
     a = ap.parse_args(argv)
-    rank_env(0, 1, free_port())
-    try:
-        import deepspeed
-        import torch
-    except ImportError as e:
-        print(f"count_deepspeed_moe_bytes: needs deepspeed (pip install deepspeed==0.16.4): {e}",
-              file=sys.stderr)
+    started = start_deepspeed("count_deepspeed_moe_bytes")
+    if started is None:
         return 2
-    torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    deepspeed, torch = started
     points, fits = [], {}
     for k, dtype in itertools.product((1, 2, 4), ("bfloat16", "float32")):
         rows, values = [], {}

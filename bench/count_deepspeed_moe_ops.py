@@ -32,7 +32,7 @@ import argparse
 import os
 import sys
 
-from op_count import counter, free_port, rank_env, run_world, save_json
+from op_count import counter, rank_env, run_world, save_json, start_deepspeed
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -197,16 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="write the counts as JSON here")
     a = ap.parse_args(argv)
-    rank_env(0, 1, free_port())
-    try:
-        import deepspeed
-        import torch
-    except ImportError as e:
-        print(f"count_deepspeed_moe_ops: needs deepspeed (pip install deepspeed==0.16.4): {e}",
-              file=sys.stderr)
+    started = start_deepspeed("count_deepspeed_moe_ops")
+    if started is None:
         return 2
-    torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    deepspeed, torch = started
     counts = {L: _count(L) for L in (2, 4)}
     # top-2 (second expert sampled, DeepSpeed's default) and top-4 (its topkgating), 4 local
     # experts on one rank: the gate's counts per k

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import weakref
 from collections import Counter, defaultdict
 
@@ -57,6 +58,21 @@ def run_world(target, world: int, timeout_s: float = 900):
     for proc in procs:
         proc.join(timeout=120)
     return got
+
+
+def start_deepspeed(bench: str):
+    """(deepspeed, torch) in a one-rank loopback gloo world on the CPU accelerator, one thread;
+    None, with why on stderr, where DeepSpeed cannot be imported."""
+    rank_env(0, 1, free_port())
+    try:
+        import deepspeed
+        import torch
+    except ImportError as e:
+        print(f"{bench}: needs deepspeed (pip install deepspeed==0.16.4): {e}", file=sys.stderr)
+        return None
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    return deepspeed, torch
 
 
 def save_json(record: dict, path: str | None) -> None:

@@ -241,12 +241,17 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     deepspeed = is_deepspeed(env.runtime)
     einsum = env.runtime == "deepspeed"  # DeepSpeed up to v0.19.3: one-hot einsum dispatch
 
+    training = env.workload.mode == "train" and not p.decode
+
+    def traffic(phase: str, experts: int, capacity: int, ffn: int = 0):
+        return deepspeed_traffic(env.runtime, phase, spec.top_k, b, T_r, experts, capacity, h,
+                                 training, s.recompute, ffn)
+
     def counted(phase: str, m_: int, n_: int, k_: int, dtype: str, **extra) -> float:
         """A DeepSpeed phase as counted by running its layer (`deepspeed_traffic`): its GEMMs
         (an m_×k_·k_×n_ product: the fp32 router, the einsums) at their roofline scaled to the
         counted FLOPs, every other kernel's bytes after them."""
-        t = deepspeed_traffic(env.runtime, phase, spec.top_k, b, T_r, E, C, h,
-                              env.workload.mode == "train" and not p.decode, s.recompute)
+        t = traffic(phase, E, C)
         scale = t.gemm_flops / (2.0 * m_ * n_ * k_)
         return compute(phase, gemm_s(m_ * scale, n_, k_, dev, dtype), t.gemm_bytes,
                        serial_bytes=t.other_bytes, **extra)
@@ -299,10 +304,8 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
                               + gemm_s(expert_rows, h, fe / c.es, dev, dt))
     expert_bytes = b * (active * m * h * fe / c.es + local * expert_rows * 2 * h)
     # DeepSpeed's loop: besides the GEMMs its activation, bias and output cat, as counted
-    ds_expert_bytes = deepspeed_traffic(
-        env.runtime, Phase.EXPERTS, spec.top_k, b, T_r, local, expert_rows, h,
-        env.workload.mode == "train" and not p.decode, s.recompute, fe // c.es,
-    ).other_bytes if deepspeed else 0.0
+    ds_expert_bytes = (traffic(Phase.EXPERTS, local, expert_rows, fe // c.es).other_bytes
+                       if deepspeed else 0.0)
     ph[Phase.EXPERTS] = compute(Phase.EXPERTS, expert_flops_s, expert_bytes, local,
                                 serial_bytes=ds_expert_bytes,
                                 added_bytes=block_elementwise_bytes(

@@ -48,7 +48,7 @@ class Export:
     notes: list[str] = field(default_factory=list)  # what the engine cannot express
     choices: dict[int, LayerChoice] = field(default_factory=dict)  # the closest degrees
     tp: int = 1
-    runtime: str = "deepspeed-sparse"  # whose kernels the closest configuration is costed with
+    runtime: str = DEEPSPEED_EXPORT_RUNTIME  # whose kernels cost the closest configuration
 
 
 def _moe_layers(plan: Plan):

@@ -13,7 +13,9 @@ bytes are its tensor inputs and outputs (a kernel reads and writes each once), G
 their FLOPs. It runs top-1, top-2 and top-4 over bf16 and fp32 tokens at S tokens (64/128/256),
 E experts (4/8/16), width h (16/32), expert FFN f (2h/3h) and capacity factor 1 and 2, so the
 capacity C = max(4, ceil(k'·cf·S/E)) (k' = 1, 2, k as `_capacity` is called) moves apart from
-S/E; a size DeepSpeed cannot run (top-k capacity above S) is left out. Each phase's forward and
+S/E; a size DeepSpeed cannot run (top-k capacity above S) is left out. Its Experts module is
+also counted alone on the input an all-to-all over 2 ranks leaves (2-8 local experts, 4-16
+rows from each rank: "ep2" fits, C = the rows an expert gets). Each phase's forward and
 backward figures (and the inference forward's, without random token selection, as DeepSpeed's
 inference MoE builds its gate) are fitted by least squares to the terms of `TERMS` (s = S,
 e = E, c = C, h, f; sech, seh and echf are GEMM FLOPs): every fit is exact (the largest
@@ -31,7 +33,7 @@ import math
 import os
 import sys
 
-from count_deepspeed_moe_ops import _count
+from count_deepspeed_moe_ops import _count, _count_experts
 from op_count import save_json, start_deepspeed
 
 TERMS = ("sech", "seh", "echf", "sec", "se", "sc", "sh", "ech", "ecf", "ehf", "eh", "ef", "s",
@@ -39,6 +41,9 @@ TERMS = ("sech", "seh", "echf", "sec", "se", "sc", "sh", "ech", "ecf", "ehf", "e
 SIZES = dict(tokens=(64, 128, 256), experts=(4, 8, 16), hidden=(16, 32), capacity_factor=(1, 2),
              ffn_per_hidden=(2, 3))
 MIN_CAPACITY = 4
+# the Experts module alone over 2 ranks' rows: local experts, rows from each rank, width, FFN/width
+EP2_SIZES = dict(local_experts=(2, 4, 8), rows_per_rank=(4, 8, 16), hidden=(16, 32),
+                 ffn_per_hidden=(2, 3))
 
 
 def capacity(k: int, tokens: int, experts: int, factor: float) -> int:
@@ -60,6 +65,16 @@ def fit(rows: list[list[float]], values: list[float]) -> tuple[dict[str, float],
     coef = np.round(np.linalg.lstsq(A, y, rcond=None)[0] * 4) / 4
     residual = float(np.max(np.abs(A @ coef - y))) if len(y) else 0.0
     return {t: float(c) for t, c in zip(TERMS, coef) if c}, residual
+
+
+def fit_into(fits: dict, prefix: str, rows: list[list[float]], values: dict) -> None:
+    """Fit each counted series and file it under "PREFIX MODE WAY PHASE WHAT" (printed)."""
+    for (mode, way, phase, what), ys in values.items():
+        coef, residual = fit(rows, ys)
+        key = f"{prefix} {mode} {way} {phase} {what}"
+        fits[key] = {"per": coef, "largest_residual": residual}
+        shown = " + ".join(f"{c:g}·{t}" for t, c in coef.items()) or "0"
+        print(f"{key:45s} {shown}   (residual {residual:g})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,14 +107,23 @@ def main(argv: list[str] | None = None) -> int:
                         for what, n in counted.items():
                             values.setdefault((mode, way, phase, what), []).append(n)
         b = torch.finfo(getattr(torch, dtype)).bits // 8
-        for (mode, way, phase, what), ys in values.items():
-            coef, residual = fit(rows, ys)
-            key = f"top-{k} {b}B {mode} {way} {phase} {what}"
-            fits[key] = {"per": coef, "largest_residual": residual}
-            shown = " + ".join(f"{c:g}·{t}" for t, c in coef.items()) or "0"
-            print(f"{key:45s} {shown}   (residual {residual:g})")
+        fit_into(fits, f"top-{k} {b}B", rows, values)
+    # the Experts module on the input an all-to-all over 2 ranks leaves: with several local
+    # experts each one's chunk is not contiguous (a copy before its first GEMM)
+    for dtype in ("bfloat16", "float32"):
+        rows, values = [], {}
+        for L, r, h, m in itertools.product(*EP2_SIZES.values()):
+            got = _count_experts(L, r, h, m * h, dtype)
+            points.append({"ep2_experts": L, "rows_per_rank": r, "hidden": h, "ffn": m * h,
+                           "dtype": dtype, "train": got["bytes"]})
+            rows.append(terms(0, L, 2 * r, h, m * h))
+            for way, counted in got["bytes"].items():
+                for what, n in counted.items():
+                    values.setdefault(("train", way, "experts", what), []).append(n)
+        fit_into(fits, f"ep2 {torch.finfo(getattr(torch, dtype)).bits // 8}B", rows, values)
     record = {"deepspeed": deepspeed.__version__, "torch": torch.__version__, "terms": TERMS,
-              "sizes": SIZES, "min_capacity": MIN_CAPACITY, "fits": fits, "points": points}
+              "sizes": SIZES, "ep2_sizes": EP2_SIZES, "min_capacity": MIN_CAPACITY, "fits": fits,
+              "points": points}
     save_json(record, a.out)
     if a.table:
         version = tuple(int(x) for x in deepspeed.__version__.split("+")[0].split(".")[:3])

@@ -152,7 +152,7 @@ def _count(experts: int, ep: int = 1, k: int = 1, tokens: int = TOKENS, hidden: 
                       for way, pre in (("forward", ""), ("backward", "bwd "))
                       if training or way == "forward"}}
     if ep == 1 and k == 1 and alone:
-        out["experts_ep2"] = _count_experts(experts)
+        out["experts_ep2"] = _count_experts(experts, TOKENS // experts)
     return out
 
 
@@ -171,26 +171,30 @@ def _rank(rank: int, world: int, port: int, queue) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _count_experts(experts: int) -> dict:
-    """DeepSpeed's Experts module alone on the [ep, local experts, capacity, hidden] input an
-    all-to-all over 2 ranks leaves (each expert's chunk then not contiguous)."""
+def _count_experts(experts: int, rows: int, hidden: int = HIDDEN,
+                   ffn: int = FFN, dtype: str = "bfloat16") -> dict:
+    """DeepSpeed's Experts module alone on the [ep, local experts, rows, hidden] input an
+    all-to-all over 2 ranks leaves (each expert's chunk then not contiguous where there are
+    several), forward and backward; its bytes and GEMM FLOPs as `_count`'s."""
     import torch
     from deepspeed.moe.experts import Experts
 
     torch.manual_seed(0)
-    expert = torch.nn.Sequential(torch.nn.Linear(HIDDEN, FFN), torch.nn.GELU(),
-                                 torch.nn.Linear(FFN, HIDDEN)).to(torch.bfloat16)
+    dt = getattr(torch, dtype)
+    expert = torch.nn.Sequential(torch.nn.Linear(hidden, ffn), torch.nn.GELU(),
+                                 torch.nn.Linear(ffn, hidden)).to(dt)
     module = Experts(expert, experts)
-    x = torch.randn(2, experts, TOKENS // experts, HIDDEN, dtype=torch.bfloat16,
-                    requires_grad=True)
-    grad = torch.ones(2, experts, TOKENS // experts, HIDDEN, dtype=torch.bfloat16)
+    x = torch.randn(2, experts, rows, hidden, dtype=dt, requires_grad=True)
+    grad = torch.ones(2, experts, rows, hidden, dtype=dt)
     c = counter()("forward")
     with c:
         y = module(x)
         c.phase = "backward"
         y.backward(grad)
     return {"forward": c.launches["forward"], "backward": c.launches["backward"],
-            "ops": {p: dict(ops) for p, ops in c.ops.items() if ops}}
+            "ops": {p: dict(ops) for p, ops in c.ops.items() if ops},
+            "bytes": {way: {"bytes": c.bytes[way], "gemm_bytes": c.gemm_bytes[way],
+                            "gemm_flops": c.flops[way]} for way in ("forward", "backward")}}
 
 
 def main(argv: list[str] | None = None) -> int:

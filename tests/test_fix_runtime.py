@@ -203,8 +203,9 @@ def test_gemm_floor_is_a_time_whatever_the_dtype():
 
 def test_which_experts_weights_a_decode_step_reads():
     """DeepSpeed's loop reads every local expert; moerun's inference grouped GEMM on a GPU only
-    the experts a token chose. DeepSpeed's loop also runs its GELU over each expert's FFN rows
-    and cats the outputs (as counted: a read and a write of each)."""
+    the experts a token chose. DeepSpeed's loop also copies each local expert's rows out of the
+    all-to-all's output, runs its GELU over their FFN rows and cats the outputs (as counted: a
+    read and a write of each)."""
     s = Setting(tp=1, dp=64, micro_batch=8, recompute=False)
     c = LayerChoice(ep=8, es=1, a2a="flat", coordinated=False)  # 16 local experts, 64 tokens
     p = Pass(tokens=8, context=640, decode=True)
@@ -213,7 +214,7 @@ def test_which_experts_weights_a_decode_step_reads():
     expert = 2 * 2 * spec.hidden * spec.ffn_hidden  # fp16 w1 + w2 of one expert
     R = 8 * spec.capacity(128, 8, train=False)  # ep·C rows an expert
     rows = 16 * R * 2 * spec.hidden * 2  # read in, written out
-    loop = 16 * R * 2 * 2 * (spec.hidden + spec.ffn_hidden)  # GELU and cat, fp16
+    loop = 16 * R * 2 * 2 * (2 * spec.hidden + spec.ffn_hidden)  # copy, GELU and cat, fp16
     active = 16 * (1 - (1 - 1 / 128) ** 64)  # ~6.3 of the 16 receive a token
     for runtime, experts_read, extra, launches in (("deepspeed", 16, loop, 1 + 4 * 16),
                                                    ("moerun", active, 0, 8)):

@@ -243,9 +243,9 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
 
     training = env.workload.mode == "train" and not p.decode
 
-    def traffic(phase: str, experts: int, capacity: int, ffn: int = 0):
+    def traffic(phase: str, experts: int, capacity: int, ffn: int = 0, chunked: bool = False):
         return deepspeed_traffic(env.runtime, phase, spec.top_k, b, T_r, experts, capacity, h,
-                                 training, s.recompute, ffn)
+                                 training, s.recompute, ffn, chunked)
 
     def counted(phase: str, m_: int, n_: int, k_: int, dtype: str, **extra) -> float:
         """A DeepSpeed phase as counted by running its layer (`deepspeed_traffic`): its GEMMs
@@ -304,7 +304,8 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
                               + gemm_s(expert_rows, h, fe / c.es, dev, dt))
     expert_bytes = b * (active * m * h * fe / c.es + local * expert_rows * 2 * h)
     # DeepSpeed's loop: besides the GEMMs its activation, bias and output cat, as counted
-    ds_expert_bytes = (traffic(Phase.EXPERTS, local, expert_rows, fe // c.es).other_bytes
+    ds_expert_bytes = (traffic(Phase.EXPERTS, local, expert_rows, fe // c.es,
+                               chunked=c.ep > 1 and local > 1).other_bytes
                        if deepspeed else 0.0)
     ph[Phase.EXPERTS] = compute(Phase.EXPERTS, expert_flops_s, expert_bytes, local,
                                 serial_bytes=ds_expert_bytes,

@@ -53,19 +53,28 @@ class Traffic:
 
 def deepspeed_traffic(runtime: str, phase: str, k: int, b: int, tokens: int, experts: int,
                       capacity: int, h: int, training: bool, recompute: bool,
-                      ffn: int = 0) -> Traffic:
+                      ffn: int = 0, chunked: bool = False) -> Traffic:
     """DeepSpeed's counted traffic for one gate call of `tokens` tokens over `experts` experts
     of `capacity` rows (for the experts phase: the local experts and the rows each receives),
     width `h`, expert FFN `ffn`, `b`-byte activations, top-`k`, per forward pass charged: in
     inference the forward; in training ((1 + r)·forward + backward) / (3 + r), since training
-    charges a compute phase 3 + r forward passes (r: recomputed)."""
+    charges a compute phase 3 + r forward passes (r: recomputed). `chunked`: the experts'
+    input came from an all-to-all and several experts are local, so each one's rows are copied
+    out before its first GEMM and their gradients cat back — the E·C·h bytes the count over 2
+    ranks ("ep2") has beyond the one-rank count (its other extra, an unfused bias add over the
+    FFN rows, is PyTorch's linear on a strided input: Megatron's expert fuses that bias into
+    its GELU)."""
     fits = deepspeed_counts()[runtime]["fits"]
     top = 1 if k == 1 else 2 if k == 2 else 4
     size = (tokens, experts, capacity, h, ffn)
 
     def value(mode: str, way: str, what: str) -> float:
         per = fits[f"top-{top} {b}B {mode} {way} {phase} {what}"]
-        return sum(c * TRAFFIC_TERMS[t](*size) for t, c in per.items())
+        got = sum(c * TRAFFIC_TERMS[t](*size) for t, c in per.items())
+        if chunked and what == "bytes":
+            copy = fits[f"ep2 {b}B train {way} {phase} bytes"].get("ech", 0.0) - per.get("ech", 0.0)
+            got += copy * TRAFFIC_TERMS["ech"](*size)
+        return got
 
     def charged(what: str) -> float:
         if not training:

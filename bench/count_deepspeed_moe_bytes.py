@@ -36,6 +36,8 @@ import sys
 from count_deepspeed_moe_ops import _count, _count_experts
 from op_count import save_json, start_deepspeed
 
+from moeplan.cost_models.traffic import term
+
 TERMS = ("sech", "seh", "echf", "sec", "se", "sc", "sh", "ech", "ecf", "ehf", "eh", "ef", "s",
          "ec", "e", "h", "f", "1")
 SIZES = dict(tokens=(64, 128, 256), experts=(4, 8, 16), hidden=(16, 32), capacity_factor=(1, 2),
@@ -52,8 +54,8 @@ def capacity(k: int, tokens: int, experts: int, factor: float) -> int:
 
 
 def terms(S: int, E: int, C: int, h: int, f: int) -> list[float]:
-    return [S * E * C * h, S * E * h, E * C * h * f, S * E * C, S * E, S * C, S * h, E * C * h,
-            E * C * f, E * h * f, E * h, E * f, S, E * C, E, h, f, 1]
+    """A point's row of the fit: each of TERMS as the cost model evaluates it."""
+    return [term(t, S, E, C, h, f) for t in TERMS]
 
 
 def fit(rows: list[list[float]], values: list[float]) -> tuple[dict[str, float], float]:

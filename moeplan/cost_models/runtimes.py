@@ -61,6 +61,14 @@ DEEPSPEED_SPARSE_OPS = {**DEEPSPEED_OPS, Phase.GATE: (34, 10), Phase.DISPATCH: (
 # (`topkgating`, k = 4 counted); index dispatch makes one more operation for k > 1.
 DEEPSPEED_GATE_TOPK = {"deepspeed": {2: (67, 48), 4: (33, 25)},
                        "deepspeed-sparse": {2: (66, 40), 4: (38, 25)}}
+
+
+def counted_top_k(k: int) -> int:
+    """The top-k at which DeepSpeed's gate for top-`k` was counted: its top1gating, top2gating,
+    or topkgating (every k > 2, counted at 4)."""
+    return k if k <= 2 else 4
+
+
 DEEPSPEED_SPARSE_DISPATCH_TOPK = 14
 DEEPSPEED_RUNTIMES = ("deepspeed", "deepspeed-sparse")
 RUNTIMES = ("moerun", *DEEPSPEED_RUNTIMES)  # `planning.Runtime`'s values, for the CLI's choices
@@ -391,7 +399,7 @@ def operations(runtime: str, device_kind: str, name: str, training: bool,
             fwd, bwd = (DEEPSPEED_OPS if runtime == "deepspeed" else DEEPSPEED_SPARSE_OPS)[name]
             k = spec.top_k if spec is not None else 1
             if name == Phase.GATE and k > 1:
-                fwd, bwd = DEEPSPEED_GATE_TOPK[runtime][2 if k == 2 else 4]
+                fwd, bwd = DEEPSPEED_GATE_TOPK[runtime][counted_top_k(k)]
             elif name == Phase.GATE and not training:
                 fwd -= DEEPSPEED_RTS_OPS  # random token selection: top-1 training only
             if name == Phase.DISPATCH and k > 1 and runtime == "deepspeed-sparse":

@@ -10,7 +10,7 @@ from functools import cache
 from importlib import resources
 
 from moeplan.cost_models.env import Env, Pass
-from moeplan.cost_models.runtimes import is_deepspeed
+from moeplan.cost_models.runtimes import counted_top_k, is_deepspeed
 from moeplan.spec.phases import Phase
 from moeplan.spec.workload import Setting
 
@@ -20,18 +20,17 @@ from moeplan.spec.workload import Setting
 # .json), each phase's figure fitted exactly as a sum of size terms (S tokens, E experts, C rows
 # an expert, width h, expert FFN f). The fits ship as data/deepspeed_traffic.json, keyed
 # "top-{1,2,4} {2,4}B {train,infer} {forward,backward} {gate,dispatch,experts,combine}
-# {bytes,gemm_bytes,gemm_flops}" (top-k > 2 as counted at k = 4).
-TRAFFIC_TERMS = {"sech": lambda S, E, C, h, f: S * E * C * h,
-                 "seh": lambda S, E, C, h, f: S * E * h,
-                 "echf": lambda S, E, C, h, f: E * C * h * f,
-                 "sec": lambda S, E, C, h, f: S * E * C, "se": lambda S, E, C, h, f: S * E,
-                 "sc": lambda S, E, C, h, f: S * C, "sh": lambda S, E, C, h, f: S * h,
-                 "ech": lambda S, E, C, h, f: E * C * h, "ecf": lambda S, E, C, h, f: E * C * f,
-                 "ehf": lambda S, E, C, h, f: E * h * f, "eh": lambda S, E, C, h, f: E * h,
-                 "ef": lambda S, E, C, h, f: E * f, "s": lambda S, E, C, h, f: S,
-                 "ec": lambda S, E, C, h, f: E * C, "e": lambda S, E, C, h, f: E,
-                 "h": lambda S, E, C, h, f: h, "f": lambda S, E, C, h, f: f,
-                 "1": lambda S, E, C, h, f: 1}
+# {bytes,gemm_bytes,gemm_flops}" (top-k > 2 as counted at k = 4), each a {term: coefficient};
+# "ep2 {2,4}B train {forward,backward} experts ..." the Experts module alone over 2 ranks' rows.
+
+
+def term(name: str, S: int, E: int, C: int, h: int, f: int) -> float:
+    """A fit's size term: the product of its letters (s = S, e = E, c = C, h, f; "1" is 1)."""
+    sizes = {"s": S, "e": E, "c": C, "h": h, "f": f}
+    out = 1.0
+    for letter in name.replace("1", ""):
+        out *= sizes[letter]
+    return out
 
 
 @cache
@@ -65,15 +64,14 @@ def deepspeed_traffic(runtime: str, phase: str, k: int, b: int, tokens: int, exp
     FFN rows, is PyTorch's linear on a strided input: Megatron's expert fuses that bias into
     its GELU)."""
     fits = deepspeed_counts()[runtime]["fits"]
-    top = 1 if k == 1 else 2 if k == 2 else 4
     size = (tokens, experts, capacity, h, ffn)
 
     def value(mode: str, way: str, what: str) -> float:
-        per = fits[f"top-{top} {b}B {mode} {way} {phase} {what}"]
-        got = sum(c * TRAFFIC_TERMS[t](*size) for t, c in per.items())
+        per = fits[f"top-{counted_top_k(k)} {b}B {mode} {way} {phase} {what}"]
+        got = sum(c * term(t, *size) for t, c in per.items())
         if chunked and what == "bytes":
             copy = fits[f"ep2 {b}B train {way} {phase} bytes"].get("ech", 0.0) - per.get("ech", 0.0)
-            got += copy * TRAFFIC_TERMS["ech"](*size)
+            got += copy * term("ech", *size)
         return got
 
     def charged(what: str) -> float:

@@ -121,11 +121,11 @@ def test_deepspeeds_training_expert_groups_lie_within_a_data_parallel_group():
     assert max(c.ep for c in layer_choices(mr, s, 128)) == 64
     assert max(c.ep for c in layer_choices(ds, s, 128)) == 32
     c = LayerChoice(ep=32, es=1, a2a="flat", coordinated=True)
-    assert (ds.ep_stride(c, 2), mr.ep_stride(c, 2)) == (2, 1)
+    assert (ds.ep_stride(c.es, 2), mr.ep_stride(c.es, 2)) == (2, 1)
     assert (ds.span(32, 2).nodes, ds.span(32, 2).per_node) == (8, 4)
     assert (mr.span(32, 1).nodes, mr.span(32, 1).per_node) == (4, 8)
     infer = Env(spec, NDV4, _env("deepspeed", "infer").workload, 64, runtime="deepspeed")
-    assert infer.ep_stride(c, 2) == 1  # the paper's inference layout: consecutive ranks
+    assert infer.ep_stride(c.es, 2) == 1  # the paper's inference layout: consecutive ranks
 
 
 @pytest.mark.parametrize("argv, message", [

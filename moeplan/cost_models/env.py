@@ -74,15 +74,20 @@ class Env:
     def span(self, size: int, stride: int) -> coll.GroupSpan:
         return coll.group_span(size, stride, self.gpus_per_node)
 
-    def ep_stride(self, c: LayerChoice, tp: int) -> int:
+    def ep_stride(self, es: int, tp: int) -> int:
         """Ranks between neighbours of an expert-parallel group: `es` in moerun's layout; in
         DeepSpeed's training, whose expert-parallel groups lie within a data-parallel group
         (ranks of one tp index: utils/groups.py `_get_expert_parallel_ranks`), tp (its es is 1
-        or tp). Its expert-data-parallel group is then N / (ep · stride) ranks, ep · stride
-        apart."""
+        or tp)."""
         if is_deepspeed(self.runtime) and self.workload.mode == "train":
-            return max(c.es, tp)
-        return c.es
+            return max(es, tp)
+        return es
+
+    def expert_dp_group(self, c: LayerChoice, tp: int) -> tuple[int, int]:
+        """(ranks, stride) of the group an expert's gradients are reduced and its states
+        sharded over: N / (ep · s) ranks, ep · s apart (s: `ep_stride`)."""
+        stride = c.ep * self.ep_stride(c.es, tp)
+        return self.gpus // stride, stride
 
 
 @dataclass(frozen=True, order=True)

@@ -272,7 +272,7 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
         ph[Phase.DISPATCH] = compute(Phase.DISPATCH, 0.0, b * (T_r * h + rows * h))
     a2a_bytes = rows * h * b
     cb["a2a"] = a2a_bytes
-    ep_span = env.span(c.ep, env.ep_stride(c, tp))
+    ep_span = env.span(c.ep, env.ep_stride(c.es, tp))
     for phase in EXCHANGE:  # in the phases' order; timed below
         ph[phase] = fixed(phase, in_situ=c.ep * c.es > 1)
     es_s = 0.0
@@ -421,7 +421,7 @@ def weight_memory(env: Env, s: Setting, index: int, c: LayerChoice) -> dict[str,
     st = env.state
     non_expert = lp.non_expert / s.tp
     expert = (lp.experts // c.ep) * lp.per_expert / c.es if lp.experts else 0.0
-    edp = env.gpus // (c.ep * env.ep_stride(c, s.tp))  # the expert-data-parallel group
+    edp, _ = env.expert_dp_group(c, s.tp)
     mem = {"weights": st.weights * non_expert, "expert_weights": st.weights * expert}
     if train:
         mem["gradients"] = st.gradients * non_expert / gradient_share(env, s.dp)

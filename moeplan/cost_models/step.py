@@ -79,11 +79,10 @@ def train_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> LayerCost:
     lp = layer_params(env.spec, index)
     non_expert = lp.non_expert / s.tp
     expert = (lp.experts // c.ep) * lp.per_expert / c.es if lp.experts else 0.0
-    stride = env.ep_stride(c, s.tp)
-    edp = env.gpus // (c.ep * stride)  # the expert-data-parallel group, ep · stride apart
+    edp, edp_stride = env.expert_dp_group(c, s.tp)
     sync = grad_sync_s(env, non_expert, s.dp, s.tp, latency=False, micro_steps=steps)
     if expert:
-        sync += grad_sync_s(env, expert, edp, c.ep * stride, micro_steps=steps)
+        sync += grad_sync_s(env, expert, edp, edp_stride, micro_steps=steps)
     cost.phases[Phase.GRAD_SYNC] = sync
     sharded = env.state.sharded
     shards = s.dp if sharded else 1

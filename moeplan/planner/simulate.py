@@ -331,7 +331,7 @@ def simulate(env: Env, cand: Candidate, skew: float = 0.0, seed: int = 0,
                 factor = max(1.0, busiest / max(cap, 1))
                 dropped = 0.0
             a2a = cost.comm_bytes.get("a2a", 0.0) * factor
-            stride = env.ep_stride(c, s.tp)
+            stride = env.ep_stride(c.es, s.tp)
             eps = L.ep_groups(N, c.ep, stride)
             analytic = coll.all_to_all_s(cost.comm_bytes.get("a2a", 0.0),
                                          env.span(c.ep, stride), env.cluster, c.a2a)

@@ -160,7 +160,7 @@ def layer_choices(env: Env, s: Setting, experts: int, fix: Fix = NO_FIX) -> list
                 continue
             if not slices_experts(env.runtime, env.workload.mode, es, s.tp):
                 continue
-            stride = env.ep_stride(LayerChoice(ep=ep, es=es, a2a="flat", coordinated=False), s.tp)
+            stride = env.ep_stride(es, s.tp)
             if N % (ep * stride):  # DeepSpeed's training: ep divides the data-parallel degree
                 continue
             span = env.span(ep, stride)

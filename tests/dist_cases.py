@@ -208,6 +208,7 @@ def world4(rank: int, world: int) -> dict:
     results["zero"] = zero_stages(rank, world)
     results["infer memory"] = infer_memory(rank, world)
     results["profile exchanges"] = profile_exchanges(rank, world)
+    results["slowest table"] = slowest_table(rank, world)
     return _remove_tmpdirs(results)
 
 
@@ -218,6 +219,17 @@ def profile_exchanges(rank: int, world: int) -> list[dict]:
     b = Bench(rank, world, torch.device("cpu"), warmup=1, repeats=2)
     b.sample_s = 0.002
     return exchanges(b, 2, quick=True, progress=lambda: None)
+
+
+def slowest_table(rank: int, world: int) -> dict:
+    """The profile's all-ranks table: rank 1 slowest in "a", rank 2 in "b", rank 1 slowest in
+    all (5 + 1 + 1 against rank 2's 1 + 4 + 1)."""
+    from moeplan.calibrate.probe import _slowest
+    from moeplan.calibrate.sampling import Bench
+
+    b = Bench(rank, world, torch.device("cpu"), warmup=0, repeats=1)
+    return _slowest(b, {"a": 5.0 if rank == 1 else 1.0, "b": 4.0 if rank == 2 else 1.0,
+                        "c": 1.0})
 
 
 def world2(rank: int, world: int) -> dict:

@@ -274,6 +274,41 @@ def test_in_situ_extras_are_what_a_running_step_took_beyond_the_model():
     assert "untimed" not in plans["train"].predicted.head_phases_s
 
 
+def test_turn_share_is_the_share_of_the_turns_ranks_waited_at_the_exchanges():
+    """Four ranks on two cores: the probe's plans "measured" with their all-to-alls at the
+    collectives + 0.6 (training) and 0.9 (decode) of the turn waits the model charges: the
+    shares come back, and plans on the profile that carries them are charged exactly the
+    measured all-to-all time. Ranks that do not take turns: nothing."""
+    from moeplan.calibrate.in_situ import _without_waits, in_situ_turns, predicted_phases_s
+    from moeplan.calibrate.shapes import in_situ_plans
+    from moeplan.spec.cluster import FrameworkOverhead
+    from moeplan.spec.phases import EXCHANGE
+
+    cluster = load_cluster("local-cpu")
+    fw = FrameworkOverhead(phases={}, optimizer_tensor_s=1e-5, ranks=4, cores=2)
+    cluster = cluster.model_copy(update={"device": cluster.device.model_copy(update={
+        "framework": fw})})
+    share = {"train": 0.6, "infer": 0.9}
+    charged, bare = in_situ_plans(cluster, 4), in_situ_plans(_without_waits(cluster), 4)
+    measured = {"world": 4}
+    for mode in share:
+        coll = predicted_phases_s(bare[mode], EXCHANGE)
+        waits = predicted_phases_s(charged[mode], EXCHANGE) - coll
+        assert waits > 0
+        measured[mode] = {"a2a_s": coll + share[mode] * waits}
+    got = in_situ_turns(measured, cluster)
+    assert got == pytest.approx({"turn_share": 0.6, "decode_turn_share": 0.9}, rel=F64_REL)
+    fitted = cluster.model_copy(update={"device": cluster.device.model_copy(update={
+        "framework": fw.model_copy(update=got)})})
+    again = in_situ_plans(fitted, 4)
+    for mode in share:
+        assert predicted_phases_s(again[mode], EXCHANGE) == pytest.approx(
+            measured[mode]["a2a_s"], rel=F64_REL)
+    apart = cluster.model_copy(update={"device": cluster.device.model_copy(update={
+        "framework": fw.model_copy(update={"cores": 4})})})
+    assert in_situ_turns(measured, apart) == {}
+
+
 def test_in_step_factor_recovers_a_known_slowdown_of_compute():
     """The probe's plans "measured" with their compute 1.3× (training) and 1.6× (decode) the
     prediction and their all-to-alls and gradient sync as predicted: the factors come back,

@@ -87,6 +87,12 @@ def test_profile_times_both_exchanges_over_the_nodes(world4):
     assert [s.algorithm for s in scales] == ["flat", "hierarchical"]
 
 
+def test_all_ranks_table_is_the_slowest_ranks_whole_table(world4):
+    """Not each phase's maximum over ranks: ranks taking turns on shared cores are descheduled
+    in different phases, and the maxima would add up every rank's waits."""
+    assert [r["slowest table"] for r in world4] == [{"a": 5.0, "b": 1.0, "c": 1.0}] * 4
+
+
 def test_hierarchical_exchange_equals_flat_bitwise(world4):
     for rank in world4:
         assert rank["exchange"] == {"forward_equal": True, "backward_equal": True, "moved": True}

@@ -21,7 +21,12 @@ from __future__ import annotations
 from moeplan.calibrate import fit
 from moeplan.calibrate.comm_fit import fit_collectives, fit_exchanges
 from moeplan.calibrate.framework import framework_overhead, roofline
-from moeplan.calibrate.in_situ import in_situ_extras, in_situ_factors, in_situ_medians
+from moeplan.calibrate.in_situ import (
+    in_situ_extras,
+    in_situ_factors,
+    in_situ_medians,
+    in_situ_turns,
+)
 from moeplan.calibrate.shapes import WORK_SIZES
 from moeplan.spec.cluster import (
     ClusterProfile,
@@ -152,8 +157,9 @@ def build_profile(base: str, name: str, gpus_per_node: int, info: dict,
             "the probe run expert-parallel on every rank by the runtime's own training and "
             "decoding loops")})
         # the compute factor first: the all-to-alls' and gradient sync's waits for their peers'
-        # compute are charged on it, and the extras are what is left beyond them
-        for update in (in_situ_factors, in_situ_extras):
+        # compute are charged on it (the turns' share of them next), and the extras are what is
+        # left beyond them
+        for update in (in_situ_factors, in_situ_turns, in_situ_extras):
             fw = fw.model_copy(update=update(in_step, profile))
             profile = profile.model_copy(update={"device": profile.device.model_copy(
                 update={"framework": fw})})

@@ -1,6 +1,6 @@
 """What the probe's steps inside `moerun`'s loop take beyond the cost model's prediction for the
-same plans: the in-step compute factors, the all-to-all and gradient-sync extras, the untimed
-share."""
+same plans: the in-step compute factors, the share of their peers' turns ranks on shared cores
+wait at the all-to-alls, the all-to-all and gradient-sync extras, the untimed share."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ def exchanges_per_pass(plan) -> int:
     return 2 * layers
 
 
-# Bounds of the in-step compute factor: a sample outside them is a broken measurement (a rank
-# descheduled for the whole sample), not the host's in-step cost.
+# Bounds of the in-step compute factor (the upper one per turn ranks take on shared cores): a
+# sample outside them is a broken measurement (a rank descheduled for the whole sample), not the
+# host's in-step cost.
 IN_STEP_RANGE = (0.5, 2.0)
 WAITING_PHASES = WAITING
 
@@ -43,12 +44,31 @@ def predicted_compute_s(plan) -> float:
                if k not in WAITING_PHASES)
 
 
+def takes_turns(profile: ClusterProfile, world: int) -> bool:
+    """Whether `world` ranks on the profiled host take turns on its cores (`layer.sharing`)."""
+    fw = profile.device.framework
+    return bool(fw is not None and fw.cores and world > fw.cores)
+
+
+def _without_waits(profile: ClusterProfile) -> ClusterProfile:
+    """`profile` with no rank waiting for another (no shared cores, no skew): its plans'
+    exchanges are their collectives alone."""
+    fw = profile.device.framework.model_copy(update={"cores": None, "skew": 0.0})
+    return profile.model_copy(update={"device": profile.device.model_copy(
+        update={"framework": fw})})
+
+
 def in_situ_factors(measured: dict, profile: ClusterProfile) -> dict[str, float]:
     """The probe's compute inside `moerun`'s own loop (its timed time less its all-to-alls and
     gradient sync) over what `profile` predicts for the same plans, training and decode:
-    `in_step` and `decode_in_step`, within `IN_STEP_RANGE`."""
+    `in_step` and `decode_in_step`, within `IN_STEP_RANGE` (ranks taking turns on shared cores:
+    its upper bound times the turns, as a rank may be descheduled inside its compute for all
+    of them)."""
     plans = in_situ_plans(profile, measured["world"])
     lo, hi = IN_STEP_RANGE
+    fw = profile.device.framework
+    if takes_turns(profile, measured["world"]):  # descheduled inside its compute: up to every turn
+        hi *= measured["world"] / fw.cores
     out = {}
     for mode, key in (("train", "in_step"), ("infer", "decode_in_step")):
         got = measured.get(mode)
@@ -57,6 +77,39 @@ def in_situ_factors(measured: dict, profile: ClusterProfile) -> dict[str, float]
             continue
         seen = got["timed_s"] - got["a2a_s"] - got.get("grad_sync_s", 0.0)
         out[key] = min(hi, max(lo, seen / predicted))
+    return out
+
+
+# Bound of the turn share: beyond it a sample is broken (a rank stopped), not the host's waits.
+TURN_SHARE_MAX = 2.0
+
+
+def in_situ_turns(measured: dict, profile: ClusterProfile) -> dict[str, float]:
+    """Where the probe's ranks took turns on shared cores, the share of their peers' turns they
+    waited at the all-to-alls, training and decode (`turn_share`, `decode_turn_share`): the
+    run's all-to-all time beyond the collectives alone over the waits `profile` charges (every
+    turn: share 1). A rank descheduled inside its own compute phases (which `in_step` then
+    carries) waits that much less at the next collective; how much depends on how the
+    scheduler's slices fall on the phases, so it is measured. Call after `in_situ_factors`: the
+    waits are charged on the compute it sets."""
+    world = measured["world"]
+    if not takes_turns(profile, world):
+        return {}
+    fw = profile.device.framework.model_copy(update={
+        "turn_share": 1.0, "decode_turn_share": 1.0, "exchange_extra_s": 0.0,
+        "decode_exchange_extra_s": 0.0})
+    every_turn = profile.model_copy(update={"device": profile.device.model_copy(
+        update={"framework": fw})})
+    charged = in_situ_plans(every_turn, world)
+    bare = in_situ_plans(_without_waits(every_turn), world)
+    out = {}
+    for mode, key in (("train", "turn_share"), ("infer", "decode_turn_share")):
+        got = measured.get(mode)
+        collectives = predicted_phases_s(bare[mode], EXCHANGE)
+        # a layer without an exchange hands its waits on to the next collective
+        waits = predicted_phases_s(charged[mode], EXCHANGE + (Phase.WAIT,)) - collectives
+        if got and waits > 0:
+            out[key] = min(TURN_SHARE_MAX, max(0.0, (got["a2a_s"] - collectives) / waits))
     return out
 
 

@@ -64,12 +64,18 @@ def _autocast(device: torch.device):
 
 
 def _slowest(b: Bench, values: dict) -> dict:
-    """Each value's maximum over ranks (every rank holds the same keys, in the same order)."""
+    """The table of the rank whose total is largest (every rank holds the same keys). One
+    rank's whole table, not each key's maximum over ranks: ranks taking turns on shared cores
+    are each descheduled in different phases, and the per-key maxima would add up every rank's
+    waits (4 ranks on 2 cores: 3.55× one rank alone, where the slowest rank's own table
+    took 2.0-2.2×)."""
+    if b.world == 1:
+        return values
     keys = sorted(values, key=str)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    if b.world > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return dict(zip(keys, t.tolist()))
+    t = torch.zeros(b.world, len(keys), dtype=torch.float64)
+    t[b.rank] = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)  # every rank's row
+    return dict(zip(keys, t[int(t.sum(dim=1).argmax())].tolist()))
 
 
 def _phase_samples(b: Bench, cases: dict[str, tuple], repeats: int, warmup: int,

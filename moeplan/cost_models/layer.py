@@ -324,7 +324,7 @@ def forward(env: Env, s: Setting, index: int, c: LayerChoice, p: Pass) -> LayerC
     # without an exchange that come with it (a PR-MoE has a dense layer per MoE layer), and
     # while its ranks wait for their peers' turns; the layer's two exchanges share that.
     per_layer = env.layers_per_moe_layer
-    idle = ((1.0 + wait_factor(env)) * per_layer / 2
+    idle = ((1.0 + wait_factor(env, p.decode)) * per_layer / 2
             * sum(t for k, t in ph.items() if k in COMPUTE_PHASES))
     a2a_s = net * coll.all_to_all_s(a2a_bytes, ep_span, env.cluster, c.a2a, idle)
     for phase in EXCHANGE:
@@ -361,24 +361,27 @@ def _shared(env: Env, cost: LayerCost, p: Pass) -> LayerCost:
     return cost
 
 
-def wait_factor(env: Env) -> float:
+def wait_factor(env: Env, decode: bool = False) -> float:
     """Seconds a rank waits at collectives for its peers per second of its own compute: the
-    others' turns on shared cores (turns − 1), or at least the measured skew between ranks
-    running side by side. 0 without a measured profile."""
+    others' turns on shared cores (turns − 1, of which the profile's measured `turn_share`
+    shows up as waiting), or at least the measured skew between ranks running side by side.
+    0 without a measured profile."""
     fw = env.cluster.device.framework
     if fw is None or env.gpus == 1:
         return 0.0
-    return max(sharing(env)[1] - 1.0, fw.skew)
+    share = fw.decode_turn_share if decode else fw.turn_share
+    return max(share * (sharing(env, decode)[1] - 1.0), fw.skew)
 
 
-def add_turn_wait(env: Env, cost: LayerCost, train: bool, exchanges: bool) -> None:
+def add_turn_wait(env: Env, cost: LayerCost, train: bool, exchanges: bool,
+                  decode: bool = False) -> None:
     """Ranks wait at the layer's collectives for their peers' compute (`wait_factor` × the
     layer's compute): at the layer's all-to-alls where it `exchanges` (ep·es > 1), or as `wait`
     for a layer without one (dense, or ep·es = 1), which the plan hands on to the next
     collective (where the runtime's timers see it). A forward pass waits for the experts at the
     combine and for the rest at the dispatch; backward runs the layer the other way round, so in
     training (backward twice the forward) the two all-to-alls wait about equally."""
-    factor = wait_factor(env)
+    factor = wait_factor(env, decode)
     if factor <= 0.0:
         return
     compute = {ph: t for ph, t in cost.phases.items() if ph in COMPUTE_PHASES}

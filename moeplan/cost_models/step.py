@@ -102,7 +102,7 @@ def train_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> LayerCost:
 def infer_layer(env: Env, s: Setting, index: int, c: LayerChoice) -> tuple[LayerCost, LayerCost]:
     """(decode cost per generated token, prefill cost once per batch) of one layer."""
     decode = forward(env, s, index, c, decode_pass(env, s))
-    add_turn_wait(env, decode, train=False, exchanges=c.ep * c.es > 1)
+    add_turn_wait(env, decode, train=False, exchanges=c.ep * c.es > 1, decode=True)
     prefill_p = prefill_pass(env, s)
     prefill = forward(env, s, index, c, prefill_p)
     add_turn_wait(env, prefill, train=False, exchanges=c.ep * c.es > 1)
@@ -212,7 +212,7 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
                                        + fixed_s(env, Phase.HEAD, p))
                                + k.communication * coll.allgather_s(tokens * V * b, tp_span,
                                                                     env.cluster))
-    wait = wait_factor(env) * cost.phases[Phase.HEAD]
+    wait = wait_factor(env, decode=True) * cost.phases[Phase.HEAD]
     if wait:  # at the next token's first collective: the plan hands it on
         cost.phases[Phase.WAIT] = wait
     cost.transient_bytes = 4.0 * tokens * V / s.tp

@@ -107,6 +107,12 @@ class FrameworkOverhead(BaseModel):
         "exchanges evicted, the runtime's own loop; every compute phase, the head and the "
         "optimizer are charged this much more (training)"))
     decode_in_step: Factor = Field(1.0, description="the same, per decode token")
+    turn_share: float = Field(1.0, ge=0, le=1e6, description=(
+        "ranks taking turns on shared cores (more ranks than `cores`): the share of its peers' "
+        "turns a rank waits at the next collective, measured in that run — the rest it spends "
+        "descheduled inside its own compute phases, which `in_step` carries (1: every turn "
+        "shows up as a wait)"))
+    decode_turn_share: float = Field(1.0, ge=0, le=1e6, description="the same, per decode token")
     skew: float = Field(0.0, ge=0, le=1e6, description=(
         "how far the slowest rank trails the mean over one training step of the probe, all "
         "ranks at once: what a rank waits at a collective for its peers, per second of compute"))

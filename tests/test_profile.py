@@ -231,6 +231,8 @@ def test_in_situ_extras_are_what_a_running_step_took_beyond_the_model():
     profile that carries them is charged exactly that much more."""
     from moeplan.calibrate.in_situ import exchanges_per_pass, in_situ_extras
     from moeplan.calibrate.shapes import in_situ_plans
+    from moeplan.planner.planning import Request, fixed_plan
+    from moeplan.spec import load_model
     from moeplan.spec.cluster import FrameworkOverhead
 
     cluster = load_cluster("local-cpu")
@@ -254,9 +256,10 @@ def test_in_situ_extras_are_what_a_running_step_took_beyond_the_model():
                 "infer": {"a2a_s": a2a(plans["infer"]) + 4 * 5e-4, "grad_sync_s": 0.0,
                           "step_s": 0.0103, "timed_s": 0.01}}
     got = in_situ_extras(measured, cluster)
+    layers = len(plans["train"].layers)  # one micro-step a step
     assert got == pytest.approx({"exchange_extra_s": 3e-4, "decode_exchange_extra_s": 5e-4,
-                                 "grad_sync_extra_s": 2e-3, "untimed_fraction": 0.1,
-                                 "decode_untimed_fraction": 0.03}, rel=F64_REL)
+                                 "grad_sync_extra_s": 2e-3, "untimed_layer_s": 0.01 / layers,
+                                 "decode_untimed_layer_s": 3e-4 / layers}, rel=F64_REL)
     slower = {**measured, "train": {"a2a_s": 0.0, "grad_sync_s": 0.0}}
     assert in_situ_extras(slower, cluster)["exchange_extra_s"] == 0.0  # never below the model
     with_extras = cluster.model_copy(update={"device": cluster.device.model_copy(update={
@@ -265,13 +268,21 @@ def test_in_situ_extras_are_what_a_running_step_took_beyond_the_model():
     assert a2a(again["train"]) == pytest.approx(a2a(plans["train"]) + 8 * 3e-4, rel=F64_REL)
     assert a2a(again["infer"]) == pytest.approx(a2a(plans["infer"]) + 4 * 5e-4, rel=F64_REL)
     assert sync(again["train"]) == pytest.approx(sync(plans["train"]) + 2e-3, rel=F64_REL)
-    # the untimed share: an `untimed` head phase, that fraction of everything else in the step
-    for mode, f in (("train", 0.1), ("infer", 0.03)):
-        p = again[mode]
-        total = p.predicted.step_time_s if mode == "train" else p.predicted.latency_s
-        untimed = p.predicted.head_phases_s["untimed"]
-        assert untimed == pytest.approx(f * (total - untimed), rel=F64_REL)
+    # the untimed time: an `untimed` head phase, per layer and micro-step — the run's back
+    for mode, t in (("train", 0.01), ("infer", 3e-4)):
+        assert again[mode].predicted.head_phases_s["untimed"] == pytest.approx(t, rel=F64_REL)
     assert "untimed" not in plans["train"].predicted.head_phases_s
+    # a plan of twice the layers and several micro-steps: that many times the untimed time
+    spec = load_model("tiny-pr-moe")
+    wide = fixed_plan(spec.model_copy(update={"num_layers": 2 * layers,
+                                              "experts": [0] * (2 * layers)}),
+                      with_extras, Request(gpus=4, mode="train", global_batch=64, seq_len=16,
+                                           zero_stage=0, simulate_top=0), 1, {}, micro_batch=4)
+    w = wide.workload
+    micro_steps = w.global_batch // (wide.parallel.dp * w.micro_batch)
+    assert micro_steps > 1
+    assert wide.predicted.head_phases_s["untimed"] == pytest.approx(
+        got["untimed_layer_s"] * 2 * layers * micro_steps, rel=F64_REL)
 
 
 def test_turn_share_is_the_share_of_the_turns_ranks_waited_at_the_exchanges():

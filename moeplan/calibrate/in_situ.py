@@ -21,6 +21,15 @@ def exchanges_per_pass(plan) -> int:
     return 2 * layers
 
 
+def untimed_passes(plan) -> int:
+    """The layer passes a training step (decode token) of `plan` runs outside its timed phases:
+    layers × micro-steps (layers)."""
+    w, layers = plan.workload, len(plan.layers)
+    if w.mode == "train":
+        return layers * (w.global_batch // (plan.parallel.dp * w.micro_batch))
+    return layers
+
+
 # Bounds of the in-step compute factor (the upper one per turn ranks take on shared cores): a
 # sample outside them is a broken measurement (a rank descheduled for the whole sample), not the
 # host's in-step cost.
@@ -117,7 +126,7 @@ def in_situ_extras(measured: dict, profile: ClusterProfile) -> dict[str, float]:
     """What the probe's all-to-alls (per call, training and decode) and gradient sync (per step)
     took inside `moerun`'s own loop beyond what `profile` predicts for the same plans — never
     below zero (the model keeps what it charges) — and the step's (token's) time outside every
-    timed phase as a fraction of the timed time."""
+    timed phase per layer and micro-step (`untimed_passes`)."""
     plans = in_situ_plans(profile, measured["world"])
     out = {}
     for mode, key in (("train", "exchange_extra_s"), ("infer", "decode_exchange_extra_s")):
@@ -128,8 +137,8 @@ def in_situ_extras(measured: dict, profile: ClusterProfile) -> dict[str, float]:
         predicted = predicted_phases_s(plans[mode], EXCHANGE)
         out[key] = max(0.0, (got["a2a_s"] - predicted) / calls)
         if got.get("timed_s"):
-            out["untimed_fraction" if mode == "train" else "decode_untimed_fraction"] = max(
-                0.0, got["step_s"] / got["timed_s"] - 1.0)
+            out["untimed_layer_s" if mode == "train" else "decode_untimed_layer_s"] = max(
+                0.0, got["step_s"] - got["timed_s"]) / untimed_passes(plans[mode])
         if mode == "train":
             sync = predicted_phases_s(plans[mode], (Phase.GRAD_SYNC,))
             out["grad_sync_extra_s"] = max(0.0, got["grad_sync_s"] - sync)

@@ -219,20 +219,28 @@ def head_cost(env: Env, s: Setting) -> LayerCost:
     return cost
 
 
-def with_untimed(env: Env, head: LayerCost, layers_s: float) -> LayerCost:
+def with_untimed(env: Env, s: Setting, head: LayerCost, layers_s: float) -> LayerCost:
     """The head with the step's `untimed` seconds added: what the runtime spends outside every
-    timed phase (batch preparation, loss readout, the learning-rate schedule, glue between
-    phases), the measured profile's fraction of everything else (training and decode apart);
-    `layers_s` is the layers' total. Unchanged without a measured fraction."""
+    timed phase (the batch, each gate's noise keys and routing loads, glue between phases) —
+    the measured profile's seconds per layer and micro-step (per layer and token in decode), or
+    for a profile from before those, its fraction of everything else (`layers_s` is the layers'
+    total). Unchanged without a measured framework."""
     fw = env.cluster.device.framework
     if fw is None:
         return head
-    f = fw.untimed_fraction if env.workload.mode == "train" else fw.decode_untimed_fraction
-    if f <= 0.0:
+    train = env.workload.mode == "train"
+    per_layer = fw.untimed_layer_s if train else fw.decode_untimed_layer_s
+    if per_layer is not None:
+        passes = env.spec.num_layers * (s.micro_steps(env.workload) if train else 1)
+        t = env.scales.framework * per_layer * passes
+    else:
+        f = fw.untimed_fraction if train else fw.decode_untimed_fraction
+        t = f * (layers_s + head.time_s)
+    if t <= 0.0:
         return head
     out = LayerCost(phases=dict(head.phases), comm_bytes=head.comm_bytes, memory=head.memory,
                     transient_bytes=head.transient_bytes, fixed=head.fixed)
-    out.phases[Phase.UNTIMED] = f * (layers_s + head.time_s)
+    out.phases[Phase.UNTIMED] = t
     return out
 
 

@@ -22,7 +22,8 @@ def recost_s(env: Env, cand: Candidate) -> float:
     """The candidate's step time (train) or per-token latency (infer) under `env`."""
     layers = [evaluate(env, cand.setting, i, ev.choice).cost.time_s
               for i, ev in enumerate(cand.layers)]
-    head = step.with_untimed(env, step.head_cost(env, cand.setting), fsum(layers))
+    head = step.with_untimed(env, cand.setting, step.head_cost(env, cand.setting),
+                             fsum(layers))
     return fsum(layers) + head.time_s
 
 

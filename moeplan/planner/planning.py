@@ -401,7 +401,7 @@ def fixed_plan(spec: ModelSpec, cluster: ClusterProfile, r: Request, tp: int,
                 raise ConfigError(f"layer {i + 1}: {c} is not valid for {E} experts on "
                                   f"{env.gpus} GPUs with tp={tp}")
         layers.append(evaluate(env, s, i, c))
-    head = with_untimed(env, head_cost(env, s), sum(e.cost.time_s for e in layers))
+    head = with_untimed(env, s, head_cost(env, s), sum(e.cost.time_s for e in layers))
     cand = Candidate(setting=s, layers=layers, head=head,
                      time_s=head.time_s + sum(e.cost.time_s for e in layers),
                      memory_bytes=head.memory_bytes + sum(e.cost.memory_bytes for e in layers)

@@ -69,7 +69,7 @@ def best_for_setting(env: Env, s: Setting, stats: SearchStats,
     if sol is None:
         return None
     layers = [options[i][k] for i, k in enumerate(sol.picks)]
-    head = step.with_untimed(env, head, sol.time_s)
+    head = step.with_untimed(env, s, head, sol.time_s)
     return Candidate(setting=s, layers=layers, head=head, time_s=sol.time_s + head.time_s,
                      memory_bytes=sol.memory_bytes + head.memory_bytes)
 

@@ -104,9 +104,10 @@ TERMS = {  # calibration terms compared between profiles: (group, getter)
     "attention_fixed_s": ("framework",
                           lambda p: p.device.framework.phases["dense.attention"].forward_s),
     "gate_fixed_s": ("framework", lambda p: p.device.framework.phases["moe.gate"].forward_s),
-    "untimed_fraction": ("framework", lambda p: p.device.framework.untimed_fraction),
+    "untimed_layer_s": ("framework", lambda p: p.device.framework.untimed_layer_s),
     "exchange_extra_s": ("communication", lambda p: p.device.framework.exchange_extra_s),
     "skew": ("communication", lambda p: p.device.framework.skew),
+    "turn_share": ("communication", lambda p: p.device.framework.turn_share),
     "inter_latency_s": ("communication", lambda p: p.inter.latency_s),
 }
 GROUPS = ("compute", "framework", "communication")  # swapped one at a time (`swap`)
@@ -133,12 +134,14 @@ def swap(base, other, group: str):
                                           "infer_s": ofw.phases[k].infer_s})
                   for k, v in fw.phases.items() if k in ofw.phases}
         fw = fw.model_copy(update={"phases": {**fw.phases, **phases}, **{
-            k: getattr(ofw, k) for k in ("optimizer_tensor_s", "untimed_fraction",
+            k: getattr(ofw, k) for k in ("optimizer_tensor_s", "untimed_layer_s",
+                                         "decode_untimed_layer_s", "untimed_fraction",
                                          "decode_untimed_fraction")}})
         dev = dev.model_copy(update={"op_overhead_s": odev.op_overhead_s, "framework": fw})
         return base.model_copy(update={"device": dev})
     fw = fw.model_copy(update={k: getattr(ofw, k) for k in (
-        "exchange_extra_s", "decode_exchange_extra_s", "grad_sync_extra_s", "skew")})
+        "exchange_extra_s", "decode_exchange_extra_s", "grad_sync_extra_s", "skew",
+        "turn_share", "decode_turn_share")})
     return base.model_copy(update={"intra": other.intra, "inter": other.inter,
                                    "fitted": other.fitted, "exchanges": other.exchanges,
                                    "device": dev.model_copy(update={"framework": fw})})

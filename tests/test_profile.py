@@ -93,6 +93,27 @@ def test_built_profile_round_trips_and_drives_the_search(tmp_path, monkeypatch, 
     assert json.loads(out)["cluster"] == "synthetic"
 
 
+def test_profile_summary_shows_what_a_running_step_costs(capsys):
+    """`moeplan profile`'s summary: the in-step factors and untimed time, and where ranks share
+    cores the contention and the turn share; an older profile's untimed share as a fraction."""
+    from moeplan.cli.render import print_profile
+    from moeplan.spec.cluster import FrameworkOverhead
+
+    cluster = load_cluster("local-cpu")
+
+    def shown(**fw) -> str:
+        print_profile(cluster.model_copy(update={"device": cluster.device.model_copy(update={
+            "framework": FrameworkOverhead(phases={}, optimizer_tensor_s=1e-5, **fw)})}))
+        return " ".join(capsys.readouterr().out.split())
+
+    out = shown(ranks=4, cores=2, contention=2.1, in_step=1.47, turn_share=0.88,
+                untimed_layer_s=2.6e-3)
+    assert "compute x1.47" in out and "untimed 2.60 ms per layer and micro-step" in out
+    assert "4 ranks on 2 cores: contention 2.10, turn share 0.88" in out
+    out = shown(ranks=2, cores=2, untimed_fraction=0.094)
+    assert "untimed 9.4% of the step" in out and "turn share" not in out
+
+
 def test_exchange_scales_recover_how_each_algorithm_combines_its_tiers():
     """Flat measured with overlapping messages (half the per-peer latency) and the hierarchical
     exchange with a costly second call (twice its latency): the fitted factors come back, the

@@ -274,6 +274,15 @@ def print_profile(c) -> None:
     con.print(f"  GEMM {d.peak_flops[dtype] / 1e9:.2f} GFLOP/s {dtype} at size, half-efficiency at "
               f"{d.gemm_efficiency.half_flops / 1e6:.2f} MFLOP; memory {d.hbm_Bps / 1e9:.2f} GB/s; "
               f"op overhead {_seconds(d.op_overhead_s)}")
+    fw = d.framework
+    if fw is not None:  # what the probe measured inside moerun's own loop
+        untimed = (f"{_seconds(fw.untimed_layer_s)} per layer and micro-step"
+                   if fw.untimed_layer_s is not None else f"{fw.untimed_fraction:.1%} of the step")
+        turns = (f"; {fw.ranks} ranks on {fw.cores} cores: contention {fw.contention:.2f}, "
+                 f"turn share {fw.turn_share:.2f} (decode {fw.decode_turn_share:.2f})"
+                 if fw.cores and fw.ranks > fw.cores else "")
+        con.print(f"  in a running step: compute x{fw.in_step:.2f} (decode x"
+                  f"{fw.decode_in_step:.2f}), untimed {untimed}{turns}")
     table = _table("collective fits (t = steps x latency + bytes / bandwidth)",
                    ["collective", "tier", "latency", "bandwidth", "r2"])
     for f in c.fitted:

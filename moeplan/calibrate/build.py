@@ -26,6 +26,7 @@ from moeplan.calibrate.in_situ import (
     in_situ_factors,
     in_situ_medians,
     in_situ_turns,
+    with_framework,
 )
 from moeplan.calibrate.shapes import WORK_SIZES
 from moeplan.spec.cluster import (
@@ -152,15 +153,13 @@ def build_profile(base: str, name: str, gpus_per_node: int, info: dict,
     fw = profile.device.framework
     if fw is not None and raw.get("in_situ"):
         in_step = in_situ_medians(raw["in_situ"])
-        fw = fw.model_copy(update={"source": fw.source + (
+        profile = with_framework(profile, source=fw.source + (
             "; compute in a running step, all-to-all and gradient sync beyond the model from "
             "the probe run expert-parallel on every rank by the runtime's own training and "
-            "decoding loops")})
+            "decoding loops"))
         # the compute factor first: the all-to-alls' and gradient sync's waits for their peers'
         # compute are charged on it (the turns' share of them next), and the extras are what is
         # left beyond them
         for update in (in_situ_factors, in_situ_turns, in_situ_extras):
-            fw = fw.model_copy(update=update(in_step, profile))
-            profile = profile.model_copy(update={"device": profile.device.model_copy(
-                update={"framework": fw})})
+            profile = with_framework(profile, **update(in_step, profile))
     return profile

@@ -1,6 +1,6 @@
 """What the probe's steps inside `moerun`'s loop take beyond the cost model's prediction for the
 same plans: the in-step compute factors, the share of their peers' turns ranks on shared cores
-wait at the all-to-alls, the all-to-all and gradient-sync extras, the untimed share."""
+wait at the all-to-alls, the all-to-all and gradient-sync extras, the untimed time per layer."""
 
 from __future__ import annotations
 
@@ -11,23 +11,24 @@ from moeplan.spec.cluster import (
 from moeplan.spec.phases import EXCHANGE, WAITING, Phase
 
 
+def _micro_steps(plan) -> int:
+    w = plan.workload
+    return w.global_batch // (plan.parallel.dp * w.micro_batch)
+
+
 def exchanges_per_pass(plan) -> int:
     """All-to-all calls of one training step (forward and backward: 4 per exchanging layer and
     micro-batch) or of one decode token (2 per exchanging layer)."""
     layers = sum(1 for l in plan.layers if l.kind == "moe" and (l.ep or 1) * (l.es or 1) > 1)
-    w = plan.workload
-    if w.mode == "train":
-        return 4 * layers * (w.global_batch // (plan.parallel.dp * w.micro_batch))
+    if plan.workload.mode == "train":
+        return 4 * layers * _micro_steps(plan)
     return 2 * layers
 
 
 def untimed_passes(plan) -> int:
     """The layer passes a training step (decode token) of `plan` runs outside its timed phases:
     layers × micro-steps (layers)."""
-    w, layers = plan.workload, len(plan.layers)
-    if w.mode == "train":
-        return layers * (w.global_batch // (plan.parallel.dp * w.micro_batch))
-    return layers
+    return len(plan.layers) * (_micro_steps(plan) if plan.workload.mode == "train" else 1)
 
 
 # Bounds of the in-step compute factor (the upper one per turn ranks take on shared cores): a
@@ -59,12 +60,17 @@ def takes_turns(profile: ClusterProfile, world: int) -> bool:
     return bool(fw is not None and fw.cores and world > fw.cores)
 
 
+def with_framework(profile: ClusterProfile, **update) -> ClusterProfile:
+    """`profile` with its measured framework's terms `update`d."""
+    fw = profile.device.framework.model_copy(update=update)
+    return profile.model_copy(update={"device": profile.device.model_copy(
+        update={"framework": fw})})
+
+
 def _without_waits(profile: ClusterProfile) -> ClusterProfile:
     """`profile` with no rank waiting for another (no shared cores, no skew): its plans'
     exchanges are their collectives alone."""
-    fw = profile.device.framework.model_copy(update={"cores": None, "skew": 0.0})
-    return profile.model_copy(update={"device": profile.device.model_copy(
-        update={"framework": fw})})
+    return with_framework(profile, cores=None, skew=0.0)
 
 
 def in_situ_factors(measured: dict, profile: ClusterProfile) -> dict[str, float]:
@@ -104,11 +110,8 @@ def in_situ_turns(measured: dict, profile: ClusterProfile) -> dict[str, float]:
     world = measured["world"]
     if not takes_turns(profile, world):
         return {}
-    fw = profile.device.framework.model_copy(update={
-        "turn_share": 1.0, "decode_turn_share": 1.0, "exchange_extra_s": 0.0,
-        "decode_exchange_extra_s": 0.0})
-    every_turn = profile.model_copy(update={"device": profile.device.model_copy(
-        update={"framework": fw})})
+    every_turn = with_framework(profile, turn_share=1.0, decode_turn_share=1.0,
+                                exchange_extra_s=0.0, decode_exchange_extra_s=0.0)
     charged = in_situ_plans(every_turn, world)
     bare = in_situ_plans(_without_waits(every_turn), world)
     out = {}

@@ -58,6 +58,21 @@ def test_fixed_degrees_constrain_the_search_and_the_runtime_changes_the_cost():
     assert ds.provenance.inputs_digest != fixed.provenance.inputs_digest
 
 
+def test_a_fix_that_needs_tensor_slicing_picks_a_tp_that_allows_it():
+    """tp-coordination needs tp > 1, and DeepSpeed's training slices experts only over the tp
+    group: without tp fixed, the search keeps the tensor-slicing degrees that allow the fix
+    rather than refusing at the first one (tp=1)."""
+    spec = load_model("1.3b-moe-128")
+    coordinated, _ = plan(spec, NDV4, Request(gpus=64, mode="infer", global_batch=512,
+                                              simulate_top=0, fix=Fix(coordinated=True)))
+    assert coordinated.parallel.tp > 1
+    assert all(m.a2a_tp_coordinated for m in coordinated.layers if m.kind == "moe")
+    sliced, _ = plan(spec, NDV4, Request(gpus=256, mode="train", global_batch=512,
+                                         simulate_top=0, runtime="deepspeed", fix=Fix(es=2)))
+    assert sliced.parallel.tp == 2  # DeepSpeed's training: es = tp
+    assert all(m.es == 2 for m in sliced.layers if m.kind == "moe")
+
+
 def test_deepspeed_exchanges_as_its_code_and_the_papers_inference_do():
     """DeepSpeed's code has one flat all-to-all (training, and today's inference MoE); the
     paper's inference system adds the hierarchical one: `deepspeed` offers it for inference

@@ -94,7 +94,7 @@ def search(env: Env, objective: Objective, global_batch: int | None,
     candidates = settings(env, global_batch, micro_batch, INFER_BATCHES, fix)
     if not candidates:
         raise ConfigError(_no_setting_reason(env, global_batch, micro_batch, fix))
-    _check_layers(env, candidates[0], fix)
+    candidates = _with_layer_options(env, candidates, fix)
     throughput_infer = env.workload.mode == "infer" and objective.name == "throughput"
     keep = max(1, simulate_top)
     top: list[Candidate] = []  # the best `keep`, best first
@@ -126,16 +126,25 @@ def search(env: Env, objective: Objective, global_batch: int | None,
                         **result_extra)
 
 
-def _check_layers(env: Env, s: Setting, fix: Fix) -> None:
-    """Every MoE layer keeps an option under the fixed degrees (they do not depend on the
-    batch), else one line naming the layer and the fixes."""
-    for i, E in enumerate(env.spec.experts):
-        if E and not layer_choices(env, s, E, fix):
-            raise ConfigError(
-                f"{fix.text()}: no valid configuration for layer {i + 1} ({E} experts on "
-                f"{env.gpus} GPUs, tp={s.tp}) — ep must divide the experts, es > 1 needs ep = E, "
-                f"ep·es·edp = GPUs, a hierarchical all-to-all needs an ep group over several "
-                f"nodes, tp-coordination needs tp > 1")
+def _with_layer_options(env: Env, candidates: list[Setting], fix: Fix) -> list[Setting]:
+    """The settings under which every MoE layer keeps an option that agrees with the fixed
+    degrees (the options depend on tp, not on the batch); none: one line naming the layer, the
+    fixes and the tensor-slicing degrees tried."""
+    ok: dict[int, int | None] = {}  # tp -> the first layer without an option (None: all have)
+    for s in candidates:
+        if s.tp not in ok:
+            ok[s.tp] = next((i for i, E in enumerate(env.spec.experts)
+                             if E and not layer_choices(env, s, E, fix)), None)
+    kept = [s for s in candidates if ok[s.tp] is None]
+    if kept:
+        return kept
+    i = ok[candidates[0].tp]
+    tps = ",".join(str(tp) for tp in sorted(ok))
+    raise ConfigError(
+        f"{fix.text()}: no valid configuration for layer {i + 1} ({env.spec.experts[i]} experts "
+        f"on {env.gpus} GPUs, tp={tps}) — ep must divide the experts, es > 1 needs ep = E, "
+        f"ep·es·edp = GPUs, a hierarchical all-to-all needs an ep group over several nodes, "
+        f"tp-coordination needs tp > 1")
 
 
 def _insert(top: list[Candidate], cand: Candidate, keep: int, env: Env,

@@ -530,5 +530,20 @@ def fastpath2(rank: int, world: int) -> dict:
     return {"decode ep=E": decode_probe(model, prompt)}
 
 
+# 4-rank decode layouts probed for syncs and static shapes: (tp, es, tp-coordinated)
+FOUR_RANK_DECODES = {"decode es=2 tp=1": (1, 2, False), "decode tp=2 coordinated": (2, 1, True),
+                     "decode tp=2 coordinated es=2": (2, 2, True)}
+
+
 def fastpath4(rank: int, world: int) -> dict:
-    return {"es=2 inference": es_infer_parity(rank, world)}
+    out = {"es=2 inference": es_infer_parity(rank, world)}
+    spec = load_model("tiny-pr-moe").model_copy(update={"experts": [0, 2, 0, 2, 0, 2, 0, 2]})
+    for name, (tp, es, coordinated) in FOUR_RANK_DECODES.items():
+        choices = {i: choice(2, es=es, coordinated=coordinated)
+                   for i, E in enumerate(spec.experts) if E}
+        plan = make_plan(world, tp, choices, spec=spec, mode="infer")
+        groups = build_groups(plan, rank, world)
+        model = parallelize(_full_model(plan.model).state_dict(), plan, groups)
+        g = torch.Generator().manual_seed(3)
+        out[name] = decode_probe(model, torch.randint(0, 256, (2, 8), generator=g))
+    return out

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_cases import PER_SHARD, SEQ
+from dist_cases import FOUR_RANK_DECODES, PER_SHARD, SEQ
 from dist_harness import run_world
 from fastpath_probe import OpRecorder, decode_probe
 from tolerance import assert_rounding_close, gpt_chain, rounding_atol
 
 from moeplan.runtime import gating
 from moeplan.runtime.infer import generate
+from moeplan.runtime.kernels import triton_kernels, use_kernels
 from moeplan.runtime.model import GPT
 from moeplan.spec import load_model
 
@@ -72,9 +73,15 @@ def test_eval_model_returns_zero_aux_and_train_keeps_it():
 
 # 2. no device-to-host sync in a decode step; 4. static shapes --------------------------------
 
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_decode_step_has_no_sync_and_static_shapes(top_k):
-    probe = decode_probe(_model(SPEC.model_copy(update={"top_k": top_k})), _prompt())
+def test_decode_step_has_no_sync_and_static_shapes(top_k, kernels):
+    """The torch reference kernels, and the Triton ones (under the interpreter on CPU)."""
+    model = _model(SPEC.model_copy(update={"top_k": top_k}))
+    if kernels == "triton":
+        pytest.importorskip("triton")
+        use_kernels(model, triton_kernels())
+    probe = decode_probe(model, _prompt())
     assert probe["syncs"] == 0, probe["counts"]
     assert probe["same_shapes"]  # two consecutive steps: identical ops and shapes
 
@@ -88,12 +95,16 @@ def test_counts_are_device_tensors_read_after_the_step():
     assert int(r.routed) == 3 * 8 * SPEC.top_k and 0 <= int(r.dropped) <= int(r.routed)
 
 
-def test_distributed_decode_step_has_no_sync_and_static_shapes(world2):
-    for rank in world2:
-        probe = rank["decode ep=E"]
-        assert probe["syncs"] == 0, probe["counts"]
-        assert probe["same_shapes"]
-        assert probe["counts"]["alltoall_base_"] > 0  # the step did exchange tokens
+def test_distributed_decode_step_has_no_sync_and_static_shapes(world2, world4):
+    """2 ranks at ep=E; 4 ranks with expert slicing (tokens gathered before the gate), with
+    tp-coordinated exchanges, and with both."""
+    for world, layouts in ((world2, ["decode ep=E"]), (world4, FOUR_RANK_DECODES)):
+        for rank in world:
+            for layout in layouts:
+                probe = rank[layout]
+                assert probe["syncs"] == 0, (layout, probe["counts"])
+                assert probe["same_shapes"], layout
+                assert probe["counts"]["alltoall_base_"] > 0, layout  # tokens were exchanged
 
 
 # 3. static KV cache -------------------------------------------------------------------------

@@ -307,6 +307,8 @@ def test_the_pareto_front_is_each_models_undominated_points(report):
     (lambda d: d["options"].update(prompt_len=-1),
      "prompt_len: Input should be greater than or equal to 1"),
     (lambda d: d["options"].update(runtime="vllm"), "runtime"),
+    # a nested target could not be written back into the report's sweep.json (audit)
+    (lambda d: d["target"].update(deep={"a": {"b": 1}}), "target.deep"),
 ])
 def test_a_sweep_file_that_contradicts_itself_is_one_line(report, tmp_path, change, message):
     doc, _ = report
@@ -317,3 +319,35 @@ def test_a_sweep_file_that_contradicts_itself_is_one_line(report, tmp_path, chan
     with pytest.raises((SpecError, ConfigError), match=message) as e:
         S.load_document(path)
     assert "\n" not in str(e.value)
+
+
+def _deep(n: int) -> dict:
+    node: dict = {}
+    for _ in range(n):
+        node = {"a": node}
+    return node
+
+
+def test_a_sweep_files_names_and_unknown_options_stay_inside_the_report(report, tmp_path):
+    """A model named "../../x" once wrote its plan outside the report folder, and an unknown
+    option nested 800 deep could not be written back (audit): the names become file names, and
+    the options are the sweep's own."""
+    doc, _ = report
+    data = json.loads(doc.model_dump_json())
+    name = data["rows"][0]["model"]
+    evil = "../../victim/x"
+    data["models"][evil] = data["models"].pop(name)
+    for row in data["rows"]:
+        if row["model"] == name:
+            row["model"] = evil
+    data["options"]["unknown"] = _deep(800)
+    (tmp_path / "s.json").write_text(json.dumps(data))
+    runner = CliRunner()
+    (tmp_path / "a").mkdir()
+    r = runner.invoke(cli, ["report", "--sweep", str(tmp_path / "s.json"), "--jobs", "1",
+                            "--out", str(tmp_path / "a" / "rep")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "s.json"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["rep"]
+    assert any(p.name.startswith("_.._victim_x-") for p in (tmp_path / "a/rep/plans").iterdir())
+    assert "unknown" not in json.loads((tmp_path / "a/rep/sweep.json").read_text())["options"]

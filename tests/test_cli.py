@@ -35,6 +35,8 @@ def run(monkeypatch, capsys, tmp_path):
 BAD = [
     (["search", "--model", "1.3b-pr-mo"], "unknown model '1.3b-pr-mo'"),
     (["search", "--cluster", "dgx-z100"], "unknown cluster"),
+    (["search", "--cluster", ""], "--cluster is empty"),  # was the default cluster
+    (["search", "--profile", " "], "--profile is empty"),
     (["search", "--gpus", "0"], "--gpus must be a positive"),
     (["search", "--gpus", "-8"], "--gpus must be a positive"),
     (["search", "--gpus", "12"], "not a whole number of 8-GPU nodes"),

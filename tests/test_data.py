@@ -4,6 +4,7 @@ every bad file one line; a step's sequences the same under every data-parallel d
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -99,6 +100,9 @@ def test_bad_megatron_files_are_one_line(tmp_path):
         open_corpus(str(tmp_path / "z.bin"), None, 1000, SEQ)
     (tmp_path / "w.bin").write_bytes(b"\0" * 600)
     with pytest.raises(ConfigError, match="cannot be read"):
+        open_corpus(str(tmp_path / "w.bin"), None, 1000, SEQ)
+    os.mkfifo(tmp_path / "w.idx")  # opening it would wait for a writer forever (audit)
+    with pytest.raises(ConfigError, match="w.idx is not a regular file"):
         open_corpus(str(tmp_path / "w.bin"), None, 1000, SEQ)
 
 

@@ -387,3 +387,24 @@ def test_deepspeed_zero2_reduces_after_every_backward():
         ag = coll.allgather_s(env.state.gathered * params, span, NDV4)
         assert grad_sync_s(env, params, 16, 8, micro_steps=16) == pytest.approx(
             reduce(nbytes) + ag, rel=F64_REL)
+
+
+def test_a_deepspeed_plan_run_by_moerun_says_whose_costs_it_meets(tmp_path, monkeypatch):
+    """moerun runs its own kernels: a plan costed for DeepSpeed's is run, with a note that the
+    comparison sets moerun's measurements against DeepSpeed's costs; re-costing it for another
+    mode keeps the runtime it was costed for."""
+    from moeplan.cli import moerun as moerun_cli
+    from moeplan.planner.planning import recost
+    from moeplan.spec.record import runtime_note
+
+    req = Request(gpus=2, mode="train", global_batch=8, seq_len=32, simulate_top=0,
+                  runtime="deepspeed")
+    ds, _ = plan(load_model("tiny-pr-moe"), load_cluster("local-cpu"), req)
+    assert "--runtime deepspeed's kernels" in runtime_note(ds)
+    assert runtime_note(ds.model_copy(update={"provenance": ds.provenance.model_copy(
+        update={"runtime": "moerun"})})) is None
+    assert recost(ds, "infer").provenance.runtime == "deepspeed"
+    (tmp_path / "plan.json").write_text(ds.to_json())
+    monkeypatch.chdir(tmp_path)
+    code, err = _in_process(moerun_cli, ["--plan", "plan.json", "--print-torchrun"])
+    assert code == 0 and "moerun: note: the plan costs --runtime deepspeed's kernels" in err

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from hf_configs import MIXTRAL_8X7B, PUBLISHED
+from hf_configs import MIXTRAL_8X7B, PUBLISHED, QWEN15_MOE_A27B
 
 from moeplan.cost_models.params import active_params, total_params
 from moeplan.spec import load_model
@@ -66,6 +66,14 @@ def test_the_architectures_are_read_as_their_code_builds_them(tmp_path):
     # fuzz (bench/fuzz.py seed 1949110652): 13,969,466 layers held `moeplan search` past its
     # time bound; refused before any per-layer list is built
     (dict(MIXTRAL_8X7B, num_hidden_layers=13_969_466), "num_hidden_layers is 13969466, above"),
+    # found by an audit: float() of a 400-digit integer overflowed, of a string raised, and a
+    # Qwen3 config's default head_dim divided by zero heads — each a traceback
+    (dict(MIXTRAL_8X7B, rms_norm_eps=10**400), "rms_norm_eps is not a finite number"),
+    (dict(MIXTRAL_8X7B, rope_theta="1e4"), "rope_theta is '1e4', not a number"),
+    (dict(MIXTRAL_8X7B, router_aux_loss_coef=[1]),
+     r"router_aux_loss_coef is \[1\], not a number"),
+    (dict(QWEN15_MOE_A27B, architectures=["Qwen3MoeForCausalLM"], num_attention_heads=0),
+     "heads"),
 ])
 def test_what_is_not_read_is_one_line(tmp_path, doc, message):
     with pytest.raises(SpecError, match=message) as e:

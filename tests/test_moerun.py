@@ -94,6 +94,7 @@ def test_dead_rank_ends_the_job_with_a_clear_message(work):
     (["--seed", str(10**30)], "--seed"), (["--fault", "7:0"], "the plan has ranks 0-1"),
     (["--save", ""], "--save is empty"), (["--out", "/dev/full"], "not a regular file"),
     (["--teacher", "ckpt"], "distils from no teacher"), (["--kd-steps", "-1"], "--kd-steps"),
+    (["--data", ""], "--data is empty"),  # was read as the working directory
 ])
 def test_bad_inputs_are_one_line(work, argv, message, monkeypatch, capsys):
     d, _ = work

@@ -466,6 +466,7 @@ def test_profile_on_cpu_ranks_end_to_end(tmp_path, monkeypatch):
     (["--base", "nope"], "unknown cluster 'nope'"),
     (["--backend", "nccl"], "--backend nccl needs GPUs"),
     (["--nproc", "0"], "--nproc"),
+    (["--name", "bad\x01name"], "no control characters"),  # was refused after measuring
 ])
 def test_profile_bad_inputs_are_one_line(argv, message, monkeypatch, capsys, tmp_path):
     from moeplan.runtime import nvml

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -254,12 +255,16 @@ def report(sweep_file, baseline, runs, out, **params) -> None:
     if sweep_file and (params["models"] or params["clusters"] or params["profiles"]):
         raise ConfigError("--sweep reports on a sweep file: give it, or --model/--cluster/"
                           "--profile to sweep now, not both")
-    folder = R.prepare_folder(out)
-    if sweep_file:
-        doc = S.load_document(Path(sweep_file))
-    else:
-        doc = run_sweep(params)
-    written = R.write_report(doc, folder, baseline=baseline, runs=[Path(r) for r in runs],
-                             jobs=params["jobs"])
+    created = not Path(out).exists()
+    folder = R.prepare_folder(out)  # a bad --out ends here, before a long sweep
+    try:
+        doc = S.load_document(Path(sweep_file)) if sweep_file else run_sweep(params)
+        written = R.write_report(doc, folder, baseline=baseline, runs=[Path(r) for r in runs],
+                                 jobs=params["jobs"])
+    except BaseException:
+        if created:  # the empty folder made above, nothing else (rmdir refuses a full one)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     click.echo(f"report: {folder / 'index.html'} ({len(written)} files, "
                f"{time.perf_counter() - t0:.1f} s)")

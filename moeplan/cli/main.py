@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from moeplan.cli.options import finite, load_profile
 from moeplan.cost_models.runtimes import DEEPSPEED_RUNTIMES, RUNTIME_HELP, RUNTIMES
 from moeplan.spec.errors import CheckFailed, ConfigError, MoeplanError
 from moeplan.spec.files import output_path, write_atomic
+from moeplan.spec.model import PRINTABLE
 from moeplan.spec.workload import MAX_COUNT, SLO_MS_RANGE
 
 
@@ -28,6 +30,9 @@ def cli() -> None:
 def _load_cluster(cluster: str | None, profile: str | None):
     from moeplan.spec import load_cluster
 
+    for flag, value in (("--cluster", cluster), ("--profile", profile)):
+        if value is not None and not value.strip():
+            raise ConfigError(f"{flag} is empty")
     if cluster and profile:
         raise ConfigError("give --cluster or --profile, not both")
     if profile:
@@ -189,6 +194,8 @@ def profile(out, nproc, gpus_per_node, backend, base, name, quick) -> None:
     base = base or ("ndv4-a100-40gb" if use_gpu else "local-cpu")
     load_cluster(base)  # an unknown base fails here, in one line, before any rank starts
     name = name or f"measured-{platform.node() or 'host'}"
+    if len(name) > 200 or not re.fullmatch(PRINTABLE, name):  # the profile's own rule, checked now
+        raise ConfigError(f"--name {name!r}: 1-200 printable characters, no control characters")
     if topo["available"]:
         click.echo(f"NVML: {len(topo['gpus'])} x {topo['gpus'][0]['name']}, driver "
                    f"{topo['driver']}", err=True)
@@ -246,6 +253,7 @@ def validate(plan_path: str, run_path: str, as_json: bool, max_error: float | No
         check_pair,
         compare,
         limit_breaches,
+        runtime_note,
         summarize,
     )
     from moeplan.spec.zoo import parse_file
@@ -257,6 +265,8 @@ def validate(plan_path: str, run_path: str, as_json: bool, max_error: float | No
     summary = summarize(rows)
     breaches = limit_breaches(rows, max_error, max_phase_error)
     band = band_check(plan, record)
+    if runtime_note(plan):
+        click.echo(runtime_note(plan), err=True)
     if as_json:
         click.echo(json.dumps({"plan": plan_path, "run": run_path, "summary": summary,
                                "rows": [r.model_dump() for r in rows], "band": band,
@@ -297,12 +307,12 @@ def export_cmd(plan_path: str, engine: str, out: str | None, profile: str | None
     `pretrain_gpt.py` arguments (args.txt, one per line). What the engine cannot express is a
     note, and the closest configuration it can run is costed beside the plan."""
     from moeplan.planner.export import closest, export, plan_cluster
-    from moeplan.spec.files import prepare_folder
+    from moeplan.spec.files import folder_file, prepare_folder
     from moeplan.spec.plan import Plan
     from moeplan.spec.zoo import parse_file
 
     plan = parse_file(Path(plan_path), Plan)
-    cluster = load_profile(profile) if profile else None
+    cluster = load_profile(profile) if profile is not None else None
     ex = export(plan, engine, runtime)
     base = plan_cluster(plan, cluster)
     summary: dict = {"engine": engine, "plan": plan_path, "notes": ex.notes,
@@ -320,9 +330,10 @@ def export_cmd(plan_path: str, engine: str, out: str | None, profile: str | None
                                   "memory_per_gpu_bytes": near.predicted.memory_per_gpu_bytes}
     folder = prepare_folder(f"export-{engine}" if out is None else out, EXPORT_MARKER,
                             "a moeplan export")
-    for name, content in ex.files.items():
-        write_atomic(folder / name, content)
-    write_atomic(folder / EXPORT_MARKER, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    contents = {**ex.files, EXPORT_MARKER: json.dumps(summary, indent=2, sort_keys=True) + "\n"}
+    targets = {name: folder_file(folder, name) for name in contents}  # all checked, then written
+    for name, content in contents.items():
+        write_atomic(targets[name], content)
     for note in ex.notes:
         click.echo(f"note: {note}")
     c = summary["closest"]

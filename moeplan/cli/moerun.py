@@ -146,6 +146,9 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
         corpus = open_corpus(data, tokenizer, plan.model.vocab_size, plan.workload.seq_len)
         notes.append(f"moerun: data: {corpus.source}")  # checked before any rank starts
     notes.append(_check_teacher(plan, mode, teacher, kd_steps))
+    from moeplan.spec.record import runtime_note
+
+    notes.append(runtime_note(plan) and "moerun: " + runtime_note(plan))
     if load:
         from moeplan.runtime.checkpoint import check_model, read_manifest, verify
 
@@ -168,9 +171,12 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
         from moeplan.runtime.checkpoint import check_save_target
 
         check_save_target(save)
-    from moeplan.spec.files import output_path
+    from moeplan.spec.files import derived_output, output_path, write_atomic
 
     output_path(out)  # a bad --out ends here, not after the run
+    if recosted:  # the ranks, and `moeplan validate` later, read the re-costed plan from here
+        recosted_file = derived_output(Path(out).with_suffix(".plan.json"),
+                                       f"the plan re-costed for --mode {mode}")
     if fault is not None and (len(fault.split(":")) != 2
                               or not all(x.isdigit() for x in fault.split(":"))):
         raise ConfigError(f"--fault must be RANK:STEP, got {fault!r}")
@@ -188,9 +194,8 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
             click.echo(note, err=True)
     plan_file = plan_path
     if recosted:
-        # re-costed: the ranks, and `moeplan validate` later, read this plan
-        plan_file = str(Path(out).with_suffix(".plan.json"))
-        Path(plan_file).write_text(plan.to_json())
+        plan_file = str(recosted_file)
+        write_atomic(recosted_file, plan.to_json())
         click.echo(f"moerun: the plan re-costed for --mode {mode} is {plan_file}", err=True)
     wargs = _worker_args(plan_file, mode, steps, warmup, out, lr, seed, save, load, timeout,
                          fault, data and os.path.abspath(data),

@@ -428,5 +428,5 @@ def recost(p: Plan, mode: str) -> Plan:
     choices = {layer.index - 1: LayerChoice(ep=layer.ep, es=layer.es, a2a=layer.a2a,
                                             coordinated=bool(layer.a2a_tp_coordinated))
                for layer in p.layers if layer.kind == "moe"}
-    r = Request(gpus=p.cluster.gpus, mode=mode)
+    r = Request(gpus=p.cluster.gpus, mode=mode, runtime=p.provenance.runtime)
     return fixed_plan(p.model, cluster, r, p.parallel.tp, choices)

@@ -409,5 +409,5 @@ def load_document(path: Path) -> SweepFile:
             raise SpecError(f"{path}: an answer points at row {a.point}, outside the rows")
         if a.met and (a.point is None or not doc.rows[a.point].feasible):
             raise SpecError(f"{path}: a met answer points at no feasible row")
-    options_from(doc.options)
-    return doc
+    # as the sweep wrote them: keys it does not know (a document to dump again) are dropped
+    return doc.model_copy(update={"options": options_dict(options_from(doc.options))})

@@ -11,6 +11,7 @@ import base64
 import html
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,6 @@ from moeplan.planner import sweep as S
 from moeplan.report import analysis as A
 from moeplan.report import figures as F
 from moeplan.spec import files
-from moeplan.spec.errors import ConfigError
 from moeplan.spec.files import write_atomic
 from moeplan.spec.sweep import SweepFile, SweepRow
 
@@ -62,13 +62,8 @@ class _Writer:
     written: list[str]
 
     def __call__(self, name: str, content: str | bytes) -> str:
-        path = self.folder / name
-        if path.is_symlink() or (path.exists() and not path.is_file()):
-            raise ConfigError(f"{path} is not a regular file this report wrote; remove it or "
-                              "choose another --out")
+        path = files.folder_file(self.folder, name)
         path.parent.mkdir(exist_ok=True)
-        if path.parent.is_symlink():
-            raise ConfigError(f"{path.parent} is a symbolic link; choose another --out")
         write_atomic(path, content)
         self.written.append(name)
         return name
@@ -91,9 +86,15 @@ def _time(r: SweepRow) -> str:
     return f"{t:.3f} s / step" if r.mode == "train" else f"{t * 1e3:.2f} ms / token"
 
 
+def _slug(name: str) -> str:
+    """A model or cluster name as one file-name component: only letters, digits, '.', '_', '-'
+    (a sweep file's names may hold '/' or '..'), never starting with a dot."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "_"
+
+
 def _plan_name(r: SweepRow) -> str:
     batch = f"-x{r.per_gpu_batch}" if r.per_gpu_batch else ""
-    return f"{PLANS}/{r.model}-{r.cluster}-{r.mode}{batch}-{r.gpus}gpus.json"
+    return f"{PLANS}/{_slug(r.model)}-{_slug(r.cluster)}-{r.mode}{batch}-{r.gpus}gpus.json"
 
 
 class Page:

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -125,6 +126,10 @@ def check_save_target(directory: str | Path) -> None:
         if (path.exists() or path.is_symlink()) and not _ours(path):
             raise ConfigError(f"--save {directory}: {path} exists and is not a moeplan "
                               "checkpoint; refusing to replace it")
+    lock = final.with_name(final.name + ".lock")
+    if lock.is_symlink() or (lock.exists() and not lock.is_file()):
+        raise ConfigError(f"--save {directory}: {lock} exists and is not a lock file this "
+                          "program wrote; refusing to open it")
     if not final.parent.is_dir():
         raise ConfigError(f"--save {directory}: folder {final.parent} does not exist")
 
@@ -161,7 +166,16 @@ def _locked(final: Path, rank: int):
     if rank != 0:
         yield
         return
-    with open(final.with_name(final.name + ".lock"), "a") as lock:
+    path = final.with_name(final.name + ".lock")
+    try:  # never through a link, never blocking on a FIFO put there since the check
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                     | os.O_NONBLOCK, 0o666)
+    except OSError as e:
+        raise ConfigError(f"cannot open {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"{path} is not a regular file; refusing to lock it")
+    with os.fdopen(fd, "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -93,6 +93,11 @@ def _text(path: Path) -> bytes:
 
 def _megatron(bin_path: Path) -> np.ndarray:
     idx = bin_path.with_suffix(".idx")
+    for path in (idx, bin_path):  # a FIFO or device here would block or never end
+        if not path.exists():
+            raise ConfigError(f"--data {bin_path}: {path} cannot be read: no such file")
+        if not path.is_file():
+            raise ConfigError(f"--data {bin_path}: {path} is not a regular file")
     try:
         with open(idx, "rb") as f:
             head = f.read(34)
@@ -125,6 +130,8 @@ def open_corpus(data: str | None, tokenizer: str | None, vocab_size: int, seq_le
             raise ConfigError("--tokenizer needs --data (the text it encodes)")
         corpus = stdlib_corpus()
     else:
+        if not data.strip():
+            raise ConfigError("--data is empty")
         path = Path(data)
         if not path.exists():
             raise ConfigError(f"--data {data}: no such file or directory")

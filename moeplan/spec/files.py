@@ -62,6 +62,31 @@ def output_path(path: str | Path, flag: str = "--out") -> Path:
     return target
 
 
+def derived_output(path: str | Path, what: str) -> Path:
+    """A file the program names itself beside an output (`what` says whose): written only where
+    nothing but a regular file is (a link there is refused, not followed)."""
+    target = Path(path)
+    if target.is_symlink() or (target.exists() and not target.is_file()):
+        raise ConfigError(f"{target} ({what}) exists and is not a regular file; remove it or "
+                          "choose another --out")
+    return target
+
+
+def folder_file(folder: Path, name: str) -> Path:
+    """Where `name` goes inside an output folder the program prepared: a name that leaves the
+    folder, a link (the file or a folder on its way) or anything but a regular file there is
+    refused, never followed or replaced."""
+    rel = Path(name)
+    if rel.is_absolute() or not rel.parts or any(p in (".", "..") for p in rel.parts):
+        raise ConfigError(f"{name!r} would be written outside {folder}")
+    for sub in list(rel.parents)[:-1]:
+        d = folder / sub
+        if d.is_symlink() or (d.exists() and not d.is_dir()):
+            raise ConfigError(f"{d} is not a folder this program wrote; remove it or choose "
+                              "another --out")
+    return derived_output(folder / rel, f"in {folder}")
+
+
 def write_atomic(path: str | Path, text: str | bytes) -> None:
     """Write a unique temporary file beside the target, then rename it over the target (atomic
     on POSIX file systems); never leave the temporary file behind. Text or bytes."""

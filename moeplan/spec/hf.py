@@ -20,6 +20,7 @@ Anything else ends with one line naming the architecture.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from moeplan.spec.errors import SpecError
@@ -45,6 +46,22 @@ def _get(doc: dict, key: str, kind: type = int, default: Any = ...) -> Any:
     if kind is bool and type(value) is not bool:
         raise SpecError(f"the Hugging Face config's {key} is {value!r}, not true or false")
     return value
+
+
+def _float(doc: dict, key: str, default: float) -> float:
+    """A real number of the config (absent, null or 0: `default`); anything else is one line."""
+    value = doc.get(key)
+    if not value:
+        return default
+    if type(value) not in (int, float):
+        raise SpecError(f"the Hugging Face config's {key} is {value!r}, not a number")
+    try:
+        x = float(value)
+    except OverflowError:
+        x = float("inf")
+    if not math.isfinite(x):
+        raise SpecError(f"the Hugging Face config's {key} is not a finite number")
+    return x
 
 
 def _every(step: int, layers: int, dense: list[int] | None = None, first: int = 0,
@@ -74,8 +91,8 @@ def from_hf(doc: dict, name: str) -> ModelSpec:
         source="Hugging Face config.json", num_layers=L, hidden=h, heads=heads,
         vocab_size=_get(doc, "vocab_size"), max_seq_len=_get(doc, "max_position_embeddings"),
         kv_heads=_get(doc, "num_key_value_heads", default=heads), mlp="swiglu", norm="rmsnorm",
-        positions="rope", bias=False, norm_eps=float(doc.get("rms_norm_eps") or 1e-6),
-        rope_theta=float(doc.get("rope_theta") or 10000.0),
+        positions="rope", bias=False, norm_eps=_float(doc, "rms_norm_eps", 1e-6),
+        rope_theta=_float(doc, "rope_theta", 10000.0),
         tied_embeddings=_get(doc, "tie_word_embeddings", bool, False),
         capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=0, eval_min_capacity=0,
         drop_tokens=False, use_rts=False, second_expert_sampling=False)
@@ -84,7 +101,7 @@ def from_hf(doc: dict, name: str) -> ModelSpec:
         E = _get(doc, "num_local_experts")
         moe = [True] * L
         spec = dict(ffn_hidden=_get(doc, "intermediate_size"), renormalize_top_k=True,
-                    aux_loss_coef=float(doc.get("router_aux_loss_coef") or 0.0))
+                    aux_loss_coef=_float(doc, "router_aux_loss_coef", 0.0))
     elif arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
         E = _get(doc, "num_experts")
         moe = _every(_get(doc, "decoder_sparse_step", default=1), L,
@@ -92,19 +109,20 @@ def from_hf(doc: dict, name: str) -> ModelSpec:
         spec = dict(ffn_hidden=_get(doc, "intermediate_size"),
                     expert_ffn_hidden=_get(doc, "moe_intermediate_size"),
                     renormalize_top_k=_get(doc, "norm_topk_prob", bool, False),
-                    aux_loss_coef=float(doc.get("router_aux_loss_coef") or 0.0))
+                    aux_loss_coef=_float(doc, "router_aux_loss_coef", 0.0))
         if arch == "Qwen2MoeForCausalLM":
             shared = _get(doc, "shared_expert_intermediate_size", default=0)
             spec.update(qkv_bias=True, shared_ffn_hidden=shared, shared_gate=shared > 0)
         else:
-            spec.update(head_dim=_get(doc, "head_dim", default=h // heads), qk_norm="head",
+            spec.update(head_dim=_get(doc, "head_dim", default=h // heads if heads else 0),
+                        qk_norm="head",
                         qkv_bias=bool(doc.get("attention_bias", False)))
     elif arch == "OlmoeForCausalLM":
         E = _get(doc, "num_experts")
         moe = [True] * L
         spec = dict(ffn_hidden=_get(doc, "intermediate_size"), qk_norm="full",
                     renormalize_top_k=_get(doc, "norm_topk_prob", bool, False),
-                    aux_loss_coef=float(doc.get("router_aux_loss_coef") or 0.0))
+                    aux_loss_coef=_float(doc, "router_aux_loss_coef", 0.0))
     else:  # DeepSeek-V2 / V3
         E = _get(doc, "n_routed_experts")
         moe = _every(_get(doc, "moe_layer_freq", default=1), L,
@@ -113,7 +131,7 @@ def from_hf(doc: dict, name: str) -> ModelSpec:
         spec = dict(ffn_hidden=_get(doc, "intermediate_size"), expert_ffn_hidden=fe,
                     shared_ffn_hidden=_get(doc, "n_shared_experts", default=0) * fe,
                     renormalize_top_k=_get(doc, "norm_topk_prob", bool, False),
-                    aux_loss_coef=float(doc.get("aux_loss_alpha") or 0.0),
+                    aux_loss_coef=_float(doc, "aux_loss_alpha", 0.0),
                     latent_attention=LatentAttention(
                         q_lora_rank=_get(doc, "q_lora_rank", default=0),
                         kv_lora_rank=_get(doc, "kv_lora_rank"),

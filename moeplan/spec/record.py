@@ -215,6 +215,16 @@ def limit_breaches(rows: list[Comparison], max_error: float | None,
             f"{limit * 100:g}%" for r, limit, flag in broken]
 
 
+def runtime_note(plan: Plan) -> str | None:
+    """What a comparison means when the plan costs another runtime's kernels than moerun's."""
+    runtime = plan.provenance.runtime
+    if runtime == "moerun":
+        return None
+    return (f"note: the plan costs --runtime {runtime}'s kernels; moerun runs its own, so its "
+            f"measurements meet {runtime}'s predictions (plan with --runtime moerun to compare "
+            "like with like)")
+
+
 def check_pair(plan: Plan, run: RunRecord) -> None:
     """Refuse a run that was not measured for this plan."""
     if run.plan_digest != digest(plan):

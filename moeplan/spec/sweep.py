@@ -84,7 +84,7 @@ class SweepFile(BaseModel):
 
     schema_version: Literal[1] = SWEEP_SCHEMA_VERSION
     options: dict
-    target: dict = Field(default_factory=dict)
+    target: dict[str, float | None] = Field(default_factory=dict)
     models: dict[str, ModelSpec]
     clusters: dict[str, ClusterProfile]
     rows: list[SweepRow]

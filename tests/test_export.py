@@ -122,6 +122,21 @@ def test_per_layer_degrees_become_one_ep_where_the_engine_has_one_flag():
     assert old.predicted.step_time_s > near.predicted.step_time_s  # its [S, E, C] einsums
 
 
+def test_an_inference_plan_exports_the_min_capacity_it_was_costed_with():
+    """DeepSpeed's MoE layer has one min capacity for training and evaluation; an inference plan
+    is costed at the model's eval_min_capacity, so that is the one written, with a note."""
+    spec = load_model("1.3b-pr-moe")
+    assert spec.min_capacity != spec.eval_min_capacity
+    for mode, want in (("train", spec.min_capacity), ("infer", spec.eval_min_capacity)):
+        p = plan(spec, NDV4, Request(gpus=64, mode=mode))[0]
+        ds = export(p, "deepspeed")
+        layers = json.loads(ds.files["moe_layers.json"])["layers"]
+        assert {layer["min_capacity"] for layer in layers} == {want}, mode
+        assert any(n.startswith("min capacity: this engine has one") for n in ds.notes)
+        assert parsed(export(p, "megatron-deepspeed"), "megatron-deepspeed").moe_min_capacity \
+            == want
+
+
 def test_a_students_distillation_reaches_megatron_deepspeed():
     p = plan(load_model("tiny-pr-moe-mos"), load_cluster("local-cpu"),
              Request(gpus=2, global_batch=8, seq_len=32))[0]

@@ -74,6 +74,19 @@ def _ds_config(plan: Plan, notes: list[str]) -> dict:
     return cfg
 
 
+def _min_capacity(plan: Plan, notes: list[str]) -> int:
+    """DeepSpeed's MoE layer has one min capacity for training and evaluation: the one the plan's
+    mode uses (and is costed with), and a note where the model's other one differs."""
+    spec, infer = plan.model, plan.workload.mode == "infer"
+    value, other = ((spec.eval_min_capacity, spec.min_capacity) if infer
+                    else (spec.min_capacity, spec.eval_min_capacity))
+    if value != other:
+        notes.append(f"min capacity: this engine has one for training and inference; "
+                     f"{value} for this {plan.workload.mode} plan (the model's "
+                     f"{'training' if infer else 'inference'} value is {other})")
+    return value
+
+
 def _gate_notes(plan: Plan, notes: list[str], rsample_flag: bool) -> None:
     spec = plan.model
     if spec.noisy_gate_policy == "rsample" and not rsample_flag:
@@ -129,13 +142,14 @@ def to_deepspeed(plan: Plan) -> Export:
     spec = plan.model
     choices, _ = _common_choices(plan, notes, one_ep=False, coordinated=True, es_tp=True)
     _gate_notes(plan, notes, rsample_flag=True)
+    min_capacity = _min_capacity(plan, notes)
     layers = []
     for layer in _moe_layers(plan):
         c = choices[layer.index - 1]
         layers.append({"layer": layer.index, "num_experts": layer.experts, "ep_size": c.ep,
                        "k": spec.top_k, "capacity_factor": spec.capacity_factor,
                        "eval_capacity_factor": spec.eval_capacity_factor,
-                       "min_capacity": spec.min_capacity, "use_residual": spec.residual,
+                       "min_capacity": min_capacity, "use_residual": spec.residual,
                        "noisy_gate_policy": "RSample" if spec.noisy_gate_policy == "rsample"
                        else None, "drop_tokens": spec.drop_tokens, "use_rts": spec.use_rts,
                        "enable_expert_tensor_parallelism": c.es > 1,
@@ -264,7 +278,7 @@ def to_megatron_deepspeed(plan: Plan) -> Export:
                  "--topk", str(spec.top_k),
                  "--moe-train-capacity-factor", repr(spec.capacity_factor),
                  "--moe-eval-capacity-factor", repr(spec.eval_capacity_factor),
-                 "--moe-min-capacity", str(spec.min_capacity),
+                 "--moe-min-capacity", str(_min_capacity(plan, notes)),
                  "--moe-loss-coeff", repr(spec.aux_loss_coef)]
         if not spec.drop_tokens:
             args.append("--disable-moe-token-dropping")
@@ -329,8 +343,10 @@ def to_megatron_core(plan: Plan) -> Export:
             if spec.use_rts and spec.top_k == 1:
                 notes.append("random token selection: Megatron-Core drops by position or "
                              "probability, never at random; by position here")
-            if spec.min_capacity > 1:
-                notes.append(f"min capacity {spec.min_capacity}: Megatron-Core has none")
+            min_capacity = (spec.eval_min_capacity if plan.workload.mode == "infer"
+                            else spec.min_capacity)
+            if min_capacity > 1:
+                notes.append(f"min capacity {min_capacity}: Megatron-Core has none")
         # always explicit: unset, Megatron-Core warns and falls back to --ffn-hidden-size
         args += ["--moe-ffn-hidden-size", str(spec.expert_ffn)]
         if spec.shared_ffn_hidden:

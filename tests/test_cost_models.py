@@ -130,6 +130,9 @@ def test_expert_compute_per_gpu_is_independent_of_ep_but_weights_are_not():
 
 
 def test_decode_reads_fewer_expert_weights_with_more_expert_parallelism():
+    """At a fixed batch per GPU, replicas of the experts (a smaller ep, a larger edp) put more
+    experts on each GPU, whose weights a decode step reads: they cost time, so the search's
+    ties no longer go to replication (the issue's cause 8)."""
     env = _env(mode="infer")
     s = Setting(tp=1, dp=64, micro_batch=1, recompute=False)
     t = {ep: infer_layer(env, s, 1, LayerChoice(ep, 1, "flat", False))[0].phases["experts"]

@@ -7,13 +7,19 @@ reported per phase: gate (router + gating), dispatch, experts, combine, and mlp 
 residual branch and the mix). `syncs` counts device-to-host reads (`aten._local_scalar_dense`,
 `aten.nonzero`, `aten.item`).
 
-Run:  python bench/count_decode_ops.py [--batch 4] [--prompt 10]   (prints one JSON object)
+With `--kernels triton` the MoE layers run moerun's Triton kernels (the GPU path) under
+Triton's interpreter on CPU: each phase then also counts its Triton launches (`launches`), and
+its aten ops are those around the kernels (the interpreter's own tensor work is not counted).
+
+Run:  python bench/count_decode_ops.py [--batch 4] [--prompt 10] [--kernels torch|triton]
+      (prints one JSON object)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections import Counter, defaultdict
 
 import torch
@@ -53,13 +59,30 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count(batch: int, prompt: int) -> dict:
+def count(batch: int, prompt: int, kernels: str = "torch") -> dict:
     spec = load_model("tiny-pr-moe")
     torch.manual_seed(0)
     model = GPT(spec).eval()
     marks = PhaseMarks()
     instrument(model, marks)
     counter = OpCounter(marks)
+    launches: dict[tuple, int] = defaultdict(int)
+    if kernels == "triton":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+        from triton.runtime.interpreter import InterpretedFunction
+
+        from moeplan.runtime.kernels import triton_kernels, use_kernels
+
+        use_kernels(model, triton_kernels())
+        run = InterpretedFunction.run
+
+        def counted(self, *args, **kwargs):
+            if counter.on:
+                launches[marks.key] += 1
+            with torch.utils._python_dispatch._disable_current_modes():  # the interpreter's
+                return run(self, *args, **kwargs)
+
+        InterpretedFunction.run = counted
 
     def on_token(i: int) -> None:  # count the step that produces token 2 only
         counter.on = i == 1
@@ -78,8 +101,11 @@ def count(batch: int, prompt: int) -> dict:
         layers[str(i)] = {"total": sum(every.values()), "phases": dict(sorted(phases.items())),
                           "syncs": sum(every[s] for s in SYNC_OPS),
                           "ops": dict(sorted(every.items()))}
+        if kernels == "triton":
+            layers[str(i)]["launches"] = {ph: n for (layer, ph), n in sorted(launches.items())
+                                          if layer == i}
     everything = sum(counter.ops.values(), Counter())
-    return {"model": spec.name, "batch": batch, "prompt": prompt,
+    return {"model": spec.name, "batch": batch, "prompt": prompt, "kernels": kernels,
             "step_total": sum(everything.values()),
             "step_syncs": sum(everything[s] for s in SYNC_OPS), "moe_layers": layers}
 
@@ -88,8 +114,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--prompt", type=int, default=10)
+    ap.add_argument("--kernels", choices=["torch", "triton"], default="torch")
     a = ap.parse_args()
-    print(json.dumps(count(a.batch, a.prompt), indent=1, sort_keys=True))
+    print(json.dumps(count(a.batch, a.prompt, a.kernels), indent=1, sort_keys=True))
 
 
 if __name__ == "__main__":

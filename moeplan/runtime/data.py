@@ -16,6 +16,7 @@ from a generator seeded by (seed, s); data-parallel rank r and micro-batch m tak
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import sysconfig
 from dataclasses import dataclass
@@ -61,20 +62,28 @@ def stdlib_corpus(max_bytes: int = DEFAULT_BYTES) -> Corpus:
                                                           f"sources ({len(blob):,} bytes)")
 
 
+def _regular(path: Path) -> bool:
+    """A regular file, the path itself (a link is not followed); unreadable metadata: no."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _text(path: Path) -> bytes:
-    """A file's bytes, or every regular file's under a directory (sorted, links not followed)."""
-    if path.is_file():
-        files = [path]
-    else:
-        files = []
+    """A file's bytes, or every regular file's under a directory (sorted, links not followed,
+    other file systems — /proc, /sys — not entered)."""
+    def walk():  # lazily: the budget may be spent long before a large tree is walked
+        device = os.stat(path).st_dev
         for root, dirs, names in os.walk(path, followlinks=False):
-            dirs.sort()
-            files += [Path(root) / n for n in sorted(names)
-                      if (Path(root) / n).is_file() and not (Path(root) / n).is_symlink()]
+            dirs[:] = sorted(d for d in dirs if _same_device(Path(root) / d, device))
+            yield from (Path(root) / n for n in sorted(names) if _regular(Path(root) / n))
+
+    files = [path] if path.is_file() else walk()
     chunks, total = [], 0
     for f in files:
-        try:
-            with open(f, "rb") as fh:
+        try:  # non-blocking: a regular file of a special file system may wait forever
+            with os.fdopen(os.open(f, os.O_RDONLY | os.O_NONBLOCK), "rb") as fh:
                 data = fh.read(MAX_TEXT_BYTES - total)
         except OSError as e:
             raise ConfigError(f"--data: cannot read {f}: {e.strerror}") from None
@@ -89,6 +98,14 @@ def _text(path: Path) -> bytes:
         if total >= MAX_TEXT_BYTES:
             break
     return b"".join(chunks)
+
+
+def _same_device(path: Path, device: int) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_dev == device
 
 
 def _megatron(bin_path: Path) -> np.ndarray:

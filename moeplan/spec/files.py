@@ -7,7 +7,8 @@ never opened, and a missing file, a link loop, a huge file, bytes that are not U
 too deeply nested JSON are each one `SpecError` line.
 
 `write_atomic` writes beside the target and renames over it. A target that is a symbolic link
-is written through to the regular file it names; anything else that is not a regular file (a
+is written through to the regular file it names (a link to nothing is refused); anything else
+that is not a regular file (a
 device, a FIFO, a directory) is refused, so `--out /dev/full` cannot turn a device into a file.
 """
 
@@ -55,6 +56,9 @@ def output_path(path: str | Path, flag: str = "--out") -> Path:
     target = Path(path)
     if target.is_symlink():
         target = Path(os.path.realpath(target))
+        if not target.exists():  # written through to a file that exists, never made through one
+            raise ConfigError(f"{flag} {path} is a link to {target}, which does not exist; "
+                              "refusing to create a file through it")
     if target.exists() and not stat.S_ISREG(target.stat().st_mode):
         raise ConfigError(f"{flag} {path}: not a regular file; refusing to replace it")
     if not target.parent.is_dir():

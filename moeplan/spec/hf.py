@@ -30,6 +30,9 @@ SUPPORTED = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
              "OlmoeForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 
 
+MAX_CONFIG_INT = 2**53  # floats hold every whole number up to here; no config's size nears it
+
+
 def is_hf_config(doc: Any) -> bool:
     return isinstance(doc, dict) and ("architectures" in doc or "model_type" in doc) \
         and "num_hidden_layers" in doc
@@ -43,6 +46,9 @@ def _get(doc: dict, key: str, kind: type = int, default: Any = ...) -> Any:
     value = doc[key]
     if kind is int and (type(value) is not int or value < 0):
         raise SpecError(f"the Hugging Face config's {key} is {value!r}, not a whole number")
+    if kind is int and value > MAX_CONFIG_INT:  # beyond any float the sizes are costed in
+        raise SpecError(f"the Hugging Face config's {key} is a {len(str(value))}-digit number, "
+                        f"above {MAX_CONFIG_INT:.0e}")
     if kind is bool and type(value) is not bool:
         raise SpecError(f"the Hugging Face config's {key} is {value!r}, not true or false")
     return value

@@ -8,8 +8,8 @@ too deeply nested JSON are each one `SpecError` line.
 
 `write_atomic` writes beside the target and renames over it. A target that is a symbolic link
 is written through to the regular file it names (a link to nothing is refused); anything else
-that is not a regular file (a
-device, a FIFO, a directory) is refused, so `--out /dev/full` cannot turn a device into a file.
+that is not a regular file (a device, a FIFO, a directory) is refused, so `--out /dev/full`
+cannot turn a device into a file.
 """
 
 from __future__ import annotations

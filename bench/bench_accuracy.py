@@ -17,7 +17,10 @@
    (train) or per-token latency (infer),
    for the analytic model and for the simulator, and of each phase (analytic); then the median
    and worst |error| over the grid, over the phases the targets name, and per phase.
-Nothing is asserted; the figures are what they are on this machine.
+Nothing is asserted; the figures are what they are on this machine. `host_gemm_gflops` records
+how fast this host ran one fixed GEMM (numpy, fp32, 512³, median of 20) before and after the
+profiles and before each round: a host that changes speed between profiling and running moves
+every error the same way, and this shows by how much.
 
 `--recost WORK_DIR` measures nothing: it rebuilds the profiles an earlier run left in its work
 directory (printed as `work_dir`) from their raw measurements with the current code, plans again
@@ -35,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 from statistics import median
+
+import numpy as np
 
 from moeplan.cost_models.env import LayerChoice
 from moeplan.planner.planning import Request, fixed_plan
@@ -147,9 +152,23 @@ def rebuilt_profiles(work: Path) -> dict[int, str]:
     return out
 
 
-def measure(a, work: Path) -> tuple[dict, float, dict, dict, dict, dict]:
-    """Profile (unless --profile), plan, then run every plan once per round."""
+def gemm_gflops(n: int = 512, repeats: int = 20) -> float:
+    """This host's speed now on one fixed GEMM (numpy's BLAS, fp32): the median of `repeats`."""
+    a, b = np.ones((n, n), np.float32), np.ones((n, n), np.float32)
+    a @ b  # warm
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return round(2 * n ** 3 / median(times) / 1e9, 1)
+
+
+def measure(a, work: Path, speed: dict) -> tuple[dict, float, dict, dict, dict, dict]:
+    """Profile (unless --profile), plan, then run every plan once per round; `speed` gets the
+    host's GEMM speed before and after profiling and before each round."""
     profiles = {}
+    speed["before_profiles"] = gemm_gflops()
     t0 = time.perf_counter()
     for ranks in sorted({pt["ranks"] for pt in grid(a.quick)}):
         if a.profile:
@@ -159,6 +178,8 @@ def measure(a, work: Path) -> tuple[dict, float, dict, dict, dict, dict]:
         cmd = MOEPLAN + ["profile", "--nproc", str(ranks), "--out", profiles[ranks]]
         subprocess.run(cmd + (["--quick"] if a.quick else []), check=True, capture_output=True)
     profile_s = time.perf_counter() - t0
+    speed["after_profiles"] = gemm_gflops()
+    speed["rounds"] = []
     points = grid(a.quick)
     plans, runs, errors, wall = {}, {}, {}, {}
     for point in points:
@@ -169,6 +190,7 @@ def measure(a, work: Path) -> tuple[dict, float, dict, dict, dict, dict]:
     # every plan once per round, in turn: a slow spell of the host touches one run of a plan,
     # not all of them
     for rnd in range(a.rounds):
+        speed["rounds"].append(gemm_gflops())
         for point in points:
             tag = tag_of(point)
             if tag in errors:
@@ -225,6 +247,7 @@ def main() -> None:
                         "measurements with this code, re-plan, and compare with its stored runs")
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args()
+    speed: dict = {}
     if a.recost:
         work = Path(a.recost)
         if not list(work.glob("local-*.raw.json")):
@@ -236,12 +259,13 @@ def main() -> None:
                  if tag_of(pt) in runs and pt["ranks"] in profiles}
     else:
         work = Path(tempfile.mkdtemp(prefix="moeplan-accuracy-"))
-        profiles, profile_s, plans, runs, errors, wall = measure(a, work)
+        profiles, profile_s, plans, runs, errors, wall = measure(a, work, speed)
     points = [pt for pt in grid(a.quick and not a.recost) if tag_of(pt) in plans]
     out = {"bench": "prediction_accuracy", "profiles": profiles,
            "host": host_speed(profiles), "profile_s": round(profile_s, 1), "plans": len(points),
            "rounds": max(len(r) for r in runs.values()), "steps": a.steps,
            "failed": sorted(errors), "work_dir": str(work),
+           **({"host_gemm_gflops": speed} if speed else {}),
            **({"recost_of": str(work)} if a.recost else {})}
     # against the median run (what a user sees, slow spells of the host included) and against
     # a quiet run (the lower quartile: the machine outside the host's slow spells)

@@ -196,8 +196,9 @@ def test_report_numbers_are_the_sweeps(report):
         if r.feasible:
             assert f"{r.tokens_per_s:,.0f}" in md
     chosen = A.recommended(doc)
+    names = R._plan_names(chosen)
     for r in chosen:
-        written = json.loads((out / R._plan_name(r)).read_text())
+        written = json.loads((out / names[id(r)]).read_text())
         assert written == json.loads(r.plan.to_json())
     assert (out / "sweep.csv").read_text() == S.csv_text(doc.rows)
     assert "vs baseline" in md and "Sensitivity" in md and "Assumptions" in md
@@ -350,4 +351,6 @@ def test_a_sweep_files_names_and_unknown_options_stay_inside_the_report(report, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "s.json"]
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["rep"]
     assert any(p.name.startswith("_.._victim_x-") for p in (tmp_path / "a/rep/plans").iterdir())
+    row = next(r for r in A.recommended(S.load_document(tmp_path / "s.json")) if r.plan)
+    assert len(set(R._plan_names([row, row.model_copy()]).values())) == 2  # names that slug alike
     assert "unknown" not in json.loads((tmp_path / "a/rep/sweep.json").read_text())["options"]

@@ -92,9 +92,19 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "_"
 
 
-def _plan_name(r: SweepRow) -> str:
-    batch = f"-x{r.per_gpu_batch}" if r.per_gpu_batch else ""
-    return f"{PLANS}/{_slug(r.model)}-{_slug(r.cluster)}-{r.mode}{batch}-{r.gpus}gpus.json"
+def _plan_names(rows: list[SweepRow]) -> dict[int, str]:
+    """A file name per row with a plan (by id), unique even where two names slug alike."""
+    out: dict[int, str] = {}
+    for r in rows:
+        if r.plan is None:
+            continue
+        batch = f"-x{r.per_gpu_batch}" if r.per_gpu_batch else ""
+        stem = f"{PLANS}/{_slug(r.model)}-{_slug(r.cluster)}-{r.mode}{batch}-{r.gpus}gpus"
+        name, n = f"{stem}.json", 2
+        while name in out.values():
+            name, n = f"{stem}-{n}.json", n + 1
+        out[id(r)] = name
+    return out
 
 
 class Page:
@@ -148,9 +158,10 @@ def write_report(doc: SweepFile, folder: Path, baseline: str | None = None,
 
     write("sweep.csv", S.csv_text(doc.rows))
     write("sweep.json", doc.model_dump_json(indent=1))
+    names = _plan_names(chosen)
     for r in chosen:
         if r.plan is not None:
-            write(_plan_name(r), r.plan.to_json())
+            write(names[id(r)], r.plan.to_json())
 
     page = Page()
     models = ", ".join(doc.models)
@@ -162,7 +173,7 @@ def write_report(doc: SweepFile, folder: Path, baseline: str | None = None,
               f"{', '.join(dict.fromkeys(r.mode for r in doc.rows))}. Each point is one "
               f"`moeplan search` ({options.runtime} runtime, simulation of the best "
               f"{options.simulate_top} candidates). moeplan {__version__}.")
-    _recommendations(page, doc, chosen, options)
+    _recommendations(page, doc, chosen, options, names)
     page.heading("Scaling")
     page.figure("scaling", F.scaling(doc), "Per-token latency and throughput per GPU against "
                 "the GPU count, per model (the view of DeepSpeed-MoE's Figures 10 and 11).", write)
@@ -190,7 +201,8 @@ def write_report(doc: SweepFile, folder: Path, baseline: str | None = None,
     return write.written
 
 
-def _recommendations(page: Page, doc: SweepFile, chosen: list[SweepRow], options) -> None:
+def _recommendations(page: Page, doc: SweepFile, chosen: list[SweepRow], options,
+                     names: dict[int, str]) -> None:
     page.heading("Answer" if doc.answers else "Recommended points")
     for a in doc.answers:
         page.para(f"{a.model}, {a.mode}: {a.text}")
@@ -207,7 +219,7 @@ def _recommendations(page: Page, doc: SweepFile, chosen: list[SweepRow], options
                      r.cluster, str(r.gpus), _time(r), f"{r.tokens_per_s:,.0f}",
                      f"{r.tokens_per_s_per_gpu:,.0f}", f"{r.memory_per_gpu_bytes / GiB:.1f}",
                      _f(r.usd_per_m_tokens, ".4f"), run, r.degrees,
-                     _plan_name(r) if r.plan is not None else "-"])
+                     names.get(id(r), "-")])
     page.table(["model", "mode", "cluster", "GPUs", "time", "tokens/s", "per GPU",
                 "GiB/GPU", "$ per M tokens",
                 f"training run ({tokens(options.train_tokens)} tokens)",

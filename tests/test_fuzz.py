@@ -51,18 +51,24 @@ def _fed(work, target: str, data) -> None:
     assert {p.name for p in d.iterdir()} <= WRITTEN
 
 
-@pytest.mark.parametrize("target", TARGETS)
-@settings(max_examples=30, deadline=None, derandomize=False,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(data=st.data())
+def _drawn(targets: list[str], examples: int):
+    """A test drawing `examples` hostile inputs for each of `targets` (one test per group keeps
+    hypothesis's example database apart per target)."""
+    def wrap(test):
+        test = given(data=st.data())(test)
+        test = settings(max_examples=examples, deadline=None, derandomize=False,
+                        suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                               HealthCheck.too_slow])(test)
+        return pytest.mark.parametrize("target", targets)(test)
+    return wrap
+
+
+@_drawn(TARGETS, 30)
 def test_hostile_input_is_rc_0_or_one_line_rc_2(work, target, data):
     _fed(work, target, data)
 
 
-@pytest.mark.parametrize("target", OPTIONS_AND_PATHS)
-@settings(max_examples=20, deadline=None, derandomize=False,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(data=st.data())
+@_drawn(OPTIONS_AND_PATHS, 20)
 def test_hostile_options_and_paths_are_rc_0_or_one_line_rc_2(work, target, data):
     _fed(work, target, data)
 

@@ -213,6 +213,24 @@ def test_report_sensitivity_moves_the_time_the_right_way(report):
     assert faster[0.8] > 0 > faster[1.2]  # slower GEMMs: a longer step
 
 
+def test_a_constant_at_its_bound_is_not_moved_out_of_it(report):
+    """A profile whose link bandwidth sits at the bound (1 B/s; a fuzzed sweep file) cannot be
+    moved 20% lower: that sensitivity point is marked, the others are re-planned (this raised
+    a validation traceback)."""
+    doc, _ = report
+    chosen = [r for r in A.recommended(doc) if r.mode == "train"][:1]
+    cluster = doc.clusters[chosen[0].cluster]
+    low = cluster.model_copy(update={"intra": cluster.intra.model_copy(
+        update={"bandwidth_Bps": 1.0})})
+    doc = doc.model_copy(update={"clusters": {**doc.clusters, chosen[0].cluster: low}})
+    items = A.sensitivity(doc, chosen, jobs=1)
+    marked = [s for s in items if s.degrees == A.OUT_OF_BOUNDS]
+    assert [(s.knob, s.factor) for s in marked] == [("link bandwidth", 0.8)]
+    assert len(items) == 2 * len(A.KNOBS)  # every knob both ways, in order
+    assert [(s.knob, s.factor) for s in items][:2] == [(next(iter(A.KNOBS)), 0.8),
+                                                       (next(iter(A.KNOBS)), 1.2)]
+
+
 def test_report_refuses_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "mine.txt").write_text("keep")
     with pytest.raises(ConfigError, match="not a moeplan report"):

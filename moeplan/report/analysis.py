@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from moeplan.planner import sweep as S
 from moeplan.spec.cluster import ClusterProfile
 from moeplan.spec.errors import ConfigError, SpecError
@@ -74,8 +76,9 @@ def variants(doc: SweepFile, rows: list[SweepRow], baseline: str | None) -> list
 
 
 # ---------------------------------------------------------------------- sensitivity
-def perturbed(cluster: ClusterProfile, knob: str, factor: float) -> ClusterProfile:
-    """The profile with one group of constants scaled by `factor`."""
+def perturbed(cluster: ClusterProfile, knob: str, factor: float) -> ClusterProfile | None:
+    """The profile with one group of constants scaled by `factor`; None where that leaves a
+    constant outside a profile's bounds (a profile at a bound, e.g. 1 B/s)."""
     d = cluster.model_dump()
     links = {"link bandwidth": "bandwidth_Bps", "per-message latency": "latency_s"}
     if knob in links:  # every tier's link and every fitted collective
@@ -90,7 +93,13 @@ def perturbed(cluster: ClusterProfile, knob: str, factor: float) -> ClusterProfi
         d["device"]["op_overhead_s"] *= factor
     else:
         raise ValueError(knob)
-    return ClusterProfile.model_validate(d)
+    try:
+        return ClusterProfile.model_validate(d)
+    except ValidationError:
+        return None
+
+
+OUT_OF_BOUNDS = "outside the profile's bounds"  # a moved constant no profile may hold
 
 
 @dataclass
@@ -111,23 +120,26 @@ def sensitivity(doc: SweepFile, rows: list[SweepRow], jobs: int | None = None
     options = S.options_from(doc.options)
     clusters: dict[str, ClusterProfile] = {}
     points, meta = [], []
+    out: list[Sensitivity | None] = []  # in row, knob, factor order; None: re-planned below
     for r in rows:
         for knob in KNOBS:
             for factor in (1 - SENSITIVITY, 1 + SENSITIVITY):
+                changed = perturbed(doc.clusters[r.cluster], knob, factor)
+                if changed is None:
+                    out.append(Sensitivity(r, knob, factor, None, None, OUT_OF_BOUNDS, False))
+                    continue
                 name = f"perturbed-{len(clusters)}"  # a cluster's name may be 200 characters
-                clusters[name] = perturbed(doc.clusters[r.cluster], knob, factor)
+                clusters[name] = changed
                 points.append(S.Point(r.model, name, r.gpus, r.mode, r.per_gpu_batch))
-                meta.append((r, knob, factor))
-    if not points:
-        return []
-    out = []
-    for (r, knob, factor), new in zip(meta, S.sweep(doc.models, clusters, points, options, jobs)):
+                meta.append((len(out), r, knob, factor))
+                out.append(None)
+    news = S.sweep(doc.models, clusters, points, options, jobs) if points else []
+    for (i, r, knob, factor), new in zip(meta, news):
         t = headline_s(new) if new.feasible else None
-        out.append(Sensitivity(r, knob, factor, t,
-                               None if t is None else t / headline_s(r) - 1,
-                               new.degrees if new.feasible else new.limit,
-                               new.feasible and new.degrees == r.degrees))
-    return out
+        out[i] = Sensitivity(r, knob, factor, t, None if t is None else t / headline_s(r) - 1,
+                             new.degrees if new.feasible else new.limit,
+                             new.feasible and new.degrees == r.degrees)
+    return [s for s in out if s is not None]
 
 
 # ---------------------------------------------------------------------- measured runs

@@ -270,8 +270,9 @@ def _sensitivity(page: Page, items, write) -> None:
                 "hatched bars: the search picked another plan.", write)
     page.table(["point", "constant", "change", "time", "plan"],
                [[f"{s.row.model} {s.row.mode} {s.row.gpus} GPUs", s.knob,
-                 f"{s.factor - 1:+.0%}", "does not fit" if s.change is None else
-                 f"{s.change:+.1%}", "same" if s.same_plan else s.degrees] for s in items])
+                 f"{s.factor - 1:+.0%}", "-" if s.degrees == A.OUT_OF_BOUNDS else
+                 "does not fit" if s.change is None else f"{s.change:+.1%}",
+                 "same" if s.same_plan else s.degrees] for s in items])
 
 
 def _runs(page: Page, items, write) -> None:

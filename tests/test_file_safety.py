@@ -253,3 +253,13 @@ def test_a_link_loop_is_named_as_one(tmp_path, monkeypatch, capsys):
     for argv in (["--model", "loop.json"], ["--model", "a.json"], ["--profile", "loop.json"]):
         code, _, err = invoke(moeplan_cli, ["search", "--gpus", "2", *argv], monkeypatch, capsys)
         assert code == 2 and "symbolic links" in err and err.count("\n") == 1, (argv, err)
+
+
+def test_a_number_beyond_pythons_digit_limit_is_one_line(tmp_path, monkeypatch, capsys):
+    """json.loads raises a plain ValueError (not a JSONDecodeError) for an integer of more than
+    4,300 digits: every document reader turns it into one line (found in review)."""
+    monkeypatch.chdir(tmp_path)
+    Path("big.json").write_text('{"hidden": ' + "9" * 5000 + "}")
+    for argv in (["--model", "big.json"], ["--profile", "big.json"]):
+        code, _, err = invoke(moeplan_cli, ["search", "--gpus", "2", *argv], monkeypatch, capsys)
+        assert code == 2 and "a number too long" in err and err.count("\n") == 1, (argv, err)

@@ -265,8 +265,9 @@ def validate(plan_path: str, run_path: str, as_json: bool, max_error: float | No
     summary = summarize(rows)
     breaches = limit_breaches(rows, max_error, max_phase_error)
     band = band_check(plan, record)
-    if runtime_note(plan):
-        click.echo(runtime_note(plan), err=True)
+    note = runtime_note(plan)
+    if note:
+        click.echo(note, err=True)
     if as_json:
         click.echo(json.dumps({"plan": plan_path, "run": run_path, "summary": summary,
                                "rows": [r.model_dump() for r in rows], "band": band,

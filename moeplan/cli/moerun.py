@@ -148,7 +148,8 @@ def cli(plan_path, mode, steps, warmup, out, nproc, lr, seed, save, load, timeou
     notes.append(_check_teacher(plan, mode, teacher, kd_steps))
     from moeplan.spec.record import runtime_note
 
-    notes.append(runtime_note(plan) and "moerun: " + runtime_note(plan))
+    note = runtime_note(plan)
+    notes.append(note and f"moerun: {note}")
     if load:
         from moeplan.runtime.checkpoint import check_model, read_manifest, verify
 

@@ -74,12 +74,19 @@ def _ds_config(plan: Plan, notes: list[str]) -> dict:
     return cfg
 
 
+def _min_capacities(plan: Plan) -> tuple[int, int]:
+    """(the min capacity the plan's mode uses and is costed with, the model's other one)."""
+    spec = plan.model
+    if plan.workload.mode == "infer":
+        return spec.eval_min_capacity, spec.min_capacity
+    return spec.min_capacity, spec.eval_min_capacity
+
+
 def _min_capacity(plan: Plan, notes: list[str]) -> int:
-    """DeepSpeed's MoE layer has one min capacity for training and evaluation: the one the plan's
-    mode uses (and is costed with), and a note where the model's other one differs."""
-    spec, infer = plan.model, plan.workload.mode == "infer"
-    value, other = ((spec.eval_min_capacity, spec.min_capacity) if infer
-                    else (spec.min_capacity, spec.eval_min_capacity))
+    """DeepSpeed's MoE layer has one min capacity for training and evaluation: the plan mode's,
+    and a note where the model's other one differs."""
+    value, other = _min_capacities(plan)
+    infer = plan.workload.mode == "infer"
     if value != other:
         notes.append(f"min capacity: this engine has one for training and inference; "
                      f"{value} for this {plan.workload.mode} plan (the model's "
@@ -343,8 +350,7 @@ def to_megatron_core(plan: Plan) -> Export:
             if spec.use_rts and spec.top_k == 1:
                 notes.append("random token selection: Megatron-Core drops by position or "
                              "probability, never at random; by position here")
-            min_capacity = (spec.eval_min_capacity if plan.workload.mode == "infer"
-                            else spec.min_capacity)
+            min_capacity = _min_capacities(plan)[0]
             if min_capacity > 1:
                 notes.append(f"min capacity {min_capacity}: Megatron-Core has none")
         # always explicit: unset, Megatron-Core warns and falls back to --ffn-hidden-size

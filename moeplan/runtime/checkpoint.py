@@ -40,7 +40,7 @@ import torch.distributed as dist
 from moeplan.runtime.model import GPT
 from moeplan.runtime.optim import MOMENTS
 from moeplan.spec.errors import ConfigError, SpecError
-from moeplan.spec.files import read_document
+from moeplan.spec.files import derived_output, read_document
 
 FORMAT = "moeplan-checkpoint-3"  # 3: optimizer states and the training position
 READABLE = (FORMAT, "moeplan-checkpoint-2")  # 2: weights only (id, checksums, dtypes)
@@ -126,10 +126,7 @@ def check_save_target(directory: str | Path) -> None:
         if (path.exists() or path.is_symlink()) and not _ours(path):
             raise ConfigError(f"--save {directory}: {path} exists and is not a moeplan "
                               "checkpoint; refusing to replace it")
-    lock = final.with_name(final.name + ".lock")
-    if lock.is_symlink() or (lock.exists() and not lock.is_file()):
-        raise ConfigError(f"--save {directory}: {lock} exists and is not a lock file this "
-                          "program wrote; refusing to open it")
+    derived_output(final.with_name(final.name + ".lock"), "the checkpoint's lock", "--save")
     if not final.parent.is_dir():
         raise ConfigError(f"--save {directory}: folder {final.parent} does not exist")
 

@@ -70,6 +70,15 @@ def _regular(path: Path) -> bool:
         return False
 
 
+def _same_device(path: Path, device: int) -> bool:
+    """A directory itself (not a link) on the file system `device`."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_dev == device
+
+
 def _text(path: Path) -> bytes:
     """A file's bytes, or every regular file's under a directory (sorted, links not followed,
     other file systems — /proc, /sys — not entered)."""
@@ -98,14 +107,6 @@ def _text(path: Path) -> bytes:
         if total >= MAX_TEXT_BYTES:
             break
     return b"".join(chunks)
-
-
-def _same_device(path: Path, device: int) -> bool:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and st.st_dev == device
 
 
 def _megatron(bin_path: Path) -> np.ndarray:

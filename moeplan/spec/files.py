@@ -44,6 +44,8 @@ def read_document(path: Path, what: str) -> object:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise SpecError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    except ValueError:  # an integer beyond Python's 4,300-digit conversion limit
+        raise SpecError(f"{path} holds a number too long to be part of a {what}") from None
     except RecursionError:
         raise SpecError(f"{path} nests its JSON too deep to be a {what}") from None
 
@@ -66,13 +68,14 @@ def output_path(path: str | Path, flag: str = "--out") -> Path:
     return target
 
 
-def derived_output(path: str | Path, what: str) -> Path:
-    """A file the program names itself beside an output (`what` says whose): written only where
-    nothing but a regular file is (a link there is refused, not followed)."""
+def derived_output(path: str | Path, what: str, flag: str = "--out") -> Path:
+    """A file the program names itself beside an output (`what` says whose; `flag` names the
+    output): written only where nothing but a regular file is (a link is refused, not
+    followed)."""
     target = Path(path)
     if target.is_symlink() or (target.exists() and not target.is_file()):
         raise ConfigError(f"{target} ({what}) exists and is not a regular file; remove it or "
-                          "choose another --out")
+                          f"choose another {flag}")
     return target
 
 

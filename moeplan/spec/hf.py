@@ -47,8 +47,8 @@ def _get(doc: dict, key: str, kind: type = int, default: Any = ...) -> Any:
     if kind is int and (type(value) is not int or value < 0):
         raise SpecError(f"the Hugging Face config's {key} is {value!r}, not a whole number")
     if kind is int and value > MAX_CONFIG_INT:  # beyond any float the sizes are costed in
-        raise SpecError(f"the Hugging Face config's {key} is a {len(str(value))}-digit number, "
-                        f"above {MAX_CONFIG_INT:.0e}")
+        raise SpecError(f"the Hugging Face config's {key} is a {value.bit_length()}-bit "
+                        f"number, above 2^53")
     if kind is bool and type(value) is not bool:
         raise SpecError(f"the Hugging Face config's {key} is {value!r}, not true or false")
     return value
